@@ -1,0 +1,35 @@
+"""chainopt: Chain of LoRA (COLA) for any PyTorch training loop.
+
+Wrap your optimizer; ``step()`` trains rank-r LoRA links and ties them into the frozen weights on
+a schedule, so the chain reaches a higher-rank update than one LoRA at the same cost.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> import chainopt
+    >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> opt = chainopt.ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters()),
+    ...                                   target_modules=["0"], rank=4, knot_every=100)
+    >>> opt.knots_tied
+    0
+"""
+
+from .export import adapted_modules, merge_and_unload, merged_state_dict
+from .lora import BiasDelta, LoRAParametrization
+from .merge import NonFiniteUpdateError
+from .optimizer import ChainConfig, ChainLoRAOptimizer
+from .schedule import KnotSchedule
+
+__all__ = [
+    "BiasDelta",
+    "ChainConfig",
+    "ChainLoRAOptimizer",
+    "KnotSchedule",
+    "LoRAParametrization",
+    "NonFiniteUpdateError",
+    "adapted_modules",
+    "merge_and_unload",
+    "merged_state_dict",
+]
+
+__version__ = "0.1.0"

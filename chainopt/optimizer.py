@@ -1,0 +1,521 @@
+"""``ChainLoRAOptimizer``: COLA as a wrapper around any ``torch.optim.Optimizer``.
+
+The wrapper registers a LoRA link on every chosen ``nn.Linear``, freezes everything else, rewrites
+the wrapped optimizer's param groups to the factors, and ties knots inside :meth:`step` on a
+schedule: merge ``s·B·A`` into the frozen weight (float32, exact for half-precision weights),
+re-initialise the factors in place from a seeded generator it owns, and drop the optimizer state
+of the factors so the next link starts fresh.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from chainopt import ChainLoRAOptimizer
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    >>> base = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    >>> opt = ChainLoRAOptimizer(model, base, target_modules=["0", "2"], rank=2, alpha=4,
+    ...                          knot_every=5)
+    >>> x, y = torch.randn(16, 8), torch.randn(16, 4)
+    >>> for _ in range(10):
+    ...     nn.functional.mse_loss(model(x), y).backward()
+    ...     opt.step()
+    ...     opt.zero_grad()
+    >>> opt.optimizer_steps, opt.knots_tied
+    (10, 2)
+    >>> model = opt.merge_and_unload()
+    >>> type(model[0]) is nn.Linear
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, TypeAlias
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .export import adapted_modules, merge_and_unload
+from .lora import (
+    LoRAParametrization,
+    attach,
+    bias_delta,
+    detach,
+    lora_parametrization,
+    original,
+    parametrization_count,
+)
+from .merge import NonFiniteUpdateError, find_non_finite, merge_into_weight
+from .schedule import KnotSchedule
+from .targets import ModuleSpec, describe_spec, select_modules
+
+__all__ = ["ChainConfig", "ChainLoRAOptimizer", "OptimizerSpec"]
+
+OptimizerSpec: TypeAlias = Optimizer | Callable[[list[nn.Parameter]], Optimizer]
+"""An optimizer built over the model's parameters, or a factory ``params -> Optimizer``."""
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class ChainConfig:
+    """What a chain was built with; saved in the optimizer state and checked on load."""
+
+    modules: tuple[str, ...]
+    rank: int
+    alpha: float
+    knot_every: int | None
+    knots: tuple[int, ...]
+    lora_bias: bool
+    seed: int
+    factor_dtype: str | None
+    exact_merge: bool | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (lists for tuples), as stored in ``state_dict()``."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    wrappers: tuple[type, ...] = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    if isinstance(model, wrappers):
+        raise ValueError(
+            f"model is already wrapped in {type(model).__name__}: wrap the bare model with "
+            "ChainLoRAOptimizer first, then wrap it in DistributedDataParallel (the factors must "
+            "exist before DDP registers its parameters)"
+        )
+    wrapped = adapted_modules(model)
+    if wrapped:
+        raise ValueError(
+            f"model is already wrapped by a ChainLoRAOptimizer (chainopt links on "
+            f"{[n for n, _ in wrapped][:4]}); build one ChainLoRAOptimizer per model"
+        )
+
+
+def _check_targets(
+    model: nn.Module, spec: ModuleSpec, rank: int, lora_bias: bool
+) -> list[tuple[str, nn.Linear]]:
+    found = select_modules(model, spec, "target_modules")
+    if not found:
+        raise ValueError(f"target_modules={describe_spec(spec)!r} matches no module of the model")
+    targets: list[tuple[str, nn.Linear]] = []
+    for name, module in found:
+        if not isinstance(module, nn.Linear):
+            raise TypeError(
+                f"target_modules={describe_spec(spec)!r} matches {name!r}, a "
+                f"{type(module).__name__}; only torch.nn.Linear modules can be adapted"
+            )
+        if parametrization_count(module) or parametrization_count(module, "bias"):
+            raise ValueError(
+                f"target_modules matches {name!r}, whose weight or bias is already parametrized; "
+                "chainopt's link must be registered first"
+            )
+        limit = min(module.in_features, module.out_features)
+        if rank > limit:
+            raise ValueError(
+                f"rank must be a positive int no larger than min(in_features, out_features)="
+                f"{limit} of {name!r}, got {rank}"
+            )
+        targets.append((name, module))
+    if lora_bias and all(m.bias is None for _, m in targets):
+        raise ValueError("lora_bias=True but none of the target modules has a bias")
+    return targets
+
+
+def _check_optimizer(optimizer: object, model: nn.Module) -> None:
+    if isinstance(optimizer, Optimizer):
+        if isinstance(optimizer, ChainLoRAOptimizer):
+            raise ValueError("optimizer is already a ChainLoRAOptimizer; wrap the plain optimizer")
+        owned = {id(p) for p in model.parameters()}
+        for i, group in enumerate(optimizer.param_groups):
+            for p in group["params"]:
+                if id(p) not in owned:
+                    raise ValueError(
+                        f"optimizer holds a parameter of shape {tuple(p.shape)} (param group {i}) "
+                        "that is not a parameter of model; build it over model.parameters()"
+                    )
+    elif not callable(optimizer):
+        raise TypeError(
+            "optimizer must be a torch.optim.Optimizer built over model.parameters() or a "
+            f"callable params -> Optimizer, got {type(optimizer).__name__}"
+        )
+
+
+def _residual_dtype(weight: torch.dtype, exact_merge: bool | None) -> torch.dtype | None:
+    if exact_merge is False:
+        return None
+    if weight == torch.bfloat16:
+        return torch.bfloat16  # same exponent range as float32: enough for what rounding drops
+    if weight == torch.float16:
+        return torch.float32  # a float16 residual would be subnormal
+    return weight if exact_merge else None
+
+
+class ChainLoRAOptimizer(Optimizer):
+    """Chain of LoRA (COLA) around an existing optimizer.
+
+    It is a ``torch.optim.Optimizer`` sharing ``param_groups``, ``state`` and ``defaults`` with
+    the optimizer it wraps, so LR schedulers, ``GradScaler``, Accelerate and the HF ``Trainer``
+    take it as they take any optimizer. A training loop only calls ``backward()``, ``step()`` and
+    ``zero_grad()``.
+
+    Args:
+        model: the model to adapt (not yet wrapped in DistributedDataParallel).
+        optimizer: an optimizer built over ``model.parameters()``, or a callable
+            ``params -> Optimizer``. An instance's param groups are rewritten: adapted weights and
+            other frozen parameters leave, each module's factors join the group that held its
+            weight (the first group if none did), hyperparameters are kept.
+        target_modules: which ``nn.Linear`` modules to adapt: PEFT-style name suffixes
+            (``"q_proj"``), a compiled regex (full match on the qualified name) or a callable
+            ``(name, module) -> bool``.
+        rank: rank ``r`` of each link.
+        alpha: LoRA alpha; the scale is ``s = alpha / rank``.
+        knot_every: tie a knot after optimizer steps N, 2N, … (give this or ``knots``).
+        knots: tie a knot after these optimizer step counts.
+        lora_bias: also train a delta on each adapted module's bias (modules with a bias only).
+        trainable_modules: modules whose parameters stay trainable as they are (a classification
+            head, say), in the same forms as ``target_modules``.
+        seed: seed of the generator the factors are drawn from; the same seed gives the same
+            factors in every process (DDP ranks stay identical).
+        factor_dtype: dtype of the factors; ``None`` is float32 for half-precision weights and
+            the weight's dtype otherwise.
+        exact_merge: keep a merge residual so knots are exact in the weight's precision;
+            ``None`` turns it on for bfloat16/float16 weights (one residual element per weight
+            element: bfloat16 for bfloat16 weights, float32 for float16 ones).
+
+    Raises:
+        TypeError: a wrong type for ``model``, ``optimizer``, ``target_modules`` or a matched
+            module that is not ``nn.Linear``.
+        ValueError: no matching module, a bad ``rank``/``alpha``/schedule, a foreign parameter in
+            the optimizer, a model already wrapped (by chainopt or DDP). Nothing is changed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerSpec,
+        *,
+        target_modules: ModuleSpec,
+        rank: int = 8,
+        alpha: float = 16.0,
+        knot_every: int | None = None,
+        knots: Sequence[int] | None = None,
+        lora_bias: bool = False,
+        trainable_modules: ModuleSpec | None = None,
+        seed: int = 0,
+        factor_dtype: torch.dtype | None = None,
+        exact_merge: bool | None = None,
+    ) -> None:
+        # --- validate everything before touching the model or the optimizer ---
+        _check_model(model)
+        if not _is_int(rank) or rank <= 0:
+            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be finite, got {alpha!r}")
+        schedule = KnotSchedule(knot_every=knot_every, knots=knots)
+        if not _is_int(seed):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        if factor_dtype is not None and not (
+            isinstance(factor_dtype, torch.dtype) and factor_dtype.is_floating_point
+        ):
+            raise TypeError(f"factor_dtype must be a floating torch.dtype, got {factor_dtype!r}")
+        if exact_merge not in (None, True, False):
+            raise TypeError(f"exact_merge must be None or a bool, got {exact_merge!r}")
+        targets = _check_targets(model, target_modules, rank, lora_bias)
+        target_ids = {id(m) for _, m in targets}
+        keep: list[nn.Parameter] = []
+        if trainable_modules is not None:
+            extra = select_modules(model, trainable_modules, "trainable_modules")
+            if not extra:
+                raise ValueError(
+                    f"trainable_modules={describe_spec(trainable_modules)!r} matches no module"
+                )
+            for name, module in extra:
+                if id(module) in target_ids:
+                    raise ValueError(f"{name!r} is in both target_modules and trainable_modules")
+                keep.extend(p for p in module.parameters() if all(p is not k for k in keep))
+        _check_optimizer(optimizer, model)
+
+        self.model = model
+        self.config = ChainConfig(
+            modules=tuple(n for n, _ in targets),
+            rank=rank,
+            alpha=float(alpha),
+            knot_every=schedule.knot_every,
+            knots=schedule.knots or (),
+            lora_bias=lora_bias,
+            seed=seed,
+            factor_dtype=None if factor_dtype is None else str(factor_dtype),
+            exact_merge=exact_merge,
+        )
+        self.schedule = schedule
+        self.optimizer_steps = 0
+        self.knots_tied = 0
+        self._generator = torch.Generator().manual_seed(seed)
+        self._adapted: list[tuple[str, nn.Module]] = []
+        self._base: Optimizer
+
+        # --- mutate: register links, freeze, build or regroup the optimizer; undo on failure ---
+        requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        try:
+            for name, module in targets:
+                weight_dtype = module.weight.dtype
+                fdt = factor_dtype or (torch.float32 if weight_dtype in _HALF else weight_dtype)
+                attach(
+                    module,
+                    rank,
+                    float(alpha),
+                    bias=lora_bias and module.bias is not None,
+                    factor_dtype=fdt,
+                    residual_dtype=_residual_dtype(weight_dtype, exact_merge),
+                    generator=self._generator,
+                )
+                self._adapted.append((name, module))
+            trainable = {id(p) for p in self.factors()} | {id(p) for p in keep}
+            for p in model.parameters():
+                p.requires_grad_(id(p) in trainable)
+            if isinstance(optimizer, Optimizer):
+                self._base = optimizer
+                self._regroup(keep)
+            else:
+                built = optimizer([*self.factors(), *keep])
+                if not isinstance(built, Optimizer):
+                    raise TypeError(
+                        f"optimizer factory must return a torch.optim.Optimizer, got "
+                        f"{type(built).__name__}"
+                    )
+                self._base = built
+        except BaseException:
+            for _name, module in self._adapted:
+                detach(module)
+            for p, flag in requires_grad:
+                p.requires_grad_(flag)
+            raise
+        self._fresh_state = {
+            p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in self.state[p].items()}
+            for p in self.factors()
+            if p in self.state
+        }
+        self._init_optimizer_hooks()
+
+    # --- Optimizer plumbing: share the wrapped optimizer's groups, state and defaults ---
+    def _init_optimizer_hooks(self) -> None:
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        self._warned_capturable_if_run_uncaptured = True
+
+    @property
+    def optimizer(self) -> Optimizer:
+        """The wrapped optimizer."""
+        return self._base
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self._base.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self._base.param_groups = value
+
+    @property
+    def state(self) -> Any:
+        return self._base.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self._base.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self._base.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self._base.defaults = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer (its parameters are not chained)."""
+        self._base.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients through the wrapped optimizer."""
+        self._base.zero_grad(set_to_none)
+
+    def _regroup(self, keep: Iterable[nn.Parameter]) -> None:
+        base = self._base
+        kept = {id(p) for p in keep}
+        home: dict[int, int] = {}
+        for i, group in enumerate(base.param_groups):
+            for p in group["params"]:
+                home.setdefault(id(p), i)
+        joins: list[list[nn.Parameter]] = [[] for _ in base.param_groups]
+        for _name, module in self._adapted:
+            joins[home.get(id(original(module)), 0)].extend(_factors_of(module))
+        for group, extra in zip(base.param_groups, joins, strict=True):
+            staying = [p for p in group["params"] if id(p) in kept]
+            for p in group["params"]:
+                if id(p) not in kept:
+                    base.state.pop(p, None)
+            group["params"] = staying + extra
+
+    # --- the chain ---
+    def factors(self) -> list[nn.Parameter]:
+        """Every trainable chain parameter (A, B and bias deltas), in module order."""
+        return [p for _name, module in self._adapted for p in _factors_of(module)]
+
+    def adapted_modules(self) -> list[tuple[str, nn.Module]]:
+        """``(qualified_name, module)`` of the adapted modules, in model order."""
+        return list(self._adapted)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One step of the wrapped optimizer; then a knot if the schedule says one is due.
+
+        Raises:
+            NonFiniteUpdateError: a knot is due and a factor holds NaN/Inf (no weight changed).
+        """
+        if not self._adapted:
+            raise RuntimeError("merge_and_unload() was called: this optimizer has no chain left")
+        if closure is None:
+            loss = self._base.step()
+        else:
+            with torch.enable_grad():
+                loss = self._base.step(closure)
+        self.optimizer_steps += 1
+        if self.schedule.is_due(self.optimizer_steps):
+            self.tie_knot()
+        return loss
+
+    @torch.no_grad()
+    def tie_knot(self) -> None:
+        """Tie a knot now: merge ``s·B·A`` into each weight, start new links, reset their state.
+
+        Raises:
+            NonFiniteUpdateError: a factor holds NaN/Inf; no weight, factor or state was changed.
+        """
+        bad = find_non_finite(self._adapted)
+        if bad:
+            raise NonFiniteUpdateError(
+                f"non-finite LoRA factors in {bad} at knot {self.knots_tied + 1} (optimizer step "
+                f"{self.optimizer_steps}); refusing to merge them: no weight was changed"
+            )
+        for _name, module in self._adapted:
+            merge_into_weight(module)
+        self._new_links()
+        self.knots_tied += 1
+
+    def _new_links(self) -> None:
+        """Re-initialise every link in place and reset the optimizer state of its factors."""
+        for _name, module in self._adapted:
+            _link(module).reset_parameters(self._generator)
+            delta = bias_delta(module)
+            if delta is not None:
+                delta.reset_parameters()
+        state = self._base.state
+        for p in self.factors():
+            state.pop(p, None)
+            fresh = self._fresh_state.get(p)
+            if fresh is not None:
+                state[p] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in fresh.items()}
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge what is pending, remove the links, and return the model with plain Linears.
+
+        The adapted modules keep their weight Parameter objects. The factors leave the wrapped
+        optimizer; this optimizer cannot step afterwards. Frozen parameters stay frozen.
+
+        Raises:
+            NonFiniteUpdateError: a factor holds NaN/Inf; nothing was changed.
+        """
+        factors = {id(p) for p in self.factors()}
+        merge_and_unload(self.model)
+        for group in self._base.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in factors]
+        for p in list(self._base.state):
+            if id(p) in factors:
+                del self._base.state[p]
+        self._adapted = []
+        return self.model
+
+    # --- checkpointing ---
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus a ``"chainopt"`` entry.
+
+        The entry holds the config, the step and knot counters and the generator state; with
+        ``model.state_dict()`` it resumes training bitwise (on CPU).
+        """
+        sd = self._base.state_dict()
+        sd["chainopt"] = {
+            "version": 1,
+            "config": self.config.to_dict(),
+            "optimizer_steps": self.optimizer_steps,
+            "knots_tied": self.knots_tied,
+            "generator": self._generator.get_state(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` saved (load ``model.state_dict()`` too).
+
+        Raises:
+            ValueError: no ``"chainopt"`` entry, or one saved with a different config; nothing is
+                loaded then.
+        """
+        chain = state_dict.get("chainopt")
+        if not isinstance(chain, dict):
+            raise ValueError(
+                "state_dict has no 'chainopt' entry: it was not saved by "
+                "ChainLoRAOptimizer.state_dict()"
+            )
+        mine = self.config.to_dict()
+        saved = chain.get("config", {})
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+        if diff:
+            raise ValueError(
+                "state_dict was saved with a different chain config (saved, current): "
+                + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items())
+            )
+        base = {k: v for k, v in state_dict.items() if k != "chainopt"}
+        self._base.load_state_dict(base)
+        self.optimizer_steps = int(chain["optimizer_steps"])
+        self.knots_tied = int(chain["knots_tied"])
+        self._generator.set_state(chain["generator"].cpu())
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"ChainLoRAOptimizer({type(self._base).__name__}, modules={len(self._adapted)}, "
+            f"rank={c.rank}, alpha={c.alpha:g}, {self.schedule!r}, "
+            f"steps={self.optimizer_steps}, knots_tied={self.knots_tied})"
+        )
+
+
+def _link(module: nn.Module) -> LoRAParametrization:
+    link = lora_parametrization(module)
+    if link is None:  # pragma: no cover - the optimizer only tracks adapted modules
+        raise RuntimeError("module lost its chainopt link")
+    return link
+
+
+def _factors_of(module: nn.Module) -> list[nn.Parameter]:
+    link = _link(module)
+    delta = bias_delta(module)
+    return [link.lora_A, link.lora_B] + ([delta.delta] if delta is not None else [])

@@ -1,0 +1,99 @@
+"""When knots are tied: after every N optimizer steps, or after given step counts.
+
+Example:
+    >>> from chainopt.schedule import KnotSchedule
+    >>> [s for s in range(1, 10) if KnotSchedule(knot_every=3).is_due(s)]
+    [3, 6, 9]
+    >>> [s for s in range(1, 10) if KnotSchedule(knots=[2, 7]).is_due(s)]
+    [2, 7]
+    >>> KnotSchedule.even(num_links=3, total_steps=300).knots
+    (100, 200)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+from typing import Any
+
+__all__ = ["KnotSchedule"]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class KnotSchedule:
+    """A knot schedule over optimizer steps (counted from 1).
+
+    Give exactly one of ``knot_every`` and ``knots``.
+
+    Args:
+        knot_every: tie a knot after steps N, 2N, 3N, …
+        knots: tie a knot after each of these step counts (strictly increasing, positive).
+
+    Raises:
+        ValueError: both or neither given, a non-positive interval, or a knot list that is empty,
+            non-positive, not strictly increasing or not made of ints.
+    """
+
+    def __init__(self, knot_every: int | None = None, knots: Sequence[int] | None = None) -> None:
+        if (knot_every is None) == (knots is None):
+            raise ValueError(
+                "give exactly one of knot_every and knots, got "
+                f"knot_every={knot_every!r}, knots={knots!r}"
+            )
+        if knot_every is not None and (not _is_int(knot_every) or knot_every <= 0):
+            raise ValueError(f"knot_every must be a positive int, got {knot_every!r}")
+        if knots is not None:
+            ks = list(knots) if isinstance(knots, Sequence) and not isinstance(knots, str) else None
+            if (
+                not ks
+                or not all(_is_int(k) for k in ks)
+                or ks[0] <= 0
+                or any(b <= a for a, b in pairwise(ks))
+            ):
+                raise ValueError(
+                    f"knots must be a non-empty, strictly increasing list of positive ints, "
+                    f"got {knots!r}"
+                )
+            self.knots: tuple[int, ...] | None = tuple(ks)
+            self._knot_set = frozenset(ks)
+        else:
+            self.knots = None
+        self.knot_every = knot_every
+
+    @classmethod
+    def even(cls, num_links: int, total_steps: int) -> KnotSchedule:
+        """Split ``total_steps`` into ``num_links`` links of (nearly) equal length.
+
+        ``num_links - 1`` knots are tied inside the run; the last link is merged by
+        ``merge_and_unload``. ``num_links=1`` is plain LoRA (no knot).
+
+        Raises:
+            ValueError: ``num_links`` or ``total_steps`` not positive, or more links than steps.
+        """
+        if not _is_int(num_links) or num_links <= 0:
+            raise ValueError(f"num_links must be a positive int, got {num_links!r}")
+        if not _is_int(total_steps) or total_steps < num_links:
+            raise ValueError(
+                f"total_steps must be an int >= num_links={num_links}, got {total_steps!r}"
+            )
+        if num_links == 1:
+            return cls(knots=[total_steps + 1])
+        return cls(knots=[round(i * total_steps / num_links) for i in range(1, num_links)])
+
+    def is_due(self, step: int) -> bool:
+        """Whether a knot is due after optimizer step ``step`` (1-based)."""
+        if self.knot_every is not None:
+            return step % self.knot_every == 0
+        return step in self._knot_set
+
+    def config(self) -> dict[str, Any]:
+        """A plain description, saved with the optimizer's state to detect config changes."""
+        return {"knot_every": self.knot_every, "knots": list(self.knots or ())}
+
+    def __repr__(self) -> str:
+        if self.knot_every is not None:
+            return f"KnotSchedule(knot_every={self.knot_every})"
+        return f"KnotSchedule(knots={list(self.knots or ())})"
