@@ -45,10 +45,6 @@ def _parts(module: nn.Module) -> tuple[LoRAParametrization, BiasDelta | None]:
     return link, bias_delta(module)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
 def find_non_finite(modules: Sequence[tuple[str, nn.Module]]) -> list[str]:
     """Names of the modules whose link (factors, bias delta, residual) holds a NaN or Inf.
 
@@ -67,14 +63,30 @@ def find_non_finite(modules: Sequence[tuple[str, nn.Module]]) -> list[str]:
     return [name for (name, _m), good in zip(modules, ok, strict=True) if not good]
 
 
-def _add_exact_(target: Tensor, update: Tensor, residual: Tensor | None) -> None:
-    """``target += update`` in place, carrying what rounding leaves out in ``residual``."""
-    if residual is None:
-        target.add_(update.to(target.dtype))
-        return
-    exact = target.to(update.dtype).add_(residual.to(update.dtype)).add_(update)
+def _exact(
+    target: Tensor,
+    residual: Tensor | None,
+    link: LoRAParametrization | None,
+    delta: Tensor | None = None,
+) -> Tensor:
+    """``target + residual + (s·B·A or delta)`` in at least float32, as a new tensor."""
+    dt = torch.promote_types(target.dtype, torch.float32)
+    exact = target.to(dt, copy=True)
+    if residual is not None:
+        exact.add_(residual.to(dt))
+    if link is not None:
+        # (out, r) @ (r, in) accumulated into the copy: no separate (out, in) update tensor.
+        exact.addmm_(link.lora_B.to(dt), link.lora_A.to(dt), alpha=link.scale)
+    if delta is not None:
+        exact.add_(delta.to(dt))
+    return exact
+
+
+def _store_(target: Tensor, exact: Tensor, residual: Tensor | None) -> None:
+    """Round ``exact`` into ``target`` in place; keep what rounding dropped in ``residual``."""
     target.copy_(exact)
-    residual.copy_(exact.sub_(target.to(update.dtype)))
+    if residual is not None:
+        residual.copy_(exact.sub_(target.to(exact.dtype)))
 
 
 @torch.no_grad()
@@ -87,17 +99,13 @@ def merge_into_weight(module: nn.Module) -> None:
     link, bias = _parts(module)
     weight = original(module)
     residual = link.merge_residual
-    if residual is None and weight.dtype == torch.float32 and link.lora_A.dtype == torch.float32:
-        # (out, r) @ (r, in) accumulated straight into W: no (out, in) temporary.
-        weight.addmm_(link.lora_B, link.lora_A, alpha=link.scale)
+    if residual is None and weight.dtype == link.lora_A.dtype == torch.float32:
+        weight.addmm_(link.lora_B, link.lora_A, alpha=link.scale)  # in place, no temporary
     else:
-        dt = _compute_dtype(weight.dtype)
-        update = (link.lora_B.to(dt) @ link.lora_A.to(dt)).mul_(link.scale)
-        _add_exact_(weight, update, residual)
+        _store_(weight, _exact(weight, residual, link), residual)
     if bias is not None:
-        original_bias = original(module, "bias")
-        dt = _compute_dtype(original_bias.dtype)
-        _add_exact_(original_bias, bias.delta.to(dt), bias.merge_residual)
+        target = original(module, "bias")
+        _store_(target, _exact(target, bias.merge_residual, None, bias.delta), bias.merge_residual)
 
 
 @torch.no_grad()
@@ -105,12 +113,7 @@ def merged_weight(module: nn.Module) -> Tensor:
     """The adapted weight ``W + residual + s·B·A`` in the weight's dtype, as a new tensor."""
     link, _bias = _parts(module)
     weight = original(module)
-    dt = _compute_dtype(weight.dtype)
-    exact = weight.to(dt, copy=True)
-    if link.merge_residual is not None:
-        exact.add_(link.merge_residual.to(dt))
-    exact.addmm_(link.lora_B.to(dt), link.lora_A.to(dt), alpha=link.scale)
-    return exact.to(weight.dtype)
+    return _exact(weight, link.merge_residual, link).to(weight.dtype)
 
 
 @torch.no_grad()
@@ -120,9 +123,5 @@ def merged_bias(module: nn.Module) -> Tensor | None:
     if bias is None:
         b: Tensor | None = getattr(module, "bias", None)
         return None if b is None else b.detach().clone()
-    orig = original(module, "bias")
-    dt = _compute_dtype(orig.dtype)
-    exact = orig.to(dt, copy=True).add_(bias.delta.to(dt))
-    if bias.merge_residual is not None:
-        exact.add_(bias.merge_residual.to(dt))
-    return exact.to(orig.dtype)
+    target = original(module, "bias")
+    return _exact(target, bias.merge_residual, None, bias.delta).to(target.dtype)

@@ -1,0 +1,95 @@
+"""Leaving the chain: plain-key state dicts and merge_and_unload, on HF models and deep copies."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from models import tiny_llama, tiny_opt
+from torch import nn
+
+import chainopt
+from chainopt import ChainLoRAOptimizer, merged_state_dict
+
+
+def _trained(model: nn.Module, bias: bool = False) -> ChainLoRAOptimizer:
+    opt = ChainLoRAOptimizer(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=2e-2),
+        target_modules=["q_proj", "v_proj"],
+        rank=4,
+        alpha=8,
+        knot_every=3,
+        lora_bias=bias,
+    )
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    for _ in range(5):  # a knot, then a pending link
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(9))
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize(("build", "bias"), [(tiny_llama, False), (tiny_opt, True)])
+def test_merged_state_dict_loads_strictly_into_a_plain_model(build, bias) -> None:  # type: ignore[no-untyped-def]
+    model = build()
+    _trained(model, bias)
+    expected = _logits(model)
+    plain = build(seed=123)
+    sd = merged_state_dict(model)
+    assert not any("parametrizations" in k for k in sd)
+    plain.load_state_dict(sd, strict=True)
+    torch.testing.assert_close(_logits(plain), expected, rtol=1e-5, atol=1e-5)
+    assert chainopt.adapted_modules(model)  # the model itself is still adapted
+
+
+def test_save_pretrained_with_merged_state_dict_round_trips(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama()
+    _trained(model)
+    expected = _logits(model)
+    model.save_pretrained(tmp_path, state_dict=merged_state_dict(model))
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(_logits(loaded.eval()), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_on_a_deepcopy_leaves_both_correct() -> None:
+    model = tiny_llama()
+    opt = _trained(model)
+    expected = _logits(model)
+    clone = copy.deepcopy(model)
+    chainopt.merge_and_unload(clone)
+    q = clone.model.layers[0].self_attn.q_proj
+    assert type(q) is nn.Linear
+    torch.testing.assert_close(_logits(clone), expected, rtol=1e-5, atol=1e-5)
+    # The original still trains and unloads correctly.
+    torch.testing.assert_close(_logits(model), expected, rtol=0, atol=0)
+    opt.merge_and_unload()
+    torch.testing.assert_close(_logits(model), expected, rtol=1e-5, atol=1e-5)
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+
+
+def test_merge_and_unload_refuses_non_finite_and_changes_nothing() -> None:
+    model = tiny_llama()
+    _trained(model)
+    link = chainopt.adapted_modules(model)[0][1].parametrizations.weight[0]
+    with torch.no_grad():
+        link.lora_A[0, 0] = float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(chainopt.NonFiniteUpdateError, match="refusing to merge"):
+        chainopt.merge_and_unload(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)

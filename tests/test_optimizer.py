@@ -1,0 +1,422 @@
+"""ChainLoRAOptimizer: wrapping, regrouping, knots inside step(), state resets, bad input."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from models import mlp, requires_grad_map, snapshot, tiny_llama, tiny_opt
+from strategies import schedules
+from torch import nn
+
+from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError
+from chainopt.lora import lora_parametrization
+
+OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.01),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
+}
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 1) -> list[float]:
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(8, 12, generator=gen)
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _wrap(model: nn.Module | None = None, name: str = "adamw", **kw: Any) -> ChainLoRAOptimizer:
+    model = model if model is not None else mlp()
+    kw.setdefault("target_modules", ["0", "2"])
+    kw.setdefault("rank", 3)
+    kw.setdefault("knot_every", 4)
+    return ChainLoRAOptimizer(model, OPTIMIZERS[name](model.parameters()), **kw)
+
+
+# --- wrapping ---
+
+
+def test_is_an_optimizer_sharing_groups_state_and_defaults() -> None:
+    model = mlp()
+    base = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = ChainLoRAOptimizer(model, base, target_modules=["0"], rank=2, knot_every=5)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is base.param_groups
+    assert opt.state is base.state
+    assert opt.defaults is base.defaults
+    assert opt.optimizer is base
+
+
+def test_regroup_moves_factors_into_their_weights_group_and_keeps_hyperparameters() -> None:
+    model = mlp()
+    base = torch.optim.AdamW(
+        [
+            {"params": [model[0].weight, model[0].bias], "lr": 1e-3, "weight_decay": 0.0},
+            {"params": [model[2].weight, model[2].bias, model[4].weight, model[4].bias]},
+        ],
+        lr=5e-3,
+        weight_decay=0.1,
+    )
+    opt = ChainLoRAOptimizer(
+        model, base, target_modules=["0", "2"], rank=2, knot_every=5, trainable_modules=["4"]
+    )
+    link0, link2 = lora_parametrization(model[0]), lora_parametrization(model[2])
+    g0, g1 = opt.param_groups
+    assert (g0["lr"], g0["weight_decay"]) == (1e-3, 0.0)
+    assert (g1["lr"], g1["weight_decay"]) == (5e-3, 0.1)
+    assert g0["params"] == [link0.lora_A, link0.lora_B]
+    assert g1["params"] == [model[4].weight, model[4].bias, link2.lora_A, link2.lora_B]
+
+
+def test_everything_but_factors_and_trainable_modules_is_frozen() -> None:
+    opt = _wrap(trainable_modules=["4"])
+    grads = requires_grad_map(opt.model)
+    trainable = {n for n, g in grads.items() if g}
+    assert trainable == {
+        "0.parametrizations.weight.0.lora_A",
+        "0.parametrizations.weight.0.lora_B",
+        "2.parametrizations.weight.0.lora_A",
+        "2.parametrizations.weight.0.lora_B",
+        "4.weight",
+        "4.bias",
+    }
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert held == {id(p) for p in opt.model.parameters() if p.requires_grad}
+
+
+def test_trainable_parameter_count_matches_lora() -> None:
+    model = tiny_llama()
+    opt = ChainLoRAOptimizer(
+        model,
+        torch.optim.AdamW(model.parameters()),
+        target_modules=["q_proj", "v_proj"],
+        rank=4,
+        knot_every=10,
+    )
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # q: 32 -> 32, v: 32 -> 16 (2 kv heads of 8), 2 layers, r = 4
+    assert n == 2 * (4 * (32 + 32) + 4 * (32 + 16))
+    assert len(opt.factors()) == 8
+
+
+def test_callable_optimizer_gets_the_trainable_parameters() -> None:
+    model = mlp()
+    seen: list[list[nn.Parameter]] = []
+
+    def factory(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        seen.append(params)
+        return torch.optim.SGD(params, lr=0.1)
+
+    opt = ChainLoRAOptimizer(
+        model, factory, target_modules=["2"], rank=2, knot_every=3, trainable_modules=["4"]
+    )
+    assert seen[0] == [*opt.factors(), model[4].weight, model[4].bias]
+
+
+def test_lora_bias_trains_a_delta_only_where_there_is_a_bias() -> None:
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6, bias=False))
+    opt = ChainLoRAOptimizer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        target_modules=["0", "1"],
+        rank=2,
+        knot_every=3,
+        lora_bias=True,
+    )
+    assert len(opt.factors()) == 5
+
+
+# --- knots inside step() ---
+
+
+@given(schedules, st.sampled_from(sorted(OPTIMIZERS)), st.integers(1, 14))
+def test_knots_follow_the_schedule(schedule: dict[str, Any], name: str, steps: int) -> None:
+    opt = _wrap(name=name, **{"knot_every": None, **schedule})
+    frozen_keys = [k for k in opt.model.state_dict() if "original" in k]
+    tied = []
+    for t in range(1, steps + 1):
+        before = snapshot(opt.model)
+        _train(opt.model, opt, 1, seed=t)
+        after = snapshot(opt.model)
+        knot = opt.knots_tied > len(tied)
+        tied.extend([t] if knot else [])
+        changed = [k for k in frozen_keys if not torch.equal(before[k], after[k])]
+        if knot:
+            assert changed, "a knot merged nothing"
+            for _n, m in opt.adapted_modules():  # B is zero and state empty right after a knot
+                link = lora_parametrization(m)
+                assert torch.count_nonzero(link.lora_B) == 0
+                assert link.lora_A not in opt.state and link.lora_B not in opt.state
+        else:
+            assert changed == [], "frozen weights changed between knots"
+    if "knot_every" in schedule:
+        expected = list(range(schedule["knot_every"], steps + 1, schedule["knot_every"]))
+    else:
+        expected = [k for k in schedule["knots"] if k <= steps]
+    assert tied == expected
+    assert opt.optimizer_steps == steps
+
+
+@given(st.sampled_from(sorted(OPTIMIZERS)), st.integers(0, 2**16))
+def test_a_knot_preserves_the_function(name: str, seed: int) -> None:
+    torch.manual_seed(seed)
+    opt = _wrap(name=name, knot_every=None, knots=[100])
+    _train(opt.model, opt, 3, seed=seed)
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        before = opt.model(x)
+        opt.tie_knot()
+        after = opt.model(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_restarts_at_step_one_after_a_knot() -> None:
+    opt = _wrap(knot_every=3, trainable_modules=["4"])
+    _train(opt.model, opt, 3)
+    head = opt.model[4].weight
+    assert opt.knots_tied == 1 and int(opt.state[head]["step"]) == 3  # other state untouched
+    _train(opt.model, opt, 1)
+    link = lora_parametrization(opt.model[0])
+    assert int(opt.state[link.lora_A]["step"]) == 1
+    assert int(opt.state[head]["step"]) == 4
+
+
+def test_other_parameters_state_is_untouched_by_a_knot() -> None:
+    opt = _wrap(knot_every=2, trainable_modules=["4"], name="sgd_momentum")
+    _train(opt.model, opt, 1)
+    head = opt.model[4].weight
+    before = opt.state[head]["momentum_buffer"].clone()
+    opt.tie_knot()
+    assert torch.equal(opt.state[head]["momentum_buffer"], before)
+
+
+def test_new_links_are_drawn_from_the_seeded_generator() -> None:
+    a, b, c = (_wrap(seed=s, knot_every=2) for s in (7, 7, 8))
+    for opt in (a, b, c):
+        opt.model.load_state_dict(a.model.state_dict())
+        _train(opt.model, opt, 2)
+    link = [lora_parametrization(o.model[0]).lora_A for o in (a, b, c)]
+    assert torch.equal(link[0], link[1])
+    assert not torch.equal(link[0], link[2])
+
+
+def test_works_with_an_lr_scheduler() -> None:
+    opt = _wrap(knot_every=2)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=4)
+    for _ in range(4):
+        _train(opt.model, opt, 1)
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+    assert opt.knots_tied == 2
+
+
+def test_closure_is_passed_through() -> None:
+    opt = _wrap(name="sgd_momentum", knot_every=10)
+    x = torch.randn(4, 12)
+
+    def closure() -> float:
+        opt.zero_grad()
+        loss = opt.model(x).square().mean()
+        loss.backward()
+        return float(loss.detach())
+
+    assert isinstance(opt.step(closure), float)
+    assert opt.optimizer_steps == 1
+
+
+def test_training_reduces_the_loss_across_knots_on_hf_models() -> None:
+    for model in (tiny_llama(), tiny_opt()):
+        opt = ChainLoRAOptimizer(
+            model,
+            torch.optim.AdamW(model.parameters(), lr=5e-3),
+            target_modules=["q_proj", "v_proj"],
+            rank=4,
+            alpha=8,
+            knot_every=5,
+        )
+        ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+        model.train()
+        losses = []
+        for _ in range(15):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        assert opt.knots_tied == 3
+        assert losses[-1] < losses[0] - 0.05
+
+
+def test_non_finite_factor_at_knot_raises_and_changes_nothing() -> None:
+    opt = _wrap(knot_every=2)
+    _train(opt.model, opt, 1)
+    link = lora_parametrization(opt.model[2])
+    with torch.no_grad():
+        link.lora_B[0, 0] = float("nan")
+    before = snapshot(opt.model)
+    state_before = {id(p): dict(s) for p, s in opt.state.items()}
+    with pytest.raises(NonFiniteUpdateError, match=r"\['2'\].*no weight was changed"):
+        opt.tie_knot()
+    after = snapshot(opt.model)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) or before[k].isnan().any() for k in before)
+    assert {id(p) for p in opt.state} == set(state_before)
+    assert opt.knots_tied == 0
+
+
+def test_merge_and_unload_leaves_plain_linears_with_the_same_outputs() -> None:
+    opt = _wrap(knot_every=3)
+    _train(opt.model, opt, 5)
+    weights = [opt.model[i].parametrizations.weight.original for i in (0, 2)]
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        before = opt.model(x)
+    model = opt.merge_and_unload()
+    assert all(type(model[i]) is nn.Linear for i in (0, 2))
+    assert [model[0].weight, model[2].weight] == weights  # same Parameter objects
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert held == [] and len(opt.state) == 0
+    with pytest.raises(RuntimeError, match="merge_and_unload"):
+        opt.step()
+
+
+# --- bad input: a clear error, and nothing changed ---
+
+
+def _assert_untouched(
+    model: nn.Module, before: dict[str, torch.Tensor], grads: dict[str, bool]
+) -> None:
+    assert all(lora_parametrization(m) is None for m in model.modules())
+    assert all(type(m) in (nn.Linear, nn.Tanh, nn.Sequential, nn.ReLU) for m in model.modules())
+    assert requires_grad_map(model) == grads
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+BAD: list[tuple[dict[str, Any], type[Exception], str]] = [
+    ({"target_modules": ["nope"]}, ValueError, r"target_modules=\['nope'\] matches no module"),
+    ({"target_modules": ["1"]}, TypeError, r"matches '1', a Tanh; only torch.nn.Linear"),
+    ({"target_modules": 5}, TypeError, "target_modules must be a str"),
+    ({"rank": 0}, ValueError, "rank must be a positive int, got 0"),
+    ({"rank": -2}, ValueError, "rank must be a positive int, got -2"),
+    ({"rank": 2.0}, ValueError, "rank must be a positive int, got 2.0"),
+    ({"rank": 7}, ValueError, r"no larger than min\(in_features, out_features\)=6 of '4', got 7"),
+    ({"alpha": 0}, ValueError, "alpha must be a positive number, got 0"),
+    ({"alpha": -1.0}, ValueError, "alpha must be a positive number, got -1.0"),
+    ({"alpha": float("inf")}, ValueError, "alpha must be finite, got inf"),
+    ({"alpha": float("nan")}, ValueError, "alpha must be a positive number, got nan"),
+    ({"knot_every": None}, ValueError, "exactly one of knot_every and knots"),
+    ({"knots": [3]}, ValueError, "exactly one of knot_every and knots"),
+    ({"knot_every": None, "knots": [4, 2]}, ValueError, r"strictly increasing .* got \[4, 2\]"),
+    ({"knot_every": None, "knots": [0]}, ValueError, r"positive ints, got \[0\]"),
+    ({"knot_every": -3}, ValueError, "knot_every must be a positive int, got -3"),
+    ({"lora_bias": True, "target_modules": ["x"]}, ValueError, "matches no module"),
+    ({"trainable_modules": ["zzz"]}, ValueError, r"trainable_modules=\['zzz'\] matches no module"),
+    ({"trainable_modules": ["0"]}, ValueError, "'0' is in both target_modules and trainable"),
+    ({"factor_dtype": "float32"}, TypeError, "factor_dtype must be a floating torch.dtype"),
+    ({"factor_dtype": torch.int8}, TypeError, "factor_dtype must be a floating torch.dtype"),
+    ({"seed": 1.5}, TypeError, "seed must be an int, got 1.5"),
+    ({"exact_merge": "yes"}, TypeError, "exact_merge must be None or a bool"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "err", "match"), BAD)
+def test_bad_arguments_raise_before_anything_changes(
+    kwargs: dict[str, Any], err: type[Exception], match: str
+) -> None:
+    model = mlp(width=12, out=6)
+    base = torch.optim.AdamW(model.parameters())
+    groups = [list(g["params"]) for g in base.param_groups]
+    before, grads = snapshot(model), requires_grad_map(model)
+    args = {"target_modules": ["0", "4"], "rank": 2, "knot_every": 3, **kwargs}
+    with pytest.raises(err, match=match):
+        ChainLoRAOptimizer(model, base, **args)
+    _assert_untouched(model, before, grads)
+    assert [list(g["params"]) for g in base.param_groups] == groups
+
+
+def test_foreign_parameters_in_the_optimizer_are_refused() -> None:
+    model = mlp()
+    stranger = nn.Parameter(torch.zeros(3, 5))
+    base = torch.optim.SGD([*model.parameters(), stranger], lr=0.1)
+    before, grads = snapshot(model), requires_grad_map(model)
+    with pytest.raises(ValueError, match=r"shape \(3, 5\) .* not a parameter of model"):
+        ChainLoRAOptimizer(model, base, target_modules=["0"], knot_every=2, rank=2)
+    _assert_untouched(model, before, grads)
+
+
+@pytest.mark.parametrize("bad", [None, 3, "adamw"])
+def test_optimizer_of_the_wrong_type_is_refused(bad: object) -> None:
+    model = mlp()
+    before, grads = snapshot(model), requires_grad_map(model)
+    with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer"):
+        ChainLoRAOptimizer(model, bad, target_modules=["0"], knot_every=2)  # type: ignore[arg-type]
+    _assert_untouched(model, before, grads)
+
+
+def test_a_failing_optimizer_factory_leaves_the_model_as_it_was() -> None:
+    model = mlp()
+    before, grads = snapshot(model), requires_grad_map(model)
+    with pytest.raises(TypeError, match="optimizer factory must return"):
+        ChainLoRAOptimizer(model, lambda p: "not an optimizer", target_modules=["0"], knot_every=2)  # type: ignore[arg-type, return-value]
+    _assert_untouched(model, before, grads)
+
+
+def test_a_model_is_wrapped_once() -> None:
+    opt = _wrap()
+    with pytest.raises(ValueError, match="already wrapped by a ChainLoRAOptimizer"):
+        ChainLoRAOptimizer(
+            opt.model, torch.optim.SGD(opt.factors(), lr=1), target_modules=["4"], knot_every=1
+        )
+    with pytest.raises(ValueError, match="already a ChainLoRAOptimizer"):
+        ChainLoRAOptimizer(mlp(), opt, target_modules=["0"], knot_every=1)
+
+
+def test_a_model_already_in_ddp_is_refused_with_advice(tmp_path: Any) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = mlp()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        before, grads = snapshot(model), requires_grad_map(model)
+        with pytest.raises(
+            ValueError, match=re.escape("wrap the bare model with ChainLoRAOptimizer first")
+        ):
+            ChainLoRAOptimizer(
+                ddp, torch.optim.SGD(ddp.parameters(), lr=1), target_modules=["0"], knot_every=2
+            )
+        _assert_untouched(model, before, grads)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_already_parametrized_weight_is_refused() -> None:
+    from torch.nn.utils import parametrize
+
+    class Id(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w
+
+    model = mlp()
+    parametrize.register_parametrization(model[0], "weight", Id())
+    with pytest.raises(ValueError, match="'0', whose weight or bias is already parametrized"):
+        ChainLoRAOptimizer(
+            model, torch.optim.SGD(model.parameters(), lr=1), target_modules=["0"], knot_every=2
+        )
+    assert lora_parametrization(model[0]) is None and model[2].weight.requires_grad
