@@ -15,17 +15,23 @@ Example:
 """
 
 from .export import adapted_modules, merge_and_unload, merged_state_dict
+from .history import ChainHistory, KnotRecord, LinkFactors
 from .lora import BiasDelta, LoRAParametrization
 from .merge import NonFiniteUpdateError
-from .optimizer import ChainConfig, ChainLoRAOptimizer
+from .optimizer import ChainConfig, ChainLoRAOptimizer, KnotHook, NonFinitePolicy
 from .schedule import KnotSchedule
 
 __all__ = [
     "BiasDelta",
     "ChainConfig",
+    "ChainHistory",
     "ChainLoRAOptimizer",
+    "KnotHook",
+    "KnotRecord",
     "KnotSchedule",
+    "LinkFactors",
     "LoRAParametrization",
+    "NonFinitePolicy",
     "NonFiniteUpdateError",
     "adapted_modules",
     "merge_and_unload",

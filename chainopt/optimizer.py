@@ -31,16 +31,19 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from .export import adapted_modules, merge_and_unload
+from .history import ChainHistory, KnotRecord
 from .lora import (
     LoRAParametrization,
     attach,
@@ -54,10 +57,17 @@ from .merge import NonFiniteUpdateError, find_non_finite, merge_into_weight
 from .schedule import KnotSchedule
 from .targets import ModuleSpec, describe_spec, select_modules
 
-__all__ = ["ChainConfig", "ChainLoRAOptimizer", "OptimizerSpec"]
+__all__ = ["ChainConfig", "ChainLoRAOptimizer", "KnotHook", "NonFinitePolicy", "OptimizerSpec"]
 
 OptimizerSpec: TypeAlias = Optimizer | Callable[[list[nn.Parameter]], Optimizer]
 """An optimizer built over the model's parameters, or a factory ``params -> Optimizer``."""
+
+NonFinitePolicy: TypeAlias = Literal["raise", "skip"]
+"""At a knot, a link holding NaN/Inf either raises (``"raise"``) or is dropped unmerged with a
+warning while the finite links are merged (``"skip"``). No non-finite value reaches a weight."""
+
+KnotHook: TypeAlias = Callable[["ChainLoRAOptimizer", KnotRecord], None]
+"""Called after each knot with the optimizer and the knot's :class:`~chainopt.KnotRecord`."""
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -75,6 +85,7 @@ class ChainConfig:
     seed: int
     factor_dtype: str | None
     exact_merge: bool | None
+    keep_history: bool
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (lists for tuples), as stored in ``state_dict()``."""
@@ -193,6 +204,12 @@ class ChainLoRAOptimizer(Optimizer):
         exact_merge: keep a merge residual so knots are exact in the weight's precision;
             ``None`` turns it on for bfloat16/float16 weights (one residual element per weight
             element: bfloat16 for bfloat16 weights, float32 for float16 ones).
+        keep_history: keep float32 copies of every merged link (``opt.history``), so the whole
+            chain can be exported as one adapter; costs one link's factors per knot. Update norms
+            are recorded either way.
+        non_finite: what a knot does with a link holding NaN/Inf: ``"raise"`` (default) raises
+            :class:`~chainopt.NonFiniteUpdateError` and changes nothing; ``"skip"`` merges the
+            finite links, drops the others unmerged and warns.
 
     Raises:
         TypeError: a wrong type for ``model``, ``optimizer``, ``target_modules`` or a matched
@@ -216,6 +233,8 @@ class ChainLoRAOptimizer(Optimizer):
         seed: int = 0,
         factor_dtype: torch.dtype | None = None,
         exact_merge: bool | None = None,
+        keep_history: bool = True,
+        non_finite: NonFinitePolicy = "raise",
     ) -> None:
         # --- validate everything before touching the model or the optimizer ---
         _check_model(model)
@@ -234,6 +253,12 @@ class ChainLoRAOptimizer(Optimizer):
             raise TypeError(f"factor_dtype must be a floating torch.dtype, got {factor_dtype!r}")
         if exact_merge not in (None, True, False):
             raise TypeError(f"exact_merge must be None or a bool, got {exact_merge!r}")
+        if not isinstance(keep_history, bool):
+            raise TypeError(f"keep_history must be a bool, got {keep_history!r}")
+        if non_finite not in get_args(NonFinitePolicy):
+            raise ValueError(
+                f"non_finite must be one of {get_args(NonFinitePolicy)}, got {non_finite!r}"
+            )
         targets = _check_targets(model, target_modules, rank, lora_bias)
         target_ids = {id(m) for _, m in targets}
         keep: list[nn.Parameter] = []
@@ -260,8 +285,12 @@ class ChainLoRAOptimizer(Optimizer):
             seed=seed,
             factor_dtype=None if factor_dtype is None else str(factor_dtype),
             exact_merge=exact_merge,
+            keep_history=keep_history,
         )
         self.schedule = schedule
+        self.non_finite: NonFinitePolicy = non_finite
+        self.history = ChainHistory(keep_factors=keep_history)
+        self._knot_hooks: dict[int, KnotHook] = OrderedDict()
         self.optimizer_steps = 0
         self.knots_tied = 0
         self._generator = torch.Generator().manual_seed(seed)
@@ -405,22 +434,59 @@ class ChainLoRAOptimizer(Optimizer):
         return loss
 
     @torch.no_grad()
-    def tie_knot(self) -> None:
+    def tie_knot(self) -> KnotRecord:
         """Tie a knot now: merge ``s·B·A`` into each weight, start new links, reset their state.
 
+        Returns:
+            The knot's record (also appended to :attr:`history`).
+
         Raises:
-            NonFiniteUpdateError: a factor holds NaN/Inf; no weight, factor or state was changed.
+            NonFiniteUpdateError: a factor holds NaN/Inf and ``non_finite="raise"``; no weight,
+                factor or state was changed.
         """
         bad = find_non_finite(self._adapted)
-        if bad:
+        where = f"knot {self.knots_tied + 1} (optimizer step {self.optimizer_steps})"
+        if bad and self.non_finite == "raise":
             raise NonFiniteUpdateError(
-                f"non-finite LoRA factors in {bad} at knot {self.knots_tied + 1} (optimizer step "
-                f"{self.optimizer_steps}); refusing to merge them: no weight was changed"
+                f"non-finite LoRA factors in {bad} at {where}; refusing to merge them: "
+                "no weight was changed"
             )
-        for _name, module in self._adapted:
+        if bad:
+            warnings.warn(
+                f"non-finite LoRA factors in {bad} at {where}: dropped those links unmerged",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        good = [(n, m) for n, m in self._adapted if n not in bad]
+        links = {n: (_link(m).lora_A, _link(m).lora_B, _link(m).scale) for n, m in good}
+        record = self.history.append(
+            self.optimizer_steps, links, _update_norms(links), skipped=tuple(bad)
+        )
+        for _name, module in good:
             merge_into_weight(module)
         self._new_links()
         self.knots_tied += 1
+        for hook in list(self._knot_hooks.values()):
+            hook(self, record)
+        return record
+
+    def register_knot_hook(self, hook: KnotHook) -> RemovableHandle:
+        """Call ``hook(optimizer, record)`` after every knot; ``handle.remove()`` stops it.
+
+        Example:
+            >>> from torch import nn
+            >>> model = nn.Sequential(nn.Linear(4, 4))
+            >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+            ...                          target_modules=["0"], rank=2, knot_every=1)
+            >>> seen = []
+            >>> handle = opt.register_knot_hook(lambda o, r: seen.append(r.step))
+            >>> _ = opt.tie_knot()
+            >>> seen
+            [0]
+        """
+        handle = RemovableHandle(self._knot_hooks)
+        self._knot_hooks[handle.id] = hook
+        return handle
 
     def _new_links(self) -> None:
         """Re-initialise every link in place and reset the optimizer state of its factors."""
@@ -469,6 +535,7 @@ class ChainLoRAOptimizer(Optimizer):
             "optimizer_steps": self.optimizer_steps,
             "knots_tied": self.knots_tied,
             "generator": self._generator.get_state(),
+            "history": self.history.state_dict(),
         }
         return sd
 
@@ -498,6 +565,7 @@ class ChainLoRAOptimizer(Optimizer):
         self.optimizer_steps = int(chain["optimizer_steps"])
         self.knots_tied = int(chain["knots_tied"])
         self._generator.set_state(chain["generator"].cpu())
+        self.history.load_state_dict(chain["history"])
 
     def __repr__(self) -> str:
         c = self.config
@@ -513,6 +581,19 @@ def _link(module: nn.Module) -> LoRAParametrization:
     if link is None:  # pragma: no cover - the optimizer only tracks adapted modules
         raise RuntimeError("module lost its chainopt link")
     return link
+
+
+def _update_norms(links: Mapping[str, tuple[Tensor, Tensor, float]]) -> dict[str, float]:
+    """``‖s·B·A‖_F`` per module from ``(r, r)`` Gram matrices, with one host sync for all."""
+    if not links:
+        return {}
+    # ‖BA‖² = tr(AᵀBᵀBA) = Σ (BᵀB) ⊙ (AAᵀ): (r, r) products, never (out, in).
+    norms = [
+        s * ((b.float().T @ b.float()) * (a.float() @ a.float().T)).sum().clamp_min(0).sqrt()
+        for a, b, s in links.values()
+    ]
+    values = torch.stack([n.cpu() for n in norms]).tolist()
+    return dict(zip(links, values, strict=True))
 
 
 def _factors_of(module: nn.Module) -> list[nn.Parameter]:

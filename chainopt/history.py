@@ -1,0 +1,166 @@
+"""The chain so far: what each knot merged, per module.
+
+Every knot appends one :class:`KnotRecord`: the step it was tied at and, per module, the norm of
+the merged update ``‖s·B·A‖_F`` and (when the optimizer keeps history) float32 copies of the
+factors. The whole chain is ``Σᵢ sᵢ·Bᵢ·Aᵢ = [s₁B₁ … s_LB_L]·[A₁; …; A_L]``, one LoRA of rank
+``Σ rᵢ``: :meth:`ChainHistory.stacked` returns those two factors (what a PEFT adapter needs), and
+:meth:`ChainHistory.effective_rank` measures how much rank the chain reached.
+
+Example:
+    >>> import torch
+    >>> from chainopt.history import ChainHistory
+    >>> h = ChainHistory(keep_factors=True)
+    >>> a, b = torch.randn(2, 6), torch.randn(4, 2)
+    >>> _ = h.append(step=10, links={"fc": (a, b, 0.5)}, norms={"fc": 1.0})
+    >>> B, A = h.stacked("fc")
+    >>> torch.allclose(B @ A, 0.5 * b @ a)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["ChainHistory", "KnotRecord", "LinkFactors"]
+
+
+@dataclass(frozen=True)
+class LinkFactors:
+    """One merged link of one module: ``scale·B·A`` (float32 copies)."""
+
+    A: Tensor
+    B: Tensor
+    scale: float
+
+
+@dataclass(frozen=True)
+class KnotRecord:
+    """What one knot merged.
+
+    Attributes:
+        step: the optimizer step after which the knot was tied.
+        norms: ``‖s·B·A‖_F`` per module name.
+        links: the merged factors per module name (empty when factors are not kept).
+        skipped: modules whose link was dropped unmerged (non-finite, ``non_finite="skip"``).
+    """
+
+    step: int
+    norms: dict[str, float]
+    links: dict[str, LinkFactors] = field(default_factory=dict)
+    skipped: tuple[str, ...] = ()
+
+
+class ChainHistory:
+    """The knots tied so far, in order.
+
+    Args:
+        keep_factors: keep float32 copies of each merged link's factors (needed to export the
+            chain as one adapter; costs one link's factors per knot). Norms are always kept.
+    """
+
+    def __init__(self, keep_factors: bool = True) -> None:
+        self.keep_factors = keep_factors
+        self.knots: list[KnotRecord] = []
+
+    def __len__(self) -> int:
+        return len(self.knots)
+
+    def append(
+        self,
+        step: int,
+        links: Mapping[str, tuple[Tensor, Tensor, float]],
+        norms: Mapping[str, float],
+        skipped: tuple[str, ...] = (),
+    ) -> KnotRecord:
+        """Record a knot; factors are copied to float32 only if ``keep_factors``."""
+        kept = (
+            {
+                name: LinkFactors(a.detach().float().clone(), b.detach().float().clone(), s)
+                for name, (a, b, s) in links.items()
+            }
+            if self.keep_factors
+            else {}
+        )
+        record = KnotRecord(step=step, norms=dict(norms), links=kept, skipped=tuple(skipped))
+        self.knots.append(record)
+        return record
+
+    def links(self, name: str) -> list[LinkFactors]:
+        """The merged links of module ``name``, oldest first.
+
+        Raises:
+            RuntimeError: factors were not kept.
+        """
+        if not self.keep_factors:
+            raise RuntimeError("this chain keeps no factors (keep_history=False)")
+        return [k.links[name] for k in self.knots if name in k.links]
+
+    def stacked(
+        self, name: str, pending: LinkFactors | None = None
+    ) -> tuple[Tensor, Tensor] | None:
+        """``(B, A)`` with ``B·A = Σᵢ sᵢ·Bᵢ·Aᵢ`` over the merged links (and ``pending``).
+
+        ``B`` is ``(out, Σ rᵢ)`` with the scales folded in, ``A`` is ``(Σ rᵢ, in)``. ``None``
+        when there is nothing to stack.
+        """
+        links = self.links(name) + ([pending] if pending is not None else [])
+        if not links:
+            return None
+        b = torch.cat([link.B * link.scale for link in links], dim=1)
+        a = torch.cat([link.A for link in links], dim=0)
+        return b, a
+
+    def effective_rank(
+        self, name: str, pending: LinkFactors | None = None, tol: float = 1e-3
+    ) -> int:
+        """Rank of the accumulated update: singular values above ``tol·σ_max``.
+
+        Computed from the stacked factors through two thin QRs, never the ``(out, in)`` matrix.
+        """
+        stacked = self.stacked(name, pending)
+        if stacked is None:
+            return 0
+        b, a = stacked
+        rb = torch.linalg.qr(b.double()).R  # (R, R)
+        ra = torch.linalg.qr(a.double().T).R  # (R, R)
+        s = torch.linalg.svdvals(rb @ ra.T)
+        if s.numel() == 0 or s[0] == 0:
+            return 0
+        return int((s > tol * s[0]).sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Explicit keys; tensors stay tensors."""
+        return {
+            "keep_factors": self.keep_factors,
+            "knots": [
+                {
+                    "step": k.step,
+                    "norms": dict(k.norms),
+                    "skipped": list(k.skipped),
+                    "links": {
+                        n: {"A": f.A, "B": f.B, "scale": f.scale} for n, f in k.links.items()
+                    },
+                }
+                for k in self.knots
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace the history with a saved one."""
+        self.keep_factors = bool(state["keep_factors"])
+        self.knots = [
+            KnotRecord(
+                step=int(k["step"]),
+                norms={n: float(v) for n, v in k["norms"].items()},
+                links={
+                    n: LinkFactors(f["A"], f["B"], float(f["scale"])) for n, f in k["links"].items()
+                },
+                skipped=tuple(k["skipped"]),
+            )
+            for k in state["knots"]
+        ]
