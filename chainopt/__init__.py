@@ -20,6 +20,7 @@ from .lora import BiasDelta, LoRAParametrization
 from .merge import NonFiniteUpdateError
 from .optimizer import ChainConfig, ChainLoRAOptimizer, KnotHook, NonFinitePolicy
 from .schedule import KnotSchedule
+from .warmup import KnotWarmup
 
 __all__ = [
     "BiasDelta",
@@ -29,6 +30,7 @@ __all__ = [
     "KnotHook",
     "KnotRecord",
     "KnotSchedule",
+    "KnotWarmup",
     "LinkFactors",
     "LoRAParametrization",
     "NonFinitePolicy",

@@ -24,7 +24,8 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import cast
+import sys
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,10 @@ __all__ = [
     "LoRAParametrization",
     "attach",
     "bias_delta",
+    "copy_full_",
     "detach",
+    "full_tensor",
+    "is_sharded",
     "lora_parametrization",
     "original",
     "parametrization_count",
@@ -102,18 +106,44 @@ class LoRAParametrization(nn.Module):
         # (out, r) @ (r, in) -> (out, in)
         return (self.lora_B.float() @ self.lora_A.float()).mul_(self.scale)
 
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Start a new link in place: A Kaiming-uniform (as ``nn.Linear``), B zero.
+    def reset_parameters(
+        self, generator: torch.Generator | None = None, init_A: Tensor | None = None
+    ) -> None:
+        """Start a new link in place: A Kaiming-uniform (as ``nn.Linear``) or ``init_A``, B zero.
 
         A is drawn on the CPU in float32 from ``generator`` and copied, so the same generator
         state gives the same factors on every device and process.
         """
-        bound = 1.0 / math.sqrt(self.lora_A.shape[1])  # kaiming_uniform_(a=sqrt(5))
-        fresh = torch.empty(self.lora_A.shape, dtype=torch.float32)
-        fresh.uniform_(-bound, bound, generator=generator)
+        if init_A is None:
+            bound = 1.0 / math.sqrt(self.lora_A.shape[1])  # kaiming_uniform_(a=sqrt(5))
+            init_A = torch.empty(self.lora_A.shape, dtype=torch.float32)
+            init_A.uniform_(-bound, bound, generator=generator)
         with torch.no_grad():
-            self.lora_A.copy_(fresh)
+            copy_full_(self.lora_A, init_A)
             self.lora_B.zero_()
+
+    def resize_(self, rank: int) -> None:
+        """Change the link's rank in place (same Parameter objects, new shapes; B·A becomes 0).
+
+        The scale becomes ``alpha / rank``. References held by optimizers and schedulers stay
+        valid, but any optimizer state for the factors must be dropped by the caller.
+        """
+        if rank == self.rank:
+            return
+        for p, shape in (
+            (self.lora_A, (rank, self.lora_A.shape[1])),
+            (self.lora_B, (self.lora_B.shape[0], rank)),
+        ):
+            _set_shape_(p, shape)
+        self.rank = rank
+        self.scale = self.alpha / rank
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # A checkpoint taken in a later link of a rank step-down holds factors of another rank.
+        incoming = state_dict.get(prefix + "lora_A")
+        if isinstance(incoming, Tensor) and incoming.dim() == 2:
+            self.resize_(incoming.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, weight: Tensor) -> Tensor:
         """Generic path: the materialised ``W + s·B·A`` (used by readers of ``.weight``)."""
@@ -163,6 +193,19 @@ class BiasDelta(nn.Module):
         return bias + self.delta.to(bias.dtype)
 
 
+def _set_shape_(param: nn.Parameter, shape: tuple[int, int]) -> None:
+    """Give ``param`` new zero data of ``shape``, keeping the Parameter object.
+
+    A graph the caller still holds (a ``loss`` variable) keeps the parameter's gradient
+    accumulator alive, and autograd reuses it with the old shape: assigning ``.data`` of another
+    dtype first makes autograd drop it (it only does so on a dtype or device change).
+    """
+    fresh = torch.zeros(shape, dtype=param.dtype, device=param.device)
+    other = torch.float64 if param.dtype != torch.float64 else torch.float32
+    param.data = fresh.new_zeros((), dtype=other)
+    param.data = fresh
+
+
 def lora_parametrization(module: nn.Module) -> LoRAParametrization | None:
     """Return chainopt's link on ``module.weight`` (``None`` if there is none)."""
     plist = _plist(module, "weight")
@@ -200,6 +243,52 @@ def parametrization_count(module: nn.Module, name: str = "weight") -> int:
     """How many parametrizations are stacked on ``module.<name>`` (0 if none)."""
     plist = _plist(module, name)
     return 0 if plist is None else len(plist)
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor``, e.g. a parameter sharded by FSDP2's ``fully_shard``."""
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist: skip the import
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole of ``tensor``: a ``DTensor`` is all-gathered, anything else returned as it is.
+
+    Gathering is a collective: under FSDP2 every rank must call this, in the same order.
+
+    Example:
+        >>> t = torch.ones(2, 3)
+        >>> full_tensor(t) is t
+        True
+    """
+    if is_sharded(tensor):
+        whole: Tensor = tensor.full_tensor()  # type: ignore[attr-defined]
+        return whole
+    return tensor
+
+
+def copy_full_(dst: Tensor, src: Tensor) -> Tensor:
+    """``dst.copy_(src)`` from a whole ``src``; into a ``DTensor`` only the local part is copied.
+
+    Every rank holds the same ``src`` (drawn from the same generator, merged from the same
+    gathered tensors), so each takes its own shard of it without communicating.
+
+    Example:
+        >>> dst = torch.zeros(2)
+        >>> copy_full_(dst, torch.ones(2)).tolist()
+        [1.0, 1.0]
+    """
+    if is_sharded(dst):
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        assert isinstance(dst, DTensor)
+        src = distribute_tensor(
+            src.to(dst.device), dst.device_mesh, dst.placements, src_data_rank=None
+        )
+    return dst.copy_(src)
 
 
 def _lora_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:

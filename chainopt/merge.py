@@ -7,6 +7,10 @@ Each knot adds the residual back before rounding and stores what the new roundin
 after any number of knots ``W`` equals ``W₀ + Σ sᵢ·Bᵢ·Aᵢ`` rounded once (to within the residual's
 own precision, far below half an ulp of ``W``).
 
+Sharded parameters (``DTensor``, FSDP2's ``fully_shard``) are gathered, merged whole and written
+back shard by shard; every rank computes the same merge, so the (unsharded) residual buffers stay
+identical across ranks. Gathering is a collective: every rank ties the knot.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -29,7 +33,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .lora import BiasDelta, LoRAParametrization, bias_delta, lora_parametrization, original
+from .lora import (
+    BiasDelta,
+    LoRAParametrization,
+    bias_delta,
+    copy_full_,
+    full_tensor,
+    is_sharded,
+    lora_parametrization,
+    original,
+)
 
 __all__ = ["NonFiniteUpdateError", "find_non_finite", "merge_into_weight", "merged_weight"]
 
@@ -48,16 +61,18 @@ def _parts(module: nn.Module) -> tuple[LoRAParametrization, BiasDelta | None]:
 def find_non_finite(modules: Sequence[tuple[str, nn.Module]]) -> list[str]:
     """Names of the modules whose link (factors, bias delta, residual) holds a NaN or Inf.
 
-    One host synchronisation for all modules.
+    One host synchronisation for all modules (sharded factors are gathered first, so every rank
+    gets the same answer).
     """
     if not modules:
         return []
     flags = []
     for _name, module in modules:
         link, bias = _parts(module)
-        tensors = [link.lora_A, link.lora_B]
+        tensors: list[Tensor] = [link.lora_A, link.lora_B]
         if bias is not None:
             tensors.append(bias.delta)
+        tensors = [full_tensor(t) for t in tensors]
         flags.append(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
     ok = torch.stack([f.cpu() for f in flags]).tolist()
     return [name for (name, _m), good in zip(modules, ok, strict=True) if not good]
@@ -69,24 +84,30 @@ def _exact(
     link: LoRAParametrization | None,
     delta: Tensor | None = None,
 ) -> Tensor:
-    """``target + residual + (s·B·A or delta)`` in at least float32, as a new tensor."""
+    """``target + residual + (s·B·A or delta)`` in at least float32, as a new (whole) tensor."""
     dt = torch.promote_types(target.dtype, torch.float32)
-    exact = target.to(dt, copy=True)
+    exact = full_tensor(target).to(dt, copy=True)
     if residual is not None:
         exact.add_(residual.to(dt))
     if link is not None:
+        a, b = full_tensor(link.lora_A), full_tensor(link.lora_B)
         # (out, r) @ (r, in) accumulated into the copy: no separate (out, in) update tensor.
-        exact.addmm_(link.lora_B.to(dt), link.lora_A.to(dt), alpha=link.scale)
+        exact.addmm_(b.to(dt), a.to(dt), alpha=link.scale)
     if delta is not None:
-        exact.add_(delta.to(dt))
+        exact.add_(full_tensor(delta).to(dt))
     return exact
 
 
 def _store_(target: Tensor, exact: Tensor, residual: Tensor | None) -> None:
     """Round ``exact`` into ``target`` in place; keep what rounding dropped in ``residual``."""
-    target.copy_(exact)
+    if is_sharded(target):
+        rounded = exact.to(target.dtype, copy=True)
+        copy_full_(target, rounded)  # this rank's shard only
+    else:
+        target.copy_(exact)
+        rounded = target
     if residual is not None:
-        residual.copy_(exact.sub_(target.to(exact.dtype)))
+        residual.copy_(exact.sub_(rounded.to(exact.dtype)))
 
 
 @torch.no_grad()
@@ -99,7 +120,8 @@ def merge_into_weight(module: nn.Module) -> None:
     link, bias = _parts(module)
     weight = original(module)
     residual = link.merge_residual
-    if residual is None and weight.dtype == link.lora_A.dtype == torch.float32:
+    fast = weight.dtype == link.lora_A.dtype == torch.float32 and not is_sharded(weight)
+    if residual is None and fast:
         weight.addmm_(link.lora_B, link.lora_A, alpha=link.scale)  # in place, no temporary
     else:
         _store_(weight, _exact(weight, residual, link), residual)
@@ -113,7 +135,7 @@ def merged_weight(module: nn.Module) -> Tensor:
     """The adapted weight ``W + residual + s·B·A`` in the weight's dtype, as a new tensor."""
     link, _bias = _parts(module)
     weight = original(module)
-    return _exact(weight, link.merge_residual, link).to(weight.dtype)
+    return _exact(weight, link.merge_residual, link).to(weight.dtype)  # whole, even if sharded
 
 
 @torch.no_grad()

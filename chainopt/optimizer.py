@@ -38,12 +38,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal, TypeAlias, get_args
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from .export import adapted_modules, merge_and_unload
-from .history import ChainHistory, KnotRecord
+from .history import ChainHistory, KnotRecord, LinkFactors
+from .init import GradientProbe, InitPolicy, a_from_gradient
 from .lora import (
     LoRAParametrization,
     attach,
@@ -54,6 +56,7 @@ from .lora import (
     parametrization_count,
 )
 from .merge import NonFiniteUpdateError, find_non_finite, merge_into_weight
+from .reset import ResetPolicy, reset_state
 from .schedule import KnotSchedule
 from .targets import ModuleSpec, describe_spec, select_modules
 
@@ -77,7 +80,7 @@ class ChainConfig:
     """What a chain was built with; saved in the optimizer state and checked on load."""
 
     modules: tuple[str, ...]
-    rank: int
+    ranks: tuple[int, ...]
     alpha: float
     knot_every: int | None
     knots: tuple[int, ...]
@@ -86,6 +89,9 @@ class ChainConfig:
     factor_dtype: str | None
     exact_merge: bool | None
     keep_history: bool
+    reset: str
+    prune_ratio: float
+    init: str
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (lists for tuples), as stored in ``state_dict()``."""
@@ -112,6 +118,49 @@ def _check_model(model: object) -> None:
             f"model is already wrapped by a ChainLoRAOptimizer (chainopt links on "
             f"{[n for n, _ in wrapped][:4]}); build one ChainLoRAOptimizer per model"
         )
+
+
+def _check_ranks(rank: int | Sequence[int]) -> tuple[int, ...]:
+    ranks: tuple[object, ...] = (
+        (rank,) if not isinstance(rank, Sequence) else tuple(rank) if rank else (None,)
+    )
+    if not all(_is_int(r) and r > 0 for r in ranks):  # type: ignore[operator]
+        raise ValueError(
+            f"rank must be a positive int (or a non-empty list of them, a rank per link), "
+            f"got {rank!r}"
+        )
+    checked = tuple(int(r) for r in ranks)  # type: ignore[call-overload]
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if len(set(checked)) > 1 and distributed:
+        raise ValueError(
+            f"rank={list(checked)} changes the factors' shapes at knots, which "
+            "DistributedDataParallel's buckets cannot follow; use one rank under DDP"
+        )
+    return checked
+
+
+def _check_schedule(
+    knot_every: int | None,
+    knots: Sequence[int] | None,
+    num_links: int | None,
+    total_steps: int | None,
+    steps_per_epoch: int | None,
+) -> KnotSchedule:
+    if num_links is None and total_steps is None:
+        if steps_per_epoch is not None:
+            raise ValueError("steps_per_epoch goes with num_links and total_steps")
+        return KnotSchedule(knot_every=knot_every, knots=knots)
+    if knot_every is not None or knots is not None:
+        raise ValueError(
+            "give one schedule: knot_every, knots, or num_links with total_steps; got "
+            f"knot_every={knot_every!r}, knots={knots!r}, num_links={num_links!r}"
+        )
+    if num_links is None or total_steps is None:
+        raise ValueError(
+            f"num_links and total_steps go together, got num_links={num_links!r}, "
+            f"total_steps={total_steps!r}"
+        )
+    return KnotSchedule.even(num_links, total_steps, steps_per_epoch)
 
 
 def _check_targets(
@@ -190,10 +239,16 @@ class ChainLoRAOptimizer(Optimizer):
         target_modules: which ``nn.Linear`` modules to adapt: PEFT-style name suffixes
             (``"q_proj"``), a compiled regex (full match on the qualified name) or a callable
             ``(name, module) -> bool``.
-        rank: rank ``r`` of each link.
-        alpha: LoRA alpha; the scale is ``s = alpha / rank``.
-        knot_every: tie a knot after optimizer steps N, 2N, … (give this or ``knots``).
+        rank: rank ``r`` of each link, or a list: link ``i`` has rank ``rank[i]`` and the last
+            entry repeats (rank step-down, e.g. ``[8, 4]``; not under DDP).
+        alpha: LoRA alpha; the scale of a link of rank ``r`` is ``s = alpha / r``.
+        knot_every: tie a knot after optimizer steps N, 2N, … Give one schedule: this,
+            ``knots``, or ``num_links`` with ``total_steps``.
         knots: tie a knot after these optimizer step counts.
+        num_links: split ``total_steps`` into this many links of equal length (``num_links - 1``
+            knots; ``merge_and_unload`` merges the last link).
+        total_steps: optimizer steps of the whole run, with ``num_links``.
+        steps_per_epoch: with ``num_links``: put knots on epoch ends.
         lora_bias: also train a delta on each adapted module's bias (modules with a bias only).
         trainable_modules: modules whose parameters stay trainable as they are (a classification
             head, say), in the same forms as ``target_modules``.
@@ -210,6 +265,12 @@ class ChainLoRAOptimizer(Optimizer):
         non_finite: what a knot does with a link holding NaN/Inf: ``"raise"`` (default) raises
             :class:`~chainopt.NonFiniteUpdateError` and changes nothing; ``"skip"`` merges the
             finite links, drops the others unmerged and warns.
+        reset: the factors' optimizer state at a knot: ``"full"`` (drop it, the default),
+            ``"none"`` (keep it) or ``"prune"`` (zero the smallest ``prune_ratio`` of every
+            moment, ReLoRA-style). See :mod:`chainopt.reset`.
+        prune_ratio: fraction zeroed by ``reset="prune"``, in ``[0, 1)``.
+        init: A of a new link: ``"kaiming"`` (default) or ``"gradient"`` (top singular vectors
+            of the weight's gradient on the step before the knot; see :mod:`chainopt.init`).
 
     Raises:
         TypeError: a wrong type for ``model``, ``optimizer``, ``target_modules`` or a matched
@@ -224,10 +285,13 @@ class ChainLoRAOptimizer(Optimizer):
         optimizer: OptimizerSpec,
         *,
         target_modules: ModuleSpec,
-        rank: int = 8,
+        rank: int | Sequence[int] = 8,
         alpha: float = 16.0,
         knot_every: int | None = None,
         knots: Sequence[int] | None = None,
+        num_links: int | None = None,
+        total_steps: int | None = None,
+        steps_per_epoch: int | None = None,
         lora_bias: bool = False,
         trainable_modules: ModuleSpec | None = None,
         seed: int = 0,
@@ -235,16 +299,18 @@ class ChainLoRAOptimizer(Optimizer):
         exact_merge: bool | None = None,
         keep_history: bool = True,
         non_finite: NonFinitePolicy = "raise",
+        reset: ResetPolicy = "full",
+        prune_ratio: float = 0.9,
+        init: InitPolicy = "kaiming",
     ) -> None:
         # --- validate everything before touching the model or the optimizer ---
         _check_model(model)
-        if not _is_int(rank) or rank <= 0:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        ranks = _check_ranks(rank)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise ValueError(f"alpha must be a positive number, got {alpha!r}")
         if not math.isfinite(alpha):
             raise ValueError(f"alpha must be finite, got {alpha!r}")
-        schedule = KnotSchedule(knot_every=knot_every, knots=knots)
+        schedule = _check_schedule(knot_every, knots, num_links, total_steps, steps_per_epoch)
         if not _is_int(seed):
             raise TypeError(f"seed must be an int, got {seed!r}")
         if factor_dtype is not None and not (
@@ -255,11 +321,18 @@ class ChainLoRAOptimizer(Optimizer):
             raise TypeError(f"exact_merge must be None or a bool, got {exact_merge!r}")
         if not isinstance(keep_history, bool):
             raise TypeError(f"keep_history must be a bool, got {keep_history!r}")
-        if non_finite not in get_args(NonFinitePolicy):
-            raise ValueError(
-                f"non_finite must be one of {get_args(NonFinitePolicy)}, got {non_finite!r}"
-            )
-        targets = _check_targets(model, target_modules, rank, lora_bias)
+        for arg, value, options in (
+            ("non_finite", non_finite, NonFinitePolicy),
+            ("reset", reset, ResetPolicy),
+            ("init", init, InitPolicy),
+        ):
+            if value not in get_args(options):
+                raise ValueError(f"{arg} must be one of {get_args(options)}, got {value!r}")
+        if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)):
+            raise TypeError(f"prune_ratio must be a number in [0, 1), got {prune_ratio!r}")
+        if not 0 <= prune_ratio < 1:
+            raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio!r}")
+        targets = _check_targets(model, target_modules, max(ranks), lora_bias)
         target_ids = {id(m) for _, m in targets}
         keep: list[nn.Parameter] = []
         if trainable_modules is not None:
@@ -277,7 +350,7 @@ class ChainLoRAOptimizer(Optimizer):
         self.model = model
         self.config = ChainConfig(
             modules=tuple(n for n, _ in targets),
-            rank=rank,
+            ranks=ranks,
             alpha=float(alpha),
             knot_every=schedule.knot_every,
             knots=schedule.knots or (),
@@ -286,8 +359,13 @@ class ChainLoRAOptimizer(Optimizer):
             factor_dtype=None if factor_dtype is None else str(factor_dtype),
             exact_merge=exact_merge,
             keep_history=keep_history,
+            reset=reset,
+            prune_ratio=float(prune_ratio),
+            init=init,
         )
         self.schedule = schedule
+        self.reset: ResetPolicy = reset
+        self.init: InitPolicy = init
         self.non_finite: NonFinitePolicy = non_finite
         self.history = ChainHistory(keep_factors=keep_history)
         self._knot_hooks: dict[int, KnotHook] = OrderedDict()
@@ -305,7 +383,7 @@ class ChainLoRAOptimizer(Optimizer):
                 fdt = factor_dtype or (torch.float32 if weight_dtype in _HALF else weight_dtype)
                 attach(
                     module,
-                    rank,
+                    ranks[0],
                     float(alpha),
                     bias=lora_bias and module.bias is not None,
                     factor_dtype=fdt,
@@ -333,11 +411,17 @@ class ChainLoRAOptimizer(Optimizer):
             for p, flag in requires_grad:
                 p.requires_grad_(flag)
             raise
+        # State an optimizer builds at construction (Adagrad) is restored by a full reset.
         self._fresh_state = {
-            p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in self.state[p].items()}
+            p: {
+                **{k: v.clone() if isinstance(v, Tensor) else v for k, v in self.state[p].items()},
+                "__shape__": p.shape,
+            }
             for p in self.factors()
             if p in self.state
         }
+        self._probe = GradientProbe(self._adapted) if init == "gradient" else None
+        self._arm_probe()
         self._init_optimizer_hooks()
 
     # --- Optimizer plumbing: share the wrapped optimizer's groups, state and defaults ---
@@ -431,6 +515,7 @@ class ChainLoRAOptimizer(Optimizer):
         self.optimizer_steps += 1
         if self.schedule.is_due(self.optimizer_steps):
             self.tie_knot()
+        self._arm_probe()
         return loss
 
     @torch.no_grad()
@@ -488,19 +573,69 @@ class ChainLoRAOptimizer(Optimizer):
         self._knot_hooks[handle.id] = hook
         return handle
 
+    def link_rank(self, link: int) -> int:
+        """Rank of link ``link`` (0-based): ``rank[link]``, the last entry repeating."""
+        ranks = self.config.ranks
+        return ranks[min(link, len(ranks) - 1)]
+
+    def _arm_probe(self) -> None:
+        # Gradients for init="gradient" are gathered on the step just before a knot.
+        if self._probe is not None:
+            self._probe.armed = self.schedule.is_due(self.optimizer_steps + 1)
+
     def _new_links(self) -> None:
-        """Re-initialise every link in place and reset the optimizer state of its factors."""
-        for _name, module in self._adapted:
-            _link(module).reset_parameters(self._generator)
+        """Start the next link of every module in place and reset its factors' state."""
+        rank = self.link_rank(self.knots_tied + 1)
+        gradients = self._probe.take() if self._probe is not None else {}
+        for name, module in self._adapted:
+            link = _link(module)
+            link.resize_(rank)
+            init_A = a_from_gradient(gradients[name], rank) if name in gradients else None
+            link.reset_parameters(self._generator, init_A)
             delta = bias_delta(module)
             if delta is not None:
                 delta.reset_parameters()
-        state = self._base.state
-        for p in self.factors():
-            state.pop(p, None)
-            fresh = self._fresh_state.get(p)
-            if fresh is not None:
-                state[p] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in fresh.items()}
+        reset_state(
+            self._base.state, self.factors(), self.reset, self.config.prune_ratio, self._fresh_state
+        )
+
+    def chain_summary(self) -> dict[str, Any]:
+        """The chain so far: links, ranks, knot steps, update norms, effective ranks.
+
+        ``effective_rank`` per module is the rank of ``Σ sᵢ·Bᵢ·Aᵢ`` over the merged links and the
+        pending one (``None`` with ``keep_history=False``).
+
+        Example:
+            >>> from torch import nn
+            >>> model = nn.Sequential(nn.Linear(6, 6))
+            >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+            ...                          target_modules=["0"], rank=[2, 1], knot_every=1)
+            >>> _ = opt.tie_knot()
+            >>> s = opt.chain_summary()
+            >>> s["links"], s["ranks"], s["knot_steps"]
+            (2, [2, 1], [0])
+        """
+        knots = self.history.knots
+        modules: dict[str, dict[str, Any]] = {}
+        for name, module in self._adapted:
+            link = _link(module)
+            pending = LinkFactors(
+                link.lora_A.detach().float(), link.lora_B.detach().float(), link.scale
+            )
+            effective = (
+                self.history.effective_rank(name, pending) if self.history.keep_factors else None
+            )
+            modules[name] = {
+                "update_norms": [k.norms.get(name) for k in knots],
+                "effective_rank": effective,
+            }
+        return {
+            "links": self.knots_tied + 1,
+            "steps": self.optimizer_steps,
+            "ranks": [self.link_rank(i) for i in range(self.knots_tied + 1)],
+            "knot_steps": [k.step for k in knots],
+            "modules": modules,
+        }
 
     def merge_and_unload(self) -> nn.Module:
         """Merge what is pending, remove the links, and return the model with plain Linears.
@@ -519,6 +654,9 @@ class ChainLoRAOptimizer(Optimizer):
             if id(p) in factors:
                 del self._base.state[p]
         self._adapted = []
+        if self._probe is not None:
+            self._probe.remove()
+            self._probe = None
         return self.model
 
     # --- checkpointing ---
@@ -566,12 +704,13 @@ class ChainLoRAOptimizer(Optimizer):
         self.knots_tied = int(chain["knots_tied"])
         self._generator.set_state(chain["generator"].cpu())
         self.history.load_state_dict(chain["history"])
+        self._arm_probe()
 
     def __repr__(self) -> str:
         c = self.config
         return (
             f"ChainLoRAOptimizer({type(self._base).__name__}, modules={len(self._adapted)}, "
-            f"rank={c.rank}, alpha={c.alpha:g}, {self.schedule!r}, "
+            f"rank={list(c.ranks)}, alpha={c.alpha:g}, {self.schedule!r}, "
             f"steps={self.optimizer_steps}, knots_tied={self.knots_tied})"
         )
 

@@ -8,6 +8,8 @@ Example:
     [2, 7]
     >>> KnotSchedule.even(num_links=3, total_steps=300).knots
     (100, 200)
+    >>> KnotSchedule.even(num_links=2, total_steps=50, steps_per_epoch=10).knots  # 5 epochs
+    (20,)
 """
 
 from __future__ import annotations
@@ -64,14 +66,17 @@ class KnotSchedule:
         self.knot_every = knot_every
 
     @classmethod
-    def even(cls, num_links: int, total_steps: int) -> KnotSchedule:
+    def even(
+        cls, num_links: int, total_steps: int, steps_per_epoch: int | None = None
+    ) -> KnotSchedule:
         """Split ``total_steps`` into ``num_links`` links of (nearly) equal length.
 
         ``num_links - 1`` knots are tied inside the run; the last link is merged by
-        ``merge_and_unload``. ``num_links=1`` is plain LoRA (no knot).
+        ``merge_and_unload``. ``num_links=1`` is plain LoRA (no knot). With
+        ``steps_per_epoch``, knots fall on epoch ends (links of whole epochs).
 
         Raises:
-            ValueError: ``num_links`` or ``total_steps`` not positive, or more links than steps.
+            ValueError: a non-positive argument, more links than steps (or epochs).
         """
         if not _is_int(num_links) or num_links <= 0:
             raise ValueError(f"num_links must be a positive int, got {num_links!r}")
@@ -79,9 +84,23 @@ class KnotSchedule:
             raise ValueError(
                 f"total_steps must be an int >= num_links={num_links}, got {total_steps!r}"
             )
-        if num_links == 1:
-            return cls(knots=[total_steps + 1])
-        return cls(knots=[round(i * total_steps / num_links) for i in range(1, num_links)])
+        if steps_per_epoch is None:
+            knots = [round(i * total_steps / num_links) for i in range(1, num_links)]
+        else:
+            if not _is_int(steps_per_epoch) or steps_per_epoch <= 0:
+                raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
+            epochs = -(-total_steps // steps_per_epoch)
+            if epochs < num_links:
+                raise ValueError(
+                    f"num_links={num_links} links of whole epochs need at least {num_links} "
+                    f"epochs; total_steps={total_steps} with steps_per_epoch={steps_per_epoch} "
+                    f"is {epochs}"
+                )
+            knots = [round(i * epochs / num_links) * steps_per_epoch for i in range(1, num_links)]
+        schedule = cls.__new__(cls)
+        schedule.knot_every, schedule.knots = None, tuple(knots)
+        schedule._knot_set = frozenset(knots)
+        return schedule
 
     def is_due(self, step: int) -> bool:
         """Whether a knot is due after optimizer step ``step`` (1-based)."""

@@ -1,0 +1,306 @@
+"""Checkpoints that survive a crash, portable between one process, DDP and FSDP2.
+
+:func:`save_checkpoint` writes the model's state dict, the optimizer's state dict (for a
+:class:`~chainopt.ChainLoRAOptimizer`: step and knot counters, generator, history, the wrapped
+optimizer's state) and any extra entries to a temporary file next to ``path``, syncs it to
+disk, renames it over ``path`` with ``os.replace`` (atomic on POSIX and Windows) and syncs the
+directory. A process killed at any moment leaves the previous checkpoint or the new one, never a
+torn file; at worst a stray ``.<name>.<random>.tmp`` next to it, which nothing reads.
+:func:`load_checkpoint` checks the file against the model and optimizer before it loads anything.
+
+Under ``torch.distributed`` (a default process group with more than one rank) both are
+collective: every rank calls them. Sharded parameters and optimizer state (FSDP2 ``DTensor``) are
+gathered whole, rank 0 writes, and no rank returns before the file is in place (or every rank
+raises if rank 0 could not write it). Every rank loads the same file, so it must be on a file
+system they share. ``DistributedDataParallel``/``DataParallel`` wrappers are unwrapped: the same
+checkpoint loads into one process, DDP or FSDP2.
+
+Example:
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> from torch import nn
+    >>> from chainopt import ChainLoRAOptimizer
+    >>> from chainopt.checkpoint import load_checkpoint, save_checkpoint
+    >>> def build():
+    ...     model = nn.Sequential(nn.Linear(4, 4))
+    ...     opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+    ...                              target_modules=["0"], rank=2, knot_every=2)
+    ...     return model, opt
+    >>> model, opt = build()
+    >>> model(torch.ones(1, 4)).sum().backward()
+    >>> opt.step()
+    >>> path = Path(tempfile.mkdtemp()) / "ckpt.pt"
+    >>> _ = save_checkpoint(path, model, opt, epoch=3)
+    >>> model2, opt2 = build()
+    >>> load_checkpoint(path, model2, opt2)
+    {'epoch': 3}
+    >>> opt2.optimizer_steps
+    1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .lora import LoRAParametrization, full_tensor, is_sharded
+
+__all__ = ["load_checkpoint", "save_checkpoint"]
+
+_FORMAT = "chainopt.checkpoint"
+_VERSION = 1
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: Optimizer | None = None,
+    **extra: Any,
+) -> Path:
+    """Write ``model`` and ``optimizer`` state (and ``extra``) to ``path`` atomically.
+
+    Args:
+        path: the checkpoint file; its directory must exist. An existing file is replaced only
+            once the new one is complete and on disk.
+        model: the model (bare, or wrapped in ``DistributedDataParallel``/``DataParallel``, or
+            sharded with FSDP2's ``fully_shard``).
+        optimizer: its optimizer (a :class:`~chainopt.ChainLoRAOptimizer` or any other), or
+            ``None`` for the model alone.
+        **extra: more entries to save and get back from :func:`load_checkpoint` (an LR
+            scheduler's or a ``GradScaler``'s state dict, the epoch, a data sampler's position).
+            They are read back with ``weights_only=True`` by default: tensors, numbers, strings
+            and containers of them.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        OSError: the file could not be written (``path`` is left as it was). Under
+            ``torch.distributed`` every rank raises when rank 0 could not write.
+    """
+    path = Path(path)
+    bare = _bare(model)
+    model_state = bare.state_dict()
+    for key, value in model_state.items():
+        if is_sharded(value):  # in place: keeps the state dict's ``_metadata``
+            model_state[key] = full_tensor(value).cpu()
+    payload = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "model": model_state,
+        "optimizer": None if optimizer is None else _gathered(optimizer.state_dict()),
+        "extra": _gathered(dict(extra)),
+    }
+    if not _distributed():
+        _atomic_save(payload, path)
+        return path
+    failure: list[str | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            _atomic_save(payload, path)
+        except Exception as exc:
+            failure[0] = f"{type(exc).__name__}: {exc}"
+            dist.broadcast_object_list(failure, src=0)
+            raise
+    dist.broadcast_object_list(failure, src=0)  # also the barrier: the file is in place
+    if failure[0] is not None:
+        raise OSError(f"rank 0 could not write the checkpoint {str(path)!r}: {failure[0]}")
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: Optimizer | None = None,
+    *,
+    map_location: str | torch.device | None = "cpu",
+    weights_only: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` and ``optimizer``.
+
+    Build the model and optimizer exactly as for the run that saved it (same targets, rank,
+    schedule, seed), wrap or shard them the same way or not at all, then load. Training
+    continues as if it had never stopped (bitwise, on the same hardware and software).
+
+    Args:
+        path: the checkpoint file.
+        model: the model to load into (bare, DDP/DataParallel-wrapped or FSDP2-sharded).
+        optimizer: the optimizer to load into, or ``None`` to load the model alone.
+        map_location: passed to ``torch.load``; sharded parameters take their shard wherever
+            they live.
+        weights_only: passed to ``torch.load``; set ``False`` only for files you trust that hold
+            arbitrary Python objects in ``extra``.
+
+    Returns:
+        The ``extra`` entries given to :func:`save_checkpoint`.
+
+    Raises:
+        ValueError: the file is not a chainopt checkpoint, its keys or shapes do not fit the
+            model, it holds no optimizer state but ``optimizer`` was given, or the optimizer
+            refuses it (a different chain config, different param groups). Nothing is loaded
+            then.
+    """
+    payload = torch.load(path, map_location=map_location, weights_only=weights_only)
+    if (
+        not isinstance(payload, dict)
+        or payload.get("format") != _FORMAT
+        or not isinstance(payload.get("model"), Mapping)
+    ):
+        raise ValueError(f"{str(path)!r} is not a checkpoint written by chainopt.save_checkpoint")
+    if payload.get("version") != _VERSION:
+        raise ValueError(
+            f"{str(path)!r} is a chainopt checkpoint of version {payload.get('version')!r}; "
+            f"this chainopt reads version {_VERSION}"
+        )
+    bare = _bare(model)
+    current = bare.state_dict()
+    saved_model: dict[str, Any] = dict(payload["model"])
+    _check_fits(bare, current, saved_model, path)
+    saved_opt: dict[str, Any] | None = payload.get("optimizer")
+    if optimizer is not None and saved_opt is None:
+        raise ValueError(f"{str(path)!r} holds no optimizer state (saved with optimizer=None)")
+
+    # The optimizer checks its own state (the chain config, the param groups) before loading
+    # any of it; the model's keys and shapes were checked above, so its load cannot fail.
+    if optimizer is not None and saved_opt is not None:
+        optimizer.load_state_dict(_sharded_optimizer_state(saved_opt, optimizer))
+    for key, value in current.items():
+        if is_sharded(value):
+            saved_model[key] = _shard_like(saved_model[key], value)
+    bare.load_state_dict(saved_model)
+    extra: dict[str, Any] = dict(payload.get("extra") or {})
+    return extra
+
+
+def _bare(model: nn.Module) -> nn.Module:
+    """``model`` without its DDP/DataParallel wrappers (their ``module.`` key prefix)."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gathered(obj: Any) -> Any:
+    """``obj`` with every ``DTensor`` in it gathered whole onto the CPU (a collective)."""
+    if isinstance(obj, Tensor):
+        return full_tensor(obj).cpu() if is_sharded(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _gathered(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_gathered(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_gathered(v) for v in obj)
+    return obj
+
+
+def _shard_like(whole: Tensor, like: Tensor) -> Tensor:
+    """This rank's shard of ``whole``, laid out as the ``DTensor`` ``like`` (no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    assert isinstance(like, DTensor)
+    return distribute_tensor(
+        whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None
+    )
+
+
+def _sharded_optimizer_state(saved: dict[str, Any], optimizer: Optimizer) -> dict[str, Any]:
+    """Saved (whole) optimizer state, with per-parameter tensors sharded like sharded params.
+
+    Parameters are matched to saved state the way ``Optimizer.load_state_dict`` does: by
+    position in the param groups. A state tensor shaped like its sharded parameter (momentum,
+    Adam's moments) is sharded like it; anything else is left whole.
+    """
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or not any(
+        is_sharded(p) for g in optimizer.param_groups for p in g["params"]
+    ):
+        return saved
+    by_index: dict[Any, Tensor] = {}
+    for saved_group, group in zip(groups, optimizer.param_groups, strict=False):
+        by_index.update(zip(saved_group["params"], group["params"], strict=False))
+    state: dict[Any, Any] = {}
+    for index, entry in saved.get("state", {}).items():
+        param = by_index.get(index)
+        if param is None or not is_sharded(param):
+            state[index] = entry
+            continue
+        state[index] = {
+            k: _shard_like(v, param)
+            if isinstance(v, Tensor) and tuple(v.shape) == tuple(param.shape)
+            else v
+            for k, v in entry.items()
+        }
+    return {**saved, "state": state}
+
+
+def _check_fits(
+    bare: nn.Module, current: Mapping[str, Tensor], saved: Mapping[str, Any], path: object
+) -> None:
+    """Raise ``ValueError`` unless ``saved`` has the model's keys and (factors aside) shapes."""
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not fit the model: missing keys {missing[:5]}"
+            f"{' …' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+            f"{' …' if len(unexpected) > 5 else ''} (build the model and ChainLoRAOptimizer as "
+            "for the run that saved it)"
+        )
+    # A link's factors may change rank from link to link: the link resizes itself on load.
+    resizable = {
+        f"{name}.{factor}" if name else factor
+        for name, module in bare.named_modules()
+        if isinstance(module, LoRAParametrization)
+        for factor in ("lora_A", "lora_B")
+    }
+    for key, value in current.items():
+        if key in resizable:
+            continue
+        theirs = saved[key]
+        if isinstance(theirs, Tensor) and tuple(theirs.shape) != tuple(value.shape):
+            raise ValueError(
+                f"checkpoint {str(path)!r} does not fit the model: {key!r} has shape "
+                f"{tuple(theirs.shape)} there and {tuple(value.shape)} in the model"
+            )
+
+
+def _atomic_save(payload: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a temporary file in ``path``'s directory, fsync, rename, fsync the dir."""
+    directory = path.parent
+    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); best effort where directories cannot be synced."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,98 @@
+"""LR re-warmup after each knot (ReLoRA's "jagged" schedule), around any torch scheduler.
+
+:class:`KnotWarmup` multiplies the learning rates the wrapped scheduler sets by
+``min(1, (steps since the last knot + 1) / warmup_steps)``. The wrapped scheduler keeps its own
+arithmetic: before each of its steps the unscaled rates are put back, so chainable schedulers
+(``ExponentialLR``, ``ReduceLROnPlateau``-style state) never see the warm-up factor.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from chainopt import ChainLoRAOptimizer, KnotWarmup
+    >>> model = nn.Sequential(nn.Linear(4, 4))
+    >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=1.0),
+    ...                          target_modules=["0"], rank=2, knot_every=4)
+    >>> sched = KnotWarmup(torch.optim.lr_scheduler.ConstantLR(opt, 1.0), opt, warmup_steps=2)
+    >>> lrs = []
+    >>> for _ in range(6):
+    ...     opt.step(); sched.step(); lrs.append(opt.param_groups[0]["lr"])
+    >>> lrs  # the knot after step 4 restarts the warm-up
+    [1.0, 1.0, 1.0, 0.5, 1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from .optimizer import ChainLoRAOptimizer
+
+__all__ = ["KnotWarmup"]
+
+
+class _Scheduler(Protocol):
+    def step(self) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+class KnotWarmup:
+    """Re-warm the learning rate linearly over ``warmup_steps`` after every knot.
+
+    Call :meth:`step` where you called the wrapped scheduler's ``step`` (once per optimizer step,
+    after ``opt.step()``).
+
+    Args:
+        scheduler: any torch LR scheduler over ``optimizer`` (or an object with ``step``,
+            ``state_dict`` and ``load_state_dict``).
+        optimizer: the :class:`ChainLoRAOptimizer` whose knots restart the warm-up.
+        warmup_steps: steps to reach the full rate after a knot (``1`` is no warm-up).
+
+    Raises:
+        TypeError: ``optimizer`` is not a ChainLoRAOptimizer.
+        ValueError: ``warmup_steps`` is not a positive int.
+    """
+
+    def __init__(
+        self, scheduler: _Scheduler, optimizer: ChainLoRAOptimizer, warmup_steps: int
+    ) -> None:
+        if not isinstance(optimizer, ChainLoRAOptimizer):
+            raise TypeError(
+                f"optimizer must be a ChainLoRAOptimizer, got {type(optimizer).__name__}"
+            )
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be a positive int, got {warmup_steps!r}")
+        self.scheduler = scheduler
+        self.optimizer = optimizer
+        self.warmup_steps = warmup_steps
+        self._unscaled = [g["lr"] for g in optimizer.param_groups]
+
+    def factor(self) -> float:
+        """The current multiplier: ``min(1, (steps since the last knot + 1) / warmup_steps)``."""
+        if self.optimizer.knots_tied == 0:
+            return 1.0
+        since = self.optimizer.optimizer_steps - self.optimizer.history.knots[-1].step
+        return min(1.0, (since + 1) / self.warmup_steps)
+
+    def step(self) -> None:
+        """Step the wrapped scheduler on unscaled rates, then apply the warm-up factor."""
+        groups = self.optimizer.param_groups
+        for group, lr in zip(groups, self._unscaled, strict=True):
+            group["lr"] = lr
+        self.scheduler.step()
+        self._unscaled = [g["lr"] for g in groups]
+        f = self.factor()
+        for group in groups:
+            group["lr"] = group["lr"] * f
+
+    def get_last_lr(self) -> list[float]:
+        """The rates in effect (warm-up applied)."""
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped scheduler's state and the unscaled rates."""
+        return {"scheduler": self.scheduler.state_dict(), "unscaled": list(self._unscaled)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` saved."""
+        self.scheduler.load_state_dict(state_dict["scheduler"])
+        self._unscaled = list(state_dict["unscaled"])

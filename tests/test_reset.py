@@ -1,0 +1,101 @@
+"""Reset policies for the factors' optimizer state at a knot."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from models import mlp
+from test_optimizer import _train
+
+from chainopt import ChainLoRAOptimizer
+from chainopt.lora import lora_parametrization
+from chainopt.reset import reset_state
+
+
+@given(st.integers(1, 200), st.floats(0.0, 0.99))
+def test_prune_zeroes_the_smallest_fraction(n: int, ratio: float) -> None:
+    p = torch.nn.Parameter(torch.zeros(n))
+    values = torch.randperm(n).float() + 1  # distinct magnitudes
+    state = {p: {"exp_avg": values.clone(), "step": torch.tensor(3.0)}}
+    reset_state(state, [p], "prune", prune_ratio=ratio)
+    k = int(ratio * n)
+    kept = state[p]["exp_avg"]
+    assert int((kept == 0).sum()) == k
+    assert torch.equal(kept[kept != 0].sort().values, values.sort().values[k:])
+    assert float(state[p]["step"]) == 3.0
+
+
+def _chain(reset: str, name: str = "adamw", rank: object = 3) -> ChainLoRAOptimizer:
+    model = mlp()
+    base = (
+        torch.optim.AdamW(model.parameters(), lr=1e-2)
+        if name == "adamw"
+        else torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    )
+    return ChainLoRAOptimizer(
+        model, base, target_modules=["0", "2"], rank=rank, knot_every=2, reset=reset
+    )
+
+
+def test_none_keeps_the_state_and_full_drops_it() -> None:
+    kept, dropped = _chain("none"), _chain("full")
+    for opt in (kept, dropped):
+        _train(opt.model, opt, 1)
+    a_kept = lora_parametrization(kept.model[0]).lora_A
+    before = kept.state[a_kept]["exp_avg"].clone()
+    _train(kept.model, kept, 1)  # step 2: knot
+    _train(dropped.model, dropped, 1)
+    after = kept.state[a_kept]["exp_avg"]
+    assert int(kept.state[a_kept]["step"]) == 2
+    assert after.shape == before.shape and not torch.equal(after, torch.zeros_like(after))
+    assert lora_parametrization(dropped.model[0]).lora_A not in dropped.state
+
+
+def test_prune_policy_prunes_moments_at_a_knot() -> None:
+    opt = _chain("prune", name="sgd")
+    _train(opt.model, opt, 2)
+    buf = opt.state[lora_parametrization(opt.model[0]).lora_A]["momentum_buffer"]
+    assert (buf == 0).float().mean() >= 0.9 - 1 / buf.numel()
+
+
+def test_a_rank_change_always_drops_the_state() -> None:
+    opt = _chain("none", rank=[3, 2])
+    _train(opt.model, opt, 2)
+    link = lora_parametrization(opt.model[0])
+    assert link.lora_A.shape == (2, 12) and link.lora_A not in opt.state
+    _train(opt.model, opt, 1)
+    assert opt.state[link.lora_A]["exp_avg"].shape == (2, 12)
+
+
+def test_state_built_at_construction_is_restored_by_a_full_reset() -> None:
+    model = mlp()
+    opt = ChainLoRAOptimizer(
+        model,
+        lambda p: torch.optim.Adagrad(p, lr=0.1, initial_accumulator_value=0.5),
+        target_modules=["0"],
+        rank=2,
+        knot_every=2,
+    )
+    _train(model, opt, 5)  # Adagrad needs its state after every knot
+    a = lora_parametrization(model[0]).lora_A
+    assert opt.state[a]["sum"].min() >= 0.5
+
+
+@pytest.mark.parametrize(("kw", "err", "match"), [
+    ({"reset": "partial"}, ValueError, "reset must be one of"),
+    ({"reset": "prune", "prune_ratio": 1.0}, ValueError, r"prune_ratio must be in \[0, 1\)"),
+    ({"reset": "prune", "prune_ratio": "0.5"}, TypeError, "prune_ratio must be a number"),
+])  # fmt: skip
+def test_bad_reset_arguments(kw: dict[str, object], err: type[Exception], match: str) -> None:
+    model = mlp()
+    with pytest.raises(err, match=match):
+        ChainLoRAOptimizer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=1),
+            target_modules=["0"],
+            knot_every=2,
+            **kw,  # type: ignore[arg-type]
+        )
+    assert lora_parametrization(model[0]) is None

@@ -1,0 +1,59 @@
+"""KnotWarmup: LR re-warmup after each knot around any torch scheduler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import mlp
+from test_optimizer import _train
+
+from chainopt import ChainLoRAOptimizer, KnotWarmup
+
+
+def _opt() -> ChainLoRAOptimizer:
+    model = mlp()
+    return ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=1.0), target_modules=["0"], rank=2,
+        knot_every=5,
+    )  # fmt: skip
+
+
+def test_warmup_restarts_after_each_knot_over_a_chainable_scheduler() -> None:
+    opt = _opt()
+    inner = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    sched = KnotWarmup(inner, opt, warmup_steps=3)
+    seen = []
+    for step in range(1, 12):
+        _train(opt.model, opt, 1)
+        sched.step()
+        seen.append(opt.param_groups[0]["lr"])
+        since = step - 5 * (step // 5)
+        factor = 1.0 if step < 5 else min(1.0, (since + 1) / 3)
+        assert seen[-1] == pytest.approx(0.9**step * factor)
+
+
+def test_state_dict_round_trip() -> None:
+    opt = _opt()
+    sched = KnotWarmup(torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=20), opt, 2)
+    for _ in range(6):
+        _train(opt.model, opt, 1)
+        sched.step()
+    other_opt = _opt()
+    other_opt.load_state_dict(opt.state_dict())
+    other = KnotWarmup(
+        torch.optim.lr_scheduler.LinearLR(other_opt, 1.0, 0.0, total_iters=20), other_opt, 2
+    )
+    other.load_state_dict(sched.state_dict())
+    for o, s in ((opt, sched), (other_opt, other)):
+        _train(o.model, o, 1)
+        s.step()
+    assert other.get_last_lr() == sched.get_last_lr()
+
+
+def test_bad_arguments() -> None:
+    opt = _opt()
+    inner = torch.optim.lr_scheduler.ConstantLR(opt, 1.0)
+    with pytest.raises(ValueError, match="warmup_steps must be a positive int, got 0"):
+        KnotWarmup(inner, opt, 0)
+    with pytest.raises(TypeError, match="optimizer must be a ChainLoRAOptimizer"):
+        KnotWarmup(inner, opt.optimizer, 2)  # type: ignore[arg-type]
