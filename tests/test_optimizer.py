@@ -512,3 +512,23 @@ def test_chain_summary_reports_norms_and_effective_rank() -> None:
     m = s["modules"]["0"]
     assert len(m["update_norms"]) == 2 and all(n > 0 for n in m["update_norms"])
     assert m["effective_rank"] == 6  # three rank-2 links (two merged, one pending)
+
+
+def test_a_knot_causes_no_recompile() -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    opt = _wrap(knot_every=2)
+    compiled = torch.compile(opt.model, backend="eager", fullgraph=True)
+    x = torch.randn(4, 12)
+    for _ in range(2):  # the second step ties a knot
+        compiled(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    frames = counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        compiled(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.knots_tied == 2
+    assert counters["stats"]["unique_graphs"] == frames  # no new graph after knots
