@@ -14,7 +14,16 @@ Example:
     0
 """
 
-from .export import adapted_modules, merge_and_unload, merged_state_dict
+from .adapter import AdapterReport, export_peft_adapter
+from .export import (
+    ParametrizedCheckpointWarning,
+    adapted_modules,
+    guard_save_pretrained,
+    merge_and_unload,
+    merged_state_dict,
+    save_merged,
+    saving_for_resume,
+)
 from .history import ChainHistory, KnotRecord, LinkFactors
 from .lora import BiasDelta, LoRAParametrization
 from .merge import NonFiniteUpdateError
@@ -23,6 +32,7 @@ from .schedule import KnotSchedule
 from .warmup import KnotWarmup
 
 __all__ = [
+    "AdapterReport",
     "BiasDelta",
     "ChainConfig",
     "ChainHistory",
@@ -35,9 +45,14 @@ __all__ = [
     "LoRAParametrization",
     "NonFinitePolicy",
     "NonFiniteUpdateError",
+    "ParametrizedCheckpointWarning",
     "adapted_modules",
+    "export_peft_adapter",
+    "guard_save_pretrained",
     "merge_and_unload",
     "merged_state_dict",
+    "save_merged",
+    "saving_for_resume",
 ]
 
 __version__ = "0.1.0"

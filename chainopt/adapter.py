@@ -102,7 +102,7 @@ def export_peft_adapter(
     ``PeftModel.from_pretrained(base, path)`` over the *original* base model (the weights the
     optimizer was built on) then computes what the fine-tuned model computes, to float32
     precision. Modules kept trainable (``trainable_modules``) are saved whole as PEFT's
-    ``modules_to_save``. Works after ``merge_and_unload()`` too (from the history alone).
+    ``modules_to_save``. Export before ``merge_and_unload()``.
 
     Args:
         chain: the optimizer; it must keep history (``keep_history=True``, the default) once a
@@ -120,8 +120,8 @@ def export_peft_adapter(
     Raises:
         TypeError: ``chain`` is not a :class:`~chainopt.ChainLoRAOptimizer`.
         ValueError: a bad ``rank``; knots were tied with ``keep_history=False`` (the merged
-            links are gone); knots were tied with ``lora_bias=True`` (the history keeps no bias
-            deltas). Nothing is written then.
+            links are gone); ``merge_and_unload()`` was called (its link is not in the history).
+            Nothing is written then.
         ImportError: ``safetensors`` is not installed.
     """
     if not isinstance(chain, ChainLoRAOptimizer):
@@ -136,16 +136,21 @@ def export_peft_adapter(
             "adapter. Build the ChainLoRAOptimizer with keep_history=True (the default) to "
             "export adapters, or deploy the merged model with chainopt.save_merged(opt, path)"
         )
-    lora_bias = chain.config.lora_bias
-    if lora_bias and len(history):
+    if not chain.adapted_modules():
         raise ValueError(
-            "this chain trains bias deltas (lora_bias=True) and has tied knots, but the history "
-            "keeps no merged bias deltas, so the adapter's lora_B.bias cannot be written exactly; "
-            "deploy the merged model with chainopt.save_merged(opt, path) instead"
+            "merge_and_unload() was called on this chain: the link it merged is not in "
+            "opt.history, so the adapter would miss it; export the adapter before "
+            "merge_and_unload()"
+        )
+    lora_bias = chain.config.lora_bias
+    if lora_bias and len(history) and not history.keep_factors:
+        raise ValueError(
+            "this chain trains bias deltas (lora_bias=True) with keep_history=False: the merged "
+            "deltas were not kept; deploy the merged model with chainopt.save_merged(opt, path)"
         )
     try:
         from safetensors.torch import save_file
-    except ImportError as err:  # pragma: no cover - safetensors comes with transformers
+    except ImportError as err:
         raise ImportError(
             "export_peft_adapter writes safetensors: pip install safetensors"
         ) from err
@@ -170,9 +175,9 @@ def export_peft_adapter(
         if lora_bias:
             delta = bias_delta(model.get_submodule(name))
             out = b.shape[0]
-            tensors[f"{key}.lora_B.bias"] = (
-                torch.zeros(out) if delta is None else delta.delta.detach().float().cpu().clone()
-            )
+            merged = history.bias_sum(name) if len(history) else None
+            bias = torch.zeros(out) if delta is None else delta.delta.detach().float().cpu()
+            tensors[f"{key}.lora_B.bias"] = bias + (0 if merged is None else merged.cpu())
     to_save = _modules_to_save(chain)
     for owner in to_save:
         for key, value in model.get_submodule(owner).state_dict().items():

@@ -120,7 +120,7 @@ def _current(module: nn.Module) -> Tensor:
 
 # --- Hugging Face-style saving: a deployable merged checkpoint, and a guard on the other kind ---
 
-_RESUME_SAVES = "_chainopt_resume_saves"  # instance flag set by saving_for_resume
+_RESUME_SAVES = "_chainopt_resume_saves"  # instance attribute: saving_for_resume depth
 _PARAMETRIZED = ".parametrizations."
 
 
@@ -214,7 +214,7 @@ def guard_save_pretrained(model: nn.Module) -> bool:
 
 
 @contextmanager
-def saving_for_resume(model: nn.Module, resume: bool = True) -> Iterator[None]:
+def saving_for_resume(model: nn.Module) -> Iterator[None]:
     """Within this block, ``model.save_pretrained`` writes resume checkpoints: no warning.
 
     :func:`guard_save_pretrained`'s warning is for checkpoints meant to be deployed; a
@@ -222,38 +222,34 @@ def saving_for_resume(model: nn.Module, resume: bool = True) -> Iterator[None]:
     integration (:class:`chainopt.integrations.transformers.ChainLoRACallback`) wraps training in
     this block. Blocks nest.
 
-    Args:
-        model: the guarded model.
-        resume: ``False`` turns the warning back on inside the block.
-
     Example:
         >>> from torch import nn
         >>> model = nn.Linear(2, 2)
         >>> with saving_for_resume(model):
-        ...     pass
+        ...     pass  # model.save_pretrained(checkpoint_dir) warns not here
     """
-    previous = model.__dict__.get(_RESUME_SAVES, False)
-    model.__dict__[_RESUME_SAVES] = resume
+    depth = model.__dict__.get(_RESUME_SAVES, 0)
+    model.__dict__[_RESUME_SAVES] = depth + 1
     try:
         yield
     finally:
-        if previous:
-            model.__dict__[_RESUME_SAVES] = previous
+        if depth:
+            model.__dict__[_RESUME_SAVES] = depth
         else:
             model.__dict__.pop(_RESUME_SAVES, None)
 
 
 def _guarded_save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     save = type(self).save_pretrained  # type: ignore[attr-defined]
-    if not self.__dict__.get(_RESUME_SAVES, False) and adapted_modules(self):
+    if not self.__dict__.get(_RESUME_SAVES) and adapted_modules(self):
         try:
             state_dict = (
                 inspect.signature(save).bind(self, *args, **kwargs).arguments.get("state_dict")
             )
         except TypeError:  # let save_pretrained report its own argument errors
             state_dict = None
-        keys = self.state_dict().keys() if state_dict is None else state_dict.keys()
-        if any(_PARAMETRIZED in f".{key}" for key in keys):
+        # No state_dict: save_pretrained takes self.state_dict(), parametrized keys and all.
+        if state_dict is None or any(_PARAMETRIZED in f".{key}" for key in state_dict):
             warnings.warn(
                 "save_pretrained() on a model that still carries chainopt links writes "
                 "parametrized keys (….parametrizations.weight.original, lora_A, lora_B) that "

@@ -31,11 +31,12 @@ __all__ = ["ChainHistory", "KnotRecord", "LinkFactors"]
 
 @dataclass(frozen=True)
 class LinkFactors:
-    """One merged link of one module: ``scale·B·A`` (float32 copies)."""
+    """One merged link of one module: ``scale·B·A`` and its bias delta (float32 copies)."""
 
     A: Tensor
     B: Tensor
     scale: float
+    bias: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -76,11 +77,18 @@ class ChainHistory:
         links: Mapping[str, tuple[Tensor, Tensor, float]],
         norms: Mapping[str, float],
         skipped: tuple[str, ...] = (),
+        biases: Mapping[str, Tensor] | None = None,
     ) -> KnotRecord:
-        """Record a knot; factors are copied to float32 only if ``keep_factors``."""
+        """Record a knot; factors (and bias deltas) are copied to float32 if ``keep_factors``."""
+        biases = biases or {}
         kept = (
             {
-                name: LinkFactors(a.detach().float().clone(), b.detach().float().clone(), s)
+                name: LinkFactors(
+                    a.detach().float().clone(),
+                    b.detach().float().clone(),
+                    s,
+                    None if name not in biases else biases[name].detach().float().clone(),
+                )
                 for name, (a, b, s) in links.items()
             }
             if self.keep_factors
@@ -115,6 +123,11 @@ class ChainHistory:
         a = torch.cat([link.A for link in links], dim=0)
         return b, a
 
+    def bias_sum(self, name: str) -> Tensor | None:
+        """``Σᵢ δᵢ``: the bias deltas merged into module ``name`` (``None`` if none were kept)."""
+        deltas = [link.bias for link in self.links(name) if link.bias is not None]
+        return torch.stack(deltas).sum(0) if deltas else None
+
     def effective_rank(
         self, name: str, pending: LinkFactors | None = None, tol: float = 1e-3
     ) -> int:
@@ -143,7 +156,8 @@ class ChainHistory:
                     "norms": dict(k.norms),
                     "skipped": list(k.skipped),
                     "links": {
-                        n: {"A": f.A, "B": f.B, "scale": f.scale} for n, f in k.links.items()
+                        n: {"A": f.A, "B": f.B, "scale": f.scale, "bias": f.bias}
+                        for n, f in k.links.items()
                     },
                 }
                 for k in self.knots
@@ -158,7 +172,8 @@ class ChainHistory:
                 step=int(k["step"]),
                 norms={n: float(v) for n, v in k["norms"].items()},
                 links={
-                    n: LinkFactors(f["A"], f["B"], float(f["scale"])) for n, f in k["links"].items()
+                    n: LinkFactors(f["A"], f["B"], float(f["scale"]), f.get("bias"))
+                    for n, f in k["links"].items()
                 },
                 skipped=tuple(k["skipped"]),
             )

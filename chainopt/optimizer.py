@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from .export import adapted_modules, merge_and_unload
+from .export import adapted_modules, guard_save_pretrained, merge_and_unload
 from .history import ChainHistory, KnotRecord, LinkFactors
 from .init import GradientProbe, InitPolicy, a_from_gradient
 from .lora import (
@@ -423,6 +423,7 @@ class ChainLoRAOptimizer(Optimizer):
         self._probe = GradientProbe(self._adapted) if init == "gradient" else None
         self._arm_probe()
         self._init_optimizer_hooks()
+        guard_save_pretrained(model)  # a plain save_pretrained of a chained HF model warns
 
     # --- Optimizer plumbing: share the wrapped optimizer's groups, state and defaults ---
     def _init_optimizer_hooks(self) -> None:
@@ -544,8 +545,9 @@ class ChainLoRAOptimizer(Optimizer):
             )
         good = [(n, m) for n, m in self._adapted if n not in bad]
         links = {n: (_link(m).lora_A, _link(m).lora_B, _link(m).scale) for n, m in good}
+        biases = {n: d.delta for n, m in good if (d := bias_delta(m)) is not None}
         record = self.history.append(
-            self.optimizer_steps, links, _update_norms(links), skipped=tuple(bad)
+            self.optimizer_steps, links, _update_norms(links), tuple(bad), biases
         )
         for _name, module in good:
             merge_into_weight(module)

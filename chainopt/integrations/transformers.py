@@ -1,0 +1,222 @@
+"""The Hugging Face ``Trainer`` with a chain.
+
+A :class:`~chainopt.ChainLoRAOptimizer` is a ``torch.optim.Optimizer``, so
+``Trainer(model, args, optimizers=(opt, scheduler))`` trains with it as it is: the Trainer
+wraps it in Accelerate's ``AcceleratedOptimizer``, steps it once per *optimizer* step (with
+``gradient_accumulation_steps > 1`` too: knots count optimizer steps, not micro-batches), and its
+checkpoints resume bitwise: ``model.safetensors`` holds the frozen weights, factors and merge
+residuals under their parametrized keys, ``optimizer.pt`` the wrapped optimizer's state plus the
+chain's step and knot counters, generator and history. ``optimizers=(opt, None)`` lets the
+Trainer build its LR scheduler from ``args`` over the chain's param groups.
+
+This module adds two conveniences:
+
+- :func:`create_chain_optimizer` builds the optimizer the Trainer would build from
+  ``TrainingArguments`` (``args.optim``, learning rate, betas, weight decay but not on biases and
+  norms) and wraps it in a chain.
+- :class:`ChainLoRACallback` marks the Trainer's checkpoints as resume checkpoints (they keep
+  the parametrized keys without a :class:`~chainopt.export.ParametrizedCheckpointWarning`) and
+  guards ``model.save_pretrained``, so that a final ``trainer.save_model()`` of a still-chained
+  model warns. Deploy with :func:`chainopt.export.save_merged` or
+  :func:`chainopt.adapter.export_peft_adapter`.
+
+Example:
+    >>> from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+    >>> from chainopt.integrations.transformers import ChainLoRACallback, create_chain_optimizer
+    >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...                   num_hidden_layers=1, num_attention_heads=2)
+    >>> model = LlamaForCausalLM(cfg)
+    >>> args = TrainingArguments(output_dir="out", learning_rate=1e-3, weight_decay=0.1,
+    ...                          report_to="none", use_cpu=True)  # creates no directory
+    >>> opt = create_chain_optimizer(model, args, target_modules=["q_proj", "v_proj"], rank=4,
+    ...                              knot_every=100)
+    >>> type(opt.optimizer).__name__, [g["weight_decay"] for g in opt.param_groups]
+    ('AdamW', [0.1])
+    >>> # trainer = Trainer(model, args, train_dataset=..., optimizers=(opt, None),
+    >>> #                   callbacks=[ChainLoRACallback()])
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextlib import ExitStack
+from typing import Any, cast
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+try:
+    from transformers import (
+        Trainer,
+        TrainerCallback,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
+except ImportError as err:
+    raise ImportError(
+        "chainopt.integrations.transformers needs Hugging Face transformers: "
+        "pip install transformers"
+    ) from err
+
+from ..export import guard_save_pretrained, saving_for_resume
+from ..optimizer import ChainLoRAOptimizer
+from ..targets import ModuleSpec
+
+__all__ = ["ChainLoRACallback", "create_chain_optimizer"]
+
+# As Trainer.get_decay_parameter_names: no weight decay inside LayerNorms or on these names
+# (a bias delta, "…parametrizations.bias.0.delta", counts as a bias).
+_NO_DECAY = tuple(
+    re.compile(p)
+    for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+)
+_OPTIMIZER_NAME = "optimizer.pt"  # where Trainer saves the optimizer's state in a checkpoint
+# Optimizer kwargs with which Trainer hands the optimizer its own groups or the model (GaLore,
+# LOMO, layer-wise optimizers): such optimizers cannot take the chain's factors.
+_OWN_GROUPS = ("params", "model", "optimizer_dict")
+
+
+def create_chain_optimizer(
+    model: nn.Module, args: TrainingArguments, *, target_modules: ModuleSpec, **chain_kwargs: Any
+) -> ChainLoRAOptimizer:
+    """The optimizer ``Trainer`` would build from ``args``, wrapped in a chain.
+
+    The optimizer class and its keyword arguments come from
+    ``Trainer.get_optimizer_cls_and_kwargs(args, model)`` (``args.optim``, ``learning_rate``,
+    ``adam_beta1/2``, ``adam_epsilon``, ``optim_args``); the trainable parameters (factors, and
+    ``trainable_modules``) are split as ``Trainer.create_optimizer`` splits them: weight decay
+    ``args.weight_decay``, none for biases (bias deltas included) and norms. The model's
+    ``save_pretrained`` is guarded (:func:`chainopt.export.guard_save_pretrained`).
+
+    Pass the result as ``Trainer(..., optimizers=(opt, None))``: the Trainer then builds its LR
+    scheduler from ``args`` over it.
+
+    Args:
+        model: the model to adapt.
+        args: the Trainer's arguments.
+        target_modules: as for :class:`~chainopt.ChainLoRAOptimizer`.
+        **chain_kwargs: the other :class:`~chainopt.ChainLoRAOptimizer` arguments (``rank``,
+            ``alpha``, a schedule, ``seed``, …).
+
+    Returns:
+        The chain optimizer.
+
+    Raises:
+        ValueError: ``args.optim`` names an optimizer that builds its own parameter groups or
+            takes the model (GaLore, LOMO, layer-wise, Muon-style factories); and whatever
+            :class:`~chainopt.ChainLoRAOptimizer` raises. The model is unchanged then.
+    """
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, cast(Any, model))
+    own = [k for k in _OWN_GROUPS if k in optimizer_kwargs]
+    if own or not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer)):
+        raise ValueError(
+            f"args.optim={str(args.optim)!r} builds its own parameter groups or takes the model "
+            f"({', '.join(own) or 'an optimizer factory'}); a chain wraps a plain "
+            "torch.optim.Optimizer over its factors: use e.g. optim='adamw_torch'"
+        )
+    kwargs = dict(optimizer_kwargs)
+
+    def build(params: list[nn.Parameter]) -> Optimizer:
+        decay = _decay_ids(model)
+        groups = [
+            {"params": [p for p in params if id(p) in decay], "weight_decay": args.weight_decay},
+            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
+        ]
+        optimizer: Optimizer = optimizer_cls([g for g in groups if g["params"]], **kwargs)
+        return optimizer
+
+    opt = ChainLoRAOptimizer(model, build, target_modules=target_modules, **chain_kwargs)
+    guard_save_pretrained(model)
+    return opt
+
+
+def _decay_ids(model: nn.Module) -> set[int]:
+    """Ids of the parameters ``Trainer.create_optimizer`` would give weight decay."""
+    ids: set[int] = set()
+
+    def visit(module: nn.Module, prefix: str, in_norm: bool) -> None:
+        in_norm = in_norm or isinstance(module, nn.LayerNorm)
+        for name, p in module.named_parameters(prefix=prefix.rstrip("."), recurse=False):
+            if not in_norm and not any(pat.search(name.lower()) for pat in _NO_DECAY):
+                ids.add(id(p))
+        for name, child in module.named_children():
+            visit(child, f"{prefix}{name}.", in_norm)
+
+    visit(model, "", False)
+    return ids
+
+
+class ChainLoRACallback(TrainerCallback):
+    """Trainer callback: checkpoints taken during ``train()`` are resume checkpoints.
+
+    At ``on_train_begin`` it guards the model's ``save_pretrained``
+    (:func:`chainopt.export.guard_save_pretrained`) and enters
+    :func:`chainopt.export.saving_for_resume` until ``on_train_end``: the Trainer's checkpoints
+    keep the parametrized keys a resume needs, without a warning, while a ``save_pretrained`` or
+    ``trainer.save_model()`` after training still warns that it writes no deployable model.
+
+    With ``load_best_model_at_end``, ``on_train_end`` loads the best checkpoint's optimizer state
+    into the chain, matching the model the Trainer loaded (step and knot counts, generator,
+    history: what :func:`chainopt.adapter.export_peft_adapter` reads). It also checks that the
+    Trainer's optimizer is a :class:`~chainopt.ChainLoRAOptimizer` (possibly inside Accelerate's
+    ``AcceleratedOptimizer``).
+
+    Example:
+        >>> callback = ChainLoRACallback()  # Trainer(..., callbacks=[callback])
+    """
+
+    def __init__(self) -> None:
+        self._resume = ExitStack()
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        optimizer: Optimizer | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if optimizer is not None and not isinstance(_unwrap(optimizer), ChainLoRAOptimizer):
+            raise ValueError(
+                f"ChainLoRACallback: the Trainer's optimizer is a {type(optimizer).__name__}, "
+                "not a ChainLoRAOptimizer; pass optimizers=(opt, scheduler) with the chain"
+            )
+        if model is not None:
+            guard_save_pretrained(model)
+            self._resume.close()
+            self._resume.enter_context(saving_for_resume(model))
+
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: Optimizer | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._resume.close()
+        best = state.best_model_checkpoint
+        chain = None if optimizer is None else _unwrap(optimizer)
+        if not (args.load_best_model_at_end and best and isinstance(chain, ChainLoRAOptimizer)):
+            return
+        # The Trainer loaded the best checkpoint's model (frozen weights, factors); bring the
+        # chain back to that step too (counters, generator, history), or the history would
+        # hold knots the model never saw and export_peft_adapter would write them.
+        path = os.path.join(best, _OPTIMIZER_NAME)
+        if os.path.isfile(path):
+            chain.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _unwrap(optimizer: Optimizer) -> Optimizer:
+    """The optimizer inside Accelerate's ``AcceleratedOptimizer`` (and similar wrappers)."""
+    seen = 0
+    while not isinstance(optimizer, ChainLoRAOptimizer) and seen < 4:
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, Optimizer):
+            break
+        optimizer, seen = inner, seen + 1
+    return optimizer

@@ -1,0 +1,266 @@
+"""The chain as one PEFT LoRA adapter: exact round trips through PEFT, compression, refusals."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from models import mlp, tiny_llama, tiny_opt
+from safetensors.torch import load_file
+from torch import nn
+
+from chainopt import ChainLoRAOptimizer
+from chainopt.adapter import export_peft_adapter
+from chainopt.lora import lora_parametrization
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one intra-op thread is fastest, and never oversubscribes a shared runner."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(9))
+
+
+def _train_lm(model: nn.Module, steps: int, **kw: Any) -> ChainLoRAOptimizer:
+    kw = {"target_modules": ["q_proj", "v_proj"], "rank": 4, "alpha": 8, "knot_every": 2, **kw}
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=2e-2), **kw)
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def _peft(base: nn.Module, path: Path) -> nn.Module:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, path).eval()
+
+
+def _dense_updates(opt: ChainLoRAOptimizer, w0: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The whole chain's update per module, densely: (current adapted weight) - W₀."""
+    out = {}
+    for name, module in opt.adapted_modules():
+        out[name] = module.weight.detach().double() - w0[name].double()
+    return out
+
+
+def test_exact_adapter_on_the_original_base_reproduces_the_fine_tuned_llama(
+    tmp_path: Path,
+) -> None:
+    model = tiny_llama()
+    opt = _train_lm(model, 5, trainable_modules=["lm_head"])  # two knots and a pending link
+    expected = _logits(model.eval())
+
+    report = export_peft_adapter(opt, tmp_path)
+
+    assert report.rank == 12 and report.relative_error == 0.0
+    assert report.chain_ranks == dict.fromkeys(opt.config.modules, 12)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert config["r"] == config["lora_alpha"] == 12
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    assert config["modules_to_save"] == ["lm_head"]
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert tensors[f"{key}.lora_A.weight"].shape == (12, 32)
+    assert tensors[f"{key}.lora_B.weight"].shape == (32, 12)
+    assert tensors[f"{key}.lora_A.weight"].dtype == torch.float32
+    assert "base_model.model.lm_head.weight" in tensors
+
+    loaded = _peft(tiny_llama(), tmp_path)  # the original base weights (same seed)
+    torch.testing.assert_close(_logits(loaded), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_adapter_of_some_layers_of_opt(tmp_path: Path) -> None:
+    model = tiny_opt()
+    targets = re.compile(r".*layers\.0\.self_attn\.(q|v)_proj")  # layer 0 only
+    opt = _train_lm(model, 4, target_modules=targets)  # two knots; the new link is still zero
+    expected = _logits(model.eval())
+
+    report = export_peft_adapter(opt, tmp_path)
+
+    assert report.rank == 8
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    names = ["model.decoder.layers.0.self_attn.q_proj", "model.decoder.layers.0.self_attn.v_proj"]
+    assert sorted(config["target_modules"].split("|")) == [re.escape(n) for n in names]
+    loaded = _peft(tiny_opt(), tmp_path)
+    torch.testing.assert_close(_logits(loaded), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compressed_adapter_is_the_best_rank_k_update_and_reports_its_error(
+    tmp_path: Path,
+) -> None:
+    model = mlp(width=12)
+    opt = ChainLoRAOptimizer(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=5e-2),
+        target_modules=["0", "2"],
+        rank=2,
+        knot_every=2,
+    )
+    w0 = {n: m.parametrizations.weight.original.detach().clone() for n, m in opt.adapted_modules()}
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(7):  # three knots and a pending link: chain rank 8
+        model(torch.randn(8, 12, generator=gen)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    dense = _dense_updates(opt, w0)
+
+    report = export_peft_adapter(opt, tmp_path, rank=3)
+
+    assert report.rank == 3 and report.chain_ranks == {"0": 8, "2": 8}
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    left = total = 0.0
+    for name, delta in dense.items():
+        b = tensors[f"base_model.model.{name}.lora_B.weight"].double()
+        a = tensors[f"base_model.model.{name}.lora_A.weight"].double()
+        assert b.shape == (12, 3) and a.shape == (3, 12)
+        s = torch.linalg.svdvals(delta)
+        best = (s[3:].square().sum() / s.square().sum()).sqrt().item()  # Eckart-Young
+        error = ((delta - b @ a).norm() / delta.norm()).item()
+        assert error == pytest.approx(best, rel=1e-3, abs=1e-6)
+        assert report.relative_errors[name] == pytest.approx(best, rel=1e-3, abs=1e-6)
+        left, total = left + (delta - b @ a).norm().item() ** 2, total + delta.norm().item() ** 2
+    assert 0 < report.relative_error == pytest.approx((left / total) ** 0.5, rel=1e-3)
+    assert report.max_relative_error == max(report.relative_errors.values())
+
+    exact = export_peft_adapter(opt, tmp_path / "big", rank=10)  # k above the chain rank: exact
+    assert exact.rank == 10 and exact.max_relative_error == 0.0
+    tensors = load_file(tmp_path / "big" / "adapter_model.safetensors")
+    for name, delta in dense.items():
+        b = tensors[f"base_model.model.{name}.lora_B.weight"].double()
+        a = tensors[f"base_model.model.{name}.lora_A.weight"].double()
+        assert not b[:, 8:].any() and not a[8:].any()  # zero padding
+        torch.testing.assert_close(b @ a, delta, rtol=1e-5, atol=1e-6)
+
+
+def test_modules_with_shorter_chains_are_padded_to_one_rank(tmp_path: Path) -> None:
+    model = mlp(width=12)
+    opt = ChainLoRAOptimizer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        target_modules=["0", "2"],
+        rank=2,
+        knot_every=1,
+        non_finite="skip",
+    )
+    w0 = {n: m.parametrizations.weight.original.detach().clone() for n, m in opt.adapted_modules()}
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        model(torch.randn(8, 12, generator=gen)).square().mean().backward()
+        if step == 1:  # module "2" drops this link unmerged
+            with torch.no_grad():
+                lora_parametrization(model[2]).lora_B[0, 0] = float("nan")
+        with pytest.warns(RuntimeWarning, match="non-finite") if step == 1 else nullcontext():
+            opt.step()
+        opt.zero_grad()
+    dense = _dense_updates(opt, w0)
+
+    report = export_peft_adapter(opt, tmp_path)
+
+    assert report.chain_ranks == {"0": 6, "2": 4} and report.rank == 6
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    for name, delta in dense.items():
+        b = tensors[f"base_model.model.{name}.lora_B.weight"].double()
+        a = tensors[f"base_model.model.{name}.lora_A.weight"].double()
+        assert b.shape == (12, 6)
+        torch.testing.assert_close(b @ a, delta, rtol=1e-5, atol=1e-6)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["0", "2"]
+    assert config["task_type"] is None  # not a Hugging Face model class
+
+
+@pytest.mark.parametrize("steps", [2, 7])  # before any knot; after two knots, mid-link
+def test_lora_bias_exports_lora_b_bias(tmp_path: Path, steps: int) -> None:
+    model = tiny_opt()
+    opt = _train_lm(model, steps, lora_bias=True, knot_every=3)
+    assert opt.knots_tied == steps // 3
+    expected = _logits(model.eval())
+
+    export_peft_adapter(opt, tmp_path)
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["lora_bias"] is True
+    loaded = _peft(tiny_opt(), tmp_path)
+    torch.testing.assert_close(_logits(loaded), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"keep_history": False}, "keep_history=False"),
+        ({"keep_history": False, "lora_bias": True}, "keep_history=False"),
+    ],
+)
+def test_chains_whose_merged_links_are_unknown_are_refused(
+    tmp_path: Path, kw: dict[str, Any], match: str
+) -> None:
+    model = tiny_opt()
+    opt = _train_lm(model, 3, **kw)  # one knot tied
+    with pytest.raises(ValueError, match=match):
+        export_peft_adapter(opt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_chain_after_merge_and_unload_is_refused(tmp_path: Path) -> None:
+    model = tiny_llama()
+    opt = _train_lm(model, 3)
+    opt.merge_and_unload()
+    with pytest.raises(ValueError, match="before merge_and_unload"):
+        export_peft_adapter(opt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_history_a_chain_with_no_knot_yet_still_exports(tmp_path: Path) -> None:
+    model = tiny_llama()
+    opt = _train_lm(model, 1, keep_history=False)
+    assert export_peft_adapter(opt, tmp_path).rank == 4
+
+
+def test_without_safetensors_it_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = mlp()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules=["0"], knot_every=2
+    )
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if not installed
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        export_peft_adapter(opt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("rank", [0, -1, 2.0, True])
+def test_bad_rank_is_refused_before_anything_is_written(tmp_path: Path, rank: Any) -> None:
+    model = mlp()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules=["0"], knot_every=2
+    )
+    with pytest.raises(ValueError, match="rank must be None"):
+        export_peft_adapter(opt, tmp_path / "out", rank=rank)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plain_optimizer_is_refused(tmp_path: Path) -> None:
+    model = mlp()
+    with pytest.raises(TypeError, match="ChainLoRAOptimizer"):
+        export_peft_adapter(torch.optim.SGD(model.parameters(), lr=0.1), tmp_path)  # type: ignore[arg-type]
