@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,6 @@ from torch import nn
 from chainopt import ChainLoRAOptimizer
 from chainopt.adapter import export_peft_adapter
 from chainopt.lora import lora_parametrization
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is fastest, and never oversubscribes a shared runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(9))
 

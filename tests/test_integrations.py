@@ -26,16 +26,6 @@ from chainopt.export import (
     saving_for_resume,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is fastest, and never oversubscribes a shared runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(9))
 
 
