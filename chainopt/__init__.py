@@ -15,6 +15,7 @@ Example:
 """
 
 from .adapter import AdapterReport, export_peft_adapter
+from .checkpoint import load_checkpoint, save_checkpoint
 from .export import (
     ParametrizedCheckpointWarning,
     adapted_modules,
@@ -49,8 +50,10 @@ __all__ = [
     "adapted_modules",
     "export_peft_adapter",
     "guard_save_pretrained",
+    "load_checkpoint",
     "merge_and_unload",
     "merged_state_dict",
+    "save_checkpoint",
     "save_merged",
     "saving_for_resume",
 ]

@@ -5,15 +5,17 @@
 optimizer's state) and any extra entries to a temporary file next to ``path``, syncs it to
 disk, renames it over ``path`` with ``os.replace`` (atomic on POSIX and Windows) and syncs the
 directory. A process killed at any moment leaves the previous checkpoint or the new one, never a
-torn file; at worst a stray ``.<name>.<random>.tmp`` next to it, which nothing reads.
+torn file; at worst a stray ``.<name>.<random>.tmp`` next to it, which nothing reads and the next
+successful save to ``path`` removes.
 :func:`load_checkpoint` checks the file against the model and optimizer before it loads anything.
 
-Under ``torch.distributed`` (a default process group with more than one rank) both are
-collective: every rank calls them. Sharded parameters and optimizer state (FSDP2 ``DTensor``) are
+Under ``torch.distributed`` (a default process group with more than one rank) every rank calls
+both. Saving is collective: sharded parameters and optimizer state (FSDP2 ``DTensor``) are
 gathered whole, rank 0 writes, and no rank returns before the file is in place (or every rank
-raises if rank 0 could not write it). Every rank loads the same file, so it must be on a file
-system they share. ``DistributedDataParallel``/``DataParallel`` wrappers are unwrapped: the same
-checkpoint loads into one process, DDP or FSDP2.
+raises if rank 0 could not write it). Loading needs no communication: every rank reads the same
+file (on a file system they share) and keeps its own shard. ``DistributedDataParallel`` and
+``DataParallel`` wrappers are unwrapped, so the same checkpoint loads into one process, DDP or
+FSDP2.
 
 Example:
     >>> import tempfile, torch
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,12 +55,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .lora import LoRAParametrization, full_tensor, is_sharded
+from .lora import LoRAParametrization, full_tensor, is_sharded, shard_like
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
 
 _FORMAT = "chainopt.checkpoint"
 _VERSION = 1
+_TOKEN_BYTES = 6  # a temporary file is ``.<name>.<12 hex digits>.tmp``
 
 
 def save_checkpoint(
@@ -67,6 +71,8 @@ def save_checkpoint(
     **extra: Any,
 ) -> Path:
     """Write ``model`` and ``optimizer`` state (and ``extra``) to ``path`` atomically.
+
+    Under ``torch.distributed`` call it on every rank (it gathers shards; rank 0 writes).
 
     Args:
         path: the checkpoint file; its directory must exist. An existing file is replaced only
@@ -86,6 +92,14 @@ def save_checkpoint(
     Raises:
         OSError: the file could not be written (``path`` is left as it was). Under
             ``torch.distributed`` every rank raises when rank 0 could not write.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> path = save_checkpoint(Path(tempfile.mkdtemp()) / "lin.pt", lin, step=7)
+        >>> sorted(torch.load(path, weights_only=True))
+        ['extra', 'format', 'model', 'optimizer', 'version']
     """
     path = Path(path)
     bare = _bare(model)
@@ -148,6 +162,18 @@ def load_checkpoint(
             model, it holds no optimizer state but ``optimizer`` was given, or the optimizer
             refuses it (a different chain config, different param groups). Nothing is loaded
             then.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> path = Path(tempfile.mkdtemp()) / "lin.pt"
+        >>> _ = save_checkpoint(path, torch.nn.Linear(2, 2), step=7)
+        >>> load_checkpoint(path, torch.nn.Linear(2, 2))
+        {'step': 7}
+        >>> load_checkpoint(path, torch.nn.Linear(3, 2))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: checkpoint ... 'weight' has shape (2, 2) there and (2, 3) in the model
     """
     payload = torch.load(path, map_location=map_location, weights_only=weights_only)
     if (
@@ -175,7 +201,7 @@ def load_checkpoint(
         optimizer.load_state_dict(_sharded_optimizer_state(saved_opt, optimizer))
     for key, value in current.items():
         if is_sharded(value):
-            saved_model[key] = _shard_like(saved_model[key], value)
+            saved_model[key] = shard_like(saved_model[key], value)
     bare.load_state_dict(saved_model)
     extra: dict[str, Any] = dict(payload.get("extra") or {})
     return extra
@@ -206,16 +232,6 @@ def _gathered(obj: Any) -> Any:
     return obj
 
 
-def _shard_like(whole: Tensor, like: Tensor) -> Tensor:
-    """This rank's shard of ``whole``, laid out as the ``DTensor`` ``like`` (no communication)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    assert isinstance(like, DTensor)
-    return distribute_tensor(
-        whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None
-    )
-
-
 def _sharded_optimizer_state(saved: dict[str, Any], optimizer: Optimizer) -> dict[str, Any]:
     """Saved (whole) optimizer state, with per-parameter tensors sharded like sharded params.
 
@@ -238,7 +254,7 @@ def _sharded_optimizer_state(saved: dict[str, Any], optimizer: Optimizer) -> dic
             state[index] = entry
             continue
         state[index] = {
-            k: _shard_like(v, param)
+            k: shard_like(v, param)
             if isinstance(v, Tensor) and tuple(v.shape) == tuple(param.shape)
             else v
             for k, v in entry.items()
@@ -280,7 +296,7 @@ def _check_fits(
 def _atomic_save(payload: dict[str, Any], path: Path) -> None:
     """``torch.save`` to a temporary file in ``path``'s directory, fsync, rename, fsync the dir."""
     directory = path.parent
-    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    tmp = directory / f".{path.name}.{secrets.token_hex(_TOKEN_BYTES)}.tmp"
     try:
         with open(tmp, "xb") as f:
             torch.save(payload, f)
@@ -292,6 +308,17 @@ def _atomic_save(payload: dict[str, Any], path: Path) -> None:
             os.unlink(tmp)
         raise
     _fsync_directory(directory)
+    _remove_stale_temporaries(path)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove what saves to ``path`` that were killed mid-write left (each as big as a save)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.tmp")
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            if pattern.fullmatch(entry.name):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -44,6 +44,7 @@ __all__ = [
     "lora_parametrization",
     "original",
     "parametrization_count",
+    "shard_like",
 ]
 
 
@@ -281,14 +282,22 @@ def copy_full_(dst: Tensor, src: Tensor) -> Tensor:
         >>> copy_full_(dst, torch.ones(2)).tolist()
         [1.0, 1.0]
     """
-    if is_sharded(dst):
-        from torch.distributed.tensor import DTensor, distribute_tensor
+    return dst.copy_(shard_like(src, dst) if is_sharded(dst) else src)
 
-        assert isinstance(dst, DTensor)
-        src = distribute_tensor(
-            src.to(dst.device), dst.device_mesh, dst.placements, src_data_rank=None
-        )
-    return dst.copy_(src)
+
+def shard_like(whole: Tensor, like: Tensor) -> Tensor:
+    """This rank's shard of ``whole``, as a ``DTensor`` laid out like ``like`` (no communication).
+
+    Every rank must hold the same ``whole``; each keeps its own part. ``like`` must be a DTensor.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        raise TypeError(f"like must be a DTensor, got {type(like).__name__}")
+    shard: Tensor = distribute_tensor(
+        whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None
+    )
+    return shard
 
 
 def _lora_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:

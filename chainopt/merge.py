@@ -8,8 +8,8 @@ after any number of knots ``W`` equals ``W₀ + Σ sᵢ·Bᵢ·Aᵢ`` rounded on
 own precision, far below half an ulp of ``W``).
 
 Sharded parameters (``DTensor``, FSDP2's ``fully_shard``) are gathered, merged whole and written
-back shard by shard; every rank computes the same merge, so the (unsharded) residual buffers stay
-identical across ranks. Gathering is a collective: every rank ties the knot.
+back shard by shard (a residual sharded like its weight too, a whole one whole); every rank
+computes the same merge. Gathering is a collective: every rank ties the knot.
 
 Example:
     >>> import torch
@@ -88,7 +88,7 @@ def _exact(
     dt = torch.promote_types(target.dtype, torch.float32)
     exact = full_tensor(target).to(dt, copy=True)
     if residual is not None:
-        exact.add_(residual.to(dt))
+        exact.add_(full_tensor(residual).to(dt))
     if link is not None:
         a, b = full_tensor(link.lora_A), full_tensor(link.lora_B)
         # (out, r) @ (r, in) accumulated into the copy: no separate (out, in) update tensor.
@@ -107,7 +107,7 @@ def _store_(target: Tensor, exact: Tensor, residual: Tensor | None) -> None:
         target.copy_(exact)
         rounded = target
     if residual is not None:
-        residual.copy_(exact.sub_(rounded.to(exact.dtype)))
+        copy_full_(residual, exact.sub_(rounded.to(exact.dtype)))
 
 
 @torch.no_grad()

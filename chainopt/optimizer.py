@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -47,13 +48,17 @@ from .export import adapted_modules, guard_save_pretrained, merge_and_unload
 from .history import ChainHistory, KnotRecord, LinkFactors
 from .init import GradientProbe, InitPolicy, a_from_gradient
 from .lora import (
+    BiasDelta,
     LoRAParametrization,
     attach,
     bias_delta,
     detach,
+    full_tensor,
+    is_sharded,
     lora_parametrization,
     original,
     parametrization_count,
+    shard_like,
 )
 from .merge import NonFiniteUpdateError, find_non_finite, merge_into_weight
 from .reset import ResetPolicy, reset_state
@@ -111,6 +116,15 @@ def _check_model(model: object) -> None:
             f"model is already wrapped in {type(model).__name__}: wrap the bare model with "
             "ChainLoRAOptimizer first, then wrap it in DistributedDataParallel (the factors must "
             "exist before DDP registers its parameters)"
+        )
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # imported by whoever sharded the model
+    fsdp_types = () if fsdp is None else (fsdp.FullyShardedDataParallel, fsdp.FSDPModule)
+    sharded = [n for n, p in model.named_parameters() if is_sharded(p)]
+    if sharded or any(isinstance(m, fsdp_types) for m in model.modules()):
+        raise ValueError(
+            f"model is already sharded (FSDP, DTensor parameters such as {sharded[:2]}): wrap "
+            "the bare model with ChainLoRAOptimizer first, then shard it with fully_shard and "
+            "call opt.rebind_parameters()"
         )
     wrapped = adapted_modules(model)
     if wrapped:
@@ -422,6 +436,7 @@ class ChainLoRAOptimizer(Optimizer):
         }
         self._probe = GradientProbe(self._adapted) if init == "gradient" else None
         self._arm_probe()
+        self._param_names = {id(p): n for n, p in model.named_parameters()}
         self._init_optimizer_hooks()
         guard_save_pretrained(model)  # a plain save_pretrained of a chained HF model warns
 
@@ -544,8 +559,12 @@ class ChainLoRAOptimizer(Optimizer):
                 stacklevel=2,
             )
         good = [(n, m) for n, m in self._adapted if n not in bad]
-        links = {n: (_link(m).lora_A, _link(m).lora_B, _link(m).scale) for n, m in good}
-        biases = {n: d.delta for n, m in good if (d := bias_delta(m)) is not None}
+        # Whole factors (gathered when FSDP2 shards them): the same record on every rank.
+        links = {
+            n: (full_tensor(_link(m).lora_A), full_tensor(_link(m).lora_B), _link(m).scale)
+            for n, m in good
+        }
+        biases = {n: full_tensor(d.delta) for n, m in good if (d := bias_delta(m)) is not None}
         record = self.history.append(
             self.optimizer_steps, links, _update_norms(links), tuple(bad), biases
         )
@@ -556,6 +575,58 @@ class ChainLoRAOptimizer(Optimizer):
         for hook in list(self._knot_hooks.values()):
             hook(self, record)
         return record
+
+    def rebind_parameters(self) -> None:
+        """Point the wrapped optimizer at the model's current Parameter objects, by name.
+
+        FSDP2's ``fully_shard`` replaces the Parameters of the modules it shards by new, sharded
+        ones (``DTensor``). Wrap first, shard, then call this once, before the first step::
+
+            opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters()), ...)
+            for block in model.layers:
+                fully_shard(block)
+            fully_shard(model)
+            opt.rebind_parameters()
+
+        Merge residuals (half-precision weights) are sharded like their weights. Knots then
+        gather each weight, its residual and its factors, merge them whole and write back each
+        rank's shard, so every rank holds the same chain.
+
+        Raises:
+            RuntimeError: a parameter the optimizer holds left the model, or was replaced after
+                it got optimizer state (shard before training). Nothing is changed then.
+        """
+        current = dict(self.model.named_parameters())
+        moves: list[tuple[list[Any], int, Tensor]] = []
+        for group in self._base.param_groups:
+            for i, p in enumerate(group["params"]):
+                new = current.get(self._param_names.get(id(p), ""))
+                if new is None:
+                    raise RuntimeError(
+                        f"a parameter of shape {tuple(p.shape)} held by the optimizer is no "
+                        "longer in the model"
+                    )
+                if new is not p and p in self._base.state:
+                    raise RuntimeError(
+                        f"parameter {self._param_names[id(p)]!r} was replaced after it got "
+                        "optimizer state: shard the model before the first step"
+                    )
+                if new is not p:
+                    moves.append((group["params"], i, new))
+        for params, i, replacement in moves:
+            params[i] = replacement
+        self._param_names = {id(p): n for n, p in current.items()}
+        for _name, module in self._adapted:  # FSDP2 leaves buffers whole: shard the residuals
+            parts: list[tuple[LoRAParametrization | BiasDelta, Tensor]] = [
+                (_link(module), original(module))
+            ]
+            delta = bias_delta(module)
+            if delta is not None:
+                parts.append((delta, original(module, "bias")))
+            for part, target in parts:
+                residual = part.merge_residual
+                if residual is not None and is_sharded(target) and not is_sharded(residual):
+                    part.merge_residual = shard_like(residual, target)
 
     def register_knot_hook(self, hook: KnotHook) -> RemovableHandle:
         """Call ``hook(optimizer, record)`` after every knot; ``handle.remove()`` stops it.
@@ -622,7 +693,9 @@ class ChainLoRAOptimizer(Optimizer):
         for name, module in self._adapted:
             link = _link(module)
             pending = LinkFactors(
-                link.lora_A.detach().float(), link.lora_B.detach().float(), link.scale
+                full_tensor(link.lora_A.detach()).float(),
+                full_tensor(link.lora_B.detach()).float(),
+                link.scale,
             )
             effective = (
                 self.history.effective_rank(name, pending) if self.history.keep_factors else None

@@ -1,0 +1,248 @@
+"""chainopt.checkpoint: atomic files, bitwise resume, refusal before anything loads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from models import mlp, snapshot
+from torch import nn
+
+import chainopt.checkpoint as ckpt_mod
+from chainopt import ChainLoRAOptimizer
+from chainopt.checkpoint import load_checkpoint, save_checkpoint
+
+
+def _build(
+    dtype: torch.dtype = torch.float32, seed: int = 3, targets: tuple[str, ...] = ("0", "2")
+) -> tuple[nn.Module, ChainLoRAOptimizer, torch.optim.lr_scheduler.LRScheduler]:
+    torch.manual_seed(11)
+    model = mlp(dtype=dtype)
+    opt = ChainLoRAOptimizer(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01),
+        target_modules=list(targets),
+        trainable_modules=["4"],
+        rank=3,
+        knot_every=3,
+        lora_bias=True,
+        seed=seed,
+    )
+    sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.1, total_iters=20)
+    return model, opt, sched
+
+
+def _train(model: nn.Module, opt: Any, sched: Any, steps: range) -> None:
+    for step in steps:
+        x = torch.randn(8, 12, generator=torch.Generator().manual_seed(step))
+        model(x.to(next(model.parameters()).dtype)).float().square().mean().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_continue_equals_never_stopping(tmp_path: Path, dtype: torch.dtype) -> None:
+    model, opt, sched = _build(dtype)
+    _train(model, opt, sched, range(10))
+
+    model1, opt1, sched1 = _build(dtype)
+    _train(model1, opt1, sched1, range(4))  # mid-link: knot after 3, next after 6
+    path = save_checkpoint(
+        tmp_path / "ckpt.pt", model1, opt1, scheduler=sched1.state_dict(), step=4
+    )
+    assert path == tmp_path / "ckpt.pt" and _files(tmp_path) == ["ckpt.pt"]
+    del model1, opt1, sched1
+
+    model2, opt2, sched2 = _build(dtype)
+    extra = load_checkpoint(tmp_path / "ckpt.pt", model2, opt2)
+    assert set(extra) == {"scheduler", "step"}
+    sched2.load_state_dict(extra["scheduler"])
+    _train(model2, opt2, sched2, range(extra["step"], 10))
+
+    assert (opt2.optimizer_steps, opt2.knots_tied) == (opt.optimizer_steps, opt.knots_tied)
+    a, b = snapshot(model), snapshot(model2)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_checkpoint_writes_a_temp_file_in_the_same_directory_syncs_and_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, opt, _ = _build()
+    calls: list[tuple[str, Any]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", fd)), real_fsync(fd))[1])
+
+    def replace(src: Any, dst: Any) -> None:
+        calls.append(("replace", (Path(src), Path(dst))))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    save_checkpoint(tmp_path / "ckpt.pt", model, opt)
+    kinds = [c[0] for c in calls]
+    assert kinds[:2] == ["fsync", "replace"]  # the data is on disk before the rename
+    src, dst = calls[1][1]
+    assert (
+        src.parent == tmp_path and src.name.startswith(".ckpt.pt.") and dst == tmp_path / "ckpt.pt"
+    )
+    assert "fsync" in kinds[2:]  # and the directory entry after it (POSIX)
+
+
+@pytest.mark.parametrize("where", ["torch.save", "fsync", "replace"])
+def test_a_failed_save_leaves_the_previous_checkpoint_and_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    model, opt, sched = _build()
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model, opt, step=0)
+    before = path.read_bytes()
+    _train(model, opt, sched, range(2))
+
+    def torn_save(obj: Any, f: Any) -> None:
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    def fail(*args: Any) -> None:
+        raise OSError("I/O error")
+
+    if where == "torch.save":
+        monkeypatch.setattr(ckpt_mod.torch, "save", torn_save)
+    else:
+        monkeypatch.setattr(os, where, fail)
+    with pytest.raises(OSError, match=r"disk full|I/O error"):
+        save_checkpoint(path, model, opt, step=2)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert _files(tmp_path) == ["ckpt.pt"]
+    model2, opt2, _ = _build()
+    assert load_checkpoint(path, model2, opt2) == {"step": 0}
+
+
+def test_a_stray_temp_file_from_a_killed_writer_is_ignored_then_removed(tmp_path: Path) -> None:
+    model, opt, sched = _build()
+    save_checkpoint(tmp_path / "ckpt.pt", model, opt)
+    (tmp_path / ".ckpt.pt.0123456789ab.tmp").write_bytes(b"torn")
+    (tmp_path / ".other.pt.0123456789ab.tmp").write_bytes(b"not ours to remove")
+    model2, opt2, _ = _build()
+    load_checkpoint(tmp_path / "ckpt.pt", model2, opt2)
+    _train(model, opt, sched, range(2))
+    save_checkpoint(tmp_path / "ckpt.pt", model, opt)
+    assert _files(tmp_path) == [".other.pt.0123456789ab.tmp", "ckpt.pt"]
+    load_checkpoint(tmp_path / "ckpt.pt", model2, opt2)
+    assert opt2.optimizer_steps == 2
+
+
+def test_model_only_and_plain_optimizers(tmp_path: Path) -> None:
+    model, opt, sched = _build()
+    _train(model, opt, sched, range(4))
+    save_checkpoint(tmp_path / "model.pt", model)
+    model2, opt2, _ = _build()
+    load_checkpoint(tmp_path / "model.pt", model2)
+    for k, v in snapshot(model).items():
+        assert torch.equal(v, snapshot(model2)[k]), k
+    with pytest.raises(ValueError, match="holds no optimizer state"):
+        load_checkpoint(tmp_path / "model.pt", model2, opt2)
+
+    plain = nn.Linear(3, 2)
+    sgd = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    plain(torch.ones(1, 3)).sum().backward()
+    sgd.step()
+    save_checkpoint(tmp_path / "plain.pt", plain, sgd)
+    plain2 = nn.Linear(3, 2)
+    sgd2 = torch.optim.SGD(plain2.parameters(), lr=0.1, momentum=0.9)
+    load_checkpoint(tmp_path / "plain.pt", plain2, sgd2)
+    assert torch.equal(plain2.weight, plain.weight)
+    assert torch.equal(
+        sgd2.state[plain2.weight]["momentum_buffer"], sgd.state[plain.weight]["momentum_buffer"]
+    )
+
+
+def test_a_ddp_wrapped_model_saves_and_loads_bare_keys(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model, opt, sched = _build()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        _train(ddp, opt, sched, range(2))
+        save_checkpoint(tmp_path / "ckpt.pt", ddp, opt)
+        saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+        assert saved["model"].keys() == model.state_dict().keys()  # no "module." prefix
+        model2, opt2, _ = _build()
+        load_checkpoint(tmp_path / "ckpt.pt", model2, opt2)  # into a bare model
+        model3, opt3, _ = _build()
+        load_checkpoint(tmp_path / "ckpt.pt", nn.parallel.DistributedDataParallel(model3), opt3)
+        for k, v in snapshot(model).items():
+            assert torch.equal(v, snapshot(model2)[k]) and torch.equal(v, snapshot(model3)[k]), k
+    finally:
+        dist.destroy_process_group()
+
+
+# --- refusals: a clear error, and nothing loaded ---
+
+
+def _assert_untouched(model: nn.Module, opt: ChainLoRAOptimizer, before: dict[str, Any]) -> None:
+    after = snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert opt.optimizer_steps == 0 and len(opt.state) == 0
+
+
+def test_a_file_that_is_not_a_chainopt_checkpoint_is_refused(tmp_path: Path) -> None:
+    model, opt, _ = _build()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "other.pt")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"not a checkpoint written by chainopt\.save_checkpoint"):
+        load_checkpoint(tmp_path / "other.pt", model, opt)
+    _assert_untouched(model, opt, before)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"targets": ("0",)}, r"does not fit the model: missing keys \['2.weight', '2.bias'\]"),
+        ({"seed": 4}, r"different chain config.*seed=3 vs 4"),
+    ],
+)
+def test_a_checkpoint_of_another_setup_is_refused_before_anything_loads(
+    tmp_path: Path, change: dict[str, Any], match: str
+) -> None:
+    model, opt, sched = _build()
+    _train(model, opt, sched, range(4))
+    save_checkpoint(tmp_path / "ckpt.pt", model, opt)
+    model2, opt2, _ = _build(**change)
+    before = snapshot(model2)
+    with pytest.raises(ValueError, match=match):
+        load_checkpoint(tmp_path / "ckpt.pt", model2, opt2)
+    _assert_untouched(model2, opt2, before)
+
+
+def test_a_shape_mismatch_is_refused_before_anything_loads(tmp_path: Path) -> None:
+    model, opt, _ = _build()
+    save_checkpoint(tmp_path / "ckpt.pt", model, opt)
+    torch.manual_seed(11)
+    other = nn.Sequential(
+        nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 7)
+    )
+    opt2 = ChainLoRAOptimizer(
+        other,
+        torch.optim.AdamW(other.parameters()),
+        target_modules=["0", "2"],
+        trainable_modules=["4"],
+        rank=3,
+        knot_every=3,
+        lora_bias=True,
+        seed=3,
+    )
+    before = snapshot(other)
+    with pytest.raises(ValueError, match=r"'4.weight' has shape \(6, 12\) there and \(7, 12\)"):
+        load_checkpoint(tmp_path / "ckpt.pt", other, opt2)
+    _assert_untouched(other, opt2, before)

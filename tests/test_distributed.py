@@ -1,0 +1,293 @@
+"""DDP and FSDP2 with 2 ranks on CPU (gloo), started by the test; tiny models.
+
+Workers are forked (no second import of torch) and write what they hold to files; the test
+compares them: across ranks (bitwise), against a single process on the same global batch (float
+tolerance) and against a resumed run (bitwise).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from chainopt import ChainLoRAOptimizer
+from chainopt.checkpoint import load_checkpoint, save_checkpoint
+from chainopt.lora import full_tensor, is_sharded
+
+WORLD = 2
+STEPS, SAVE_AT = 9, 5  # knots after steps 2, 4, 6, 8; the checkpoint is mid-link
+IN, OUT = 8, 5
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available())
+    or "fork" not in mp.get_all_start_methods(),
+    reason="needs torch.distributed with gloo, and fork",
+)
+
+
+def _mlp(dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers = [nn.Linear(IN, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, OUT)]
+    return nn.Sequential(*layers).to(dtype)
+
+
+def _build(seed: int = 7, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    model = _mlp(dtype)
+    opt = ChainLoRAOptimizer(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01),
+        target_modules=["0", "2"],
+        trainable_modules=["4"],
+        rank=2,
+        alpha=4,
+        knot_every=2,
+        lora_bias=True,
+        seed=seed,
+    )
+    return model, opt
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of a step (8 rows); rank r takes rows 4r..4r+3."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(8, IN, generator=gen), torch.randn(8, OUT, generator=gen)
+
+
+def _train(
+    model: nn.Module, opt: Any, steps: range, rank: int | None = None, dtype: Any = None
+) -> None:
+    for step in steps:
+        x, y = _batch(step)
+        if rank is not None:
+            x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        out = model(x if dtype is None else x.to(dtype))
+        nn.functional.mse_loss(out.float(), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _whole(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, gathered whole when sharded (collective under FSDP2)."""
+    bare = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return {k: full_tensor(v).detach().clone() for k, v in bare.state_dict().items()}
+
+
+def _spawn(fn: Callable[..., None], *args: Any, timeout: float = 120.0) -> None:
+    """Run ``fn(rank, *args)`` on ``WORLD`` forked processes; fail (not hang) on a deadlock."""
+    ctx = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="fork")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"distributed workers did not finish within {timeout:.0f}s")
+
+
+def _init(rank: int, out: str) -> None:
+    torch.set_num_threads(1)  # forked: keep OpenMP out of the children
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{out}/pg",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=60),
+    )
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+
+
+# --- DDP ---
+
+
+def _ddp_worker(rank: int, out: str) -> None:
+    _init(rank, out)
+    try:
+        ddp = nn.parallel.DistributedDataParallel
+        model, opt = _build()
+        wrapped = ddp(model)
+        _train(wrapped, opt, range(SAVE_AT), rank)
+        save_checkpoint(f"{out}/mid.pt", wrapped, opt)  # collective; rank 0 writes
+        _train(wrapped, opt, range(SAVE_AT, STEPS), rank)
+        assert opt.knots_tied == STEPS // 2
+        try:  # rank 0 cannot write: every rank hears of it, none hangs
+            save_checkpoint(f"{out}/no/such/dir/ckpt.pt", wrapped, opt)
+            failed = ""
+        except OSError as err:
+            failed = f"{type(err).__name__}: {err}"
+        torch.save(
+            {"model": _whole(wrapped), "opt": opt.state_dict(), "failed": failed},
+            f"{out}/final{rank}.pt",
+        )
+
+        # resume from the checkpoint on both ranks
+        model2, opt2 = _build()
+        wrapped2 = ddp(model2)
+        load_checkpoint(f"{out}/mid.pt", wrapped2, opt2)
+        _train(wrapped2, opt2, range(SAVE_AT, STEPS), rank)
+        torch.save(_whole(wrapped2), f"{out}/resumed{rank}.pt")
+
+        # control: each rank draws new links from its own generator (seed=rank)
+        model3, opt3 = _build(seed=rank)
+        _train(ddp(model3), opt3, range(3), rank)
+        torch.save(_whole(model3), f"{out}/control{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_stay_identical_match_one_process_and_resume(tmp_path: Path) -> None:
+    # one process on the global batch; first, so the forked workers inherit what it imported
+    model, opt = _build()
+    _train(model, opt, range(STEPS))
+    single = _whole(model)
+
+    _spawn(_ddp_worker, str(tmp_path))
+    final = [torch.load(tmp_path / f"final{r}.pt", weights_only=True) for r in range(WORLD)]
+    # every parameter (frozen weights, factors, head) and the optimizer state, bitwise
+    _assert_same(final[0]["model"], final[1]["model"], "rank 0 vs rank 1")
+    s0, s1 = final[0]["opt"], final[1]["opt"]
+    assert s0["chainopt"]["knots_tied"] == s1["chainopt"]["knots_tied"] == STEPS // 2
+    assert torch.equal(s0["chainopt"]["generator"], s1["chainopt"]["generator"])
+    for i in s0["state"]:
+        for k, v in s0["state"][i].items():
+            assert torch.equal(v, s1["state"][i][k]), (i, k)
+
+    assert final[0]["failed"].startswith("FileNotFoundError")
+    assert final[1]["failed"].startswith("OSError: rank 0 could not write the checkpoint")
+
+    # equal to one process on the global batch (DDP averages the per-rank mean gradients)
+    for k, v in single.items():
+        torch.testing.assert_close(final[0]["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+    # checkpoint on rank 0, resumed on 2 ranks: the same continuation, bitwise
+    for r in range(WORLD):
+        resumed = torch.load(tmp_path / f"resumed{r}.pt", weights_only=True)
+        _assert_same(resumed, final[r]["model"], f"resumed rank {r}")
+
+    # the control shows why the shared seeded generator matters: new links desync the ranks
+    c0, c1 = (torch.load(tmp_path / f"control{r}.pt", weights_only=True) for r in range(WORLD))
+    key = "0.parametrizations.weight.0.lora_A"
+    assert (c0[key] - c1[key]).abs().max() > 0.05
+
+
+# --- FSDP2 ---
+
+_fsdp_support = pytest.mark.skipif(
+    not hasattr(ChainLoRAOptimizer, "rebind_parameters"),
+    reason="FSDP2 needs ChainLoRAOptimizer.rebind_parameters() and whole factors in knot records "
+    "(the optimizer.py change proposed with issue #5)",
+)
+
+
+def _shard(model: nn.Module, device: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device, (WORLD,))
+    for i in (0, 2, 4):
+        fully_shard(model[i], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _fsdp_worker(rank: int, out: str, device: str, dtype: torch.dtype) -> None:
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    backend = "nccl" if device == "cuda" else "gloo"
+    if backend == "gloo":
+        _init(rank, out)
+    else:
+        dist.init_process_group(backend, init_method=f"file://{out}/pg", rank=rank, world_size=2)
+    try:
+        model, opt = _build(dtype=dtype)
+        model.to(device)
+        _shard(model, device)
+        opt.rebind_parameters()
+        assert all(is_sharded(p) for p in model.parameters())
+        residuals = [b for n, b in model.named_buffers() if n.endswith("merge_residual")]
+        assert len(residuals) == (4 if dtype == torch.bfloat16 else 0)
+        assert all(is_sharded(b) for b in residuals)  # sharded like their weights
+        _train(model, opt, range(SAVE_AT), rank, dtype)
+        save_checkpoint(f"{out}/mid.pt", model, opt)  # gathers, rank 0 writes
+        _train(model, opt, range(SAVE_AT, STEPS), rank, dtype)
+        assert opt.knots_tied == STEPS // 2
+        final = _whole(model)
+        for name, link in opt.history.knots[-1].links.items():  # whole, the same on every rank
+            assert not is_sharded(link.A) and not is_sharded(link.B)
+            final[f"history.{name}.A"], final[f"history.{name}.B"] = link.A, link.B
+        torch.save(final, f"{out}/final{rank}.pt")
+
+        model2, opt2 = _build(dtype=dtype)
+        model2.to(device)
+        _shard(model2, device)
+        opt2.rebind_parameters()
+        load_checkpoint(f"{out}/mid.pt", model2, opt2)
+        _train(model2, opt2, range(SAVE_AT, STEPS), rank, dtype)
+        torch.save(_whole(model2), f"{out}/resumed{rank}.pt")
+
+        # wrapping a model that is already sharded is refused with advice
+        late = _mlp().to(device)
+        _shard(late, device)
+        try:
+            ChainLoRAOptimizer(
+                late, torch.optim.SGD(late.parameters(), lr=1), target_modules=["0"], knot_every=2
+            )
+        except ValueError as err:
+            assert "wrap the bare model with ChainLoRAOptimizer first" in str(err)
+        else:
+            raise AssertionError("wrapping an FSDP2-sharded model was not refused")
+    finally:
+        dist.destroy_process_group()
+
+
+@_fsdp_support
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [
+        ("cpu", torch.float32),
+        ("cpu", torch.bfloat16),
+        pytest.param(
+            "cuda",
+            torch.bfloat16,
+            marks=pytest.mark.skipif(
+                torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)"
+            ),
+        ),
+    ],
+)
+def test_fsdp2_knots_on_sharded_weights(tmp_path: Path, device: str, dtype: torch.dtype) -> None:
+    import torch.distributed.fsdp  # imported once here, not in each forked worker
+
+    model, opt = _build(dtype=dtype)
+    _train(model, opt, range(STEPS), dtype=dtype)
+    single = _whole(model)
+
+    _spawn(_fsdp_worker, str(tmp_path), device, dtype, timeout=180)
+    final = [
+        torch.load(tmp_path / f"final{r}.pt", weights_only=True, map_location="cpu")
+        for r in range(WORLD)
+    ]
+    _assert_same(final[0], final[1], "rank 0 vs rank 1")
+    for r in range(WORLD):
+        resumed = torch.load(tmp_path / f"resumed{r}.pt", weights_only=True, map_location="cpu")
+        _assert_same(resumed, {k: v for k, v in final[r].items() if k in resumed}, "resumed")
+
+    assert {k for k in final[0] if not k.startswith("history.")} == single.keys()
+    if dtype == torch.float32:
+        for k, v in single.items():
+            torch.testing.assert_close(final[0][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    else:  # bf16 activations round differently per batch split; compare the adapted weights
+        for k, v in single.items():
+            if k.endswith("original"):
+                torch.testing.assert_close(final[0][k], v, rtol=2e-2, atol=2e-2, msg=k)
