@@ -3,19 +3,22 @@
 - ``"full"`` (default, the COLA paper's "new optimizer state"): the state is dropped, so the next
   link starts from the optimizer's initial state (AdamW at its step 1).
 - ``"none"``: the state is kept as it is.
-- ``"prune"``: ReLoRA-style: in every state tensor shaped like its parameter (Adam's moments,
-  SGD's momentum), the ``prune_ratio`` fraction of smallest magnitudes is zeroed; counters such as
-  Adam's ``step`` are kept.
+- ``"prune"``: ReLoRA-style magnitude pruning: the ``prune_ratio`` fraction of entries with the
+  smallest first moment (Adam's ``exp_avg``, SGD's ``momentum_buffer``: the first state tensor
+  shaped like the parameter) is zeroed in *every* state tensor shaped like the parameter, with
+  one mask; counters such as Adam's ``step`` are kept. One shared mask matters: pruning Adam's
+  second moment where the first survives divides by ``√0 + ε`` and diverges.
 
 A factor whose shape changed (rank step-down) always loses its state.
 
 Example:
     >>> import torch
     >>> p = torch.nn.Parameter(torch.zeros(4))
-    >>> state = {p: {"exp_avg": torch.tensor([0.1, -3.0, 0.2, 4.0]), "step": torch.tensor(7.0)}}
+    >>> state = {p: {"step": torch.tensor(7.0), "exp_avg": torch.tensor([0.1, -3.0, 0.2, 4.0]),
+    ...              "exp_avg_sq": torch.tensor([9.0, 1.0, 0.5, 2.0])}}
     >>> reset_state(state, [p], "prune", prune_ratio=0.5)
-    >>> state[p]["exp_avg"].tolist(), float(state[p]["step"])
-    ([0.0, -3.0, 0.0, 4.0], 7.0)
+    >>> state[p]["exp_avg"].tolist(), state[p]["exp_avg_sq"].tolist(), float(state[p]["step"])
+    ([0.0, -3.0, 0.0, 4.0], [0.0, 1.0, 0.0, 2.0], 7.0)
 """
 
 from __future__ import annotations
@@ -32,13 +35,16 @@ ResetPolicy: TypeAlias = Literal["full", "none", "prune"]
 
 
 @torch.no_grad()
-def _prune_(tensor: Tensor, ratio: float) -> None:
-    k = int(ratio * tensor.numel())
+def _prune_(tensors: list[Tensor], ratio: float) -> None:
+    """Zero, in every tensor, the entries where the first one is among the smallest ``ratio``."""
+    k = int(ratio * tensors[0].numel())
     if k <= 0:
         return
-    magnitude = tensor.detach().abs().flatten().float()
-    threshold = magnitude.kthvalue(k).values
-    tensor.masked_fill_(tensor.abs() <= threshold.to(tensor.dtype), 0)
+    magnitude = tensors[0].detach().abs().float()
+    threshold = magnitude.flatten().kthvalue(k).values
+    drop = magnitude <= threshold
+    for t in tensors:
+        t.masked_fill_(drop, 0)
 
 
 def reset_state(
@@ -71,6 +77,5 @@ def reset_state(
                     for k, v in fresh[p].items()
                     if k != "__shape__"
                 }
-        elif policy == "prune":
-            for v in shaped:
-                _prune_(v, prune_ratio)
+        elif policy == "prune" and shaped:
+            _prune_(shaped, prune_ratio)

@@ -18,13 +18,35 @@ from chainopt.reset import reset_state
 def test_prune_zeroes_the_smallest_fraction(n: int, ratio: float) -> None:
     p = torch.nn.Parameter(torch.zeros(n))
     values = torch.randperm(n).float() + 1  # distinct magnitudes
-    state = {p: {"exp_avg": values.clone(), "step": torch.tensor(3.0)}}
+    second = torch.rand(n) + 1
+    state = {
+        p: {"exp_avg": values.clone(), "exp_avg_sq": second.clone(), "step": torch.tensor(3.0)}
+    }
     reset_state(state, [p], "prune", prune_ratio=ratio)
     k = int(ratio * n)
     kept = state[p]["exp_avg"]
     assert int((kept == 0).sum()) == k
     assert torch.equal(kept[kept != 0].sort().values, values.sort().values[k:])
+    # One mask: the second moment is zeroed exactly where the first is (never √0 under a kept m).
+    assert torch.equal(state[p]["exp_avg_sq"] == 0, kept == 0)
     assert float(state[p]["step"]) == 3.0
+
+
+def test_prune_keeps_adam_finite_across_many_knots() -> None:
+    torch.manual_seed(0)
+    target = torch.randn(16, 16)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False))
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.Adam(model.parameters(), lr=5e-2), target_modules=["0"], rank=2,
+        knot_every=5, reset="prune", prune_ratio=0.99,
+    )  # fmt: skip
+    for _ in range(60):
+        x = torch.randn(32, 16)
+        torch.nn.functional.mse_loss(model(x), x @ target.T).backward()
+        opt.step()
+        opt.zero_grad()
+    w = model[0].parametrizations.weight.original
+    assert torch.isfinite(w).all() and w.abs().max() < 100
 
 
 def _chain(reset: str, name: str = "adamw", rank: object = 3) -> ChainLoRAOptimizer:
