@@ -186,13 +186,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="no-op; tables are cheap")
     parser.add_argument("--plots", action="store_true", help="also draw the merged SmolLM2 plot")
     args = parser.parse_args()
-    path = args.results / "mechanism" / "results.json"
-    if path.is_file():
-        d = json.loads(path.read_text())
-        print(f"## mechanism  ({d['meta']['date_utc']}, {d['meta']['wall_seconds']} s)")
-        print(f"`{d['meta']['command']}`\n")
-        print(mechanism_table(d))
-        print()
+    for name in ("mechanism", "mechanism_prune_fixed"):  # the rerun after the prune fix
+        path = args.results / name / "results.json"
+        if path.is_file():
+            d = json.loads(path.read_text())
+            print(f"## {name}  ({d['meta']['date_utc']}, {d['meta']['wall_seconds']} s)")
+            print(f"`{d['meta']['command']}`\n")
+            print(mechanism_table(d))
+            print()
     paths = sorted(args.results.glob("smollm2_*/results.json"))
     if paths:
         merged = merge_smollm2(paths)
