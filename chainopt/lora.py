@@ -307,13 +307,23 @@ def _lora_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
     if len(plist) != 1 or parametrize._cache_enabled:
         return F.linear(x, self.weight, self.bias)
     link = cast(LoRAParametrization, plist[0])
-    out = F.linear(x, plist.original, self.bias)
-    a = link.lora_A
-    h = x if x.dtype == a.dtype or torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
-    # (..., in) @ (in, r) -> (..., r) @ (r, out) -> (..., out)
-    lora = F.linear(F.linear(h, a), link.lora_B) * link.scale
-    result: Tensor = out + lora.to(out.dtype)
-    return result
+    a, b = link.lora_A, link.lora_B
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast or not (x.dtype == a.dtype == b.dtype):
+        out = F.linear(x, plist.original, self.bias)
+        h = x if x.dtype == a.dtype or autocast else x.to(a.dtype)
+        # (..., in) @ (in, r) -> (..., r) @ (r, out) -> (..., out)
+        lora = F.linear(F.linear(h, a), b) * link.scale
+        result: Tensor = out + lora.to(out.dtype)
+        return result
+    # One dtype, no autocast: accumulate s·(x·Aᵀ)·Bᵀ into the base output inside one GEMM, with
+    # no (rows, out) temporary for the product, the scale or the sum (bench/ab_forward.py: 4%
+    # faster than the three-op form on all-linear Llama, identical losses).
+    x2 = x.reshape(-1, x.shape[-1])
+    z = F.linear(x2, a)  # (rows, in) @ (in, r) -> (rows, r)
+    out = F.linear(x2, plist.original, self.bias)  # (rows, out), fresh; linear saves no output
+    out.addmm_(z, b.t(), alpha=link.scale)  # (rows, r) @ (r, out)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def attach(
