@@ -1,0 +1,421 @@
+"""chainopt vs PEFT LoRA vs full fine-tuning, side by side in one process.
+
+For each mode (eager, ``torch.compile``) and each model (a Llama and an OPT built from config),
+one base model is copied into every variant: full fine-tuning (AdamW on everything), PEFT LoRA
+and chainopt (no knot in the timed window, and a knot every K steps), each on q,v and on all
+linear projections. The variants are stepped in rotation and the script prints, per variant,
+median step time (wall and process CPU time), peak tensor memory of a steady step, trainable
+parameters and optimizer-state bytes, with ratios against PEFT LoRA on the same targets; then
+the cost of a knot and the compile counters; then a PASS/FAIL line for each target of issue #3.
+
+    python bench/compare.py                 # full run (see bench/README.md for its output)
+    python bench/compare.py --quick         # tiny config, a few steps: a smoke test
+    python bench/compare.py --modes eager --models llama --targets all --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _harness as H
+import torch
+
+
+def build_parser(doc: str | None = __doc__) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    H.common_args(p)
+    p.add_argument("--models", nargs="+", default=["llama", "opt"], choices=["llama", "opt"])
+    p.add_argument(
+        "--compile-models",
+        nargs="+",
+        default=None,
+        choices=["llama", "opt"],
+        help="models of the compiled mode (default: --models; --quick: llama)",
+    )
+    p.add_argument("--targets", nargs="+", default=["qv", "all"], choices=["qv", "all"])
+    p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=20, help="timed rotations (>= 20 for the targets)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    p.add_argument("--no-full", action="store_true", help="leave full fine-tuning out")
+    p.add_argument(
+        "--backend",
+        default="inductor",
+        help="torch.compile backend (--quick: eager, i.e. dynamo without codegen)",
+    )
+    p.add_argument(
+        "--proposed-forward",
+        action="store_true",
+        help="give chainopt's adapted Linears the forward of bench/_proposed.py (the change "
+        "proposed to the library) instead of the installed one",
+    )
+    p.add_argument(
+        "--keep-history",
+        default="default",
+        choices=["default", "on", "off"],
+        help="chainopt's keep_history (default: the library's default, on)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the model weights",
+    )
+    p.add_argument(
+        "--exact-merge",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="chainopt's exact_merge (auto: a merge residual for half weights)",
+    )
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    return quick_config(args)
+
+
+def quick_config(args: argparse.Namespace) -> argparse.Namespace:
+    if args.quick:
+        args.hidden, args.layers, args.seq, args.batch, args.vocab = 64, 2, 32, 2, 256
+        args.steps, args.warmup = 5, 2
+        args.compile_models = args.compile_models or ["llama"]
+        args.knot_every = min(args.knot_every, 3)
+        if args.backend == "inductor":
+            args.backend = "eager"  # dynamo only: counts graphs, breaks and recompiles, fast
+    return args
+
+
+def run_group(args: argparse.Namespace, arch: str, mode: str) -> dict[str, Any]:
+    """One model in one mode: build, warm up, time in rotation, measure memory."""
+    start = time.perf_counter()
+    spec = H.ModelSpec(
+        arch,
+        hidden=args.hidden,
+        layers=args.layers,
+        seq=args.seq,
+        batch=args.batch,
+        vocab=args.vocab,
+    )
+    exact = {"auto": None, "on": True, "off": False}[args.exact_merge]
+    lora = H.LoraSpec(
+        rank=args.rank,
+        alpha=args.alpha,
+        knot_every=args.knot_every,
+        exact_merge=exact,
+        keep_history={"default": None, "on": True, "off": False}[args.keep_history],
+    )
+    base = H.build_model(spec, seed=args.seed, dtype=getattr(torch, args.dtype), device=args.device)
+    batches = H.make_batches(spec, seed=args.seed + 1, device=args.device)
+    kinds = (
+        ("peft", "chain", "chain_knot") if args.no_full else ("full", "peft", "chain", "chain_knot")
+    )
+    forward = None
+    if args.proposed_forward:
+        from _proposed import fused_lora_linear_forward as forward
+    variants = H.make_variants(base, arch, args.targets, lora, kinds, forward)
+    del base
+
+    compile_info: dict[str, dict[str, Any]] = {}
+    if mode == "compile":
+        for v in variants:
+            H.compile_variant(v, backend=args.backend)
+    last = {"counts": H.dynamo_counts(), "t": time.perf_counter()}
+
+    def on_warm(v: H.Variant) -> None:
+        now = H.dynamo_counts()
+        d = H.count_diff(now, last["counts"])
+        compile_info[v.name] = {
+            "warmup_s": time.perf_counter() - last["t"],
+            "frames": d["frames"],
+            "graphs": d["graphs"],
+            "graph_breaks": d["graph_breaks"],
+        }
+        last["counts"], last["t"] = now, time.perf_counter()
+
+    how = f"compile ({args.backend})" if mode == "compile" else mode
+    print(
+        f"\n== {spec.label()} · {how} · {len(variants)} variants · "
+        f"{args.warmup} warm-up + {args.steps} timed steps each ==",
+        flush=True,
+    )
+    H.run_alternating(variants, batches, args.warmup, args.steps, f"{arch} {mode}", on_warm)
+
+    rows = []
+    for v in variants:  # the timed window's figures first: measuring memory steps on
+        rows.append(
+            {
+                "variant": v.name,
+                "kind": v.kind,
+                "targets": v.targets,
+                "wall_ms": H.median_ms(v.step_times),
+                "wall_iqr_ms": H.iqr_ms(v.step_times),
+                "wall_mean_ms": H.mean_ms(v.step_times),
+                "cpu_ms": H.median_ms(v.cpu_times),
+                "n_steps": len(v.step_times),
+                "knot_ms": H.median_ms(v.knot_times),
+                "knot_cpu_ms": H.median_ms(v.knot_cpu_times),
+                "n_knots": len(v.knot_times),
+                "knot_step_ms": H.median_ms(v.knot_step_times),
+                "trainable": v.trainable_params(),
+                "opt_state_bytes": v.opt_state_bytes,
+                "compile": compile_info.get(v.name),
+                "compiles_after_warmup": v.compiles_after_warmup if v.compiled else None,
+                "compiles_after_knot": v.compiles_after_knot if v.compiled else None,
+            }
+        )
+    for v, row in zip(variants, rows, strict=True):
+        mem = H.measure_memory(v, batches[0])
+        row["held_other_bytes"] = v.held_bytes()["other"]
+        row["knots_at_memory"] = v.chain.knots_tied if v.chain is not None else None
+        row.update(
+            peak_bytes=mem["peak"],
+            resident_bytes=mem["resident"],
+            transient_bytes=mem["transient"],
+            knot_transient_bytes=None,
+        )
+        if v.kind == "chain_knot" and mode == "eager" and v.device.type == "cpu":
+            assert v.chain is not None
+            row["knot_transient_bytes"] = H.transient_peak_bytes(v.chain.tie_knot, "cpu")
+    _add_ratios(rows)
+    print(format_group(rows, mode))
+    print(f"({spec.arch} {mode}: {time.perf_counter() - start:.0f} s)", flush=True)
+    return {"arch": arch, "mode": mode, "spec": spec, "rows": rows, "knot_every": args.knot_every}
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    peft = {r["targets"]: r for r in rows if r["kind"] == "peft"}
+    chain = {r["targets"]: r for r in rows if r["kind"] == "chain"}
+    for r in rows:
+        ref = peft.get(r["targets"]) if r["targets"] else None
+        for key in ("wall_ms", "cpu_ms", "peak_bytes"):
+            r[f"{key}_x"] = r[key] / ref[key] if ref else None
+        own = chain.get(r["targets"])
+        if r["kind"] == "chain_knot" and own is not None:
+            r["knot_frac_wall"] = r["knot_ms"] / own["wall_ms"]
+            r["knot_frac_cpu"] = r["knot_cpu_ms"] / own["cpu_ms"]
+
+
+def _x(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}×"
+
+
+def format_group(rows: list[dict[str, Any]], mode: str) -> str:
+    headers = [
+        "variant",
+        "step ms (median)",
+        "IQR ms",
+        "CPU ms (median)",
+        "×PEFT wall",
+        "×PEFT CPU",
+        "peak MiB",
+        "×PEFT mem",
+        "trainable",
+        "opt state MiB",
+        "other held MiB",
+    ]
+    if mode == "compile":
+        headers.append("compiles after warm-up")
+    table = []
+    for r in rows:
+        line = [
+            r["variant"],
+            f"{r['wall_ms']:.0f}",
+            f"{r['wall_iqr_ms']:.0f}",
+            f"{r['cpu_ms']:.0f}",
+            _x(r["wall_ms_x"]),
+            _x(r["cpu_ms_x"]),
+            f"{H.mib(r['peak_bytes']):.1f}",
+            _x(r["peak_bytes_x"]),
+            f"{r['trainable']:,}",
+            f"{H.mib(r['opt_state_bytes']):.2f}",
+            f"{H.mib(r['held_other_bytes']):.2f}",
+        ]
+        if mode == "compile":
+            line.append(str(r["compiles_after_warmup"]))
+        table.append(line)
+    out = [H.markdown_table(headers, table)]
+    knots = [r for r in rows if r["kind"] == "chain_knot"]
+    if knots:
+        kh = [
+            "variant",
+            "knots",
+            "knot ms (median)",
+            "knot / step (wall)",
+            "knot / step (CPU)",
+            "knot-step ms (median)",
+            "knot transient MiB",
+            "compiles after a knot",
+        ]
+        kt = []
+        for r in knots:
+            kt.append(
+                [
+                    r["variant"],
+                    r["n_knots"],
+                    f"{r['knot_ms']:.1f}",
+                    f"{100 * r.get('knot_frac_wall', float('nan')):.2f}%",
+                    f"{100 * r.get('knot_frac_cpu', float('nan')):.2f}%",
+                    f"{r['knot_step_ms']:.0f}",
+                    "–"
+                    if r["knot_transient_bytes"] is None
+                    else f"{H.mib(r['knot_transient_bytes']):.2f}",
+                    "–" if r["compiles_after_knot"] is None else str(r["compiles_after_knot"]),
+                ]
+            )
+        out += ["", H.markdown_table(kh, kt)]
+    if mode == "compile":
+        ch = ["variant", "warm-up s (incl. compile)", "frames compiled", "graphs", "graph breaks"]
+        ct = [
+            [
+                r["variant"],
+                f"{r['compile']['warmup_s']:.1f}",
+                r["compile"]["frames"],
+                r["compile"]["graphs"],
+                r["compile"]["graph_breaks"],
+            ]
+            for r in rows
+        ]
+        out += ["", H.markdown_table(ch, ct)]
+    return "\n".join(out)
+
+
+def check_targets(groups: list[dict[str, Any]]) -> list[tuple[bool, str]]:
+    """The targets of issue #3, one line each."""
+    res: list[tuple[bool, str]] = []
+    for g in groups:
+        tag = f"{g['arch']} {g['mode']}"
+        rows = g["rows"]
+        peft = {r["targets"]: r for r in rows if r["kind"] == "peft"}
+        for r in rows:
+            if r["kind"] not in ("chain", "chain_knot"):
+                continue
+            p = peft[r["targets"]]
+            t = H.TARGET_LABEL[r["targets"]]
+            if r["kind"] == "chain":
+                res.append(
+                    (
+                        r["wall_ms_x"] <= 1.0,
+                        f"{tag} {t}: step time {r['wall_ms_x']:.3f}× PEFT wall "
+                        f"({r['cpu_ms_x']:.3f}× CPU) ≤ 1.00×",
+                    )
+                )
+                res.append(
+                    (
+                        r["peak_bytes_x"] <= 1.0,
+                        f"{tag} {t}: peak tensor memory {r['peak_bytes_x']:.3f}× PEFT ≤ 1.00×",
+                    )
+                )
+                res.append(
+                    (
+                        r["trainable"] == p["trainable"],
+                        f"{tag} {t}: trainable parameters {r['trainable']:,} vs PEFT "
+                        f"{p['trainable']:,} (identical)",
+                    )
+                )
+            else:
+                other = H.mib(r["held_other_bytes"])
+                res.append(
+                    (
+                        r["peak_bytes_x"] <= 1.0,
+                        f"{tag} {t} knot/{g['knot_every']}: peak tensor memory "
+                        f"{r['peak_bytes_x']:.3f}× PEFT ≤ 1.00× (holds {other:.2f} MiB besides "
+                        f"model and optimizer state after {r['knots_at_memory']} knots: the "
+                        "chain history, unless keep_history=False)",
+                    )
+                )
+                if r["targets"] == "all":
+                    res.append(
+                        (
+                            r["knot_frac_wall"] <= 0.02,
+                            f"{tag} {t}: one knot = {r['knot_ms']:.1f} ms = "
+                            f"{100 * r['knot_frac_wall']:.2f}% of a step (CPU: "
+                            f"{100 * r['knot_frac_cpu']:.2f}%) ≤ 2%",
+                        )
+                    )
+                if g["mode"] == "compile":
+                    res.append(
+                        (
+                            r["compiles_after_knot"] == 0 and r["n_knots"] > 0,
+                            f"{tag} {t}: {r['compiles_after_knot']} recompiles after "
+                            f"{r['n_knots']} knots (0)",
+                        )
+                    )
+    return res
+
+
+def main(
+    argv: list[str] | None = None, args: argparse.Namespace | None = None, name: str = "compare"
+) -> int:
+    args = args if args is not None else parse_args(argv)
+    H.apply_threads(args.threads)
+    H.configure_dynamo()
+    info = H.machine_info()
+    where = (
+        info["cuda"]
+        if str(args.device).startswith("cuda")
+        else (
+            f"{info['cpu_model']}, {info['cpu_count']} CPUs, "
+            f"{info['torch_threads']} torch thread(s)"
+        )
+    )
+    print(
+        f"chainopt bench/{name}.py · {info['date']} · torch {info['torch']} · "
+        f"transformers {info['transformers']} · peft {info['peft']} · {where}"
+        f"{' · --quick' if args.quick else ''}"
+    )
+    print(
+        f"{args.dtype} weights on {args.device}, rank {args.rank}, alpha {args.alpha:g}, AdamW "
+        f"lr 1e-4, knot every {args.knot_every} steps, chainopt exact_merge={args.exact_merge}; "
+        "ratios are against PEFT LoRA on the same targets"
+    )
+    if args.proposed_forward:
+        print("chainopt variants run the PROPOSED forward of bench/_proposed.py")
+    t0 = time.perf_counter()
+    plan = [
+        (mode, arch)
+        for mode in args.modes
+        for arch in (args.compile_models or args.models if mode == "compile" else args.models)
+    ]
+    groups = [run_group(args, arch, mode) for mode, arch in plan]
+    checks = check_targets(groups)
+    print("\n== targets (issue #3) ==")
+    for ok, line in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {line}")
+    elapsed = time.perf_counter() - t0
+    print(f"\ntotal wall time {elapsed / 60:.1f} min")
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"{name}_quick" if args.quick else name
+    H.save_json(
+        args.out / f"{name}.json",
+        {
+            "info": info,
+            "args": vars(args),
+            "groups": groups,
+            "checks": [{"ok": ok, "check": line} for ok, line in checks],
+            "elapsed_s": elapsed,
+        },
+    )
+    md = [f"# bench/{name.removesuffix('_quick')}.py — {info['date']} — {where}", ""]
+    for g in groups:
+        md += [f"## {g['spec'].label()} · {g['mode']}", "", format_group(g["rows"], g["mode"]), ""]
+    md += ["## targets", ""] + [f"- {'PASS' if ok else 'FAIL'} {line}" for ok, line in checks]
+    (args.out / f"{name}.md").write_text("\n".join(md) + "\n")
+    print(f"wrote {args.out / (name + '.json')} and {args.out / (name + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    raise SystemExit(main())
