@@ -221,7 +221,15 @@ class Variant:
         state = _unique_bytes(
             v for s in self.opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)
         )
-        return {"model": model, "opt_state": state, "other": self.resident_bytes() - model - state}
+        residual = _unique_bytes(
+            b for name, b in self.model.named_buffers() if name.endswith("merge_residual")
+        )
+        return {
+            "model": model,
+            "opt_state": state,
+            "other": self.resident_bytes() - model - state,
+            "merge_residual": residual,  # part of "model": chainopt's exact-merge buffers
+        }
 
 
 _OPAQUE = (
@@ -571,6 +579,23 @@ def iqr_ms(xs: Sequence[float]) -> float:
         return float("nan")
     q = statistics.quantiles(xs, n=4)
     return 1e3 * (q[2] - q[0])
+
+
+def paired_ratio(num: Sequence[float], den: Sequence[float]) -> tuple[float, float, float]:
+    """Median of the per-round ratios ``num[i] / den[i]`` and a ~95% interval for it.
+
+    Steps ``i`` of two variants ran in the same round, seconds apart, so their ratio cancels
+    slow drift of the machine. The interval is the distribution-free one for a median: order
+    statistics ``n/2 ∓ 0.98·√n`` of the sorted ratios.
+    """
+    ratios = sorted(a / b for a, b in zip(num, den, strict=False))
+    n = len(ratios)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    half = 0.98 * math.sqrt(n)
+    lo = max(0, math.floor(n / 2 - half))
+    hi = min(n - 1, math.ceil(n / 2 + half) - 1)
+    return statistics.median(ratios), ratios[lo], ratios[hi]
 
 
 def mib(n: float) -> float:

@@ -1,8 +1,10 @@
-"""The forward proposed for ``chainopt.lora._lora_linear_forward`` (see bench/README.md).
+"""A candidate forward for ``chainopt.lora._lora_linear_forward``, measured outside the library.
 
-Kept here, outside the library, so that ``bench/ab_forward.py`` can measure it against the
-library's current forward and PEFT in one process. Once the library carries it, the A/B shows
-the two chainopt variants equal.
+``bench/ab_forward.py`` (and ``compare.py --proposed-forward``) swap it in for one chainopt
+variant's modules and time it against the installed forward and PEFT in one process. The version
+here, which accumulates ``s·(x·Aᵀ)·Bᵀ`` into the base output with one ``addmm_``, was adopted by
+the library in commit 3e9be6d; the A/B now shows the two chainopt variants equal, and this file is
+the place to put the next candidate.
 """
 
 from __future__ import annotations

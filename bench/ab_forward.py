@@ -1,10 +1,12 @@
-"""A/B of the forward proposed in ``bench/_proposed.py`` against the library's and PEFT's.
+"""A/B of the forward in ``bench/_proposed.py`` against the library's and PEFT's.
 
 Three variants of one base model, stepped in rotation in one process: PEFT LoRA, chainopt as
 installed, and chainopt with its adapted-Linear forward replaced (for the modules of that one
 optimizer only) by ``fused_lora_linear_forward``. Prints median wall and CPU step times, the
 median of the per-round CPU ratios against PEFT, peak tensor memory, and the largest difference
-between the two chainopt variants' losses, so the change is shown to be a pure speed-up.
+between the two chainopt variants' losses, so a candidate is shown to be a pure speed-up. (The
+results in ``bench/results/ab_forward_*.md`` were taken before the library adopted the fused
+forward in commit 3e9be6d: "library" there is the previous three-op forward.)
 
     python bench/ab_forward.py                          # Llama, all linear projections, eager
     python bench/ab_forward.py --arch opt --targets qv --compile
