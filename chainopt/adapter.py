@@ -1,8 +1,9 @@
 """The whole chain as one PEFT LoRA adapter.
 
 The chain's update to a weight is ``Σᵢ sᵢ·Bᵢ·Aᵢ = [s₁B₁ … s_LB_L]·[A₁; …; A_L]``: one LoRA of rank
-``Σ rᵢ`` over the *original* base weights. :func:`export_peft_adapter` writes it (the merged links
-kept in ``opt.history`` and the pending one) in PEFT's format, so
+``Σ rᵢ`` over the *original* base weights. :func:`export_peft_adapter` writes it in PEFT's format
+(the merged links kept in ``opt.history`` and the pending one, or, without history, the exact
+factorisation of ``W − W₀`` against the original weights), so
 ``PeftModel.from_pretrained(base_model, path)`` reproduces the fine-tuned model and one base model
 can serve many chains as adapters, which merging cannot. The scales are folded into ``B`` and
 ``lora_alpha = r``, so PEFT's scale is 1. ``rank=k`` keeps the best rank-``k`` approximation of
@@ -18,7 +19,7 @@ Example:
     >>> from chainopt.adapter import export_peft_adapter
     >>> model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
     >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
-    ...                          target_modules=["0"], rank=2, knot_every=1)
+    ...                          target_modules=["0"], rank=2, knot_every=1, keep_history=True)
     >>> for _ in range(3):
     ...     model(torch.randn(4, 8)).square().mean().backward()
     ...     opt.step()
@@ -38,15 +39,18 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .history import LinkFactors
-from .lora import bias_delta, lora_parametrization
+from .history import ChainHistory, LinkFactors
+from .lora import bias_delta, full_tensor, lora_parametrization
+from .merge import merged_bias, merged_weight
 from .optimizer import ChainLoRAOptimizer
 from .targets import select_modules
 
@@ -94,6 +98,7 @@ def export_peft_adapter(
     path: str | os.PathLike[str],
     rank: int | None = None,
     *,
+    base: nn.Module | Mapping[str, Tensor] | None = None,
     task_type: str | None = "auto",
     base_model_name_or_path: str | None = None,
 ) -> AdapterReport:
@@ -104,12 +109,21 @@ def export_peft_adapter(
     precision. Modules kept trainable (``trainable_modules``) are saved whole as PEFT's
     ``modules_to_save``. Export before ``merge_and_unload()``.
 
+    The merged links come from ``opt.history`` when the chain keeps it (``keep_history=True``);
+    otherwise from ``base``, the original weights: each module's whole update
+    ``ΔW = W − W₀`` then has rank at most the chain's ``Σ rᵢ`` and is factorised through a
+    randomized range finder and an SVD of its ``(Σ rᵢ + 8)``-column sketch (``O(out·in·Σ rᵢ)``),
+    exact to float32 rounding (the report gives what is left).
+
     Args:
-        chain: the optimizer; it must keep history (``keep_history=True``, the default) once a
-            knot has been tied.
+        chain: the optimizer.
         path: the directory to write (created if missing).
         rank: ``None`` writes the chain exactly (rank: the longest stacked chain); an int ``k``
             writes each module's best rank-``k`` approximation (see the report's errors).
+        base: the original base model, or its state dict under plain keys
+            (``"….q_proj.weight"``), as it was when the optimizer was built; needed once knots
+            were tied without history, or after ``merge_and_unload()``. Ignored while
+            ``opt.history`` holds every merged link.
         task_type: PEFT's ``task_type``; ``"auto"`` infers it from the model class name
             (``…ForCausalLM`` → ``"CAUSAL_LM"``, …), ``None`` writes none.
         base_model_name_or_path: recorded in the config; default: the model's ``name_or_path``.
@@ -119,9 +133,9 @@ def export_peft_adapter(
 
     Raises:
         TypeError: ``chain`` is not a :class:`~chainopt.ChainLoRAOptimizer`.
-        ValueError: a bad ``rank``; knots were tied with ``keep_history=False`` (the merged
-            links are gone); ``merge_and_unload()`` was called (its link is not in the history).
-            Nothing is written then.
+        ValueError: a bad ``rank``; knots were tied with ``keep_history=False`` or
+            ``merge_and_unload()`` was called, and no ``base`` was given (or it lacks a weight,
+            or holds one of another shape). Nothing is written then.
         ImportError: ``safetensors`` is not installed.
     """
     if not isinstance(chain, ChainLoRAOptimizer):
@@ -129,25 +143,25 @@ def export_peft_adapter(
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ValueError(f"rank must be None (exact) or a positive int, got {rank!r}")
     history = chain.history
-    if len(history) and not history.keep_factors:
-        raise ValueError(
-            f"this chain was built with keep_history=False and has tied {len(history)} knot(s): "
-            "the merged links' factors were not kept, so the chain cannot be written as an "
-            "adapter. Build the ChainLoRAOptimizer with keep_history=True (the default) to "
-            "export adapters, or deploy the merged model with chainopt.save_merged(opt, path)"
+    unloaded = not chain.adapted_modules()
+    # The history holds every merged link unless it was off while knots were tied.
+    from_history = not unloaded and (history.keep_factors or not len(history))
+    if not from_history and base is None:
+        why = (
+            "merge_and_unload() was called: its link is not in opt.history"
+            if unloaded
+            else f"this chain was built with keep_history=False and has tied {len(history)} "
+            "knot(s): the merged links' factors were not kept"
         )
-    if not chain.adapted_modules():
         raise ValueError(
-            "merge_and_unload() was called on this chain: the link it merged is not in "
-            "opt.history, so the adapter would miss it; export the adapter before "
-            "merge_and_unload()"
+            f"{why}. Pass base=<the original model or its state dict> to export the whole "
+            "update W - W0, build the ChainLoRAOptimizer with keep_history=True, or deploy the "
+            "merged model with chainopt.save_merged(opt, path)"
         )
     lora_bias = chain.config.lora_bias
-    if lora_bias and len(history) and not history.keep_factors:
-        raise ValueError(
-            "this chain trains bias deltas (lora_bias=True) with keep_history=False: the merged "
-            "deltas were not kept; deploy the merged model with chainopt.save_merged(opt, path)"
-        )
+    model = chain.model
+    names = list(chain.config.modules)
+    originals = None if from_history else _base_tensors(base, model, names, lora_bias)
     try:
         from safetensors.torch import save_file
     except ImportError as err:
@@ -155,11 +169,16 @@ def export_peft_adapter(
             "export_peft_adapter writes safetensors: pip install safetensors"
         ) from err
 
-    model = chain.model
-    names = list(chain.config.modules)
-    stacks = {
-        name: _stack(model, name, history.links(name) if len(history) else []) for name in names
-    }
+    sketched: dict[str, float] = {}
+    if originals is None:
+        stacks = {
+            name: _stack(model, name, history.links(name) if len(history) else []) for name in names
+        }
+    else:
+        stacks = {}
+        for name in names:
+            delta = _current_weight(model, name) - originals[f"{name}.weight"]
+            stacks[name], sketched[name] = _factorise(delta, _chain_rank(chain, name))
     r = rank if rank is not None else max([b.shape[1] for b, _a in stacks.values()] + [1])
 
     tensors: dict[str, Tensor] = {}
@@ -167,17 +186,19 @@ def export_peft_adapter(
     left_total, norm_total = 0.0, 0.0
     for name, (b, a) in stacks.items():
         b, a, left, norm = _compress(b, a, r)
+        missed = sketched.get(name, 0.0)  # left out of (b, a) from base: orthogonal to B·A
+        left, norm = left + missed, norm + missed
         errors[name] = math.sqrt(left / norm) if norm > 0 else 0.0
         left_total, norm_total = left_total + left, norm_total + norm
         key = f"{_PREFIX}{name}"
         tensors[f"{key}.lora_A.weight"] = _pad(a, r, dim=0)  # (r, in)
         tensors[f"{key}.lora_B.weight"] = _pad(b, r, dim=1)  # (out, r)
         if lora_bias:
-            delta = bias_delta(model.get_submodule(name))
-            out = b.shape[0]
-            merged = history.bias_sum(name) if len(history) else None
-            bias = torch.zeros(out) if delta is None else delta.delta.detach().float().cpu()
-            tensors[f"{key}.lora_B.bias"] = bias + (0 if merged is None else merged.cpu())
+            tensors[f"{key}.lora_B.bias"] = (
+                _bias_update(model, name, history)
+                if originals is None
+                else _current_bias(model, name) - originals[f"{name}.bias"]
+            )
     to_save = _modules_to_save(chain)
     for owner in to_save:
         for key, value in model.get_submodule(owner).state_dict().items():
@@ -236,6 +257,123 @@ def _stack(model: nn.Module, name: str, links: list[LinkFactors]) -> tuple[Tenso
     b = torch.cat([lf.B.detach().float().cpu() * lf.scale for lf in links], dim=1)  # (out, R)
     a = torch.cat([lf.A.detach().float().cpu() for lf in links], dim=0)  # (R, in)
     return b, a
+
+
+def _bias_update(model: nn.Module, name: str, history: ChainHistory) -> Tensor:
+    """Σ merged bias deltas (from the history) + the pending one, float32 on the CPU."""
+    module = _linear(model, name)
+    delta = bias_delta(module)
+    merged = history.bias_sum(name) if len(history) else None
+    pending = (
+        torch.zeros(module.out_features) if delta is None else delta.delta.detach().float().cpu()
+    )
+    return pending + (0 if merged is None else merged.cpu())
+
+
+def _base_tensors(
+    base: nn.Module | Mapping[str, Tensor] | None,
+    model: nn.Module,
+    names: list[str],
+    lora_bias: bool,
+) -> dict[str, Tensor]:
+    """The original weights (and biases) of the adapted modules, float32 on the CPU, checked."""
+    if isinstance(base, nn.Module):
+        if base is model or any(
+            lora_parametrization(m) is not None for m in map(partial(_submodule, base), names) if m
+        ):
+            raise ValueError(
+                "base carries chainopt links (the chained model itself?): pass the original "
+                "model, or its state dict from before the optimizer was built"
+            )
+        state = {
+            f"{name}.{kind}": t
+            for name in names
+            for kind in ("weight", "bias")
+            if isinstance(t := getattr(_submodule(base, name), kind, None), Tensor)
+        }
+    elif isinstance(base, Mapping):
+        state = dict(base)
+    else:
+        raise TypeError(f"base must be an nn.Module or a state dict, got {type(base).__name__}")
+    out: dict[str, Tensor] = {}
+    for name in names:
+        module = _linear(model, name)
+        shapes: dict[str, tuple[int, ...]] = {"weight": (module.out_features, module.in_features)}
+        if lora_bias:
+            shapes["bias"] = (module.out_features,)
+        for kind, shape in shapes.items():
+            key = f"{name}.{kind}"
+            tensor = state.get(key)
+            if not isinstance(tensor, Tensor):
+                raise ValueError(f"base has no tensor {key!r} (plain keys, as from_pretrained)")
+            if tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"base[{key!r}] has shape {tuple(tensor.shape)}, the model's is {shape}"
+                )
+            out[key] = full_tensor(tensor.detach()).float().cpu()
+    return out
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    module = model.get_submodule(name)
+    if not isinstance(module, nn.Linear):  # pragma: no cover - chainopt adapts Linears only
+        raise TypeError(f"{name!r} is a {type(module).__name__}, not an nn.Linear")
+    return module
+
+
+def _current_weight(model: nn.Module, name: str) -> Tensor:
+    """The module's weight now, pending link included, in float32 on the CPU."""
+    module = _linear(model, name)
+    if lora_parametrization(module) is None:  # after merge_and_unload
+        return full_tensor(module.weight.detach()).float().cpu()
+    return merged_weight(module, torch.float32).cpu()
+
+
+def _current_bias(model: nn.Module, name: str) -> Tensor:
+    """The module's bias now, pending delta included, in float32 on the CPU."""
+    module = _linear(model, name)
+    if bias_delta(module) is None:
+        return full_tensor(module.bias.detach()).float().cpu()
+    bias = merged_bias(module, torch.float32)
+    assert bias is not None
+    return bias.cpu()
+
+
+def _chain_rank(chain: ChainLoRAOptimizer, name: str) -> int:
+    """``Σ rᵢ`` over the merged links, and the pending one unless it is still zero.
+
+    The most rank module ``name``'s ``W − W₀`` can have (what its history would stack).
+    """
+    link = lora_parametrization(chain.model.get_submodule(name))
+    pending = link is None or bool(link.lora_B.detach().any())  # unloaded: its link was merged
+    return sum(chain.link_rank(i) for i in range(chain.knots_tied + int(pending)))
+
+
+def _factorise(
+    delta: Tensor, rank: int, oversample: int = 8
+) -> tuple[tuple[Tensor, Tensor], float]:
+    """``((B, A), left)``: the best rank-``rank`` ``B·A`` of ``ΔW`` and ``‖ΔW − B·A‖²_F``.
+
+    A randomized range finder: ``Q`` orthonormal from ``ΔW·Ω``, ``Ω`` Gaussian with ``rank +
+    oversample`` columns (fixed seed), in float64; then the SVD of ``Qᵀ·ΔW`` through
+    :func:`_compress`. Exact (``left`` ~0) when ``ΔW`` has rank ≤ ``rank``, as a chain's has.
+    """
+    d = delta.double()
+    k = min(rank + oversample, *d.shape)
+    gen = torch.Generator().manual_seed(0)
+    omega = torch.randn(d.shape[1], k, dtype=torch.float64, generator=gen)
+    q = torch.linalg.qr(d @ omega).Q  # (out, k)
+    a = q.T @ d  # (k, in)
+    missed = float((d - q @ a).square().sum())  # orthogonal to range(Q)
+    b_r, a_r, left, _norm = _compress(q, a, rank)
+    return (b_r, a_r), missed + left
 
 
 def _compress(b: Tensor, a: Tensor, k: int) -> tuple[Tensor, Tensor, float, float]:

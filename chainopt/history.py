@@ -8,10 +8,10 @@ factors. The whole chain is ``Σᵢ sᵢ·Bᵢ·Aᵢ = [s₁B₁ … s_LB_L]·[A
 
 Example:
     >>> import torch
-    >>> from chainopt.history import ChainHistory
+    >>> from chainopt.history import ChainHistory, LinkFactors
     >>> h = ChainHistory(keep_factors=True)
     >>> a, b = torch.randn(2, 6), torch.randn(4, 2)
-    >>> _ = h.append(step=10, links={"fc": (a, b, 0.5)}, norms={"fc": 1.0})
+    >>> _ = h.append(step=10, links={"fc": LinkFactors(a, b, 0.5)}, norms={"fc": 1.0})
     >>> B, A = h.stacked("fc")
     >>> torch.allclose(B @ A, 0.5 * b @ a)
     True
@@ -31,7 +31,7 @@ __all__ = ["ChainHistory", "KnotRecord", "LinkFactors"]
 
 @dataclass(frozen=True)
 class LinkFactors:
-    """One merged link of one module: ``scale·B·A`` and its bias delta (float32 copies)."""
+    """One link of one module: ``scale·B·A`` and its bias delta (history keeps float32 copies)."""
 
     A: Tensor
     B: Tensor
@@ -60,11 +60,12 @@ class ChainHistory:
     """The knots tied so far, in order.
 
     Args:
-        keep_factors: keep float32 copies of each merged link's factors (needed to export the
-            chain as one adapter; costs one link's factors per knot). Norms are always kept.
+        keep_factors: keep float32 copies of each merged link's factors on the CPU (what an
+            exact adapter export of the chain reads; costs one link's factors of host memory
+            per knot). Norms are always kept.
     """
 
-    def __init__(self, keep_factors: bool = True) -> None:
+    def __init__(self, keep_factors: bool = False) -> None:
         self.keep_factors = keep_factors
         self.knots: list[KnotRecord] = []
 
@@ -74,26 +75,16 @@ class ChainHistory:
     def append(
         self,
         step: int,
-        links: Mapping[str, tuple[Tensor, Tensor, float]],
+        links: Mapping[str, LinkFactors],
         norms: Mapping[str, float],
         skipped: tuple[str, ...] = (),
-        biases: Mapping[str, Tensor] | None = None,
     ) -> KnotRecord:
-        """Record a knot; factors (and bias deltas) are copied to float32 if ``keep_factors``."""
-        biases = biases or {}
-        kept = (
-            {
-                name: LinkFactors(
-                    a.detach().float().clone(),
-                    b.detach().float().clone(),
-                    s,
-                    None if name not in biases else biases[name].detach().float().clone(),
-                )
-                for name, (a, b, s) in links.items()
-            }
-            if self.keep_factors
-            else {}
-        )
+        """Record a knot; with ``keep_factors`` the links are copied to float32 on the CPU.
+
+        The copies go to host memory in one transfer, so a chain trained on an accelerator keeps
+        no history there.
+        """
+        kept = _host_copies(links) if self.keep_factors else {}
         record = KnotRecord(step=step, norms=dict(norms), links=kept, skipped=tuple(skipped))
         self.knots.append(record)
         return record
@@ -179,3 +170,26 @@ class ChainHistory:
             )
             for k in state["knots"]
         ]
+
+
+def _host_copies(links: Mapping[str, LinkFactors]) -> dict[str, LinkFactors]:
+    """float32 CPU copies of ``links``, moved in one transfer per device (views of one buffer)."""
+    tensors = [t for f in links.values() for t in (f.A, f.B, f.bias) if t is not None]
+    if not tensors:
+        return {}
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    host: list[Tensor] = [tensors[0]] * len(tensors)
+    for where in by_device.values():
+        flat = torch.cat([tensors[i].detach().reshape(-1).float() for i in where]).cpu()
+        parts = torch.split(flat, [tensors[i].numel() for i in where])
+        for i, part in zip(where, parts, strict=True):
+            host[i] = part.view(tensors[i].shape)
+    copies = iter(host)
+    return {
+        name: LinkFactors(
+            next(copies), next(copies), f.scale, None if f.bias is None else next(copies)
+        )
+        for name, f in links.items()
+    }

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -44,6 +45,7 @@ __all__ = [
     "lora_parametrization",
     "original",
     "parametrization_count",
+    "reset_links",
     "shard_like",
 ]
 
@@ -113,15 +115,9 @@ class LoRAParametrization(nn.Module):
         """Start a new link in place: A Kaiming-uniform (as ``nn.Linear``) or ``init_A``, B zero.
 
         A is drawn on the CPU in float32 from ``generator`` and copied, so the same generator
-        state gives the same factors on every device and process.
+        state gives the same factors on every device and process (see :func:`reset_links`).
         """
-        if init_A is None:
-            bound = 1.0 / math.sqrt(self.lora_A.shape[1])  # kaiming_uniform_(a=sqrt(5))
-            init_A = torch.empty(self.lora_A.shape, dtype=torch.float32)
-            init_A.uniform_(-bound, bound, generator=generator)
-        with torch.no_grad():
-            copy_full_(self.lora_A, init_A)
-            self.lora_B.zero_()
+        reset_links([self], generator, [init_A])
 
     def resize_(self, rank: int) -> None:
         """Change the link's rank in place (same Parameter objects, new shapes; B·A becomes 0).
@@ -192,6 +188,53 @@ class BiasDelta(nn.Module):
 
     def forward(self, bias: Tensor) -> Tensor:
         return bias + self.delta.to(bias.dtype)
+
+
+@torch.no_grad()
+def reset_links(
+    links: Sequence[LoRAParametrization],
+    generator: torch.Generator | None = None,
+    init_A: Sequence[Tensor | None] | None = None,
+) -> None:
+    """Start a new link on each of ``links`` in place: A Kaiming-uniform or given, B zero.
+
+    The Kaiming-uniform A's (``U(-1/√in, 1/√in)``, as ``nn.Linear``) are drawn in one call on the
+    CPU in float32 from ``generator``, in link order, so the same generator state gives the same
+    factors on every device and process; they reach each device in one copy. A knot restarts
+    every link at once through this, in a handful of batched operations.
+
+    Args:
+        links: the links to restart.
+        generator: the generator to draw A from.
+        init_A: per link, an A to copy instead of drawing one (``None`` entries draw).
+    """
+    given = list(init_A) if init_A is not None else [None] * len(links)
+    drawn = [i for i, a in enumerate(given) if a is None]
+    sources: list[Tensor | None] = list(given)
+    if drawn:
+        sizes = [links[i].lora_A.numel() for i in drawn]
+        flat = torch.empty(sum(sizes), dtype=torch.float32)
+        parts = torch.split(flat, sizes)
+        by_device: dict[torch.device, list[int]] = {}
+        for k, i in enumerate(drawn):
+            bound = 1.0 / math.sqrt(links[i].lora_A.shape[1])  # kaiming_uniform_(a=sqrt(5))
+            parts[k].uniform_(-bound, bound, generator=generator)
+            by_device.setdefault(links[i].lora_A.device, []).append(k)
+        for device, ks in by_device.items():
+            whole = flat if len(by_device) == 1 else torch.cat([parts[k] for k in ks])
+            offsets = torch.split(whole.to(device), [sizes[k] for k in ks])
+            for k, part in zip(ks, offsets, strict=True):
+                sources[drawn[k]] = part.view(links[drawn[k]].lora_A.shape)
+    plain = [i for i, link in enumerate(links) if not is_sharded(link.lora_A)]
+    sharded = sorted(set(range(len(links))) - set(plain))
+    if plain:
+        torch._foreach_copy_(
+            [links[i].lora_A for i in plain], [cast(Tensor, sources[i]) for i in plain]
+        )
+        torch._foreach_zero_([links[i].lora_B for i in plain])
+    for i in sharded:
+        copy_full_(links[i].lora_A, cast(Tensor, sources[i]))
+        links[i].lora_B.zero_()
 
 
 def _set_shape_(param: nn.Parameter, shape: tuple[int, int]) -> None:

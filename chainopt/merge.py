@@ -28,11 +28,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
+from .history import LinkFactors
 from .lora import (
     BiasDelta,
     LoRAParametrization,
@@ -44,7 +47,14 @@ from .lora import (
     original,
 )
 
-__all__ = ["NonFiniteUpdateError", "find_non_finite", "merge_into_weight", "merged_weight"]
+__all__ = [
+    "NonFiniteUpdateError",
+    "find_non_finite",
+    "inspect_links",
+    "merge_into_weight",
+    "merged_weight",
+    "pending_links",
+]
 
 
 class NonFiniteUpdateError(FloatingPointError):
@@ -58,24 +68,68 @@ def _parts(module: nn.Module) -> tuple[LoRAParametrization, BiasDelta | None]:
     return link, bias_delta(module)
 
 
-def find_non_finite(modules: Sequence[tuple[str, nn.Module]]) -> list[str]:
-    """Names of the modules whose link (factors, bias delta, residual) holds a NaN or Inf.
-
-    One host synchronisation for all modules (sharded factors are gathered first, so every rank
-    gets the same answer).
-    """
-    if not modules:
-        return []
-    flags = []
-    for _name, module in modules:
+def pending_links(modules: Sequence[tuple[str, nn.Module]]) -> dict[str, LinkFactors]:
+    """The pending link of each module by name, gathered whole (a collective under FSDP2)."""
+    out: dict[str, LinkFactors] = {}
+    for name, module in modules:
         link, bias = _parts(module)
-        tensors: list[Tensor] = [link.lora_A, link.lora_B]
-        if bias is not None:
-            tensors.append(bias.delta)
-        tensors = [full_tensor(t) for t in tensors]
-        flags.append(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-    ok = torch.stack([f.cpu() for f in flags]).tolist()
-    return [name for (name, _m), good in zip(modules, ok, strict=True) if not good]
+        delta = None if bias is None else full_tensor(bias.delta)
+        out[name] = LinkFactors(
+            full_tensor(link.lora_A), full_tensor(link.lora_B), link.scale, delta
+        )
+    return out
+
+
+def inspect_links(links: Mapping[str, LinkFactors]) -> tuple[list[str], dict[str, float]]:
+    """``(bad, norms)``: the links that must not be merged, and ``‖s·B·A‖_F`` of every link.
+
+    The norm comes from ``‖BA‖² = Σ (BᵀB) ⊙ (AAᵀ)`` (``(r, r)`` products, never ``(out, in)``),
+    one batched product per group of same-shaped links. A NaN or Inf anywhere in A or B reaches
+    that sum, so a link is bad exactly when its norm, or its bias delta's, is not finite in
+    float32: a factor holds NaN/Inf, or its values are so large (``|x| ≳ 1e19``) that the update
+    would overflow. One host synchronisation per device.
+    """
+    names = list(links)
+    by_device: dict[torch.device, list[str]] = {}
+    for name in names:
+        by_device.setdefault(links[name].A.device, []).append(name)
+    norms: dict[str, float] = {}
+    finite: dict[str, bool] = {}
+    for group in by_device.values():
+        shapes: dict[tuple[Any, ...], list[str]] = {}
+        for n in group:
+            link = links[n]
+            shapes.setdefault((link.A.shape, link.B.shape, link.A.dtype), []).append(n)
+        order = [n for same in shapes.values() for n in same]
+        with_bias = [n for n in group if links[n].bias is not None]
+        parts = [_gram_norms([links[n] for n in same]) for same in shapes.values()]
+        if with_bias:
+            biases = [cast(Tensor, links[n].bias).float() for n in with_bias]
+            parts.append(torch.stack(torch._foreach_norm(biases)))
+        values = torch.cat(parts).tolist()  # the one host sync
+        norms.update(zip(order, values[: len(order)], strict=True))
+        finite.update((n, math.isfinite(norms[n])) for n in order)
+        for n, value in zip(with_bias, values[len(order) :], strict=True):
+            finite[n] = finite[n] and math.isfinite(value)
+    return [n for n in names if not finite[n]], {n: norms[n] for n in names}
+
+
+def _gram_norms(links: list[LinkFactors]) -> Tensor:
+    """``‖sᵢ·Bᵢ·Aᵢ‖_F`` of same-shaped links, in float32, as one ``(n,)`` tensor."""
+    a = torch.stack([link.A for link in links]).float()  # (n, r, in)
+    b = torch.stack([link.B for link in links]).float()  # (n, out, r)
+    gram = (b.mT @ b) * (a @ a.mT)  # (n, r, r): NaN/Inf in A or B reach it
+    scales = torch.tensor([link.scale for link in links], device=a.device)
+    return gram.sum((1, 2)).clamp_min(0).sqrt() * scales
+
+
+def find_non_finite(modules: Sequence[tuple[str, nn.Module]]) -> list[str]:
+    """Names of the modules whose pending link must not be merged (see :func:`inspect_links`).
+
+    NaN/Inf in a factor or bias delta, or an update whose norm overflows float32. Sharded
+    factors are gathered first, so every rank gets the same answer.
+    """
+    return inspect_links(pending_links(modules))[0]
 
 
 def _exact(
@@ -131,19 +185,25 @@ def merge_into_weight(module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def merged_weight(module: nn.Module) -> Tensor:
-    """The adapted weight ``W + residual + s·B·A`` in the weight's dtype, as a new tensor."""
+def merged_weight(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
+    """The adapted weight ``W + residual + s·B·A`` as a new, whole tensor.
+
+    Args:
+        module: an adapted module.
+        dtype: the result's dtype (default: the weight's). ``torch.float32`` keeps what rounding
+            into a half-precision weight would drop.
+    """
     link, _bias = _parts(module)
     weight = original(module)
-    return _exact(weight, link.merge_residual, link).to(weight.dtype)  # whole, even if sharded
+    return _exact(weight, link.merge_residual, link).to(dtype or weight.dtype)
 
 
 @torch.no_grad()
-def merged_bias(module: nn.Module) -> Tensor | None:
-    """The adapted bias ``b + residual + δ`` in the bias's dtype (``None`` without a bias)."""
+def merged_bias(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor | None:
+    """The adapted bias ``b + residual + δ`` (``None`` without a bias), dtype as above."""
     bias = bias_delta(module)
     if bias is None:
         b: Tensor | None = getattr(module, "bias", None)
-        return None if b is None else b.detach().clone()
+        return None if b is None else b.detach().to(dtype or b.dtype, copy=True)
     target = original(module, "bias")
-    return _exact(target, bias.merge_residual, None, bias.delta).to(target.dtype)
+    return _exact(target, bias.merge_residual, None, bias.delta).to(dtype or target.dtype)

@@ -34,7 +34,7 @@ import math
 import sys
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, TypeAlias, get_args
 
@@ -58,9 +58,10 @@ from .lora import (
     lora_parametrization,
     original,
     parametrization_count,
+    reset_links,
     shard_like,
 )
-from .merge import NonFiniteUpdateError, find_non_finite, merge_into_weight
+from .merge import NonFiniteUpdateError, inspect_links, merge_into_weight, pending_links
 from .reset import ResetPolicy, reset_state
 from .schedule import KnotSchedule
 from .targets import ModuleSpec, describe_spec, select_modules
@@ -273,9 +274,12 @@ class ChainLoRAOptimizer(Optimizer):
         exact_merge: keep a merge residual so knots are exact in the weight's precision;
             ``None`` turns it on for bfloat16/float16 weights (one residual element per weight
             element: bfloat16 for bfloat16 weights, float32 for float16 ones).
-        keep_history: keep float32 copies of every merged link (``opt.history``), so the whole
-            chain can be exported as one adapter; costs one link's factors per knot. Update norms
-            are recorded either way.
+        keep_history: keep float32 copies of every merged link in host memory
+            (``opt.history``), so the chain can be exported exactly as one adapter from the
+            optimizer alone; costs one link's factors of CPU memory per knot, none on an
+            accelerator. Off by default (PEFT's memory); without it
+            :func:`~chainopt.export_peft_adapter` takes the original base model instead. Update
+            norms are recorded either way.
         non_finite: what a knot does with a link holding NaN/Inf: ``"raise"`` (default) raises
             :class:`~chainopt.NonFiniteUpdateError` and changes nothing; ``"skip"`` merges the
             finite links, drops the others unmerged and warns.
@@ -311,7 +315,7 @@ class ChainLoRAOptimizer(Optimizer):
         seed: int = 0,
         factor_dtype: torch.dtype | None = None,
         exact_merge: bool | None = None,
-        keep_history: bool = True,
+        keep_history: bool = False,
         non_finite: NonFinitePolicy = "raise",
         reset: ResetPolicy = "full",
         prune_ratio: float = 0.9,
@@ -545,7 +549,9 @@ class ChainLoRAOptimizer(Optimizer):
             NonFiniteUpdateError: a factor holds NaN/Inf and ``non_finite="raise"``; no weight,
                 factor or state was changed.
         """
-        bad = find_non_finite(self._adapted)
+        # Whole factors (gathered when FSDP2 shards them): the same record on every rank.
+        links = pending_links(self._adapted)
+        bad, norms = inspect_links(links)
         where = f"knot {self.knots_tied + 1} (optimizer step {self.optimizer_steps})"
         if bad and self.non_finite == "raise":
             raise NonFiniteUpdateError(
@@ -559,14 +565,11 @@ class ChainLoRAOptimizer(Optimizer):
                 stacklevel=2,
             )
         good = [(n, m) for n, m in self._adapted if n not in bad]
-        # Whole factors (gathered when FSDP2 shards them): the same record on every rank.
-        links = {
-            n: (full_tensor(_link(m).lora_A), full_tensor(_link(m).lora_B), _link(m).scale)
-            for n, m in good
-        }
-        biases = {n: full_tensor(d.delta) for n, m in good if (d := bias_delta(m)) is not None}
         record = self.history.append(
-            self.optimizer_steps, links, _update_norms(links), tuple(bad), biases
+            self.optimizer_steps,
+            {n: links[n] for n, _m in good},
+            {n: norms[n] for n, _m in good},
+            tuple(bad),
         )
         for _name, module in good:
             merge_into_weight(module)
@@ -660,13 +663,19 @@ class ChainLoRAOptimizer(Optimizer):
         """Start the next link of every module in place and reset its factors' state."""
         rank = self.link_rank(self.knots_tied + 1)
         gradients = self._probe.take() if self._probe is not None else {}
-        for name, module in self._adapted:
-            link = _link(module)
+        links = [_link(module) for _name, module in self._adapted]
+        for link in links:
             link.resize_(rank)
-            init_A = a_from_gradient(gradients[name], rank) if name in gradients else None
-            link.reset_parameters(self._generator, init_A)
-            delta = bias_delta(module)
-            if delta is not None:
+        reset_links(
+            links,
+            self._generator,
+            [
+                a_from_gradient(gradients[name], rank) if name in gradients else None
+                for name, _module in self._adapted
+            ],
+        )
+        for _name, module in self._adapted:
+            if (delta := bias_delta(module)) is not None:
                 delta.reset_parameters()
         reset_state(
             self._base.state, self.factors(), self.reset, self.config.prune_ratio, self._fresh_state
@@ -795,19 +804,6 @@ def _link(module: nn.Module) -> LoRAParametrization:
     if link is None:  # pragma: no cover - the optimizer only tracks adapted modules
         raise RuntimeError("module lost its chainopt link")
     return link
-
-
-def _update_norms(links: Mapping[str, tuple[Tensor, Tensor, float]]) -> dict[str, float]:
-    """``‖s·B·A‖_F`` per module from ``(r, r)`` Gram matrices, with one host sync for all."""
-    if not links:
-        return {}
-    # ‖BA‖² = tr(AᵀBᵀBA) = Σ (BᵀB) ⊙ (AAᵀ): (r, r) products, never (out, in).
-    norms = [
-        s * ((b.float().T @ b.float()) * (a.float() @ a.float().T)).sum().clamp_min(0).sqrt()
-        for a, b, s in links.values()
-    ]
-    values = torch.stack([n.cpu() for n in norms]).tolist()
-    return dict(zip(links, values, strict=True))
 
 
 def _factors_of(module: nn.Module) -> list[nn.Parameter]:

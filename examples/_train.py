@@ -89,6 +89,7 @@ def train_chain(
         num_links=num_links,
         total_steps=total,
         seed=seed,
+        keep_history=True,  # the merged links, for the effective rank and the exact adapter
     )
     sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=total)
     result = RunResult(name)

@@ -23,7 +23,14 @@ IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(9))
 
 
 def _train_lm(model: nn.Module, steps: int, **kw: Any) -> ChainLoRAOptimizer:
-    kw = {"target_modules": ["q_proj", "v_proj"], "rank": 4, "alpha": 8, "knot_every": 2, **kw}
+    kw = {
+        "target_modules": ["q_proj", "v_proj"],
+        "rank": 4,
+        "alpha": 8,
+        "knot_every": 2,
+        "keep_history": True,
+        **kw,
+    }
     opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=2e-2), **kw)
     ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
     for _ in range(steps):
@@ -52,16 +59,31 @@ def _dense_updates(opt: ChainLoRAOptimizer, w0: dict[str, torch.Tensor]) -> dict
     return out
 
 
+# Two sources of the merged links: the kept history, or the original weights (``base``): the
+# same adapter either way, exact from the history, exact to float32 rounding from the base.
+SOURCES = ["history", "base"]
+
+
+def _source(source: str, base: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(optimizer kwargs, export kwargs) for a source."""
+    if source == "history":
+        return {"keep_history": True}, {}
+    return {"keep_history": False}, {"base": base}
+
+
+@pytest.mark.parametrize("source", SOURCES)
 def test_exact_adapter_on_the_original_base_reproduces_the_fine_tuned_llama(
-    tmp_path: Path,
+    tmp_path: Path, source: str
 ) -> None:
     model = tiny_llama()
-    opt = _train_lm(model, 5, trainable_modules=["lm_head"])  # two knots and a pending link
+    train_kw, export_kw = _source(source, tiny_llama())
+    opt = _train_lm(model, 5, trainable_modules=["lm_head"], **train_kw)  # 2 knots + pending
     expected = _logits(model.eval())
 
-    report = export_peft_adapter(opt, tmp_path)
+    report = export_peft_adapter(opt, tmp_path, **export_kw)
 
-    assert report.rank == 12 and report.relative_error == 0.0
+    assert report.rank == 12
+    assert report.relative_error == 0.0 if source == "history" else report.relative_error < 1e-6
     assert report.chain_ranks == dict.fromkeys(opt.config.modules, 12)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
@@ -79,13 +101,15 @@ def test_exact_adapter_on_the_original_base_reproduces_the_fine_tuned_llama(
     torch.testing.assert_close(_logits(loaded), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_exact_adapter_of_some_layers_of_opt(tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", SOURCES)
+def test_exact_adapter_of_some_layers_of_opt(tmp_path: Path, source: str) -> None:
     model = tiny_opt()
     targets = re.compile(r".*layers\.0\.self_attn\.(q|v)_proj")  # layer 0 only
-    opt = _train_lm(model, 4, target_modules=targets)  # two knots; the new link is still zero
+    train_kw, export_kw = _source(source, tiny_opt())
+    opt = _train_lm(model, 4, target_modules=targets, **train_kw)  # 2 knots; new link still 0
     expected = _logits(model.eval())
 
-    report = export_peft_adapter(opt, tmp_path)
+    report = export_peft_adapter(opt, tmp_path, **export_kw)
 
     assert report.rank == 8
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -105,6 +129,7 @@ def test_compressed_adapter_is_the_best_rank_k_update_and_reports_its_error(
         target_modules=["0", "2"],
         rank=2,
         knot_every=2,
+        keep_history=True,
     )
     w0 = {n: m.parametrizations.weight.original.detach().clone() for n, m in opt.adapted_modules()}
     gen = torch.Generator().manual_seed(1)
@@ -151,6 +176,7 @@ def test_modules_with_shorter_chains_are_padded_to_one_rank(tmp_path: Path) -> N
         rank=2,
         knot_every=1,
         non_finite="skip",
+        keep_history=True,
     )
     w0 = {n: m.parametrizations.weight.original.detach().clone() for n, m in opt.adapted_modules()}
     gen = torch.Generator().manual_seed(1)
@@ -178,14 +204,16 @@ def test_modules_with_shorter_chains_are_padded_to_one_rank(tmp_path: Path) -> N
     assert config["task_type"] is None  # not a Hugging Face model class
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("steps", [2, 7])  # before any knot; after two knots, mid-link
-def test_lora_bias_exports_lora_b_bias(tmp_path: Path, steps: int) -> None:
+def test_lora_bias_exports_lora_b_bias(tmp_path: Path, steps: int, source: str) -> None:
     model = tiny_opt()
-    opt = _train_lm(model, steps, lora_bias=True, knot_every=3)
+    train_kw, export_kw = _source(source, tiny_opt())
+    opt = _train_lm(model, steps, lora_bias=True, knot_every=3, **train_kw)
     assert opt.knots_tied == steps // 3
     expected = _logits(model.eval())
 
-    export_peft_adapter(opt, tmp_path)
+    export_peft_adapter(opt, tmp_path, **export_kw)
 
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["lora_bias"] is True
@@ -193,29 +221,81 @@ def test_lora_bias_exports_lora_b_bias(tmp_path: Path, steps: int) -> None:
     torch.testing.assert_close(_logits(loaded), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    ("kw", "match"),
-    [
-        ({"keep_history": False}, "keep_history=False"),
-        ({"keep_history": False, "lora_bias": True}, "keep_history=False"),
-    ],
-)
-def test_chains_whose_merged_links_are_unknown_are_refused(
-    tmp_path: Path, kw: dict[str, Any], match: str
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_without_history_or_base_a_chain_with_knots_is_refused(
+    tmp_path: Path, lora_bias: bool
 ) -> None:
     model = tiny_opt()
-    opt = _train_lm(model, 3, **kw)  # one knot tied
-    with pytest.raises(ValueError, match=match):
+    opt = _train_lm(model, 3, keep_history=False, lora_bias=lora_bias)  # one knot tied
+    with pytest.raises(ValueError, match=r"keep_history=False .* Pass base="):
         export_peft_adapter(opt, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
-def test_a_chain_after_merge_and_unload_is_refused(tmp_path: Path) -> None:
+def test_after_merge_and_unload_it_needs_the_base_and_then_is_exact(tmp_path: Path) -> None:
     model = tiny_llama()
-    opt = _train_lm(model, 3)
+    opt = _train_lm(model, 3)  # one knot, then a pending link that merge_and_unload merges
     opt.merge_and_unload()
-    with pytest.raises(ValueError, match="before merge_and_unload"):
+    expected = _logits(model.eval())
+    with pytest.raises(ValueError, match=r"merge_and_unload.* Pass base="):
         export_peft_adapter(opt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    report = export_peft_adapter(opt, tmp_path / "out", base=tiny_llama().state_dict())
+
+    assert report.rank == 8 and report.relative_error < 1e-6
+    loaded = _peft(tiny_llama(), tmp_path / "out")
+    torch.testing.assert_close(_logits(loaded), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compressed_from_base_equals_compressed_from_history(tmp_path: Path) -> None:
+    model = tiny_llama()
+    opt = _train_lm(model, 7)  # three knots and a pending link: chain rank 16
+    from_history = export_peft_adapter(opt, tmp_path / "h", rank=5)
+    from_base = export_peft_adapter(opt, tmp_path / "b", rank=5, base=tiny_llama())  # same seed
+
+    h = load_file(tmp_path / "h" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert (
+        from_base.chain_ranks == from_history.chain_ranks == dict.fromkeys(opt.config.modules, 16)
+    )
+    for name in opt.config.modules:
+        key = f"base_model.model.{name}"
+        best = h[f"{key}.lora_B.weight"].double() @ h[f"{key}.lora_A.weight"].double()
+        got = b[f"{key}.lora_B.weight"].double() @ b[f"{key}.lora_A.weight"].double()
+        torch.testing.assert_close(got, best, rtol=1e-4, atol=1e-6)
+        assert from_base.relative_errors[name] == pytest.approx(
+            from_history.relative_errors[name], rel=1e-4
+        )
+
+
+@pytest.mark.parametrize(
+    ("base", "error", "match"),
+    [
+        ({}, ValueError, "base has no tensor 'model.layers.0.self_attn.q_proj.weight'"),
+        (
+            {"model.layers.0.self_attn.q_proj.weight": torch.zeros(3, 3)},
+            ValueError,
+            r"base\['model.layers.0.self_attn.q_proj.weight'\] has shape \(3, 3\)",
+        ),
+        ("weights.bin", TypeError, "base must be an nn.Module or a state dict, got str"),
+    ],
+)
+def test_a_bad_base_is_refused_before_anything_is_written(
+    tmp_path: Path, base: Any, error: type[Exception], match: str
+) -> None:
+    model = tiny_llama()
+    opt = _train_lm(model, 3, keep_history=False)
+    with pytest.raises(error, match=match):
+        export_peft_adapter(opt, tmp_path / "out", base=base)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_chained_model_itself_is_not_a_base(tmp_path: Path) -> None:
+    model = tiny_llama()
+    opt = _train_lm(model, 3, keep_history=False)
+    with pytest.raises(ValueError, match="base carries chainopt links"):
+        export_peft_adapter(opt, tmp_path / "out", base=model)
     assert not (tmp_path / "out").exists()
 
 

@@ -52,6 +52,7 @@ def _build(non_finite: str = "raise", head: bool = True) -> tuple[nn.Module, Cha
         lora_bias=True,
         seed=9,
         non_finite=non_finite,  # type: ignore[arg-type]
+        keep_history=True,
     )
     return model, opt
 
@@ -190,12 +191,11 @@ def test_resuming_after_a_knot_failed_half_way_matches_an_uninterrupted_run(
 
         monkeypatch.setattr(optimizer_mod, "merge_into_weight", merge)
     else:
-        link = lora_parametrization(model[2])
 
         def draw(*args: Any) -> None:
             raise RuntimeError("crash inside the knot")
 
-        monkeypatch.setattr(link, "reset_parameters", draw)
+        monkeypatch.setattr(optimizer_mod, "reset_links", draw)
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="crash inside the knot"):
         _step(model, opt, 3)  # the knot after step 4

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from models import mlp, snapshot
 from test_optimizer import _train
 from test_resume import _roundtrip
+from torch import nn
 
 from chainopt import ChainLoRAOptimizer
 from chainopt.history import ChainHistory
@@ -23,7 +24,7 @@ def _chain(**kw: object) -> ChainLoRAOptimizer:
         target_modules=["0", "2"],
         rank=2,
         alpha=4,
-        **{"knot_every": 2, **kw},  # type: ignore[arg-type]
+        **{"knot_every": 2, "keep_history": True, **kw},  # type: ignore[arg-type]
     )
 
 
@@ -110,4 +111,32 @@ def test_bad_history_and_policy_arguments() -> None:
 
 
 def test_effective_rank_of_an_empty_history_is_zero() -> None:
-    assert ChainHistory().effective_rank("x") == 0
+    assert ChainHistory(keep_factors=True).effective_rank("x") == 0
+
+
+def test_kept_links_are_float32_host_copies_that_later_knots_leave_alone() -> None:
+    opt = _chain(factor_dtype=torch.bfloat16)
+    _train(opt.model, opt, 2)  # one knot
+    record = opt.history.knots[0]
+    kept = {n: (f.A.clone(), f.B.clone()) for n, f in record.links.items()}
+    for name, f in record.links.items():
+        assert f.A.dtype == f.B.dtype == torch.float32 and f.A.device.type == "cpu", name
+        assert f.B.any(), name  # the merged link, not the fresh one
+    _train(opt.model, opt, 2)  # the next link trains and is merged in place of the same Parameters
+    for name, f in opt.history.knots[0].links.items():
+        assert torch.equal(f.A, kept[name][0]) and torch.equal(f.B, kept[name][1]), name
+
+
+def test_history_is_off_by_default() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    opt = ChainLoRAOptimizer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        target_modules=["0"],
+        rank=2,
+        knot_every=1,
+    )
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert len(opt.history) == 1 and opt.history.knots[0].links == {}
+    assert opt.history.knots[0].norms["0"] > 0

@@ -21,6 +21,7 @@ from chainopt.lora import (
     bias_delta,
     detach,
     lora_parametrization,
+    reset_links,
 )
 
 
@@ -84,6 +85,45 @@ def test_reset_parameters_is_reproducible_from_a_generator() -> None:
     a.reset_parameters(torch.Generator().manual_seed(4))
     b.reset_parameters(torch.Generator().manual_seed(4))
     assert torch.equal(a.lora_A, b.lora_A)
+
+
+@given(
+    shapes=st.lists(
+        st.tuples(st.integers(1, 9), st.integers(1, 40), st.integers(1, 4), st.booleans()),
+        min_size=1,
+        max_size=5,
+    ),
+    given_a=st.lists(st.booleans(), min_size=5, max_size=5),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_reset_links_equals_resetting_each_link_in_turn(
+    shapes: list[tuple[int, int, int, bool]], given_a: list[bool], seed: int
+) -> None:
+    """The batched restart a knot uses draws exactly what one link at a time would."""
+
+    def make() -> list[LoRAParametrization]:  # B non-zero, so the reset must clear it
+        links = []
+        for out, inp, rank, half in shapes:
+            dtype = torch.bfloat16 if half else torch.float32
+            link = LoRAParametrization(out, inp, rank, 2.0, dtype=dtype)
+            with torch.no_grad():
+                link.lora_B.fill_(1.0)
+            links.append(link)
+        return links
+
+    inits = [
+        torch.full((rank, inp), 0.5) if use else None
+        for (_out, inp, rank, _half), use in zip(shapes, given_a, strict=False)
+    ]
+    links = make()
+    reset_links(links, torch.Generator().manual_seed(seed), inits)
+    gen = torch.Generator().manual_seed(seed)  # the reference: nn.Linear's draw, one at a time
+    for link, init in zip(links, inits, strict=True):
+        if init is None:
+            bound = 1 / link.lora_A.shape[1] ** 0.5
+            init = torch.empty(link.lora_A.shape).uniform_(-bound, bound, generator=gen)
+        assert torch.equal(link.lora_A, init.to(link.lora_A.dtype))
+        assert not link.lora_B.any()
 
 
 def test_state_dict_keys_are_parametrize_keys() -> None:

@@ -32,6 +32,7 @@ def _train_with_reference(
         knot_every=3,
         seed=1,
         exact_merge=exact_merge,
+        keep_history=True,  # the hook below reads each merged link
     )
     weights = {n: m.parametrizations.weight.original for n, m in opt.adapted_modules()}
     start = {n: w.detach().double().clone() for n, w in weights.items()}
