@@ -288,7 +288,7 @@ class LoraSpec:
     lr: float = 1e-4
     knot_every: int = 5
     exact_merge: bool | None = None  # chainopt's default: a merge residual for half weights
-    keep_history: bool | None = None  # None: chainopt's default (keep merged links' factors)
+    keep_history: bool | None = None  # None: chainopt's default (no history)
 
 
 NO_KNOT = 10**9  # chainopt needs a schedule; this one never fires inside a benchmark
