@@ -177,7 +177,7 @@ def export_peft_adapter(
     else:
         stacks = {}
         for name in names:
-            delta = _current_weight(model, name) - originals[f"{name}.weight"]
+            delta = _current_weight(model, name) - _host(originals[f"{name}.weight"])
             stacks[name], sketched[name] = _factorise(delta, _chain_rank(chain, name))
     r = rank if rank is not None else max([b.shape[1] for b, _a in stacks.values()] + [1])
 
@@ -197,7 +197,7 @@ def export_peft_adapter(
             tensors[f"{key}.lora_B.bias"] = (
                 _bias_update(model, name, history)
                 if originals is None
-                else _current_bias(model, name) - originals[f"{name}.bias"]
+                else _current_bias(model, name) - _host(originals[f"{name}.bias"])
             )
     to_save = _modules_to_save(chain)
     for owner in to_save:
@@ -276,7 +276,7 @@ def _base_tensors(
     names: list[str],
     lora_bias: bool,
 ) -> dict[str, Tensor]:
-    """The original weights (and biases) of the adapted modules, float32 on the CPU, checked."""
+    """The original weights (and biases) of the adapted modules by plain key, checked."""
     if isinstance(base, nn.Module):
         if base is model or any(
             lora_parametrization(m) is not None for m in map(partial(_submodule, base), names) if m
@@ -310,8 +310,13 @@ def _base_tensors(
                 raise ValueError(
                     f"base[{key!r}] has shape {tuple(tensor.shape)}, the model's is {shape}"
                 )
-            out[key] = full_tensor(tensor.detach()).float().cpu()
+            out[key] = tensor  # converted one module at a time: no copy of the whole base
     return out
+
+
+def _host(tensor: Tensor) -> Tensor:
+    """A whole float32 CPU copy (gathered if sharded)."""
+    return full_tensor(tensor.detach()).float().cpu()
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:
