@@ -41,13 +41,13 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .export import adapted_modules
 from .history import ChainHistory, LinkFactors
 from .lora import bias_delta, full_tensor, lora_parametrization
 from .merge import merged_bias, merged_weight
@@ -278,19 +278,12 @@ def _base_tensors(
 ) -> dict[str, Tensor]:
     """The original weights (and biases) of the adapted modules by plain key, checked."""
     if isinstance(base, nn.Module):
-        if base is model or any(
-            lora_parametrization(m) is not None for m in map(partial(_submodule, base), names) if m
-        ):
+        if base is model or adapted_modules(base):
             raise ValueError(
                 "base carries chainopt links (the chained model itself?): pass the original "
                 "model, or its state dict from before the optimizer was built"
             )
-        state = {
-            f"{name}.{kind}": t
-            for name in names
-            for kind in ("weight", "bias")
-            if isinstance(t := getattr(_submodule(base, name), kind, None), Tensor)
-        }
+        state = base.state_dict()  # references, no copies
     elif isinstance(base, Mapping):
         state = dict(base)
     else:
@@ -319,13 +312,6 @@ def _host(tensor: Tensor) -> Tensor:
     return full_tensor(tensor.detach()).float().cpu()
 
 
-def _submodule(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
-
-
 def _linear(model: nn.Module, name: str) -> nn.Linear:
     module = model.get_submodule(name)
     if not isinstance(module, nn.Linear):  # pragma: no cover - chainopt adapts Linears only
@@ -337,7 +323,7 @@ def _current_weight(model: nn.Module, name: str) -> Tensor:
     """The module's weight now, pending link included, in float32 on the CPU."""
     module = _linear(model, name)
     if lora_parametrization(module) is None:  # after merge_and_unload
-        return full_tensor(module.weight.detach()).float().cpu()
+        return _host(module.weight)
     return merged_weight(module, torch.float32).cpu()
 
 
@@ -345,7 +331,7 @@ def _current_bias(model: nn.Module, name: str) -> Tensor:
     """The module's bias now, pending delta included, in float32 on the CPU."""
     module = _linear(model, name)
     if bias_delta(module) is None:
-        return full_tensor(module.bias.detach()).float().cpu()
+        return _host(module.bias)
     bias = merged_bias(module, torch.float32)
     assert bias is not None
     return bias.cpu()

@@ -180,13 +180,12 @@ def _host_copies(links: Mapping[str, LinkFactors]) -> dict[str, LinkFactors]:
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(i)
-    host: list[Tensor] = [tensors[0]] * len(tensors)
+    host: dict[int, Tensor] = {}
     for where in by_device.values():
         flat = torch.cat([tensors[i].detach().reshape(-1).float() for i in where]).cpu()
         parts = torch.split(flat, [tensors[i].numel() for i in where])
-        for i, part in zip(where, parts, strict=True):
-            host[i] = part.view(tensors[i].shape)
-    copies = iter(host)
+        host.update((i, part.view(tensors[i].shape)) for i, part in zip(where, parts, strict=True))
+    copies = iter(host[i] for i in range(len(tensors)))
     return {
         name: LinkFactors(
             next(copies), next(copies), f.scale, None if f.bias is None else next(copies)

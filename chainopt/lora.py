@@ -225,8 +225,8 @@ def reset_links(
             offsets = torch.split(whole.to(device), [sizes[k] for k in ks])
             for k, part in zip(ks, offsets, strict=True):
                 sources[drawn[k]] = part.view(links[drawn[k]].lora_A.shape)
+    sharded = [i for i, link in enumerate(links) if is_sharded(link.lora_A)]
     plain = [i for i, link in enumerate(links) if not is_sharded(link.lora_A)]
-    sharded = sorted(set(range(len(links))) - set(plain))
     if plain:
         torch._foreach_copy_(
             [links[i].lora_A for i in plain], [cast(Tensor, sources[i]) for i in plain]

@@ -107,7 +107,8 @@ def inspect_links(links: Mapping[str, LinkFactors]) -> tuple[list[str], dict[str
             biases = [cast(Tensor, links[n].bias).float() for n in with_bias]
             parts.append(torch.stack(torch._foreach_norm(biases)))
         values = torch.cat(parts).tolist()  # the one host sync
-        norms.update(zip(order, values[: len(order)], strict=True))
+        scaled = zip(order, values[: len(order)], strict=True)
+        norms.update((n, links[n].scale * v) for n, v in scaled)
         finite.update((n, math.isfinite(norms[n])) for n in order)
         for n, value in zip(with_bias, values[len(order) :], strict=True):
             finite[n] = finite[n] and math.isfinite(value)
@@ -115,12 +116,11 @@ def inspect_links(links: Mapping[str, LinkFactors]) -> tuple[list[str], dict[str
 
 
 def _gram_norms(links: list[LinkFactors]) -> Tensor:
-    """``‖sᵢ·Bᵢ·Aᵢ‖_F`` of same-shaped links, in float32, as one ``(n,)`` tensor."""
+    """``‖Bᵢ·Aᵢ‖_F`` (unscaled) of same-shaped links, in float32, as one ``(n,)`` tensor."""
     a = torch.stack([link.A for link in links]).float()  # (n, r, in)
     b = torch.stack([link.B for link in links]).float()  # (n, out, r)
     gram = (b.mT @ b) * (a @ a.mT)  # (n, r, r): NaN/Inf in A or B reach it
-    scales = torch.tensor([link.scale for link in links], device=a.device)
-    return gram.sum((1, 2)).clamp_min(0).sqrt() * scales
+    return gram.sum((1, 2)).clamp_min(0).sqrt()
 
 
 def find_non_finite(modules: Sequence[tuple[str, nn.Module]]) -> list[str]:
