@@ -16,21 +16,25 @@ Example:
 
 from .adapter import AdapterReport, export_peft_adapter
 from .checkpoint import load_checkpoint, save_checkpoint
-from .export import (
+from .config import ChainConfig, NonFinitePolicy
+from .export import adapted_modules, merge_and_unload, merged_state_dict, save_merged
+from .guard import NonFiniteUpdateError
+from .history import ChainHistory, KnotRecord, LinkFactors
+from .init import InitPolicy
+from .integrations.hf_save import (
     ParametrizedCheckpointWarning,
-    adapted_modules,
     guard_save_pretrained,
-    merge_and_unload,
-    merged_state_dict,
-    save_merged,
     saving_for_resume,
 )
-from .history import ChainHistory, KnotRecord, LinkFactors
 from .lora import BiasDelta, LoRAParametrization
-from .merge import NonFiniteUpdateError
-from .optimizer import ChainConfig, ChainLoRAOptimizer, KnotHook, NonFinitePolicy
+from .optimizer import ChainLoRAOptimizer, KnotHook, OptimizerSpec, on_wrap
+from .reset import ResetPolicy
 from .schedule import KnotSchedule
+from .summary import ChainSummary, ModuleSummary
+from .targets import ModuleSpec
 from .warmup import KnotWarmup
+
+on_wrap(guard_save_pretrained)  # a plain save_pretrained of a chained HF model warns
 
 __all__ = [
     "AdapterReport",
@@ -38,15 +42,21 @@ __all__ = [
     "ChainConfig",
     "ChainHistory",
     "ChainLoRAOptimizer",
+    "ChainSummary",
+    "InitPolicy",
     "KnotHook",
     "KnotRecord",
     "KnotSchedule",
     "KnotWarmup",
     "LinkFactors",
     "LoRAParametrization",
+    "ModuleSpec",
+    "ModuleSummary",
     "NonFinitePolicy",
     "NonFiniteUpdateError",
+    "OptimizerSpec",
     "ParametrizedCheckpointWarning",
+    "ResetPolicy",
     "adapted_modules",
     "export_peft_adapter",
     "guard_save_pretrained",

@@ -47,12 +47,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .export import adapted_modules
+from ._dtensor import full_tensor
+from ._lowrank import compress, factorise
+from ._validate import type_name
+from .adapted import (
+    AdaptedModule,
+    bias_delta,
+    find_adapted,
+    is_conv1d,
+    lora_parametrization,
+    original,
+)
+from .guard import NonFiniteUpdateError, check_links
 from .history import ChainHistory, LinkFactors
-from .lora import bias_delta, full_tensor, lora_parametrization
 from .merge import merged_bias, merged_weight
 from .optimizer import ChainLoRAOptimizer
-from .targets import select_modules
+from .targets import is_linear_like, select_modules
 
 __all__ = ["AdapterReport", "export_peft_adapter"]
 
@@ -139,7 +149,9 @@ def export_peft_adapter(
         ImportError: ``safetensors`` is not installed.
     """
     if not isinstance(chain, ChainLoRAOptimizer):
-        raise TypeError(f"chain must be a ChainLoRAOptimizer, got {type(chain).__name__}")
+        raise TypeError(f"chain must be a ChainLoRAOptimizer, got {type_name(chain)}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type_name(path)}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ValueError(f"rank must be None (exact) or a positive int, got {rank!r}")
     history = chain.history
@@ -161,6 +173,10 @@ def export_peft_adapter(
     lora_bias = chain.config.lora_bias
     model = chain.model
     names = list(chain.config.modules)
+    if not unloaded:
+        check = check_links(find_adapted(model))
+        if check.bad:
+            raise NonFiniteUpdateError(f"refusing to export the adapter: {check.describe()}")
     originals = None if from_history else _base_tensors(base, model, names, lora_bias)
     try:
         from safetensors.torch import save_file
@@ -178,14 +194,14 @@ def export_peft_adapter(
         stacks = {}
         for name in names:
             delta = _current_weight(model, name) - _host(originals[f"{name}.weight"])
-            stacks[name], sketched[name] = _factorise(delta, _chain_rank(chain, name))
+            stacks[name], sketched[name] = factorise(delta, _chain_rank(chain, name))
     r = rank if rank is not None else max([b.shape[1] for b, _a in stacks.values()] + [1])
 
     tensors: dict[str, Tensor] = {}
     errors: dict[str, float] = {}
     left_total, norm_total = 0.0, 0.0
     for name, (b, a) in stacks.items():
-        b, a, left, norm = _compress(b, a, r)
+        b, a, left, norm = compress(b, a, r)
         missed = sketched.get(name, 0.0)  # left out of (b, a) from base: orthogonal to B·A
         left, norm = left + missed, norm + missed
         errors[name] = math.sqrt(left / norm) if norm > 0 else 0.0
@@ -199,6 +215,9 @@ def export_peft_adapter(
                 if originals is None
                 else _current_bias(model, name) - _host(originals[f"{name}.bias"])
             )
+    bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteUpdateError(f"refusing to export the adapter: non-finite {bad[:3]}")
     to_save = _modules_to_save(chain)
     for owner in to_save:
         for key, value in model.get_submodule(owner).state_dict().items():
@@ -216,7 +235,7 @@ def export_peft_adapter(
         "alpha_pattern": {},
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(is_conv1d(model.get_submodule(n)) for n in names),
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
@@ -243,9 +262,7 @@ def _stack(model: nn.Module, name: str, links: list[LinkFactors]) -> tuple[Tenso
     The merged links and, while the module is still adapted, its pending link (left out while
     ``B`` is still zero: it adds nothing).
     """
-    module = model.get_submodule(name)
-    if not isinstance(module, nn.Linear):  # pragma: no cover - chainopt adapts Linears only
-        raise TypeError(f"{name!r} is a {type(module).__name__}, not an nn.Linear")
+    module = _module(model, name)
     links = list(links)
     link = lora_parametrization(module)
     if link is not None and bool(link.lora_B.detach().any()):
@@ -253,20 +270,20 @@ def _stack(model: nn.Module, name: str, links: list[LinkFactors]) -> tuple[Tenso
             LinkFactors(link.lora_A.detach().float(), link.lora_B.detach().float(), link.scale)
         )
     if not links:
-        return torch.zeros(module.out_features, 0), torch.zeros(0, module.in_features)
-    b = torch.cat([lf.B.detach().float().cpu() * lf.scale for lf in links], dim=1)  # (out, R)
-    a = torch.cat([lf.A.detach().float().cpu() for lf in links], dim=0)  # (R, in)
+        out_features, in_features = _out_in(module, _weight(module)).shape
+        return torch.zeros(out_features, 0), torch.zeros(0, in_features)
+    b = torch.cat([_host(lf.B) * lf.scale for lf in links], dim=1)  # (out, R)
+    a = torch.cat([_host(lf.A) for lf in links], dim=0)  # (R, in)
     return b, a
 
 
 def _bias_update(model: nn.Module, name: str, history: ChainHistory) -> Tensor:
     """Σ merged bias deltas (from the history) + the pending one, float32 on the CPU."""
-    module = _linear(model, name)
+    module = _module(model, name)
     delta = bias_delta(module)
     merged = history.bias_sum(name) if len(history) else None
-    pending = (
-        torch.zeros(module.out_features) if delta is None else delta.delta.detach().float().cpu()
-    )
+    out_features = _out_in(module, _weight(module)).shape[0]
+    pending = torch.zeros(out_features) if delta is None else _host(delta.delta)
     return pending + (0 if merged is None else merged.cpu())
 
 
@@ -278,7 +295,7 @@ def _base_tensors(
 ) -> dict[str, Tensor]:
     """The original weights (and biases) of the adapted modules by plain key, checked."""
     if isinstance(base, nn.Module):
-        if base is model or adapted_modules(base):
+        if base is model or find_adapted(base):
             raise ValueError(
                 "base carries chainopt links (the chained model itself?): pass the original "
                 "model, or its state dict from before the optimizer was built"
@@ -287,13 +304,14 @@ def _base_tensors(
     elif isinstance(base, Mapping):
         state = dict(base)
     else:
-        raise TypeError(f"base must be an nn.Module or a state dict, got {type(base).__name__}")
+        raise TypeError(f"base must be an nn.Module or a state dict, got {type_name(base)}")
     out: dict[str, Tensor] = {}
     for name in names:
-        module = _linear(model, name)
-        shapes: dict[str, tuple[int, ...]] = {"weight": (module.out_features, module.in_features)}
+        module = _module(model, name)
+        weight = _weight(module)
+        shapes: dict[str, tuple[int, ...]] = {"weight": tuple(weight.shape)}
         if lora_bias:
-            shapes["bias"] = (module.out_features,)
+            shapes["bias"] = (_out_in(module, weight).shape[0],)
         for kind, shape in shapes.items():
             key = f"{name}.{kind}"
             tensor = state.get(key)
@@ -312,28 +330,46 @@ def _host(tensor: Tensor) -> Tensor:
     return full_tensor(tensor.detach()).float().cpu()
 
 
-def _linear(model: nn.Module, name: str) -> nn.Linear:
+def _module(model: nn.Module, name: str) -> nn.Module:
     module = model.get_submodule(name)
-    if not isinstance(module, nn.Linear):  # pragma: no cover - chainopt adapts Linears only
-        raise TypeError(f"{name!r} is a {type(module).__name__}, not an nn.Linear")
+    if not is_linear_like(module):  # pragma: no cover - chainopt adapts Linear and Conv1D only
+        raise TypeError(f"{name!r} is a {type_name(module)}, not a Linear or Conv1D")
     return module
 
 
+def _weight(module: nn.Module) -> Tensor:
+    """The frozen weight: under the link while adapted, the plain weight after unloading."""
+    if lora_parametrization(module) is not None:
+        return original(module)
+    weight = module.weight
+    if not isinstance(weight, Tensor):  # pragma: no cover - Linear and Conv1D have one
+        raise TypeError(f"{type_name(module)} has no weight tensor")
+    return weight
+
+
+def _out_in(module: nn.Module, weight: Tensor) -> Tensor:
+    """``weight`` as an ``(out, in)`` float32 CPU tensor (Conv1D stores it transposed)."""
+    w = _host(weight)
+    return w.T if is_conv1d(module) else w
+
+
 def _current_weight(model: nn.Module, name: str) -> Tensor:
-    """The module's weight now, pending link included, in float32 on the CPU."""
-    module = _linear(model, name)
+    """The module's weight now, pending link included, ``(out, in)`` in float32 on the CPU."""
+    module = _module(model, name)
     if lora_parametrization(module) is None:  # after merge_and_unload
-        return _host(module.weight)
-    return merged_weight(module, torch.float32).cpu()
+        return _out_in(module, _weight(module))
+    return _out_in(module, merged_weight(AdaptedModule.of(name, module), torch.float32))
 
 
 def _current_bias(model: nn.Module, name: str) -> Tensor:
     """The module's bias now, pending delta included, in float32 on the CPU."""
-    module = _linear(model, name)
-    if bias_delta(module) is None:
-        return _host(module.bias)
-    bias = merged_bias(module, torch.float32)
-    assert bias is not None
+    module = _module(model, name)
+    plain = module.bias
+    if bias_delta(module) is None and isinstance(plain, Tensor):
+        return _host(plain)
+    bias = merged_bias(AdaptedModule.of(name, module), torch.float32)
+    if bias is None:  # pragma: no cover - lora_bias exports only modules with a bias
+        raise ValueError(f"{name!r} has no bias")
     return bias.cpu()
 
 
@@ -345,47 +381,6 @@ def _chain_rank(chain: ChainLoRAOptimizer, name: str) -> int:
     link = lora_parametrization(chain.model.get_submodule(name))
     pending = link is None or bool(link.lora_B.detach().any())  # unloaded: its link was merged
     return sum(chain.link_rank(i) for i in range(chain.knots_tied + int(pending)))
-
-
-def _factorise(
-    delta: Tensor, rank: int, oversample: int = 8
-) -> tuple[tuple[Tensor, Tensor], float]:
-    """``((B, A), left)``: the best rank-``rank`` ``B·A`` of ``ΔW`` and ``‖ΔW − B·A‖²_F``.
-
-    A randomized range finder: ``Q`` orthonormal from ``ΔW·Ω``, ``Ω`` Gaussian with ``rank +
-    oversample`` columns (fixed seed), in float64; then the SVD of ``Qᵀ·ΔW`` through
-    :func:`_compress`. Exact (``left`` ~0) when ``ΔW`` has rank ≤ ``rank``, as a chain's has.
-    """
-    d = delta.double()
-    k = min(rank + oversample, *d.shape)
-    gen = torch.Generator().manual_seed(0)
-    omega = torch.randn(d.shape[1], k, dtype=torch.float64, generator=gen)
-    q = torch.linalg.qr(d @ omega).Q  # (out, k)
-    a = q.T @ d  # (k, in)
-    missed = float((d - q @ a).square().sum())  # orthogonal to range(Q)
-    b_r, a_r, left, _norm = _compress(q, a, rank)
-    return (b_r, a_r), missed + left
-
-
-def _compress(b: Tensor, a: Tensor, k: int) -> tuple[Tensor, Tensor, float, float]:
-    """Best rank-``k`` ``(B', A')`` of ``B·A``, and ``‖B·A − B'·A'‖²_F``, ``‖B·A‖²_F``.
-
-    Exact (and returned as is) when ``B`` has no more than ``k`` columns. Otherwise
-    ``B = Q_b R_b``, ``Aᵀ = Q_a R_a``, ``R_b R_aᵀ = U S Vᵀ``: the SVD of a ``(p, q)`` matrix
-    with ``p, q ≤ R``, in float64; ``√S`` goes to each side.
-    """
-    if b.shape[1] <= k:
-        # ‖B·A‖² = Σ (BᵀB) ⊙ (AAᵀ): (R, R) products, never (out, in).
-        norm = float(((b.double().T @ b.double()) * (a.double() @ a.double().T)).sum())
-        return b, a, 0.0, max(norm, 0.0)
-    qb, rb = torch.linalg.qr(b.double())  # (out, p), (p, R)
-    qa, ra = torch.linalg.qr(a.double().T)  # (in, q), (q, R)
-    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)  # (p, m), (m,), (m, q)
-    squares = s.square()
-    root = s[:k].sqrt()
-    b_k = (qb @ u[:, :k]) * root  # (out, k)
-    a_k = root[:, None] * (vh[:k] @ qa.T)  # (k, in)
-    return b_k.float(), a_k.float(), float(squares[k:].sum()), float(squares.sum())
 
 
 def _pad(t: Tensor, r: int, dim: int) -> Tensor:

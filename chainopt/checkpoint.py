@@ -55,7 +55,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .lora import LoRAParametrization, full_tensor, is_sharded, shard_like
+from ._dtensor import full_tensor, is_sharded, shard_like
+from ._validate import is_distributed, unwrap_parallel
+from .lora import LoRAParametrization
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
 
@@ -102,7 +104,7 @@ def save_checkpoint(
         ['extra', 'format', 'model', 'optimizer', 'version']
     """
     path = Path(path)
-    bare = _bare(model)
+    bare = unwrap_parallel(model)
     model_state = bare.state_dict()
     for key, value in model_state.items():
         if is_sharded(value):  # in place: keeps the state dict's ``_metadata``
@@ -114,7 +116,7 @@ def save_checkpoint(
         "optimizer": None if optimizer is None else _gathered(optimizer.state_dict()),
         "extra": _gathered(dict(extra)),
     }
-    if not _distributed():
+    if not is_distributed():
         _atomic_save(payload, path)
         return path
     failure: list[str | None] = [None]
@@ -187,7 +189,7 @@ def load_checkpoint(
             f"{str(path)!r} is a chainopt checkpoint of version {payload.get('version')!r}; "
             f"this chainopt reads version {_VERSION}"
         )
-    bare = _bare(model)
+    bare = unwrap_parallel(model)
     current = bare.state_dict()
     saved_model: dict[str, Any] = dict(payload["model"])
     _check_fits(bare, current, saved_model, path)
@@ -205,18 +207,6 @@ def load_checkpoint(
     bare.load_state_dict(saved_model)
     extra: dict[str, Any] = dict(payload.get("extra") or {})
     return extra
-
-
-def _bare(model: nn.Module) -> nn.Module:
-    """``model`` without its DDP/DataParallel wrappers (their ``module.`` key prefix)."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _gathered(obj: Any) -> Any:

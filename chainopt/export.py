@@ -1,11 +1,11 @@
-"""Leaving the chain: merge into plain ``nn.Linear`` modules, or read plain-key state dicts.
+"""Leaving the chain: merge into plain modules, or read plain-key state dicts.
 
 A parametrized model's ``state_dict()`` holds ``….parametrizations.weight.original`` and the
 factors; a loader that expects ``….weight`` (``from_pretrained``, a serving stack) silently ignores
 those keys. :func:`merged_state_dict` gives the plain keys with every link merged, without touching
-the model; :func:`merge_and_unload` turns the model itself back into plain modules.
-:func:`save_merged` writes a Hugging Face checkpoint of the merged model, and
-:func:`guard_save_pretrained` makes a plain ``save_pretrained`` of a still-chained model warn.
+the model; :func:`merge_and_unload` turns the model itself back into plain modules;
+:func:`save_merged` writes a Hugging Face checkpoint of the merged model. Each checks first that
+every merged tensor is finite in its dtype, and raises before writing or changing anything.
 
 Example:
     >>> import torch
@@ -20,87 +20,89 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import os
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from types import MethodType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+import torch
 from torch import Tensor, nn
 
-from .lora import detach, lora_parametrization, parametrization_count
-from .merge import (
-    NonFiniteUpdateError,
-    find_non_finite,
-    merge_into_weight,
-    merged_bias,
-    merged_weight,
-)
+from ._validate import type_name
+from .adapted import AdaptedModule, detach, find_adapted, parametrization_count
+from .guard import NonFiniteUpdateError, check_links
+from .merge import merge_, merged_bias, merged_weight
 
-if TYPE_CHECKING:
-    from .optimizer import ChainLoRAOptimizer
+__all__ = ["adapted_modules", "merge_and_unload", "merged_state_dict", "save_merged"]
 
-__all__ = [
-    "ParametrizedCheckpointWarning",
-    "adapted_modules",
-    "guard_save_pretrained",
-    "merge_and_unload",
-    "merged_state_dict",
-    "save_merged",
-    "saving_for_resume",
-]
+
+class _HasModel(Protocol):
+    model: nn.Module
 
 
 def adapted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(qualified_name, module)`` for every module of ``model`` that carries a chainopt link."""
-    return [(n, m) for n, m in model.named_modules() if lora_parametrization(m) is not None]
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type_name(model)}")
+    return [(r.name, r.module) for r in find_adapted(model)]
+
+
+def _checked(model: object, what: str) -> list[AdaptedModule]:
+    """The adapted modules of ``model``, once every pending merge is known to be finite."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type_name(model)}")
+    records = find_adapted(model)
+    check = check_links(records)
+    if check.bad:
+        raise NonFiniteUpdateError(f"refusing to {what}: {check.describe()}")
+    return records
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every pending link into its weight and remove chainopt's parametrizations.
 
     Works on any model carrying chainopt links, a ``copy.deepcopy`` of a wrapped model included.
-    The modules become plain ``nn.Linear`` again and keep their Parameter objects.
+    The modules become plain ``nn.Linear`` (or ``Conv1D``) again, keep their Parameter objects and
+    their parameters' registration order.
 
     Returns:
         ``model`` itself.
 
     Raises:
-        NonFiniteUpdateError: a link holds NaN/Inf; nothing was changed.
+        TypeError: ``model`` is not an ``nn.Module``.
+        NonFiniteUpdateError: a link holds NaN/Inf or would overflow its weight; nothing changed.
     """
-    modules = adapted_modules(model)
-    bad = find_non_finite(modules)
-    if bad:
-        raise NonFiniteUpdateError(
-            f"non-finite LoRA factors in {bad}; refusing to merge them (no weight was changed)"
-        )
-    for _name, module in modules:
-        merge_into_weight(module)
-        detach(module)
+    for r in _checked(model, "merge (no weight was changed)"):
+        merge_(r)
+        detach(r.module)
     return model
 
 
+@torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """``model.state_dict()`` under plain keys, with every pending link merged.
 
     The model is not changed. ``….parametrizations.weight.original`` becomes ``….weight`` holding
     ``W + s·B·A`` (and the bias its delta); factor and residual entries are dropped. Other entries
     are passed through unchanged, in order.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        NonFiniteUpdateError: a merged weight or bias would not be finite.
     """
+    records = _checked(model, "export the merged weights")
     state = model.state_dict()
     plain: dict[str, Tensor] = {}
     owned: list[str] = []
-    for name, module in adapted_modules(model):
-        prefix = f"{name}." if name else ""
+    for r in records:
+        prefix = f"{r.name}." if r.name else ""
         owned.append(f"{prefix}parametrizations.")
         # With another parametrization stacked after ours, only the whole stack is the weight.
-        stacked = parametrization_count(module) > 1
-        weight = _current(module) if stacked else merged_weight(module)
+        stacked = parametrization_count(r.module) > 1
+        weight = getattr(r.module, "weight").detach().clone() if stacked else merged_weight(r)  # noqa: B009
+        if not bool(torch.isfinite(weight).all()):
+            raise NonFiniteUpdateError(f"refusing to export {r.name!r}: its weight is not finite")
         plain[f"{prefix}parametrizations.weight.original"] = weight
-        bias = merged_bias(module)
+        bias = merged_bias(r) if r.delta is not None else None
         if bias is not None:
             plain[f"{prefix}parametrizations.bias.original"] = bias
     out: dict[str, Tensor] = {}
@@ -113,27 +115,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def _current(module: nn.Module) -> Tensor:
-    weight: Tensor = getattr(module, "weight")  # noqa: B009 - evaluates the parametrizations
-    return weight.detach().clone()
-
-
-# --- Hugging Face-style saving: a deployable merged checkpoint, and a guard on the other kind ---
-
-_RESUME_SAVES = "_chainopt_resume_saves"  # instance attribute: saving_for_resume depth
-_PARAMETRIZED = ".parametrizations."
-
-
-class ParametrizedCheckpointWarning(UserWarning):
-    """``save_pretrained`` wrote chainopt's parametrized keys, which ``from_pretrained`` ignores.
-
-    Such a checkpoint resumes training (``model.load_state_dict``, the HF ``Trainer``'s
-    ``resume_from_checkpoint``) but is no deployable model. Filter this category to silence it.
-    """
-
-
 def save_merged(
-    chain: ChainLoRAOptimizer | nn.Module, path: str | os.PathLike[str], **save_kwargs: Any
+    chain: _HasModel | nn.Module, path: str | os.PathLike[str], **save_kwargs: Any
 ) -> Path:
     """Save a standard checkpoint: plain keys, every link merged, via ``save_pretrained``.
 
@@ -152,13 +135,12 @@ def save_merged(
     Raises:
         TypeError: the model has no ``save_pretrained`` (not a Hugging Face ``PreTrainedModel``;
             save ``merged_state_dict(model)`` yourself), or ``state_dict`` was given.
-        NonFiniteUpdateError: a pending link holds NaN/Inf.
+        NonFiniteUpdateError: a merged weight would not be finite; nothing is written.
 
     Example:
         >>> import tempfile, torch
         >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> from chainopt import ChainLoRAOptimizer
-        >>> from chainopt.export import save_merged
+        >>> from chainopt import ChainLoRAOptimizer, save_merged
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
         ...                   num_hidden_layers=1, num_attention_heads=2)
         >>> model = LlamaForCausalLM(cfg)
@@ -169,97 +151,18 @@ def save_merged(
         >>> type(plain.model.layers[0].self_attn.q_proj).__name__
         'Linear'
     """
-    model = chain if isinstance(chain, nn.Module) else chain.model
+    model = chain if isinstance(chain, nn.Module) else getattr(chain, "model", None)
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"chain must be a ChainLoRAOptimizer or an nn.Module, got {type_name(chain)}"
+        )
     if "state_dict" in save_kwargs:
         raise TypeError("save_merged writes merged_state_dict(model); do not pass state_dict")
     save = getattr(type(model), "save_pretrained", None)
     if not callable(save):
         raise TypeError(
-            f"{type(model).__name__} has no save_pretrained (not a Hugging Face model): save "
+            f"{type_name(model)} has no save_pretrained (not a Hugging Face model): save "
             "chainopt.merged_state_dict(model) with torch.save or safetensors instead"
         )
     save(model, path, state_dict=merged_state_dict(model), **save_kwargs)
     return Path(path)
-
-
-def guard_save_pretrained(model: nn.Module) -> bool:
-    """Make ``model.save_pretrained`` warn while it would write chainopt's parametrized keys.
-
-    A model that still carries chainopt links saves ``….parametrizations.weight.original`` and
-    the factors; ``from_pretrained`` ignores those keys and silently re-initialises the adapted
-    weights. The guard (on this instance only, so ``copy.deepcopy`` copies it bound to the copy)
-    emits a :class:`ParametrizedCheckpointWarning` for such a call and then saves as asked. Plain
-    keys (``state_dict=merged_state_dict(model)``), a model with no links left, and saves inside
-    :func:`saving_for_resume` pass silently.
-
-    Args:
-        model: the model; anything without a ``save_pretrained`` method is left alone.
-
-    Returns:
-        Whether the guard is installed (``False`` for a model without ``save_pretrained`` or one
-        whose ``save_pretrained`` is already overridden on the instance by something else).
-
-    Example:
-        >>> from torch import nn
-        >>> guard_save_pretrained(nn.Linear(2, 2))  # not a Hugging Face model: nothing to guard
-        False
-    """
-    current = model.__dict__.get("save_pretrained")
-    if isinstance(current, MethodType) and current.__func__ is _guarded_save_pretrained:
-        return True
-    if current is not None or not callable(getattr(type(model), "save_pretrained", None)):
-        return False
-    model.__dict__["save_pretrained"] = MethodType(_guarded_save_pretrained, model)
-    return True
-
-
-@contextmanager
-def saving_for_resume(model: nn.Module) -> Iterator[None]:
-    """Within this block, ``model.save_pretrained`` writes resume checkpoints: no warning.
-
-    :func:`guard_save_pretrained`'s warning is for checkpoints meant to be deployed; a
-    checkpoint meant to resume training needs the parametrized keys. The HF ``Trainer``
-    integration (:class:`chainopt.integrations.transformers.ChainLoRACallback`) wraps training in
-    this block. Blocks nest.
-
-    Example:
-        >>> from torch import nn
-        >>> model = nn.Linear(2, 2)
-        >>> with saving_for_resume(model):
-        ...     pass  # model.save_pretrained(checkpoint_dir) warns not here
-    """
-    depth = model.__dict__.get(_RESUME_SAVES, 0)
-    model.__dict__[_RESUME_SAVES] = depth + 1
-    try:
-        yield
-    finally:
-        if depth:
-            model.__dict__[_RESUME_SAVES] = depth
-        else:
-            model.__dict__.pop(_RESUME_SAVES, None)
-
-
-def _guarded_save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    save = type(self).save_pretrained  # type: ignore[attr-defined]
-    if not self.__dict__.get(_RESUME_SAVES) and adapted_modules(self):
-        try:
-            state_dict = (
-                inspect.signature(save).bind(self, *args, **kwargs).arguments.get("state_dict")
-            )
-        except TypeError:  # let save_pretrained report its own argument errors
-            state_dict = None
-        # No state_dict: save_pretrained takes self.state_dict(), parametrized keys and all.
-        if state_dict is None or any(_PARAMETRIZED in f".{key}" for key in state_dict):
-            warnings.warn(
-                "save_pretrained() on a model that still carries chainopt links writes "
-                "parametrized keys (….parametrizations.weight.original, lora_A, lora_B) that "
-                "from_pretrained() ignores, re-initialising the adapted weights. This checkpoint "
-                "only resumes training (model.load_state_dict, Trainer resume_from_checkpoint). "
-                "To deploy, use chainopt.save_merged(opt, path) (plain merged weights) or "
-                "chainopt.export_peft_adapter(opt, path); for resume checkpoints wrap the save in "
-                "chainopt.saving_for_resume(model) (the Trainer callback "
-                "chainopt.integrations.transformers.ChainLoRACallback does).",
-                ParametrizedCheckpointWarning,
-                stacklevel=2,
-            )
-    return save(self, *args, **kwargs)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ChainHistory", "KnotRecord", "LinkFactors"]
+__all__ = ["ChainHistory", "KnotRecord", "LinkFactors", "parse_history"]
 
 
 @dataclass(frozen=True)
@@ -79,15 +79,29 @@ class ChainHistory:
         norms: Mapping[str, float],
         skipped: tuple[str, ...] = (),
     ) -> KnotRecord:
-        """Record a knot; with ``keep_factors`` the links are copied to float32 on the CPU.
+        """Record a knot (:meth:`make_record`, then :meth:`add`)."""
+        record = self.make_record(step, links, norms, skipped)
+        self.add(record)
+        return record
 
-        The copies go to host memory in one transfer, so a chain trained on an accelerator keeps
-        no history there.
+    def make_record(
+        self,
+        step: int,
+        links: Mapping[str, LinkFactors],
+        norms: Mapping[str, float],
+        skipped: tuple[str, ...] = (),
+    ) -> KnotRecord:
+        """A knot's record, not yet added; with ``keep_factors`` the links are copied now.
+
+        The copies are float32 and go to host memory in one transfer, so a chain trained on an
+        accelerator keeps no history there.
         """
         kept = _host_copies(links) if self.keep_factors else {}
-        record = KnotRecord(step=step, norms=dict(norms), links=kept, skipped=tuple(skipped))
+        return KnotRecord(step=step, norms=dict(norms), links=kept, skipped=tuple(skipped))
+
+    def add(self, record: KnotRecord) -> None:
+        """Add a knot's record (once the knot is tied)."""
         self.knots.append(record)
-        return record
 
     def links(self, name: str) -> list[LinkFactors]:
         """The merged links of module ``name``, oldest first.
@@ -156,20 +170,50 @@ class ChainHistory:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Replace the history with a saved one."""
-        self.keep_factors = bool(state["keep_factors"])
-        self.knots = [
-            KnotRecord(
-                step=int(k["step"]),
-                norms={n: float(v) for n, v in k["norms"].items()},
-                links={
-                    n: LinkFactors(f["A"], f["B"], float(f["scale"]), f.get("bias"))
-                    for n, f in k["links"].items()
-                },
-                skipped=tuple(k["skipped"]),
-            )
-            for k in state["knots"]
-        ]
+        """Replace the history with a saved one; all or nothing.
+
+        Raises:
+            ValueError: ``state`` is not what :meth:`state_dict` saves (nothing is changed).
+        """
+        keep, knots = parse_history(state)
+        self.keep_factors, self.knots = keep, knots
+
+
+def parse_history(state: object) -> tuple[bool, list[KnotRecord]]:
+    """``(keep_factors, knots)`` from a saved history, checked.
+
+    Raises:
+        ValueError: a missing key, a wrong type, or a factor that is not a 2-D float tensor.
+    """
+    try:
+        _expect(isinstance(state, Mapping), "not a mapping")
+        keep = state["keep_factors"]  # type: ignore[index]
+        _expect(isinstance(keep, bool), "keep_factors is not a bool")
+        knots = []
+        for k in state["knots"]:  # type: ignore[index]
+            links = {}
+            for n, f in k["links"].items():
+                a, b, bias = f["A"], f["B"], f.get("bias")
+                _expect(_matrix(a) and _matrix(b) and a.shape[0] == b.shape[1], f"factors of {n}")
+                _expect(bias is None or (isinstance(bias, Tensor) and bias.dim() == 1), "bias")
+                links[str(n)] = LinkFactors(a, b, float(f["scale"]), bias)
+            norms = {str(n): float(v) for n, v in k["norms"].items()}
+            step = k["step"]
+            _expect(isinstance(step, int) and not isinstance(step, bool), "step is not an int")
+            skipped = tuple(str(s) for s in k["skipped"])
+            knots.append(KnotRecord(step=step, norms=norms, links=links, skipped=skipped))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"malformed chain history in the state dict: {err!r:.200}") from err
+    return keep, knots
+
+
+def _expect(condition: bool, what: str) -> None:
+    if not condition:
+        raise ValueError(what)
+
+
+def _matrix(t: object) -> bool:
+    return isinstance(t, Tensor) and t.dim() == 2 and t.is_floating_point()
 
 
 def _host_copies(links: Mapping[str, LinkFactors]) -> dict[str, LinkFactors]:

@@ -10,6 +10,8 @@
   full fine-tuning pays for the weight gradient), then one SVD per module per knot. Under
   ``torch.distributed`` the gradients are averaged over ranks first, so every rank draws the same A.
 
+:func:`resolve_init` turns a policy into a :class:`LinkInit` the optimizer keeps.
+
 Example:
     >>> import torch
     >>> g = torch.zeros(6, 5); g[0, 1] = 3.0; g[2, 3] = 1.0
@@ -29,9 +31,18 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["GradientProbe", "InitPolicy", "a_from_gradient"]
+from ._validate import is_distributed
+
+__all__ = [
+    "GradientInit",
+    "InitPolicy",
+    "LinkInit",
+    "a_from_gradient",
+    "resolve_init",
+]
 
 InitPolicy: TypeAlias = Literal["kaiming", "gradient"]
+"""How a new link's A is chosen (see :mod:`chainopt.init`)."""
 
 
 def a_from_gradient(gradient: Tensor, rank: int) -> Tensor:
@@ -44,11 +55,25 @@ def a_from_gradient(gradient: Tensor, rank: int) -> Tensor:
     return scaled
 
 
-class GradientProbe:
-    """Accumulates ``G = Σ gradᵀ·x`` of the adapted modules while :attr:`armed`.
+class LinkInit:
+    """``init="kaiming"``: the generator draws every new A Kaiming-uniform; nothing to watch."""
+
+    def arm(self, armed: bool) -> None:
+        """Whether the coming optimizer step is the one just before a knot."""
+
+    def initial_a(self, names: Sequence[str], rank: int) -> list[Tensor | None]:
+        """Per module, the new link's A, or ``None`` to draw it Kaiming-uniform."""
+        return [None] * len(names)
+
+    def remove(self) -> None:
+        """Stop watching the modules."""
+
+
+class GradientInit(LinkInit):
+    """``init="gradient"``: accumulates ``G = Σ gradᵀ·x`` of the adapted modules while armed.
 
     Args:
-        modules: ``(name, nn.Linear)`` pairs to watch.
+        modules: ``(name, module)`` pairs to watch.
     """
 
     def __init__(self, modules: Sequence[tuple[str, nn.Module]]) -> None:
@@ -57,6 +82,9 @@ class GradientProbe:
         self._handles: list[RemovableHandle] = [
             module.register_forward_hook(self._hook(name)) for name, module in modules
         ]
+
+    def arm(self, armed: bool) -> None:
+        self.armed = armed
 
     def _hook(self, name: str) -> Any:
         def forward_hook(_module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
@@ -80,14 +108,30 @@ class GradientProbe:
         """Return and forget the accumulated gradients (averaged over ranks if distributed)."""
         gradients, self.gradients = self.gradients, {}
         self.armed = False
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             for g in gradients.values():
                 dist.all_reduce(g)
                 g.div_(dist.get_world_size())
         return gradients
 
+    def initial_a(self, names: Sequence[str], rank: int) -> list[Tensor | None]:
+        gradients = self.take()  # a manual knot with no gradient falls back to Kaiming
+        return [a_from_gradient(gradients[n], rank) if n in gradients else None for n in names]
+
     def remove(self) -> None:
-        """Remove the hooks."""
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def resolve_init(policy: InitPolicy, modules: Sequence[tuple[str, nn.Module]]) -> LinkInit:
+    """The :class:`LinkInit` for ``policy`` over ``modules``.
+
+    Raises:
+        ValueError: an unknown policy.
+    """
+    if policy == "kaiming":
+        return LinkInit()
+    if policy == "gradient":
+        return GradientInit(modules)
+    raise ValueError(f"init must be one of ('kaiming', 'gradient'), got {policy!r}")

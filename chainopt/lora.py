@@ -1,79 +1,62 @@
-"""The LoRA link: a weight parametrization and the factorised forward that goes with it.
+"""The link: a LoRA parametrization ``W ↦ W + s·B·A``, a bias delta, and restarting links.
 
-A :class:`LoRAParametrization` registered on ``linear.weight`` makes every reader of
-``linear.weight`` see ``W + s·B·A``. The adapted module's *forward*, however, never builds that
-matrix: chainopt installs :func:`_lora_linear_forward` on the per-module class that
-``torch.nn.utils.parametrize`` creates, which computes ``x·Wᵀ + s·(x·Aᵀ)·Bᵀ`` (PEFT's cost: no
-``(out, in)`` weight gradient, no extra copy of the weight saved for backward). Whenever that fast
-path would not be exact (a ``parametrize.cached()`` context, another parametrization stacked on the
-weight) the forward falls back to ``F.linear(x, self.weight, self.bias)``.
+A :class:`LoRAParametrization` registered on a module's ``weight`` through
+``torch.nn.utils.parametrize`` makes every reader of ``module.weight`` see ``W + s·B·A``. The
+adapted module's forward never builds that matrix (see :mod:`chainopt.adapted`). A knot merges the
+link into ``W`` and restarts it in place with :func:`restart_links`: A Kaiming-uniform (or given),
+B zero, so the function is unchanged and the Parameter objects stay the same.
 
 Example:
     >>> import torch
-    >>> from torch import nn
-    >>> from chainopt.lora import attach, detach, LoRAParametrization
-    >>> lin = nn.Linear(8, 4)
-    >>> p = attach(lin, rank=2, alpha=4.0)
-    >>> isinstance(p, LoRAParametrization), tuple(p.lora_A.shape), tuple(p.lora_B.shape)
-    (True, (2, 8), (4, 2))
-    >>> w = detach(lin)  # plain nn.Linear again, same Parameter object
-    >>> type(lin) is nn.Linear
-    True
+    >>> p = LoRAParametrization(4, 8, rank=2, alpha=4.0)
+    >>> restart_links([p], torch.Generator().manual_seed(0))
+    >>> p.scale, tuple(p.lora_A.shape), tuple(p.lora_B.shape), bool((p.lora_B == 0).all())
+    (2.0, (2, 8), (4, 2), True)
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-__all__ = [
-    "BiasDelta",
-    "LoRAParametrization",
-    "attach",
-    "bias_delta",
-    "copy_full_",
-    "detach",
-    "full_tensor",
-    "is_sharded",
-    "lora_parametrization",
-    "original",
-    "parametrization_count",
-    "reset_links",
-    "shard_like",
-]
+from ._dtensor import copy_full_, is_sharded
+from ._surgery import foreach_copy_, foreach_zero_, set_shape_
+
+__all__ = ["BiasDelta", "LoRAParametrization", "restart_links"]
 
 
 class LoRAParametrization(nn.Module):
     """One link of the chain on a weight of shape ``(out, in)``: ``W ↦ W + s·B·A``.
 
+    With ``fan_in_fan_out`` the weight is stored ``(in, out)`` (transformers' ``Conv1D``, as
+    PEFT's option of that name) and the link adds ``(s·B·A)ᵀ``; the factors keep their shapes.
+
     Attributes:
         lora_A: ``(rank, in)`` factor, Kaiming-uniform at the start of each link.
         lora_B: ``(out, rank)`` factor, zero at the start of each link.
         scale: ``s = alpha / rank``.
+        ranks: the ranks this link may take (a rank step-down resizes it at knots and on load).
         merge_residual: optional buffer holding what rounding the frozen weight to its own dtype
             left out of the merged updates (kept for half-precision weights so that knots are
-            exact; ``None`` otherwise).
+            exact; ``None`` otherwise), shaped like the weight.
 
     Args:
-        out_features: rows of the adapted weight.
-        in_features: columns of the adapted weight.
+        out_features: rows of ``B·A``.
+        in_features: columns of ``B·A``.
         rank: rank of the link.
         alpha: LoRA alpha; the scale is ``alpha / rank``.
         dtype: dtype of the factors.
         device: device of the factors.
         residual_dtype: dtype of the merge residual buffer, or ``None`` for no buffer.
+        fan_in_fan_out: the weight is stored transposed, ``(in, out)``.
+        ranks: every rank the link may take (default: ``rank`` only).
 
     Example:
         >>> p = LoRAParametrization(4, 8, rank=2, alpha=4.0)
-        >>> p.scale
-        2.0
         >>> bool((p(torch.ones(4, 8)) == 1).all())  # B is zero: the identity at first
         True
     """
@@ -90,24 +73,32 @@ class LoRAParametrization(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         residual_dtype: torch.dtype | None = None,
+        fan_in_fan_out: bool = False,
+        ranks: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.rank = rank
         self.alpha = float(alpha)
         self.scale = float(alpha) / rank
+        self.fan_in_fan_out = fan_in_fan_out
+        self.ranks = frozenset(ranks or (rank,)) | {rank}
+        self.in_features = in_features
+        self.out_features = out_features
         self.lora_A = nn.Parameter(torch.zeros(rank, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
         residual = (
             None
             if residual_dtype is None
-            else torch.zeros(out_features, in_features, dtype=residual_dtype, device=device)
+            else torch.zeros(shape, dtype=residual_dtype, device=device)
         )
         self.register_buffer("merge_residual", residual)
 
     def delta(self) -> Tensor:
-        """Return ``s·B·A`` in float32, shape ``(out, in)``."""
+        """Return ``s·B·A`` in float32, shape ``(out, in)`` (transposed with ``fan_in_fan_out``)."""
         # (out, r) @ (r, in) -> (out, in)
-        return (self.lora_B.float() @ self.lora_A.float()).mul_(self.scale)
+        update = (self.lora_B.float() @ self.lora_A.float()).mul_(self.scale)
+        return update.T if self.fan_in_fan_out else update
 
     def reset_parameters(
         self, generator: torch.Generator | None = None, init_A: Tensor | None = None
@@ -115,51 +106,101 @@ class LoRAParametrization(nn.Module):
         """Start a new link in place: A Kaiming-uniform (as ``nn.Linear``) or ``init_A``, B zero.
 
         A is drawn on the CPU in float32 from ``generator`` and copied, so the same generator
-        state gives the same factors on every device and process (see :func:`reset_links`).
+        state gives the same factors on every device and process (see :func:`restart_links`).
         """
-        reset_links([self], generator, [init_A])
+        restart_links([self], generator, [init_A])
 
     def resize_(self, rank: int) -> None:
         """Change the link's rank in place (same Parameter objects, new shapes; B·A becomes 0).
 
         The scale becomes ``alpha / rank``. References held by optimizers and schedulers stay
-        valid, but any optimizer state for the factors must be dropped by the caller.
+        valid, but any optimizer state and gradient of the factors must be dropped by the caller.
+
+        Raises:
+            ValueError: ``rank`` is not one of :attr:`ranks`.
         """
         if rank == self.rank:
             return
-        for p, shape in (
-            (self.lora_A, (rank, self.lora_A.shape[1])),
-            (self.lora_B, (self.lora_B.shape[0], rank)),
-        ):
-            _set_shape_(p, shape)
+        if rank not in self.ranks:
+            raise ValueError(
+                f"rank must be one of this link's ranks {sorted(self.ranks)}, got {rank}"
+            )
+        set_shape_(self.lora_A, (rank, self.in_features))
+        set_shape_(self.lora_B, (self.out_features, rank))
         self.rank = rank
         self.scale = self.alpha / rank
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # A checkpoint taken in a later link of a rank step-down holds factors of another rank.
-        incoming = state_dict.get(prefix + "lora_A")
-        if isinstance(incoming, Tensor) and incoming.dim() == 2:
-            self.resize_(incoming.shape[0])
-        super()._load_from_state_dict(state_dict, prefix, *args)
+    def check_factors(self, a: object, b: object) -> str | None:
+        """Why factors ``a``, ``b`` (e.g. from a state dict) cannot be loaded, or ``None``.
+
+        They must be floating 2-D tensors, not on the meta device, of shapes ``(r, in)`` and
+        ``(out, r)`` with ``r`` one of :attr:`ranks`.
+        """
+        for name, t in (("lora_A", a), ("lora_B", b)):
+            if not isinstance(t, Tensor):
+                return f"{name} is a {type(t).__name__}, not a tensor"
+            if t.is_meta or not t.is_floating_point() or t.dim() != 2:
+                what = f"{t.dtype} {tuple(t.shape)}{' on meta' if t.is_meta else ''}"
+                return f"{name} must be a floating 2-D tensor with data, got {what}"
+        a, b = cast(Tensor, a), cast(Tensor, b)
+        rank = a.shape[0]
+        expected = ((rank, self.in_features), (self.out_features, rank))
+        if (tuple(a.shape), tuple(b.shape)) != expected or rank not in self.ranks:
+            return (
+                f"factors of shapes {tuple(a.shape)} and {tuple(b.shape)} do not fit a link over "
+                f"({self.out_features}, {self.in_features}) of rank in {sorted(self.ranks)}"
+            )
+        return None
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A checkpoint taken in a later link of a rank step-down holds factors of another rank:
+        # resize first, but only to a rank this link may take and to shapes that fit.
+        a, b = state_dict.get(prefix + "lora_A"), state_dict.get(prefix + "lora_B")
+        if a is not None or b is not None:
+            why = self.check_factors(a, b)
+            if why is not None:
+                error_msgs.append(f"{prefix[:-1] or 'link'}: {why}")
+                return
+            self.resize_(cast(Tensor, a).shape[0])
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def forward(self, weight: Tensor) -> Tensor:
         """Generic path: the materialised ``W + s·B·A`` (used by readers of ``.weight``)."""
         # (out, r) @ (r, in) -> (out, in)
         update = (self.lora_B @ self.lora_A) * self.scale
+        if self.fan_in_fan_out:
+            update = update.T
         return weight + update.to(weight.dtype)
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha:g}"
+        fifo = ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
+        return f"rank={self.rank}, alpha={self.alpha:g}{fifo}"
 
 
 class BiasDelta(nn.Module):
-    """A trainable delta on a Linear's bias, ``b ↦ b + δ``; merged and zeroed with the factors.
+    """A trainable delta on a module's bias, ``b ↦ b + δ``; merged and zeroed with the factors.
 
     Args:
         out_features: length of the bias.
         dtype: dtype of the delta.
         device: device of the delta.
         residual_dtype: dtype of the merge residual buffer, or ``None`` for no buffer.
+
+    Example:
+        >>> d = BiasDelta(3)
+        >>> d(torch.ones(3)).tolist()
+        [1.0, 1.0, 1.0]
     """
 
     merge_residual: Tensor | None
@@ -191,7 +232,7 @@ class BiasDelta(nn.Module):
 
 
 @torch.no_grad()
-def reset_links(
+def restart_links(
     links: Sequence[LoRAParametrization],
     generator: torch.Generator | None = None,
     init_A: Sequence[Tensor | None] | None = None,
@@ -228,229 +269,8 @@ def reset_links(
     sharded = [i for i, link in enumerate(links) if is_sharded(link.lora_A)]
     plain = [i for i, link in enumerate(links) if not is_sharded(link.lora_A)]
     if plain:
-        torch._foreach_copy_(
-            [links[i].lora_A for i in plain], [cast(Tensor, sources[i]) for i in plain]
-        )
-        torch._foreach_zero_([links[i].lora_B for i in plain])
+        foreach_copy_([links[i].lora_A for i in plain], [cast(Tensor, sources[i]) for i in plain])
+        foreach_zero_([links[i].lora_B for i in plain])
     for i in sharded:
         copy_full_(links[i].lora_A, cast(Tensor, sources[i]))
         links[i].lora_B.zero_()
-
-
-def _set_shape_(param: nn.Parameter, shape: tuple[int, int]) -> None:
-    """Give ``param`` new zero data of ``shape``, keeping the Parameter object.
-
-    A graph the caller still holds (a ``loss`` variable) keeps the parameter's gradient
-    accumulator alive, and autograd reuses it with the old shape: assigning ``.data`` of another
-    dtype first makes autograd drop it (it only does so on a dtype or device change).
-    """
-    fresh = torch.zeros(shape, dtype=param.dtype, device=param.device)
-    other = torch.float64 if param.dtype != torch.float64 else torch.float32
-    param.data = fresh.new_zeros((), dtype=other)
-    param.data = fresh
-
-
-def lora_parametrization(module: nn.Module) -> LoRAParametrization | None:
-    """Return chainopt's link on ``module.weight`` (``None`` if there is none)."""
-    plist = _plist(module, "weight")
-    if plist is not None and isinstance(plist[0], LoRAParametrization):
-        return plist[0]
-    return None
-
-
-def bias_delta(module: nn.Module) -> BiasDelta | None:
-    """Return chainopt's bias delta on ``module.bias`` (``None`` if there is none)."""
-    plist = _plist(module, "bias")
-    if plist is not None and isinstance(plist[0], BiasDelta):
-        return plist[0]
-    return None
-
-
-def _plist(module: nn.Module, name: str) -> parametrize.ParametrizationList | None:
-    plists = module.__dict__.get("_modules", {}).get("parametrizations")
-    if plists is None or name not in plists:
-        return None
-    plist: parametrize.ParametrizationList = plists[name]
-    return plist
-
-
-def original(module: nn.Module, name: str = "weight") -> Tensor:
-    """The frozen tensor under ``module.<name>``'s parametrizations (its Parameter object)."""
-    plist = _plist(module, name)
-    if plist is None:
-        raise ValueError(f"{type(module).__name__}.{name} is not parametrized")
-    tensor: Tensor = plist.original
-    return tensor
-
-
-def parametrization_count(module: nn.Module, name: str = "weight") -> int:
-    """How many parametrizations are stacked on ``module.<name>`` (0 if none)."""
-    plist = _plist(module, name)
-    return 0 if plist is None else len(plist)
-
-
-def is_sharded(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is a ``DTensor``, e.g. a parameter sharded by FSDP2's ``fully_shard``."""
-    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist: skip the import
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
-def full_tensor(tensor: Tensor) -> Tensor:
-    """The whole of ``tensor``: a ``DTensor`` is all-gathered, anything else returned as it is.
-
-    Gathering is a collective: under FSDP2 every rank must call this, in the same order.
-
-    Example:
-        >>> t = torch.ones(2, 3)
-        >>> full_tensor(t) is t
-        True
-    """
-    if is_sharded(tensor):
-        whole: Tensor = tensor.full_tensor()  # type: ignore[attr-defined]
-        return whole
-    return tensor
-
-
-def copy_full_(dst: Tensor, src: Tensor) -> Tensor:
-    """``dst.copy_(src)`` from a whole ``src``; into a ``DTensor`` only the local part is copied.
-
-    Every rank holds the same ``src`` (drawn from the same generator, merged from the same
-    gathered tensors), so each takes its own shard of it without communicating.
-
-    Example:
-        >>> dst = torch.zeros(2)
-        >>> copy_full_(dst, torch.ones(2)).tolist()
-        [1.0, 1.0]
-    """
-    return dst.copy_(shard_like(src, dst) if is_sharded(dst) else src)
-
-
-def shard_like(whole: Tensor, like: Tensor) -> Tensor:
-    """This rank's shard of ``whole``, as a ``DTensor`` laid out like ``like`` (no communication).
-
-    Every rank must hold the same ``whole``; each keeps its own part. ``like`` must be a DTensor.
-    """
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if not isinstance(like, DTensor):
-        raise TypeError(f"like must be a DTensor, got {type(like).__name__}")
-    shard: Tensor = distribute_tensor(
-        whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None
-    )
-    return shard
-
-
-def _lora_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
-    """Forward of an adapted Linear: ``x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ`` without building ``W + s·B·A``."""
-    plists = cast(nn.ModuleDict, self.parametrizations)
-    plist = cast(parametrize.ParametrizationList, plists["weight"])
-    if len(plist) != 1 or parametrize._cache_enabled:
-        return F.linear(x, self.weight, self.bias)
-    link = cast(LoRAParametrization, plist[0])
-    a, b = link.lora_A, link.lora_B
-    autocast = torch.is_autocast_enabled(x.device.type)
-    if autocast or not (x.dtype == a.dtype == b.dtype):
-        out = F.linear(x, plist.original, self.bias)
-        h = x if x.dtype == a.dtype or autocast else x.to(a.dtype)
-        # (..., in) @ (in, r) -> (..., r) @ (r, out) -> (..., out)
-        lora = F.linear(F.linear(h, a), b) * link.scale
-        result: Tensor = out + lora.to(out.dtype)
-        return result
-    # One dtype, no autocast: accumulate s·(x·Aᵀ)·Bᵀ into the base output inside one GEMM, with
-    # no (rows, out) temporary for the product, the scale or the sum (bench/ab_forward.py: 4%
-    # faster than the three-op form on all-linear Llama, identical losses).
-    x2 = x.reshape(-1, x.shape[-1])
-    z = F.linear(x2, a)  # (rows, in) @ (in, r) -> (rows, r)
-    out = F.linear(x2, plist.original, self.bias)  # (rows, out), fresh; linear saves no output
-    out.addmm_(z, b.t(), alpha=link.scale)  # (rows, r) @ (r, out)
-    return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def attach(
-    linear: nn.Linear,
-    rank: int,
-    alpha: float,
-    *,
-    bias: bool = False,
-    factor_dtype: torch.dtype | None = None,
-    residual_dtype: torch.dtype | None = None,
-    generator: torch.Generator | None = None,
-) -> LoRAParametrization:
-    """Register a link (and optionally a bias delta) on ``linear``; return the link.
-
-    The weight's Parameter object is kept (``linear.parametrizations.weight.original``), so
-    references to it held elsewhere stay valid. Callers validate the arguments; this function
-    assumes ``linear`` is a plain (unparametrized) ``nn.Linear``.
-
-    Args:
-        linear: the module to adapt.
-        rank: rank of the link.
-        alpha: LoRA alpha.
-        bias: also register a :class:`BiasDelta` on ``linear.bias`` (which must exist).
-        factor_dtype: dtype of the factors (default: the weight's).
-        residual_dtype: dtype of the merge residual buffer (``None``: no buffer).
-        generator: generator for the initial A.
-
-    Returns:
-        The registered :class:`LoRAParametrization`.
-    """
-    weight = linear.weight
-    link = LoRAParametrization(
-        linear.out_features,
-        linear.in_features,
-        rank,
-        alpha,
-        dtype=factor_dtype or weight.dtype,
-        device=weight.device,
-        residual_dtype=residual_dtype,
-    )
-    link.reset_parameters(generator)
-    parametrize.register_parametrization(linear, "weight", link)
-    if bias:
-        delta = BiasDelta(
-            linear.out_features,
-            dtype=factor_dtype or weight.dtype,
-            device=weight.device,
-            residual_dtype=residual_dtype,
-        )
-        parametrize.register_parametrization(linear, "bias", delta)
-    # The class parametrize made is this module's own: override its forward, never nn.Linear's.
-    type(linear).forward = _lora_linear_forward  # type: ignore[method-assign, assignment]
-    return link
-
-
-def detach(linear: nn.Module) -> None:
-    """Remove chainopt's parametrizations from ``linear``, keeping the current originals.
-
-    Whatever is pending in the link is *not* merged: merge first (see :mod:`chainopt.merge`).
-    Other parametrizations stay. Unlike ``parametrize.remove_parametrizations`` this never edits a
-    class that another module may share (a ``copy.deepcopy`` of a parametrized module shares its
-    class with the original): the module gets a class of its own instead.
-    """
-    plists = linear.parametrizations
-    assert isinstance(plists, nn.ModuleDict)
-    removed = []
-    for name, kind in (("weight", LoRAParametrization), ("bias", BiasDelta)):
-        plist = _plist(linear, name)
-        if plist is None or not isinstance(plist[0], kind):
-            continue
-        if len(plist) > 1:
-            del plist[0]  # the rest of the chain stays, over the same original
-            continue
-        original = plist.original
-        del plists[name]
-        removed.append((name, original))
-    cls = type(linear)
-    base = cls.__mro__[1]
-    if len(plists) == 0:
-        del linear._modules["parametrizations"]
-        linear.__class__ = base
-    elif removed or cls.forward is _lora_linear_forward:
-        drop = {name for name, _ in removed} | {"forward", "__dict__", "__weakref__"}
-        body = {k: v for k, v in cls.__dict__.items() if k not in drop}
-        linear.__class__ = type(cls.__name__, (base,), body)
-    for name, original in removed:
-        linear.register_parameter(name, cast(nn.Parameter, original))

@@ -8,30 +8,66 @@
   shaped like the parameter) is zeroed in *every* state tensor shaped like the parameter, with
   one mask; counters such as Adam's ``step`` are kept. One shared mask matters: pruning Adam's
   second moment where the first survives divides by ``√0 + ε`` and diverges.
+- ``"moments"``: every state tensor shaped like the parameter is zeroed, counters (``step``) are
+  kept: optimizers whose early steps are special (RAdam's rectification warm-up, a bias
+  correction) do not start over.
 
-A factor whose shape changed (rank step-down) always loses its state.
+A factor whose shape changed (rank step-down), and a link dropped because it was not finite,
+always lose their state. :func:`resolve_reset` turns a policy into the function a knot calls.
 
 Example:
     >>> import torch
     >>> p = torch.nn.Parameter(torch.zeros(4))
     >>> state = {p: {"step": torch.tensor(7.0), "exp_avg": torch.tensor([0.1, -3.0, 0.2, 4.0]),
     ...              "exp_avg_sq": torch.tensor([9.0, 1.0, 0.5, 2.0])}}
-    >>> reset_state(state, [p], "prune", prune_ratio=0.5)
+    >>> resolve_reset("prune", prune_ratio=0.5)(state, [p])
     >>> state[p]["exp_avg"].tolist(), state[p]["exp_avg_sq"].tolist(), float(state[p]["step"])
     ([0.0, -3.0, 0.0, 4.0], [0.0, 1.0, 0.0, 2.0], 7.0)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from typing import Any, Literal, TypeAlias
 
 import torch
 from torch import Tensor
 
-__all__ = ["ResetPolicy", "reset_state"]
+__all__ = ["FreshState", "ResetPolicy", "StateReset", "resolve_reset"]
 
-ResetPolicy: TypeAlias = Literal["full", "none", "prune"]
+ResetPolicy: TypeAlias = Literal["full", "none", "prune", "moments"]
+"""What a knot does to the factors' optimizer state (see :mod:`chainopt.reset`)."""
+
+StateReset: TypeAlias = Callable[[MutableMapping[Any, dict[str, Any]], Sequence[Tensor]], None]
+"""``reset(state, params)``: apply a policy to ``state[p]`` of each of ``params``, in place."""
+
+
+class FreshState:
+    """The state an optimizer built at construction (Adagrad's sums), restored by a full reset.
+
+    Kept here, outside the optimizer's own ``state``, with the shape each entry was built for.
+
+    Args:
+        state: the optimizer's ``state`` right after construction.
+        params: the factors.
+    """
+
+    def __init__(self, state: MutableMapping[Any, dict[str, Any]], params: Iterable[Tensor]):
+        self._entries = {p: (tuple(p.shape), _clone(state[p])) for p in params if state.get(p)}
+
+    def restore(self, state: MutableMapping[Any, dict[str, Any]], p: Tensor) -> None:
+        """Put ``p``'s construction-time state back, if it had one for its current shape."""
+        entry = self._entries.get(p)
+        if entry is not None and entry[0] == tuple(p.shape):
+            state[p] = _clone(entry[1])
+
+
+def _clone(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.clone() if isinstance(v, Tensor) else v for k, v in entry.items()}
+
+
+def _shaped(entry: dict[str, Any]) -> list[Tensor]:
+    return [v for v in entry.values() if isinstance(v, Tensor) and v.dim() > 0]
 
 
 @torch.no_grad()
@@ -47,35 +83,51 @@ def _prune_(tensors: list[Tensor], ratio: float) -> None:
         t.masked_fill_(drop, 0)
 
 
-def reset_state(
-    state: MutableMapping[Any, dict[str, Any]],
-    params: Iterable[Tensor],
-    policy: ResetPolicy,
-    prune_ratio: float = 0.9,
-    fresh: MutableMapping[Any, dict[str, Any]] | None = None,
-) -> None:
-    """Apply ``policy`` to the optimizer ``state`` of ``params`` (keyed by tensor, in place).
+def resolve_reset(
+    policy: ResetPolicy, prune_ratio: float = 0.9, fresh: FreshState | None = None
+) -> StateReset:
+    """The function a knot calls for ``policy``.
 
     Args:
-        state: the wrapped optimizer's ``state``.
-        params: the factors whose link was just merged.
-        policy: ``"full"``, ``"none"`` or ``"prune"``.
+        policy: ``"full"``, ``"none"``, ``"prune"`` or ``"moments"``.
         prune_ratio: fraction of entries zeroed by ``"prune"``.
-        fresh: for ``"full"``: state to restore instead of nothing (optimizers that build their
-            state at construction, such as Adagrad).
+        fresh: construction-time state that ``"full"`` restores.
+
+    Raises:
+        ValueError: an unknown policy.
     """
-    for p in params:
-        entry = state.get(p)
-        if entry is None:
-            continue
-        shaped = [v for v in entry.values() if isinstance(v, Tensor) and v.dim() > 0]
-        if policy == "full" or any(v.shape != p.shape for v in shaped):
-            del state[p]
-            if fresh is not None and p in fresh and fresh[p]["__shape__"] == p.shape:
-                state[p] = {
-                    k: v.clone() if isinstance(v, Tensor) else v
-                    for k, v in fresh[p].items()
-                    if k != "__shape__"
-                }
-        elif policy == "prune" and shaped:
-            _prune_(shaped, prune_ratio)
+
+    def full(state: MutableMapping[Any, dict[str, Any]], params: Sequence[Tensor]) -> None:
+        for p in params:
+            if state.pop(p, None) is not None and fresh is not None:
+                fresh.restore(state, p)
+
+    def keep_unless_reshaped(
+        edit: Callable[[list[Tensor]], None] | None,
+    ) -> StateReset:
+        def reset(state: MutableMapping[Any, dict[str, Any]], params: Sequence[Tensor]) -> None:
+            for p in params:
+                entry = state.get(p)
+                if entry is None:
+                    continue
+                shaped = _shaped(entry)
+                if any(v.shape != p.shape for v in shaped):
+                    full(state, [p])
+                elif edit is not None and shaped:
+                    edit(shaped)
+
+        return reset
+
+    def zero(tensors: list[Tensor]) -> None:
+        for t in tensors:
+            t.zero_()
+
+    policies: dict[str, StateReset] = {
+        "full": full,
+        "none": keep_unless_reshaped(None),
+        "prune": keep_unless_reshaped(lambda tensors: _prune_(tensors, prune_ratio)),
+        "moments": keep_unless_reshaped(zero),
+    }
+    if policy not in policies:
+        raise ValueError(f"reset must be one of {sorted(policies)}, got {policy!r}")
+    return policies[policy]

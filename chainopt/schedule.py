@@ -16,13 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import pairwise
-from typing import Any
+
+from ._validate import is_int as _is_int
 
 __all__ = ["KnotSchedule"]
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class KnotSchedule:
@@ -107,10 +104,6 @@ class KnotSchedule:
         if self.knot_every is not None:
             return step % self.knot_every == 0
         return step in self._knot_set
-
-    def config(self) -> dict[str, Any]:
-        """A plain description, saved with the optimizer's state to detect config changes."""
-        return {"knot_every": self.knot_every, "knots": list(self.knots or ())}
 
     def __repr__(self) -> str:
         if self.knot_every is not None:

@@ -11,22 +11,8 @@ import inspect
 import sys
 from pathlib import Path
 
-MODULES = [
-    "chainopt",
-    "chainopt.optimizer",
-    "chainopt.lora",
-    "chainopt.targets",
-    "chainopt.schedule",
-    "chainopt.merge",
-    "chainopt.reset",
-    "chainopt.init",
-    "chainopt.warmup",
-    "chainopt.history",
-    "chainopt.export",
-    "chainopt.adapter",
-    "chainopt.checkpoint",
-    "chainopt.integrations.transformers",
-]
+INTEGRATIONS = ["chainopt.integrations.transformers", "chainopt.integrations.lightning"]
+"""Integration modules (each imports its framework); rendered when the framework is installed."""
 OUT = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
 
@@ -58,29 +44,46 @@ def _entry(name: str, obj: object, level: str) -> list[str]:
 
 
 def render() -> str:
-    """The whole page."""
+    """The whole page: ``chainopt.__all__``, grouped by the module that defines each name, then
+    the integrations."""
+    import chainopt
+
     lines = [
         "# API reference",
         "",
         "Generated from the docstrings by `python scripts/gen_api.py`; do not edit by hand.",
         "",
+        "## `chainopt`",
+        "",
+        inspect.getdoc(chainopt) or "",
+        "",
+        "Public names: " + ", ".join(f"`{n}`" for n in chainopt.__all__),
+        "",
     ]
-    for modname in MODULES:
+    by_module: dict[str, list[str]] = {}
+    for name in chainopt.__all__:
+        obj = getattr(chainopt, name)
+        home = getattr(obj, "__module__", None) or "chainopt"
+        if not str(home).startswith("chainopt"):  # a type alias: typing's own object
+            home = next(
+                m for m, mod in sorted(sys.modules.items())
+                if m.startswith("chainopt.") and getattr(mod, name, None) is obj
+            )  # fmt: skip
+        by_module.setdefault(str(home), []).append(name)
+    for home, names in by_module.items():
+        module = importlib.import_module(home)
+        summary = (inspect.getdoc(module) or "").split("\n\n")[0]
+        lines += [f"## from `{home}`", "", summary, ""]
+        for name in names:
+            lines += _entry(f"chainopt.{name}", getattr(chainopt, name), "###")
+    for modname in INTEGRATIONS:
         try:
             module = importlib.import_module(modname)
         except ImportError:
             continue
         lines += [f"## `{modname}`", "", inspect.getdoc(module) or "", ""]
-        if modname == "chainopt":
-            lines += ["Public names: " + ", ".join(f"`{n}`" for n in module.__all__), ""]
-            continue
         for name in getattr(module, "__all__", []):
-            obj = getattr(module, name)
-            if getattr(obj, "__module__", modname) != modname and not modname.endswith(
-                "integrations.transformers"
-            ):
-                continue
-            lines += _entry(name, obj, "###")
+            lines += _entry(name, getattr(module, name), "###")
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer
+from chainopt.adapted import lora_parametrization
 from chainopt.adapter import export_peft_adapter
-from chainopt.lora import lora_parametrization
 
 IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(9))
 

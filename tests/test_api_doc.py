@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import re
 from pathlib import Path
 
 import chainopt
@@ -31,3 +32,44 @@ def test_every_public_name_has_a_docstring() -> None:
     assert len(documented) >= 15
     missing = [n for n, o in objects.items() if o in documented and not (o.__doc__ or "").strip()]
     assert missing == []
+
+
+def test_every_chainopt_type_in_a_public_signature_is_exported() -> None:
+    """A user can import every chainopt type that a public signature names."""
+    names = set(chainopt.__all__)
+    leaks = set()
+    for public in chainopt.__all__:
+        obj = getattr(chainopt, public)
+        members = [obj] + (
+            [m for a, m in vars(obj).items() if callable(m) and not a.startswith("_")]
+            if inspect.isclass(obj)
+            else []
+        )
+        for member in members:
+            try:
+                sig = inspect.signature(member)
+            except (TypeError, ValueError):
+                continue
+            home = importlib.import_module(getattr(member, "__module__", "chainopt"))
+            annotations = [str(p.annotation) for p in sig.parameters.values()]
+            for text in [*annotations, str(sig.return_annotation)]:
+                for token in re.findall(r"\b[A-Z]\w*", text):
+                    defined = getattr(home, token, None)
+                    origin = getattr(defined, "__module__", "") or ""
+                    ours = (defined is not None and origin.startswith("chainopt")) or (
+                        token in vars(home) and token.endswith(("Policy", "Spec", "Hook"))
+                    )
+                    if ours and token not in names:
+                        leaks.add(f"{public}: {token}")
+    assert sorted(leaks) == []
+
+
+def test_api_doc_renders_only_the_public_surface() -> None:
+    text = (ROOT / "docs" / "api.md").read_text()
+    headings = re.findall(r"^### `([^`(]+)", text, flags=re.M)
+    public = {f"chainopt.{n}" for n in chainopt.__all__}
+    integration = [h for h in headings if not h.startswith("chainopt.")]
+    assert {h for h in headings if h.startswith("chainopt.")} <= public
+    assert "chainopt.ChainLoRAOptimizer" in headings and integration  # integrations too
+    for private in ("copy_full_", "shard_like", "restart_links", "GradientInit"):
+        assert private not in headings

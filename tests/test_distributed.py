@@ -20,8 +20,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer
+from chainopt._dtensor import full_tensor, is_sharded
 from chainopt.checkpoint import load_checkpoint, save_checkpoint
-from chainopt.lora import full_tensor, is_sharded
 
 WORLD = 2
 STEPS, SAVE_AT = 9, 5  # knots after steps 2, 4, 6, 8; the checkpoint is mid-link

@@ -27,10 +27,10 @@ import torch
 from models import mlp, snapshot
 from torch import nn
 
-import chainopt.optimizer as optimizer_mod
+import chainopt.knot as knot_mod
 from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError
+from chainopt.adapted import AdaptedModule, lora_parametrization
 from chainopt.checkpoint import load_checkpoint, save_checkpoint
-from chainopt.lora import lora_parametrization
 
 KNOT_EVERY = 4
 
@@ -182,20 +182,20 @@ def test_resuming_after_a_knot_failed_half_way_matches_an_uninterrupted_run(
     on_disk = (tmp_path / "ckpt.pt").read_bytes()
 
     if where == "merge of the second module":
-        real_merge = optimizer_mod.merge_into_weight
+        real_merge = knot_mod.merge_
 
-        def merge(module: nn.Module) -> None:
-            if module is model[2]:
+        def merge(record: AdaptedModule) -> None:
+            if record.module is model[2]:
                 raise RuntimeError("crash inside the knot")
-            real_merge(module)
+            real_merge(record)
 
-        monkeypatch.setattr(optimizer_mod, "merge_into_weight", merge)
+        monkeypatch.setattr(knot_mod, "merge_", merge)
     else:
 
         def draw(*args: Any) -> None:
             raise RuntimeError("crash inside the knot")
 
-        monkeypatch.setattr(optimizer_mod, "reset_links", draw)
+        monkeypatch.setattr(knot_mod, "restart_links", draw)
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="crash inside the knot"):
         _step(model, opt, 3)  # the knot after step 4
@@ -238,14 +238,14 @@ def _worker(
             time.sleep(120)
 
     if stall is not None and stall[0] == "knot":
-        real_merge = optimizer_mod.merge_into_weight
+        real_merge = knot_mod.merge_
 
-        def merge(module: nn.Module) -> None:
-            real_merge(module)
-            if module is model[0]:
+        def merge(record: AdaptedModule) -> None:
+            real_merge(record)
+            if record.module is model[0]:
                 freeze("knot")
 
-        optimizer_mod.merge_into_weight = merge  # in this forked process only
+        knot_mod.merge_ = merge  # type: ignore[assignment]  # in this forked process only
     if stall is not None and stall[0] == "save":
         real_replace = os.replace
 

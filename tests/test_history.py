@@ -12,8 +12,8 @@ from test_resume import _roundtrip
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer
+from chainopt.adapted import lora_parametrization
 from chainopt.history import ChainHistory
-from chainopt.lora import lora_parametrization
 
 
 def _chain(**kw: object) -> ChainLoRAOptimizer:

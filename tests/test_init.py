@@ -10,8 +10,8 @@ from test_resume import _roundtrip
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer
+from chainopt.adapted import lora_parametrization
 from chainopt.init import a_from_gradient
-from chainopt.lora import lora_parametrization
 
 
 @given(st.integers(2, 12), st.integers(2, 12), st.data())

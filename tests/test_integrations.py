@@ -18,10 +18,12 @@ from models import tiny_llama, tiny_opt
 from safetensors import safe_open
 from torch import nn
 
-from chainopt import ChainLoRAOptimizer, KnotRecord, merged_state_dict
-from chainopt.export import (
+from chainopt import (
+    ChainLoRAOptimizer,
+    KnotRecord,
     ParametrizedCheckpointWarning,
     guard_save_pretrained,
+    merged_state_dict,
     save_merged,
     saving_for_resume,
 )

@@ -15,7 +15,7 @@ from strategies import schedules
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError
-from chainopt.lora import lora_parametrization
+from chainopt.adapted import lora_parametrization
 
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.01),
@@ -468,7 +468,7 @@ def test_rank_step_down_resizes_factors_in_place() -> None:
     assert shapes[3] == ((1, 12), 8.0) and shapes[7] == ((1, 12), 8.0)
     held = {id(p) for g in opt.param_groups for p in g["params"]}
     assert {id(p) for p in opt.factors()} <= held
-    assert opt.chain_summary()["ranks"] == [4, 2, 1, 1, 1]
+    assert opt.chain_summary().ranks == (4, 2, 1, 1, 1)
 
 
 def test_rank_step_down_resumes_mid_second_link() -> None:
@@ -509,11 +509,12 @@ def test_chain_summary_reports_norms_and_effective_rank(keep_history: bool) -> N
     opt = _wrap(rank=2, knot_every=3, keep_history=keep_history)
     _train(opt.model, opt, 7)
     s = opt.chain_summary()
-    assert s["links"] == 3 and s["knot_steps"] == [3, 6] and s["steps"] == 7
-    m = s["modules"]["0"]
-    assert len(m["update_norms"]) == 2 and all(n > 0 for n in m["update_norms"])
+    assert s.links == 3 and s.knot_steps == (3, 6) and s.steps == 7
+    m = s.modules["0"]
+    assert len(m.update_norms) == 2 and all(n is not None and n > 0 for n in m.update_norms)
     # three rank-2 links (two merged, one pending); unknown without the merged factors
-    assert m["effective_rank"] == (6 if keep_history else None)
+    assert m.effective_rank == (6 if keep_history else None)
+    assert s.to_dict()["modules"]["0"]["effective_rank"] == m.effective_rank
 
 
 def test_a_knot_causes_no_recompile() -> None:

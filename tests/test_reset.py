@@ -10,8 +10,8 @@ from models import mlp
 from test_optimizer import _train
 
 from chainopt import ChainLoRAOptimizer
-from chainopt.lora import lora_parametrization
-from chainopt.reset import reset_state
+from chainopt.adapted import lora_parametrization
+from chainopt.reset import resolve_reset
 
 
 @given(st.integers(1, 200), st.floats(0.0, 0.99))
@@ -22,7 +22,7 @@ def test_prune_zeroes_the_smallest_fraction(n: int, ratio: float) -> None:
     state = {
         p: {"exp_avg": values.clone(), "exp_avg_sq": second.clone(), "step": torch.tensor(3.0)}
     }
-    reset_state(state, [p], "prune", prune_ratio=ratio)
+    resolve_reset("prune", prune_ratio=ratio)(state, [p])
     k = int(ratio * n)
     kept = state[p]["exp_avg"]
     assert int((kept == 0).sum()) == k

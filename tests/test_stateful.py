@@ -20,8 +20,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError
+from chainopt.adapted import bias_delta, lora_parametrization
 from chainopt.checkpoint import load_checkpoint, save_checkpoint
-from chainopt.lora import bias_delta, lora_parametrization
 
 IN, OUT = 7, 5
 

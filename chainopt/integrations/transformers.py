@@ -61,9 +61,9 @@ except ImportError as err:
         "pip install transformers"
     ) from err
 
-from ..export import guard_save_pretrained, saving_for_resume
 from ..optimizer import ChainLoRAOptimizer
 from ..targets import ModuleSpec
+from .hf_save import guard_save_pretrained, saving_for_resume
 
 __all__ = ["ChainLoRACallback", "create_chain_optimizer"]
 

@@ -1,0 +1,69 @@
+"""DTensor helpers: whole tensors from FSDP2 shards, and shards from whole tensors.
+
+FSDP2's ``fully_shard`` turns parameters into ``DTensor``s. A knot needs whole tensors (it merges
+a whole weight), then writes each rank's part back. ``torch.distributed.tensor`` is imported only
+when something has already imported it: no DTensor can exist otherwise.
+
+Example:
+    >>> import torch
+    >>> t = torch.ones(2, 3)
+    >>> is_sharded(t), full_tensor(t) is t
+    (False, True)
+"""
+
+from __future__ import annotations
+
+import sys
+
+from torch import Tensor
+
+__all__ = ["copy_full_", "full_tensor", "is_sharded", "shard_like"]
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor``, e.g. a parameter sharded by FSDP2's ``fully_shard``."""
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist: skip the import
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole of ``tensor``: a ``DTensor`` is all-gathered, anything else returned as it is.
+
+    Gathering is a collective: under FSDP2 every rank must call this, in the same order.
+    """
+    if is_sharded(tensor):
+        whole: Tensor = tensor.full_tensor()  # type: ignore[attr-defined]
+        return whole
+    return tensor
+
+
+def copy_full_(dst: Tensor, src: Tensor) -> Tensor:
+    """``dst.copy_(src)`` from a whole ``src``; into a ``DTensor`` only the local part is copied.
+
+    Every rank holds the same ``src`` (drawn from the same generator, merged from the same
+    gathered tensors), so each takes its own shard of it without communicating.
+
+    Example:
+        >>> import torch
+        >>> copy_full_(torch.zeros(2), torch.ones(2)).tolist()
+        [1.0, 1.0]
+    """
+    return dst.copy_(shard_like(src, dst) if is_sharded(dst) else src)
+
+
+def shard_like(whole: Tensor, like: Tensor) -> Tensor:
+    """This rank's shard of ``whole``, as a ``DTensor`` laid out like ``like`` (no communication).
+
+    Every rank must hold the same ``whole``; each keeps its own part. ``like`` must be a DTensor.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        raise TypeError(f"like must be a DTensor, got {type(like).__name__}")
+    shard: Tensor = distribute_tensor(
+        whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None
+    )
+    return shard

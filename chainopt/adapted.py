@@ -1,0 +1,239 @@
+"""An adapted module: registering and removing a link, and the record the knot works on.
+
+:func:`attach` registers a :class:`~chainopt.lora.LoRAParametrization` on a module's weight (and
+optionally a :class:`~chainopt.lora.BiasDelta` on its bias) through
+``torch.nn.utils.parametrize`` and installs the factorised forward; :func:`detach` removes them.
+An :class:`AdaptedModule` holds what a knot, a merge or an export needs of one module — its name,
+the module, its link, bias delta and frozen originals — looked up once.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> lin = nn.Linear(8, 4)
+    >>> link = attach(lin, rank=2, alpha=4.0)
+    >>> record = AdaptedModule.of("fc", lin)
+    >>> record.link is link, record.weight is lin.parametrizations.weight.original
+    (True, True)
+    >>> detach(lin)
+    >>> type(lin) is nn.Linear
+    True
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ._surgery import (
+    install_forward,
+    lora_conv1d_forward,
+    lora_linear_forward,
+    parameter_order,
+    remove_parametrizations,
+    restore_parameter_order,
+)
+from .lora import BiasDelta, LoRAParametrization
+
+__all__ = [
+    "AdaptedModule",
+    "attach",
+    "bias_delta",
+    "detach",
+    "find_adapted",
+    "is_conv1d",
+    "lora_parametrization",
+    "original",
+    "parametrization_count",
+]
+
+_ORDER = "_chainopt_parameter_order"  # instance attribute: the module's parameter order before
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's weight-transposed Linear)."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(pytorch_utils, "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def _plist(module: nn.Module, name: str) -> parametrize.ParametrizationList | None:
+    if not parametrize.is_parametrized(module, name):
+        return None
+    return cast(parametrize.ParametrizationList, cast(Any, module).parametrizations[name])
+
+
+def lora_parametrization(module: nn.Module) -> LoRAParametrization | None:
+    """Return chainopt's link on ``module.weight`` (``None`` if there is none)."""
+    plist = _plist(module, "weight")
+    if plist is not None and isinstance(plist[0], LoRAParametrization):
+        return plist[0]
+    return None
+
+
+def bias_delta(module: nn.Module) -> BiasDelta | None:
+    """Return chainopt's bias delta on ``module.bias`` (``None`` if there is none)."""
+    plist = _plist(module, "bias")
+    if plist is not None and isinstance(plist[0], BiasDelta):
+        return plist[0]
+    return None
+
+
+def original(module: nn.Module, name: str = "weight") -> Tensor:
+    """The frozen tensor under ``module.<name>``'s parametrizations (its Parameter object)."""
+    plist = _plist(module, name)
+    if plist is None:
+        raise ValueError(f"{type(module).__name__}.{name} is not parametrized")
+    tensor: Tensor = plist.original
+    return tensor
+
+
+def parametrization_count(module: nn.Module, name: str = "weight") -> int:
+    """How many parametrizations are stacked on ``module.<name>`` (0 if none)."""
+    plist = _plist(module, name)
+    return 0 if plist is None else len(plist)
+
+
+@dataclass(frozen=True, eq=False)
+class AdaptedModule:
+    """One adapted module, as the knot, merges and exports see it.
+
+    Attributes:
+        name: qualified name in the model.
+        module: the module.
+        link: its :class:`~chainopt.lora.LoRAParametrization`.
+        delta: its :class:`~chainopt.lora.BiasDelta`, or ``None``.
+        weight: the frozen weight under the link (the Parameter object).
+        bias: the frozen bias under the delta, or the module's plain bias, or ``None``.
+    """
+
+    name: str
+    module: nn.Module
+    link: LoRAParametrization
+    delta: BiasDelta | None
+    weight: Tensor
+    bias: Tensor | None
+
+    @classmethod
+    def of(cls, name: str, module: nn.Module) -> AdaptedModule:
+        """Look up the parts of an adapted ``module`` once.
+
+        Raises:
+            ValueError: ``module`` carries no chainopt link.
+        """
+        link = lora_parametrization(module)
+        if link is None:
+            raise ValueError(f"module {name!r} ({type(module).__name__}) carries no chainopt link")
+        delta = bias_delta(module)
+        bias = original(module, "bias") if delta is not None else getattr(module, "bias", None)
+        return cls(name, module, link, delta, original(module), bias)
+
+    def refreshed(self) -> AdaptedModule:
+        """The same module looked up again (after FSDP2 replaced its Parameters)."""
+        return AdaptedModule.of(self.name, self.module)
+
+    def factors(self) -> list[nn.Parameter]:
+        """A, B and the bias delta: what the optimizer trains for this module."""
+        parts = [self.link.lora_A, self.link.lora_B]
+        return parts + ([self.delta.delta] if self.delta is not None else [])
+
+    def parts(self) -> list[tuple[LoRAParametrization | BiasDelta, Tensor]]:
+        """``(part, frozen tensor it merges into)`` for the link and the bias delta."""
+        out: list[tuple[LoRAParametrization | BiasDelta, Tensor]] = [(self.link, self.weight)]
+        if self.delta is not None and self.bias is not None:
+            out.append((self.delta, self.bias))
+        return out
+
+
+def find_adapted(model: nn.Module) -> list[AdaptedModule]:
+    """Every module of ``model`` that carries a chainopt link, in ``named_modules`` order."""
+    return [
+        AdaptedModule.of(n, m)
+        for n, m in model.named_modules()
+        if lora_parametrization(m) is not None
+    ]
+
+
+def attach(
+    module: nn.Module,
+    rank: int,
+    alpha: float,
+    *,
+    bias: bool = False,
+    factor_dtype: torch.dtype | None = None,
+    residual_dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+    ranks: Sequence[int] | None = None,
+    fused: bool = True,
+) -> LoRAParametrization:
+    """Register a link (and optionally a bias delta) on ``module``; return the link.
+
+    ``module`` is an ``nn.Linear`` or a transformers ``Conv1D`` (weight stored ``(in, out)``).
+    The weight's Parameter object is kept (``module.parametrizations.weight.original``), so
+    references to it held elsewhere stay valid. Callers validate the arguments; this function
+    assumes a plain (unparametrized) module.
+
+    Args:
+        module: the module to adapt.
+        rank: rank of the first link.
+        alpha: LoRA alpha.
+        bias: also register a :class:`~chainopt.lora.BiasDelta` on ``module.bias``.
+        factor_dtype: dtype of the factors (default: the weight's).
+        residual_dtype: dtype of the merge residual buffer (``None``: no buffer).
+        generator: generator for the initial A.
+        ranks: every rank the link may take (rank step-down).
+        fused: install the factorised forward; ``False`` keeps the module's own forward, which
+            then reads the materialised ``W + s·B·A`` (a subclass with its own ``forward``).
+
+    Returns:
+        The registered :class:`~chainopt.lora.LoRAParametrization`.
+    """
+    weight = cast(Tensor, module.weight)
+    conv1d = is_conv1d(module)
+    in_features, out_features = weight.shape if conv1d else weight.shape[::-1]
+    module.__dict__[_ORDER] = parameter_order(module)
+    link = LoRAParametrization(
+        out_features,
+        in_features,
+        rank,
+        alpha,
+        dtype=factor_dtype or weight.dtype,
+        device=weight.device,
+        residual_dtype=residual_dtype,
+        fan_in_fan_out=conv1d,
+        ranks=ranks,
+    )
+    link.reset_parameters(generator)
+    parametrize.register_parametrization(module, "weight", link)
+    if bias:
+        delta = BiasDelta(
+            out_features,
+            dtype=factor_dtype or weight.dtype,
+            device=weight.device,
+            residual_dtype=residual_dtype,
+        )
+        parametrize.register_parametrization(module, "bias", delta)
+    if fused:
+        install_forward(module, lora_conv1d_forward if conv1d else lora_linear_forward)
+    return link
+
+
+def detach(module: nn.Module) -> None:
+    """Remove chainopt's parametrizations from ``module``, keeping the current originals.
+
+    Whatever is pending in the link is *not* merged: merge first (see :mod:`chainopt.merge`).
+    Other parametrizations stay. The module's parameters get back their registration order, so
+    ``state_dict()`` keys come in the order they had before :func:`attach`.
+    """
+    forward = lora_conv1d_forward if is_conv1d(module) else lora_linear_forward
+    remove_parametrizations(
+        module, lambda p: isinstance(p, (LoRAParametrization, BiasDelta)), forward
+    )
+    order = module.__dict__.pop(_ORDER, None)
+    if order is not None:
+        restore_parameter_order(module, order)

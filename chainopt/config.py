@@ -1,0 +1,409 @@
+"""What a chain is built with: one frozen :class:`ChainConfig`, validated once.
+
+:meth:`ChainConfig.from_kwargs` holds every check of the constructor's arguments and of the model
+they refer to, and raises ``TypeError``/``ValueError`` naming the argument and the value before
+anything is changed. The config is saved in the optimizer's state dict (:meth:`ChainConfig.to_dict`)
+and compared on load.
+
+Example:
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> config = ChainConfig.from_kwargs(model, target_modules=["0"], rank=[4, 2], knot_every=10)
+    >>> config.modules, config.ranks, config.link_rank(5)
+    (('0',), (4, 2), 2)
+    >>> ChainConfig.from_kwargs(model, target_modules=["0"], rank=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: rank must be a positive int (or a non-empty list of them, a rank per link), got 0
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, TypeAlias, get_args
+
+import torch
+from torch import nn
+
+from ._dtensor import is_sharded
+from ._validate import PARALLEL_WRAPPERS, is_distributed, is_int, type_name
+from .adapted import find_adapted, parametrization_count
+from .init import InitPolicy
+from .reset import ResetPolicy
+from .schedule import KnotSchedule
+from .targets import (
+    ALL_LINEAR,
+    ModuleSpec,
+    describe_spec,
+    is_linear_like,
+    linear_names,
+    select_modules,
+    shared_parameters,
+)
+
+__all__ = ["FACTOR_DTYPES", "ChainConfig", "NonFinitePolicy"]
+
+NonFinitePolicy: TypeAlias = Literal["raise", "skip"]
+"""At a knot, a link that must not be merged (NaN/Inf, or an overflow of the weight's dtype) either
+raises (``"raise"``) or is dropped unmerged with a warning while the others are merged
+(``"skip"``). No non-finite value reaches a weight."""
+
+FACTOR_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+"""Dtypes the factors may have."""
+
+_SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+_SAVED_BEFORE_V2 = (
+    "modules", "ranks", "alpha", "knot_every", "knots", "lora_bias", "seed", "factor_dtype",
+    "exact_merge", "keep_history", "reset", "prune_ratio", "init",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ChainConfig:
+    """What a chain was built with.
+
+    Attributes:
+        modules: qualified names of the adapted modules, in model order.
+        ranks: rank of each link; the last repeats (rank step-down).
+        alpha: LoRA alpha; link ``i`` has scale ``alpha / ranks[i]``.
+        knot_every: the interval schedule, or ``None``.
+        knots: the step list schedule (empty with ``knot_every``).
+        lora_bias: bias deltas are trained.
+        seed: seed of the factors' generator.
+        factor_dtype: dtype of the factors (``None``: float32 for half-precision weights, the
+            weight's dtype otherwise).
+        exact_merge: merge residuals (``None``: for half-precision weights).
+        keep_history: host copies of merged links are kept.
+        reset: what a knot does to the factors' optimizer state.
+        prune_ratio: fraction zeroed by ``reset="prune"``.
+        init: how a new link's A is chosen.
+        non_finite: what a knot does with a link that must not be merged.
+        trainable: qualified names of modules trained as they are (``trainable_modules``).
+    """
+
+    modules: tuple[str, ...]
+    ranks: tuple[int, ...]
+    alpha: float
+    knot_every: int | None
+    knots: tuple[int, ...]
+    lora_bias: bool
+    seed: int
+    factor_dtype: torch.dtype | None
+    exact_merge: bool | None
+    keep_history: bool
+    reset: ResetPolicy
+    prune_ratio: float
+    init: InitPolicy
+    non_finite: NonFinitePolicy = "raise"
+    trainable: tuple[str, ...] = ()
+
+    def link_rank(self, link: int) -> int:
+        """Rank of link ``link`` (0-based): ``ranks[link]``, the last entry repeating."""
+        return self.ranks[min(link, len(self.ranks) - 1)]
+
+    def schedule(self) -> KnotSchedule:
+        """The knot schedule."""
+        if self.knot_every is not None:
+            return KnotSchedule(knot_every=self.knot_every)
+        return KnotSchedule(knots=self.knots)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (lists for tuples, ``"torch.float32"`` for a dtype), as saved."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        out["factor_dtype"] = None if self.factor_dtype is None else str(self.factor_dtype)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChainConfig:
+        """The inverse of :meth:`to_dict` (fields missing from older saves take defaults).
+
+        Raises:
+            ValueError: ``data`` is not a saved config.
+        """
+        try:
+            kw = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+            for key in ("modules", "ranks", "knots", "trainable"):
+                if key in kw:
+                    kw[key] = tuple(kw[key])
+            dtype = kw.get("factor_dtype")
+            kw["factor_dtype"] = (
+                None if dtype is None else getattr(torch, str(dtype).split(".")[-1])
+            )
+            return cls(**kw)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"not a saved chain config: {data!r:.200}") from err
+
+    def differences(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """``{key: (saved, current)}`` where a saved config differs from this one.
+
+        ``non_finite`` may change between runs; keys a save lacks (older versions) are skipped,
+        but every key versions before 2 saved must be there.
+        """
+        mine = self.to_dict()
+        keys = [k for k in mine if k != "non_finite" and (k in saved or k in _SAVED_BEFORE_V2)]
+        return {k: (saved.get(k), mine[k]) for k in keys if saved.get(k) != mine[k]}
+
+    @classmethod
+    def from_kwargs(
+        cls,
+        model: nn.Module,
+        *,
+        target_modules: ModuleSpec,
+        rank: int | Sequence[int] = 8,
+        alpha: float = 16.0,
+        knot_every: int | None = None,
+        knots: Sequence[int] | None = None,
+        num_links: int | None = None,
+        total_steps: int | None = None,
+        steps_per_epoch: int | None = None,
+        lora_bias: bool = False,
+        trainable_modules: ModuleSpec | None = None,
+        seed: int = 0,
+        factor_dtype: torch.dtype | None = None,
+        exact_merge: bool | None = None,
+        keep_history: bool = False,
+        non_finite: NonFinitePolicy = "raise",
+        reset: ResetPolicy = "full",
+        prune_ratio: float = 0.9,
+        init: InitPolicy = "kaiming",
+    ) -> ChainConfig:
+        """Check every argument of :class:`~chainopt.ChainLoRAOptimizer` against ``model``.
+
+        Nothing is changed. See :class:`~chainopt.ChainLoRAOptimizer` for the arguments.
+
+        Raises:
+            TypeError: an argument of the wrong type, or a matched module that cannot be adapted.
+            ValueError: a bad value, no matching module, a model already wrapped (by chainopt,
+                DDP or FSDP), a weight shared with another module.
+        """
+        check_model(model)
+        ranks = _ranks(rank)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be finite, got {alpha!r}")
+        schedule = _schedule(knot_every, knots, num_links, total_steps, steps_per_epoch)
+        for name, value in (("lora_bias", lora_bias), ("keep_history", keep_history)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+        if not is_int(seed):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        if not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
+            raise ValueError(f"seed must be in [-2**63, 2**64 - 1] (a 64-bit seed), got {seed!r}")
+        if factor_dtype is not None and factor_dtype not in FACTOR_DTYPES:
+            raise TypeError(
+                f"factor_dtype must be a floating torch.dtype, None or one of "
+                f"{[str(d) for d in FACTOR_DTYPES]}, "
+                f"got {factor_dtype!r}"
+            )
+        if not (exact_merge is None or exact_merge is True or exact_merge is False):
+            raise TypeError(f"exact_merge must be None or a bool, got {exact_merge!r}")
+        policies: tuple[tuple[str, object, object], ...] = (
+            ("non_finite", non_finite, NonFinitePolicy),
+            ("reset", reset, ResetPolicy),
+            ("init", init, InitPolicy),
+        )
+        for arg, choice, options in policies:
+            if not isinstance(choice, str) or choice not in get_args(options):
+                raise ValueError(f"{arg} must be one of {get_args(options)}, got {choice!r}")
+        if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)):
+            raise TypeError(f"prune_ratio must be a number in [0, 1), got {prune_ratio!r}")
+        if not 0 <= prune_ratio < 1:
+            raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio!r}")
+        trainable = _trainable(model, trainable_modules)
+        targets = _targets(model, target_modules, max(ranks), lora_bias, trainable)
+        _check_trainable_against_targets(trainable, targets)
+        return cls(
+            modules=tuple(n for n, _ in targets),
+            ranks=ranks,
+            alpha=float(alpha),
+            knot_every=schedule.knot_every,
+            knots=schedule.knots or (),
+            lora_bias=lora_bias,
+            seed=seed,
+            factor_dtype=factor_dtype,
+            exact_merge=exact_merge,
+            keep_history=keep_history,
+            reset=reset,
+            prune_ratio=float(prune_ratio),
+            init=init,
+            non_finite=non_finite,
+            trainable=tuple(n for n, _ in trainable),
+        )
+
+
+def check_model(model: object) -> None:
+    """Refuse what is not a bare, unwrapped, unsharded, not yet chained ``nn.Module``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type_name(model)}")
+    if isinstance(model, PARALLEL_WRAPPERS):
+        raise ValueError(
+            f"model is already wrapped in {type_name(model)}: wrap the bare model with "
+            "ChainLoRAOptimizer first, then wrap it in DistributedDataParallel (the factors must "
+            "exist before DDP registers its parameters)"
+        )
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # imported by whoever sharded the model
+    fsdp_types = () if fsdp is None else (fsdp.FullyShardedDataParallel, fsdp.FSDPModule)
+    sharded = [n for n, p in model.named_parameters() if is_sharded(p)]
+    if sharded or any(isinstance(m, fsdp_types) for m in model.modules()):
+        raise ValueError(
+            f"model is already sharded (FSDP, DTensor parameters such as {sharded[:2]}): wrap "
+            "the bare model with ChainLoRAOptimizer first, then shard it with fully_shard and "
+            "call opt.rebind_parameters()"
+        )
+    wrapped = find_adapted(model)
+    if wrapped:
+        raise ValueError(
+            f"model is already wrapped by a ChainLoRAOptimizer (chainopt links on "
+            f"{[r.name for r in wrapped][:4]}); build one ChainLoRAOptimizer per model"
+        )
+
+
+def _ranks(rank: int | Sequence[int]) -> tuple[int, ...]:
+    ranks: tuple[object, ...] = (
+        (rank,) if not isinstance(rank, Sequence) else tuple(rank) if rank else (None,)
+    )
+    if isinstance(rank, str) or not all(is_int(r) and r > 0 for r in ranks):  # type: ignore[operator]
+        raise ValueError(
+            f"rank must be a positive int (or a non-empty list of them, a rank per link), "
+            f"got {rank!r}"
+        )
+    checked = tuple(int(r) for r in ranks)  # type: ignore[call-overload]
+    if len(set(checked)) > 1 and is_distributed():
+        raise ValueError(
+            f"rank={list(checked)} changes the factors' shapes at knots, which "
+            "DistributedDataParallel's buckets cannot follow; use one rank under DDP"
+        )
+    return checked
+
+
+def _schedule(
+    knot_every: int | None,
+    knots: Sequence[int] | None,
+    num_links: int | None,
+    total_steps: int | None,
+    steps_per_epoch: int | None,
+) -> KnotSchedule:
+    if num_links is None and total_steps is None:
+        if steps_per_epoch is not None:
+            raise ValueError("steps_per_epoch goes with num_links and total_steps")
+        return KnotSchedule(knot_every=knot_every, knots=knots)
+    if knot_every is not None or knots is not None:
+        raise ValueError(
+            "give one schedule: knot_every, knots, or num_links with total_steps; got "
+            f"knot_every={knot_every!r}, knots={knots!r}, num_links={num_links!r}"
+        )
+    if num_links is None or total_steps is None:
+        raise ValueError(
+            f"num_links and total_steps go together, got num_links={num_links!r}, "
+            f"total_steps={total_steps!r}"
+        )
+    return KnotSchedule.even(num_links, total_steps, steps_per_epoch)
+
+
+def _trainable(model: nn.Module, spec: ModuleSpec | None) -> list[tuple[str, nn.Module]]:
+    if spec is None:
+        return []
+    found = select_modules(model, spec, "trainable_modules")
+    if not found:
+        raise ValueError(f"trainable_modules={describe_spec(spec)!r} matches no module")
+    return found
+
+
+def _targets(
+    model: nn.Module,
+    spec: ModuleSpec,
+    rank: int,
+    lora_bias: bool,
+    trainable: list[tuple[str, nn.Module]],
+) -> list[tuple[str, nn.Module]]:
+    found = select_modules(model, spec, "target_modules", exclude=[m for _, m in trainable])
+    if not found:
+        raise ValueError(
+            f"target_modules={describe_spec(spec)!r} matches no module of the model; modules "
+            f"a link can adapt include {linear_names(model)}"
+        )
+    shared = shared_parameters(model)
+    storages = _storages(model)
+    for name, module in found:
+        if not is_linear_like(module):
+            raise TypeError(
+                f"target_modules={describe_spec(spec)!r} matches {name!r}, a "
+                f"{type_name(module)}; only torch.nn.Linear and transformers Conv1D modules "
+                "can be adapted"
+            )
+        if parametrization_count(module) or parametrization_count(module, "bias"):
+            raise ValueError(
+                f"target_modules matches {name!r}, whose weight or bias is already parametrized; "
+                "chainopt's link must be registered first"
+            )
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        if id(weight) in shared:
+            others = [n for n in shared[id(weight)] if n != f"{name}.weight"]
+            raise ValueError(
+                f"target_modules matches {name!r}, whose weight is shared with {others} (tied "
+                "weights): a knot would merge the link into both and change the model; leave it "
+                f"out of target_modules ('{ALL_LINEAR}' leaves tied and output layers out)"
+            )
+        tensors = [("weight", weight)]
+        if lora_bias and isinstance(module.bias, torch.Tensor):
+            tensors.append(("bias", module.bias))
+        for kind, tensor in tensors:
+            overlap = _overlapping(tensor, storages)
+            if overlap:
+                raise ValueError(
+                    f"target_modules matches {name!r}, whose {kind} shares memory with "
+                    f"{overlap[:3]}: a knot writes into the {kind} in place and would change "
+                    "them too; give it its own tensor or leave it out of target_modules"
+                )
+        limit = min(weight.shape)
+        if rank > limit:
+            raise ValueError(
+                f"rank must be a positive int no larger than min(in_features, out_features)="
+                f"{limit} of {name!r}, got {rank}"
+            )
+    if lora_bias and all(getattr(m, "bias", None) is None for _, m in found):
+        raise ValueError("lora_bias=True but none of the target modules has a bias")
+    return found
+
+
+def _storages(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    named: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
+    named += list(model.named_buffers())
+    return [(n, t) for n, t in named if not t.is_meta and not is_sharded(t)]
+
+
+def _overlapping(tensor: torch.Tensor, storages: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of other tensors of the model whose memory overlaps ``tensor``'s."""
+    if tensor.is_meta or is_sharded(tensor) or tensor.numel() == 0:
+        return []
+    ptr = tensor.untyped_storage().data_ptr()
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    out = []
+    for name, other in storages:
+        if other is tensor or other.numel() == 0 or other.untyped_storage().data_ptr() != ptr:
+            continue
+        o_start = other.data_ptr()
+        if o_start < end and start < o_start + other.numel() * other.element_size():
+            out.append(name)
+    return out
+
+
+def _check_trainable_against_targets(
+    trainable: list[tuple[str, nn.Module]], targets: list[tuple[str, nn.Module]]
+) -> None:
+    for t_name, t_module in trainable:
+        for name, module in targets:
+            if module is t_module:
+                raise ValueError(f"{name!r} is in both target_modules and trainable_modules")
+            if any(m is module for m in t_module.modules()):
+                raise ValueError(
+                    f"trainable_modules matches {t_name!r}, which contains the target {name!r}: "
+                    "its frozen weight would train outside the chain; name the submodules to "
+                    "train instead"
+                )

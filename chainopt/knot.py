@@ -1,0 +1,197 @@
+"""Tying a knot: inspect → record → merge → restart → reset, for every adapted module at once.
+
+:func:`tie_knot` is the whole knot, in that order:
+
+1. **inspect** every pending link (:func:`chainopt.guard.check_links`): its norm, and whether it
+   may be merged (finite factors, no overflow of the weight's dtype), agreed across ranks. A bad
+   link raises :class:`~chainopt.guard.NonFiniteUpdateError` before anything changed
+   (``non_finite="raise"``), or is dropped unmerged with a warning (``"skip"``).
+2. **record** the knot: step, norms and (with ``keep_history``) host copies of the links.
+3. **merge** each good link into its frozen weight (:func:`chainopt.merge.merge_`), zeroing its
+   B right after, so the model computes the same function at every point of the knot.
+4. **restart** every link in place: the rank of the next link, A Kaiming-uniform from the chain's
+   generator (or from the gradient, ``init="gradient"``), B zero.
+5. **reset** the factors' optimizer state (``reset=``); a dropped link's state always goes.
+
+A knot is all or nothing as the model sees it: if anything raises half-way (an out-of-memory
+error in one module's merge, say), the modules already merged have a zero link, the others
+still hold theirs, and the function is unchanged. The chain keeps the knot pending; the next
+:func:`tie_knot` (or optimizer step) finishes it, merging no module twice and drawing the same
+new factors, so the result is bitwise what an uninterrupted knot gives, recorded once.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from chainopt import ChainLoRAOptimizer
+    >>> model = nn.Sequential(nn.Linear(4, 4))
+    >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+    ...                          target_modules=["0"], rank=2, knot_every=100)
+    >>> x = torch.randn(3, 4)
+    >>> with torch.no_grad():
+    ...     _ = model[0].parametrizations.weight[0].lora_B.fill_(0.5)
+    ...     before = model(x)
+    >>> record = opt.tie_knot()  # calls tie_knot(opt.chain, step)
+    >>> torch.allclose(model(x), before, atol=1e-6), record.step
+    (True, 0)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .adapted import AdaptedModule
+from .config import ChainConfig, NonFinitePolicy
+from .guard import LinkCheck, NonFiniteUpdateError, check_links, pending_links
+from .history import ChainHistory, KnotRecord
+from .init import LinkInit
+from .lora import restart_links
+from .merge import merge_
+from .reset import StateReset
+
+__all__ = ["Chain", "OnBadLinks", "resolve_non_finite", "tie_knot"]
+
+OnBadLinks = Callable[[LinkCheck, str], None]
+"""Called with the check and ``"knot N (optimizer step S)"`` when some links must not merge."""
+
+
+def _raise(check: LinkCheck, where: str) -> None:
+    raise NonFiniteUpdateError(
+        f"non-finite LoRA factors in {list(check.bad)} at {where} ({check.describe()}); "
+        "refusing to merge them: no weight was changed"
+    )
+
+
+def _skip(check: LinkCheck, where: str) -> None:
+    warnings.warn(
+        f"non-finite LoRA factors in {list(check.bad)} at {where}: dropped those links "
+        f"unmerged ({check.describe()})",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def resolve_non_finite(policy: NonFinitePolicy) -> OnBadLinks:
+    """What a knot does with links that must not be merged, for ``policy``.
+
+    Raises:
+        ValueError: an unknown policy.
+    """
+    policies: dict[str, OnBadLinks] = {"raise": _raise, "skip": _skip}
+    if policy not in policies:
+        raise ValueError(f"non_finite must be one of {sorted(policies)}, got {policy!r}")
+    return policies[policy]
+
+
+@dataclass
+class _Attempt:
+    """A knot under way: what it inspected and recorded, and which modules it merged."""
+
+    step: int
+    good: list[AdaptedModule]
+    bad: list[AdaptedModule]
+    record: KnotRecord
+    rank: int
+    new_a: list[Tensor | None]
+    generator_state: Tensor
+    merged: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Chain:
+    """What a knot reads and changes; built once by the optimizer, policies resolved.
+
+    Attributes:
+        records: the adapted modules (refreshed when FSDP2 replaces their Parameters).
+        config: the chain's config.
+        history: the knots so far.
+        generator: draws every new A.
+        state_of: returns the wrapped optimizer's ``state`` (its ``load_state_dict`` replaces
+            it, so it is read at each knot).
+        reset_state: the ``reset=`` policy.
+        drop_state: the full reset, for dropped links.
+        on_bad: the ``non_finite=`` policy.
+        link_init: the ``init=`` policy.
+        knots_tied: knots tied so far.
+        pending: a knot that raised half-way, finished by the next :func:`tie_knot`.
+    """
+
+    records: list[AdaptedModule]
+    config: ChainConfig
+    history: ChainHistory
+    generator: torch.Generator
+    state_of: Callable[[], MutableMapping[Any, dict[str, Any]]]
+    reset_state: StateReset
+    drop_state: StateReset
+    on_bad: OnBadLinks
+    link_init: LinkInit
+    knots_tied: int = 0
+    pending: _Attempt | None = None
+
+    def factors(self, records: Sequence[AdaptedModule] | None = None) -> list[Tensor]:
+        """The trainable factors of ``records`` (default: all), in module order."""
+        return [p for r in (self.records if records is None else records) for p in r.factors()]
+
+
+@torch.no_grad()
+def tie_knot(chain: Chain, step: int) -> KnotRecord:
+    """Tie a knot of ``chain`` after optimizer step ``step`` (or finish the pending one).
+
+    Returns:
+        The knot's record, added to ``chain.history``.
+
+    Raises:
+        NonFiniteUpdateError: a link must not be merged and ``non_finite="raise"``; nothing
+            was changed.
+    """
+    attempt = chain.pending if chain.pending is not None else _inspect_and_record(chain, step)
+    chain.pending = attempt
+    for r in attempt.good:  # merge, and zero the link at once: the function holds throughout
+        if r.name not in attempt.merged:
+            merge_(r)
+            r.link.lora_B.zero_()
+            if r.delta is not None:
+                r.delta.reset_parameters()
+            attempt.merged.add(r.name)
+    _restart(chain, attempt)
+    chain.reset_state(chain.state_of(), chain.factors(attempt.good))
+    chain.drop_state(chain.state_of(), chain.factors(attempt.bad))
+    chain.history.add(attempt.record)
+    chain.knots_tied += 1
+    chain.pending = None
+    return attempt.record
+
+
+def _inspect_and_record(chain: Chain, step: int) -> _Attempt:
+    links = pending_links(chain.records)
+    check = check_links(chain.records, links)
+    if check.bad:
+        chain.on_bad(check, f"knot {chain.knots_tied + 1} (optimizer step {step})")
+    good = [r for r in chain.records if r.name not in check.bad]
+    bad = [r for r in chain.records if r.name in check.bad]
+    record = chain.history.make_record(
+        step,
+        {r.name: links[r.name] for r in good},
+        {r.name: check.norms[r.name] for r in good},
+        tuple(r.name for r in bad),
+    )
+    rank = chain.config.link_rank(chain.knots_tied + 1)
+    new_a = chain.link_init.initial_a([r.name for r in chain.records], rank)
+    return _Attempt(step, good, bad, record, rank, new_a, chain.generator.get_state())
+
+
+def _restart(chain: Chain, attempt: _Attempt) -> None:
+    """Every link starts again: the next rank, a fresh A (the same draws on a retry), B zero."""
+    chain.generator.set_state(attempt.generator_state)
+    links = [r.link for r in chain.records]
+    for link in links:
+        link.resize_(attempt.rank)
+    restart_links(links, chain.generator, attempt.new_a)
+    for r in chain.records:
+        if r.delta is not None:
+            r.delta.reset_parameters()

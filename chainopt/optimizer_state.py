@@ -1,0 +1,226 @@
+"""The wrapped optimizer's side of a chain: its param groups, and checking a saved state.
+
+:func:`regroup` rewrites an optimizer built over ``model.parameters()`` so that it steps the
+factors instead of the frozen weights; :func:`verify_steps_factors` refuses an optimizer that
+would not step them; :func:`check_saved_state` checks a ``ChainLoRAOptimizer.state_dict()``
+whole before any of it is loaded.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from chainopt import ChainLoRAOptimizer
+    >>> model = nn.Sequential(nn.Linear(4, 4))
+    >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+    ...                          target_modules=["0"], rank=2, knot_every=1)
+    >>> [tuple(p.shape) for p in opt.param_groups[0]["params"]]  # A, B and the plain bias
+    [(2, 4), (4, 2)]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ._validate import is_int, type_name
+from .adapted import AdaptedModule
+from .history import KnotRecord, parse_history
+from .knot import Chain
+
+__all__ = [
+    "CheckedState",
+    "check_optimizer",
+    "check_saved_state",
+    "regroup",
+    "verify_steps_factors",
+]
+
+
+def regroup(optimizer: Optimizer, records: Sequence[AdaptedModule], keep: Sequence[Tensor]) -> None:
+    """Rewrite ``optimizer``'s groups in place: the factors join their weight's group.
+
+    Frozen parameters leave (with any state); ``keep`` stays. Each group's ``params`` list is
+    edited in place, so an optimizer that holds on to that list (LBFGS) sees the change.
+    """
+    kept = {id(p) for p in keep}
+    home: dict[int, int] = {}
+    for i, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            home.setdefault(id(p), i)
+    joins: list[list[Tensor]] = [[] for _ in optimizer.param_groups]
+    for r in records:
+        joins[home.get(id(r.weight), 0)].extend(r.factors())
+    for group, extra in zip(optimizer.param_groups, joins, strict=True):
+        for p in group["params"]:
+            if id(p) not in kept:
+                optimizer.state.pop(p, None)
+        group["params"][:] = [p for p in group["params"] if id(p) in kept] + extra
+
+
+def verify_steps_factors(
+    optimizer: Optimizer, factors: Sequence[Tensor], keep: Sequence[Tensor]
+) -> None:
+    """Raise unless ``optimizer`` steps every factor and nothing outside the chain.
+
+    Raises:
+        ValueError: a factor is in no param group, a group holds a parameter that is neither a
+            factor nor kept trainable, or the optimizer keeps a list of its own that still holds
+            frozen parameters (it would step those, not the factors).
+    """
+    allowed = {id(p) for p in [*factors, *keep]}
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    held_ids = {id(p) for p in held}
+    missing = sum(id(p) not in held_ids for p in factors)
+    if missing:
+        raise ValueError(
+            f"the optimizer does not step {missing} of the chain's {len(factors)} factors: "
+            "an optimizer factory must build the optimizer over the parameters it is given"
+        )
+    foreign = [tuple(p.shape) for p in held if id(p) not in allowed]
+    if foreign:
+        raise ValueError(
+            f"the optimizer holds {len(foreign)} parameter(s) outside the chain (shapes "
+            f"{foreign[:3]}): an optimizer factory must use only the parameters it is given"
+        )
+    for attr, value in vars(optimizer).items():
+        if attr in ("param_groups", "state", "defaults") or not isinstance(value, (list, tuple)):
+            continue
+        stale = [v for v in value if isinstance(v, nn.Parameter) and id(v) not in allowed]
+        if stale:
+            raise ValueError(
+                f"{type_name(optimizer)} keeps its own list of parameters ({attr!r}) that still "
+                "holds the frozen weights, so it would never step the chain's factors; pass a "
+                f"factory instead: optimizer=lambda params: {type_name(optimizer)}(params, ...)"
+            )
+
+
+def check_optimizer(optimizer: object, model: nn.Module) -> None:
+    """Refuse an optimizer over foreign parameters, a chain, or something not an optimizer."""
+    if isinstance(optimizer, Optimizer):
+        if hasattr(optimizer, "chain") and hasattr(optimizer, "optimizer"):
+            raise ValueError("optimizer is already a ChainLoRAOptimizer; wrap the plain optimizer")
+        owned = {id(p) for p in model.parameters()}
+        for i, group in enumerate(optimizer.param_groups):
+            for p in group["params"]:
+                if id(p) not in owned:
+                    raise ValueError(
+                        f"optimizer holds a parameter of shape {tuple(p.shape)} (param group {i}) "
+                        "that is not a parameter of model; build it over model.parameters()"
+                    )
+    elif not callable(optimizer):
+        raise TypeError(
+            "optimizer must be a torch.optim.Optimizer built over model.parameters() or a "
+            f"callable params -> Optimizer, got {type_name(optimizer)}"
+        )
+
+
+@dataclass(frozen=True)
+class CheckedState:
+    """A saved state, checked and split: what ``load_state_dict`` then writes."""
+
+    base: dict[str, Any]
+    optimizer_steps: int
+    knots_tied: int
+    generator: Tensor
+    history: tuple[bool, list[KnotRecord]]
+
+
+def check_saved_state(
+    state_dict: object, chain: Chain, param_groups: list[dict[str, Any]], version: int
+) -> CheckedState:
+    """Check all of a saved ``ChainLoRAOptimizer`` state against ``chain``; change nothing.
+
+    ``param_groups`` are the wrapped optimizer's; ``version`` the newest state format read.
+
+    Raises:
+        TypeError: ``state_dict`` is not a dict.
+        ValueError: what is wrong, first found.
+    """
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict, got {type_name(state_dict)}")
+    entry = state_dict.get("chainopt")
+    if not isinstance(entry, dict):
+        raise ValueError(
+            "state_dict has no 'chainopt' entry: it was not saved by "
+            "ChainLoRAOptimizer.state_dict()"
+        )
+    saved_version = entry.get("version")
+    if saved_version not in range(1, version + 1):
+        raise ValueError(
+            f"state_dict was saved by a chainopt state format of version {saved_version!r}; this "
+            f"chainopt reads versions 1 to {version}"
+        )
+    saved_config = entry.get("config")
+    if not isinstance(saved_config, dict):
+        raise ValueError("state_dict['chainopt'] has no 'config' dict")
+    diff = chain.config.differences(saved_config)
+    if diff:
+        raise ValueError(
+            "state_dict was saved with a different chain config (saved, current): "
+            + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items())
+        )
+    steps, knots = entry.get("optimizer_steps"), entry.get("knots_tied")
+    for name, value in (("optimizer_steps", steps), ("knots_tied", knots)):
+        if not is_int(value) or value < 0:  # type: ignore[operator]
+            raise ValueError(f"state_dict['chainopt'][{name!r}] must be an int >= 0, got {value!r}")
+    generator = entry.get("generator")
+    expected = chain.generator.get_state()
+    if not (
+        isinstance(generator, Tensor)
+        and generator.dtype == expected.dtype
+        and generator.shape == expected.shape
+    ):
+        raise ValueError(
+            f"state_dict['chainopt']['generator'] must be a {expected.dtype} tensor of shape "
+            f"{tuple(expected.shape)} (a CPU generator state), got {generator!r:.80}"
+        )
+    history = parse_history(entry.get("history"))
+    base = {k: v for k, v in state_dict.items() if k != "chainopt"}
+    _check_base(base, chain, param_groups, int(knots))  # type: ignore[arg-type]
+    return CheckedState(base, int(steps), int(knots), generator.cpu(), history)  # type: ignore[arg-type]
+
+
+def _check_base(
+    base: dict[str, Any], chain: Chain, current: list[dict[str, Any]], knots_tied: int
+) -> None:
+    """The wrapped optimizer's saved groups and per-parameter state fit the chain's parameters.
+
+    Factors are expected in the shape of the saved link's rank; a state tensor with as many
+    dimensions as its parameter (a moment, a momentum buffer) must have the parameter's shape.
+    """
+    groups, state = base.get("param_groups"), base.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict):
+        raise ValueError("the wrapped optimizer's state has no 'param_groups' list / 'state' dict")
+    sizes = [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in groups]
+    if sizes != [len(g["params"]) for g in current]:
+        raise ValueError(
+            f"the saved optimizer has param groups of sizes {sizes}, this one "
+            f"{[len(g['params']) for g in current]}"
+        )
+    rank = chain.config.link_rank(knots_tied)
+    shapes: dict[int, tuple[int, ...]] = {}
+    for r in chain.records:
+        a, b = r.link.lora_A, r.link.lora_B
+        shapes[id(a)], shapes[id(b)] = (rank, a.shape[1]), (b.shape[0], rank)
+    by_index = {
+        i: p
+        for saved, group in zip(groups, current, strict=True)
+        for i, p in zip(saved["params"], group["params"], strict=True)
+    }
+    for index, entry in state.items():
+        param = by_index.get(index)
+        if param is None or not isinstance(entry, dict):
+            raise ValueError(f"the saved optimizer state has an entry {index!r} for no parameter")
+        want = shapes.get(id(param), tuple(param.shape))
+        for key, value in entry.items():
+            if isinstance(value, Tensor) and value.dim() == len(want) and value.dim() > 0:
+                if tuple(value.shape) != want:
+                    raise ValueError(
+                        f"the saved optimizer state {key!r} of parameter {index} has shape "
+                        f"{tuple(value.shape)}; the parameter's is {want}"
+                    )
+                if value.is_meta:
+                    raise ValueError(f"the saved optimizer state {key!r} is on the meta device")

@@ -1,0 +1,94 @@
+"""A chain at a glance: links, ranks, knot steps, and per module its update norms and rank.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from chainopt import ChainLoRAOptimizer
+    >>> model = nn.Sequential(nn.Linear(6, 6))
+    >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+    ...                          target_modules=["0"], rank=[2, 1], knot_every=1)
+    >>> _ = opt.tie_knot()
+    >>> s = opt.chain_summary()
+    >>> s.links, s.ranks, s.knot_steps
+    (2, (2, 1), (0,))
+    >>> s.to_dict()["modules"]["0"]["effective_rank"] is None  # keep_history=False
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ._dtensor import full_tensor
+from .history import LinkFactors
+from .knot import Chain
+
+__all__ = ["ChainSummary", "ModuleSummary", "summarize"]
+
+
+@dataclass(frozen=True)
+class ModuleSummary:
+    """One adapted module's part of the chain.
+
+    Attributes:
+        update_norms: ``‖s·B·A‖_F`` merged at each knot (``None`` where the link was dropped).
+        effective_rank: rank of ``Σ sᵢ·Bᵢ·Aᵢ`` over the merged links and the pending one
+            (``None`` without ``keep_history``).
+    """
+
+    update_norms: tuple[float | None, ...]
+    effective_rank: int | None
+
+
+@dataclass(frozen=True)
+class ChainSummary:
+    """What :meth:`~chainopt.ChainLoRAOptimizer.chain_summary` returns.
+
+    Attributes:
+        links: links so far (knots tied + the pending one).
+        steps: optimizer steps taken.
+        ranks: rank of each link so far.
+        knot_steps: the optimizer step after which each knot was tied.
+        modules: per adapted module, its :class:`ModuleSummary`.
+    """
+
+    links: int
+    steps: int
+    ranks: tuple[int, ...]
+    knot_steps: tuple[int, ...]
+    modules: Mapping[str, ModuleSummary]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dicts and lists, for logging (JSON-serialisable)."""
+        out = asdict(self)
+        out["ranks"], out["knot_steps"] = list(self.ranks), list(self.knot_steps)
+        for m in out["modules"].values():
+            m["update_norms"] = list(m["update_norms"])
+        return out
+
+
+def summarize(chain: Chain, steps: int) -> ChainSummary:
+    """The :class:`ChainSummary` of ``chain`` after ``steps`` optimizer steps."""
+    knots = chain.history.knots
+    modules: dict[str, ModuleSummary] = {}
+    for r in chain.records:
+        effective = None
+        if chain.history.keep_factors:
+            pending = LinkFactors(
+                full_tensor(r.link.lora_A.detach()).float(),
+                full_tensor(r.link.lora_B.detach()).float(),
+                r.link.scale,
+            )
+            effective = chain.history.effective_rank(r.name, pending)
+        norms = tuple(k.norms.get(r.name) for k in knots)
+        modules[r.name] = ModuleSummary(norms, effective)
+    links = chain.knots_tied + 1
+    return ChainSummary(
+        links=links,
+        steps=steps,
+        ranks=tuple(chain.config.link_rank(i) for i in range(links)),
+        knot_steps=tuple(k.step for k in knots),
+        modules=modules,
+    )

@@ -1,0 +1,103 @@
+"""The torch internals chainopt relies on: each fails loudly here if a torch upgrade changes it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.optim import Optimizer
+
+from chainopt import ChainLoRAOptimizer
+from chainopt._surgery import (
+    SHARED_OPTIMIZER_ATTRIBUTES,
+    in_parametrize_cache,
+    init_optimizer_bookkeeping,
+    parameter_order,
+    restore_parameter_order,
+    set_shape_,
+)
+from chainopt.adapted import attach, detach
+
+
+def test_optimizer_init_sets_only_what_the_wrapper_takes_over() -> None:
+    """``Optimizer.__init__`` sets the three shared containers, hook dicts and a profile name."""
+    scratch = Optimizer([torch.empty(0)], {})
+    own = set(vars(scratch)) - SHARED_OPTIMIZER_ATTRIBUTES
+    assert own == {
+        "_optimizer_step_pre_hooks",
+        "_optimizer_step_post_hooks",
+        "_optimizer_state_dict_pre_hooks",
+        "_optimizer_state_dict_post_hooks",
+        "_optimizer_load_state_dict_pre_hooks",
+        "_optimizer_load_state_dict_post_hooks",
+        "_zero_grad_profile_name",
+        "_warned_capturable_if_run_uncaptured",
+    }, "torch's Optimizer.__init__ changed: review chainopt._surgery.init_optimizer_bookkeeping"
+    assert callable(Optimizer._patch_step_function)
+
+
+def test_public_optimizer_hooks_run_on_the_wrapper_around_the_knot() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules=["0"], knot_every=1,
+        rank=2,
+    )  # fmt: skip
+    seen: list[tuple[str, int]] = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(("pre", o.knots_tied)))
+    opt.register_step_post_hook(lambda o, a, k: seen.append(("post", o.knots_tied)))
+    opt.register_state_dict_post_hook(lambda o, sd: sd.update(extra=1))
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert seen == [("pre", 0), ("post", 1)]  # the post hook sees the knot the step tied
+    assert opt.state_dict()["extra"] == 1
+
+
+def test_bookkeeping_is_fresh_per_instance() -> None:
+    a, b = (Optimizer.__new__(Optimizer) for _ in range(2))
+    init_optimizer_bookkeeping(a)
+    init_optimizer_bookkeeping(b)
+    assert a._optimizer_step_pre_hooks is not b._optimizer_step_pre_hooks
+
+
+def test_parametrize_cache_flag_is_seen() -> None:
+    assert not in_parametrize_cache()
+    with parametrize.cached():
+        assert in_parametrize_cache()
+    assert not in_parametrize_cache()
+
+
+def test_set_shape_survives_a_held_graph_and_drops_the_stale_gradient() -> None:
+    p = nn.Parameter(torch.randn(3, 4))
+    loss = (p * 2).sum()  # holds p's gradient accumulator with the old shape
+    loss.backward(retain_graph=True)
+    set_shape_(p, (2, 4))
+    assert p.grad is None and tuple(p.shape) == (2, 4)
+    (p * 3).sum().backward()
+    assert p.grad is not None and tuple(p.grad.shape) == (2, 4)
+
+
+def test_detach_restores_the_parameter_order() -> None:
+    lin = nn.Linear(4, 3)
+    order = parameter_order(lin)
+    attach(lin, rank=2, alpha=2, bias=True)
+    detach(lin)
+    assert parameter_order(lin) == order == ("weight", "bias")
+    assert list(lin.state_dict()) == ["weight", "bias"]
+    params = dict(lin.named_parameters())
+    restore_parameter_order(lin, ("bias", "weight"))
+    assert parameter_order(lin) == ("bias", "weight") and dict(lin.named_parameters()) == params
+
+
+def test_parametrize_gives_each_module_its_own_class_that_a_deepcopy_shares() -> None:
+    lin = nn.Linear(4, 4)
+    parametrize.register_parametrization(lin, "weight", nn.Identity())
+    assert parametrize.type_before_parametrizations(lin) is nn.Linear
+    assert type(copy.deepcopy(lin)) is type(lin)
+
+
+@pytest.mark.parametrize("name", ["_foreach_copy_", "_foreach_zero_", "_foreach_norm"])
+def test_foreach_ops_exist(name: str) -> None:
+    assert callable(getattr(torch, name))
