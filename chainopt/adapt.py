@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._validate import type_name
-from .adapted import AdaptedModule, attach, detach, is_conv1d
+from .adapted import AdaptedModule, attach, detach, guard_loads, is_conv1d
 from .config import ChainConfig
 from .optimizer_state import regroup, verify_steps_factors
 
@@ -122,6 +122,7 @@ def wrap(
                     f"optimizer factory must return a torch.optim.Optimizer, got {type_name(base)}"
                 )
         verify_steps_factors(base, factors, keep)
+        guard_loads(model)
         return records, base
     except BaseException:
         for r in records:

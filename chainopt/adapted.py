@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -44,8 +44,10 @@ __all__ = [
     "AdaptedModule",
     "attach",
     "bias_delta",
+    "check_incoming_state",
     "detach",
     "find_adapted",
+    "guard_loads",
     "is_conv1d",
     "lora_parametrization",
     "original",
@@ -237,3 +239,61 @@ def detach(module: nn.Module) -> None:
     order = module.__dict__.pop(_ORDER, None)
     if order is not None:
         restore_parameter_order(module, order)
+
+
+def check_incoming_state(
+    model: nn.Module, state_dict: Mapping[str, Any], prefix: str = ""
+) -> list[str]:
+    """What keeps ``state_dict`` (keys under ``prefix``) from loading into ``model`` whole.
+
+    Every tensor for a key the model has must fit it: a link's factors of a rank the link may
+    take and the right other dimensions (:meth:`~chainopt.lora.LoRAParametrization.check_factors`),
+    anything else its exact shape; none on the meta device. Returns the problems (empty: fits).
+    """
+    current = model.state_dict()
+    problems: list[str] = []
+    factor_keys: set[str] = set()
+    for r in find_adapted(model):
+        base = f"{prefix}{r.name}." if r.name else prefix
+        a_key, b_key = (
+            f"{base}parametrizations.weight.0.lora_A",
+            f"{base}parametrizations.weight.0.lora_B",
+        )
+        factor_keys |= {a_key, b_key}
+        if a_key in state_dict or b_key in state_dict:
+            why = r.link.check_factors(state_dict.get(a_key), state_dict.get(b_key))
+            if why is not None:
+                problems.append(f"{r.name}: {why}")
+    for key, mine in current.items():
+        theirs = state_dict.get(prefix + key)
+        if prefix + key in factor_keys or not isinstance(theirs, Tensor):
+            continue
+        if theirs.is_meta and not mine.is_meta:
+            problems.append(f"{key}: a tensor on the meta device (no data)")
+        elif tuple(theirs.shape) != tuple(mine.shape):
+            problems.append(
+                f"{key}: shape {tuple(theirs.shape)}, the model's is {tuple(mine.shape)}"
+            )
+    return problems
+
+
+def _refuse_partial_loads(
+    module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any
+) -> None:
+    """``load_state_dict`` pre-hook of a chained model: raise before anything is loaded."""
+    problems = check_incoming_state(module, state_dict, prefix)
+    if problems:
+        raise ValueError(
+            "state_dict does not fit the chained model; nothing was loaded: "
+            + "; ".join(problems[:5])
+        )
+
+
+_GUARDED = "_chainopt_load_guard"
+
+
+def guard_loads(model: nn.Module) -> None:
+    """Make ``model.load_state_dict`` check a chained model's keys whole before loading any."""
+    if not model.__dict__.get(_GUARDED):
+        model.register_load_state_dict_pre_hook(_refuse_partial_loads)  # type: ignore[no-untyped-call]
+        model.__dict__[_GUARDED] = True

@@ -108,7 +108,7 @@ class ChainConfig:
         """The knot schedule."""
         if self.knot_every is not None:
             return KnotSchedule(knot_every=self.knot_every)
-        return KnotSchedule(knots=self.knots)
+        return KnotSchedule.from_steps(self.knots)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (lists for tuples, ``"torch.float32"`` for a dtype), as saved."""

@@ -80,29 +80,11 @@ class GradientInit(LinkInit):
         self.armed = False
         self.gradients: dict[str, Tensor] = {}
         self._handles: list[RemovableHandle] = [
-            module.register_forward_hook(self._hook(name)) for name, module in modules
+            module.register_forward_hook(_Watch(self, name)) for name, module in modules
         ]
 
     def arm(self, armed: bool) -> None:
         self.armed = armed
-
-    def _hook(self, name: str) -> Any:
-        def forward_hook(_module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-            if not (self.armed and torch.is_grad_enabled() and output.requires_grad):
-                return
-            x = args[0].detach()
-
-            def grad_hook(grad: Tensor) -> None:
-                # (..., out)ᵀ @ (..., in) -> (out, in), accumulated in float32
-                g = grad.reshape(-1, grad.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
-                if name in self.gradients:
-                    self.gradients[name].add_(g)
-                else:
-                    self.gradients[name] = g
-
-            output.register_hook(grad_hook)  # type: ignore[no-untyped-call]
-
-        return forward_hook
 
     def take(self) -> dict[str, Tensor]:
         """Return and forget the accumulated gradients (averaged over ranks if distributed)."""
@@ -122,6 +104,39 @@ class GradientInit(LinkInit):
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+class _Watch:
+    """The forward hook on one module: on an armed step, adds ``gradᵀ·x`` to the probe's sum.
+
+    An object rather than a closure, so that a ``copy.deepcopy`` of the model and optimizer
+    gets hooks that feed the copied probe.
+    """
+
+    def __init__(self, probe: GradientInit, name: str) -> None:
+        self.probe, self.name = probe, name
+
+    def __call__(self, _module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        if not (self.probe.armed and torch.is_grad_enabled() and output.requires_grad):
+            return
+        output.register_hook(_Accumulate(self.probe, self.name, args[0].detach()))  # type: ignore[no-untyped-call]
+
+
+class _Accumulate:
+    """The gradient hook on one module's output: ``G += gradᵀ·x`` in float32."""
+
+    def __init__(self, probe: GradientInit, name: str, x: Tensor) -> None:
+        self.probe, self.name, self.x = probe, name, x
+
+    def __call__(self, grad: Tensor) -> None:
+        x = self.x
+        # (..., out)ᵀ @ (..., in) -> (out, in), accumulated in float32
+        g = grad.reshape(-1, grad.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+        gradients = self.probe.gradients
+        if self.name in gradients:
+            gradients[self.name].add_(g)
+        else:
+            gradients[self.name] = g
 
 
 def resolve_init(policy: InitPolicy, modules: Sequence[tuple[str, nn.Module]]) -> LinkInit:

@@ -38,12 +38,12 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 from .adapted import AdaptedModule
 from .config import ChainConfig, NonFinitePolicy
@@ -111,8 +111,8 @@ class Chain:
         config: the chain's config.
         history: the knots so far.
         generator: draws every new A.
-        state_of: returns the wrapped optimizer's ``state`` (its ``load_state_dict`` replaces
-            it, so it is read at each knot).
+        optimizer: the wrapped optimizer (its ``state`` is reset; ``load_state_dict`` replaces
+            that dict, so it is read at each knot).
         reset_state: the ``reset=`` policy.
         drop_state: the full reset, for dropped links.
         on_bad: the ``non_finite=`` policy.
@@ -125,7 +125,7 @@ class Chain:
     config: ChainConfig
     history: ChainHistory
     generator: torch.Generator
-    state_of: Callable[[], MutableMapping[Any, dict[str, Any]]]
+    optimizer: Optimizer
     reset_state: StateReset
     drop_state: StateReset
     on_bad: OnBadLinks
@@ -159,8 +159,8 @@ def tie_knot(chain: Chain, step: int) -> KnotRecord:
                 r.delta.reset_parameters()
             attempt.merged.add(r.name)
     _restart(chain, attempt)
-    chain.reset_state(chain.state_of(), chain.factors(attempt.good))
-    chain.drop_state(chain.state_of(), chain.factors(attempt.bad))
+    chain.reset_state(chain.optimizer.state, chain.factors(attempt.good))
+    chain.drop_state(chain.optimizer.state, chain.factors(attempt.bad))
     chain.history.add(attempt.record)
     chain.knots_tied += 1
     chain.pending = None

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
@@ -189,7 +190,7 @@ class ChainLoRAOptimizer(Optimizer):
             config=config,
             history=ChainHistory(keep_factors=config.keep_history),
             generator=generator,
-            state_of=lambda: self._base.state,
+            optimizer=self._base,
             reset_state=resolve_reset(
                 config.reset, config.prune_ratio, FreshState(self._base.state, self.factors())
             ),
@@ -432,6 +433,27 @@ class ChainLoRAOptimizer(Optimizer):
         self._arm()
         for post in self._optimizer_load_state_dict_post_hooks.values():
             post(self)
+
+    # --- copies: deep copies carry the model along; pickling goes through state_dict() ---
+    def __deepcopy__(self, memo: dict[int, Any]) -> ChainLoRAOptimizer:
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            clone.__dict__[key] = copy.deepcopy(value, memo)
+        clone._param_names = {id(p): n for n, p in clone.model.named_parameters()}
+        return clone
+
+    def __copy__(self) -> ChainLoRAOptimizer:
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError(
+            "a ChainLoRAOptimizer is not pickled: its model's parametrized modules cannot be "
+            "(torch.nn.utils.parametrize); save opt.state_dict() and model.state_dict(), or use "
+            "chainopt.save_checkpoint"
+        )
 
     def __repr__(self) -> str:
         c = self.config

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 import torch
@@ -83,6 +84,53 @@ def _prune_(tensors: list[Tensor], ratio: float) -> None:
         t.masked_fill_(drop, 0)
 
 
+@dataclass(frozen=True)
+class _Reset:
+    """A reset policy as a callable object (deep-copied with the optimizer, unlike a closure).
+
+    ``edit(tensors, prune_ratio)`` changes the state tensors shaped like a parameter in place;
+    ``None`` drops the state (the full reset).
+    """
+
+    edit: Callable[[list[Tensor], float], None] | None
+    prune_ratio: float
+    fresh: FreshState | None
+
+    def __call__(
+        self, state: MutableMapping[Any, dict[str, Any]], params: Sequence[Tensor]
+    ) -> None:
+        for p in params:
+            entry = state.get(p)
+            if entry is None:
+                continue
+            shaped = _shaped(entry)
+            if self.edit is None or any(v.shape != p.shape for v in shaped):
+                del state[p]
+                if self.fresh is not None:
+                    self.fresh.restore(state, p)
+            elif shaped:
+                self.edit(shaped, self.prune_ratio)
+
+
+def _keep(tensors: list[Tensor], ratio: float) -> None:
+    """``reset="none"``: nothing changes."""
+
+
+@torch.no_grad()
+def _zero_(tensors: list[Tensor], ratio: float) -> None:
+    """``reset="moments"``: every moment is zeroed; counters stay."""
+    for t in tensors:
+        t.zero_()
+
+
+_EDITS: dict[str, Callable[[list[Tensor], float], None] | None] = {
+    "full": None,
+    "none": _keep,
+    "prune": _prune_,
+    "moments": _zero_,
+}
+
+
 def resolve_reset(
     policy: ResetPolicy, prune_ratio: float = 0.9, fresh: FreshState | None = None
 ) -> StateReset:
@@ -96,38 +144,6 @@ def resolve_reset(
     Raises:
         ValueError: an unknown policy.
     """
-
-    def full(state: MutableMapping[Any, dict[str, Any]], params: Sequence[Tensor]) -> None:
-        for p in params:
-            if state.pop(p, None) is not None and fresh is not None:
-                fresh.restore(state, p)
-
-    def keep_unless_reshaped(
-        edit: Callable[[list[Tensor]], None] | None,
-    ) -> StateReset:
-        def reset(state: MutableMapping[Any, dict[str, Any]], params: Sequence[Tensor]) -> None:
-            for p in params:
-                entry = state.get(p)
-                if entry is None:
-                    continue
-                shaped = _shaped(entry)
-                if any(v.shape != p.shape for v in shaped):
-                    full(state, [p])
-                elif edit is not None and shaped:
-                    edit(shaped)
-
-        return reset
-
-    def zero(tensors: list[Tensor]) -> None:
-        for t in tensors:
-            t.zero_()
-
-    policies: dict[str, StateReset] = {
-        "full": full,
-        "none": keep_unless_reshaped(None),
-        "prune": keep_unless_reshaped(lambda tensors: _prune_(tensors, prune_ratio)),
-        "moments": keep_unless_reshaped(zero),
-    }
-    if policy not in policies:
-        raise ValueError(f"reset must be one of {sorted(policies)}, got {policy!r}")
-    return policies[policy]
+    if policy not in _EDITS:
+        raise ValueError(f"reset must be one of {sorted(_EDITS)}, got {policy!r}")
+    return _Reset(_EDITS[policy], prune_ratio, fresh)

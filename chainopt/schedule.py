@@ -94,6 +94,11 @@ class KnotSchedule:
                     f"is {epochs}"
                 )
             knots = [round(i * epochs / num_links) * steps_per_epoch for i in range(1, num_links)]
+        return cls.from_steps(knots)
+
+    @classmethod
+    def from_steps(cls, knots: Sequence[int]) -> KnotSchedule:
+        """Knots after exactly these (already checked) steps; none at all for an empty list."""
         schedule = cls.__new__(cls)
         schedule.knot_every, schedule.knots = None, tuple(knots)
         schedule._knot_set = frozenset(knots)

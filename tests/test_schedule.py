@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -56,3 +57,17 @@ def test_bad_schedules_are_refused(kwargs: dict[str, object], match: str) -> Non
 def test_bad_even_schedules_are_refused(links: int, total: int) -> None:
     with pytest.raises(ValueError, match=r"num_links|total_steps"):
         KnotSchedule.even(num_links=links, total_steps=total)
+
+
+def test_one_link_is_plain_lora_with_no_knot() -> None:
+    from models import mlp
+
+    from chainopt import ChainLoRAOptimizer
+
+    model = mlp()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules=["0"], rank=2,
+        num_links=1, total_steps=5,
+    )  # fmt: skip
+    assert not any(opt.schedule.is_due(s) for s in range(1, 50))
+    opt.load_state_dict(opt.state_dict())
