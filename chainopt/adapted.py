@@ -269,10 +269,11 @@ def check_incoming_state(
         if prefix + key in factor_keys or not isinstance(theirs, Tensor):
             continue
         if theirs.is_meta and not mine.is_meta:
-            problems.append(f"{key}: a tensor on the meta device (no data)")
+            problems.append(f"{key!r} is a tensor on the meta device (no data)")
         elif tuple(theirs.shape) != tuple(mine.shape):
             problems.append(
-                f"{key}: shape {tuple(theirs.shape)}, the model's is {tuple(mine.shape)}"
+                f"{key!r} has shape {tuple(theirs.shape)} there and {tuple(mine.shape)} in the "
+                "model"
             )
     return problems
 

@@ -42,10 +42,8 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
-import secrets
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -55,15 +53,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._atomic import write_atomically
 from ._dtensor import full_tensor, is_sharded, shard_like
-from ._validate import is_distributed, unwrap_parallel
-from .lora import LoRAParametrization
+from ._validate import is_distributed, type_name, unwrap_parallel
+from .adapted import check_incoming_state
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
 
 _FORMAT = "chainopt.checkpoint"
 _VERSION = 1
-_TOKEN_BYTES = 6  # a temporary file is ``.<name>.<12 hex digits>.tmp``
 
 
 def save_checkpoint(
@@ -103,6 +101,7 @@ def save_checkpoint(
         >>> sorted(torch.load(path, weights_only=True))
         ['extra', 'format', 'model', 'optimizer', 'version']
     """
+    _check_arguments(path, model, optimizer)
     path = Path(path)
     bare = unwrap_parallel(model)
     model_state = bare.state_dict()
@@ -117,12 +116,12 @@ def save_checkpoint(
         "extra": _gathered(dict(extra)),
     }
     if not is_distributed():
-        _atomic_save(payload, path)
+        write_atomically(path, lambda f: torch.save(payload, f))
         return path
     failure: list[str | None] = [None]
     if dist.get_rank() == 0:
         try:
-            _atomic_save(payload, path)
+            write_atomically(path, lambda f: torch.save(payload, f))
         except Exception as exc:
             failure[0] = f"{type(exc).__name__}: {exc}"
             dist.broadcast_object_list(failure, src=0)
@@ -177,7 +176,15 @@ def load_checkpoint(
         ...
         ValueError: checkpoint ... 'weight' has shape (2, 2) there and (2, 3) in the model
     """
-    payload = torch.load(path, map_location=map_location, weights_only=weights_only)
+    _check_arguments(path, model, optimizer)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(
+            f"{str(path)!r} cannot be read as a checkpoint (truncated or corrupt?): {err}"
+        ) from err
     if (
         not isinstance(payload, dict)
         or payload.get("format") != _FORMAT
@@ -207,6 +214,17 @@ def load_checkpoint(
     bare.load_state_dict(saved_model)
     extra: dict[str, Any] = dict(payload.get("extra") or {})
     return extra
+
+
+def _check_arguments(path: object, model: object, optimizer: object) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type_name(path)}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type_name(model)}")
+    if optimizer is not None and not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer or None, got {type_name(optimizer)}"
+        )
 
 
 def _gathered(obj: Any) -> Any:
@@ -265,59 +283,8 @@ def _check_fits(
             f"{' …' if len(unexpected) > 5 else ''} (build the model and ChainLoRAOptimizer as "
             "for the run that saved it)"
         )
-    # A link's factors may change rank from link to link: the link resizes itself on load.
-    resizable = {
-        f"{name}.{factor}" if name else factor
-        for name, module in bare.named_modules()
-        if isinstance(module, LoRAParametrization)
-        for factor in ("lora_A", "lora_B")
-    }
-    for key, value in current.items():
-        if key in resizable:
-            continue
-        theirs = saved[key]
-        if isinstance(theirs, Tensor) and tuple(theirs.shape) != tuple(value.shape):
-            raise ValueError(
-                f"checkpoint {str(path)!r} does not fit the model: {key!r} has shape "
-                f"{tuple(theirs.shape)} there and {tuple(value.shape)} in the model"
-            )
-
-
-def _atomic_save(payload: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temporary file in ``path``'s directory, fsync, rename, fsync the dir."""
-    directory = path.parent
-    tmp = directory / f".{path.name}.{secrets.token_hex(_TOKEN_BYTES)}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(directory)
-    _remove_stale_temporaries(path)
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Remove what saves to ``path`` that were killed mid-write left (each as big as a save)."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.tmp")
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(path.parent):
-            if pattern.fullmatch(entry.name):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); best effort where directories cannot be synced."""
-    if os.name != "posix":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    # A link's factors may change rank from link to link: the link resizes itself on load,
+    # to a rank it may take; everything else must have the model's shape.
+    problems = check_incoming_state(bare, saved)
+    if problems:
+        raise ValueError(f"checkpoint {str(path)!r} does not fit the model: {problems[0]}")

@@ -16,8 +16,9 @@
 A knot is all or nothing as the model sees it: if anything raises half-way (an out-of-memory
 error in one module's merge, say), the modules already merged have a zero link, the others
 still hold theirs, and the function is unchanged. The chain keeps the knot pending; the next
-:func:`tie_knot` (or optimizer step) finishes it, merging no module twice and drawing the same
-new factors, so the result is bitwise what an uninterrupted knot gives, recorded once.
+:func:`tie_knot` finishes it (``ChainLoRAOptimizer.zero_grad()`` and ``step()`` call it),
+merging no module twice and drawing the same new factors, so the result is bitwise what an
+uninterrupted knot gives, recorded once.
 
 Example:
     >>> import torch

@@ -239,7 +239,13 @@ class ChainLoRAOptimizer(Optimizer):
         self._base.add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear gradients through the wrapped optimizer."""
+        """Clear gradients through the wrapped optimizer.
+
+        A knot that raised half-way is finished first, before new gradients are computed (see
+        :mod:`chainopt.knot`).
+        """
+        if self.chain.pending is not None:
+            self.tie_knot()
         self._base.zero_grad(set_to_none)
 
     # --- the chain ---
@@ -269,7 +275,9 @@ class ChainLoRAOptimizer(Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One step of the wrapped optimizer; then a knot if the schedule says one is due.
 
-        A knot that failed half-way (an exception inside it) is finished first.
+        A knot that failed half-way (an exception inside it) and was not finished since (by
+        :meth:`tie_knot` or :meth:`zero_grad`) is finished first; this step's gradients were then
+        computed before it, so prefer ``zero_grad()`` or ``tie_knot()`` after catching the error.
 
         Raises:
             NonFiniteUpdateError: a knot is due and a link must not be merged (no weight changed).

@@ -15,7 +15,7 @@ from models import mlp, tiny_llama, tiny_opt
 from safetensors.torch import load_file
 from torch import nn
 
-from chainopt import ChainLoRAOptimizer
+from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError
 from chainopt.adapted import lora_parametrization
 from chainopt.adapter import export_peft_adapter
 
@@ -333,3 +333,14 @@ def test_a_plain_optimizer_is_refused(tmp_path: Path) -> None:
     model = mlp()
     with pytest.raises(TypeError, match="ChainLoRAOptimizer"):
         export_peft_adapter(torch.optim.SGD(model.parameters(), lr=0.1), tmp_path)  # type: ignore[arg-type]
+
+
+def test_an_adapter_with_nan_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    model = mlp()
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             target_modules=["0"], rank=2, knot_every=9)  # fmt: skip
+    with torch.no_grad():
+        lora_parametrization(model[0]).lora_B[0, 0] = float("nan")  # type: ignore[union-attr]
+    with pytest.raises(NonFiniteUpdateError, match="refusing to export the adapter"):
+        export_peft_adapter(opt, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()

@@ -246,3 +246,132 @@ def test_a_shape_mismatch_is_refused_before_anything_loads(tmp_path: Path) -> No
     with pytest.raises(ValueError, match=r"'4.weight' has shape \(6, 12\) there and \(7, 12\)"):
         load_checkpoint(tmp_path / "ckpt.pt", other, opt2)
     _assert_untouched(other, opt2, before)
+
+
+# --- what a hostile user or a hostile machine does ---
+
+
+def _saved(tmp_path: Path) -> tuple[Path, nn.Module, ChainLoRAOptimizer]:
+    model, opt, sched = _build()
+    _train(model, opt, sched, range(4))
+    return save_checkpoint(tmp_path / "ckpt.pt", model, opt), model, opt
+
+
+def test_a_truncated_file_is_a_value_error_naming_it(tmp_path: Path) -> None:
+    path, _, _ = _saved(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    model, opt, _ = _build()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"ckpt.pt' cannot be read as a checkpoint"):
+        load_checkpoint(path, model, opt)
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt", model, opt)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [(("ckpt.pt", "model"), "model must be a torch.nn.Module"), ((3, None), "path must be")],
+)
+def test_wrong_argument_types_are_type_errors(
+    tmp_path: Path, args: tuple[Any, Any], match: str
+) -> None:
+    path, model, opt = _saved(tmp_path)
+    first, second = args
+    target = model if second is None else second
+    with pytest.raises(TypeError, match=match):
+        save_checkpoint(first if first != "ckpt.pt" else path, target, opt)
+    with pytest.raises(TypeError, match=match):
+        load_checkpoint(first if first != "ckpt.pt" else path, target, opt)
+    with pytest.raises(TypeError, match=r"optimizer must be a torch.optim.Optimizer or None"):
+        save_checkpoint(path, model, "adam")  # type: ignore[arg-type]
+
+
+def test_factors_of_a_rank_the_chain_cannot_take_are_refused_before_anything_loads(
+    tmp_path: Path,
+) -> None:
+    path, _, _ = _saved(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    key = "0.parametrizations.weight.0.lora_A"
+    bad_factors = (torch.zeros(3, 9), torch.zeros(3), torch.zeros(2, 12), torch.empty(3, 12))
+    for bad in (*bad_factors[:3], bad_factors[3].to("meta")):
+        payload["model"][key] = bad
+        torch.save(payload, path)
+        model, opt, _ = _build()
+        before, state = snapshot(model), opt.state_dict()
+        with pytest.raises(ValueError, match="does not fit the model"):
+            load_checkpoint(path, model, opt)
+        assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+        assert opt.optimizer_steps == 0 and opt.state_dict()["state"] == state["state"]
+
+
+def _save_many(directory: str, count: int) -> None:
+    torch.set_num_threads(1)
+    model = mlp()
+    for i in range(count):
+        save_checkpoint(Path(directory) / "ckpt.pt", model, step=i)
+
+
+def test_concurrent_savers_never_remove_each_others_files(tmp_path: Path) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_save_many, args=(str(tmp_path), 60)) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    assert _files(tmp_path) == ["ckpt.pt"]
+    assert load_checkpoint(tmp_path / "ckpt.pt", mlp())["step"] == 59
+
+
+def test_a_resave_keeps_the_files_mode(tmp_path: Path) -> None:
+    path, model, opt = _saved(tmp_path)
+    os.chmod(path, 0o600)
+    save_checkpoint(path, model, opt)
+    assert (os.stat(path).st_mode & 0o777) == 0o600
+
+
+class _FillingFile:
+    """A real file that runs out of space after ``room`` bytes, as a full disk does."""
+
+    def __init__(self, f: Any, room: int) -> None:
+        self._f, self._room = f, room
+
+    def write(self, data: Any) -> int:
+        import errno
+
+        self._room -= len(data)
+        if self._room < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return int(self._f.write(data))
+
+    def __enter__(self) -> _FillingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def test_a_full_disk_is_an_os_error_and_the_old_checkpoint_survives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import chainopt._atomic as atomic
+
+    path, model, opt = _saved(tmp_path)
+    on_disk = path.read_bytes()
+    real_open = open
+    monkeypatch.setattr(atomic, "open", lambda *a, **k: _FillingFile(real_open(*a, **k), 4096),
+                        raising=False)  # fmt: skip
+    with pytest.raises(OSError, match="No space left on device") as err:
+        save_checkpoint(path, model, opt)
+    assert err.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert path.read_bytes() == on_disk and _files(tmp_path) == ["ckpt.pt"]

@@ -291,3 +291,42 @@ def test_fsdp2_knots_on_sharded_weights(tmp_path: Path, device: str, dtype: torc
         for k, v in single.items():
             if k.endswith("original"):
                 torch.testing.assert_close(final[0][k], v, rtol=2e-2, atol=2e-2, msg=k)
+
+
+# --- one rank goes bad: the verdict is agreed ---
+
+
+def _one_bad_rank_worker(rank: int, out: str, policy: str) -> None:
+    _init(rank, out)
+    try:
+        model = _mlp()
+        opt = ChainLoRAOptimizer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules=["0", "2"],
+            rank=2, knot_every=100, seed=7, non_finite=policy,
+        )  # fmt: skip
+        with torch.no_grad():
+            model[2].parametrizations.weight[0].lora_B.fill_(0.1)
+        if rank == 1:  # only this rank's factor holds a NaN
+            with torch.no_grad():
+                model[0].parametrizations.weight[0].lora_B[0, 0] = float("nan")
+        outcome = "merged"
+        try:
+            record = opt.tie_knot()
+            outcome = f"skipped {list(record.skipped)}"
+        except Exception as err:  # what each rank saw is the result
+            outcome = f"raised {type(err).__name__}"
+        torch.save(
+            {"outcome": outcome, "w2": model[2].parametrizations.weight.original.clone()},
+            f"{out}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_a_nan_on_one_rank_gets_the_same_verdict_on_every_rank(tmp_path: Path, policy: str) -> None:
+    _spawn(_one_bad_rank_worker, str(tmp_path), policy)
+    seen = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    expected = "raised NonFiniteUpdateError" if policy == "raise" else "skipped ['0']"
+    assert [s["outcome"] for s in seen] == [expected] * WORLD
+    assert torch.equal(seen[0]["w2"], seen[1]["w2"])  # the good module merged alike

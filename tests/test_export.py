@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -93,3 +94,71 @@ def test_merge_and_unload_refuses_non_finite_and_changes_nothing() -> None:
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _poisoned(dtype: torch.dtype = torch.float32, value: float = float("nan")) -> nn.Module:
+    from models import mlp
+
+    model = mlp(dtype=dtype)
+    ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                       target_modules=["0", "2"], rank=2, knot_every=9)  # fmt: skip
+    link = model[2].parametrizations.weight[0]
+    with torch.no_grad():
+        if dtype == torch.float16:  # finite factors whose merge overflows float16
+            link.lora_A.fill_(300.0)
+            link.lora_B.fill_(300.0)
+        else:
+            link.lora_B[0, 0] = value
+    return model
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value"),
+    [(torch.float32, float("nan")), (torch.float32, float("inf")), (torch.float16, 0.0)],
+)
+def test_nothing_non_finite_is_exported_or_merged(
+    tmp_path: Any, dtype: torch.dtype, value: float
+) -> None:
+    model = _poisoned(dtype, value)
+    keys, before = list(model.state_dict()), {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(chainopt.NonFiniteUpdateError, match="'2'"):
+        chainopt.merged_state_dict(model)
+    with pytest.raises(chainopt.NonFiniteUpdateError, match="'2'"):
+        chainopt.merge_and_unload(model)
+    assert list(model.state_dict()) == keys
+    assert all(
+        torch.equal(before[k], v) or torch.isnan(v).any() for k, v in model.state_dict().items()
+    )
+    assert chainopt.adapted_modules(model)  # nothing was unloaded
+
+
+def test_save_merged_refuses_nan_and_writes_nothing(tmp_path: Any) -> None:
+    from models import tiny_llama
+
+    model = tiny_llama()
+    ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                       target_modules=["q_proj"], rank=2, knot_every=9)  # fmt: skip
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.parametrizations.weight[0].lora_B[0, 0] = float(
+            "nan"
+        )
+    with pytest.raises(chainopt.NonFiniteUpdateError):
+        chainopt.save_merged(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_and_unload_keeps_the_parameter_order() -> None:
+    from models import mlp
+
+    model = mlp()
+    keys = list(model.state_dict())
+    ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                       target_modules=["0", "2"], rank=2, knot_every=9, lora_bias=True)  # fmt: skip
+    chainopt.merge_and_unload(model)
+    assert list(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("call", ["merged_state_dict", "merge_and_unload", "adapted_modules"])
+def test_a_non_module_is_a_type_error(call: str) -> None:
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got str"):
+        getattr(chainopt, call)("model")

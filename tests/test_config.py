@@ -1,0 +1,175 @@
+"""ChainConfig.from_kwargs: every bad argument and unsafe model is refused, nothing changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from models import mlp, requires_grad_map, snapshot
+from torch import nn
+
+from chainopt import ChainConfig, ChainLoRAOptimizer
+from chainopt.adapted import lora_parametrization
+
+
+def _untouched(model: nn.Module, before: dict[str, torch.Tensor], grads: dict[str, bool]) -> None:
+    assert all(lora_parametrization(m) is None for m in model.modules())
+    assert requires_grad_map(model) == grads
+    after = snapshot(model)
+    assert list(after) == list(before)  # same keys in the same order
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _refused(model: nn.Module, err: type[Exception], match: str, **kwargs: Any) -> None:
+    before, grads = snapshot(model), requires_grad_map(model)
+    base = torch.optim.AdamW(model.parameters())
+    groups = [list(g["params"]) for g in base.param_groups]
+    kwargs = {"rank": 2, "knot_every": 3, **kwargs}
+    with pytest.raises(err, match=match):
+        ChainLoRAOptimizer(model, base, **kwargs)
+    _untouched(model, before, grads)
+    assert [list(g["params"]) for g in base.param_groups] == groups
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "err", "match"),
+    [
+        ({"lora_bias": "False"}, TypeError, "lora_bias must be a bool, got 'False'"),
+        ({"lora_bias": "yes"}, TypeError, "lora_bias must be a bool, got 'yes'"),
+        ({"lora_bias": 2}, TypeError, "lora_bias must be a bool, got 2"),
+        ({"lora_bias": None}, TypeError, "lora_bias must be a bool, got None"),
+        ({"exact_merge": 0}, TypeError, "exact_merge must be None or a bool, got 0"),
+        ({"exact_merge": 1}, TypeError, "exact_merge must be None or a bool, got 1"),
+        ({"exact_merge": 1.0}, TypeError, "exact_merge must be None or a bool, got 1.0"),
+        ({"seed": 2**64}, ValueError, "seed must be in .*got 18446744073709551616"),
+        ({"seed": -(2**63) - 1}, ValueError, "seed must be in"),
+        ({"seed": True}, TypeError, "seed must be an int, got True"),
+        ({"factor_dtype": torch.float8_e4m3fn}, TypeError, "factor_dtype .*float8_e4m3fn"),
+        ({"factor_dtype": torch.complex64}, TypeError, "factor_dtype .*complex64"),
+        ({"keep_history": 1}, TypeError, "keep_history must be a bool, got 1"),
+        ({"non_finite": "ignore"}, ValueError, "non_finite must be one of .*'ignore'"),
+        ({"reset": "FULL"}, ValueError, "reset must be one of .*'FULL'"),
+        ({"reset": ["full"]}, ValueError, r"reset must be one of .*\['full'\]"),
+        ({"init": "xavier"}, ValueError, "init must be one of .*'xavier'"),
+        ({"prune_ratio": 1.0}, ValueError, "prune_ratio must be in"),
+        ({"rank": "8"}, ValueError, "rank must be a positive int .*got '8'"),
+        ({"rank": []}, ValueError, r"rank must be a positive int .*got \[\]"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_the_value(
+    kwargs: dict[str, Any], err: type[Exception], match: str
+) -> None:
+    _refused(mlp(), err, match, target_modules=["0"], **kwargs)
+
+
+def test_extreme_valid_seeds_are_taken() -> None:
+    for seed in (2**64 - 1, -(2**63)):
+        model = mlp()
+        ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                           target_modules=["0"], rank=2, knot_every=2, seed=seed)  # fmt: skip
+
+
+def test_a_rejected_construction_keeps_the_parameter_order() -> None:
+    model = mlp()
+    keys = list(model.state_dict())
+
+    def failing(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        raise RuntimeError("factory failed")
+
+    with pytest.raises(RuntimeError, match="factory failed"):
+        ChainLoRAOptimizer(model, failing, target_modules=["0", "2"], rank=2, knot_every=2)
+    assert list(model.state_dict()) == keys
+    assert [n for n, _ in model[0].named_parameters()] == ["weight", "bias"]
+
+
+# --- shared and tied weights ---
+
+
+def _tied_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, tie_word_embeddings=True)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def test_a_tied_output_layer_is_refused_naming_both_places() -> None:
+    model = _tied_llama()
+    _refused(
+        model,
+        ValueError,
+        r"'lm_head', whose weight is shared with \['model.embed_tokens.weight'\] \(tied"
+        r".*'all-linear' leaves tied",
+        target_modules=["lm_head", "q_proj"],
+    )
+    _refused(model, ValueError, "lm_head", target_modules=lambda n, m: isinstance(m, nn.Linear))
+
+
+def test_all_linear_leaves_tied_and_output_layers_out_and_the_model_keeps_tying() -> None:
+    model = _tied_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters()),
+                             target_modules="all-linear", rank=2, knot_every=2)  # fmt: skip
+    assert "lm_head" not in opt.config.modules
+    assert len(opt.config.modules) == 7  # q, k, v, o, gate, up, down
+    model.tie_weights()  # still works on the chained model
+    ids = torch.randint(0, 64, (2, 8))
+    before = model(ids).logits
+    with torch.no_grad():
+        for _n, m in opt.adapted_modules():
+            lora_parametrization(m).lora_B.normal_(std=0.1)  # type: ignore[union-attr]
+        trained = model(ids).logits
+        opt.tie_knot()
+        torch.testing.assert_close(model(ids).logits, trained, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(before, trained)
+
+
+def test_two_modules_sharing_one_weight_are_refused() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    _refused(model, ValueError, r"'0', whose weight is shared with \['2.weight'\]",
+             target_modules=["0"])  # fmt: skip
+    _refused(model, ValueError, "shared", target_modules=["2"])
+
+
+def test_a_module_registered_twice_is_one_module_adapted_once() -> None:
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             target_modules=["0", "2"], rank=2, knot_every=2)  # fmt: skip
+    assert opt.config.modules == ("0",)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        lora_parametrization(lin).lora_B.normal_()  # type: ignore[union-attr]
+        before = model(x)
+        opt.tie_knot()
+        torch.testing.assert_close(model(x), before)
+
+
+def test_a_weight_that_views_another_tensor_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(4, 4))
+    with torch.no_grad():
+        model[1].weight = nn.Parameter(model[0].weight.data[:4])  # shares memory
+    _refused(model, ValueError, r"'1', whose weight shares memory with \['0.weight'\]",
+             target_modules=["1"])  # fmt: skip
+
+
+def test_trainable_modules_that_contain_a_target_are_refused() -> None:
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), nn.Linear(4, 2))
+    _refused(model, ValueError, "trainable_modules matches '0', which contains the target '0.0'",
+             target_modules=["0.0"], trainable_modules=["0"])  # fmt: skip
+
+
+def test_the_config_round_trips_through_its_dict() -> None:
+    model = mlp()
+    config = ChainConfig.from_kwargs(
+        model, target_modules=["0"], rank=[4, 2], knots=[3, 9], factor_dtype=torch.bfloat16,
+        trainable_modules=["4"],
+    )  # fmt: skip
+    assert ChainConfig.from_dict(config.to_dict()) == config
+    assert config.differences(config.to_dict()) == {}
+    with pytest.raises(ValueError, match="not a saved chain config"):
+        ChainConfig.from_dict({"modules": ["0"]})

@@ -1,0 +1,180 @@
+"""The knot as a transaction: a failure half-way keeps the function, a retry finishes it once;
+links that must not merge (NaN/Inf, half-precision overflow) never reach a weight."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from typing import Any
+
+import pytest
+import torch
+from models import mlp, snapshot
+from torch import nn
+
+import chainopt.knot as knot_mod
+from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError
+from chainopt.adapted import AdaptedModule, lora_parametrization
+
+
+def _chain(**kw: Any) -> tuple[nn.Module, ChainLoRAOptimizer]:
+    torch.manual_seed(0)
+    model = mlp()
+    kw = {"target_modules": ["0", "2", "4"], "rank": 2, "knot_every": 3, **kw}
+    return model, ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), **kw)
+
+
+def _steps(model: nn.Module, opt: ChainLoRAOptimizer, n: int) -> None:
+    for _ in range(n):  # the batch depends on the step only
+        gen = torch.Generator().manual_seed(1000 + opt.optimizer_steps)
+        model(torch.randn(8, 12, generator=gen)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("retry", ["tie_knot", "zero_grad"])
+def test_a_knot_that_fails_half_way_keeps_the_function_and_a_retry_finishes_it_once(
+    retry: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    straight, straight_opt = _chain()
+    _steps(straight, straight_opt, 5)
+
+    model, opt = _chain()
+    _steps(model, opt, 2)
+    x = torch.randn(5, 12)
+    real = knot_mod.merge_
+    calls: list[str] = []
+    before: list[torch.Tensor] = []
+
+    def flaky(record: AdaptedModule) -> None:
+        calls.append(record.name)
+        if not before:
+            before.append(model(x))  # the function the knot must keep
+        if record.name == "2" and calls.count("2") == 1:
+            raise MemoryError("out of memory in the second module's merge")
+        real(record)
+
+    monkeypatch.setattr(knot_mod, "merge_", flaky)
+    with pytest.raises(MemoryError):
+        _steps(model, opt, 1)  # step 3 ties the knot
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before[0], rtol=1e-5, atol=1e-6)  # function kept
+    assert opt.knots_tied == 0 and len(opt.history) == 0
+    if retry == "tie_knot":
+        opt.tie_knot()
+    opt.zero_grad()  # what the loop does next; it finishes a pending knot first
+    _steps(model, opt, 2)
+    assert calls == ["0", "2", "2", "4"]  # module "0" merged once
+    assert opt.knots_tied == 1 and [k.step for k in opt.history.knots] == [3]
+    a, b = snapshot(model), snapshot(straight)
+    assert all(torch.equal(a[k], b[k]) for k in b), "a retried knot differs from a clean one"
+
+
+def test_a_failed_restart_is_retried_with_the_same_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    straight, straight_opt = _chain()
+    _steps(straight, straight_opt, 4)
+    model, opt = _chain()
+    _steps(model, opt, 2)
+    real = knot_mod.restart_links
+    failed = []
+
+    def flaky(*args: Any) -> None:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("device error while drawing")
+        real(*args)
+
+    monkeypatch.setattr(knot_mod, "restart_links", flaky)
+    with pytest.raises(RuntimeError, match="device error"):
+        _steps(model, opt, 1)
+    opt.zero_grad()
+    _steps(model, opt, 1)
+    a, b = snapshot(model), snapshot(straight)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def _half_chain(**kw: Any) -> tuple[nn.Module, ChainLoRAOptimizer]:
+    torch.manual_seed(0)
+    model = mlp(dtype=torch.float16)
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             target_modules=["0", "2"], rank=2, knot_every=100, **kw)  # fmt: skip
+    with torch.no_grad():  # finite factors whose update passes float16's 65504
+        link = lora_parametrization(model[2])
+        link.lora_A.fill_(200.0)  # type: ignore[union-attr]
+        link.lora_B.fill_(200.0)  # type: ignore[union-attr]
+        lora_parametrization(model[0]).lora_B.fill_(0.01)  # type: ignore[union-attr]
+    return model, opt
+
+
+def test_a_float16_overflow_at_a_knot_raises_and_changes_nothing() -> None:
+    model, opt = _half_chain()
+    before = snapshot(model)
+    with pytest.raises(NonFiniteUpdateError, match=r"'2'.*float16 weight.*no weight was changed"):
+        opt.tie_knot()
+    after = snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert opt.knots_tied == 0
+
+
+def test_a_float16_overflow_is_skipped_and_no_inf_reaches_a_weight() -> None:
+    model, opt = _half_chain(non_finite="skip")
+    w0 = model[0].parametrizations.weight.original.clone()
+    with pytest.warns(RuntimeWarning, match=r"\['2'\].*dropped those links unmerged"):
+        record = opt.tie_knot()
+    assert record.skipped == ("2",)
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+    assert not torch.equal(model[0].parametrizations.weight.original, w0)  # "0" merged
+
+
+@pytest.mark.parametrize("reset", ["none", "prune", "moments"])
+def test_a_skipped_link_loses_its_state_so_later_links_merge(reset: str) -> None:
+    model, opt = _chain(reset=reset, non_finite="skip", knot_every=2)
+    _steps(model, opt, 1)
+    lora_parametrization(model[2]).lora_B.grad = None  # type: ignore[union-attr]
+    model(torch.randn(8, 12)).square().mean().backward()
+    lora_parametrization(model[2]).lora_B.grad.fill_(float("nan"))  # type: ignore[union-attr]
+    with pytest.warns(RuntimeWarning, match=r"\['2'\]"):
+        opt.step()  # NaN reaches the factors and the knot after step 2 drops the link
+    opt.zero_grad()
+    _steps(model, opt, 4)  # two more knots: "2" merges again, its NaN state gone
+    assert [k.skipped for k in opt.history.knots] == [("2",), (), ()]
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+
+
+def test_tie_knot_after_merge_and_unload_raises() -> None:
+    _model, opt = _chain()
+    opt.merge_and_unload()
+    with pytest.raises(RuntimeError, match="merge_and_unload"):
+        opt.tie_knot()
+    assert opt.knots_tied == 0
+
+
+def test_zero_grad_without_set_to_none_survives_a_rank_step_down() -> None:
+    model, opt = _chain(rank=[2, 1], knot_every=2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        model(torch.randn(8, 12, generator=gen)).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    assert opt.knots_tied == 3 and lora_parametrization(model[0]).rank == 1  # type: ignore[union-attr]
+
+
+def test_copies_of_the_optimizer_work_and_pickling_says_how_to_save() -> None:
+    model, opt = _chain(init="gradient")
+    _steps(model, opt, 2)
+    clone = copy.deepcopy(opt)
+    assert clone.model is not model and clone.optimizer is not opt.optimizer
+    _steps(clone.model, clone, 4)
+    _steps(model, opt, 4)
+    a, b = snapshot(model), snapshot(clone.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the copy trains exactly like the original
+    shallow = copy.copy(opt)
+    assert shallow.optimizer is opt.optimizer and shallow.knots_tied == opt.knots_tied
+    with pytest.raises(TypeError, match="state_dict"):
+        pickle.dumps(opt)
+
+
+def test_a_knot_hook_must_be_callable() -> None:
+    _model, opt = _chain()
+    with pytest.raises(TypeError, match=r"hook must be callable .*42"):
+        opt.register_knot_hook(42)  # type: ignore[arg-type]

@@ -1,0 +1,129 @@
+"""Loading a saved chain state: everything is checked before anything is loaded."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from models import mlp, snapshot
+from torch import nn
+
+from chainopt import ChainLoRAOptimizer
+from chainopt.adapted import lora_parametrization
+
+
+def _chain(rank: Any = 2, **kw: Any) -> tuple[nn.Module, ChainLoRAOptimizer]:
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+                             target_modules=["0", "2"], rank=rank, knot_every=3, keep_history=True,
+                             **kw)  # fmt: skip
+    return model, opt
+
+
+def _trained(steps: int = 4, **kw: Any) -> tuple[nn.Module, ChainLoRAOptimizer]:
+    model, opt = _chain(**kw)
+    for i in range(steps):
+        model(
+            torch.randn(8, 12, generator=torch.Generator().manual_seed(i))
+        ).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def _entry(sd: dict[str, Any]) -> dict[str, Any]:
+    entry: dict[str, Any] = sd["chainopt"]
+    return entry
+
+
+def _first_state(sd: dict[str, Any]) -> dict[str, Any]:
+    return next(iter(sd["state"].values()))  # type: ignore[no-any-return]
+
+
+CORRUPTIONS: dict[str, tuple[Callable[[dict[str, Any]], None], type[Exception], str]] = {
+    "no entry": (lambda sd: sd.pop("chainopt"), ValueError, "no 'chainopt' entry"),
+    "version": (lambda sd: _entry(sd).update(version=99), ValueError, "version 99"),
+    "config": (lambda sd: _entry(sd)["config"].update(alpha=3.0), ValueError, "alpha=3.0"),
+    "ranks": (lambda sd: _entry(sd)["config"].update(ranks=[3]), ValueError, r"ranks=\[3\]"),
+    "steps": (lambda sd: _entry(sd).update(optimizer_steps="x"), ValueError, "optimizer_steps"),
+    "knots": (lambda sd: _entry(sd).update(knots_tied=-1), ValueError, "knots_tied"),
+    "generator": (
+        lambda sd: _entry(sd).update(generator=torch.zeros(10, dtype=torch.uint8)),
+        ValueError,
+        "generator",
+    ),
+    "no generator": (lambda sd: _entry(sd).pop("generator"), ValueError, "generator"),
+    "history": (lambda sd: _entry(sd).update(history={"knots": 3}), ValueError, "history"),
+    "history factor": (
+        lambda sd: _entry(sd)["history"]["knots"][0]["links"]["0"].update(A=torch.zeros(3)),
+        ValueError,
+        "history",
+    ),
+    "moment shape": (
+        lambda sd: _first_state(sd).update(exp_avg=torch.zeros(5, 7)),
+        ValueError,
+        r"exp_avg.*shape \(5, 7\)",
+    ),
+    "groups": (lambda sd: sd["param_groups"].append(sd["param_groups"][0]), ValueError, "groups"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_a_bad_state_is_refused_and_nothing_is_loaded(case: str) -> None:
+    _, source = _trained()
+    saved = copy.deepcopy(source.state_dict())
+    corrupt, err, match = CORRUPTIONS[case]
+    corrupt(saved)
+    model, opt = _trained(steps=2)
+    before, state = snapshot(model), copy.deepcopy(opt.state_dict())
+    with pytest.raises(err, match=match):
+        opt.load_state_dict(saved)
+    after = opt.state_dict()
+    assert after["chainopt"]["optimizer_steps"] == 2 and len(opt.history) == 0
+    assert torch.equal(after["chainopt"]["generator"], state["chainopt"]["generator"])
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(after["state"][index][key], value)
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+
+
+def test_a_non_dict_state_is_a_type_error() -> None:
+    _, opt = _chain()
+    with pytest.raises(TypeError, match="state_dict must be a dict, got list"):
+        opt.load_state_dict([])  # type: ignore[arg-type]
+
+
+def test_a_model_load_of_factors_of_another_rank_is_refused_whole() -> None:
+    model2, _ = _trained(rank=2)
+    model4, _ = _chain(rank=4)
+    before = snapshot(model4)
+    with pytest.raises(ValueError, match=r"nothing was loaded.*rank in \[4\]"):
+        model4.load_state_dict(model2.state_dict())
+    after = snapshot(model4)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert lora_parametrization(model4[0]).rank == 4  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "bad", [torch.zeros(2, 9), torch.zeros(2), torch.zeros(2, 12, device="meta")]
+)
+def test_a_model_load_of_malformed_factors_is_refused_whole(bad: torch.Tensor) -> None:
+    model, _ = _chain()
+    state = {k: v.clone() + 1 for k, v in model.state_dict().items()}
+    state["2.parametrizations.weight.0.lora_A"] = bad
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="nothing was loaded"):
+        model.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+
+
+def test_a_rank_step_down_checkpoint_still_loads_into_a_fresh_chain() -> None:
+    model, opt = _trained(steps=4, rank=[2, 1])
+    fresh_model, fresh_opt = _chain(rank=[2, 1])
+    fresh_model.load_state_dict(model.state_dict())
+    fresh_opt.load_state_dict(opt.state_dict())
+    assert lora_parametrization(fresh_model[0]).rank == 1  # type: ignore[union-attr]
