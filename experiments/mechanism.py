@@ -21,11 +21,15 @@ import json
 import time
 from typing import Any
 
-import _common as xc
 import torch
+from _chains import ChainSpec, build_chain, parse_specs
 from _plots import line_plot
+from _runs import add_common_args, mean_std, run_metadata, seed_everything, write_json
 from torch import nn
+from torch.optim.lr_scheduler import LinearLR
 from tqdm import tqdm
+
+from chainopt import ChainLoRAOptimizer
 
 DEFAULT_METHODS = [
     "lora:1:4",
@@ -54,8 +58,20 @@ def make_target(d_out: int, d_in: int, decay: float, seed: int) -> tuple[torch.T
     return w0, delta, sigma
 
 
+def full_rank(delta: torch.Tensor, tol: float = 1e-3) -> int:
+    """Rank of a full fine-tuning update: singular values above ``tol·σ_max``.
+
+    The convention of ``chain_summary()``'s ``effective_rank``, which covers the chains; full
+    fine-tuning has no chain to ask.
+    """
+    s = torch.linalg.svdvals(delta.double())
+    if s.numel() == 0 or s[0] == 0:
+        return 0
+    return int((s > tol * s[0]).sum())
+
+
 def run(
-    spec: xc.ChainSpec | None,
+    spec: ChainSpec | None,
     w0: torch.Tensor,
     delta: torch.Tensor,
     lr: float,
@@ -63,21 +79,22 @@ def run(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """Train one method (``spec=None``: full fine-tuning) and return its error curve and rank."""
-    xc.seed_everything(seed)
+    seed_everything(seed)
     d_out, d_in = w0.shape
     model = nn.Sequential(nn.Linear(d_in, d_out, bias=False))
     with torch.no_grad():
         model[0].weight.copy_(w0)
     target = w0 + delta
     norm = delta.norm()
-    chain: xc.Chain | None = None
-    full: torch.optim.Optimizer | None = None
+    chain: ChainLoRAOptimizer | None = None
     if spec is None:
-        full = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        sched = LinearLR(opt, 1.0, 0.0, total_iters=args.steps)
     else:
-        chain = xc.Chain(
+        chain, sched = build_chain(
             model, spec, ["0"], total_steps=args.steps, lr=lr, alpha=2.0 * spec.ranks[0], seed=seed
         )
+        opt = chain
     g = torch.Generator().manual_seed(10_000 + seed)
     curve: list[float] = []
     for step in range(args.steps):
@@ -85,30 +102,28 @@ def run(
         y = x @ target.T + args.noise * torch.randn(args.batch_size, d_out, generator=g)
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
-        if chain is not None:
-            chain.step()
-        else:
-            assert full is not None
-            for group in full.param_groups:
-                group["lr"] = xc.linear_lr(step, args.steps, lr)
-            full.step()
-            full.zero_grad(set_to_none=True)
+        opt.step()  # a chain ties its knots here
+        sched.step()
+        opt.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == args.steps - 1:
             w = model[0].weight.detach()  # parametrized: W + s·B·A
             curve.append(float((w - target).norm() / norm))
-    if chain is not None:
-        chain.finish()
+    if chain is None:
+        rank = full_rank(model[0].weight.detach() - w0)
+    else:
+        rank = chain.chain_summary().modules["0"].effective_rank
+        chain.merge_and_unload()
     learned = model[0].weight.detach() - w0
     return {
         "rel_error": float((learned - delta).norm() / norm),
-        "effective_rank": xc.delta_effective_rank(learned),
+        "effective_rank": rank,
         "curve": curve,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    xc.add_common_args(parser, "experiments/results/mechanism")
+    add_common_args(parser, "experiments/results/mechanism")
     parser.add_argument("--dim", type=int, default=64, help="d_in = d_out")
     parser.add_argument("--decay", type=float, default=1.0, help="σ_k = k^-decay")
     parser.add_argument("--steps", type=int, default=1200)
@@ -135,7 +150,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
-    specs: list[xc.ChainSpec | None] = [None, *xc.parse_specs(args.methods)]
+    specs: list[ChainSpec | None] = [None, *parse_specs(args.methods)]
     names = ["full_ft", *[s.name for s in specs if s is not None]]
     jobs = [(s, lr, seed) for s in specs for lr in args.lrs for seed in args.seeds]
     results: dict[str, dict[str, list[dict[str, Any]]]] = {n: {} for n in names}
@@ -148,10 +163,10 @@ def main() -> None:
 
     summary: dict[str, Any] = {}
     for name, by_lr in results.items():
-        best_lr = min(by_lr, key=lambda lr: xc.mean_std(r["rel_error"] for r in by_lr[lr])[0])
+        best_lr = min(by_lr, key=lambda lr: mean_std(r["rel_error"] for r in by_lr[lr])[0])
         rs = by_lr[best_lr]
-        err, err_sd = xc.mean_std(r["rel_error"] for r in rs)
-        rank, rank_sd = xc.mean_std(r["effective_rank"] for r in rs)
+        err, err_sd = mean_std(r["rel_error"] for r in rs)
+        rank, rank_sd = mean_std(r["effective_rank"] for r in rs)
         spec = next((s for s in specs if s is not None and s.name == name), None)
         summary[name] = {
             "best_lr": float(best_lr),
@@ -184,11 +199,11 @@ def main() -> None:
             "optimizer": "AdamW, linear LR decay, alpha = 2r",
         },
         "eckart_young_rel_error": bound,
-        "meta": xc.run_metadata(args, started),
+        "meta": run_metadata(args, started),
         "summary": summary,
         "runs": results,
     }
-    xc.write_json(args.out / "results.json", payload)
+    write_json(args.out / "results.json", payload)
     plot(payload, args)
 
 
@@ -196,7 +211,7 @@ def plot(payload: dict[str, Any], args: argparse.Namespace) -> None:
     """Error curves of every method (best LR, mean over seeds) and error against chain length."""
     summary, results = payload["summary"], payload["runs"]
     bound = {int(k): v for k, v in payload["eckart_young_rel_error"].items()}
-    specs: list[xc.ChainSpec | None] = [None, *xc.parse_specs(payload["setup"]["methods"])]
+    specs: list[ChainSpec | None] = [None, *parse_specs(payload["setup"]["methods"])]
     # a diverged method (final error > 1: worse than not training) would squash the plot
     best = {
         n: results[n][str(summary[n]["best_lr"])]
@@ -222,7 +237,7 @@ def plot(payload: dict[str, Any], args: argparse.Namespace) -> None:
 
 def chain_plot(
     summary: dict[str, Any],
-    specs: list[xc.ChainSpec | None],
+    specs: list[ChainSpec | None],
     bound: dict[int, float],
     path: Any,
 ) -> None:

@@ -6,7 +6,7 @@ fine-tuning with label words, r=8, alpha=16 on q_proj/v_proj, AdamW, linear LR, 
 batch 8), several seeds, mean ± std per task and method.
 
 ``--tiny`` runs the same code path end to end on CPU and offline: a small randomly initialised
-OPT (built from ``OPTConfig`` with the SmolLM2 tokenizer cached by ``examples/_common.py``) on a
+OPT (built from ``OPTConfig`` with the SmolLM2 tokenizer of ``chainopt_examples.models``) on a
 synthetic sentiment task. It checks the script, not COLA.
 
 Run:
@@ -20,17 +20,26 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import _common as xc
 import torch
+from _chains import ChainSpec, build_chain, parse_specs
 from _plots import bar_by_task
+from _runs import add_common_args, mean_std, run_metadata, seed_everything, write_json
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from chainopt_examples.models import load_tokenizer, tiny_opt
+from chainopt_examples.prompts import PromptCollator, build_prompt_dataset
+from chainopt_examples.scoring import evaluate_label_words
 
 
 @dataclass(frozen=True)
@@ -156,9 +165,8 @@ def load_model_and_tokenizer(
     With ``tokenizer_only`` the model is ``None``.
     """
     if args.tiny:
-        ec = xc.examples_common()
-        tok = ec.load_tokenizer("tiny-opt")
-        model = ec.tiny_opt(tok, seed=0)
+        tok = load_tokenizer("tiny-opt")
+        model = tiny_opt(tok, seed=0)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -175,7 +183,7 @@ def load_model_and_tokenizer(
 
 def train_eval(
     args: argparse.Namespace,
-    spec: xc.ChainSpec,
+    spec: ChainSpec,
     seed: int,
     task: str,
     train: Dataset,
@@ -184,27 +192,19 @@ def train_eval(
     device: torch.device,
 ) -> dict[str, Any]:
     """Fine-tune a fresh model with one method and seed; return test accuracy and timings."""
-    ec = xc.examples_common()
-    xc.seed_everything(seed)
+    seed_everything(seed)
     model, tok = load_model_and_tokenizer(args, device)
-    encoded = ec.build_prompt_dataset(train, tok, TEMPLATE, label_words, max_length=args.max_length)
+    encoded = build_prompt_dataset(train, tok, TEMPLATE, label_words, max_length=args.max_length)
     loader = DataLoader(
         encoded.remove_columns(["label"]),
         batch_size=args.batch_size,
         shuffle=True,
-        collate_fn=ec.PromptCollator(tok.pad_token_id),
+        collate_fn=PromptCollator(tok.pad_token_id),
         generator=torch.Generator().manual_seed(seed),
     )
     total = math.ceil(len(encoded) / args.batch_size) * args.epochs
-    chain = xc.Chain(
-        model,
-        spec,
-        args.targets,
-        total_steps=total,
-        lr=args.lr,
-        alpha=args.alpha,
-        warmup=0,
-        seed=seed,
+    opt, sched = build_chain(
+        model, spec, args.targets, total_steps=total, lr=args.lr, alpha=args.alpha, seed=seed
     )
     model.train()
     t0 = time.perf_counter()
@@ -216,14 +216,17 @@ def train_eval(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 loss = model(**batch).loss
             loss.backward()
-            chain.step()
+            opt.step()  # ties a knot when the schedule says so
+            sched.step()
+            opt.zero_grad(set_to_none=True)
             last = loss.item()
             bar.update(1)
             bar.set_postfix(loss=f"{last:.3f}")
     bar.close()
     seconds = time.perf_counter() - t0
-    chain.finish()
-    acc = ec.evaluate_label_words(
+    knots = list(opt.chain_summary().knot_steps)
+    opt.merge_and_unload()
+    acc = evaluate_label_words(
         model,
         tok,
         test,
@@ -238,14 +241,14 @@ def train_eval(
         "seed": seed,
         "accuracy": acc,
         "last_train_loss": last,
-        "knots": chain.knots,
+        "knots": knots,
         "train_seconds": round(seconds, 1),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    xc.add_common_args(parser, "experiments/results/paper_scale")
+    add_common_args(parser, "experiments/results/paper_scale")
     parser.add_argument("--model", default="facebook/opt-1.3b")
     parser.add_argument("--tiny", action="store_true", help="tiny OPT + synthetic task, offline")
     parser.add_argument(
@@ -281,7 +284,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     started = time.time()
-    specs = xc.parse_specs(args.methods)
+    specs = parse_specs(args.methods)
     runs: list[dict[str, Any]] = []
     for task in args.tasks:
         if args.tiny:
@@ -302,16 +305,16 @@ def main() -> None:
     for task in args.tasks:
         summary[task] = {}
         for spec in specs:
-            m, s = xc.mean_std(
+            m, s = mean_std(
                 r["accuracy"] for r in runs if r["task"] == task and r["method"] == spec.name
             )
             summary[task][spec.name] = {"accuracy": {"mean": m, "std": s}}
-    xc.write_json(
+    write_json(
         args.out / "results.json",
         {
             "experiment": "paper_scale",
             "model": args.model,
-            "meta": xc.run_metadata(args, started),
+            "meta": run_metadata(args, started),
             "summary": summary,
             "runs": runs,
         },

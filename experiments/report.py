@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-import _common as xc
+from _chains import parse_specs
+from _runs import REPO_ROOT, mean_std
+
+sys.path.insert(0, str(REPO_ROOT / "examples"))
+
+from chainopt_examples.tasks import load_task
 
 
 def _pm(cell: dict[str, float], scale: float = 1.0, digits: int = 1) -> str:
@@ -28,7 +34,7 @@ def mechanism_table(d: dict[str, Any]) -> str:
         "best possible at that rank |",
         "|---|---|---|---|---|---|",
     ]
-    specs = {s.name: s for s in xc.parse_specs(d["setup"]["methods"])}
+    specs = {s.name: s for s in parse_specs(d["setup"]["methods"])}
     for name, row in d["summary"].items():
         spec = specs.get(name)
         shape = (
@@ -129,8 +135,7 @@ def merge_smollm2(paths: list[Path]) -> dict[str, Any]:
 
 def majority_accuracy(task: str, a: dict[str, Any]) -> float:
     """Test accuracy of always answering the most frequent test label (same split as the run)."""
-    ec = xc.examples_common()
-    ds = ec.load_task(task, n_train=a["n_train"], n_test=a["n_test"], seed=a["data_seed"])
+    ds = load_task(task, n_train=a["n_train"], n_test=a["n_test"], seed=a["data_seed"])
     labels = list(ds["test"]["label"])
     return max(labels.count(k) for k in set(labels)) / len(labels)
 
@@ -171,7 +176,7 @@ def paired_table(merged: dict[str, Any], base: str = "lora") -> str:
                     ]
                     if b:
                         diffs.append(100 * (r["accuracy"] - b[0]["accuracy"]))
-            mean, std = xc.mean_std(diffs)
+            mean, std = mean_std(diffs)
             wins = sum(d > 0 for d in diffs)
             cells.append(
                 f"{mean:+.1f} ± {std:.1f} ({wins}/{len(diffs)} seeds better)" if diffs else "–"
@@ -182,7 +187,7 @@ def paired_table(merged: dict[str, Any], base: str = "lora") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--results", type=Path, default=xc.REPO_ROOT / "experiments" / "results")
+    parser.add_argument("--results", type=Path, default=REPO_ROOT / "experiments" / "results")
     parser.add_argument("--quick", action="store_true", help="no-op; tables are cheap")
     parser.add_argument("--plots", action="store_true", help="also draw the merged SmolLM2 plot")
     args = parser.parse_args()

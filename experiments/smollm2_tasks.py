@@ -23,16 +23,25 @@ import copy
 import itertools
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import _common as xc
 import torch
+from _chains import ChainSpec, build_chain, parse_specs
 from _plots import bar_by_task, loss_curves
+from _runs import add_common_args, mean_std, run_metadata, seed_everything, write_json
 from torch import nn
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from chainopt_examples.models import load_smollm2
+from chainopt_examples.packages import CACHE_DIR
+from chainopt_examples.prompts import encode_prompt, label_word_token_ids
+from chainopt_examples.tasks import TASKS, load_task
 
 DEFAULT_METHODS = ["lora:1:8", "cola2:2:8", "cola3:3:8", "cola3_down:3:8,4,2"]
 TARGETS = ["q_proj", "v_proj"]
@@ -106,21 +115,17 @@ def lower_hidden(model: Any, seqs: list[list[int]], start: int, bs: int = 16) ->
     return out
 
 
-def prepare_task(
-    ec: Any, model: Any, tok: Any, name: str, args: argparse.Namespace, start: int
-) -> TaskData:
+def prepare_task(model: Any, tok: Any, name: str, args: argparse.Namespace, start: int) -> TaskData:
     """Load, subsample and encode a task, and cache the frozen layers' output."""
-    ds = ec.load_task(name, n_train=args.n_train, n_test=args.n_test, seed=args.data_seed)
-    task = ec.TASKS[name]
-    label_ids = [w[0] for w in ec.label_word_token_ids(tok, task.label_words)]
+    ds = load_task(name, n_train=args.n_train, n_test=args.n_test, seed=args.data_seed)
+    task = TASKS[name]
+    label_ids = [w[0] for w in label_word_token_ids(tok, task.label_words)]
     seqs = {
-        split: [
-            ec._encode_prompt(tok, task.template, t, args.max_length) for t in ds[split]["text"]
-        ]
+        split: [encode_prompt(tok, task.template, t, args.max_length) for t in ds[split]["text"]]
         for split in ("train", "test")
     }
     key = f"{name}-n{args.n_train}-t{args.n_test}-d{args.data_seed}-L{start}-m{args.max_length}"
-    path = Path(ec.CACHE_DIR) / "experiments" / f"smollm2-hidden-{key}.pt"
+    path = CACHE_DIR / "experiments" / f"smollm2-hidden-{key}.pt"
     if path.is_file():
         hid = torch.load(path)
     else:
@@ -164,7 +169,7 @@ def accuracy(top: TopStack, data: TaskData, bs: int = 32) -> float:
 
 def training_flops(
     top: TopStack,
-    spec: xc.ChainSpec,
+    spec: ChainSpec,
     tokens: int,
     examples: int,
     steps_per_link: list[int],
@@ -197,25 +202,20 @@ def training_flops(
 def train_one(
     model: Any,
     data: TaskData,
-    spec: xc.ChainSpec,
+    spec: ChainSpec,
     seed: int,
     args: argparse.Namespace,
     start: int,
     progress: bool,
 ) -> dict[str, Any]:
     """Train one method with one seed on one task; return its metrics."""
-    xc.seed_everything(seed)
+    seed_everything(seed)
     top = TopStack(model, start)
-    before = {
-        n: m.weight.detach().clone()
-        for n, m in top.named_modules()
-        if isinstance(m, nn.Linear) and n.split(".")[-1] in TARGETS
-    }
     n = len(data.train_h)
     steps_per_epoch = math.ceil(n / args.batch_size)
     total = steps_per_epoch * args.epochs
-    chain = xc.Chain(
-        top, spec, TARGETS, total_steps=total, lr=args.lr, alpha=args.alpha, warmup=0, seed=seed
+    opt, sched = build_chain(
+        top, spec, TARGETS, total_steps=total, lr=args.lr, alpha=args.alpha, seed=seed
     )
     rng = random.Random(seed)
     losses: list[float] = []
@@ -234,7 +234,9 @@ def train_one(
             target = torch.tensor([data.label_ids[data.train_y[i]] for i in idx])
             loss = nn.functional.cross_entropy(top(h, lengths), target)
             loss.backward()
-            chain.step()
+            opt.step()  # ties a knot when the schedule says so
+            sched.step()
+            opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
             tokens += int(lengths.sum())
             examples += len(idx)
@@ -242,17 +244,13 @@ def train_one(
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     wall = time.perf_counter() - t0
-    knots = chain.knots
+    summary = opt.chain_summary()
+    knots = list(summary.knot_steps)
     bounds = [0, *knots, total]
     steps_per_link = [b - a for a, b in itertools.pairwise(bounds)]
     flops = training_flops(top, spec, tokens, examples, steps_per_link, total)
-    links = chain.links_started
-    chain.finish()
-    ranks = [
-        xc.delta_effective_rank(m.weight.detach() - before[nm])
-        for nm, m in top.named_modules()
-        if nm in before
-    ]
+    ranks = [m.effective_rank for m in summary.modules.values()]
+    opt.merge_and_unload()
     acc = accuracy(top, data)
     return {
         "task": data.name,
@@ -262,14 +260,13 @@ def train_one(
         "final_train_loss": sum(losses[-steps_per_epoch:]) / steps_per_epoch,
         "loss_curve": losses,
         "knots": knots,
-        "links": links,
+        "links": summary.links,
         "total_steps": total,
         "effective_rank_mean": sum(ranks) / len(ranks),
         "effective_rank_max": max(ranks),
         "train_flops": flops["total"],
         "adapter_flops": flops["adapter"],
         "train_seconds": round(wall, 1),
-        "native_rank_list": chain.native,
     }
 
 
@@ -291,7 +288,7 @@ def summarize(runs: list[dict[str, Any]], zero_shot: dict[str, float]) -> dict[s
                 "adapter_flops",
                 "train_seconds",
             ):
-                m, s = xc.mean_std(r[key] for r in rs)
+                m, s = mean_std(r[key] for r in rs)
                 row[key] = {"mean": m, "std": s}
             out[task][method] = row
     return out
@@ -299,7 +296,7 @@ def summarize(runs: list[dict[str, Any]], zero_shot: dict[str, float]) -> dict[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    xc.add_common_args(parser, "experiments/results/smollm2")
+    add_common_args(parser, "experiments/results/smollm2")
     parser.add_argument("--tasks", nargs="+", default=["strategyqa", "winowhy"])
     parser.add_argument(
         "--methods",
@@ -327,22 +324,21 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
-    ec = xc.examples_common()
-    model, tok = ec.load_smollm2()
+    model, tok = load_smollm2()
     model.requires_grad_(False)
     n_layers = model.config.num_hidden_layers
     start = n_layers - args.adapt_layers
-    specs = xc.parse_specs(args.methods)
+    specs = parse_specs(args.methods)
     progress = not args.no_progress
     if args.check:
-        check_cache(ec, model, tok, start)
+        check_cache(model, tok, start)
 
     runs: list[dict[str, Any]] = []
     zero_shot: dict[str, float] = {}
     tasks: dict[str, Any] = {}
     for name in args.tasks:
         t0 = time.perf_counter()
-        data = prepare_task(ec, model, tok, name, args, start)
+        data = prepare_task(model, tok, name, args, start)
         zero_shot[name] = accuracy(TopStack(model, start), data)
         tasks[name] = {
             **data.subsample,
@@ -399,17 +395,17 @@ def write_results(
             "methods": args.methods,
             "tasks": tasks,
         },
-        "meta": xc.run_metadata(args, started),
+        "meta": run_metadata(args, started),
         "summary": summary,
         "runs": runs,
     }
-    xc.write_json(args.out / "results.json", payload)
+    write_json(args.out / "results.json", payload)
     return summary
 
 
-def check_cache(ec: Any, model: Any, tok: Any, start: int) -> None:
+def check_cache(model: Any, tok: Any, start: int) -> None:
     """Assert the cached-lower-layers path gives the full model's logits."""
-    task = ec.TASKS["strategyqa"]
+    task = TASKS["strategyqa"]
     seqs = [
         tok(task.template.format(text=t))["input_ids"]
         for t in ["Is the sky blue?", "Can a cat drive a car on the moon at night?"]
