@@ -21,15 +21,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _harness as H
-import torch
+from chainopt_bench.dynamo import configure_dynamo, count_diff, dynamo_counts
+from chainopt_bench.environment import add_common_args, configure, machine_info
+from chainopt_bench.memory import transient_peak_bytes
+from chainopt_bench.models import TARGET_LABEL, ModelSpec, build_model, make_batches
+from chainopt_bench.output import markdown_table, mib, save_json
+from chainopt_bench.rotation import run_alternating
+from chainopt_bench.timing import iqr_ms, mean_ms, median_ms, paired_ratio
+from chainopt_bench.variants import LoraSpec, Variant, make_variants
 
 
 def build_parser(doc: str | None = __doc__) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
-    H.common_args(p)
+    add_common_args(p)
     p.add_argument("--models", nargs="+", default=["llama", "opt"], choices=["llama", "opt"])
     p.add_argument(
         "--compile-models",
@@ -52,12 +60,6 @@ def build_parser(doc: str | None = __doc__) -> argparse.ArgumentParser:
         "--backend",
         default="inductor",
         help="torch.compile backend (--quick: eager, i.e. dynamo without codegen)",
-    )
-    p.add_argument(
-        "--proposed-forward",
-        action="store_true",
-        help="give chainopt's adapted Linears the forward of bench/_proposed.py (the change "
-        "proposed to the library) instead of the installed one",
     )
     p.add_argument(
         "--keep-history",
@@ -100,7 +102,7 @@ def quick_config(args: argparse.Namespace) -> argparse.Namespace:
 def run_group(args: argparse.Namespace, arch: str, mode: str) -> dict[str, Any]:
     """One model in one mode: build, warm up, time in rotation, measure memory."""
     start = time.perf_counter()
-    spec = H.ModelSpec(
+    spec = ModelSpec(
         arch,
         hidden=args.hidden,
         layers=args.layers,
@@ -109,33 +111,30 @@ def run_group(args: argparse.Namespace, arch: str, mode: str) -> dict[str, Any]:
         vocab=args.vocab,
     )
     exact = {"auto": None, "on": True, "off": False}[args.exact_merge]
-    lora = H.LoraSpec(
+    lora = LoraSpec(
         rank=args.rank,
         alpha=args.alpha,
         knot_every=args.knot_every,
         exact_merge=exact,
         keep_history={"default": None, "on": True, "off": False}[args.keep_history],
     )
-    base = H.build_model(spec, seed=args.seed, dtype=getattr(torch, args.dtype), device=args.device)
-    batches = H.make_batches(spec, seed=args.seed + 1, device=args.device)
+    base = build_model(spec, seed=args.seed, dtype=getattr(torch, args.dtype), device=args.device)
+    batches = make_batches(spec, seed=args.seed + 1, device=args.device)
     kinds = (
         ("peft", "chain", "chain_knot") if args.no_full else ("full", "peft", "chain", "chain_knot")
     )
-    forward = None
-    if args.proposed_forward:
-        from _proposed import fused_lora_linear_forward as forward
-    variants = H.make_variants(base, arch, args.targets, lora, kinds, forward)
+    variants = make_variants(base, arch, args.targets, lora, kinds)
     del base
 
     compile_info: dict[str, dict[str, Any]] = {}
     if mode == "compile":
         for v in variants:
-            H.compile_variant(v, backend=args.backend)
-    last = {"counts": H.dynamo_counts(), "t": time.perf_counter()}
+            v.compile(backend=args.backend)
+    last = {"counts": dynamo_counts(), "t": time.perf_counter()}
 
-    def on_warm(v: H.Variant) -> None:
-        now = H.dynamo_counts()
-        d = H.count_diff(now, last["counts"])
+    def on_warm(v: Variant) -> None:
+        now = dynamo_counts()
+        d = count_diff(now, last["counts"])
         compile_info[v.name] = {
             "warmup_s": time.perf_counter() - last["t"],
             "frames": d["frames"],
@@ -150,7 +149,7 @@ def run_group(args: argparse.Namespace, arch: str, mode: str) -> dict[str, Any]:
         f"{args.warmup} warm-up + {args.steps} timed steps each ==",
         flush=True,
     )
-    H.run_alternating(variants, batches, args.warmup, args.steps, f"{arch} {mode}", on_warm)
+    run_alternating(variants, batches, args.warmup, args.steps, f"{arch} {mode}", on_warm)
 
     rows = []
     for v in variants:  # the timed window's figures first: measuring memory steps on
@@ -161,15 +160,15 @@ def run_group(args: argparse.Namespace, arch: str, mode: str) -> dict[str, Any]:
                 "targets": v.targets,
                 "step_times": list(v.step_times),
                 "cpu_times": list(v.cpu_times),
-                "wall_ms": H.median_ms(v.step_times),
-                "wall_iqr_ms": H.iqr_ms(v.step_times),
-                "wall_mean_ms": H.mean_ms(v.step_times),
-                "cpu_ms": H.median_ms(v.cpu_times),
+                "wall_ms": median_ms(v.step_times),
+                "wall_iqr_ms": iqr_ms(v.step_times),
+                "wall_mean_ms": mean_ms(v.step_times),
+                "cpu_ms": median_ms(v.cpu_times),
                 "n_steps": len(v.step_times),
-                "knot_ms": H.median_ms(v.knot_times),
-                "knot_cpu_ms": H.median_ms(v.knot_cpu_times),
+                "knot_ms": median_ms(v.knot_times),
+                "knot_cpu_ms": median_ms(v.knot_cpu_times),
                 "n_knots": len(v.knot_times),
-                "knot_step_ms": H.median_ms(v.knot_step_times),
+                "knot_step_ms": median_ms(v.knot_step_times),
                 "trainable": v.trainable_params(),
                 "opt_state_bytes": v.opt_state_bytes,
                 "compile": compile_info.get(v.name),
@@ -178,7 +177,7 @@ def run_group(args: argparse.Namespace, arch: str, mode: str) -> dict[str, Any]:
             }
         )
     for v, row in zip(variants, rows, strict=True):
-        mem = H.measure_memory(v, batches[0])
+        mem = v.measure_memory(batches[0])
         held = v.held_bytes()
         row["held_other_bytes"] = held["other"]
         row["merge_residual_bytes"] = held["merge_residual"]
@@ -191,7 +190,7 @@ def run_group(args: argparse.Namespace, arch: str, mode: str) -> dict[str, Any]:
         )
         if v.kind == "chain_knot" and mode == "eager" and v.device.type == "cpu":
             assert v.chain is not None
-            row["knot_transient_bytes"] = H.transient_peak_bytes(v.chain.tie_knot, "cpu")
+            row["knot_transient_bytes"] = transient_peak_bytes(v.chain.tie_knot, "cpu")
     _add_ratios(rows)
     print(format_group(rows, mode))
     print(f"({spec.arch} {mode}: {time.perf_counter() - start:.0f} s)", flush=True)
@@ -206,7 +205,7 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
         for key in ("wall_ms", "cpu_ms", "peak_bytes"):
             r[f"{key}_x"] = r[key] / ref[key] if ref else None
         if ref is not None and r is not ref:
-            r["paired_wall"] = H.paired_ratio(r["step_times"], ref["step_times"])
+            r["paired_wall"] = paired_ratio(r["step_times"], ref["step_times"])
         else:
             r["paired_wall"] = None
         own = chain.get(r["targets"])
@@ -250,16 +249,16 @@ def format_group(rows: list[dict[str, Any]], mode: str) -> str:
             _x(r["wall_ms_x"]),
             _x(r["cpu_ms_x"]),
             _ci(r["paired_wall"]),
-            f"{H.mib(r['peak_bytes']):.1f}",
+            f"{mib(r['peak_bytes']):.1f}",
             _x(r["peak_bytes_x"]),
             f"{r['trainable']:,}",
-            f"{H.mib(r['opt_state_bytes']):.2f}",
-            f"{H.mib(r['held_other_bytes']):.2f}",
+            f"{mib(r['opt_state_bytes']):.2f}",
+            f"{mib(r['held_other_bytes']):.2f}",
         ]
         if mode == "compile":
             line.append(str(r["compiles_after_warmup"]))
         table.append(line)
-    out = [H.markdown_table(headers, table)]
+    out = [markdown_table(headers, table)]
     knots = [r for r in rows if r["kind"] == "chain_knot"]
     if knots:
         kh = [
@@ -284,11 +283,11 @@ def format_group(rows: list[dict[str, Any]], mode: str) -> str:
                     f"{r['knot_step_ms']:.0f}",
                     "–"
                     if r["knot_transient_bytes"] is None
-                    else f"{H.mib(r['knot_transient_bytes']):.2f}",
+                    else f"{mib(r['knot_transient_bytes']):.2f}",
                     "–" if r["compiles_after_knot"] is None else str(r["compiles_after_knot"]),
                 ]
             )
-        out += ["", H.markdown_table(kh, kt)]
+        out += ["", markdown_table(kh, kt)]
     if mode == "compile":
         ch = ["variant", "warm-up s (incl. compile)", "frames compiled", "graphs", "graph breaks"]
         ct = [
@@ -301,7 +300,7 @@ def format_group(rows: list[dict[str, Any]], mode: str) -> str:
             ]
             for r in rows
         ]
-        out += ["", H.markdown_table(ch, ct)]
+        out += ["", markdown_table(ch, ct)]
     return "\n".join(out)
 
 
@@ -331,7 +330,7 @@ def headline_table(groups: list[dict[str, Any]]) -> str:
             table.append(
                 [
                     f"{g['arch']} · {g['mode']}",
-                    H.TARGET_LABEL[targets],
+                    TARGET_LABEL[targets],
                     f"**{chain['wall_ms_x']:.3f}** / {chain['cpu_ms_x']:.3f}",
                     _ci(chain["paired_wall"]),
                     f"{chain['peak_bytes_x']:.3f} / {knot['peak_bytes_x']:.3f}",
@@ -340,7 +339,7 @@ def headline_table(groups: list[dict[str, Any]]) -> str:
                     "–" if after is None else f"{after} (of {knot['n_knots']} knots)",
                 ]
             )
-    return H.markdown_table(headers, table)
+    return markdown_table(headers, table)
 
 
 def check_targets(groups: list[dict[str, Any]]) -> list[tuple[bool, str]]:
@@ -354,7 +353,7 @@ def check_targets(groups: list[dict[str, Any]]) -> list[tuple[bool, str]]:
             if r["kind"] not in ("chain", "chain_knot"):
                 continue
             p = peft[r["targets"]]
-            t = H.TARGET_LABEL[r["targets"]]
+            t = TARGET_LABEL[r["targets"]]
             if r["kind"] == "chain":
                 res.append(
                     (
@@ -365,7 +364,7 @@ def check_targets(groups: list[dict[str, Any]]) -> list[tuple[bool, str]]:
                     )
                 )
                 why = (
-                    f" (merge residuals: {H.mib(r['merge_residual_bytes']):.2f} MiB, exact_merge)"
+                    f" (merge residuals: {mib(r['merge_residual_bytes']):.2f} MiB, exact_merge)"
                     if r["merge_residual_bytes"]
                     else ""
                 )
@@ -383,7 +382,7 @@ def check_targets(groups: list[dict[str, Any]]) -> list[tuple[bool, str]]:
                     )
                 )
             else:
-                other = H.mib(r["held_other_bytes"])
+                other = mib(r["held_other_bytes"])
                 res.append(
                     (
                         r["peak_bytes_x"] <= 1.0,
@@ -392,7 +391,7 @@ def check_targets(groups: list[dict[str, Any]]) -> list[tuple[bool, str]]:
                         f"model and optimizer state after {r['knots_at_memory']} knots"
                         + (": the chain history, keep_history=True" if other else "")
                         + (
-                            f"; merge residuals {H.mib(r['merge_residual_bytes']):.2f} MiB)"
+                            f"; merge residuals {mib(r['merge_residual_bytes']):.2f} MiB)"
                             if r["merge_residual_bytes"]
                             else ")"
                         ),
@@ -422,9 +421,9 @@ def main(
     argv: list[str] | None = None, args: argparse.Namespace | None = None, name: str = "compare"
 ) -> int:
     args = args if args is not None else parse_args(argv)
-    H.apply_threads(args.threads)
-    H.configure_dynamo()
-    info = H.machine_info()
+    configure(args.threads)
+    configure_dynamo()
+    info = machine_info()
     where = (
         info["cuda"]
         if str(args.device).startswith("cuda")
@@ -443,8 +442,6 @@ def main(
         f"lr 1e-4, knot every {args.knot_every} steps, chainopt exact_merge={args.exact_merge}; "
         "ratios are against PEFT LoRA on the same targets"
     )
-    if args.proposed_forward:
-        print("chainopt variants run the PROPOSED forward of bench/_proposed.py")
     t0 = time.perf_counter()
     plan = [
         (mode, arch)
@@ -462,7 +459,7 @@ def main(
     print(f"\ntotal wall time {elapsed / 60:.1f} min")
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"{name}_quick" if args.quick else name
-    H.save_json(
+    save_json(
         args.out / f"{name}.json",
         {
             "info": info,
@@ -478,8 +475,6 @@ def main(
         for k, v in (("exact_merge", args.exact_merge), ("keep_history", args.keep_history))
         if v not in ("auto", "default")
     ]
-    if args.proposed_forward:
-        flags.append("--proposed-forward (chainopt runs the forward of bench/_proposed.py)")
     md += [
         f"{args.dtype} weights on {args.device}, torch {info['torch']}, peft {info['peft']}"
         + (f"; {', '.join(flags)}" if flags else ""),

@@ -22,7 +22,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _harness as H
+from chainopt_bench.environment import add_common_args, configure, machine_info
+from chainopt_bench.models import TARGET_LABEL, ModelSpec, build_model, make_batches
+from chainopt_bench.output import markdown_table, mib, save_json
+from chainopt_bench.rotation import run_alternating
+from chainopt_bench.timing import median_ms
+from chainopt_bench.variants import LoraSpec, make_variants
 
 KIND_LABEL = {
     "full": "full FT",
@@ -40,7 +45,7 @@ KIND_STYLE = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    H.common_args(p)
+    add_common_args(p)
     p.add_argument("--arch", default="llama", choices=["llama", "opt"])
     p.add_argument("--targets", default="all", choices=["qv", "all"])
     p.add_argument(
@@ -93,33 +98,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_point(args: argparse.Namespace, hidden: int, seq: int) -> list[dict[str, Any]]:
-    spec = H.ModelSpec(
+    spec = ModelSpec(
         args.arch, hidden=hidden, layers=args.layers, seq=seq, batch=args.batch, vocab=args.vocab
     )
-    lora = H.LoraSpec(rank=args.rank, alpha=args.alpha, knot_every=args.knot_every)
-    base = H.build_model(spec, seed=args.seed)
-    batches = H.make_batches(spec, seed=args.seed + 1)
-    variants = H.make_variants(base, args.arch, [args.targets], lora, args.kinds)
+    lora = LoraSpec(rank=args.rank, alpha=args.alpha, knot_every=args.knot_every)
+    base = build_model(spec, seed=args.seed)
+    batches = make_batches(spec, seed=args.seed + 1)
+    variants = make_variants(base, args.arch, [args.targets], lora, args.kinds)
     del base
-    H.run_alternating(variants, batches, args.warmup, args.steps, spec.label())
+    run_alternating(variants, batches, args.warmup, args.steps, spec.label())
     for v in variants:  # a few more knots, each after an untimed step, for a steadier median
         if v.chain is not None and v.kind == "chain_knot":
             for i in range(args.extra_knots):
                 v.step(batches[i % len(batches)])
-                v.chain.tie_knot()
+                v.tie_knot()
     rows = []
     for v in variants:
-        mem = H.measure_memory(v, batches[0])
+        mem = v.measure_memory(batches[0])
         rows.append(
             {
                 "hidden": hidden,
                 "seq": seq,
                 "kind": v.kind,
                 "variant": v.name,
-                "wall_ms": H.median_ms(v.step_times),
-                "cpu_ms": H.median_ms(v.cpu_times),
+                "wall_ms": median_ms(v.step_times),
+                "cpu_ms": median_ms(v.cpu_times),
                 "peak_bytes": mem["peak"],
-                "knot_ms": H.median_ms(v.knot_times),
+                "knot_ms": median_ms(v.knot_times),
                 "n_knots": len(v.knot_times),
                 "trainable": v.trainable_params(),
             }
@@ -159,13 +164,13 @@ def format_sweep(rows: list[dict[str, Any]], axis: str) -> str:
                 f"{r['cpu_ms']:.0f}",
                 "–" if r["wall_x"] is None else f"{r['wall_x']:.3f}×",
                 "–" if r["cpu_x"] is None else f"{r['cpu_x']:.3f}×",
-                f"{H.mib(r['peak_bytes']):.1f}",
+                f"{mib(r['peak_bytes']):.1f}",
                 "–" if r["mem_x"] is None else f"{r['mem_x']:.3f}×",
                 f"{r['knot_ms']:.1f} ({r['n_knots']})" if r["n_knots"] else "–",
                 f"{100 * r['knot_frac']:.2f}%" if "knot_frac" in r else "–",
             ]
         )
-    return H.markdown_table(headers, table)
+    return markdown_table(headers, table)
 
 
 def plot(
@@ -191,9 +196,7 @@ def plot(
             color, marker, ls = KIND_STYLE[kind]
             style = {"color": color, "marker": marker, "linestyle": ls, "label": KIND_LABEL[kind]}
             axes[0, col].plot([x for x, _ in pts], [r["wall_ms"] for _, r in pts], **style)
-            axes[1, col].plot(
-                [x for x, _ in pts], [H.mib(r["peak_bytes"]) for _, r in pts], **style
-            )
+            axes[1, col].plot([x for x, _ in pts], [mib(r["peak_bytes"]) for _, r in pts], **style)
             if kind == "chain_knot":
                 axes[2, col].plot(
                     [x for x, _ in pts], [100 * r["knot_frac"] for _, r in pts], **style
@@ -215,8 +218,8 @@ def plot(
         axes[2, col].legend()
     title = (
         f"{args.arch}, {args.layers} layers, batch {args.batch}, targets "
-        f"{H.TARGET_LABEL[args.targets]}, rank {args.rank}, eager CPU "
-        f"({threads or H.machine_info()['torch_threads']} thread(s))"
+        f"{TARGET_LABEL[args.targets]}, rank {args.rank}, eager CPU "
+        f"({threads or machine_info()['torch_threads']} thread(s))"
     )
     fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         plot(saved["sweeps"], kept, png, saved["info"]["torch_threads"])
         print(f"wrote {png}")
         return 0
-    H.apply_threads(args.threads)
-    info = H.machine_info()
+    configure(args.threads)
+    info = machine_info()
     print(
         f"chainopt bench/scaling.py · {info['date']} · torch {info['torch']} · "
         f"peft {info['peft']} · {info['torch_threads']} torch thread(s)"
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{args.arch}, {args.layers} layers, batch {args.batch}, targets "
-        f"{H.TARGET_LABEL[args.targets]}, rank {args.rank}, knot every {args.knot_every}, "
+        f"{TARGET_LABEL[args.targets]}, rank {args.rank}, knot every {args.knot_every}, "
         f"{args.warmup} warm-up + {args.steps} timed steps per variant and point, knot cost "
         f"over the knots tied in them + {args.extra_knots} more"
     )
@@ -267,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     png = args.out / f"{name}.png"
     plot(sweeps, args, png)
     elapsed = time.perf_counter() - t0
-    H.save_json(
+    save_json(
         args.out / f"{name}.json",
         {"info": info, "args": vars(args), "sweeps": sweeps, "elapsed_s": elapsed},
     )

@@ -64,3 +64,19 @@ def test_quick_benchmark_memory_and_counters_match_peft(
                 if group["mode"] == "compile":
                     assert row["compiles_after_knot"] == 0, row["variant"]
     assert len(seen) >= 8  # two models (or modes) × two target sets × with and without knots
+
+
+def test_quick_scaling_times_the_knots_and_matches_peft_memory(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / "bench" / "scaling.py"), "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "scaling_quick.json").read_text())
+    assert (tmp_path / "scaling_quick.png").exists()
+    for rows in result["sweeps"].values():
+        peft = {(r["hidden"], r["seq"]): r for r in rows if r["kind"] == "peft"}
+        for r in rows:
+            if r["kind"] == "chain_knot":
+                assert r["n_knots"] >= 1, r["variant"]  # the schedule's knots and the extra ones
+            if r["kind"] in ("chain", "chain_knot"):
+                assert r["peak_bytes"] <= peft[r["hidden"], r["seq"]]["peak_bytes"], r["variant"]
