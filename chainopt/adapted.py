@@ -42,6 +42,7 @@ from .lora import BiasDelta, LoRAParametrization
 
 __all__ = [
     "AdaptedModule",
+    "accept_plain_keys",
     "attach",
     "bias_delta",
     "check_incoming_state",
@@ -278,10 +279,37 @@ def check_incoming_state(
     return problems
 
 
-def _refuse_partial_loads(
-    module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any
-) -> None:
-    """``load_state_dict`` pre-hook of a chained model: raise before anything is loaded."""
+def accept_plain_keys(model: nn.Module, state_dict: dict[str, Any], prefix: str = "") -> None:
+    """Let a plain checkpoint (``….weight``, as ``from_pretrained`` writes) load into a chain.
+
+    For each adapted module whose plain weight (or bias) ``state_dict`` holds instead of the
+    parametrized keys, the plain tensor becomes the frozen original and the link restarts at
+    zero (A as it is, B, bias delta and residual zero): the model then computes exactly what the
+    checkpoint's model computes. Edits ``state_dict`` in place.
+    """
+    for r in find_adapted(model):
+        base = f"{prefix}{r.name}." if r.name else prefix
+        parts: list[tuple[str, LoRAParametrization | BiasDelta]] = [("weight", r.link)]
+        if r.delta is not None:
+            parts.append(("bias", r.delta))
+        for kind, part in parts:
+            plain, stem = base + kind, f"{base}parametrizations.{kind}."
+            if plain not in state_dict or stem + "original" in state_dict:
+                continue
+            state_dict[stem + "original"] = state_dict.pop(plain)
+            for name, tensor in part.named_parameters():
+                restart = tensor.detach().clone() if name == "lora_A" else torch.zeros_like(tensor)
+                state_dict.setdefault(f"{stem}0.{name}", restart)
+            if part.merge_residual is not None:
+                state_dict.setdefault(
+                    f"{stem}0.merge_residual", torch.zeros_like(part.merge_residual)
+                )
+
+
+def _prepare_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook of a chained model: take plain keys, and check everything
+    before anything is loaded."""
+    accept_plain_keys(module, state_dict, prefix)
     problems = check_incoming_state(module, state_dict, prefix)
     if problems:
         raise ValueError(
@@ -296,5 +324,5 @@ _GUARDED = "_chainopt_load_guard"
 def guard_loads(model: nn.Module) -> None:
     """Make ``model.load_state_dict`` check a chained model's keys whole before loading any."""
     if not model.__dict__.get(_GUARDED):
-        model.register_load_state_dict_pre_hook(_refuse_partial_loads)  # type: ignore[no-untyped-call]
+        model.register_load_state_dict_pre_hook(_prepare_load)  # type: ignore[no-untyped-call]
         model.__dict__[_GUARDED] = True

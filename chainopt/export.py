@@ -32,7 +32,17 @@ from .adapted import AdaptedModule, detach, find_adapted, parametrization_count
 from .guard import NonFiniteUpdateError, check_links
 from .merge import merge_, merged_bias, merged_weight
 
-__all__ = ["adapted_modules", "merge_and_unload", "merged_state_dict", "save_merged"]
+__all__ = [
+    "adapted_modules",
+    "chain_tensors",
+    "mark_merged_save",
+    "merge_and_unload",
+    "merged_save_pending",
+    "merged_state_dict",
+    "save_merged",
+]
+
+_MERGED_SAVE = "_chainopt_merged_save"  # instance flag: a save dropped the chain's own tensors
 
 
 class _HasModel(Protocol):
@@ -166,3 +176,34 @@ def save_merged(
         )
     save(model, path, state_dict=merged_state_dict(model), **save_kwargs)
     return Path(path)
+
+
+def chain_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The chain's own entries of ``model.state_dict()``: frozen originals, factors, residuals.
+
+    What a merged (deployable) checkpoint lacks to resume a link exactly; keys as in
+    ``model.state_dict()``, tensors by reference.
+    """
+    owned = tuple(
+        f"{r.name}.parametrizations." if r.name else "parametrizations."
+        for r in find_adapted(model)
+    )
+    return {k: v for k, v in model.state_dict().items() if k.startswith(owned)} if owned else {}
+
+
+def mark_merged_save(model: nn.Module) -> None:
+    """Record that a save of ``model`` wrote merged weights without the chain's own tensors.
+
+    The next :meth:`~chainopt.ChainLoRAOptimizer.state_dict` before another optimizer step
+    carries :func:`chain_tensors`, so that a checkpoint made of the two (the HF ``Trainer``'s)
+    resumes the link bitwise.
+    """
+    model.__dict__[_MERGED_SAVE] = True
+
+
+def merged_save_pending(model: nn.Module, clear: bool = False) -> bool:
+    """Whether a merged save happened since the last optimizer step (``clear`` forgets it)."""
+    pending = bool(model.__dict__.get(_MERGED_SAVE))
+    if clear:
+        model.__dict__.pop(_MERGED_SAVE, None)
+    return pending

@@ -41,7 +41,7 @@ from ._surgery import init_optimizer_bookkeeping
 from ._validate import type_name
 from .adapt import wrap
 from .config import ChainConfig, NonFinitePolicy
-from .export import merge_and_unload
+from .export import chain_tensors, merge_and_unload, merged_save_pending
 from .history import ChainHistory, KnotRecord
 from .init import InitPolicy, resolve_init
 from .knot import Chain, resolve_non_finite, tie_knot
@@ -291,6 +291,7 @@ class ChainLoRAOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = self._base.step(closure)
         self.optimizer_steps += 1
+        merged_save_pending(self.model, clear=True)  # a later state_dict is of a later state
         if self.schedule.is_due(self.optimizer_steps):
             self.tie_knot()
         self._arm()
@@ -400,7 +401,10 @@ class ChainLoRAOptimizer(Optimizer):
         """The wrapped optimizer's state dict plus a ``"chainopt"`` entry.
 
         The entry holds the config, the step and knot counters, the generator state and the
-        history; with ``model.state_dict()`` it resumes training bitwise (on CPU).
+        history; with ``model.state_dict()`` it resumes training bitwise (on CPU). Right after a
+        ``save_pretrained`` of the model (which writes the merged, deployable weights) it also
+        holds the chain's own tensors under ``"model"`` (frozen originals, factors, residuals), so
+        that the two files together (a ``Trainer`` checkpoint) resume bitwise too.
         """
         for pre in self._optimizer_state_dict_pre_hooks.values():
             pre(self)
@@ -413,6 +417,8 @@ class ChainLoRAOptimizer(Optimizer):
             "generator": self.chain.generator.get_state(),
             "history": self.chain.history.state_dict(),
         }
+        if merged_save_pending(self.model):  # save_pretrained wrote merged weights: resume needs
+            sd["chainopt"]["model"] = chain_tensors(self.model)  # the originals and factors
         for post in self._optimizer_state_dict_post_hooks.values():
             sd = post(self, sd) or sd
         return sd
@@ -431,8 +437,12 @@ class ChainLoRAOptimizer(Optimizer):
         """
         for pre in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre(self, state_dict) or state_dict
-        checked = check_saved_state(state_dict, self.chain, self.param_groups, _STATE_VERSION)
+        checked = check_saved_state(
+            state_dict, self.chain, self.param_groups, _STATE_VERSION, self.model
+        )
         self._base.load_state_dict(checked.base)
+        if checked.model:
+            self.model.load_state_dict(checked.model, strict=False)
         self.optimizer_steps = checked.optimizer_steps
         self.chain.knots_tied = checked.knots_tied
         self.chain.generator.set_state(checked.generator)

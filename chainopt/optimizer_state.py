@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._validate import is_int, type_name
-from .adapted import AdaptedModule
+from .adapted import AdaptedModule, check_incoming_state
 from .history import KnotRecord, parse_history
 from .knot import Chain
 
@@ -126,14 +126,20 @@ class CheckedState:
     knots_tied: int
     generator: Tensor
     history: tuple[bool, list[KnotRecord]]
+    model: dict[str, Tensor]
 
 
 def check_saved_state(
-    state_dict: object, chain: Chain, param_groups: list[dict[str, Any]], version: int
+    state_dict: object,
+    chain: Chain,
+    param_groups: list[dict[str, Any]],
+    version: int,
+    model: nn.Module,
 ) -> CheckedState:
     """Check all of a saved ``ChainLoRAOptimizer`` state against ``chain``; change nothing.
 
-    ``param_groups`` are the wrapped optimizer's; ``version`` the newest state format read.
+    ``param_groups`` are the wrapped optimizer's; ``version`` the newest state format read;
+    ``model`` the chained model (the state may carry its chain tensors).
 
     Raises:
         TypeError: ``state_dict`` is not a dict.
@@ -178,9 +184,18 @@ def check_saved_state(
             f"{tuple(expected.shape)} (a CPU generator state), got {generator!r:.80}"
         )
     history = parse_history(entry.get("history"))
+    tensors = entry.get("model", {})
+    if not isinstance(tensors, dict) or not all(isinstance(t, Tensor) for t in tensors.values()):
+        raise ValueError("state_dict['chainopt']['model'] must map keys to tensors")
+    problems = check_incoming_state(model, tensors)
+    unknown = sorted(set(tensors) - set(model.state_dict()))
+    if problems or unknown:
+        raise ValueError(
+            f"state_dict['chainopt']['model'] does not fit the model: {(problems + unknown)[:3]}"
+        )
     base = {k: v for k, v in state_dict.items() if k != "chainopt"}
     _check_base(base, chain, param_groups, int(knots))  # type: ignore[arg-type]
-    return CheckedState(base, int(steps), int(knots), generator.cpu(), history)  # type: ignore[arg-type]
+    return CheckedState(base, int(steps), int(knots), generator.cpu(), history, tensors)  # type: ignore[arg-type]
 
 
 def _check_base(

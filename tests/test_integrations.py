@@ -23,7 +23,6 @@ from chainopt import (
     KnotRecord,
     ParametrizedCheckpointWarning,
     guard_save_pretrained,
-    merged_state_dict,
     save_merged,
     saving_for_resume,
 )
@@ -105,7 +104,7 @@ def _args(out: Path, **kw: Any) -> Any:
     )
 
 
-def _llama_trainer(out: Path) -> tuple[nn.Module, ChainLoRAOptimizer, Any]:
+def _llama_trainer(out: Path, callback: bool = True) -> tuple[nn.Module, ChainLoRAOptimizer, Any]:
     """The issue's form: Trainer(model, args, optimizers=(opt, scheduler))."""
     from transformers import Trainer, get_linear_schedule_with_warmup
 
@@ -119,18 +118,29 @@ def _llama_trainer(out: Path) -> tuple[nn.Module, ChainLoRAOptimizer, Any]:
         args=_args(out),
         train_dataset=_Tokens(),
         optimizers=(opt, scheduler),
-        callbacks=[ChainLoRACallback()],
+        callbacks=[ChainLoRACallback()] if callback else [],
     )
     return model, opt, trainer
 
 
+@pytest.mark.parametrize("callback", [True, False])
 def test_trainer_knots_count_optimizer_steps_and_resume_mid_link_is_bitwise(
-    tmp_path: Path,
+    tmp_path: Path, callback: bool
 ) -> None:
-    model, opt, trainer = _llama_trainer(tmp_path / "straight")
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    model, opt, trainer = _llama_trainer(tmp_path / "straight", callback)
     knots = _knot_steps(opt)
+    at_checkpoint: list[torch.Tensor] = []
+
+    class LogitsAtStep4(TrainerCallback):  # what the checkpoint after step 4 should compute
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 4:
+                at_checkpoint.append(_logits(model))
+
+    trainer.add_callback(LogitsAtStep4())
     with warnings.catch_warnings():
-        warnings.simplefilter("error", ParametrizedCheckpointWarning)  # checkpoints: resume kind
+        warnings.simplefilter("error", ParametrizedCheckpointWarning)
         trainer.train()
     # 12 micro-batches, 6 optimizer steps: knots after optimizer steps 3 and 6.
     assert opt.optimizer_steps == trainer.state.global_step == 6
@@ -139,10 +149,17 @@ def test_trainer_knots_count_optimizer_steps_and_resume_mid_link_is_bitwise(
     checkpoint = tmp_path / "straight" / "checkpoint-4"  # mid-link: one knot tied, one pending
     with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-    assert "model.layers.0.self_attn.q_proj.parametrizations.weight.0.lora_A" in keys
-    assert "model.layers.0.self_attn.q_proj.parametrizations.weight.original" in keys
+    assert not any(".parametrizations." in k for k in keys)  # a deployable model ...
+    loaded, info = AutoModelForCausalLM.from_pretrained(checkpoint, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(_logits(loaded.eval()), at_checkpoint[0], rtol=1e-5, atol=1e-5)
+    saved_opt = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert (
+        "model.layers.0.self_attn.q_proj.parametrizations.weight.0.lora_A"
+        in (saved_opt["chainopt"]["model"])
+    )  # ... whose optimizer state carries the chain's own tensors
 
-    resumed_model, resumed, trainer2 = _llama_trainer(tmp_path / "resumed")
+    resumed_model, resumed, trainer2 = _llama_trainer(tmp_path / "resumed", callback)
     trainer2.train(resume_from_checkpoint=str(checkpoint))
 
     assert resumed.optimizer_steps == 6 and resumed.knots_tied == 2
@@ -201,8 +218,15 @@ def test_create_chain_optimizer_follows_training_arguments(tmp_path: Path) -> No
     lrs = [e["learning_rate"] for e in trainer.state.log_history if "loss" in e]
     assert lrs == pytest.approx([3e-3 * (1 + math.cos(math.pi * s / 4)) / 2 for s in range(4)])
     assert [g["lr"] for g in opt.param_groups] == trainer.lr_scheduler.get_last_lr()
-    with pytest.warns(ParametrizedCheckpointWarning, match="save_merged"):
-        trainer.save_model(str(tmp_path / "final"))  # after training: no longer a resume save
+    expected = _logits(model)
+    trainer.save_model(str(tmp_path / "final"))  # the script's last line deploys
+    from transformers import AutoModelForCausalLM
+
+    loaded, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "final", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(_logits(loaded.eval()), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_load_best_model_at_end_brings_the_chain_back_to_the_best_checkpoint(
@@ -486,30 +510,50 @@ def test_save_merged_refuses_what_it_cannot_write(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
-def test_save_pretrained_of_a_chained_model_warns_unless_it_writes_plain_keys(
-    tmp_path: Path,
-) -> None:
+def test_save_pretrained_of_a_chained_model_writes_the_fine_tuned_model(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     model = tiny_llama()
-    opt = _chain(model)
+    opt = _chain(model, knot_every=2)
+    for b in _batches(3):
+        model(input_ids=b, labels=b).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    expected = _logits(model)
     assert guard_save_pretrained(model) and guard_save_pretrained(model)  # idempotent
 
-    with pytest.warns(ParametrizedCheckpointWarning, match="only resumes training"):
-        model.save_pretrained(tmp_path / "raw")
-    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "raw", output_loading_info=True)
-    assert "model.layers.0.self_attn.q_proj.weight" in info["missing_keys"]  # why it warns
-    with pytest.warns(ParametrizedCheckpointWarning):
-        model.save_pretrained(tmp_path / "raw2", state_dict=model.state_dict())
+    for name, kwargs in [("plain", {}), ("own", {"state_dict": model.state_dict()})]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ParametrizedCheckpointWarning)
+            model.save_pretrained(tmp_path / name, **kwargs)
+        loaded, info = AutoModelForCausalLM.from_pretrained(
+            tmp_path / name, output_loading_info=True
+        )
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        torch.testing.assert_close(_logits(loaded.eval()), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(model), expected, rtol=0, atol=0)  # the model is unchanged
 
+    foreign = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(ParametrizedCheckpointWarning, match="not the model's own"):
+        model.save_pretrained(tmp_path / "foreign", state_dict=foreign)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ParametrizedCheckpointWarning)
-        model.save_pretrained(tmp_path / "plain", state_dict=merged_state_dict(model))
         with saving_for_resume(model):
-            model.save_pretrained(tmp_path / "resume")
+            model.save_pretrained(tmp_path / "resume")  # parametrized keys, as asked
+        with safe_open(str(tmp_path / "resume" / "model.safetensors"), "pt") as f:
+            assert any(".parametrizations." in k for k in f.keys())  # noqa: SIM118
         clone = copy.deepcopy(model)
-        assert clone.save_pretrained.__self__ is clone  # the copy's guard saves the copy
+        assert clone.save_pretrained.__self__ is clone  # the copy's method saves the copy
         opt.merge_and_unload()
-        model.save_pretrained(tmp_path / "unloaded")  # no links left: plain keys
-    with pytest.warns(ParametrizedCheckpointWarning):
-        clone.save_pretrained(tmp_path / "clone")
+        model.save_pretrained(tmp_path / "unloaded")  # no links left: as the class saves
+
+
+def test_a_chained_model_loads_a_plain_checkpoint_as_that_model(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    source = tiny_llama(seed=3)
+    source.save_pretrained(tmp_path / "plain")
+    model = tiny_llama()
+    _chain(model)
+    model.load_state_dict(AutoModelForCausalLM.from_pretrained(tmp_path / "plain").state_dict())
+    torch.testing.assert_close(_logits(model), _logits(source.eval()), rtol=1e-5, atol=1e-5)

@@ -1,14 +1,22 @@
-"""Hugging Face ``save_pretrained`` on a chained model: a guard that says what it writes.
+"""Hugging Face ``save_pretrained`` on a chained model writes the fine-tuned model.
 
-A model that still carries chainopt links saves ``….parametrizations.weight.original`` and the
-factors; ``from_pretrained`` ignores those keys and silently re-initialises the adapted weights.
-:func:`guard_save_pretrained` (installed on every model a ``ChainLoRAOptimizer`` wraps) makes
-such a save warn; :func:`saving_for_resume` marks saves that are meant to resume training.
-Torch only: nothing here imports transformers.
+A model that carries chainopt links would save ``….parametrizations.weight.original`` and the
+factors, which ``from_pretrained`` ignores (it re-initialises the adapted weights). Every model a
+``ChainLoRAOptimizer`` wraps gets, on the instance, a ``save_pretrained`` that writes
+:func:`chainopt.merged_state_dict` instead: plain keys, every link merged, what stock
+``from_pretrained`` loads as the fine-tuned model, with no missing or unexpected keys. So a
+script's own last line (``model.save_pretrained(out)``, ``trainer.save_model()``) deploys.
+
+Resuming is not lost: a save marks the model (:func:`chainopt.export.mark_merged_save`), and the
+optimizer's next ``state_dict()`` carries the chain's own tensors. A ``Trainer`` checkpoint is
+``save_pretrained`` then ``optimizer.state_dict()``, so it holds both and resumes bitwise: the
+chained model loads the merged weights (as a zero link on top), then the optimizer's state puts
+the originals and factors back. Inside :func:`saving_for_resume` the save writes the parametrized
+keys as they are. Torch only: nothing here imports transformers.
 
 Example:
     >>> from torch import nn
-    >>> guard_save_pretrained(nn.Linear(2, 2))  # not a Hugging Face model: nothing to guard
+    >>> guard_save_pretrained(nn.Linear(2, 2))  # not a Hugging Face model: nothing to install
     False
 """
 
@@ -16,14 +24,14 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from types import MethodType
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-from ..export import adapted_modules
+from ..export import adapted_modules, mark_merged_save, merged_state_dict
 
 __all__ = ["ParametrizedCheckpointWarning", "guard_save_pretrained", "saving_for_resume"]
 
@@ -32,58 +40,49 @@ _PARAMETRIZED = ".parametrizations."
 
 
 class ParametrizedCheckpointWarning(UserWarning):
-    """``save_pretrained`` wrote chainopt's parametrized keys, which ``from_pretrained`` ignores.
-
-    Such a checkpoint resumes training (``model.load_state_dict``, the HF ``Trainer``'s
-    ``resume_from_checkpoint``) but is no deployable model. Filter this category to silence it.
-    """
+    """``save_pretrained`` was given a state dict with chainopt's parametrized keys that is not
+    the model's own, and wrote it as given: ``from_pretrained`` ignores those keys."""
 
 
 def guard_save_pretrained(model: nn.Module) -> bool:
-    """Make ``model.save_pretrained`` warn while it would write chainopt's parametrized keys.
+    """Make ``model.save_pretrained`` write the merged model while it carries chainopt links.
 
-    A model that still carries chainopt links saves ``….parametrizations.weight.original`` and
-    the factors; ``from_pretrained`` ignores those keys and silently re-initialises the adapted
-    weights. The guard (on this instance only, so ``copy.deepcopy`` copies it bound to the copy)
-    emits a :class:`ParametrizedCheckpointWarning` for such a call and then saves as asked. Plain
-    keys (``state_dict=merged_state_dict(model)``), a model with no links left, and saves inside
-    :func:`saving_for_resume` pass silently.
+    Installed on the instance (so ``copy.deepcopy`` copies it bound to the copy); a model with no
+    links left, or a save inside :func:`saving_for_resume`, saves as the class does.
 
     Args:
         model: the model; anything without a ``save_pretrained`` method is left alone.
 
     Returns:
-        Whether the guard is installed (``False`` for a model without ``save_pretrained`` or one
-        whose ``save_pretrained`` is already overridden on the instance by something else).
+        Whether the method is installed (``False`` for a model without ``save_pretrained`` or
+        one whose ``save_pretrained`` is already overridden on the instance by something else).
 
     Example:
         >>> from torch import nn
-        >>> guard_save_pretrained(nn.Linear(2, 2))  # not a Hugging Face model: nothing to guard
+        >>> guard_save_pretrained(nn.Linear(2, 2))  # not a Hugging Face model: nothing to install
         False
     """
     current = model.__dict__.get("save_pretrained")
-    if isinstance(current, MethodType) and current.__func__ is _guarded_save_pretrained:
+    if isinstance(current, MethodType) and current.__func__ is _merged_save_pretrained:
         return True
     if current is not None or not callable(getattr(type(model), "save_pretrained", None)):
         return False
-    model.__dict__["save_pretrained"] = MethodType(_guarded_save_pretrained, model)
+    model.__dict__["save_pretrained"] = MethodType(_merged_save_pretrained, model)
     return True
 
 
 @contextmanager
 def saving_for_resume(model: nn.Module) -> Iterator[None]:
-    """Within this block, ``model.save_pretrained`` writes resume checkpoints: no warning.
+    """Within this block, ``model.save_pretrained`` writes the chain's parametrized keys.
 
-    :func:`guard_save_pretrained`'s warning is for checkpoints meant to be deployed; a
-    checkpoint meant to resume training needs the parametrized keys. The HF ``Trainer``
-    integration (:class:`chainopt.integrations.transformers.ChainLoRACallback`) wraps training in
-    this block. Blocks nest.
+    Such a folder resumes training through ``model.load_state_dict`` alone but is no deployable
+    model. Blocks nest.
 
     Example:
         >>> from torch import nn
         >>> model = nn.Linear(2, 2)
         >>> with saving_for_resume(model):
-        ...     pass  # model.save_pretrained(checkpoint_dir) warns not here
+        ...     pass  # model.save_pretrained(checkpoint_dir) writes parametrized keys here
     """
     depth = model.__dict__.get(_RESUME_SAVES, 0)
     model.__dict__[_RESUME_SAVES] = depth + 1
@@ -96,27 +95,38 @@ def saving_for_resume(model: nn.Module) -> Iterator[None]:
             model.__dict__.pop(_RESUME_SAVES, None)
 
 
-def _guarded_save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+def _own(model: nn.Module, given: Mapping[str, Any]) -> bool:
+    """``given`` holds the model's own parametrized tensors (its ``state_dict()``, a Trainer's)."""
+    mine = model.state_dict()
+    return all(
+        isinstance(t, Tensor) and k in mine and t.data_ptr() == mine[k].data_ptr()
+        for k, t in given.items()
+        if _PARAMETRIZED in f".{k}"
+    )
+
+
+def _merged_save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     save = type(self).save_pretrained  # type: ignore[attr-defined]
-    if not self.__dict__.get(_RESUME_SAVES) and adapted_modules(self):
-        try:
-            state_dict = (
-                inspect.signature(save).bind(self, *args, **kwargs).arguments.get("state_dict")
-            )
-        except TypeError:  # let save_pretrained report its own argument errors
-            state_dict = None
-        # No state_dict: save_pretrained takes self.state_dict(), parametrized keys and all.
-        if state_dict is None or any(_PARAMETRIZED in f".{key}" for key in state_dict):
+    if self.__dict__.get(_RESUME_SAVES) or not adapted_modules(self):
+        return save(self, *args, **kwargs)
+    try:
+        bound = inspect.signature(save).bind(self, *args, **kwargs)
+    except TypeError:  # let save_pretrained report its own argument errors
+        return save(self, *args, **kwargs)
+    given = bound.arguments.get("state_dict")
+    if given is not None and any(_PARAMETRIZED in f".{k}" for k in given):
+        if not _own(self, given):
             warnings.warn(
-                "save_pretrained() on a model that still carries chainopt links writes "
-                "parametrized keys (….parametrizations.weight.original, lora_A, lora_B) that "
-                "from_pretrained() ignores, re-initialising the adapted weights. This checkpoint "
-                "only resumes training (model.load_state_dict, Trainer resume_from_checkpoint). "
-                "To deploy, use chainopt.save_merged(opt, path) (plain merged weights) or "
-                "chainopt.export_peft_adapter(opt, path); for resume checkpoints wrap the save in "
-                "chainopt.saving_for_resume(model) (the Trainer callback "
-                "chainopt.integrations.transformers.ChainLoRACallback does).",
+                "save_pretrained() was given a state_dict with chainopt's parametrized keys "
+                "that is not the model's own: it is written as given, and from_pretrained() "
+                "ignores those keys; pass chainopt.merged_state_dict(model) to deploy",
                 ParametrizedCheckpointWarning,
                 stacklevel=2,
             )
-    return save(self, *args, **kwargs)
+            return save(self, *args, **kwargs)
+        given = None
+    if given is None:
+        bound.arguments["state_dict"] = merged_state_dict(self)
+    result = save(*bound.args, **bound.kwargs)
+    mark_merged_save(self)
+    return result

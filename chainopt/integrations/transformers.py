@@ -3,10 +3,12 @@
 A :class:`~chainopt.ChainLoRAOptimizer` is a ``torch.optim.Optimizer``, so
 ``Trainer(model, args, optimizers=(opt, scheduler))`` trains with it as it is: the Trainer
 wraps it in Accelerate's ``AcceleratedOptimizer``, steps it once per *optimizer* step (with
-``gradient_accumulation_steps > 1`` too: knots count optimizer steps, not micro-batches), and its
-checkpoints resume bitwise: ``model.safetensors`` holds the frozen weights, factors and merge
-residuals under their parametrized keys, ``optimizer.pt`` the wrapped optimizer's state plus the
-chain's step and knot counters, generator and history. ``optimizers=(opt, None)`` lets the
+``gradient_accumulation_steps > 1`` too: knots count optimizer steps, not micro-batches).
+``trainer.save_model()`` and every checkpoint's ``model.safetensors`` hold the merged model
+(plain keys: stock ``from_pretrained`` loads the fine-tuned model; see
+:mod:`chainopt.integrations.hf_save`), and a checkpoint's ``optimizer.pt`` the wrapped optimizer's
+state plus the chain's counters, generator, history and own tensors (frozen originals, factors,
+residuals), so ``resume_from_checkpoint`` continues bitwise. ``optimizers=(opt, None)`` lets the
 Trainer build its LR scheduler from ``args`` over the chain's param groups.
 
 This module adds two conveniences:
@@ -14,11 +16,8 @@ This module adds two conveniences:
 - :func:`create_chain_optimizer` builds the optimizer the Trainer would build from
   ``TrainingArguments`` (``args.optim``, learning rate, betas, weight decay but not on biases and
   norms) and wraps it in a chain.
-- :class:`ChainLoRACallback` marks the Trainer's checkpoints as resume checkpoints (they keep
-  the parametrized keys without a :class:`~chainopt.export.ParametrizedCheckpointWarning`) and
-  guards ``model.save_pretrained``, so that a final ``trainer.save_model()`` of a still-chained
-  model warns. Deploy with :func:`chainopt.export.save_merged` or
-  :func:`chainopt.adapter.export_peft_adapter`.
+- :class:`ChainLoRACallback` checks that the Trainer got the chain, and with
+  ``load_best_model_at_end`` brings the chain's state back to the best checkpoint.
 
 Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
@@ -40,7 +39,6 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import ExitStack
 from typing import Any, cast
 
 import torch
@@ -63,7 +61,7 @@ except ImportError as err:
 
 from ..optimizer import ChainLoRAOptimizer
 from ..targets import ModuleSpec
-from .hf_save import guard_save_pretrained, saving_for_resume
+from .hf_save import guard_save_pretrained
 
 __all__ = ["ChainLoRACallback", "create_chain_optimizer"]
 
@@ -89,7 +87,7 @@ def create_chain_optimizer(
     ``adam_beta1/2``, ``adam_epsilon``, ``optim_args``); the trainable parameters (factors, and
     ``trainable_modules``) are split as ``Trainer.create_optimizer`` splits them: weight decay
     ``args.weight_decay``, none for biases (bias deltas included) and norms. The model's
-    ``save_pretrained`` is guarded (:func:`chainopt.export.guard_save_pretrained`).
+    ``save_pretrained`` writes the merged model (:mod:`chainopt.integrations.hf_save`).
 
     Pass the result as ``Trainer(..., optimizers=(opt, None))``: the Trainer then builds its LR
     scheduler from ``args`` over it.
@@ -150,26 +148,20 @@ def _decay_ids(model: nn.Module) -> set[int]:
 
 
 class ChainLoRACallback(TrainerCallback):
-    """Trainer callback: checkpoints taken during ``train()`` are resume checkpoints.
+    """Trainer callback: the Trainer trains the chain, and ends at the best checkpoint's state.
 
-    At ``on_train_begin`` it guards the model's ``save_pretrained``
-    (:func:`chainopt.export.guard_save_pretrained`) and enters
-    :func:`chainopt.export.saving_for_resume` until ``on_train_end``: the Trainer's checkpoints
-    keep the parametrized keys a resume needs, without a warning, while a ``save_pretrained`` or
-    ``trainer.save_model()`` after training still warns that it writes no deployable model.
-
-    With ``load_best_model_at_end``, ``on_train_end`` loads the best checkpoint's optimizer state
-    into the chain, matching the model the Trainer loaded (step and knot counts, generator,
-    history: what :func:`chainopt.adapter.export_peft_adapter` reads). It also checks that the
-    Trainer's optimizer is a :class:`~chainopt.ChainLoRAOptimizer` (possibly inside Accelerate's
-    ``AcceleratedOptimizer``).
+    At ``on_train_begin`` it checks that the Trainer's optimizer is a
+    :class:`~chainopt.ChainLoRAOptimizer` (possibly inside Accelerate's ``AcceleratedOptimizer``)
+    and that the model's ``save_pretrained`` writes the merged model
+    (:func:`chainopt.integrations.hf_save.guard_save_pretrained`). With
+    ``load_best_model_at_end``, ``on_train_end`` loads the best checkpoint's optimizer state
+    into the chain, matching the model the Trainer loaded (the chain's own tensors, step and
+    knot counts, generator, history: what :func:`chainopt.adapter.export_peft_adapter` reads).
+    Training and resuming need no callback.
 
     Example:
         >>> callback = ChainLoRACallback()  # Trainer(..., callbacks=[callback])
     """
-
-    def __init__(self) -> None:
-        self._resume = ExitStack()
 
     def on_train_begin(
         self,
@@ -187,8 +179,6 @@ class ChainLoRACallback(TrainerCallback):
             )
         if model is not None:
             guard_save_pretrained(model)
-            self._resume.close()
-            self._resume.enter_context(saving_for_resume(model))
 
     def on_train_end(
         self,
@@ -198,7 +188,6 @@ class ChainLoRACallback(TrainerCallback):
         optimizer: Optimizer | None = None,
         **kwargs: Any,
     ) -> None:
-        self._resume.close()
         best = state.best_model_checkpoint
         chain = None if optimizer is None else _unwrap(optimizer)
         if not (args.load_best_model_at_end and best and isinstance(chain, ChainLoRAOptimizer)):
