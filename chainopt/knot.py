@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,7 @@ from .config import ChainConfig, NonFinitePolicy
 from .guard import LinkCheck, NonFiniteUpdateError, check_links, pending_links
 from .history import ChainHistory, KnotRecord
 from .init import LinkInit
+from .iterates import KnotContext
 from .lora import restart_links
 from .merge import merge_
 from .reset import StateReset
@@ -118,6 +120,8 @@ class Chain:
         drop_state: the full reset, for dropped links.
         on_bad: the ``non_finite=`` policy.
         link_init: the ``init=`` policy.
+        contexts: entered around every knot (:data:`chainopt.iterates.KnotContext`), in
+            order: the wrapped optimizer's own (schedule-free), then the registered ones.
         knots_tied: knots tied so far.
         pending: a knot that raised half-way, finished by the next :func:`tie_knot`.
     """
@@ -131,6 +135,7 @@ class Chain:
     drop_state: StateReset
     on_bad: OnBadLinks
     link_init: LinkInit
+    contexts: dict[int, KnotContext] = field(default_factory=dict)
     knots_tied: int = 0
     pending: _Attempt | None = None
 
@@ -150,18 +155,21 @@ def tie_knot(chain: Chain, step: int) -> KnotRecord:
         NonFiniteUpdateError: a link must not be merged and ``non_finite="raise"``; nothing
             was changed.
     """
-    attempt = chain.pending if chain.pending is not None else _inspect_and_record(chain, step)
-    chain.pending = attempt
-    for r in attempt.good:  # merge, and zero the link at once: the function holds throughout
-        if r.name not in attempt.merged:
-            merge_(r)
-            r.link.lora_B.zero_()
-            if r.delta is not None:
-                r.delta.reset_parameters()
-            attempt.merged.add(r.name)
-    _restart(chain, attempt)
-    chain.reset_state(chain.optimizer.state, chain.factors(attempt.good))
-    chain.drop_state(chain.optimizer.state, chain.factors(attempt.bad))
+    with ExitStack() as contexts:
+        for context in list(chain.contexts.values()):  # schedule-free's eval mode, ZeRO-3, ...
+            contexts.enter_context(context(chain))
+        attempt = chain.pending or _inspect_and_record(chain, step)
+        chain.pending = attempt
+        for r in attempt.good:  # merge, and zero the link at once: the function holds throughout
+            if r.name not in attempt.merged:
+                merge_(r)
+                r.link.lora_B.zero_()
+                if r.delta is not None:
+                    r.delta.reset_parameters()
+                attempt.merged.add(r.name)
+        _restart(chain, attempt)
+        chain.reset_state(chain.optimizer.state, chain.factors(attempt.good))
+        chain.drop_state(chain.optimizer.state, chain.factors(attempt.bad))
     chain.history.add(attempt.record)
     chain.knots_tied += 1
     chain.pending = None

@@ -44,6 +44,7 @@ from .config import ChainConfig, NonFinitePolicy
 from .export import chain_tensors, merge_and_unload, merged_save_pending
 from .history import ChainHistory, KnotRecord
 from .init import InitPolicy, resolve_init
+from .iterates import KnotContext, resolve_iterates
 from .knot import Chain, resolve_non_finite, tie_knot
 from .optimizer_state import check_optimizer, check_saved_state
 from .reset import FreshState, ResetPolicy, resolve_reset
@@ -198,6 +199,9 @@ class ChainLoRAOptimizer(Optimizer):
             on_bad=resolve_non_finite(config.non_finite),
             link_init=resolve_init(config.init, [(r.name, r.module) for r in self._records]),
         )
+        own = resolve_iterates(self._base)
+        if own is not None:
+            self.chain.contexts[-1] = own
         self._arm()
         self._param_names = {id(p): n for n, p in model.named_parameters()}
         init_optimizer_bookkeeping(self)
@@ -205,6 +209,16 @@ class ChainLoRAOptimizer(Optimizer):
             hook(model)
 
     # --- Optimizer plumbing: share the wrapped optimizer's groups, state and defaults ---
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped optimizer's own API (schedule-free's ``train()``/``eval()``, …).
+
+        Only reached for names the wrapper does not have.
+        """
+        base = self.__dict__.get("_base")
+        if base is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(base, name)
+
     @property
     def optimizer(self) -> Optimizer:
         """The wrapped optimizer."""
@@ -366,6 +380,19 @@ class ChainLoRAOptimizer(Optimizer):
             raise TypeError(f"hook must be callable (optimizer, record) -> None, got {hook!r}")
         handle = RemovableHandle(self._knot_hooks)
         self._knot_hooks[handle.id] = hook
+        return handle
+
+    def register_knot_context(self, context: KnotContext) -> RemovableHandle:
+        """Enter ``context(chain)`` around every knot (an integration's hook: gather sharded
+        weights first, re-partition after); ``handle.remove()`` stops it.
+
+        Raises:
+            TypeError: ``context`` is not callable.
+        """
+        if not callable(context):
+            raise TypeError(f"context must be callable chain -> context manager, got {context!r}")
+        handle = RemovableHandle(self.chain.contexts)
+        self.chain.contexts[handle.id] = context
         return handle
 
     def chain_summary(self) -> ChainSummary:
