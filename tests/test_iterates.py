@@ -56,7 +56,7 @@ def test_a_knot_keeps_the_eval_mode_model_and_restarts_every_iterate(name: str, 
     for _n, m in opt.adapted_modules():
         link = lora_parametrization(m)
         state = opt.state.get(link.lora_A, {})  # type: ignore[union-attr]
-        assert reset == "full" and not state or torch.equal(state["z"], link.lora_A.detach())  # type: ignore[union-attr]
+        assert (reset == "full" and not state) or torch.equal(state["z"], link.lora_A.detach())  # type: ignore[union-attr]
     opt.train()
 
 
