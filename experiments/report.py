@@ -185,6 +185,22 @@ def paired_table(merged: dict[str, Any], base: str = "lora") -> str:
     return "\n".join(lines)
 
 
+def rank_bound_section(results: Path, plots: bool) -> None:
+    """Experiment 4 (``rank_bound.py``, issue 14): its tables, from whatever runs finished."""
+    import rank_bound_report
+
+    for name in ("rank_bound",):
+        out = results / name
+        analysis = rank_bound_report.analyse(out) if out.is_dir() else None
+        if analysis is None:
+            continue
+        print(f"\n## {name}\n")
+        print(rank_bound_report.markdown(analysis))
+        if plots:
+            for path in rank_bound_report.plots(analysis):
+                print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", type=Path, default=REPO_ROOT / "experiments" / "results")
@@ -237,6 +253,8 @@ def main() -> None:
                 ylabel="test accuracy (mean ± std over seeds)",
                 baseline_key="zero_shot",
             )
+
+    rank_bound_section(args.results, args.plots)
 
 
 if __name__ == "__main__":
