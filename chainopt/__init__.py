@@ -15,6 +15,7 @@ Example:
 """
 
 from .adapter import AdapterReport, export_peft_adapter
+from .advice import ChainLoRAWarning
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ChainConfig, NonFinitePolicy
 from .export import adapted_modules, merge_and_unload, merged_state_dict, save_merged
@@ -42,6 +43,7 @@ __all__ = [
     "ChainConfig",
     "ChainHistory",
     "ChainLoRAOptimizer",
+    "ChainLoRAWarning",
     "ChainSummary",
     "InitPolicy",
     "KnotHook",

@@ -193,7 +193,8 @@ def export_peft_adapter(
     else:
         stacks = {}
         for name in names:
-            delta = _current_weight(model, name) - _host(originals[f"{name}.weight"])
+            module = model.get_submodule(name)
+            delta = _current_weight(model, name) - _out_in(module, originals[f"{name}.weight"])
             stacks[name], sketched[name] = factorise(delta, _chain_rank(chain, name))
     r = rank if rank is not None else max([b.shape[1] for b, _a in stacks.values()] + [1])
 

@@ -33,13 +33,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from ._surgery import init_optimizer_bookkeeping
 from ._validate import type_name
 from .adapt import wrap
+from .advice import DtypeWatch, warn_frozen_head, warn_frozen_parameters
 from .config import ChainConfig, NonFinitePolicy
 from .export import chain_tensors, merge_and_unload, merged_save_pending
 from .history import ChainHistory, KnotRecord
@@ -203,6 +204,8 @@ class ChainLoRAOptimizer(Optimizer):
         if own is not None:
             self.chain.contexts[-1] = own
         self._arm()
+        self._dtypes = DtypeWatch(self._records)
+        warn_frozen_head(model, config.modules, config.trainable)
         self._param_names = {id(p): n for n, p in model.named_parameters()}
         init_optimizer_bookkeeping(self)
         for hook in _WRAP_HOOKS:
@@ -249,7 +252,13 @@ class ChainLoRAOptimizer(Optimizer):
         self._base.defaults = value
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the wrapped optimizer (its parameters are not chained)."""
+        """Add a group to the wrapped optimizer (its parameters are not chained).
+
+        Warns (:class:`~chainopt.ChainLoRAWarning`) for parameters that do not require
+        gradients: the chain froze them, so they would never train.
+        """
+        params = param_group.get("params", ())
+        warn_frozen_parameters([params] if isinstance(params, Tensor) else list(params))
         self._base.add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -323,6 +332,7 @@ class ChainLoRAOptimizer(Optimizer):
             RuntimeError: ``merge_and_unload()`` was called.
         """
         self._require_chain()
+        self._dtypes.check(self._records)
         pending = self.chain.pending
         record = tie_knot(self.chain, pending.step if pending else self.optimizer_steps)
         for hook in list(self._knot_hooks.values()):
