@@ -775,7 +775,7 @@ def qualification(runs: dict[str, dict[str, Any]], d: Design) -> dict[str, Any]:
 
 
 def next_runs(runs: dict[str, dict[str, Any]], d: Design) -> list[tuple[str, Method, float, int]]:
-    """What is runnable now, in order: grids (seed 0) first, then the other seeds."""
+    """What is runnable now, in order: method by method, its grid (seed 0), then its seeds."""
     todo: list[tuple[str, Method, float, int]] = []
 
     def phase(name: str, methods: list[Method]) -> None:
@@ -783,7 +783,6 @@ def next_runs(runs: dict[str, dict[str, Any]], d: Design) -> list[tuple[str, Met
             for lr in grid_of(m, d):
                 if run_key(m, lr, d.seeds[0]) not in runs:
                     todo.append((name, m, lr, d.seeds[0]))
-        for m in methods:
             lr = best_lr(m, runs, d)
             if lr is None:
                 continue
