@@ -1,0 +1,331 @@
+"""Lightning: a chain built in ``configure_optimizers()`` (or ``__init__``) resumes bitwise.
+
+Every test trains a tiny ``nn.Sequential`` for ``STEPS`` optimizer steps with a knot every
+``KNOT_EVERY`` steps and a ``ModelCheckpoint`` every ``SAVE_EVERY`` steps (mid-link, at an
+epoch's end: Lightning warns that a plain ``DataLoader`` does not resume mid-epoch), then
+resumes a fresh module from a checkpoint and compares every model tensor and the whole optimizer
+state with the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from chainopt import ChainLoRAOptimizer
+from chainopt.integrations.lightning import ChainLoRACheckpoint
+
+STEPS, KNOT_EVERY, SAVE_EVERY = 8, 3, 4  # 4 batches an epoch; knots after 3 and 6
+DATA = TensorDataset(
+    torch.randn(12, 8, generator=torch.Generator().manual_seed(1)),
+    torch.randn(12, 4, generator=torch.Generator().manual_seed(2)),
+)
+
+
+class Tiny(LightningModule):
+    """Two adapted Linears (with bias deltas), a trainable head, AdamW and a step-wise LR."""
+
+    def __init__(
+        self,
+        chain_in: str = "configure",
+        wrap: str = "module",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)
+        ).to(dtype)
+        self.wrap = wrap
+        self.chain = self.build_chain() if chain_in == "init" else None
+
+    def build_chain(self) -> ChainLoRAOptimizer:
+        model = self if self.wrap == "module" else self.net
+        prefix = "net." if self.wrap == "module" else ""
+        return ChainLoRAOptimizer(
+            model,
+            torch.optim.AdamW(model.parameters(), lr=1e-2),
+            target_modules=[prefix + "0", prefix + "2"],
+            trainable_modules=[prefix + "4"],
+            rank=2,
+            knot_every=KNOT_EVERY,
+            lora_bias=True,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x.to(self.net[4].weight.dtype)).float()
+        return out
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return nn.functional.mse_loss(self(batch[0]), batch[1])
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        self.log("val_loss", nn.functional.mse_loss(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self) -> Any:
+        opt = self.chain if self.chain is not None else self.build_chain()
+        sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.1, total_iters=STEPS)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class PlainAdamW(Tiny):
+    """Builds no chain: a checkpoint of a chain has nowhere to go."""
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+class SelfContained(Tiny):
+    """Brings the callback along itself."""
+
+    def configure_callbacks(self) -> list[Callback]:
+        return [ChainLoRACheckpoint(merged=False)]
+
+
+class Poison(Callback):
+    """Puts a NaN into a link after the last step, before ModelCheckpoint saves."""
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, *args: Any) -> None:
+        if trainer.global_step == SAVE_EVERY:
+            with torch.no_grad():
+                pl_module.net[0].parametrizations.weight[0].lora_B[0, 0] = float("nan")
+
+
+@pytest.fixture(autouse=True)
+def _restore_determinism() -> Iterator[None]:
+    # Trainer(deterministic=True) switches torch to deterministic algorithms for the process.
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def loader() -> DataLoader[Any]:
+    return DataLoader(DATA, batch_size=3, shuffle=False)
+
+
+def trainer(
+    root: Path, *callbacks: Callback, steps: int = STEPS, checkpoints: bool = True
+) -> Trainer:
+    saving = [
+        ModelCheckpoint(
+            dirpath=root / "ckpts", every_n_train_steps=SAVE_EVERY, save_top_k=-1, save_last=True
+        )
+    ]
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        max_steps=steps,
+        default_root_dir=root,
+        enable_checkpointing=checkpoints,
+        callbacks=[*(saving if checkpoints else []), *callbacks],
+    )
+
+
+def fit(
+    root: Path, module: Tiny, *callbacks: Callback, ckpt_path: Any = None, **kw: Any
+) -> Trainer:
+    t = trainer(root, *callbacks, **kw)
+    t.fit(module, loader(), ckpt_path=ckpt_path)
+    return t
+
+
+def chain_of(t: Trainer) -> ChainLoRAOptimizer:
+    opt = t.optimizers[0]
+    assert isinstance(opt, ChainLoRAOptimizer)
+    return opt
+
+
+def mid(root: Path) -> Path:
+    return root / "ckpts" / f"epoch=0-step={SAVE_EVERY}.ckpt"
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """Bitwise equality of nested state (tensors: dtype, shape and every bit)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
+        assert a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), f"{where}: {list(a)} != {list(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def state_of(opt: ChainLoRAOptimizer) -> dict[str, Any]:
+    """``opt.state_dict()`` without the chain tensors a merged save since the last step adds."""
+    state = opt.state_dict()
+    state["chainopt"].pop("model", None)
+    return state
+
+
+def assert_resumed(reference: Trainer, resumed: Trainer) -> None:
+    ref, res = chain_of(reference), chain_of(resumed)
+    assert (res.optimizer_steps, res.knots_tied) == (STEPS, STEPS // KNOT_EVERY)
+    assert resumed.global_step == reference.global_step == STEPS
+    assert_same(reference.lightning_module.state_dict(), resumed.lightning_module.state_dict())
+    assert_same(state_of(ref), state_of(res), "optimizer")
+    assert_same(
+        reference.lr_scheduler_configs[0].scheduler.state_dict(),
+        resumed.lr_scheduler_configs[0].scheduler.state_dict(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("merged", "wrap", "dtype"),
+    [
+        (True, "module", torch.float32),
+        (False, "module", torch.float32),
+        (True, "net", torch.bfloat16),  # merge residuals travel too
+        (False, "net", torch.bfloat16),
+    ],
+)
+def test_chain_in_configure_optimizers_resumes_bitwise(
+    tmp_path: Path, merged: bool, wrap: str, dtype: torch.dtype
+) -> None:
+    reference = fit(tmp_path, Tiny("configure", wrap, dtype), ChainLoRACheckpoint(merged=merged))
+    saved = torch.load(mid(tmp_path), weights_only=False)["state_dict"]
+    assert any(".parametrizations." in k for k in saved) is not merged
+    resumed = fit(
+        tmp_path / "again",
+        Tiny("configure", wrap, dtype),
+        ChainLoRACheckpoint(merged=merged),
+        ckpt_path=mid(tmp_path),
+    )
+    assert_resumed(reference, resumed)
+
+
+@pytest.mark.parametrize("callback", [True, False])
+def test_chain_in_init_resumes_bitwise(tmp_path: Path, callback: bool) -> None:
+    extra = [ChainLoRACheckpoint()] if callback else []
+    reference = fit(tmp_path, Tiny("init"), *extra)
+    resumed = fit(tmp_path / "again", Tiny("init"), *extra, ckpt_path=mid(tmp_path))
+    assert_resumed(reference, resumed)
+
+
+def test_merged_checkpoint_resumes_without_the_callback(tmp_path: Path) -> None:
+    # The plain keys fit the unchained module; the optimizer state puts the chain back.
+    reference = fit(tmp_path, Tiny("configure"), ChainLoRACheckpoint())
+    resumed = fit(tmp_path / "again", Tiny("configure"), ckpt_path=mid(tmp_path))
+    assert_resumed(reference, resumed)
+
+
+def test_parametrized_checkpoint_resumes_into_either_pattern(tmp_path: Path) -> None:
+    # Saved by a module chained in __init__ with no callback; resumed with configure_optimizers.
+    reference = fit(tmp_path, Tiny("init"))
+    resumed = fit(
+        tmp_path / "again", Tiny("configure"), ChainLoRACheckpoint(), ckpt_path=mid(tmp_path)
+    )
+    assert_resumed(reference, resumed)
+
+
+def test_without_the_callback_resuming_fails(tmp_path: Path) -> None:
+    """The documented reason for the callback: Lightning loads the weights, strictly, before
+    configure_optimizers() built the chain."""
+    fit(tmp_path, Tiny("configure"))
+    with pytest.raises(RuntimeError, match=r"(?s)Missing key.*net\.0\.weight.*Unexpected key"):
+        fit(tmp_path / "again", Tiny("configure"), ckpt_path=mid(tmp_path))
+
+
+def test_ckpt_path_last(tmp_path: Path) -> None:
+    reference = fit(tmp_path / "ref", Tiny("configure"), ChainLoRACheckpoint(), checkpoints=False)
+    fit(tmp_path, Tiny("configure"), ChainLoRACheckpoint(), steps=SAVE_EVERY + 1)  # past it
+    assert torch.load(tmp_path / "ckpts" / "last.ckpt", weights_only=False)["global_step"] == 4
+    resumed = fit(tmp_path, Tiny("configure"), ChainLoRACheckpoint(), ckpt_path="last")
+    assert_resumed(reference, resumed)
+
+
+def test_strict_loading_false(tmp_path: Path) -> None:
+    def lenient() -> Tiny:
+        module = Tiny("configure")
+        module.strict_loading = False
+        return module
+
+    reference = fit(tmp_path, lenient(), ChainLoRACheckpoint(merged=False))
+    resumed = fit(
+        tmp_path / "again", lenient(), ChainLoRACheckpoint(merged=False), ckpt_path=mid(tmp_path)
+    )
+    assert_resumed(reference, resumed)
+
+
+def test_no_checkpoint_trains_as_without_the_callback(tmp_path: Path) -> None:
+    plain = fit(tmp_path / "a", Tiny("configure"), checkpoints=False)
+    with_callback = fit(tmp_path / "b", Tiny("configure"), ChainLoRACheckpoint(), checkpoints=False)
+    assert_same(plain.lightning_module.state_dict(), with_callback.lightning_module.state_dict())
+    assert_same(state_of(chain_of(plain)), state_of(chain_of(with_callback)))
+
+
+@pytest.mark.parametrize("chain_in", ["configure", "init"])
+def test_load_from_checkpoint_gives_the_fine_tuned_model(tmp_path: Path, chain_in: str) -> None:
+    t = fit(tmp_path, Tiny(chain_in), ChainLoRACheckpoint())
+    x = DATA.tensors[0]
+    with torch.no_grad():
+        expected = t.lightning_module(x)
+    loaded = Tiny.load_from_checkpoint(tmp_path / "ckpts" / "last.ckpt", chain_in=chain_in)
+    if chain_in == "configure":
+        assert all(type(m) is nn.Linear for m in loaded.net if isinstance(m, nn.Linear))
+        assert not any(".parametrizations." in k for k in loaded.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected)
+
+
+def test_load_from_checkpoint_of_a_parametrized_checkpoint_raises(tmp_path: Path) -> None:
+    # merged=False (or save_weights_only) keeps the chain's keys: Lightning refuses them loudly.
+    fit(tmp_path, Tiny("configure"), ChainLoRACheckpoint(merged=False))
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        Tiny.load_from_checkpoint(mid(tmp_path), chain_in="configure")
+
+
+def test_validate_from_checkpoint(tmp_path: Path) -> None:
+    t = fit(tmp_path, Tiny("configure"), ChainLoRACheckpoint())
+    with torch.no_grad():
+        expected = nn.functional.mse_loss(t.lightning_module(DATA.tensors[0]), DATA.tensors[1])
+    last = tmp_path / "ckpts" / "last.ckpt"
+    metrics = trainer(tmp_path, ChainLoRACheckpoint()).validate(
+        Tiny("configure"), DataLoader(DATA, batch_size=12), ckpt_path=last, verbose=False
+    )
+    assert metrics[0]["val_loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_validate_refuses_an_unmerged_chain(tmp_path: Path) -> None:
+    fit(tmp_path, Tiny("configure"), ChainLoRACheckpoint(merged=False))
+    with pytest.raises(ValueError, match=r"unmerged chain on \['net\.0', 'net\.2'\]"):
+        trainer(tmp_path, ChainLoRACheckpoint()).validate(
+            Tiny("configure"), loader(), ckpt_path=mid(tmp_path), verbose=False
+        )
+
+
+def test_a_chain_configure_optimizers_does_not_build_raises(tmp_path: Path) -> None:
+    fit(tmp_path, Tiny("configure"), ChainLoRACheckpoint(merged=False))
+    with pytest.raises(RuntimeError, match="configure_optimizers\\(\\) did not build"):
+        fit(tmp_path / "again", PlainAdamW(), ChainLoRACheckpoint(), ckpt_path=mid(tmp_path))
+
+
+def test_configure_callbacks_brings_the_callback(tmp_path: Path) -> None:
+    reference = fit(tmp_path, SelfContained("configure"))
+    resumed = fit(tmp_path / "again", SelfContained("configure"), ckpt_path=mid(tmp_path))
+    assert_resumed(reference, resumed)
+
+
+def test_a_non_finite_link_keeps_the_parametrized_keys(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="keeps the parametrized state dict"):
+        fit(tmp_path, Tiny("configure"), Poison(), ChainLoRACheckpoint(), steps=SAVE_EVERY)
+    saved = torch.load(mid(tmp_path), weights_only=False)
+    assert "net.0.parametrizations.weight.original" in saved["state_dict"]
+    assert "model" not in saved["optimizer_states"][0]["chainopt"]
