@@ -9,6 +9,8 @@ state with the uninterrupted run.
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -329,3 +331,12 @@ def test_a_non_finite_link_keeps_the_parametrized_keys(tmp_path: Path) -> None:
     saved = torch.load(mid(tmp_path), weights_only=False)
     assert "net.0.parametrizations.weight.original" in saved["state_dict"]
     assert "model" not in saved["optimizer_states"][0]["chainopt"]
+
+
+def test_without_lightning_the_import_error_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)  # "not installed"
+    monkeypatch.delitem(sys.modules, "chainopt.integrations.lightning")
+    with pytest.raises(ImportError, match="pip install lightning"):
+        importlib.import_module("chainopt.integrations.lightning")
