@@ -67,6 +67,19 @@ def analyse(out: Path) -> dict[str, Any] | None:
             row["train_s"] = statistics.fmean(x["timing"]["train_seconds"] for x in chosen)
             extra = [e for x in chosen for e in x["timing"]["knot_extra_s"]]
             row["knot_extra_s"] = statistics.median(extra) if extra else None
+            # whole steps from the curves: the knot step and the step before it (where
+            # init="gradient" accumulates the gradient it initialises the next link from)
+            at, before = [], []
+            for x in chosen:
+                curve = _curve(out, x["key"])
+                med = statistics.median(c["step_s"] for c in curve if not c["knot"])
+                for i, c in enumerate(curve):
+                    if c["knot"]:
+                        at.append(c["step_s"] - med)
+                        if i > 0:
+                            before.append(curve[i - 1]["step_s"] - med)
+            row["knot_step_extra_s"] = statistics.median(at) if at else None
+            row["pre_knot_step_extra_s"] = statistics.median(before) if before else None
             ranks = [x["chain"].get("effective_rank_mean") for x in chosen if x["chain"]]
             row["eff_rank"] = statistics.fmean(ranks) if ranks and None not in ranks else None
         rows[m.name] = row
@@ -206,14 +219,15 @@ def markdown(a: dict[str, Any]) -> str:
     lines.append(
         "**Every method** (mean ± 95% t-interval over the seeds; recall and NLL on all facts; "
         "probe = token loss on the CPython source slice; s/step = median wall time; knot = "
-        "median extra seconds of `opt.step()` at a knot):"
+        "median extra seconds of `opt.step()` at a knot; knot step / step before: median extra "
+        "seconds of the whole step at a knot and of the step before it, over knots and seeds):"
     )
     lines.append("")
     lines.append(
         "| method | links × rank; knots | lr | seeds | recall % | answer NLL | eff. rank | "
-        "final train loss | probe loss | s/step | knot s |"
+        "final train loss | probe loss | s/step | knot s | knot step / step before |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         if "runs" not in row:
             continue
@@ -221,11 +235,16 @@ def markdown(a: dict[str, Any]) -> str:
         er = row["eff_rank"]
         er_s = "full" if m.kind == "full" else ("–" if er is None else f"{er:.1f}")
         ke = row["knot_extra_s"]
+        ks = (
+            "–"
+            if row["knot_step_extra_s"] is None
+            else f"{row['knot_step_extra_s']:+.2f} / {row['pre_knot_step_extra_s']:+.2f}"
+        )
         lines.append(
             f"| {name} | {_shape(m, d)} | {row['best_lr']:g} | {len(row['runs'])} | "
             f"{_ci(row['recall'], 100)} | {_ci(row['answer_nll'], 1, 2)} | {er_s} | "
             f"{_ci(row['final_train_loss'], 1, 3)} | {_ci(row['probe_loss'], 1, 3)} | "
-            f"{row['step_s']:.2f} | {'–' if ke is None else f'{ke:.3f}'} |"
+            f"{row['step_s']:.2f} | {'–' if ke is None else f'{ke:.3f}'} | {ks} |"
         )
     r = q["chosen_r"]
     if a["paired"]:
