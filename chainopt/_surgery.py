@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from types import MethodType
 from typing import Any, cast
 
 import torch
@@ -45,9 +46,12 @@ __all__ = [
     "in_parametrize_cache",
     "init_optimizer_bookkeeping",
     "install_forward",
+    "install_instance_forward",
     "lora_conv1d_forward",
     "lora_linear_forward",
+    "lora_quantized_forward",
     "parameter_order",
+    "remove_instance_forward",
     "remove_parametrizations",
     "restore_parameter_order",
     "set_shape_",
@@ -169,7 +173,31 @@ def lora_conv1d_forward(self: nn.Module, x: Tensor) -> Tensor:
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+def lora_quantized_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """Forward of an adapted quantized layer: its own forward, plus ``s·(x·Aᵀ)·Bᵀ``.
+
+    Nothing is dequantized here beyond what the quantized layer's forward does itself.
+    """
+    link = cast(Any, self)._modules["chainopt_link"]
+    out = cast(Tensor, type(self).forward(self, x))  # the quantized layer's own forward
+    a, b = link.lora_A, link.lora_B
+    h = x if x.dtype == a.dtype or torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
+    lora: Tensor = F.linear(F.linear(h, a), b) * link.scale  # (..., in) -> (..., r) -> (..., out)
+    return out + lora.to(out.dtype)
+
+
 # --- class surgery -----------------------------------------------------------------------------
+
+
+def install_instance_forward(module: nn.Module, forward: Callable[..., Tensor]) -> None:
+    """Make ``forward`` the forward of ``module`` alone (an instance attribute; deep copies
+    rebind it to the copy). For modules no parametrization class is made for."""
+    module.__dict__["forward"] = MethodType(forward, module)
+
+
+def remove_instance_forward(module: nn.Module) -> None:
+    """Undo :func:`install_instance_forward`."""
+    module.__dict__.pop("forward", None)
 
 
 def install_forward(module: nn.Module, forward: Callable[..., Tensor]) -> None:

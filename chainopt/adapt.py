@@ -13,16 +13,17 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._validate import type_name
-from .adapted import AdaptedModule, attach, detach, guard_loads, is_conv1d
+from .adapted import AdaptedModule, attach, attach_bias_delta, detach, guard_loads, is_conv1d
 from .config import ChainConfig
 from .optimizer_state import regroup, verify_steps_factors
+from .quantized import attach_quantized, quantized_backend
 
 __all__ = ["adapt_modules", "residual_dtype", "stock_forward", "wrap"]
 
@@ -53,17 +54,39 @@ def stock_forward(module: nn.Module) -> bool:
 
 
 def adapt_modules(
-    model: nn.Module, config: ChainConfig, generator: torch.Generator
+    model: nn.Module,
+    config: ChainConfig,
+    generator: torch.Generator,
+    masters: Mapping[str, Tensor] | None = None,
 ) -> list[AdaptedModule]:
     """Attach the first link to every module of ``config.modules``; all of them or none.
 
-    Factors are float32 for half-precision weights (else the weight's dtype) unless
-    ``config.factor_dtype`` says otherwise; half-precision weights get a merge residual.
+    Factors are float32 for half-precision and quantized weights (else the weight's dtype)
+    unless ``config.factor_dtype`` says otherwise; half-precision weights get a merge residual;
+    a quantized layer gets a master (from ``masters[name]`` if given, see
+    :mod:`chainopt.quantized`).
     """
     records: list[AdaptedModule] = []
     try:
         for name in config.modules:
             module = model.get_submodule(name)
+            backend = quantized_backend(module)
+            if backend is not None:
+                attach_quantized(
+                    module,
+                    backend,
+                    config.ranks[0],
+                    config.alpha,
+                    master=config.quantized_master,
+                    master_weight=(masters or {}).get(name),
+                    factor_dtype=config.factor_dtype,
+                    generator=generator,
+                    ranks=config.ranks,
+                )
+                if config.lora_bias and getattr(module, "bias", None) is not None:
+                    attach_bias_delta(module, config.factor_dtype or torch.float32)
+                records.append(AdaptedModule.of(name, module))
+                continue
             weight = module.weight
             if not isinstance(weight, Tensor):  # pragma: no cover - the config checked it
                 raise TypeError(f"{name!r} has no weight tensor")
@@ -93,6 +116,7 @@ def wrap(
     config: ChainConfig,
     generator: torch.Generator,
     keep: list[nn.Parameter],
+    masters: Mapping[str, Tensor] | None = None,
 ) -> tuple[list[AdaptedModule], Optimizer]:
     """Adapt the modules, freeze the rest, build or regroup the optimizer; undo all on failure.
 
@@ -107,7 +131,7 @@ def wrap(
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     records: list[AdaptedModule] = []
     try:
-        records = adapt_modules(model, config, generator)
+        records = adapt_modules(model, config, generator, masters)
         factors = [p for r in records for p in r.factors()]
         trainable = {id(p) for p in factors} | {id(p) for p in keep}
         for p in model.parameters():

@@ -39,11 +39,13 @@ from ._surgery import (
     restore_parameter_order,
 )
 from .lora import BiasDelta, LoRAParametrization
+from .quantized import LINK_NAME, QuantizedWeight, detach_quantized, quantized_weight
 
 __all__ = [
     "AdaptedModule",
     "accept_plain_keys",
     "attach",
+    "attach_bias_delta",
     "bias_delta",
     "check_incoming_state",
     "detach",
@@ -72,11 +74,15 @@ def _plist(module: nn.Module, name: str) -> parametrize.ParametrizationList | No
 
 
 def lora_parametrization(module: nn.Module) -> LoRAParametrization | None:
-    """Return chainopt's link on ``module.weight`` (``None`` if there is none)."""
+    """Return chainopt's link on ``module`` (``None`` if there is none).
+
+    On ``module.weight``'s parametrizations, or the ``chainopt_link`` child of a quantized layer.
+    """
     plist = _plist(module, "weight")
     if plist is not None and isinstance(plist[0], LoRAParametrization):
         return plist[0]
-    return None
+    child = dict(module.named_children()).get(LINK_NAME)
+    return child if isinstance(child, LoRAParametrization) else None
 
 
 def bias_delta(module: nn.Module) -> BiasDelta | None:
@@ -111,8 +117,10 @@ class AdaptedModule:
         module: the module.
         link: its :class:`~chainopt.lora.LoRAParametrization`.
         delta: its :class:`~chainopt.lora.BiasDelta`, or ``None``.
-        weight: the frozen weight under the link (the Parameter object).
+        weight: the frozen weight under the link (the Parameter object; 4-bit for a quantized
+            layer).
         bias: the frozen bias under the delta, or the module's plain bias, or ``None``.
+        quant: a quantized layer's weight and master (:mod:`chainopt.quantized`), or ``None``.
     """
 
     name: str
@@ -121,6 +129,7 @@ class AdaptedModule:
     delta: BiasDelta | None
     weight: Tensor
     bias: Tensor | None
+    quant: QuantizedWeight | None = None
 
     @classmethod
     def of(cls, name: str, module: nn.Module) -> AdaptedModule:
@@ -134,7 +143,9 @@ class AdaptedModule:
             raise ValueError(f"module {name!r} ({type(module).__name__}) carries no chainopt link")
         delta = bias_delta(module)
         bias = original(module, "bias") if delta is not None else getattr(module, "bias", None)
-        return cls(name, module, link, delta, original(module), bias)
+        quant = quantized_weight(module)
+        weight = cast(Tensor, module.weight) if quant is not None else original(module)
+        return cls(name, module, link, delta, weight, bias, quant)
 
     def refreshed(self) -> AdaptedModule:
         """The same module looked up again (after FSDP2 replaced its Parameters)."""
@@ -145,9 +156,21 @@ class AdaptedModule:
         parts = [self.link.lora_A, self.link.lora_B]
         return parts + ([self.delta.delta] if self.delta is not None else [])
 
+    @property
+    def link_prefix(self) -> str:
+        """Where the link's tensors sit under the module's state-dict prefix."""
+        return f"{LINK_NAME}." if self.quant is not None else "parametrizations.weight.0."
+
     def parts(self) -> list[tuple[LoRAParametrization | BiasDelta, Tensor]]:
-        """``(part, frozen tensor it merges into)`` for the link and the bias delta."""
-        out: list[tuple[LoRAParametrization | BiasDelta, Tensor]] = [(self.link, self.weight)]
+        """``(part, dense tensor it merges into)`` for the link and the bias delta.
+
+        A quantized layer's link merges into its master (none with ``quantized_master="none"``).
+        """
+        out: list[tuple[LoRAParametrization | BiasDelta, Tensor]] = []
+        if self.quant is None:
+            out.append((self.link, self.weight))
+        elif self.quant.master is not None:
+            out.append((self.link, self.quant.master))
         if self.delta is not None and self.bias is not None:
             out.append((self.delta, self.bias))
         return out
@@ -214,16 +237,20 @@ def attach(
     link.reset_parameters(generator)
     parametrize.register_parametrization(module, "weight", link)
     if bias:
-        delta = BiasDelta(
-            out_features,
-            dtype=factor_dtype or weight.dtype,
-            device=weight.device,
-            residual_dtype=residual_dtype,
-        )
-        parametrize.register_parametrization(module, "bias", delta)
+        attach_bias_delta(module, factor_dtype or weight.dtype, residual_dtype)
     if fused:
         install_forward(module, lora_conv1d_forward if conv1d else lora_linear_forward)
     return link
+
+
+def attach_bias_delta(
+    module: nn.Module, dtype: torch.dtype, residual_dtype: torch.dtype | None = None
+) -> BiasDelta:
+    """Register a :class:`~chainopt.lora.BiasDelta` on ``module.bias`` (which must exist)."""
+    bias = cast(Tensor, module.bias)
+    delta = BiasDelta(bias.shape[0], dtype=dtype, device=bias.device, residual_dtype=residual_dtype)
+    parametrize.register_parametrization(module, "bias", delta)
+    return delta
 
 
 def detach(module: nn.Module) -> None:
@@ -233,10 +260,13 @@ def detach(module: nn.Module) -> None:
     Other parametrizations stay. The module's parameters get back their registration order, so
     ``state_dict()`` keys come in the order they had before :func:`attach`.
     """
+    if quantized_weight(module) is not None:
+        detach_quantized(module)
     forward = lora_conv1d_forward if is_conv1d(module) else lora_linear_forward
-    remove_parametrizations(
-        module, lambda p: isinstance(p, (LoRAParametrization, BiasDelta)), forward
-    )
+    if parametrize.is_parametrized(module):
+        remove_parametrizations(
+            module, lambda p: isinstance(p, (LoRAParametrization, BiasDelta)), forward
+        )
     order = module.__dict__.pop(_ORDER, None)
     if order is not None:
         restore_parameter_order(module, order)
@@ -254,12 +284,12 @@ def check_incoming_state(
     current = model.state_dict()
     problems: list[str] = []
     factor_keys: set[str] = set()
+    own_format: tuple[str, ...] = ()  # a quantized layer's weight: its library loads its own
     for r in find_adapted(model):
         base = f"{prefix}{r.name}." if r.name else prefix
-        a_key, b_key = (
-            f"{base}parametrizations.weight.0.lora_A",
-            f"{base}parametrizations.weight.0.lora_B",
-        )
+        if r.quant is not None:
+            own_format += (f"{base}weight",)
+        a_key, b_key = f"{base}{r.link_prefix}lora_A", f"{base}{r.link_prefix}lora_B"
         factor_keys |= {a_key, b_key}
         if a_key in state_dict or b_key in state_dict:
             why = r.link.check_factors(state_dict.get(a_key), state_dict.get(b_key))
@@ -268,6 +298,8 @@ def check_incoming_state(
     for key, mine in current.items():
         theirs = state_dict.get(prefix + key)
         if prefix + key in factor_keys or not isinstance(theirs, Tensor):
+            continue
+        if (prefix + key).startswith(own_format) and own_format:
             continue
         if theirs.is_meta and not mine.is_meta:
             problems.append(f"{key!r} is a tensor on the meta device (no data)")
@@ -289,7 +321,9 @@ def accept_plain_keys(model: nn.Module, state_dict: dict[str, Any], prefix: str 
     """
     for r in find_adapted(model):
         base = f"{prefix}{r.name}." if r.name else prefix
-        parts: list[tuple[str, LoRAParametrization | BiasDelta]] = [("weight", r.link)]
+        parts: list[tuple[str, LoRAParametrization | BiasDelta]] = []
+        if r.quant is None:  # a quantized layer's weight keeps its own (plain) key
+            parts.append(("weight", r.link))
         if r.delta is not None:
             parts.append(("bias", r.delta))
         for kind, part in parts:
@@ -311,6 +345,11 @@ def _prepare_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *a
     before anything is loaded."""
     accept_plain_keys(module, state_dict, prefix)
     problems = check_incoming_state(module, state_dict, prefix)
+    if not problems:
+        for r in find_adapted(module):  # a 4-bit weight its own module cannot load
+            if r.quant is not None:
+                base = f"{prefix}{r.name}." if r.name else prefix
+                r.quant.backend.load_(r.module, state_dict, f"{base}weight")
     if problems:
         raise ValueError(
             "state_dict does not fit the chained model; nothing was loaded: "

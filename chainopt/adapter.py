@@ -62,6 +62,7 @@ from .guard import NonFiniteUpdateError, check_links
 from .history import ChainHistory, LinkFactors
 from .merge import merged_bias, merged_weight
 from .optimizer import ChainLoRAOptimizer
+from .quantized import quantized_backend, quantized_weight
 from .targets import is_linear_like, select_modules
 
 __all__ = ["AdapterReport", "export_peft_adapter"]
@@ -302,6 +303,9 @@ def _base_tensors(
                 "model, or its state dict from before the optimizer was built"
             )
         state = base.state_dict()  # references, no copies
+        for name in names:  # a quantized base: its weights dequantized, as PEFT computes them
+            if quantized_backend(base.get_submodule(name)) is not None:
+                state[f"{name}.weight"] = _weight(base.get_submodule(name))
     elif isinstance(base, Mapping):
         state = dict(base)
     else:
@@ -339,7 +343,14 @@ def _module(model: nn.Module, name: str) -> nn.Module:
 
 
 def _weight(module: nn.Module) -> Tensor:
-    """The frozen weight: under the link while adapted, the plain weight after unloading."""
+    """The frozen weight, dense: under the link while adapted, the plain weight after unloading;
+    a quantized layer's master or dequantized weight."""
+    quant = quantized_weight(module)
+    if quant is not None:
+        return quant.dense()
+    backend = quantized_backend(module)
+    if backend is not None:  # unloaded, or the quantized base itself
+        return backend.dequantize(module)
     if lora_parametrization(module) is not None:
         return original(module)
     weight = module.weight

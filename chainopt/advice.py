@@ -28,7 +28,13 @@ from torch import Tensor, nn
 
 from .adapted import AdaptedModule
 
-__all__ = ["ChainLoRAWarning", "DtypeWatch", "warn_frozen_head", "warn_frozen_parameters"]
+__all__ = [
+    "ChainLoRAWarning",
+    "DtypeWatch",
+    "warn_frozen_head",
+    "warn_frozen_parameters",
+    "warn_rounding_knots",
+]
 
 _TASK_MODEL = re.compile(r"For\w*(Classification|QuestionAnswering|MultipleChoice)$")
 
@@ -56,6 +62,16 @@ def warn_frozen_head(model: nn.Module, modules: Sequence[str], trainable: Sequen
                 f"trainable_modules: it stays frozen at its initialisation (a new head is "
                 f"random); pass trainable_modules=[{name!r}] to train it (PEFT's modules_to_save)"
             )
+
+
+def warn_rounding_knots() -> None:
+    """Warn that ``quantized_master="none"`` requantizes at every knot."""
+    _warn(
+        'quantized_master="none": every knot dequantizes, adds the link and requantizes the '
+        "4-bit weight, so quantization error compounds knot after knot and updates under half "
+        'a quantization step are lost; quantized_master="host" keeps them (one float32 copy '
+        "of each 4-bit weight in host memory)"
+    )
 
 
 def warn_frozen_parameters(params: Iterable[Tensor]) -> None:

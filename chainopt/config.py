@@ -32,6 +32,7 @@ from ._dtensor import is_sharded
 from ._validate import PARALLEL_WRAPPERS, is_distributed, is_int, type_name
 from .adapted import find_adapted, parametrization_count
 from .init import InitPolicy
+from .quantized import QuantizedMaster, unsupported_quantization
 from .reset import ResetPolicy
 from .schedule import KnotSchedule
 from .targets import (
@@ -82,6 +83,7 @@ class ChainConfig:
         init: how a new link's A is chosen.
         non_finite: what a knot does with a link that must not be merged.
         trainable: qualified names of modules trained as they are (``trainable_modules``).
+        quantized_master: how knots merge into 4-bit weights (see :mod:`chainopt.quantized`).
     """
 
     modules: tuple[str, ...]
@@ -99,6 +101,7 @@ class ChainConfig:
     init: InitPolicy
     non_finite: NonFinitePolicy = "raise"
     trainable: tuple[str, ...] = ()
+    quantized_master: QuantizedMaster = "host"
 
     def link_rank(self, link: int) -> int:
         """Rank of link ``link`` (0-based): ``ranks[link]``, the last entry repeating."""
@@ -169,6 +172,7 @@ class ChainConfig:
         reset: ResetPolicy = "full",
         prune_ratio: float = 0.9,
         init: InitPolicy = "kaiming",
+        quantized_master: QuantizedMaster = "host",
     ) -> ChainConfig:
         """Check every argument of :class:`~chainopt.ChainLoRAOptimizer` against ``model``.
 
@@ -205,6 +209,7 @@ class ChainConfig:
             ("non_finite", non_finite, NonFinitePolicy),
             ("reset", reset, ResetPolicy),
             ("init", init, InitPolicy),
+            ("quantized_master", quantized_master, QuantizedMaster),
         )
         for arg, choice, options in policies:
             if not isinstance(choice, str) or choice not in get_args(options):
@@ -232,6 +237,7 @@ class ChainConfig:
             init=init,
             non_finite=non_finite,
             trainable=tuple(n for n, _ in trainable),
+            quantized_master=quantized_master,
         )
 
 
@@ -329,6 +335,12 @@ def _targets(
     shared = shared_parameters(model)
     storages = _storages(model)
     for name, module in found:
+        unsupported = unsupported_quantization(module)
+        if unsupported is not None:
+            raise TypeError(
+                f"target_modules matches {name!r}, {unsupported}; chainopt chains over "
+                "bitsandbytes Linear4bit (NF4/FP4) and torchao NF4 weights"
+            )
         if not is_linear_like(module):
             raise TypeError(
                 f"target_modules={describe_spec(spec)!r} matches {name!r}, a "
@@ -360,7 +372,7 @@ def _targets(
                     f"{overlap[:3]}: a knot writes into the {kind} in place and would change "
                     "them too; give it its own tensor or leave it out of target_modules"
                 )
-        limit = min(weight.shape)
+        limit = min(_features(module))
         if rank > limit:
             raise ValueError(
                 f"rank must be a positive int no larger than min(in_features, out_features)="
@@ -371,15 +383,29 @@ def _targets(
     return found
 
 
+def _features(module: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` of a Linear (quantized ones included) or a Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return int(weight.shape[0]), int(weight.shape[1])  # Conv1D stores (in, out)
+
+
 def _storages(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     named: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
     named += list(model.named_buffers())
-    return [(n, t) for n, t in named if not t.is_meta and not is_sharded(t)]
+    return [(n, t) for n, t in named if _plain_storage(t)]
+
+
+def _plain_storage(t: torch.Tensor) -> bool:
+    """A tensor whose memory is its own storage (not meta, sharded or a wrapper subclass)."""
+    return not t.is_meta and not is_sharded(t) and type(t.data) is torch.Tensor
 
 
 def _overlapping(tensor: torch.Tensor, storages: list[tuple[str, torch.Tensor]]) -> list[str]:
     """Names of other tensors of the model whose memory overlaps ``tensor``'s."""
-    if tensor.is_meta or is_sharded(tensor) or tensor.numel() == 0:
+    if not _plain_storage(tensor) or tensor.numel() == 0:
         return []
     ptr = tensor.untyped_storage().data_ptr()
     start = tensor.data_ptr()

@@ -88,12 +88,16 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+def merged_state_dict(
+    model: nn.Module, quantized_dtype: torch.dtype | None = None
+) -> dict[str, Tensor]:
     """``model.state_dict()`` under plain keys, with every pending link merged.
 
     The model is not changed. ``….parametrizations.weight.original`` becomes ``….weight`` holding
-    ``W + s·B·A`` (and the bias its delta); factor and residual entries are dropped. Other entries
-    are passed through unchanged, in order.
+    ``W + s·B·A`` (and the bias its delta); factor and residual entries are dropped. A quantized
+    layer's 4-bit weight and its quantization state become one dense ``….weight`` (its master plus
+    the pending link) in ``quantized_dtype`` (default: the layer's ``compute_dtype``, else
+    float32). Other entries are passed through unchanged, in order.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -101,27 +105,41 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """
     records = _checked(model, "export the merged weights")
     state = model.state_dict()
-    plain: dict[str, Tensor] = {}
-    owned: list[str] = []
+    merged: dict[str, Tensor] = {}  # plain key -> tensor
+    owner: dict[str, str] = {}  # state-dict key -> the plain key it becomes part of
     for r in records:
         prefix = f"{r.name}." if r.name else ""
-        owned.append(f"{prefix}parametrizations.")
-        # With another parametrization stacked after ours, only the whole stack is the weight.
-        stacked = parametrization_count(r.module) > 1
-        weight = getattr(r.module, "weight").detach().clone() if stacked else merged_weight(r)  # noqa: B009
+        if r.quant is not None:
+            dtype = quantized_dtype or getattr(r.module, "compute_dtype", None) or torch.float32
+            weight = merged_weight(r, dtype if isinstance(dtype, torch.dtype) else torch.float32)
+            for key in state:
+                if key == f"{prefix}weight" or key.startswith(
+                    (f"{prefix}weight.", f"{prefix}{r.link_prefix}")
+                ):
+                    owner[key] = f"{prefix}weight"
+        else:
+            # With another parametrization stacked after ours, only the whole stack is the weight.
+            stacked = parametrization_count(r.module) > 1
+            weight = getattr(r.module, "weight").detach().clone() if stacked else merged_weight(r)  # noqa: B009
+            for key in state:
+                if key.startswith(f"{prefix}parametrizations.weight."):
+                    owner[key] = f"{prefix}weight"
         if not bool(torch.isfinite(weight).all()):
             raise NonFiniteUpdateError(f"refusing to export {r.name!r}: its weight is not finite")
-        plain[f"{prefix}parametrizations.weight.original"] = weight
+        merged[f"{prefix}weight"] = weight
         bias = merged_bias(r) if r.delta is not None else None
         if bias is not None:
-            plain[f"{prefix}parametrizations.bias.original"] = bias
+            merged[f"{prefix}bias"] = bias
+            for key in state:
+                if key.startswith(f"{prefix}parametrizations.bias."):
+                    owner[key] = f"{prefix}bias"
     out: dict[str, Tensor] = {}
     for key, value in state.items():
-        if key in plain:
-            head, _, tail = key.partition("parametrizations.")
-            out[head + tail.partition(".")[0]] = plain[key]
-        elif not key.startswith(tuple(owned)):
+        plain = owner.get(key)
+        if plain is None:
             out[key] = value
+        elif plain not in out:
+            out[plain] = merged[plain]  # where the first of its keys stood
     return out
 
 

@@ -77,9 +77,14 @@ def _store_(target: Tensor, exact: Tensor, residual: Tensor | None) -> None:
 def merge_(record: AdaptedModule) -> None:
     """Fold the module's pending ``s·B·A`` (and bias delta) into the frozen originals, in place.
 
-    The factors are left as they are; restart them afterwards.
+    The factors are left as they are; restart them afterwards. A quantized layer's link goes
+    into its master, and the 4-bit weight becomes ``quantize(master)`` (:mod:`chainopt.quantized`).
     """
+    if record.quant is not None:
+        record.quant.merge_(record.link)
     for part, target in record.parts():
+        if record.quant is not None and isinstance(part, LoRAParametrization):
+            continue  # merged into the master above
         if (
             isinstance(part, LoRAParametrization)
             and part.merge_residual is None
@@ -104,6 +109,8 @@ def merged_weight(record: AdaptedModule, dtype: torch.dtype | None = None) -> Te
         dtype: the result's dtype (default: the weight's). ``torch.float32`` keeps what rounding
             into a half-precision weight would drop.
     """
+    if record.quant is not None:  # float32 (the master's) unless asked otherwise
+        return record.quant.merged(record.link).to(dtype or torch.float32)
     return exact_sum(record.weight, record.link).to(dtype or record.weight.dtype)
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import torch
@@ -40,7 +40,7 @@ from torch.utils.hooks import RemovableHandle
 from ._surgery import init_optimizer_bookkeeping
 from ._validate import type_name
 from .adapt import wrap
-from .advice import DtypeWatch, warn_frozen_head, warn_frozen_parameters
+from .advice import DtypeWatch, warn_frozen_head, warn_frozen_parameters, warn_rounding_knots
 from .config import ChainConfig, NonFinitePolicy
 from .export import chain_tensors, merge_and_unload, merged_save_pending
 from .history import ChainHistory, KnotRecord
@@ -48,6 +48,7 @@ from .init import InitPolicy, resolve_init
 from .iterates import KnotContext, resolve_iterates
 from .knot import Chain, resolve_non_finite, tie_knot
 from .optimizer_state import check_optimizer, check_saved_state
+from .quantized import QuantizedMaster, resolve_master_weights
 from .reset import FreshState, ResetPolicy, resolve_reset
 from .sharding import rebind
 from .summary import ChainSummary, summarize
@@ -125,6 +126,14 @@ class ChainLoRAOptimizer(Optimizer):
         prune_ratio: fraction zeroed by ``reset="prune"``, in ``[0, 1)``.
         init: A of a new link: ``"kaiming"`` (default) or ``"gradient"`` (top singular vectors
             of the weight's gradient on the step before the knot; see :mod:`chainopt.init`).
+        quantized_master: for 4-bit targets (bitsandbytes ``Linear4bit``, torchao NF4):
+            ``"host"`` (default) keeps a float32 master of each weight in host memory so that
+            knots are exact (the 4-bit weight is ``quantize(M₀ + Σ sᵢ·Bᵢ·Aᵢ)``, rounded once);
+            ``"none"`` dequantizes, adds and requantizes in place (no host memory; the
+            quantization error compounds at every knot). See :mod:`chainopt.quantized`.
+        master_weights: the original float weights of 4-bit targets (the unquantized model or
+            its plain-key state dict) to start the masters from; default: the dequantized
+            weights.
 
     Raises:
         TypeError: a wrong type for an argument, or a matched module that cannot be adapted.
@@ -155,6 +164,8 @@ class ChainLoRAOptimizer(Optimizer):
         reset: ResetPolicy = "full",
         prune_ratio: float = 0.9,
         init: InitPolicy = "kaiming",
+        quantized_master: QuantizedMaster = "host",
+        master_weights: nn.Module | Mapping[str, Tensor] | None = None,
     ) -> None:
         config = ChainConfig.from_kwargs(
             model,
@@ -176,8 +187,10 @@ class ChainLoRAOptimizer(Optimizer):
             reset=reset,
             prune_ratio=prune_ratio,
             init=init,
+            quantized_master=quantized_master,
         )
         check_optimizer(optimizer, model)
+        masters = resolve_master_weights(master_weights, model, config.modules)
         self.model = model
         self.config = config
         self.schedule = config.schedule()
@@ -186,7 +199,9 @@ class ChainLoRAOptimizer(Optimizer):
         generator = torch.Generator().manual_seed(config.seed)
         keep = [p for name in config.trainable for p in model.get_submodule(name).parameters()]
         keep = list({id(p): p for p in keep}.values())
-        self._records, self._base = wrap(model, optimizer, config, generator, keep)
+        self._records, self._base = wrap(model, optimizer, config, generator, keep, masters)
+        if quantized_master == "none" and any(r.quant is not None for r in self._records):
+            warn_rounding_knots()
         self.chain = Chain(
             records=self._records,
             config=config,
@@ -454,6 +469,11 @@ class ChainLoRAOptimizer(Optimizer):
             "generator": self.chain.generator.get_state(),
             "history": self.chain.history.state_dict(),
         }
+        masters = {
+            r.name: r.quant.master for r in self._records if r.quant and r.quant.master is not None
+        }
+        if masters:  # 4-bit targets: the float32 masters are the chain's state
+            sd["chainopt"]["masters"] = masters
         if merged_save_pending(self.model):  # save_pretrained wrote merged weights: resume needs
             sd["chainopt"]["model"] = chain_tensors(self.model)  # the originals and factors
         for post in self._optimizer_state_dict_post_hooks.values():
@@ -480,6 +500,9 @@ class ChainLoRAOptimizer(Optimizer):
         self._base.load_state_dict(checked.base)
         if checked.model:
             self.model.load_state_dict(checked.model, strict=False)
+        for r in self._records:
+            if r.quant is not None and r.quant.master is not None:
+                r.quant.master.copy_(checked.masters[r.name])
         self.optimizer_steps = checked.optimizer_steps
         self.chain.knots_tied = checked.knots_tied
         self.chain.generator.set_state(checked.generator)

@@ -127,6 +127,7 @@ class CheckedState:
     generator: Tensor
     history: tuple[bool, list[KnotRecord]]
     model: dict[str, Tensor]
+    masters: dict[str, Tensor]
 
 
 def check_saved_state(
@@ -195,7 +196,33 @@ def check_saved_state(
         )
     base = {k: v for k, v in state_dict.items() if k != "chainopt"}
     _check_base(base, chain, param_groups, int(knots))  # type: ignore[arg-type]
-    return CheckedState(base, int(steps), int(knots), generator.cpu(), history, tensors)  # type: ignore[arg-type]
+    masters = _check_masters(entry.get("masters", {}), chain)
+    return CheckedState(base, int(steps), int(knots), generator.cpu(), history, tensors, masters)  # type: ignore[arg-type]
+
+
+def _check_masters(saved: object, chain: Chain) -> dict[str, Tensor]:
+    """The saved float32 masters of the chain's 4-bit targets, one per target, shapes checked."""
+    wanted = {
+        r.name: r.quant.master for r in chain.records if r.quant and r.quant.master is not None
+    }
+    if not isinstance(saved, dict) or set(saved) != set(wanted):
+        got = sorted(saved) if isinstance(saved, dict) else saved
+        raise ValueError(
+            f"state_dict['chainopt']['masters'] must hold the masters of {sorted(wanted)}, "
+            f"got {got!r:.200}"
+        )
+    for name, master in wanted.items():
+        tensor = saved[name]
+        if not (
+            isinstance(tensor, Tensor)
+            and tensor.shape == master.shape
+            and tensor.is_floating_point()
+        ):
+            raise ValueError(
+                f"state_dict['chainopt']['masters'][{name!r}] must be a float tensor of shape "
+                f"{tuple(master.shape)}, got {tensor!r:.80}"
+            )
+    return dict(saved)
 
 
 def _check_base(
