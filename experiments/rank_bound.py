@@ -632,7 +632,7 @@ def train_run(ctx: Context, method: Method, lr: float, seed: int, phase: str) ->
     eval_seconds = time.perf_counter() - t_eval
     summary: dict[str, Any] = {}
     if chain:
-        s = opt.chain_summary()
+        s = opt.chain_summary().to_dict()
         ranks = [m["effective_rank"] for m in s["modules"].values()]
         summary = {
             "links": s["links"],
