@@ -1,14 +1,22 @@
-"""chainopt vs PEFT LoRA vs full fine-tuning, side by side in one process.
+"""chainopt vs PEFT LoRA vs full fine-tuning vs the floor, side by side in one process.
 
 For each mode (eager, ``torch.compile``) and each model (a Llama and an OPT built from config),
-one base model is copied into every variant: full fine-tuning (AdamW on everything), PEFT LoRA
-and chainopt (no knot in the timed window, and a knot every K steps), each on q,v and on all
-linear projections. The variants are stepped in rotation and the script prints, per variant,
-median step time (wall and process CPU time), peak tensor memory of a steady step, trainable
-parameters and optimizer-state bytes, with ratios against PEFT LoRA on the same targets; then
-the cost of a knot and the compile counters; then a PASS/FAIL line for each target of issue #3.
+one base model is copied into every variant: full fine-tuning (AdamW on everything), the floor
+(no adapter, every weight frozen, gradients to the inputs of every layer: the least any adapter
+method can cost), PEFT LoRA and chainopt (no knot in the timed window, and a knot every K steps),
+each on q,v and on all linear projections. The variants are stepped in rotation and the script
+prints, per variant, median step time (wall and process CPU time), peak tensor memory of a
+steady step, trainable parameters and optimizer-state bytes, with ratios against PEFT LoRA on
+the same targets and against the floor; then the cost of a knot and the compile counters; then
+a PASS/FAIL line for each target of issue #3.
+
+``--quant 4bit`` runs the same comparison on a QLoRA base: every linear layer but ``lm_head``
+a bitsandbytes ``Linear4bit`` (NF4, double quantization, compute dtype ``--dtype``); full
+fine-tuning is left out (4-bit weights take no gradient), PEFT's LoRA wraps the same 4-bit
+layers, and chainopt's float32 host masters are reported apart from the model's bytes.
 
     python bench/compare.py                 # full run (see bench/README.md for its output)
+    python bench/compare.py --quant 4bit    # the same on an NF4 base (QLoRA)
     python bench/compare.py --quick         # tiny config, a few steps: a smoke test
     python bench/compare.py --modes eager --models llama --targets all --steps 30
 """
@@ -26,9 +34,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from chainopt_bench.dynamo import configure_dynamo, count_diff, dynamo_counts
-from chainopt_bench.environment import add_common_args, configure, machine_info
+from chainopt_bench.environment import add_common_args, configure, load_average, machine_info
 from chainopt_bench.memory import transient_peak_bytes
-from chainopt_bench.models import TARGET_LABEL, ModelSpec, build_model, make_batches
+from chainopt_bench.models import (
+    QUANT,
+    TARGET_LABEL,
+    ModelSpec,
+    adapted_weight_elements,
+    build_model,
+    make_batches,
+)
 from chainopt_bench.output import markdown_table, mib, save_json
 from chainopt_bench.rotation import run_alternating
 from chainopt_bench.timing import iqr_ms, mean_ms, median_ms, paired_ratio
@@ -56,6 +71,25 @@ def build_parser(doc: str | None = __doc__) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed rotations (>= 20 for the targets)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--no-full", action="store_true", help="leave full fine-tuning out")
+    p.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="leave the floor out (no adapter, frozen weights, input gradients only)",
+    )
+    p.add_argument(
+        "--quant",
+        default="none",
+        choices=list(QUANT),
+        help="base weights: none (dense, --dtype) or 4bit (bitsandbytes NF4, double quant, "
+        "compute dtype --dtype, on every linear layer but lm_head; no full fine-tuning)",
+    )
+    p.add_argument(
+        "--quantized-master",
+        default="host",
+        choices=["host", "none"],
+        help="chainopt's quantized_master with --quant 4bit (host: exact knots from a float32 "
+        "master in host memory; none: dequantize-add-requantize in place)",
+    )
     p.add_argument(
         "--backend",
         default="inductor",
@@ -117,12 +151,23 @@ def run_group(args: argparse.Namespace, arch: str, mode: str) -> dict[str, Any]:
         knot_every=args.knot_every,
         exact_merge=exact,
         keep_history={"default": None, "on": True, "off": False}[args.keep_history],
+        quantized_master=args.quantized_master,
     )
-    base = build_model(spec, seed=args.seed, dtype=getattr(torch, args.dtype), device=args.device)
+    base = build_model(
+        spec,
+        seed=args.seed,
+        dtype=getattr(torch, args.dtype),
+        device=args.device,
+        quant=args.quant,
+    )
     batches = make_batches(spec, seed=args.seed + 1, device=args.device)
-    kinds = (
-        ("peft", "chain", "chain_knot") if args.no_full else ("full", "peft", "chain", "chain_knot")
-    )
+    kinds = ["peft", "chain", "chain_knot"]
+    if not args.no_floor:
+        kinds.insert(0, "floor")
+    if not (args.no_full or args.quant != "none"):  # 4-bit weights take no gradient
+        kinds.insert(0, "full")
+    adapted = {t: adapted_weight_elements(base, arch, t) for t in args.targets}
+    linears4 = sum(type(m).__name__ == "Linear4bit" for m in base.modules())
     variants = make_variants(base, arch, args.targets, lora, kinds)
     del base
 
@@ -181,6 +226,9 @@ def run_group(args: argparse.Namespace, arch: str, mode: str) -> dict[str, Any]:
         held = v.held_bytes()
         row["held_other_bytes"] = held["other"]
         row["merge_residual_bytes"] = held["merge_residual"]
+        row["model_bytes"] = held["model"]
+        row["host_master_bytes"] = held["host_master"]
+        row["adapted_weight_elements"] = adapted.get(v.targets) if v.targets else None
         row["knots_at_memory"] = v.chain.knots_tied if v.chain is not None else None
         row.update(
             peak_bytes=mem["peak"],
@@ -192,14 +240,24 @@ def run_group(args: argparse.Namespace, arch: str, mode: str) -> dict[str, Any]:
             assert v.chain is not None
             row["knot_transient_bytes"] = transient_peak_bytes(v.chain.tie_knot, "cpu")
     _add_ratios(rows)
-    print(format_group(rows, mode))
+    quant = args.quant
+    print(format_group(rows, mode, quant))
     print(f"({spec.arch} {mode}: {time.perf_counter() - start:.0f} s)", flush=True)
-    return {"arch": arch, "mode": mode, "spec": spec, "rows": rows, "knot_every": args.knot_every}
+    return {
+        "arch": arch,
+        "mode": mode,
+        "quant": quant,
+        "spec": spec,
+        "rows": rows,
+        "knot_every": args.knot_every,
+        "linear4bit_layers": linears4,
+    }
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
     peft = {r["targets"]: r for r in rows if r["kind"] == "peft"}
     chain = {r["targets"]: r for r in rows if r["kind"] == "chain"}
+    floor = next((r for r in rows if r["kind"] == "floor"), None)
     for r in rows:
         ref = peft.get(r["targets"]) if r["targets"] else None
         for key in ("wall_ms", "cpu_ms", "peak_bytes"):
@@ -208,6 +266,12 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
             r["paired_wall"] = paired_ratio(r["step_times"], ref["step_times"])
         else:
             r["paired_wall"] = None
+        for key in ("wall_ms", "cpu_ms"):  # against the floor: what an adapter adds to it
+            r[f"{key}_floor_x"] = r[key] / floor[key] if floor and r is not floor else None
+        if floor is not None and r is not floor:
+            r["paired_wall_floor"] = paired_ratio(r["step_times"], floor["step_times"])
+        else:
+            r["paired_wall_floor"] = None
         own = chain.get(r["targets"])
         if r["kind"] == "chain_knot" and own is not None:
             r["knot_frac_wall"] = r["knot_ms"] / own["wall_ms"]
@@ -222,7 +286,7 @@ def _ci(v: tuple[float, float, float] | None) -> str:
     return "–" if v is None else f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
 
 
-def format_group(rows: list[dict[str, Any]], mode: str) -> str:
+def format_group(rows: list[dict[str, Any]], mode: str, quant: str = "none") -> str:
     headers = [
         "variant",
         "step ms (median)",
@@ -231,12 +295,16 @@ def format_group(rows: list[dict[str, Any]], mode: str) -> str:
         "×PEFT wall",
         "×PEFT CPU",
         "paired ×PEFT [95% CI]",
+        "×floor wall",
+        "×floor CPU",
         "peak MiB",
         "×PEFT mem",
         "trainable",
         "opt state MiB",
         "other held MiB",
     ]
+    if quant != "none":
+        headers += ["model MiB", "host master MiB"]
     if mode == "compile":
         headers.append("compiles after warm-up")
     table = []
@@ -249,12 +317,16 @@ def format_group(rows: list[dict[str, Any]], mode: str) -> str:
             _x(r["wall_ms_x"]),
             _x(r["cpu_ms_x"]),
             _ci(r["paired_wall"]),
+            _x(r.get("wall_ms_floor_x")),
+            _x(r.get("cpu_ms_floor_x")),
             f"{mib(r['peak_bytes']):.1f}",
             _x(r["peak_bytes_x"]),
             f"{r['trainable']:,}",
             f"{mib(r['opt_state_bytes']):.2f}",
             f"{mib(r['held_other_bytes']):.2f}",
         ]
+        if quant != "none":
+            line += [f"{mib(r['model_bytes']):.3f}", f"{mib(r['host_master_bytes']):.2f}"]
         if mode == "compile":
             line.append(str(r["compiles_after_warmup"]))
         table.append(line)
@@ -305,13 +377,17 @@ def format_group(rows: list[dict[str, Any]], mode: str) -> str:
 
 
 def headline_table(groups: list[dict[str, Any]]) -> str:
-    """One line per model · mode · targets: chainopt against PEFT (the table docs/ quotes)."""
+    """One line per model · mode · targets: chainopt against PEFT and against the floor (the
+    table docs/ quotes); with 4-bit bases, the model bytes against PEFT's and the host master."""
+    quant = any(g.get("quant", "none") != "none" for g in groups)
     headers = [
         "model · mode",
         "targets",
         "step time ×PEFT, wall / CPU",
         "per-round ratio [95% CI]",
+        "step time ×floor, wall / CPU (PEFT's)",
         "peak memory ×PEFT (no knot / after knots)",
+        *(["model MiB (= PEFT's?) · host master MiB"] if quant else []),
         "trainable (= PEFT's?)",
         "one knot, ms (% of a step)",
         "compiles after a knot",
@@ -327,13 +403,28 @@ def headline_table(groups: list[dict[str, Any]]) -> str:
             same = "yes" if chain["trainable"] == peft["trainable"] else "NO"
             after = knot["compiles_after_knot"]
             share = 100 * knot.get("knot_frac_wall", float("nan"))
+            floor = (
+                "–"
+                if chain.get("wall_ms_floor_x") is None
+                else f"**{chain['wall_ms_floor_x']:.3f}** / {chain['cpu_ms_floor_x']:.3f} "
+                f"({peft['wall_ms_floor_x']:.3f})"
+            )
+            memory = []
+            if quant:
+                eq = "yes" if chain["model_bytes"] == peft["model_bytes"] else "NO"
+                memory = [
+                    f"{mib(chain['model_bytes']):.2f} ({eq}) · "
+                    f"{mib(chain['host_master_bytes']):.2f}"
+                ]
             table.append(
                 [
                     f"{g['arch']} · {g['mode']}",
                     TARGET_LABEL[targets],
                     f"**{chain['wall_ms_x']:.3f}** / {chain['cpu_ms_x']:.3f}",
                     _ci(chain["paired_wall"]),
+                    floor,
                     f"{chain['peak_bytes_x']:.3f} / {knot['peak_bytes_x']:.3f}",
+                    *memory,
                     f"{chain['trainable']:,} ({same})",
                     f"{knot['knot_ms']:.1f} ({share:.2f}%)",
                     "–" if after is None else f"{after} (of {knot['n_knots']} knots)",
@@ -342,11 +433,16 @@ def headline_table(groups: list[dict[str, Any]]) -> str:
     return markdown_table(headers, table)
 
 
-def check_targets(groups: list[dict[str, Any]]) -> list[tuple[bool, str]]:
-    """The targets of issue #3, one line each."""
-    res: list[tuple[bool, str]] = []
+def check_targets(groups: list[dict[str, Any]]) -> list[tuple[bool | None, str]]:
+    """The targets of issue #3, one line each; with 4-bit bases, issue #13's memory lines.
+
+    ``None`` marks a line that is a measurement, not a target (a 4-bit knot's share of a step:
+    issue #3's 2% is for dense weights, and bitsandbytes quantizes on the CPU in Python).
+    """
+    res: list[tuple[bool | None, str]] = []
     for g in groups:
-        tag = f"{g['arch']} {g['mode']}"
+        quant = g.get("quant", "none") != "none"
+        tag = f"{g['arch']} {g['mode']}" + (" 4-bit" if quant else "")
         rows = g["rows"]
         peft = {r["targets"]: r for r in rows if r["kind"] == "peft"}
         for r in rows:
@@ -381,6 +477,24 @@ def check_targets(groups: list[dict[str, Any]]) -> list[tuple[bool, str]]:
                         f"{p['trainable']:,} (identical)",
                     )
                 )
+                if quant:
+                    res.append(
+                        (
+                            r["model_bytes"] == p["model_bytes"],
+                            f"{tag} {t}: model bytes {r['model_bytes']:,} vs PEFT's QLoRA "
+                            f"{p['model_bytes']:,} (equal; 4-bit weights, quantization "
+                            "state, factors)",
+                        )
+                    )
+                    want = 4 * r["adapted_weight_elements"]
+                    res.append(
+                        (
+                            r["host_master_bytes"] == want,
+                            f"{tag} {t}: host master {mib(r['host_master_bytes']):.2f} MiB "
+                            f"= 4 bytes × {r['adapted_weight_elements']:,} adapted weight "
+                            "elements, in host memory, apart from the model's",
+                        )
+                    )
             else:
                 other = mib(r["held_other_bytes"])
                 res.append(
@@ -400,10 +514,15 @@ def check_targets(groups: list[dict[str, Any]]) -> list[tuple[bool, str]]:
                 if r["targets"] == "all":
                     res.append(
                         (
-                            r["knot_frac_wall"] <= 0.02,
+                            None if quant else r["knot_frac_wall"] <= 0.02,
                             f"{tag} {t}: one knot = {r['knot_ms']:.1f} ms = "
                             f"{100 * r['knot_frac_wall']:.2f}% of a step (CPU: "
-                            f"{100 * r['knot_frac_cpu']:.2f}%) ≤ 2%",
+                            f"{100 * r['knot_frac_cpu']:.2f}%)"
+                            + (
+                                ": master += s·B·A and requantize every adapted weight"
+                                if quant
+                                else " ≤ 2%"
+                            ),
                         )
                     )
                 if g["mode"] == "compile":
@@ -415,6 +534,21 @@ def check_targets(groups: list[dict[str, Any]]) -> list[tuple[bool, str]]:
                         )
                     )
     return res
+
+
+def weights_label(args: argparse.Namespace) -> str:
+    """``"float32 weights"``, or ``"NF4 (double quant) weights, float32 compute"``."""
+    if args.quant == "4bit":
+        return f"NF4 (double quant) Linear4bit weights, {args.dtype} compute and other weights"
+    return f"{args.dtype} weights"
+
+
+def _status(ok: bool | None) -> str:
+    return "INFO" if ok is None else "PASS" if ok else "FAIL"
+
+
+def _load(avg: tuple[float, float, float] | None) -> str:
+    return "?" if avg is None else " / ".join(f"{x:.2f}" for x in avg) + " (1 / 5 / 15 min)"
 
 
 def main(
@@ -438,9 +572,11 @@ def main(
         f"{' · --quick' if args.quick else ''}"
     )
     print(
-        f"{args.dtype} weights on {args.device}, rank {args.rank}, alpha {args.alpha:g}, AdamW "
-        f"lr 1e-4, knot every {args.knot_every} steps, chainopt exact_merge={args.exact_merge}; "
-        "ratios are against PEFT LoRA on the same targets"
+        f"{weights_label(args)} on {args.device}, rank {args.rank}, alpha {args.alpha:g}, AdamW "
+        f"lr 1e-4, knot every {args.knot_every} steps, chainopt exact_merge={args.exact_merge}"
+        + (f", quantized_master={args.quantized_master}" if args.quant != "none" else "")
+        + "; ratios are against PEFT LoRA on the same targets (×PEFT) and against the floor "
+        f"(×floor); load average {_load(info['loadavg'])}"
     )
     t0 = time.perf_counter()
     plan = [
@@ -452,12 +588,17 @@ def main(
     checks = check_targets(groups)
     print("\n== headline ==")
     print(headline_table(groups))
-    print("\n== targets (issue #3) ==")
+    print("\n== targets (issue #3" + (", #13" if args.quant != "none" else "") + ") ==")
     for ok, line in checks:
-        print(f"{'PASS' if ok else 'FAIL'}  {line}")
+        print(f"{_status(ok)}  {line}")
     elapsed = time.perf_counter() - t0
-    print(f"\ntotal wall time {elapsed / 60:.1f} min")
+    info["loadavg_end"] = load_average()
+    print(
+        f"\ntotal wall time {elapsed / 60:.1f} min; load average at the start "
+        f"{_load(info['loadavg'])}, at the end {_load(info['loadavg_end'])}"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
+    name = f"{name}_{args.quant}" if args.quant != "none" else name
     name = f"{name}_quick" if args.quick else name
     save_json(
         args.out / f"{name}.json",
@@ -475,15 +616,25 @@ def main(
         for k, v in (("exact_merge", args.exact_merge), ("keep_history", args.keep_history))
         if v not in ("auto", "default")
     ]
+    if args.quant != "none" and args.quantized_master != "host":
+        flags.append(f"--quantized-master {args.quantized_master}")
     md += [
-        f"{args.dtype} weights on {args.device}, torch {info['torch']}, peft {info['peft']}"
-        + (f"; {', '.join(flags)}" if flags else ""),
+        f"{weights_label(args)} on {args.device}, torch {info['torch']}, peft {info['peft']}"
+        + (f", bitsandbytes {info['bitsandbytes']}" if args.quant != "none" else "")
+        + (f"; {', '.join(flags)}" if flags else "")
+        + f"; load average {_load(info['loadavg'])} at the start, "
+        f"{_load(info['loadavg_end'])} at the end; {elapsed / 60:.1f} min",
         "",
     ]
     for g in groups:
-        md += [f"## {g['spec'].label()} · {g['mode']}", "", format_group(g["rows"], g["mode"]), ""]
+        md += [
+            f"## {g['spec'].label()} · {g['mode']}",
+            "",
+            format_group(g["rows"], g["mode"], g["quant"]),
+            "",
+        ]
     md += ["## headline", "", headline_table(groups), ""]
-    md += ["## targets", ""] + [f"- {'PASS' if ok else 'FAIL'} {line}" for ok, line in checks]
+    md += ["## targets", ""] + [f"- {_status(ok)} {line}" for ok, line in checks]
     (args.out / f"{name}.md").write_text("\n".join(md) + "\n")
     print(f"wrote {args.out / (name + '.json')} and {args.out / (name + '.md')}")
     return 0

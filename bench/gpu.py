@@ -10,7 +10,15 @@ With bf16 weights chainopt keeps its factors in float32 (as PEFT does with
 ``autocast_adapter_dtype=True``) and, by default (``--exact-merge auto``), one bf16 merge
 residual per adapted weight element, so that knots are exact; ``--exact-merge off`` drops it.
 
+``--quant 4bit`` is QLoRA's setting, as in ``compare.py``: every linear layer but ``lm_head`` a
+bitsandbytes ``Linear4bit`` (NF4, double quantization, bf16 compute), PEFT's LoRA and chainopt
+on the same 4-bit layers, float32 factors. Memory is the GPU's (the caching allocator's
+figures and the tensors on the GPU); chainopt's float32 masters live in pinned host memory and
+are reported apart ("host master MiB"); a knot adds ``s·B·A`` to each master on the host and
+requantizes it on the GPU.
+
     python bench/gpu.py                          # on a machine with a CUDA GPU
+    python bench/gpu.py --quant 4bit             # the same on an NF4 base (QLoRA)
     python bench/gpu.py --hidden 4096 --layers 4 --modes eager compile
     python bench/gpu.py --quick                  # tiny config, runs on CPU when there is no GPU
 """

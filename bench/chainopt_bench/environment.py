@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEFAULT_OUT", "add_common_args", "configure", "machine_info"]
+__all__ = ["DEFAULT_OUT", "add_common_args", "configure", "load_average", "machine_info"]
 
 #: Where results go unless ``--out`` says otherwise.
 DEFAULT_OUT: Path = Path(__file__).resolve().parents[1] / "results"
@@ -73,19 +73,35 @@ def machine_info() -> dict[str, Any]:
 
     import chainopt
 
+    try:
+        from importlib.metadata import version
+
+        bnb: str | None = version("bitsandbytes")
+    except Exception:  # not installed: only --quant 4bit needs it
+        bnb = None
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
+        "bitsandbytes": bnb,
         "chainopt": chainopt.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cpu_model": _cpu_model(),
+        "loadavg": load_average(),
     }
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """The machine's 1, 5 and 15-minute load averages (``None`` where the OS has none)."""
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
 
 
 def _cpu_model() -> str | None:

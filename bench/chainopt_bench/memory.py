@@ -2,7 +2,8 @@
 
 1. *resident*: every tensor an object graph holds, each storage counted once
    (:func:`reachable_tensors`, :func:`unique_bytes`): parameters, buffers, optimizer state,
-   chainopt's merge residuals and chain history, PEFT's bookkeeping;
+   chainopt's merge residuals and chain history, PEFT's bookkeeping, the quantization state of
+   4-bit weights (bitsandbytes keeps it on the weight: absmax, code);
 2. *transient*: the peak of the bytes allocated inside the step and not yet freed
    (:func:`transient_peak_bytes`), replayed from the PyTorch profiler's allocation records.
 
@@ -49,7 +50,10 @@ def reachable_tensors(*roots: object) -> list[torch.Tensor]:
     """Tensors reachable from ``roots`` through containers and instance attributes.
 
     Walks ``gc.get_referents``, not entering classes, functions, methods or
-    modules (so it never wanders into globals), and stops at each tensor found.
+    modules (so it never wanders into globals). It stops at each tensor found, except that the
+    Python attributes of a tensor subclass are walked too: a bitsandbytes ``Params4bit`` keeps
+    its ``quant_state`` (absmax, code, nested statistics) there, and those bytes are the
+    model's. (A plain tensor's ``__dict__`` is empty.)
     """
     seen: set[int] = set()
     found: list[torch.Tensor] = []
@@ -61,6 +65,9 @@ def reachable_tensors(*roots: object) -> list[torch.Tensor]:
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
             found.append(obj)
+            attrs = getattr(obj, "__dict__", None)
+            if attrs:
+                todo.extend(attrs.values())
             continue
         if isinstance(obj, _OPAQUE):
             continue

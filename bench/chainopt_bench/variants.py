@@ -1,9 +1,11 @@
 """One way of training a copy of the base model, and the builders of each kind.
 
 Kinds: ``full`` (AdamW over everything), ``peft`` (PEFT LoRA), ``chain`` (chainopt, no knot in
-the timed window) and ``chain_knot`` (chainopt tying a knot every K optimizer steps). The knot
-variant ties its knots itself, with the public ``tie_knot()`` right after the optimizer step
-(where chainopt's own schedule ties them), so each knot is timed on its own.
+the timed window), ``chain_knot`` (chainopt tying a knot every K optimizer steps) and ``floor``
+(no adapter, every weight frozen, gradients flowing to the inputs of every layer: forward and
+input-gradient backward only, the least any adapter method can cost). The knot variant ties its
+knots itself, with the public ``tie_knot()`` right after the optimizer step (where chainopt's own
+schedule ties them), so each knot is timed on its own.
 
 Example:
     >>> from chainopt_bench.models import ModelSpec, build_model, make_batches
@@ -39,6 +41,7 @@ __all__ = [
     "LoraSpec",
     "Variant",
     "make_chain",
+    "make_floor",
     "make_full",
     "make_peft",
     "make_variants",
@@ -59,6 +62,8 @@ class LoraSpec:
         knot_every: K of the knot variant.
         exact_merge: chainopt's ``exact_merge`` (``None``: a merge residual for half weights).
         keep_history: chainopt's ``keep_history`` (``None``: the library's default, off).
+        quantized_master: chainopt's ``quantized_master`` for 4-bit bases (``"host"``: a float32
+            master in host memory, exact knots; ``"none"``: dequantize-add-requantize).
     """
 
     rank: int = 8
@@ -67,6 +72,7 @@ class LoraSpec:
     knot_every: int = 5
     exact_merge: bool | None = None
     keep_history: bool | None = None
+    quantized_master: str = "host"
 
 
 @dataclass
@@ -75,13 +81,15 @@ class Variant:
 
     Attributes:
         name: The label in the tables.
-        kind: ``full``, ``peft``, ``chain`` or ``chain_knot``.
-        targets: ``"qv"`` or ``"all"`` (``None`` for full fine-tuning).
+        kind: ``full``, ``peft``, ``chain``, ``chain_knot`` or ``floor``.
+        targets: ``"qv"`` or ``"all"`` (``None`` for full fine-tuning and the floor).
         model: This variant's copy of the base model.
-        opt: Its optimizer.
+        opt: Its optimizer (``None`` for the floor: nothing to train).
         chain: The ``ChainLoRAOptimizer`` (``opt`` itself) of a chainopt variant.
         knot_every: Tie a knot after every this many optimizer steps (``None``: never).
         forward: What the step calls: the model, or its ``torch.compile`` wrapper.
+        inputs: Turns a batch into the forward's keyword arguments (``None``: the batch as it
+            is). The floor's embeds the tokens outside the model and makes them require grad.
         compiled: Whether :meth:`compile` ran.
         optimizer_steps: Optimizer steps taken so far.
         step_times: Wall time of every timed step (s).
@@ -98,10 +106,11 @@ class Variant:
     kind: str
     targets: str | None
     model: nn.Module
-    opt: torch.optim.Optimizer
+    opt: torch.optim.Optimizer | None
     chain: chainopt.ChainLoRAOptimizer | None = None
     knot_every: int | None = None
     forward: Callable[..., Any] | None = None
+    inputs: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     compiled: bool = False
     optimizer_steps: int = 0
     step_times: list[float] = field(default_factory=list)
@@ -134,8 +143,10 @@ class Variant:
     def step(self, batch: dict[str, torch.Tensor]) -> None:
         """Forward, backward, optimizer step (and a knot when due), ``zero_grad``."""
         assert self.forward is not None
-        loss = self.forward(**batch).loss
+        loss = self.forward(**(batch if self.inputs is None else self.inputs(batch))).loss
         loss.backward()
+        if self.opt is None:  # the floor: nothing to update
+            return
         self.opt.step()
         self.optimizer_steps += 1
         if self.knot_due(self.optimizer_steps):
@@ -159,24 +170,43 @@ class Variant:
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of the optimizer's state tensors."""
+        if self.opt is None:
+            return 0
         return unique_bytes(
             v for s in self.opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)
         )
+
+    def host_masters(self) -> list[torch.Tensor]:
+        """chainopt's float32 masters of its 4-bit targets (host memory); none otherwise.
+
+        From the public ``state_dict()["chainopt"]["masters"]``, which holds the masters
+        themselves (not copies), so their storages can be told apart from the model's.
+        """
+        if self.chain is None:
+            return []
+        return list(self.chain.state_dict()["chainopt"].get("masters", {}).values())
+
+    def _storages(self, tensors: Sequence[torch.Tensor], skip: set[tuple[str, int]]) -> int:
+        return unique_bytes(t for t in tensors if _key(t) not in skip)
 
     def resident_bytes(self) -> int:
         """Every tensor the model and the optimizer hold, each storage counted once.
 
         Parameters, buffers, gradients, optimizer state, and whatever else hangs off the two
         objects: chainopt's merge residuals, its chain history (float32 copies of merged
-        links), PEFT's bookkeeping. Found by walking the object graph from both roots.
+        links), PEFT's bookkeeping, 4-bit weights' quantization state. Found by walking the
+        object graph from both roots. chainopt's host masters (4-bit targets) are left out:
+        they are host memory, reported on their own (:meth:`held_bytes`).
         """
         tensors = reachable_tensors(self.model, self.opt)
         grads = [t.grad for t in tensors if t.grad is not None]
-        return unique_bytes([*tensors, *grads])
+        return self._storages([*tensors, *grads], {_key(t) for t in self.host_masters()})
 
     def held_bytes(self) -> dict[str, int]:
-        """What :meth:`resident_bytes` counts, split: model, optimizer state, the rest."""
-        model = unique_bytes(reachable_tensors(self.model))
+        """What :meth:`resident_bytes` counts, split: model, optimizer state, the rest; and the
+        host masters it leaves out."""
+        masters = self.host_masters()
+        model = self._storages(reachable_tensors(self.model), {_key(t) for t in masters})
         state = self.optimizer_state_bytes()
         residual = unique_bytes(
             b for name, b in self.model.named_buffers() if name.endswith("merge_residual")
@@ -186,6 +216,7 @@ class Variant:
             "opt_state": state,
             "other": self.resident_bytes() - model - state,
             "merge_residual": residual,  # part of "model": chainopt's exact-merge buffers
+            "host_master": unique_bytes(masters),  # not part of any of the above
         }
 
     def measure_memory(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -219,6 +250,30 @@ class Variant:
         else:
             peak = transient_peak_bytes(lambda: self.step(batch), str(self.device))
         return {"resident": resident, "transient": peak, "peak": resident + peak}
+
+
+def _key(t: torch.Tensor) -> tuple[str, int]:
+    """A storage's identity, as :func:`unique_bytes` counts it."""
+    return str(t.device), t.untyped_storage().data_ptr()
+
+
+def make_floor(base: nn.Module) -> Variant:
+    """The cost floor of any adapter method: a copy of ``base`` with every weight frozen.
+
+    The step embeds the tokens outside the model (``inputs_embeds``, the same function of the
+    tokens) and makes the embeddings require grad, so backward computes the gradient with
+    respect to the input of every layer and no weight gradient at all; there is no optimizer.
+    (``model.enable_input_require_grads()`` does the same with a forward hook, which
+    ``torch.compile`` breaks the graph on.)
+    """
+    model = copy.deepcopy(base).requires_grad_(False)
+    embed: Callable[[torch.Tensor], torch.Tensor] = model.get_input_embeddings()  # type: ignore[operator]
+
+    def inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        rest = {k: v for k, v in batch.items() if k != "input_ids"}
+        return {"inputs_embeds": embed(batch["input_ids"]).requires_grad_(True), **rest}
+
+    return Variant("floor (frozen, input grads)", "floor", None, model, None, inputs=inputs)
 
 
 def make_full(base: nn.Module, lora: LoraSpec) -> Variant:
@@ -258,6 +313,7 @@ def make_chain(
         alpha=lora.alpha,
         knots=[NO_KNOT],  # the variant ties its knots itself (Variant.step), to time each one
         exact_merge=lora.exact_merge,
+        quantized_master=lora.quantized_master,  # type: ignore[arg-type]
         **({} if lora.keep_history is None else {"keep_history": lora.keep_history}),
     )
     label = f"chainopt {TARGET_LABEL[targets]}"
@@ -275,10 +331,12 @@ def make_variants(
     lora: LoraSpec,
     kinds: Sequence[str] = ("full", "peft", "chain", "chain_knot"),
 ) -> list[Variant]:
-    """Full FT once, then PEFT / chainopt / chainopt-with-knots for each target set."""
+    """Full FT and the floor once, then PEFT / chainopt / chainopt-with-knots per target set."""
     out: list[Variant] = []
     if "full" in kinds:
         out.append(make_full(base, lora))
+    if "floor" in kinds:
+        out.append(make_floor(base))
     for t in targets:
         if "peft" in kinds:
             out.append(make_peft(base, arch, t, lora))
