@@ -4,11 +4,17 @@ Timings are never asserted (they belong to the benchmarks, on a quiet machine). 
 does pin down are byte counts and counters, which are deterministic: chainopt holds exactly the
 tensors PEFT holds (plus, for bf16 weights, the exact-merge residual) and peaks no higher, with
 and without knots; trainable parameters and optimizer state match; a knot compiles nothing new.
+On a 4-bit base (``--quant 4bit``) the model's bytes (4-bit weights, quantization state,
+factors) are PEFT's QLoRA's to the byte and chainopt's host masters are exactly 4 bytes per
+adapted weight element, kept apart. The floor (no adapter, frozen weights, input gradients) holds
+the base model alone: PEFT's and chainopt's resident bytes are the floor's plus their float32
+factors and optimizer state.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,8 +33,25 @@ def _run(script: str, out: Path, *extra: str) -> dict[str, Any]:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "== headline ==" in proc.stdout
     name = script.removesuffix(".py")
+    if "--quant" in extra:  # compare_4bit_quick.json: beside, not over, the dense results
+        name += f"_{extra[extra.index('--quant') + 1]}"
     payload: dict[str, Any] = json.loads((out / f"{name}_quick.json").read_text())
     return payload
+
+
+#: Linear layers per block that ``--quant 4bit`` makes ``Linear4bit`` (all but ``lm_head``).
+LINEARS = {"llama": 7, "opt": 6}
+
+
+def _adapted_elements(spec: dict[str, Any], targets: str) -> int:
+    """``out·in`` summed over the adapted layers, from the model's shape alone."""
+    h, layers = spec["hidden"], spec["layers"]
+    if spec["arch"] == "llama":
+        inter = math.ceil(h * 8 / 3 / 32) * 32  # Llama's MLP width, as the benchmark builds it
+        per = {"qv": 2 * h * h, "all": 4 * h * h + 3 * h * inter}
+    else:
+        per = {"qv": 2 * h * h, "all": 4 * h * h + 2 * h * 4 * h}
+    return layers * per[targets]
 
 
 @pytest.mark.parametrize(
@@ -36,33 +59,60 @@ def _run(script: str, out: Path, *extra: str) -> dict[str, Any]:
     [
         ("compare.py", ()),  # float32, eager and compiled (dynamo only)
         ("gpu.py", ("--modes", "eager")),  # bf16 weights; on the CPU here
+        ("compare.py", ("--quant", "4bit")),  # NF4 base, float32 compute, eager and compiled
+        ("gpu.py", ("--quant", "4bit", "--modes", "eager")),  # NF4 base, bf16 compute
     ],
+    ids=["compare", "gpu", "compare-4bit", "gpu-4bit"],
 )
 def test_quick_benchmark_memory_and_counters_match_peft(
     tmp_path: Path, script: str, extra: tuple[str, ...]
 ) -> None:
     result = _run(script, tmp_path, *extra)
-    bf16 = result["args"]["dtype"] == "bfloat16"
+    quant = result["args"]["quant"] == "4bit"
+    bf16 = result["args"]["dtype"] == "bfloat16" and not quant
     seen = set()
     for group in result["groups"]:
         rows = group["rows"]
         peft = {r["targets"]: r for r in rows if r["kind"] == "peft"}
+        (floor,) = (r for r in rows if r["kind"] == "floor")
+        assert floor["trainable"] == 0 and floor["opt_state_bytes"] == 0
+        assert floor["host_master_bytes"] == 0 and floor["held_other_bytes"] == 0
+        assert floor["resident_bytes"] == floor["model_bytes"]  # the base model, nothing else
+        assert ("full" in {r["kind"] for r in rows}) != quant  # 4-bit weights: no full FT
+        if quant:
+            assert group["linear4bit_layers"] == LINEARS[group["arch"]] * group["spec"]["layers"]
+        else:
+            assert group["linear4bit_layers"] == 0
         for row in rows:
-            if row["kind"] not in ("chain", "chain_knot"):
+            if row["kind"] not in ("peft", "chain", "chain_knot"):
                 continue
             ref = peft[row["targets"]]
+            # bf16 weights carry the exact-merge residual (2 bytes per adapted weight element)
+            extra_bytes = row["merge_residual_bytes"] if bf16 else 0
+            # an adapter method holds the base model plus float32 factors and their AdamW state
+            adds = 4 * row["trainable"] + row["opt_state_bytes"] + extra_bytes
+            assert row["resident_bytes"] == floor["resident_bytes"] + adds, row["variant"]
+            assert row["wall_ms_floor_x"] > 0 and row["cpu_ms_floor_x"] > 0, row["variant"]
+            if row["kind"] == "peft":
+                assert row["host_master_bytes"] == 0
+                continue
             seen.add((group["arch"], group["mode"], row["targets"], row["kind"]))
             assert row["trainable"] == ref["trainable"], row["variant"]
             assert row["opt_state_bytes"] == ref["opt_state_bytes"], row["variant"]
-            # bf16 weights carry the exact-merge residual (2 bytes per adapted weight element)
-            extra_bytes = row["merge_residual_bytes"] if bf16 else 0
             assert row["resident_bytes"] == ref["resident_bytes"] + extra_bytes, row["variant"]
+            assert row["model_bytes"] == ref["model_bytes"] + extra_bytes, row["variant"]
             assert row["peak_bytes"] <= ref["peak_bytes"] + extra_bytes, row["variant"]
             assert row["held_other_bytes"] == 0, row["variant"]  # no history by default
+            # 4-bit targets: one float32 master per adapted weight, in host memory, apart
+            elements = _adapted_elements(group["spec"], row["targets"])
+            assert row["adapted_weight_elements"] == elements, row["variant"]
+            assert row["host_master_bytes"] == (4 * elements if quant else 0), row["variant"]
             if row["kind"] == "chain_knot":
                 assert row["n_knots"] >= 1, row["variant"]
                 if group["mode"] == "compile":
                     assert row["compiles_after_knot"] == 0, row["variant"]
+            if group["mode"] == "compile":
+                assert row["compiles_after_warmup"] == 0, row["variant"]
     assert len(seen) >= 8  # two models (or modes) × two target sets × with and without knots
 
 
