@@ -1,54 +1,54 @@
 """DeepSpeed: exact knots under ``deepspeed.initialize`` and Accelerate's DeepSpeed plugin.
 
-A :class:`~chainopt.ChainLoRAOptimizer` given to DeepSpeed as the client optimizer trains, but
-without this module its knots are silently wrong under every mode that wraps the optimizer:
+A :class:`~chainopt.ChainLoRAOptimizer` given to DeepSpeed as its client optimizer trains, but
+in every mode that wraps the optimizer its knots are silently wrong without this module:
 
-- **ZeRO-1/2** (``DeepSpeedZeroOptimizer``) and **bf16** (``BF16_Optimizer``, and the
-  stage-0 bf16 engine's ``FP16_UnfusedOptimizer``) replace the wrapped optimizer's param groups
-  by fp32 *master* tensors (flat partitions, one per param group), call its ``step()`` once per
-  param group, then copy the masters back into the model's parameters. The chain's ``step()``
-  would count one optimizer step per group, tie its knot half-way through DeepSpeed's step, find
-  no optimizer state keyed by the factors to reset, and see its restarted A and B overwritten
-  by the stale masters a moment later: the model then computes ``W + s·B·A`` with the old link
-  merged *and* still applied.
+- **ZeRO-1/2** (``DeepSpeedZeroOptimizer``) and **bf16** (``BF16_Optimizer``; stage 0 in bf16:
+  ``FP16_UnfusedOptimizer``) replace the wrapped optimizer's param groups by fp32 *masters*
+  (one flat partition per param group, or one copy per parameter), call the client optimizer's
+  ``step()`` once per param group, and then copy the masters back into the model. The chain
+  would count one step per group, tie its knot half-way through DeepSpeed's step, find no state
+  keyed by the factors to reset, and have its restarted A and B overwritten by the stale
+  masters: the model then applies the merged link twice.
 - **ZeRO-3** (``DeepSpeedZeroOptimizer_Stage3``) also partitions every parameter, the frozen
-  weights included: outside a forward ``param.data`` is empty, so a knot cannot even read them.
+  weights included: outside a forward ``param.data`` is empty, and a knot cannot even read them.
 
 :func:`deepspeed_knots` (or :func:`initialize`, which calls ``deepspeed.initialize`` and then
-it) makes knots exact in those modes:
+it) makes the knots exact:
 
-1. DeepSpeed's wrapper steps the optimizer the chain wraps (``AdamW``, …) directly, and the
-   chain counts one step, and ties a knot when due, after the wrapper's whole step (masters
-   updated, parameters all-gathered); a step DeepSpeed skips (fp16 overflow) is not counted.
-2. Around every knot: under ZeRO-3 the adapted weights (and biases with a delta) and the factors
-   are gathered (``deepspeed.zero.GatheredParameters(..., modifier_rank=0)``), the knot merges
-   and restarts them whole, and they are re-partitioned, every rank holding rank 0's values.
-   Each factor's optimizer state is shown to the chain's ``reset=`` policy as a per-factor
-   entry (gathered from the ranks' partitions when the policy reads it) and written back;
-   then the restarted factors are written into DeepSpeed's fp32 masters. ``reset="full"``
-   drops the state of each master, so the next link starts from the optimizer's first step.
-3. Under ZeRO-3 the adapted modules' frozen weights and factors are registered as external
-   parameters of the module whose factorised forward reads them
-   (``deepspeed.zero.register_external_parameter``), so DeepSpeed gathers them for it.
+1. DeepSpeed's wrapper steps the optimizer the chain wraps (``AdamW``, …) directly; the chain
+   counts one step, and ties a knot when due, after the wrapper's whole step (masters updated,
+   parameters all-gathered). A step DeepSpeed skips (an overflow) is not counted.
+2. Around each knot: under ZeRO-3 the adapted weights, the biases with a delta and the factors
+   are gathered (``deepspeed.zero.GatheredParameters(..., modifier_rank=0)``), merged and
+   restarted whole, and re-partitioned from rank 0's values (every rank computed the same). The
+   chain's ``reset=`` policy sees each factor's optimizer state as an entry of its own (gathered
+   whole from the masters' state when the policy reads it, written back after); ``"full"``
+   drops the state of each master, so the next link starts at the optimizer's first step. Then
+   the restarted factors are written into DeepSpeed's masters.
+3. Under ZeRO-3 each adapted module's frozen weight and factors are registered as external
+   parameters of the module (``deepspeed.zero.register_external_parameter``): its factorised
+   forward reads them without calling the parametrization modules that own them.
 
-The stage-0 fp32 engine steps the chain itself; this module then only adds nothing but the
-checkpoint helpers. :func:`save_checkpoint` and :func:`load_checkpoint` wrap the engine's: the
-chain's counters, generator and history travel in ``client_state``; DeepSpeed saves the rest
-(the merged frozen weights too: stage 2 and 3 store them as "frozen parameter fragments").
+At stage 0 in fp32 DeepSpeed steps the chain itself, once per step, and nothing changes.
+:func:`save_checkpoint` and :func:`load_checkpoint` wrap the engine's: the chain's counters,
+generator and history travel in ``client_state``; DeepSpeed saves the rest, the merged frozen
+weights included (stages 2 and 3 keep them as "frozen parameter fragments").
 
-Tested (``tests/test_deepspeed.py``, DeepSpeed's CPU accelerator, gloo, 1 and 2 processes):
-stage 0, ZeRO-1, ZeRO-2 and ZeRO-3, fp32 and bf16 (stage 0 bf16 not: see below), through
-``deepspeed.initialize`` and through Accelerate. Refused with an error, because knots could not
-be made exact or were not tested: optimizer or parameter offload, rank step-down
-(``rank=[8, 4]``: DeepSpeed's flat buffers keep their shapes), ``init="gradient"`` (DeepSpeed
-frees the gradients inside its step), ``reset="full"`` with a param group that holds both
-factors and other trainable parameters (a master has one step counter; put the other
-parameters in a group of their own), ``non_finite="skip"`` unless ``reset="full"``, and wrapped
-optimizers that build state at construction (Adagrad). The chain must be built on the plain
-model, not one built under ``deepspeed.zero.Init``.
+Tested in ``tests/test_deepspeed.py`` (DeepSpeed 0.19.8, CPU accelerator, gloo, 1 and 2
+processes): stage 0, ZeRO-1, ZeRO-2 and ZeRO-3 in fp32 and bf16 (also ``BF16_Optimizer``),
+through ``deepspeed.initialize`` and through Accelerate, resumed from checkpoints. Refused,
+because knots could not be made exact or were not tested: fp16 (DeepSpeed has no fp16 on the CPU
+accelerator), optimizer or parameter offload, rank step-down (``rank=[8, 4]``: DeepSpeed's flat
+buffers keep their shapes), ``init="gradient"`` (DeepSpeed frees the gradients in its step),
+``reset="full"`` with a param group holding both factors and other trainable parameters (a
+master has one step counter: give those parameters a group of their own), ``non_finite="skip"``
+without ``reset="full"``, optimizers that build their state at construction, and schedule-free
+optimizers. Build the chain on the plain model, not one built under ``deepspeed.zero.Init``.
 
 Example:
-    Build the chain on the bare model, then let this module call ``deepspeed.initialize``::
+    Build the chain on the bare model, then let this module call ``deepspeed.initialize``
+    (``docs/integrations.md`` has the runnable version)::
 
         import chainopt.integrations.deepspeed as chain_ds
 
@@ -59,17 +59,18 @@ Example:
             engine.backward(engine(**batch).loss)
             engine.step()  # ties a knot when the chain's schedule says so
 
-    With Accelerate: ``model, _ = accelerator.prepare(model, opt)``, then
-    ``chain_ds.deepspeed_knots(opt, model)`` (the prepared model is the engine).
+    With Accelerate: ``engine, _ = accelerator.prepare(model, opt)``, then
+    ``chain_ds.deepspeed_knots(opt, engine)`` (the prepared model is the engine).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..iterates import resolve_iterates
 from ..optimizer import ChainLoRAOptimizer
 
 __all__ = [
@@ -105,13 +107,23 @@ def _deepspeed() -> Any:
     return deepspeed
 
 
-# --- where DeepSpeed keeps each parameter's fp32 master ---------------------------------------
+def _shape(p: Tensor) -> torch.Size:
+    """``p``'s shape, also while ZeRO-3 holds only a partition of it."""
+    shape: torch.Size = getattr(p, "ds_shape", p.shape)
+    return shape
+
+
+def _shaped_like(value: object, master: Tensor) -> bool:
+    return isinstance(value, Tensor) and value.dim() > 0 and value.shape == master.shape
+
+
+# --- where DeepSpeed keeps each parameter's fp32 master ----------------------------------------
 
 
 @dataclass(frozen=True)
 class _Fragment:
     """``master.view(-1)[hp : hp + numel]`` holds elements ``lp : lp + numel`` of the flattened
-    parameter (this rank's part of it)."""
+    parameter: this rank's part of it."""
 
     master: Tensor
     hp: int
@@ -119,50 +131,60 @@ class _Fragment:
     numel: int
 
     def view(self, tensor: Tensor) -> Tensor:
-        """This fragment of ``tensor``, a tensor laid out like :attr:`master`."""
+        """This fragment of ``tensor``, a tensor laid out like :attr:`master` (its state)."""
         return tensor.view(-1).narrow(0, self.hp, self.numel)
 
 
 class _Layout:
-    """How one DeepSpeed optimizer wrapper lays out the masters of the parameters it trains."""
+    """How a DeepSpeed optimizer wrapper keeps the masters of the parameters it trains.
+
+    These read DeepSpeed's internal attributes (DeepSpeed 0.19); :func:`_layout` refuses a
+    wrapper it does not know.
+    """
 
     kind = ""
     partitioned = True  # masters are split over the data-parallel ranks
-    gathers_weights = False  # ZeRO-3: parameters are partitioned too
+    gathers_weights = False  # ZeRO-3: the parameters are partitioned too
 
     def __init__(self, wrapper: Any) -> None:
         self.wrapper = wrapper
 
-    def masters(self) -> list[tuple[Tensor, list[nn.Parameter]]]:
-        """Every master tensor the wrapped optimizer steps, with the parameters it holds."""
+    def masters(self) -> list[tuple[Tensor, list[Tensor]]]:
+        """Every master the wrapped optimizer steps (its state key), with the parameters in it."""
         raise NotImplementedError
 
-    def fragments(self, p: nn.Parameter) -> list[_Fragment]:
-        """Where this rank keeps ``p``'s master (empty: another rank keeps all of it)."""
+    def fragments(self, p: Tensor) -> list[_Fragment]:
+        """Where this rank keeps ``p``'s master (empty: other ranks keep all of it)."""
         raise NotImplementedError
 
-    def local(self, p: nn.Parameter) -> Tensor:
-        """The model's own copy of ``p``, flattened, indexed like :attr:`_Fragment.lp`."""
+    def local(self, p: Tensor) -> Tensor:
+        """The model's copy of ``p``, flattened, indexed like :attr:`_Fragment.lp`."""
         return p.detach().view(-1)
 
-    def group(self, p: nn.Parameter) -> Any:
-        """The process group ``p``'s master is partitioned over."""
+    def group(self, p: Tensor) -> Any:
+        """The process group ``p``'s master is partitioned over (``None``: the default)."""
         return None
+
+    @contextmanager
+    def filled_groups(self, optimizer: Any) -> Iterator[None]:
+        """The wrapped optimizer's param groups hold every master meanwhile."""
+        yield
 
 
 class _HpMappingLayout(_Layout):
-    """ZeRO-1/2 (``DeepSpeedZeroOptimizer``) and ``BF16_Optimizer``: one flat fp32 partition per
-    param group; each parameter's part of it is described by its ``_hp_mapping``."""
+    """ZeRO-1/2 and ``BF16_Optimizer``: one flat fp32 partition per param group; each
+    parameter's ``_hp_mapping`` says which part of it is the parameter's."""
 
     def __init__(self, wrapper: Any, flats: str, groups: str, kind: str) -> None:
         super().__init__(wrapper)
         self.flats, self.groups, self.kind = flats, groups, kind
 
-    def masters(self) -> list[tuple[Tensor, list[nn.Parameter]]]:
+    def masters(self) -> list[tuple[Tensor, list[Tensor]]]:
         flats = getattr(self.wrapper, self.flats)
-        return [(m, list(g)) for m, g in zip(flats, getattr(self.wrapper, self.groups), strict=True)]
+        groups = getattr(self.wrapper, self.groups)
+        return [(m, list(g)) for m, g in zip(flats, groups, strict=True)]
 
-    def fragments(self, p: nn.Parameter) -> list[_Fragment]:
+    def fragments(self, p: Tensor) -> list[_Fragment]:
         mapping = getattr(p, "_hp_mapping", None)
         if mapping is None:
             return []
@@ -170,67 +192,81 @@ class _HpMappingLayout(_Layout):
         hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
         return [_Fragment(master, int(hp.start), int(lp.start), int(lp.numel))]
 
-    def group(self, p: nn.Parameter) -> Any:
+    def group(self, p: Tensor) -> Any:
         return getattr(p, "_dp_group", None)
 
 
 class _Stage3Layout(_Layout):
-    """ZeRO-3: flat fp32 partitions per sub-group; parameters hold only ``ds_tensor``."""
+    """ZeRO-3: one flat fp32 partition per sub-group; a parameter keeps only ``ds_tensor``, its
+    partition (``partition_numel()`` elements, the last rank's padded)."""
 
     kind = "ZeRO-3"
     gathers_weights = True
 
-    def masters(self) -> list[tuple[Tensor, list[nn.Parameter]]]:
+    def masters(self) -> list[tuple[Tensor, list[Tensor]]]:
         w = self.wrapper
-        return [(m, list(g)) for m, g in zip(w.fp32_partitioned_groups_flat, w.fp16_groups, strict=True)]
+        pairs = zip(w.fp32_partitioned_groups_flat, w.fp16_groups, strict=True)
+        return [(m, list(g)) for m, g in pairs]
 
-    def fragments(self, p: nn.Parameter) -> list[_Fragment]:
+    def fragments(self, p: Tensor) -> list[_Fragment]:
         w = self.wrapper
         index, offset, size = w.grad_position[w.get_param_id(p)]
         start = dist.get_rank(group=self.group(p)) * int(size)
-        valid = max(0, min(int(size), int(getattr(p, "ds_numel")) - start))
+        valid = max(0, min(int(size), int(_shape(p).numel()) - start))
         if valid == 0:
             return []
         return [_Fragment(w.fp32_partitioned_groups_flat[index], int(offset), start, valid)]
 
-    def local(self, p: nn.Parameter) -> Tensor:
-        # ds_tensor is this rank's partition; index it by the whole parameter's offsets
-        part: Tensor = getattr(p, "ds_tensor").detach().view(-1)
+    def local(self, p: Tensor) -> Tensor:
+        part: Tensor = getattr(p, "ds_tensor").detach().view(-1)  # noqa: B009 (DeepSpeed's)
         start = dist.get_rank(group=self.group(p)) * part.numel()
         padded = part.new_zeros(start + part.numel())
         padded[start:] = part
         return padded
 
-    def group(self, p: nn.Parameter) -> Any:
+    def group(self, p: Tensor) -> Any:
         return getattr(p, "ds_process_group", None)
+
+    @contextmanager
+    def filled_groups(self, optimizer: Any) -> Iterator[None]:
+        # Outside its step ZeRO-3 leaves the wrapped optimizer's param groups empty, while its
+        # state is keyed by the masters: put them back, as during the step, for a state_dict.
+        w = self.wrapper
+        saved = [g["params"] for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["params"] = []
+        for sub, master in enumerate(w.fp32_partitioned_groups_flat):
+            optimizer.param_groups[w.sub_group_to_group_id[sub]]["params"].append(master)
+        try:
+            yield
+        finally:
+            for g, params in zip(optimizer.param_groups, saved, strict=False):
+                g["params"] = params
 
 
 class _UnfusedLayout(_Layout):
-    """``FP16_UnfusedOptimizer`` (bf16/fp16 without ZeRO): one fp32 copy per parameter."""
+    """``FP16_UnfusedOptimizer`` (bf16 at stage 0): an fp32 copy of each parameter."""
 
     kind = "FP16_UnfusedOptimizer"
     partitioned = False
 
-    def masters(self) -> list[tuple[Tensor, list[nn.Parameter]]]:
+    def masters(self) -> list[tuple[Tensor, list[Tensor]]]:
         w = self.wrapper
-        return [
-            (m, [p])
-            for ms, ps in zip(w.fp32_groups, w.fp16_groups, strict=True)
-            for m, p in zip(ms, ps, strict=True)
-        ]
+        pairs = zip(w.fp32_groups, w.fp16_groups, strict=True)
+        return [(m, [p]) for ms, ps in pairs for m, p in zip(ms, ps, strict=True)]
 
-    def fragments(self, p: nn.Parameter) -> list[_Fragment]:
-        for m, ps in self.masters():
-            if ps[0] is p:
+    def fragments(self, p: Tensor) -> list[_Fragment]:
+        for m, (q,) in self.masters():
+            if q is p:
                 return [_Fragment(m, 0, 0, p.numel())]
         return []
 
 
 def _layout(wrapper: Any) -> _Layout:
-    """The layout of ``wrapper``, DeepSpeed's optimizer wrapper; refuse what is not supported.
+    """The layout of DeepSpeed's optimizer ``wrapper``.
 
     Raises:
-        NotImplementedError: an unsupported wrapper, or offload.
+        NotImplementedError: a wrapper chainopt does not know, or offload.
     """
     name = type(wrapper).__name__
     if name == "DeepSpeedZeroOptimizer":
@@ -240,9 +276,8 @@ def _layout(wrapper: Any) -> _Layout:
                 "knots were not tested with offloaded masters"
             )
         stage = 2 if getattr(wrapper, "partition_gradients", False) else 1
-        return _HpMappingLayout(
-            wrapper, "single_partition_of_fp32_groups", "bit16_groups", f"ZeRO-{stage}"
-        )
+        flats, groups = "single_partition_of_fp32_groups", "bit16_groups"
+        return _HpMappingLayout(wrapper, flats, groups, f"ZeRO-{stage}")
     if name == "BF16_Optimizer":
         return _HpMappingLayout(wrapper, "fp32_groups_flat_partition", "bf16_groups", name)
     if name == "DeepSpeedZeroOptimizer_Stage3":
@@ -264,46 +299,60 @@ def _layout(wrapper: Any) -> _Layout:
 
 
 class DeepSpeedChain:
-    """A chain's knots under one DeepSpeed engine (made by :func:`deepspeed_knots`).
+    """A chain's knots under one DeepSpeed engine; made by :func:`deepspeed_knots`.
 
     Attributes:
         optimizer: the chain.
-        engine: the DeepSpeed engine.
-        mode: ``"stage 0"``, ``"ZeRO-1"``, ``"ZeRO-2"``, ``"ZeRO-3"``, ``"BF16_Optimizer"``
-            or ``"FP16_UnfusedOptimizer"``.
+        engine: the ``DeepSpeedEngine``.
+        mode: ``"stage 0"`` (DeepSpeed steps the chain itself), ``"ZeRO-1"``, ``"ZeRO-2"``,
+            ``"ZeRO-3"``, ``"BF16_Optimizer"`` or ``"FP16_UnfusedOptimizer"``.
+
+    Raises:
+        ValueError: the engine was built with another optimizer, or an option of the chain that
+            cannot be exact in this mode (the message says which and why).
+        NotImplementedError: fp16, offload, or a DeepSpeed optimizer wrapper chainopt does not
+            know.
     """
 
     def __init__(self, optimizer: ChainLoRAOptimizer, engine: Any) -> None:
         self.optimizer = optimizer
         self.engine = engine
+        self._layout: _Layout | None = None
+        self._wrapper: Any = None
+        self.mode = "stage 0"
+        if getattr(engine, "fp16_enabled", lambda: False)():
+            raise NotImplementedError(
+                "chainopt does not support DeepSpeed's fp16 mode: it could not be tested "
+                "(DeepSpeed's CPU accelerator has no fp16 on the machines chainopt is tested "
+                "on); bf16 is supported"
+            )
         wrapper = getattr(engine, "optimizer", None)
-        if wrapper is optimizer:  # stage 0, fp32: DeepSpeed steps the chain itself
-            self._layout: _Layout | None = None
-            self.mode = "stage 0"
-            self._wrapper = None
+        if wrapper is optimizer:  # stage 0 in fp32: DeepSpeed steps the chain, once per step
             return
         if wrapper is None or getattr(wrapper, "optimizer", None) is not optimizer:
             raise ValueError(
                 "this engine was not initialised with this ChainLoRAOptimizer as its optimizer: "
-                "pass deepspeed.initialize(model=model, optimizer=opt, ...) the chain itself "
+                "give deepspeed.initialize(model=model, optimizer=opt, ...) the chain itself "
                 "(and no 'optimizer' section in the DeepSpeed config)"
             )
         layout = _layout(wrapper)
         self._check(layout)
-        self._layout, self.mode, self._wrapper = layout, layout.kind, wrapper
+        self._layout, self._wrapper, self.mode = layout, wrapper, layout.kind
         self._reads_state = optimizer.config.reset not in ("full", "none")
+        self._bf16 = bool(getattr(engine, "bfloat16_enabled", lambda: False)())
         if layout.gathers_weights:
             self._register_external_parameters()
-        wrapper.optimizer = optimizer.optimizer  # DeepSpeed steps the wrapped optimizer directly
-        self._own_step = "step" in wrapper.__dict__  # an instance attribute to put back
+        if isinstance(layout, _UnfusedLayout):
+            self._undo_construction_step(layout)
+        wrapper.optimizer = optimizer.optimizer  # DeepSpeed steps the wrapped optimizer itself
+        self._own_step = "step" in vars(wrapper)  # an instance attribute to put back on remove
         self._step = wrapper.step
         wrapper.step = self._wrapper_step
         self._remove_context = _register_knot_context(optimizer, self._knot_context)
 
     # --- setup ---
     def _check(self, layout: _Layout) -> None:
-        opt = self.optimizer
-        config = opt.config
+        opt, config = self.optimizer, self.optimizer.config
         where = f"under DeepSpeed ({layout.kind})"
         if len(set(config.ranks)) > 1:
             raise ValueError(
@@ -320,40 +369,56 @@ class DeepSpeedChain:
                 f'non_finite="skip" needs reset="full" {where}: a dropped link must lose its '
                 "optimizer state, and a master's step counter is shared with other links"
             )
-        if opt.chain.contexts:
+        if resolve_iterates(opt.optimizer) is not None:
             raise ValueError(
-                f"optimizers that keep their own iterates (schedule-free) are not supported {where}: "
-                "their eval-mode swap acts on DeepSpeed's masters, not on the model"
+                f"optimizers that keep their own iterates (schedule-free) are not supported "
+                f"{where}: their train/eval swap would act on DeepSpeed's masters"
             )
-        factors = {id(p) for p in opt.factors()}
         if any(opt.optimizer.state.get(p) for p in opt.factors()):
             raise ValueError(
                 f"{type(opt.optimizer).__name__} built optimizer state for the factors at "
-                f"construction; such optimizers (Adagrad) are not supported {where}"
+                f"construction; such optimizers are not supported {where}: a knot could not "
+                "give a DeepSpeed master its construction-time state back"
             )
         if config.reset == "full":
+            factors = {id(p) for p in opt.factors()}
             for _, params in layout.masters():
                 ours = [id(p) in factors for p in params]
                 if any(ours) and not all(ours):
                     raise ValueError(
                         f'reset="full" is not supported {where} when a param group holds both '
                         "factors and other trainable parameters (trainable_modules): DeepSpeed "
-                        "keeps one step counter per group. Put the other parameters in a param "
+                        "keeps one step counter per group. Give the other parameters a param "
                         "group of their own, e.g. AdamW([{'params': head.parameters()}, "
                         "{'params': rest}])"
                     )
 
+    def _undo_construction_step(self, layout: _Layout) -> None:
+        """``FP16_UnfusedOptimizer`` steps its client optimizer once when it is built, on zero
+        gradients, to create the state: not a training step. It is not counted, and its state
+        (AdamW at step 1, zero moments) goes, so the first real step is AdamW's first."""
+        opt = self.optimizer
+        if getattr(self.engine, "global_steps", 0) != 0 or opt.optimizer_steps != 1:
+            return
+        if opt.knots_tied:
+            raise ValueError(
+                "DeepSpeed's FP16_UnfusedOptimizer stepped the chain once when it was built, and "
+                "that step tied a knot; schedule the first knot later"
+            )
+        opt.optimizer_steps = 0
+        for master, _ in layout.masters():
+            opt.optimizer.state.pop(master, None)
+
     def _register_external_parameters(self) -> None:
-        deepspeed = _deepspeed()
-        for name, module in self.optimizer.adapted_modules():
-            record = next(r for r in self.optimizer.chain.records if r.name == name)
-            for p in [record.weight, *record.factors()]:
-                deepspeed.zero.register_external_parameter(module, p)
-            if record.delta is not None and record.bias is not None:
-                deepspeed.zero.register_external_parameter(module, record.bias)
+        zero = _deepspeed().zero
+        for r in self.optimizer.chain.records:
+            for p in [r.weight, *r.factors()]:
+                zero.register_external_parameter(r.module, p)
+            if r.delta is not None and r.bias is not None:
+                zero.register_external_parameter(r.module, r.bias)
 
     def remove(self) -> None:
-        """Undo :func:`deepspeed_knots`: DeepSpeed steps the chain again (knots then wrong)."""
+        """Undo :func:`deepspeed_knots` (DeepSpeed then steps the chain again: wrong knots)."""
         _ATTACHED.pop(self.optimizer, None)
         if self._wrapper is None:
             return
@@ -363,6 +428,7 @@ class DeepSpeedChain:
         else:
             del self._wrapper.step
         self._wrapper.optimizer = self.optimizer
+        self._wrapper = None
 
     # --- each step ---
     def _wrapper_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -372,12 +438,15 @@ class DeepSpeedChain:
         return out
 
     def _count_step(self) -> None:
-        """The chain's ``step()`` without stepping the wrapped optimizer (DeepSpeed did)."""
+        """The chain's ``step()``, whose wrapped optimizer DeepSpeed has just stepped."""
         base: Any = self.optimizer.optimizer
-        previous = base.__dict__.get("step")
+        previous = vars(base).get("step")
         base.step = _stepped
         try:
-            self.optimizer.step()
+            with warnings.catch_warnings():
+                if self._bf16:  # DeepSpeed's bf16 copies of the factors, over fp32 masters
+                    warnings.filterwarnings("ignore", message=".*after wrapping casts them")
+                self.optimizer.step()
         finally:
             if previous is None:
                 del base.step
@@ -390,16 +459,17 @@ class DeepSpeedChain:
         layout = self._layout
         assert layout is not None
         factors = list(chain.factors())
-        with ExitStack() as stack:
-            if layout.gathers_weights:
-                stack.enter_context(self._gathered(chain))
-            entries = self._expose_state(layout, factors)
-            try:
-                yield
-            finally:
-                fresh = self._absorb_state(layout, entries)
-        self._write_masters(layout, factors)
-        self._drop_states(layout, fresh)
+        fresh: set[int] = set()
+        try:
+            with self._gathered(chain) if layout.gathers_weights else nullcontext():
+                entries = self._expose_state(layout, factors)
+                try:
+                    yield
+                finally:
+                    fresh = self._absorb_state(layout, entries)
+        finally:  # also after a knot that raised half-way: the masters follow the model
+            self._write_masters(layout, factors)
+            self._drop_states(layout, fresh)
 
     def _gathered(self, chain: Any) -> Any:
         params: list[Tensor] = []
@@ -412,18 +482,15 @@ class DeepSpeedChain:
     def _expose_state(
         self, layout: _Layout, factors: Sequence[Tensor]
     ) -> dict[Tensor, dict[str, Any]]:
-        """Put a per-factor entry into the wrapped optimizer's ``state`` for the reset policy.
+        """Give each factor an entry in the wrapped optimizer's ``state`` for the reset policy.
 
-        With ``reset="full"`` or ``"none"`` the entry is empty (the policy only drops or keeps
-        it); otherwise it holds each state tensor of the factor, gathered whole from the ranks.
+        With ``reset="full"`` or ``"none"`` the entry is empty (the policy drops it or keeps
+        it); otherwise it holds the factor's state tensors, whole, and the counters.
         """
         state = self.optimizer.optimizer.state
-        stated = {id(m) for m, _ in layout.masters() if state.get(m)}
-        entries: dict[Tensor, dict[str, Any]] = {}
-        if not stated:
-            return entries
-        for p in factors:
-            entries[p] = {}
+        if not any(state.get(m) for m, _ in layout.masters()):
+            return {}  # no step since the start or the last knot: nothing to reset
+        entries: dict[Tensor, dict[str, Any]] = {p: {} for p in factors}
         if self._reads_state:
             self._gather_state(layout, factors, entries)
         for p, entry in entries.items():
@@ -433,29 +500,29 @@ class DeepSpeedChain:
     def _gather_state(
         self, layout: _Layout, factors: Sequence[Tensor], entries: dict[Tensor, dict[str, Any]]
     ) -> None:
+        """Fill ``entries[p]`` with each state tensor of factor ``p``, whole, and a copy of the
+        counters (``step``): one all-reduce per state key, to which each rank adds its fragments
+        and zeros elsewhere (so the sum is exact)."""
         state = self.optimizer.optimizer.state
         master = next(m for m, _ in layout.masters() if state.get(m))
         keys = [k for k, v in state[master].items() if _shaped_like(v, master)]
-        scalars = {k: v.clone() if isinstance(v, Tensor) else v for k, v in state[master].items()}
+        counters = {k: v for k, v in state[master].items() if k not in keys}
+        sizes = [_shape(p).numel() for p in factors]
         for key in keys:
-            scalars.pop(key)
-            buffers = [torch.zeros(p.numel(), dtype=master.dtype, device=master.device) for p in factors]
-            for p, buffer in zip(factors, buffers, strict=True):
+            flat = master.new_zeros(sum(sizes))
+            for p, part in zip(factors, torch.split(flat, sizes), strict=True):
                 for f in layout.fragments(p):
-                    buffer.narrow(0, f.lp, f.numel).copy_(f.view(state[f.master][key]))
+                    part.narrow(0, f.lp, f.numel).copy_(f.view(state[f.master][key]))
             if layout.partitioned and dist.is_initialized() and dist.get_world_size() > 1:
-                flat = torch.cat(buffers)
-                dist.all_reduce(flat, group=layout.group(factors[0]))  # disjoint parts: exact
-                buffers = list(flat.split([p.numel() for p in factors]))
-            for p, buffer in zip(factors, buffers, strict=True):
-                entries[p][key] = buffer.view(p.shape)
+                dist.all_reduce(flat, group=layout.group(factors[0]))
+            for p, part in zip(factors, torch.split(flat, sizes), strict=True):
+                entries[p][key] = part.view(_shape(p))
         for p in factors:
-            entries[p].update({k: v.clone() if isinstance(v, Tensor) else v for k, v in scalars.items()})
+            copies = {k: v.clone() if isinstance(v, Tensor) else v for k, v in counters.items()}
+            entries[p].update(copies)
 
-    def _absorb_state(
-        self, layout: _Layout, entries: dict[Tensor, dict[str, Any]]
-    ) -> set[int]:
-        """Take the per-factor entries out again; write back what the policy changed.
+    def _absorb_state(self, layout: _Layout, entries: dict[Tensor, dict[str, Any]]) -> set[int]:
+        """Take the per-factor entries out again and write back what the policy changed.
 
         Returns:
             The ids of the factors whose state the policy dropped (or replaced).
@@ -463,29 +530,27 @@ class DeepSpeedChain:
         state = self.optimizer.optimizer.state
         fresh: set[int] = set()
         for p, entry in entries.items():
-            now = state.pop(p, None)
-            if now is not entry:
+            if state.pop(p, None) is not entry:
                 fresh.add(id(p))
                 continue
             if not self._reads_state:
                 continue
             for key, value in entry.items():
-                if not (isinstance(value, Tensor) and value.shape == p.shape and value.dim() > 0):
-                    continue
-                for f in layout.fragments(p):
-                    f.view(state[f.master][key]).copy_(value.reshape(-1).narrow(0, f.lp, f.numel))
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape == _shape(p):
+                    for f in layout.fragments(p):
+                        f.view(state[f.master][key]).copy_(value.view(-1).narrow(0, f.lp, f.numel))
         return fresh
 
+    @torch.no_grad()
     def _write_masters(self, layout: _Layout, factors: Sequence[Tensor]) -> None:
-        """The restarted factors (and what a knot changed) into DeepSpeed's fp32 masters."""
-        with torch.no_grad():
-            for p in factors:
-                assert isinstance(p, nn.Parameter)
-                local = layout.local(p)
-                for f in layout.fragments(p):
-                    f.view(f.master).copy_(local.narrow(0, f.lp, f.numel))
+        """The factors as the knot left them into DeepSpeed's fp32 masters."""
+        for p in factors:
+            local = layout.local(p)
+            for f in layout.fragments(p):
+                f.view(f.master).copy_(local.narrow(0, f.lp, f.numel))
 
     def _drop_states(self, layout: _Layout, fresh: set[int]) -> None:
+        """Drop the state of each master whose factors all lost theirs."""
         if not fresh:
             return
         state = self.optimizer.optimizer.state
@@ -493,26 +558,26 @@ class DeepSpeedChain:
             dropped = [id(p) in fresh for p in params]
             if all(dropped):
                 state.pop(master, None)  # the next step starts this master's state afresh
-            elif any(dropped):  # refused at setup; keep the masters consistent anyway
+            elif any(dropped):  # refused by _check; zero their moments, keep the counter
                 for p in params:
-                    if id(p) in fresh:
-                        for f in layout.fragments(p):
-                            for value in state.get(master, {}).values():
-                                if _shaped_like(value, master):
-                                    f.view(value).zero_()
+                    for f in layout.fragments(p) if id(p) in fresh else []:
+                        for value in state.get(master, {}).values():
+                            if _shaped_like(value, master):
+                                f.view(value).zero_()
         if hasattr(self._wrapper, "_hp_optimizer_states_linked"):
-            self._wrapper._hp_optimizer_states_linked = False  # relink after the next step
+            self._wrapper._hp_optimizer_states_linked = False  # DeepSpeed relinks its views
 
     # --- checkpoints ---
     def client_state(self) -> dict[str, Any]:
-        """The chain's entry of a DeepSpeed checkpoint's ``client_state``."""
-        return {_CLIENT_KEY: self.optimizer.state_dict()["chainopt"]}
+        """The chain's entry for a DeepSpeed checkpoint's ``client_state``."""
+        with self._state_dict_view():
+            return {_CLIENT_KEY: self.optimizer.state_dict()["chainopt"]}
 
     def load_client_state(self, client_state: Mapping[str, Any]) -> None:
         """Restore the chain's counters, generator and history from ``client_state``.
 
         Raises:
-            ValueError: ``client_state`` holds no chain entry, or one that does not fit.
+            ValueError: ``client_state`` holds no chain, or one that does not fit this chain.
         """
         entry = client_state.get(_CLIENT_KEY)
         if not isinstance(entry, dict):
@@ -520,16 +585,30 @@ class DeepSpeedChain:
                 "the DeepSpeed checkpoint's client_state holds no chain: save it with "
                 "chainopt.integrations.deepspeed.save_checkpoint"
             )
-        self.optimizer.load_state_dict({**self.optimizer.optimizer.state_dict(), "chainopt": entry})
+        with self._state_dict_view():  # the wrapped optimizer's state as DeepSpeed loaded it
+            base = self.optimizer.optimizer.state_dict()
+            self.optimizer.load_state_dict({**base, _CLIENT_KEY: entry})
+
+    @contextmanager
+    def _state_dict_view(self) -> Iterator[None]:
+        if self._layout is None:
+            yield
+            return
+        with ExitStack() as stack:
+            if self._layout.gathers_weights:  # the load checks the factors' shapes
+                zero = _deepspeed().zero
+                stack.enter_context(zero.GatheredParameters(self.optimizer.factors()))
+            stack.enter_context(self._layout.filled_groups(self.optimizer.optimizer))
+            yield
 
 
-def _register_knot_context(optimizer: ChainLoRAOptimizer, context: Any) -> Any:
-    """``optimizer.register_knot_context(context)``; returns the function that removes it."""
+def _register_knot_context(optimizer: ChainLoRAOptimizer, context: Any) -> Callable[[], Any]:
+    """``optimizer.register_knot_context(context)``; returns what removes it."""
     try:
         return optimizer.register_knot_context(context).remove
     except TypeError:
-        # chainopt 0.1.0's register_knot_context builds a RemovableHandle over Chain.contexts, a
-        # plain dict, which cannot be weakly referenced: enter the context the same way by hand.
+        # register_knot_context puts a RemovableHandle over Chain.contexts, a plain dict, which
+        # cannot be weakly referenced: enter the context the same way, by hand.
         contexts = optimizer.chain.contexts
         key = id(context)
         contexts[key] = context
@@ -541,31 +620,26 @@ def _stepped(closure: Any = None) -> None:
     return None
 
 
-def _shaped_like(value: object, master: Tensor) -> bool:
-    return isinstance(value, Tensor) and value.dim() > 0 and value.shape == master.shape
-
-
 def deepspeed_knots(optimizer: ChainLoRAOptimizer, engine: Any) -> DeepSpeedChain:
     """Make the knots of ``optimizer`` exact under the DeepSpeed ``engine`` built with it.
 
     Call it once, right after ``deepspeed.initialize(model=model, optimizer=optimizer, ...)``
-    or Accelerate's ``accelerator.prepare(model, optimizer)`` (pass the prepared model: it is the
-    engine), before the first step. See the module docstring for what it changes.
+    or Accelerate's ``accelerator.prepare(model, optimizer)`` (pass the prepared model: it is
+    the engine), before the first step. The module docstring says what it changes.
 
     Args:
         optimizer: the chain, built on the bare model before DeepSpeed saw it.
         engine: the ``DeepSpeedEngine``.
 
     Returns:
-        The :class:`DeepSpeedChain` (``.remove()`` undoes it).
+        The :class:`DeepSpeedChain`; its ``remove()`` undoes this.
 
     Raises:
         ImportError: DeepSpeed is not installed.
         TypeError: ``optimizer`` is not a ChainLoRAOptimizer.
-        ValueError: the engine was built with another optimizer, or the chain's options cannot
-            be made exact under this mode (the message says which and why).
-        NotImplementedError: the DeepSpeed mode is not supported (offload, an unknown wrapper).
-        RuntimeError: knots are already set up for this chain.
+        RuntimeError: this was already called for the chain.
+        ValueError: see :class:`DeepSpeedChain`.
+        NotImplementedError: see :class:`DeepSpeedChain`.
     """
     _deepspeed()
     if not isinstance(optimizer, ChainLoRAOptimizer):
@@ -580,7 +654,7 @@ def deepspeed_knots(optimizer: ChainLoRAOptimizer, engine: Any) -> DeepSpeedChai
 def _handle(optimizer: ChainLoRAOptimizer) -> DeepSpeedChain:
     handle = _ATTACHED.get(optimizer)
     if handle is None:
-        raise RuntimeError("call deepspeed_knots(optimizer, engine) (or initialize) first")
+        raise RuntimeError("call deepspeed_knots(optimizer, engine) or initialize(...) first")
     return handle
 
 
@@ -589,9 +663,9 @@ def initialize(
 ) -> tuple[Any, Any, Any, Any]:
     """``deepspeed.initialize`` for a chain, then :func:`deepspeed_knots`.
 
-    The DeepSpeed config (a dict, or the path of a JSON file) gets
-    ``"zero_allow_untested_optimizer": true``: DeepSpeed steps the optimizer the chain wraps,
-    and only checks the type of the one it is given (Accelerate sets the same flag).
+    A config given as a dict or as the path of a JSON file gets
+    ``"zero_allow_untested_optimizer": true`` (as Accelerate sets it): DeepSpeed then steps the
+    optimizer the chain wraps, while it checks the type of the one it is given.
 
     Args:
         model: the chained model (``optimizer.model``).
@@ -612,9 +686,11 @@ def initialize(
         config = json.loads(Path(config).read_text())
     if isinstance(config, Mapping):
         config = {**config, "zero_allow_untested_optimizer": True}
-    out = deepspeed.initialize(model=model, optimizer=optimizer, config=config, **kwargs)
-    deepspeed_knots(optimizer, out[0])
-    return tuple(out)  # type: ignore[return-value]
+    engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=config, **kwargs
+    )
+    deepspeed_knots(optimizer, engine)
+    return engine, ds_optimizer, loader, scheduler
 
 
 def save_checkpoint(
@@ -625,9 +701,10 @@ def save_checkpoint(
     client_state: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> Any:
-    """``engine.save_checkpoint`` with the chain's counters, generator and history.
+    """``engine.save_checkpoint``, with the chain's counters, generator and history.
 
-    Call it on every rank. ``client_state`` (yours) is saved too, under its own keys.
+    Call it on every rank. Your ``client_state`` is saved too (the key ``"chainopt"`` is the
+    chain's).
 
     Returns:
         What ``engine.save_checkpoint`` returns.
@@ -645,14 +722,17 @@ def load_checkpoint(
 ) -> tuple[Any, dict[str, Any]]:
     """``engine.load_checkpoint`` of a :func:`save_checkpoint`, the chain's state included.
 
-    Call it on every rank, with the engine and chain built as for the saved run.
+    Call it on every rank, with the engine and the chain built as for the saved run. Under
+    ZeRO-3 the module's load takes only its buffers (merge residuals): DeepSpeed restores the
+    partitioned parameters from its own shards (the engine's ``custom_load_fn``; pass one to
+    override).
 
     Returns:
-        ``(path, client_state)`` as ``engine.load_checkpoint`` returns them, without the chain's
+        ``(path, client_state)`` as ``engine.load_checkpoint`` returns them, less the chain's
         entry; ``(None, {})`` if there was nothing to load.
 
     Raises:
-        ValueError: the checkpoint holds no chain, or one of another config.
+        ValueError: the checkpoint holds no chain, or one of another chain config.
     """
     handle = _handle(optimizer)
     if handle._layout is not None and handle._layout.gathers_weights:
@@ -667,11 +747,10 @@ def load_checkpoint(
 
 
 def _load_buffers(src: Mapping[str, Any], dst: nn.Module) -> None:
-    """ZeRO-3's module load: only the buffers (merge residuals, …); DeepSpeed restores the
-    partitioned parameters from its own shards and frozen fragments."""
+    """ZeRO-3's module load: the buffers only. The saved parameters are empty placeholders,
+    which chainopt's load check refuses; DeepSpeed loads the parameters from its shards."""
     buffers = dict(dst.named_buffers())
     with torch.no_grad():
         for name, value in src.items():
             if name in buffers and isinstance(value, Tensor):
                 buffers[name].copy_(value)
-
