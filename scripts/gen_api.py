@@ -11,7 +11,11 @@ import inspect
 import sys
 from pathlib import Path
 
-INTEGRATIONS = ["chainopt.integrations.transformers", "chainopt.integrations.lightning"]
+INTEGRATIONS = [
+    "chainopt.integrations.transformers",
+    "chainopt.integrations.lightning",
+    "chainopt.integrations.deepspeed",
+]
 """Integration modules (each imports its framework); rendered when the framework is installed."""
 OUT = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
