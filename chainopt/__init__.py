@@ -25,6 +25,7 @@ from .init import InitPolicy
 from .integrations.hf_save import (
     ParametrizedCheckpointWarning,
     guard_save_pretrained,
+    prepare_hf_model,
     saving_for_resume,
 )
 from .lora import BiasDelta, LoRAParametrization
@@ -35,7 +36,7 @@ from .summary import ChainSummary, ModuleSummary
 from .targets import ModuleSpec
 from .warmup import KnotWarmup
 
-on_wrap(guard_save_pretrained)  # a plain save_pretrained of a chained HF model warns
+on_wrap(prepare_hf_model)  # save_pretrained writes the merged model; a 4-bit model may train
 
 __all__ = [
     "AdapterReport",

@@ -34,6 +34,10 @@ class Backend(Protocol):
     def requantize_(self, module: nn.Module, dense: Tensor) -> None:
         """Quantize ``dense`` ``(out, in)`` into the module's weight, in place."""
 
+    def serialize(self, module: nn.Module, dense: Tensor) -> dict[str, Tensor]:
+        """``dense`` quantized like the module's weight, as the state-dict entries (relative to
+        the module's prefix: ``"weight"`` and its quantization state) the module would save."""
+
     def load_(self, module: nn.Module, state_dict: dict[str, Any], key: str) -> None:
         """Take the quantization state saved beside ``key`` out of ``state_dict`` (entries
         ``load_state_dict`` cannot load) and into the module; the weight itself stays."""
@@ -55,6 +59,16 @@ class _BitsAndBytes4bit:
         return dense.float()
 
     def requantize_(self, module: nn.Module, dense: Tensor) -> None:
+        weight: Any = module.weight
+        old = weight.quant_state
+        q, state = self._quantize(module, dense)
+        if weight.data.shape == q.shape and not getattr(old, "packing_format_for_cpu", False):
+            weight.data.copy_(q)  # the same storage
+        else:
+            weight.data = q
+        _set_state(weight, state)
+
+    def _quantize(self, module: nn.Module, dense: Tensor) -> tuple[Tensor, Any]:
         import bitsandbytes.functional as bnbf
 
         weight: Any = module.weight
@@ -68,11 +82,13 @@ class _BitsAndBytes4bit:
             quant_type=old.quant_type,
             quant_storage=weight.quant_storage,
         )
-        if weight.data.shape == q.shape and not getattr(old, "packing_format_for_cpu", False):
-            weight.data.copy_(q)  # the same storage
-        else:
-            weight.data = q
-        _set_state(weight, state)
+        return q, state
+
+    def serialize(self, module: nn.Module, dense: Tensor) -> dict[str, Tensor]:
+        q, state = self._quantize(module, dense)
+        entries = {"weight": q}
+        entries.update({f"weight.{k}": v for k, v in state.as_dict(packed=True).items()})
+        return entries
 
     def load_(self, module: nn.Module, state_dict: dict[str, Any], key: str) -> None:
         import bitsandbytes.functional as bnbf
@@ -110,6 +126,15 @@ class _TorchaoNF4:
         weight: Any = module.weight
         with torch.no_grad():
             weight.copy_(dense.to(device=weight.device, dtype=weight.dtype))  # quantizes in place
+
+    def serialize(self, module: nn.Module, dense: Tensor) -> dict[str, Tensor]:
+        weight: Any = module.weight
+        nf4 = type(weight).from_tensor(
+            dense.to(device=weight.device, dtype=weight.dtype),
+            weight.block_size,
+            weight.scaler_block_size,
+        )
+        return {"weight": nf4}
 
     def load_(self, module: nn.Module, state_dict: dict[str, Any], key: str) -> None:
         """``load_state_dict`` copies an ``NF4Tensor`` into an ``NF4Tensor`` itself."""

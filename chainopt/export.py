@@ -31,6 +31,7 @@ from ._validate import type_name
 from .adapted import AdaptedModule, detach, find_adapted, parametrization_count
 from .guard import NonFiniteUpdateError, check_links
 from .merge import merge_, merged_bias, merged_weight
+from .quantized import quantized_backend
 
 __all__ = [
     "adapted_modules",
@@ -89,57 +90,83 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def merged_state_dict(
-    model: nn.Module, quantized_dtype: torch.dtype | None = None
+    model: nn.Module, quantized_dtype: torch.dtype | None = None, keep_quantized: bool = False
 ) -> dict[str, Tensor]:
     """``model.state_dict()`` under plain keys, with every pending link merged.
 
     The model is not changed. ``….parametrizations.weight.original`` becomes ``….weight`` holding
-    ``W + s·B·A`` (and the bias its delta); factor and residual entries are dropped. A quantized
-    layer's 4-bit weight and its quantization state become one dense ``….weight`` (its master plus
-    the pending link) in ``quantized_dtype`` (default: the layer's ``compute_dtype``, else
-    float32). Other entries are passed through unchanged, in order.
+    ``W + s·B·A`` (and the bias its delta); factor and residual entries are dropped. Quantized
+    (4-bit) layers become dense ``….weight`` entries in ``quantized_dtype`` (default: the layer's
+    ``compute_dtype``, else float32): an adapted one its master plus the pending link, any other
+    one dequantized; so the result loads into the unquantized model. With ``keep_quantized`` they
+    stay 4-bit instead, in their library's own keys, an adapted one requantized from its master
+    plus the pending link (what a 4-bit checkpoint of the fine-tuned model holds). Other entries
+    are passed through unchanged, in order.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         NonFiniteUpdateError: a merged weight or bias would not be finite.
     """
     records = _checked(model, "export the merged weights")
+    adapted = {id(r.module) for r in records}
     state = model.state_dict()
-    merged: dict[str, Tensor] = {}  # plain key -> tensor
-    owner: dict[str, str] = {}  # state-dict key -> the plain key it becomes part of
+    groups: dict[str, dict[str, Tensor]] = {}  # first key of a group -> the entries it becomes
+    owner: dict[str, str] = {}  # state-dict key -> its group
+
+    def claim(group: str, keys: list[str], entries: dict[str, Tensor]) -> None:
+        for key in keys:
+            owner[key] = group
+        groups[group] = entries
+
+    def dense_dtype(module: nn.Module) -> torch.dtype:
+        dtype = quantized_dtype or getattr(module, "compute_dtype", None)
+        return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
     for r in records:
         prefix = f"{r.name}." if r.name else ""
         if r.quant is not None:
-            dtype = quantized_dtype or getattr(r.module, "compute_dtype", None) or torch.float32
-            weight = merged_weight(r, dtype if isinstance(dtype, torch.dtype) else torch.float32)
-            for key in state:
-                if key == f"{prefix}weight" or key.startswith(
-                    (f"{prefix}weight.", f"{prefix}{r.link_prefix}")
-                ):
-                    owner[key] = f"{prefix}weight"
+            weight = merged_weight(r, torch.float32)
+            keys = [k for k in state if k == f"{prefix}weight"
+                    or k.startswith((f"{prefix}weight.", f"{prefix}{r.link_prefix}"))]  # fmt: skip
         else:
             # With another parametrization stacked after ours, only the whole stack is the weight.
             stacked = parametrization_count(r.module) > 1
             weight = getattr(r.module, "weight").detach().clone() if stacked else merged_weight(r)  # noqa: B009
-            for key in state:
-                if key.startswith(f"{prefix}parametrizations.weight."):
-                    owner[key] = f"{prefix}weight"
+            keys = [k for k in state if k.startswith(f"{prefix}parametrizations.weight.")]
         if not bool(torch.isfinite(weight).all()):
             raise NonFiniteUpdateError(f"refusing to export {r.name!r}: its weight is not finite")
-        merged[f"{prefix}weight"] = weight
+        if r.quant is None:
+            entries = {f"{prefix}weight": weight}
+        elif keep_quantized:
+            entries = {
+                prefix + k: v for k, v in r.quant.backend.serialize(r.module, weight).items()
+            }
+        else:
+            entries = {f"{prefix}weight": weight.to(dense_dtype(r.module))}
+        claim(keys[0], keys, entries)
         bias = merged_bias(r) if r.delta is not None else None
         if bias is not None:
-            merged[f"{prefix}bias"] = bias
-            for key in state:
-                if key.startswith(f"{prefix}parametrizations.bias."):
-                    owner[key] = f"{prefix}bias"
+            keys = [k for k in state if k.startswith(f"{prefix}parametrizations.bias.")]
+            claim(keys[0], keys, {f"{prefix}bias": bias})
+    if not keep_quantized:  # the quantized layers the chain does not adapt: dequantized too
+        for name, module in model.named_modules():
+            backend = quantized_backend(module)
+            if backend is None or id(module) in adapted:
+                continue
+            prefix = f"{name}." if name else ""
+            keys = [k for k in state if k == f"{prefix}weight" or k.startswith(f"{prefix}weight.")]
+            claim(
+                keys[0],
+                keys,
+                {f"{prefix}weight": backend.dequantize(module).to(dense_dtype(module))},
+            )
     out: dict[str, Tensor] = {}
     for key, value in state.items():
-        plain = owner.get(key)
-        if plain is None:
+        group = owner.get(key)
+        if group is None:
             out[key] = value
-        elif plain not in out:
-            out[plain] = merged[plain]  # where the first of its keys stood
+        elif key == group:  # where the first of its keys stood
+            out.update(groups[group])
     return out
 
 

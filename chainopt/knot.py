@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -135,7 +136,7 @@ class Chain:
     drop_state: StateReset
     on_bad: OnBadLinks
     link_init: LinkInit
-    contexts: dict[int, KnotContext] = field(default_factory=dict)
+    contexts: OrderedDict[int, KnotContext] = field(default_factory=OrderedDict)
     knots_tied: int = 0
     pending: _Attempt | None = None
 

@@ -168,39 +168,27 @@ def test_the_trainer_with_a_bitsandbytes_optimizer_trains_and_ties_exact_knots(
     assert not torch.allclose(_logits(model), before)  # the chain trained
 
 
-def test_trainer_refuses_a_from_pretrained_4bit_model_with_a_chain_but_not_a_workaround(
-    tmp_path: Path,
-) -> None:
+def test_the_trainer_trains_a_chain_over_a_from_pretrained_4bit_model(tmp_path: Path) -> None:
     """transformers' ``validate_quantization_for_training`` accepts a quantized model only as a
-    PEFT model: a chain over ``from_pretrained(..., BitsAndBytesConfig(load_in_4bit=True))`` is
-    refused at ``Trainer(...)``. Clearing the model's ``is_quantized`` flag (an instance attribute
-    the quantizer sets) while the Trainer is built works."""
+    PEFT model; a chain clears the model's ``is_quantized`` instance flag (it has trainable
+    factors), while the quantizer and the saved config still say the model is 4-bit."""
     from transformers import Trainer, TrainingArguments
 
     from chainopt.integrations.transformers import create_chain_optimizer
 
     model = _from_pretrained_4bit(tmp_path)
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert model.is_quantized
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, learning_rate=1e-2,
                              per_device_train_batch_size=2, save_strategy="no", report_to="none",
                              use_cpu=True, disable_tqdm=True)  # fmt: skip
     opt = create_chain_optimizer(model, args, target_modules=QV, rank=4, knot_every=1)
-    with pytest.raises(ValueError, match="purely quantized"):
-        Trainer(model=model, args=args, train_dataset=_Tokens(), optimizers=(opt, None))
-    model.is_quantized = False  # the workaround (docs/qlora.md)
-    try:
-        trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), optimizers=(opt, None))
-    finally:
-        model.is_quantized = True
+    assert not model.is_quantized and model.hf_quantizer is not None
+    trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), optimizers=(opt, None))
     trainer.train()
     assert opt.knots_tied == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library gap: Trainer refuses a chained from_pretrained 4-bit model (see above); "
-    "the chain should make validate_quantization_for_training accept it",
-)
 def test_trainer_accepts_a_chained_from_pretrained_4bit_model(tmp_path: Path) -> None:
     from transformers import Trainer, TrainingArguments
 
@@ -307,12 +295,6 @@ def test_the_merged_model_of_an_all_linear_4bit_chain_loads_into_a_stock_dense_l
         assert torch.equal(merged[f"{r.name}.weight"], r.quant.merged(r.link))  # type: ignore[union-attr]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library gap: merged_state_dict passes non-adapted Linear4bit layers through as "
-    "4-bit entries (uint8 weight + quant-state keys), so a q/v chain over a 4-bit model "
-    "does not give a dense model; they should be dequantized to quantized_dtype too",
-)
 def test_the_merged_model_of_a_qv_4bit_chain_is_dense() -> None:
     model, _ = _trained(QV)
     merged = chainopt.merged_state_dict(model)
@@ -391,13 +373,6 @@ def _from_pretrained_4bit(tmp_path: Path) -> nn.Module:
     )  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: for a quantized HF model save_pretrained ignores state_dict= (it asks "
-    "hf_quantizer.get_state_dict_and_metadata), so the guard's merged weights are dropped: the "
-    "folder holds the 4-bit weights plus chainopt_link factors, which from_pretrained reports "
-    "as unexpected and drops, losing the pending link",
-)
 def test_save_pretrained_of_a_chained_4bit_model_reloads_the_fine_tuned_model(
     tmp_path: Path,
 ) -> None:
@@ -417,12 +392,6 @@ def test_save_pretrained_of_a_chained_4bit_model_reloads_the_fine_tuned_model(
 # --- a knot context, as an experiment registers one ---
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="library bug: Chain.contexts is a plain dict, which RemovableHandle cannot weakly "
-    "reference; it should be an OrderedDict as the knot hooks' is",
-)
 def test_register_knot_context_returns_a_handle() -> None:
     model = _quantized()
     opt = _chain(model)

@@ -512,7 +512,8 @@ class DeepSpeedChain:
             flat = master.new_zeros(sum(sizes))
             for p, part in zip(factors, torch.split(flat, sizes), strict=True):
                 for f in layout.fragments(p):
-                    part.narrow(0, f.lp, f.numel).copy_(f.view(state[f.master][key]))
+                    if key in state.get(f.master, {}):
+                        part.narrow(0, f.lp, f.numel).copy_(f.view(state[f.master][key]))
             if layout.partitioned and dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(flat, group=layout.group(factors[0]))
             for p, part in zip(factors, torch.split(flat, sizes), strict=True):
@@ -538,7 +539,9 @@ class DeepSpeedChain:
             for key, value in entry.items():
                 if isinstance(value, Tensor) and value.dim() > 0 and value.shape == _shape(p):
                     for f in layout.fragments(p):
-                        f.view(state[f.master][key]).copy_(value.view(-1).narrow(0, f.lp, f.numel))
+                        if key in state.get(f.master, {}):
+                            own = value.view(-1).narrow(0, f.lp, f.numel)
+                            f.view(state[f.master][key]).copy_(own)
         return fresh
 
     @torch.no_grad()

@@ -33,7 +33,13 @@ from torch import Tensor, nn
 
 from ..export import adapted_modules, mark_merged_save, merged_state_dict
 
-__all__ = ["ParametrizedCheckpointWarning", "guard_save_pretrained", "saving_for_resume"]
+__all__ = [
+    "ParametrizedCheckpointWarning",
+    "accept_as_adapted",
+    "guard_save_pretrained",
+    "prepare_hf_model",
+    "saving_for_resume",
+]
 
 _RESUME_SAVES = "_chainopt_resume_saves"  # instance attribute: saving_for_resume depth
 _PARAMETRIZED = ".parametrizations."
@@ -113,6 +119,9 @@ def _merged_save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         bound = inspect.signature(save).bind(self, *args, **kwargs)
     except TypeError:  # let save_pretrained report its own argument errors
         return save(self, *args, **kwargs)
+    quantizer = getattr(self, "hf_quantizer", None)
+    if quantizer is not None:  # a quantized model saves what its quantizer says, not state_dict=
+        return _save_quantized(self, save, bound, quantizer)
     given = bound.arguments.get("state_dict")
     if given is not None and any(_PARAMETRIZED in f".{k}" for k in given):
         if not _own(self, given):
@@ -130,3 +139,48 @@ def _merged_save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     result = save(*bound.args, **bound.kwargs)
     mark_merged_save(self)
     return result
+
+
+def _save_quantized(
+    self: nn.Module, save: Any, bound: inspect.BoundArguments, quantizer: Any
+) -> Any:
+    """Save a chained quantized model as the fine-tuned quantized model.
+
+    transformers takes a quantized model's state dict from its quantizer
+    (``hf_quantizer.get_state_dict_and_metadata``), ignoring ``state_dict=``; so for the duration
+    of the save that method (on this quantizer instance only) returns the merged state dict with
+    every adapted 4-bit layer requantized from its master plus the pending link.
+    """
+    merged = merged_state_dict(self, keep_quantized=True)
+    original = quantizer.get_state_dict_and_metadata
+
+    def merged_state(model: nn.Module) -> Any:
+        _state, metadata = original(model)
+        return merged, metadata
+
+    quantizer.get_state_dict_and_metadata = merged_state
+    try:
+        result = save(*bound.args, **bound.kwargs)
+    finally:
+        del quantizer.get_state_dict_and_metadata  # the class's method again
+    mark_merged_save(self)
+    return result
+
+
+def accept_as_adapted(model: nn.Module) -> None:
+    """Let the HF ``Trainer`` train a chained quantized model.
+
+    ``Trainer`` refuses a model that ``from_pretrained`` quantized (its ``is_quantized`` instance
+    flag) unless it is a PEFT model, because such a model has nothing to train; a chain is what
+    it trains. The flag is cleared on the instance; the quantizer and the saved config keep saying
+    the model is quantized.
+    """
+    if getattr(model, "hf_quantizer", None) is not None and getattr(model, "is_quantized", False):
+        model.__dict__["is_quantized"] = False
+
+
+def prepare_hf_model(model: nn.Module) -> None:
+    """What every Hugging Face model a chain wraps gets: the merged ``save_pretrained`` and, if
+    it is quantized, the Trainer's consent (:func:`accept_as_adapted`)."""
+    guard_save_pretrained(model)
+    accept_as_adapted(model)
