@@ -54,6 +54,7 @@ from qlora_knots import quant_step
 
 import chainopt
 from chainopt import ChainLoRAOptimizer
+from chainopt.quantized import quantized_backend
 
 METHODS = {
     "lora": ("LoRA (QLoRA)", "host"),
@@ -146,6 +147,29 @@ class KnotProbe:
         )
 
 
+def resume(path: Path, model: nn.Module, opt: ChainLoRAOptimizer) -> dict[str, Any]:
+    """``chainopt.load_checkpoint``, or, where it refuses the quantization state of the 4-bit
+    layers the chain does not adapt (chainopt 0.1.0: their ``….weight.absmax`` etc. are
+    "unexpected"), the same load without those entries: those layers never change, and the base
+    is rebuilt bit for bit (quantization is deterministic)."""
+    try:
+        return chainopt.load_checkpoint(path, model, opt)
+    except RuntimeError as err:
+        if "Unexpected key" not in str(err):
+            raise
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    adapted = {r.name for r in opt.chain.records}
+    frozen = [n for n, m in model.named_modules() if quantized_backend(m) and n not in adapted]
+    state = {
+        k: v for k, v in saved["model"].items() if not k.startswith(tuple(f"{n}." for n in frozen))
+    }
+    result = model.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys[:3]
+    assert all(k.startswith(tuple(f"{n}." for n in frozen)) for k in result.missing_keys)
+    opt.load_state_dict(saved["optimizer"])
+    return dict(saved["extra"])
+
+
 def build(base: nn.Module, method: str, total: int, args: argparse.Namespace, seed: int):
     model = copy.deepcopy(base)
     links = 1 if method == "lora" else args.links
@@ -187,7 +211,7 @@ def train_run(
         opt.chain.contexts[id(probe)] = probe
     state: dict[str, Any] = {"step": 0, "losses": [], "seconds": 0.0, "knots": []}
     if ckpt.exists():
-        extra = chainopt.load_checkpoint(ckpt, model, opt)
+        extra = resume(ckpt, model, opt)
         sched.load_state_dict(extra["sched"])
         state = json.loads(extra["state"])
         probe.knots = state["knots"]
@@ -219,6 +243,8 @@ def train_run(
             chainopt.save_checkpoint(
                 ckpt, model, opt, sched=sched.state_dict(), state=json.dumps(state)
             )
+            if args.stop_after and done >= args.stop_after:
+                raise SystemExit(f"{key}: stopped after step {done} (--stop-after)")
     model.eval()
     tick = time.perf_counter()
     accuracy = data.accuracy(model, tokenizer)
@@ -355,7 +381,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smooth", type=int, default=4, help="loss curve moving average")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="a random tiny Llama, seconds")
-    parser.add_argument("--estimate", action="store_true", help="time two steps and stop")
+    parser.add_argument("--estimate", action="store_true", help="time a few steps and stop")
+    parser.add_argument("--stop-after", type=int, default=0, help="exit at the first checkpoint "
+                        "from this step on (to try resuming)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "experiments/results/qlora_smollm2")
     args = parser.parse_args(argv)
     if args.tiny:
