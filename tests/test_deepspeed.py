@@ -154,6 +154,10 @@ def _config(stage: int, world: int, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
+def _shape_of(p: torch.Tensor) -> torch.Size:
+    return getattr(p, "ds_shape", p.shape)  # ZeRO-3 keeps only a partition in p
+
+
 def _gathered(deepspeed: Any, params: list[nn.Parameter]) -> Any:
     return deepspeed.zero.GatheredParameters(params)  # a no-op below ZeRO-3
 
@@ -554,6 +558,28 @@ def _checks_worker(rank: int, world: int, port: int, out: str) -> None:
             counts.append((opt.optimizer_steps, opt.knots_tied))
         results["accumulate"] = counts
 
+        # a step DeepSpeed skips (its gradient norm is not finite) is not counted; a link that
+        # went NaN is refused by the knot on every stage, and no weight changes
+        refused = []
+        for stage in (2, 3):
+            engine, opt = start(stage)
+            model = opt.model
+            x, y = _batch(0)
+            engine.backward(nn.functional.mse_loss(engine(torch.full_like(x, float("nan"))), y))
+            engine.step()
+            skipped = (engine.was_step_applied(), opt.optimizer_steps)
+            engine.backward(nn.functional.mse_loss(engine(x), y))
+            engine.step()
+            b = model[0].parametrizations.weight[0].lora_B
+            deepspeed.utils.safe_set_full_fp32_param(b, torch.full(_shape_of(b), float("nan")))
+            frozen = {k: v for k, v in _whole(deepspeed, model).items() if "original" in k}
+            engine.backward(nn.functional.mse_loss(engine(x), y))
+            outcome = _outcome(engine.step)  # the second optimizer step: a knot is due
+            after = _whole(deepspeed, model)  # gathers: the knot's context was left cleanly
+            same = all(torch.equal(after[k], v) for k, v in frozen.items())
+            refused.append((skipped, outcome.split(":")[0], same, opt.knots_tied))
+        results["nan"] = refused
+
         engine, opt = start()
         results["twice"] = _outcome(lambda: chain_ds.deepspeed_knots(opt, engine))
 
@@ -647,6 +673,13 @@ def test_knots_count_deepspeed_optimizer_steps_under_gradient_accumulation(
     checks: dict[str, Any],
 ) -> None:
     assert checks["accumulate"] == [(4, 2), (4, 2)]  # 8 micro-batches, 2 per step: ZeRO-2, -3
+
+
+def test_a_skipped_step_is_not_counted_and_a_nan_link_changes_no_weight(
+    checks: dict[str, Any],
+) -> None:
+    skipped = (False, 0)  # not applied, not counted
+    assert checks["nan"] == [(skipped, "NonFiniteUpdateError", True, 0)] * 2  # ZeRO-2, ZeRO-3
 
 
 def test_the_docs_deepspeed_blocks_run(checks: dict[str, Any]) -> None:
