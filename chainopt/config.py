@@ -260,6 +260,12 @@ def check_model(model: object) -> None:
             "the bare model with ChainLoRAOptimizer first, then shard it with fully_shard and "
             "call opt.rebind_parameters()"
         )
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise ValueError(
+            "model was built under deepspeed.zero.Init (its parameters are ZeRO-3 partitions): "
+            "build it without zero.Init, wrap it with ChainLoRAOptimizer, then hand both to "
+            "chainopt.integrations.deepspeed.initialize (ZeRO-3 partitions it there)"
+        )
     wrapped = find_adapted(model)
     if wrapped:
         raise ValueError(

@@ -39,7 +39,10 @@ class _Chain(Protocol):
 
 
 KnotContext = Callable[[Any], AbstractContextManager[None]]
-"""``context(chain)``: entered around a whole knot (every step of it), exited even if it raises."""
+"""``context(chain)``: entered around a whole knot (every step of it), exited even if it raises.
+
+A context with a true ``steps_factors`` attribute declares that an engine steps the factors
+through copies of its own (DeepSpeed's masters) and keeps them in step across the knot."""
 
 
 class ScheduleFreeIterates:

@@ -159,6 +159,7 @@ def tie_knot(chain: Chain, step: int) -> KnotRecord:
     with ExitStack() as contexts:
         for context in list(chain.contexts.values()):  # schedule-free's eval mode, ZeRO-3, ...
             contexts.enter_context(context(chain))
+        _require_factors_stepped(chain)
         attempt = chain.pending or _inspect_and_record(chain, step)
         chain.pending = attempt
         for r in attempt.good:  # merge, and zero the link at once: the function holds throughout
@@ -175,6 +176,22 @@ def tie_knot(chain: Chain, step: int) -> KnotRecord:
     chain.knots_tied += 1
     chain.pending = None
     return attempt.record
+
+
+def _require_factors_stepped(chain: Chain) -> None:
+    """Refuse a knot the wrapped optimizer would undo: it must step the factors themselves,
+    unless a knot context says an engine steps (and resets) them through copies of its own
+    (its ``steps_factors`` attribute is true)."""
+    if any(getattr(c, "steps_factors", False) for c in chain.contexts.values()):
+        return
+    held = {id(p) for g in chain.optimizer.param_groups for p in g["params"]}
+    if not all(id(p) in held for p in chain.factors()):
+        raise RuntimeError(
+            "the wrapped optimizer no longer steps the chain's factors (an engine such as "
+            "DeepSpeed's ZeRO replaced its param groups with copies of its own), so the next "
+            "step would undo a knot; nothing was changed. Under DeepSpeed use "
+            "chainopt.integrations.deepspeed.initialize(...) or deepspeed_knots(opt, engine)"
+        )
 
 
 def _inspect_and_record(chain: Chain, step: int) -> _Attempt:

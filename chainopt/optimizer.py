@@ -328,12 +328,24 @@ class ChainLoRAOptimizer(Optimizer):
         else:
             with torch.enable_grad():
                 loss = self._base.step(closure)
+        self.count_step()
+        return loss
+
+    def count_step(self) -> None:
+        """Count an optimizer step the wrapped optimizer took outside :meth:`step` (an engine
+        that steps it itself, such as DeepSpeed's), and tie a knot if one is due."""
+        self._require_chain()
         self.optimizer_steps += 1
         merged_save_pending(self.model, clear=True)  # a later state_dict is of a later state
         if self.schedule.is_due(self.optimizer_steps):
             self.tie_knot()
         self._arm()
-        return loss
+
+    def accept_dtypes(self) -> None:
+        """Take the factors' and residuals' current dtypes as intended (an engine that keeps
+        float32 masters of half-precision factors): no :class:`~chainopt.ChainLoRAWarning` for
+        them at knots."""
+        self._dtypes = DtypeWatch(self._records)
 
     def tie_knot(self) -> KnotRecord:
         """Tie a knot now (see :mod:`chainopt.knot`); the hooks run after it.

@@ -173,3 +173,10 @@ def test_the_config_round_trips_through_its_dict() -> None:
     assert config.differences(config.to_dict()) == {}
     with pytest.raises(ValueError, match="not a saved chain config"):
         ChainConfig.from_dict({"modules": ["0"]})
+
+
+def test_a_model_built_under_deepspeed_zero_init_is_refused() -> None:
+    model = mlp()
+    for p in model.parameters():
+        p.ds_id = 0  # type: ignore[attr-defined]  # what ZeRO-3's zero.Init leaves on parameters
+    _refused(model, ValueError, "deepspeed.zero.Init", target_modules=["0"])

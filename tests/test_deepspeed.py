@@ -599,9 +599,17 @@ def _checks_worker(rank: int, world: int, port: int, out: str) -> None:
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
         x, y = _batch(0)
         engine.backward(nn.functional.mse_loss(engine(x), y))
-        engine.step()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+
+        def plain_step() -> None:
+            engine.step()
+
+        outcome = _outcome(plain_step)
         b = model[0].parametrizations.weight[0].lora_B
-        results["control"] = (opt.optimizer_steps, opt.knots_tied, float(b.abs().max()))
+        unchanged = all(
+            torch.equal(before[k], v) for k, v in model.state_dict().items() if "original" in k
+        )
+        results["control"] = (outcome, opt.knots_tied, float(b.abs().max()), unchanged)
 
         # the docs' blocks: the page's setup, then the DeepSpeed section's blocks
         from accelerate.state import AcceleratorState
@@ -659,14 +667,15 @@ def test_modes_that_cannot_be_exact_are_refused(
     assert checks[case].startswith(expected), checks[case]
 
 
-def test_without_the_integration_zero2_counts_steps_per_group_and_resurrects_b(
+def test_without_the_integration_a_zero2_knot_is_refused_not_undone(
     checks: dict[str, Any],
 ) -> None:
-    steps, knots, b = checks["control"]
-    # one engine step: the chain stepped once per param group, tied a knot half-way through
-    # DeepSpeed's step, and DeepSpeed's stale masters then overwrote the restarted B
-    assert (steps, knots) == (2, 1)
-    assert b > 0
+    outcome, knots, _b, unchanged = checks["control"]
+    # ZeRO-2 replaced the wrapped optimizer's groups with its masters: the chain's step is
+    # called once per param group and would tie a knot half-way through DeepSpeed's step, that
+    # DeepSpeed's stale masters then undo; the knot refuses instead, changing no weight
+    assert outcome.startswith("RuntimeError: the wrapped optimizer no longer steps"), outcome
+    assert knots == 0 and unchanged
 
 
 def test_knots_count_deepspeed_optimizer_steps_under_gradient_accumulation(

@@ -535,3 +535,15 @@ def test_a_knot_causes_no_recompile() -> None:
         opt.zero_grad()
     assert opt.knots_tied == 2
     assert counters["stats"]["unique_graphs"] == frames  # no new graph after knots
+
+
+def test_count_step_counts_a_step_taken_outside_and_ties_the_knot() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             target_modules=["0"], rank=2, knot_every=2)  # fmt: skip
+    for _ in range(2):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.optimizer.step()  # an engine stepped the wrapped optimizer itself
+        opt.count_step()
+        opt.zero_grad()
+    assert (opt.optimizer_steps, opt.knots_tied) == (2, 1)

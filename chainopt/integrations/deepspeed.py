@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -439,19 +438,9 @@ class DeepSpeedChain:
 
     def _count_step(self) -> None:
         """The chain's ``step()``, whose wrapped optimizer DeepSpeed has just stepped."""
-        base: Any = self.optimizer.optimizer
-        previous = vars(base).get("step")
-        base.step = _stepped
-        try:
-            with warnings.catch_warnings():
-                if self._bf16:  # DeepSpeed's bf16 copies of the factors, over fp32 masters
-                    warnings.filterwarnings("ignore", message=".*after wrapping casts them")
-                self.optimizer.step()
-        finally:
-            if previous is None:
-                del base.step
-            else:
-                base.step = previous
+        if self._bf16:  # DeepSpeed's bf16 copies of the factors, over its fp32 masters
+            self.optimizer.accept_dtypes()
+        self.optimizer.count_step()
 
     # --- around each knot ---
     @contextmanager
@@ -605,22 +594,22 @@ class DeepSpeedChain:
             yield
 
 
+class _EngineKnots:
+    """The knot context, marked as one whose engine steps the factors through its own masters
+    (chainopt's knot then does not require the wrapped optimizer's groups to hold them)."""
+
+    steps_factors = True
+
+    def __init__(self, context: Callable[[Any], Any]) -> None:
+        self.context = context
+
+    def __call__(self, chain: Any) -> Any:
+        return self.context(chain)
+
+
 def _register_knot_context(optimizer: ChainLoRAOptimizer, context: Any) -> Callable[[], Any]:
     """``optimizer.register_knot_context(context)``; returns what removes it."""
-    try:
-        return optimizer.register_knot_context(context).remove
-    except TypeError:
-        # register_knot_context puts a RemovableHandle over Chain.contexts, a plain dict, which
-        # cannot be weakly referenced: enter the context the same way, by hand.
-        contexts = optimizer.chain.contexts
-        key = id(context)
-        contexts[key] = context
-        return lambda: contexts.pop(key, None)
-
-
-def _stepped(closure: Any = None) -> None:
-    """Stands in for the wrapped optimizer's ``step`` while the chain counts DeepSpeed's."""
-    return None
+    return optimizer.register_knot_context(_EngineKnots(context)).remove
 
 
 def deepspeed_knots(optimizer: ChainLoRAOptimizer, engine: Any) -> DeepSpeedChain:
