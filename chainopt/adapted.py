@@ -39,7 +39,13 @@ from ._surgery import (
     restore_parameter_order,
 )
 from .lora import BiasDelta, LoRAParametrization
-from .quantized import LINK_NAME, QuantizedWeight, detach_quantized, quantized_weight
+from .quantized import (
+    LINK_NAME,
+    QuantizedWeight,
+    detach_quantized,
+    quantized_backend,
+    quantized_weight,
+)
 
 __all__ = [
     "AdaptedModule",
@@ -284,11 +290,11 @@ def check_incoming_state(
     current = model.state_dict()
     problems: list[str] = []
     factor_keys: set[str] = set()
-    own_format: tuple[str, ...] = ()  # a quantized layer's weight: its library loads its own
+    own_format = tuple(  # a quantized layer's weight: its library's format, checked by it
+        f"{prefix}{n}.weight" if n else f"{prefix}weight" for n, _ in _quantized_layers(model)
+    )
     for r in find_adapted(model):
         base = f"{prefix}{r.name}." if r.name else prefix
-        if r.quant is not None:
-            own_format += (f"{base}weight",)
         a_key, b_key = f"{base}{r.link_prefix}lora_A", f"{base}{r.link_prefix}lora_B"
         factor_keys |= {a_key, b_key}
         if a_key in state_dict or b_key in state_dict:
@@ -345,16 +351,22 @@ def _prepare_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *a
     before anything is loaded."""
     accept_plain_keys(module, state_dict, prefix)
     problems = check_incoming_state(module, state_dict, prefix)
-    if not problems:
-        for r in find_adapted(module):  # a 4-bit weight its own module cannot load
-            if r.quant is not None:
-                base = f"{prefix}{r.name}." if r.name else prefix
-                r.quant.backend.load_(r.module, state_dict, f"{base}weight")
+    if not problems:  # 4-bit weights their own modules cannot load (adapted or not)
+        for name, layer in _quantized_layers(module):
+            backend = quantized_backend(layer)
+            if backend is not None:
+                backend.load_(
+                    layer, state_dict, f"{prefix}{name}.weight" if name else f"{prefix}weight"
+                )
     if problems:
         raise ValueError(
             "state_dict does not fit the chained model; nothing was loaded: "
             + "; ".join(problems[:5])
         )
+
+
+def _quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if quantized_backend(m) is not None]
 
 
 _GUARDED = "_chainopt_load_guard"

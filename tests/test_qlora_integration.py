@@ -389,13 +389,6 @@ def test_save_pretrained_of_a_chained_4bit_model_reloads_the_fine_tuned_model(
     torch.testing.assert_close(_logits(loaded), _logits(merged), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="library gap: a chained model's load_state_dict takes the quantization state only of "
-    "adapted 4-bit layers; the others' ….weight.absmax / quant_map / … are unexpected keys, so "
-    "a q/v chain over a fully 4-bit model cannot resume from save_checkpoint",
-)
 def test_a_qv_chain_over_a_fully_4bit_model_resumes_from_a_checkpoint(tmp_path: Path) -> None:
     model = _quantized()
     opt = _chain(model)
