@@ -170,6 +170,27 @@ def resume(path: Path, model: nn.Module, opt: ChainLoRAOptimizer) -> dict[str, A
     return dict(saved["extra"])
 
 
+def dense_accuracy(
+    model: nn.Module, tokenizer: Any, data: PromptData, args: argparse.Namespace
+) -> float:
+    """Test accuracy of the float model the chain stands for: every adapted layer from
+    ``chainopt.merged_state_dict`` (its master plus the pending link: with the host master the
+    exact ``deq(W₀) + Σ sᵢ·Bᵢ·Aᵢ``; in place, the requantized weight plus the pending link), every
+    other 4-bit layer dequantized."""
+    dense, _ = load(args)
+    merged = chainopt.merged_state_dict(model)
+    state = {}
+    for name, module in model.named_modules():
+        backend = quantized_backend(module)
+        if backend is not None:
+            key = f"{name}.weight"
+            weight = merged[key]
+            state[key] = weight if weight.is_floating_point() else backend.dequantize(module)
+    dense.load_state_dict(state, strict=False)
+    dense.eval()
+    return data.accuracy(dense, tokenizer)
+
+
 def build(base: nn.Module, method: str, total: int, args: argparse.Namespace, seed: int):
     model = copy.deepcopy(base)
     links = 1 if method == "lora" else args.links
@@ -249,6 +270,7 @@ def train_run(
     tick = time.perf_counter()
     accuracy = data.accuracy(model, tokenizer)
     summary = opt.chain_summary()
+    dense = dense_accuracy(model, tokenizer, data, args)
     opt.merge_and_unload()  # into the 4-bit weights: requantized from the master, or in place
     merged = data.accuracy(model, tokenizer)
     run = {
@@ -258,6 +280,7 @@ def train_run(
         "seed": seed,
         "accuracy": accuracy,
         "accuracy_merged_4bit": merged,
+        "accuracy_dense": dense,
         "knot_steps": list(summary.knot_steps),
         "knots": probe.knots,
         "losses": state["losses"],
@@ -278,6 +301,7 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], meta: dict[str,
             continue
         acc, acc_sd = mean_std(r["accuracy"] for r in rs)
         mer, mer_sd = mean_std(r["accuracy_merged_4bit"] for r in rs)
+        den, den_sd = mean_std(r["accuracy_dense"] for r in rs)
         knots = [k for r in rs for k in r["knots"]]
         kept = sum(k["retained_mean"] for k in knots) / len(knots) if knots else None
         size = sum(k["update_rms_steps_mean"] for k in knots) / len(knots) if knots else None
@@ -293,6 +317,9 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], meta: dict[str,
                 "accuracy_merged_4bit": mer,
                 "accuracy_merged_4bit_std": mer_sd,
                 "accuracy_merged_4bit_each": [r["accuracy_merged_4bit"] for r in rs],
+                "accuracy_dense": den,
+                "accuracy_dense_std": den_sd,
+                "accuracy_dense_each": [r["accuracy_dense"] for r in rs],
                 "final_loss": sum(tail) / len(tail),
                 "knot_update_retained": kept,
                 "knot_update_rms_steps": size,
@@ -309,19 +336,22 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], meta: dict[str,
         f"{meta['zero_shot_float']:.1%} (float), {meta['zero_shot_4bit']:.1%} (NF4). "
         "Mean ± std over seeds (each seed's value in brackets).",
         "",
-        "| method | seeds | accuracy as trained | after merge into 4-bit | loss, last "
-        f"{args.tail} steps | link update kept by a knot | link update RMS (quant. steps) |",
-        "|---|---|---|---|---|---|---|",
+        "| method | seeds | accuracy as trained | after merge into 4-bit | dense (master + link) "
+        f"| loss, last {args.tail} steps | link update kept by a knot "
+        "| link update RMS (quant. steps) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         each = ", ".join(f"{a:.1%}" for a in r["accuracy_each"])
         each_m = ", ".join(f"{a:.1%}" for a in r["accuracy_merged_4bit_each"])
+        each_d = ", ".join(f"{a:.1%}" for a in r["accuracy_dense_each"])
         kept = "—" if r["knot_update_retained"] is None else f"{r['knot_update_retained']:.1%}"
         size = "—" if r["knot_update_rms_steps"] is None else f"{r['knot_update_rms_steps']:.3f}"
         lines.append(
             f"| {r['label']} | {len(r['seeds'])} | {r['accuracy']:.1%} ± {r['accuracy_std']:.1%} "
             f"({each}) | {r['accuracy_merged_4bit']:.1%} ± {r['accuracy_merged_4bit_std']:.1%} "
-            f"({each_m}) | {r['final_loss']:.3f} | {kept} | {size} |"
+            f"({each_m}) | {r['accuracy_dense']:.1%} ± {r['accuracy_dense_std']:.1%} ({each_d}) "
+            f"| {r['final_loss']:.3f} | {kept} | {size} |"
         )
     text = "\n".join(lines) + "\n"
     (args.out / "results.md").write_text(text)
@@ -462,8 +492,10 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods:
             path = args.out / "runs" / f"{method}_s{seed}.json"
             if path.exists():
-                runs.append(json.loads(path.read_text()))
-                continue
+                done = json.loads(path.read_text())
+                if "accuracy_dense" in done:  # runs from before that metric are run again
+                    runs.append(done)
+                    continue
             run = train_run(model, tokenizer, data, steps_of, method, seed, args)
             print(
                 f"{run['key']}: accuracy {run['accuracy']:.1%}, merged into 4-bit "
