@@ -247,6 +247,7 @@ def run_group(args: argparse.Namespace, arch: str, mode: str) -> dict[str, Any]:
         "arch": arch,
         "mode": mode,
         "quant": quant,
+        "quantized_master": args.quantized_master if quant != "none" else None,
         "spec": spec,
         "rows": rows,
         "knot_every": args.knot_every,
@@ -486,13 +487,18 @@ def check_targets(groups: list[dict[str, Any]]) -> list[tuple[bool | None, str]]
                             "state, factors)",
                         )
                     )
-                    want = 4 * r["adapted_weight_elements"]
+                    host = g.get("quantized_master") == "host"
+                    want = 4 * r["adapted_weight_elements"] if host else 0
                     res.append(
                         (
                             r["host_master_bytes"] == want,
                             f"{tag} {t}: host master {mib(r['host_master_bytes']):.2f} MiB "
-                            f"= 4 bytes × {r['adapted_weight_elements']:,} adapted weight "
-                            "elements, in host memory, apart from the model's",
+                            + (
+                                f"= 4 bytes × {r['adapted_weight_elements']:,} adapted weight "
+                                "elements, in host memory, apart from the model's"
+                                if host
+                                else "(quantized_master='none': no master)"
+                            ),
                         )
                     )
             else:
@@ -598,6 +604,7 @@ def main(
         f"{_load(info['loadavg'])}, at the end {_load(info['loadavg_end'])}"
     )
     args.out.mkdir(parents=True, exist_ok=True)
+    script = name
     name = f"{name}_{args.quant}" if args.quant != "none" else name
     name = f"{name}_quick" if args.quick else name
     save_json(
@@ -610,7 +617,7 @@ def main(
             "elapsed_s": elapsed,
         },
     )
-    md = [f"# bench/{name.removesuffix('_quick')}.py — {info['date']} — {where}", ""]
+    md = [f"# bench/{script}.py — {info['date']} — {where}", ""]
     flags = [
         f"--{k.replace('_', '-')} {v}"
         for k, v in (("exact_merge", args.exact_merge), ("keep_history", args.keep_history))
