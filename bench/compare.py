@@ -617,7 +617,8 @@ def main(
             "elapsed_s": elapsed,
         },
     )
-    md = [f"# bench/{script}.py — {info['date']} — {where}", ""]
+    how = f" --quant {args.quant}" if args.quant != "none" else ""
+    md = [f"# bench/{script}.py{how} — {info['date']} — {where}", ""]
     flags = [
         f"--{k.replace('_', '-')} {v}"
         for k, v in (("exact_merge", args.exact_merge), ("keep_history", args.keep_history))
