@@ -76,12 +76,13 @@ class _BitsAndBytes4bit:
         nested = bool(getattr(old, "original_nested", False) or old.nested)
         dtype = getattr(old, "original_dtype", None) or old.dtype
         q, state = bnbf.quantize_4bit(
-            dense.to(device=weight.device, dtype=dtype),
+            dense.to(device=weight.device, dtype=torch.float32),  # quantize(M), not of bf16(M)
             blocksize=old.blocksize,
             compress_statistics=nested,
             quant_type=old.quant_type,
             quant_storage=weight.quant_storage,
         )
+        state.dtype = dtype  # dequantize to the dtype the layer had (its compute side)
         return q, state
 
     def serialize(self, module: nn.Module, dense: Tensor) -> dict[str, Tensor]:

@@ -74,8 +74,9 @@ def _round_once(dense: torch.Tensor, like: nn.Module) -> torch.Tensor:
     """``deq(quantize(dense))`` as the layer stores it (a bf16 layer quantizes bf16 weights)."""
     qs = like.weight.quant_state
     nested = bool(getattr(qs, "original_nested", False) or qs.nested)
-    q, state = bnbf.quantize_4bit(dense.to(qs.dtype), blocksize=qs.blocksize,
+    q, state = bnbf.quantize_4bit(dense.float(), blocksize=qs.blocksize,
                                   compress_statistics=nested, quant_type=qs.quant_type)  # fmt: skip
+    state.dtype = qs.dtype  # quantize(M) of the float32 master, dequantized as the layer does
     return bnbf.dequantize_4bit(q, state).float()
 
 

@@ -210,3 +210,23 @@ def test_a_torchao_nf4_chain_knots_round_once() -> None:
     master = opt.chain.records[0].quant.master  # type: ignore[union-attr]
     assert opt.knots_tied == 1
     assert torch.equal(model[0].weight.get_original_weight(), to_nf4(master).get_original_weight())
+
+
+def test_a_bf16_4bit_layer_is_requantized_from_the_float32_master() -> None:
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 64, bias=False)
+    m = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    m.weight = bnb.nn.Params4bit(
+        dense.weight.data.bfloat16(), requires_grad=False, quant_type="nf4"
+    )
+    model = nn.Sequential(m.to("cpu"))
+    opt = _chain(model, target_modules=["0"])
+    link = opt.chain.records[0].link
+    with torch.no_grad():
+        link.lora_B.normal_(std=1e-2)
+    opt.tie_knot()
+    master = opt.chain.records[0].quant.master  # type: ignore[union-attr]
+    q, _ = bnbf.quantize_4bit(master, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(model[0].weight.data, q)  # quantize(M) in float32, not quantize(bf16(M))
+    assert model[0].weight.quant_state.dtype == torch.bfloat16
+    assert model(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
