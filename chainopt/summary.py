@@ -52,6 +52,7 @@ class ChainSummary:
         ranks: rank of each link so far.
         knot_steps: the optimizer step after which each knot was tied.
         modules: per adapted module, its :class:`ModuleSummary`.
+        master_bytes: host memory the float32 masters of 4-bit targets take (0 without any).
     """
 
     links: int
@@ -59,6 +60,7 @@ class ChainSummary:
     ranks: tuple[int, ...]
     knot_steps: tuple[int, ...]
     modules: Mapping[str, ModuleSummary]
+    master_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dicts and lists, for logging (JSON-serialisable)."""
@@ -91,4 +93,9 @@ def summarize(chain: Chain, steps: int) -> ChainSummary:
         ranks=tuple(chain.config.link_rank(i) for i in range(links)),
         knot_steps=tuple(k.step for k in knots),
         modules=modules,
+        master_bytes=sum(
+            r.quant.master.numel() * r.quant.master.element_size()
+            for r in chain.records
+            if r.quant is not None and r.quant.master is not None
+        ),
     )

@@ -230,3 +230,9 @@ def test_a_bf16_4bit_layer_is_requantized_from_the_float32_master() -> None:
     assert torch.equal(model[0].weight.data, q)  # quantize(M) in float32, not quantize(bf16(M))
     assert model[0].weight.quant_state.dtype == torch.bfloat16
     assert model(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_the_summary_reports_the_host_masters_bytes() -> None:
+    _, model = _models()
+    opt = _chain(model)
+    assert opt.chain_summary().master_bytes == 2 * 64 * 64 * 4  # two 64x64 float32 masters
