@@ -193,20 +193,31 @@ def markdown(a: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         "**Regime search** (recall, 3 seeds at each method's chosen LR; SE = √(SE²ₐ+SE²ᵦ) of "
-        "the two seed means; qualifies if gap > 3·SE):"
+        "the two seed means; qualifies if gap > 3·SE; the paired columns, not part of the rule, "
+        "use the per-seed differences — same batches, same data order):"
     )
     lines.append("")
-    lines.append("| comparison | gap (points) | SE | gap / SE | qualifies |")
-    lines.append("|---|---|---|---|---|")
+    lines.append(
+        "| comparison | gap (points) | SE | gap / SE | qualifies | paired: per seed | "
+        "paired mean ± 95% CI | paired gap / SE |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|")
     for k, v in q["table"].items():
         if v is None:
-            lines.append(f"| {k} | (not finished) | | | |")
-        else:
-            z = "∞" if math.isinf(v["z"]) else f"{v['z']:.1f}"
-            lines.append(
-                f"| {k} | {100 * v['gap']:+.1f} | {100 * v['se']:.2f} | {z} | "
-                f"{'yes' if v['qualifies'] else 'no'} |"
-            )
+            lines.append(f"| {k} | (not finished) | | | | | | |")
+            continue
+        z = "∞" if math.isinf(v["z"]) else f"{v['z']:.1f}"
+        hi_name, lo_name = k.split(" vs ")
+        hi, lo = _by_seed(rows[hi_name]["runs"]), _by_seed(rows[lo_name]["runs"])
+        diffs = [hi[s]["metrics"]["recall"] - lo[s]["metrics"]["recall"] for s in d.seeds]
+        pc = rb.mean_ci(diffs)
+        pz = pc["mean"] / pc["se"] if pc["se"] > 0 else math.inf
+        lines.append(
+            f"| {k} | {100 * v['gap']:+.1f} | {100 * v['se']:.2f} | {z} | "
+            f"{'yes' if v['qualifies'] else 'no'} | "
+            + ", ".join(f"{100 * x:+.1f}" for x in diffs)
+            + f" | {_ci(pc, 100)} | {'∞' if math.isinf(pz) else f'{pz:.1f}'} |"
+        )
     lines.append("")
     if q["decided"]:
         lines.append(
