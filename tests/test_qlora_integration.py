@@ -71,7 +71,8 @@ def _deq(module: nn.Module) -> torch.Tensor:
 
 
 def _round_once(dense: torch.Tensor, like: nn.Module) -> torch.Tensor:
-    """``deq(quantize(dense))`` as the layer stores it (a bf16 layer quantizes bf16 weights)."""
+    """``deq(quantize(dense))`` as the layer stores it: the float32 dense quantized, dequantized
+    to the layer's dtype."""
     qs = like.weight.quant_state
     nested = bool(getattr(qs, "original_nested", False) or qs.nested)
     q, state = bnbf.quantize_4bit(dense.float(), blocksize=qs.blocksize,
