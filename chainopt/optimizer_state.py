@@ -245,8 +245,10 @@ def _check_base(
     rank = chain.config.link_rank(knots_tied)
     shapes: dict[int, tuple[int, ...]] = {}
     for r in chain.records:
-        a, b = r.link.lora_A, r.link.lora_B
-        shapes[id(a)], shapes[id(b)] = (rank, a.shape[1]), (b.shape[0], rank)
+        # The link's logical sizes, not the tensors' shapes: an engine may hold a partition.
+        link = r.link
+        shapes[id(link.lora_A)] = (rank, link.in_features)
+        shapes[id(link.lora_B)] = (link.out_features, rank)
     by_index = {
         i: p
         for saved, group in zip(groups, current, strict=True)
