@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -632,7 +633,8 @@ def train_run(ctx: Context, method: Method, lr: float, seed: int, phase: str) ->
     eval_seconds = time.perf_counter() - t_eval
     summary: dict[str, Any] = {}
     if chain:
-        s = opt.chain_summary().to_dict()
+        s = opt.chain_summary()
+        s = s.to_dict() if hasattr(s, "to_dict") else s  # the pinned chainopt returns a dict
         ranks = [m["effective_rank"] for m in s["modules"].values()]
         summary = {
             "links": s["links"],
@@ -762,16 +764,41 @@ def qualification(runs: dict[str, dict[str, Any]], d: Design) -> dict[str, Any]:
                 "z": gap / se if se > 0 else (math.inf if gap > 0 else 0.0),
                 "qualifies": gap > 3 * se,
             }
-    decided = all(table.get(f"lora{2 * r} vs lora{r}") is not None for r in d.base_ranks)
-    chosen = None
-    if decided:
-        ok = [r for r in d.base_ranks if table[f"lora{2 * r} vs lora{r}"]["qualifies"]]
-        if ok:
-            chosen = min(ok)
-        else:
-            chosen = max(d.base_ranks, key=lambda r: table[f"lora{2 * r} vs lora{r}"]["z"])
+    # The smallest qualifying r is known as soon as it and every smaller r are decided.
+    decided, chosen = True, None
+    for r in d.base_ranks:
+        entry = table.get(f"lora{2 * r} vs lora{r}")
+        if entry is None:
+            decided = False
+            break
+        if entry["qualifies"]:
+            chosen = r
+            break
+    if decided and chosen is None:
+        chosen = max(d.base_ranks, key=lambda r: table[f"lora{2 * r} vs lora{r}"]["z"])
     return {"table": table, "decided": decided, "chosen_r": chosen, "qualified": chosen
             is not None and table[f"lora{2 * chosen} vs lora{chosen}"]["qualifies"]}  # fmt: skip
+
+
+def run_order(r: int, d: Design) -> list[Method]:
+    """Once r is chosen: each chain next to the LoRA of its total rank, then the rest of the search.
+
+    LoRA r, COLA 2×r, LoRA 2r, COLA 4×r, LoRA 4r, COLA 8×r, LoRA 8r, the 4-link variants, and
+    whatever search method is left (full fine-tuning): a chain's gap closed can be read as soon
+    as its row and its reference's are done.
+    """
+    chains = {m.name: m for m in compare_methods(r, d)}
+    search = search_methods(d)
+    by_name = {m.name: m for m in search} | chains
+    order = [f"lora{r}"]
+    for k in (2, 4, 8):
+        order += [f"cola{k}x{r}", f"lora{k * r}"]
+    order += [m.name for m in chains.values()] + [m.name for m in search]
+    seen: dict[str, Method] = {}
+    for name in order:
+        if name in by_name and name not in seen:
+            seen[name] = by_name[name]
+    return list(seen.values())
 
 
 def next_runs(runs: dict[str, dict[str, Any]], d: Design) -> list[tuple[str, Method, float, int]]:
@@ -790,10 +817,13 @@ def next_runs(runs: dict[str, dict[str, Any]], d: Design) -> list[tuple[str, Met
                 if run_key(m, lr, s) not in runs:
                     todo.append((name, m, lr, s))
 
-    phase("search", search_methods(d))
     q = qualification(runs, d)
-    if q["chosen_r"] is not None and not d.only:
-        phase("compare", compare_methods(q["chosen_r"], d))
+    if q["chosen_r"] is None or d.only:
+        phase("search", search_methods(d))
+        return todo
+    search = {m.name for m in search_methods(d)}
+    for m in run_order(q["chosen_r"], d):
+        phase("search" if m.name in search else "compare", [m])
     return todo
 
 
@@ -863,8 +893,27 @@ def estimate(ctx: Context) -> dict[str, Any]:
     return est
 
 
-def drive(ctx: Context, max_runs: int | None = None) -> dict[str, dict[str, Any]]:
-    """Run whatever is runnable until nothing is left (or ``max_runs`` runs were finished)."""
+def _claim(out: Path, key: str) -> Any:
+    """An exclusive lock on run ``key`` (held until closed), or None when another driver has it."""
+    path = out / "ckpt" / f"{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def drive(
+    ctx: Context, max_runs: int | None = None, wait_s: float = 30.0
+) -> dict[str, dict[str, Any]]:
+    """Run whatever is runnable until nothing is left (or ``max_runs`` runs were finished).
+
+    Several drivers may share one ``--out`` (one per core): each takes the first runnable run no
+    other driver holds, and waits while every runnable run is held.
+    """
     d = ctx.d
     done_here = 0
     while True:
@@ -875,9 +924,17 @@ def drive(ctx: Context, max_runs: int | None = None) -> dict[str, dict[str, Any]
         todo = next_runs(runs, d)
         if not todo or (max_runs is not None and done_here >= max_runs):
             return runs
-        phase, method, lr, seed = todo[0]
-        train_run(ctx, method, lr, seed, phase)
-        done_here += 1
+        for phase, method, lr, seed in todo:
+            handle = _claim(ctx.out, run_key(method, lr, seed))
+            if handle is None:
+                continue
+            with handle:
+                if not (ctx.out / "runs" / f"{run_key(method, lr, seed)}.json").exists():
+                    train_run(ctx, method, lr, seed, phase)
+                    done_here += 1
+            break
+        else:
+            time.sleep(wait_s)
 
 
 def base_metrics(ctx: Context) -> dict[str, Any]:
