@@ -12,6 +12,7 @@ inference all-reduce uses (two minutes on two cores); the workers turn it off.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import re
@@ -257,7 +258,8 @@ def _engine_worker(
     import chainopt.integrations.deepspeed as chain_ds
 
     dtype = getattr(torch, dtype_name)
-    try:
+
+    def body() -> None:  # its engines are freed before the group is destroyed
         for stage, reset, accumulate in runs:
             model, opt = _build(dtype, reset=reset)
             log: dict[str, Any] = {"steps": [], "function": [], "factors": []}
@@ -301,6 +303,11 @@ def _engine_worker(
                 log["resumed"] = _whole(deepspeed, model2)
                 log["resumed_masters"] = _masters(deepspeed, opt2)
             torch.save(log, f"{out}/{name}_{rank}.pt")
+
+    try:
+        body()
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -501,7 +508,7 @@ def _checks_worker(rank: int, world: int, port: int, out: str) -> None:
     deepspeed = _init(rank, world, port, out)
     import chainopt.integrations.deepspeed as chain_ds
 
-    try:
+    def body() -> None:  # its engines are freed before the group is destroyed
         results: dict[str, Any] = {}
 
         def start(stage: int = 2, extra: dict[str, Any] | None = None, **kwargs: Any) -> Any:
@@ -630,6 +637,11 @@ def _checks_worker(rank: int, world: int, port: int, out: str) -> None:
             )
         results["docs"] = (len(code), docs)
         torch.save(results, f"{out}/checks.pt")
+
+    try:
+        body()
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -7,6 +7,8 @@ tolerance) and against a resumed run (bitwise).
 
 from __future__ import annotations
 
+import functools
+import gc
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -92,15 +94,38 @@ def _spawn(fn: Callable[..., None], *args: Any, timeout: float = 120.0) -> None:
             pytest.fail(f"distributed workers did not finish within {timeout:.0f}s")
 
 
-def _init(rank: int, out: str) -> None:
+def _init(rank: int, out: str, backend: str = "gloo") -> None:
     torch.set_num_threads(1)  # forked: keep OpenMP out of the children
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"file://{out}/pg",
         rank=rank,
         world_size=WORLD,
         timeout=timedelta(seconds=60),
     )
+
+
+def _in_group(body: Callable[..., None]) -> Callable[..., None]:
+    """A worker that runs ``body(rank, out, *args)`` inside the process group.
+
+    The body's DDP/FSDP objects are freed (its frame returns, then a collection) before the group
+    is destroyed: torch's teardown of a DDP reducer after ``destroy_process_group`` can hang the
+    exiting process, or abort it ("terminate called without an active exception").
+    """
+
+    @functools.wraps(body)
+    def worker(rank: int, out: str, *args: Any) -> None:
+        _init(rank, out, "nccl" if args[:1] == ("cuda",) else "gloo")  # FSDP: (device, dtype)
+        try:
+            body(rank, out, *args)
+            gc.collect()
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+    return worker
 
 
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
@@ -112,39 +137,36 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: s
 # --- DDP ---
 
 
+@_in_group
 def _ddp_worker(rank: int, out: str) -> None:
-    _init(rank, out)
-    try:
-        ddp = nn.parallel.DistributedDataParallel
-        model, opt = _build()
-        wrapped = ddp(model)
-        _train(wrapped, opt, range(SAVE_AT), rank)
-        save_checkpoint(f"{out}/mid.pt", wrapped, opt)  # collective; rank 0 writes
-        _train(wrapped, opt, range(SAVE_AT, STEPS), rank)
-        assert opt.knots_tied == STEPS // 2
-        try:  # rank 0 cannot write: every rank hears of it, none hangs
-            save_checkpoint(f"{out}/no/such/dir/ckpt.pt", wrapped, opt)
-            failed = ""
-        except OSError as err:
-            failed = f"{type(err).__name__}: {err}"
-        torch.save(
-            {"model": _whole(wrapped), "opt": opt.state_dict(), "failed": failed},
-            f"{out}/final{rank}.pt",
-        )
+    ddp = nn.parallel.DistributedDataParallel
+    model, opt = _build()
+    wrapped = ddp(model)
+    _train(wrapped, opt, range(SAVE_AT), rank)
+    save_checkpoint(f"{out}/mid.pt", wrapped, opt)  # collective; rank 0 writes
+    _train(wrapped, opt, range(SAVE_AT, STEPS), rank)
+    assert opt.knots_tied == STEPS // 2
+    try:  # rank 0 cannot write: every rank hears of it, none hangs
+        save_checkpoint(f"{out}/no/such/dir/ckpt.pt", wrapped, opt)
+        failed = ""
+    except OSError as err:
+        failed = f"{type(err).__name__}: {err}"
+    torch.save(
+        {"model": _whole(wrapped), "opt": opt.state_dict(), "failed": failed},
+        f"{out}/final{rank}.pt",
+    )
 
-        # resume from the checkpoint on both ranks
-        model2, opt2 = _build()
-        wrapped2 = ddp(model2)
-        load_checkpoint(f"{out}/mid.pt", wrapped2, opt2)
-        _train(wrapped2, opt2, range(SAVE_AT, STEPS), rank)
-        torch.save(_whole(wrapped2), f"{out}/resumed{rank}.pt")
+    # resume from the checkpoint on both ranks
+    model2, opt2 = _build()
+    wrapped2 = ddp(model2)
+    load_checkpoint(f"{out}/mid.pt", wrapped2, opt2)
+    _train(wrapped2, opt2, range(SAVE_AT, STEPS), rank)
+    torch.save(_whole(wrapped2), f"{out}/resumed{rank}.pt")
 
-        # control: each rank draws new links from its own generator (seed=rank)
-        model3, opt3 = _build(seed=rank)
-        _train(ddp(model3), opt3, range(3), rank)
-        torch.save(_whole(model3), f"{out}/control{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    # control: each rank draws new links from its own generator (seed=rank)
+    model3, opt3 = _build(seed=rank)
+    _train(ddp(model3), opt3, range(3), rank)
+    torch.save(_whole(model3), f"{out}/control{rank}.pt")
 
 
 def test_ddp_ranks_stay_identical_match_one_process_and_resume(tmp_path: Path) -> None:
@@ -201,54 +223,45 @@ def _shard(model: nn.Module, device: str) -> None:
     fully_shard(model, mesh=mesh)
 
 
+@_in_group
 def _fsdp_worker(rank: int, out: str, device: str, dtype: torch.dtype) -> None:
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-    backend = "nccl" if device == "cuda" else "gloo"
-    if backend == "gloo":
-        _init(rank, out)
-    else:
-        dist.init_process_group(backend, init_method=f"file://{out}/pg", rank=rank, world_size=2)
+    model, opt = _build(dtype=dtype)
+    model.to(device)
+    _shard(model, device)
+    opt.rebind_parameters()
+    assert all(is_sharded(p) for p in model.parameters())
+    residuals = [b for n, b in model.named_buffers() if n.endswith("merge_residual")]
+    assert len(residuals) == (4 if dtype == torch.bfloat16 else 0)
+    assert all(is_sharded(b) for b in residuals)  # sharded like their weights
+    _train(model, opt, range(SAVE_AT), rank, dtype)
+    save_checkpoint(f"{out}/mid.pt", model, opt)  # gathers, rank 0 writes
+    _train(model, opt, range(SAVE_AT, STEPS), rank, dtype)
+    assert opt.knots_tied == STEPS // 2
+    final = _whole(model)
+    for name, link in opt.history.knots[-1].links.items():  # whole, the same on every rank
+        assert not is_sharded(link.A) and not is_sharded(link.B)
+        final[f"history.{name}.A"], final[f"history.{name}.B"] = link.A, link.B
+    torch.save(final, f"{out}/final{rank}.pt")
+
+    model2, opt2 = _build(dtype=dtype)
+    model2.to(device)
+    _shard(model2, device)
+    opt2.rebind_parameters()
+    load_checkpoint(f"{out}/mid.pt", model2, opt2)
+    _train(model2, opt2, range(SAVE_AT, STEPS), rank, dtype)
+    torch.save(_whole(model2), f"{out}/resumed{rank}.pt")
+
+    # wrapping a model that is already sharded is refused with advice
+    late = _mlp().to(device)
+    _shard(late, device)
     try:
-        model, opt = _build(dtype=dtype)
-        model.to(device)
-        _shard(model, device)
-        opt.rebind_parameters()
-        assert all(is_sharded(p) for p in model.parameters())
-        residuals = [b for n, b in model.named_buffers() if n.endswith("merge_residual")]
-        assert len(residuals) == (4 if dtype == torch.bfloat16 else 0)
-        assert all(is_sharded(b) for b in residuals)  # sharded like their weights
-        _train(model, opt, range(SAVE_AT), rank, dtype)
-        save_checkpoint(f"{out}/mid.pt", model, opt)  # gathers, rank 0 writes
-        _train(model, opt, range(SAVE_AT, STEPS), rank, dtype)
-        assert opt.knots_tied == STEPS // 2
-        final = _whole(model)
-        for name, link in opt.history.knots[-1].links.items():  # whole, the same on every rank
-            assert not is_sharded(link.A) and not is_sharded(link.B)
-            final[f"history.{name}.A"], final[f"history.{name}.B"] = link.A, link.B
-        torch.save(final, f"{out}/final{rank}.pt")
-
-        model2, opt2 = _build(dtype=dtype)
-        model2.to(device)
-        _shard(model2, device)
-        opt2.rebind_parameters()
-        load_checkpoint(f"{out}/mid.pt", model2, opt2)
-        _train(model2, opt2, range(SAVE_AT, STEPS), rank, dtype)
-        torch.save(_whole(model2), f"{out}/resumed{rank}.pt")
-
-        # wrapping a model that is already sharded is refused with advice
-        late = _mlp().to(device)
-        _shard(late, device)
-        try:
-            ChainLoRAOptimizer(
-                late, torch.optim.SGD(late.parameters(), lr=1), target_modules=["0"], knot_every=2
-            )
-        except ValueError as err:
-            assert "wrap the bare model with ChainLoRAOptimizer first" in str(err)
-        else:
-            raise AssertionError("wrapping an FSDP2-sharded model was not refused")
-    finally:
-        dist.destroy_process_group()
+        ChainLoRAOptimizer(
+            late, torch.optim.SGD(late.parameters(), lr=1), target_modules=["0"], knot_every=2
+        )
+    except ValueError as err:
+        assert "wrap the bare model with ChainLoRAOptimizer first" in str(err)
+    else:
+        raise AssertionError("wrapping an FSDP2-sharded model was not refused")
 
 
 @_fsdp_support
@@ -296,31 +309,28 @@ def test_fsdp2_knots_on_sharded_weights(tmp_path: Path, device: str, dtype: torc
 # --- one rank goes bad: the verdict is agreed ---
 
 
+@_in_group
 def _one_bad_rank_worker(rank: int, out: str, policy: str) -> None:
-    _init(rank, out)
-    try:
-        model = _mlp()
-        opt = ChainLoRAOptimizer(
-            model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules=["0", "2"],
-            rank=2, knot_every=100, seed=7, non_finite=policy,
-        )  # fmt: skip
+    model = _mlp()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules=["0", "2"],
+        rank=2, knot_every=100, seed=7, non_finite=policy,
+    )  # fmt: skip
+    with torch.no_grad():
+        model[2].parametrizations.weight[0].lora_B.fill_(0.1)
+    if rank == 1:  # only this rank's factor holds a NaN
         with torch.no_grad():
-            model[2].parametrizations.weight[0].lora_B.fill_(0.1)
-        if rank == 1:  # only this rank's factor holds a NaN
-            with torch.no_grad():
-                model[0].parametrizations.weight[0].lora_B[0, 0] = float("nan")
-        outcome = "merged"
-        try:
-            record = opt.tie_knot()
-            outcome = f"skipped {list(record.skipped)}"
-        except Exception as err:  # what each rank saw is the result
-            outcome = f"raised {type(err).__name__}"
-        torch.save(
-            {"outcome": outcome, "w2": model[2].parametrizations.weight.original.clone()},
-            f"{out}/rank{rank}.pt",
-        )
-    finally:
-        dist.destroy_process_group()
+            model[0].parametrizations.weight[0].lora_B[0, 0] = float("nan")
+    outcome = "merged"
+    try:
+        record = opt.tie_knot()
+        outcome = f"skipped {list(record.skipped)}"
+    except Exception as err:  # what each rank saw is the result
+        outcome = f"raised {type(err).__name__}"
+    torch.save(
+        {"outcome": outcome, "w2": model[2].parametrizations.weight.original.clone()},
+        f"{out}/rank{rank}.pt",
+    )
 
 
 @pytest.mark.parametrize("policy", ["raise", "skip"])
