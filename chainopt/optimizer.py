@@ -37,17 +37,23 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from ._surgery import init_optimizer_bookkeeping
 from ._validate import type_name
+from ._wrapper import WrappedOptimizer
 from .adapt import wrap
-from .advice import DtypeWatch, warn_frozen_head, warn_frozen_parameters, warn_rounding_knots
+from .advice import DtypeWatch, warn_frozen_head, warn_rounding_knots
 from .config import ChainConfig, NonFinitePolicy
 from .export import chain_tensors, merge_and_unload, merged_save_pending
 from .history import ChainHistory, KnotRecord
 from .init import InitPolicy, resolve_init
 from .iterates import KnotContext, resolve_iterates
 from .knot import Chain, resolve_non_finite, tie_knot
-from .optimizer_state import check_optimizer, check_saved_state
+from .optimizer_state import (
+    chain_entry,
+    check_optimizer,
+    check_saved_state,
+    drop_params,
+    restore,
+)
 from .quantized import QuantizedMaster, resolve_master_weights
 from .reset import FreshState, ResetPolicy, resolve_reset
 from .sharding import rebind
@@ -72,7 +78,7 @@ def on_wrap(hook: Callable[[nn.Module], object]) -> None:
         _WRAP_HOOKS.append(hook)
 
 
-class ChainLoRAOptimizer(Optimizer):
+class ChainLoRAOptimizer(WrappedOptimizer):
     """Chain of LoRA (COLA) around an existing optimizer.
 
     It is a ``torch.optim.Optimizer`` sharing ``param_groups``, ``state`` and ``defaults`` with
@@ -222,59 +228,9 @@ class ChainLoRAOptimizer(Optimizer):
         self._dtypes = DtypeWatch(self._records)
         warn_frozen_head(model, config.modules, config.trainable)
         self._param_names = {id(p): n for n, p in model.named_parameters()}
-        init_optimizer_bookkeeping(self)
+        super().__init__(self._base)
         for hook in _WRAP_HOOKS:
             hook(model)
-
-    # --- Optimizer plumbing: share the wrapped optimizer's groups, state and defaults ---
-    def __getattr__(self, name: str) -> Any:
-        """The wrapped optimizer's own API (schedule-free's ``train()``/``eval()``, …).
-
-        Only reached for names the wrapper does not have.
-        """
-        base = self.__dict__.get("_base")
-        if base is None or name.startswith("__"):
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return getattr(base, name)
-
-    @property
-    def optimizer(self) -> Optimizer:
-        """The wrapped optimizer."""
-        return self._base
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self._base.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self._base.param_groups = value
-
-    @property
-    def state(self) -> Any:
-        return self._base.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self._base.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self._base.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self._base.defaults = value
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the wrapped optimizer (its parameters are not chained).
-
-        Warns (:class:`~chainopt.ChainLoRAWarning`) for parameters that do not require
-        gradients: the chain froze them, so they would never train.
-        """
-        params = param_group.get("params", ())
-        warn_frozen_parameters([params] if isinstance(params, Tensor) else list(params))
-        self._base.add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients through the wrapped optimizer.
@@ -449,13 +405,9 @@ class ChainLoRAOptimizer(Optimizer):
         Raises:
             NonFiniteUpdateError: a link must not be merged; nothing was changed.
         """
-        factors = {id(p) for p in self.factors()}
+        factors = self.factors()
         merge_and_unload(self.model)
-        for group in self._base.param_groups:
-            group["params"][:] = [p for p in group["params"] if id(p) not in factors]
-        for p in list(self._base.state):
-            if id(p) in factors:
-                del self._base.state[p]
+        drop_params(self._base, factors)
         self._records.clear()
         self.chain.link_init.remove()
         return self.model
@@ -470,26 +422,13 @@ class ChainLoRAOptimizer(Optimizer):
         holds the chain's own tensors under ``"model"`` (frozen originals, factors, residuals), so
         that the two files together (a ``Trainer`` checkpoint) resume bitwise too.
         """
-        for pre in self._optimizer_state_dict_pre_hooks.values():
-            pre(self)
+        return self._hooked_state_dict(self._state_dict)
+
+    def _state_dict(self) -> dict[str, Any]:
         sd = self._base.state_dict()
-        sd["chainopt"] = {
-            "version": _STATE_VERSION,
-            "config": self.config.to_dict(),
-            "optimizer_steps": self.optimizer_steps,
-            "knots_tied": self.chain.knots_tied,
-            "generator": self.chain.generator.get_state(),
-            "history": self.chain.history.state_dict(),
-        }
-        masters = {
-            r.name: r.quant.master for r in self._records if r.quant and r.quant.master is not None
-        }
-        if masters:  # 4-bit targets: the float32 masters are the chain's state
-            sd["chainopt"]["masters"] = masters
+        sd["chainopt"] = chain_entry(self.chain, self.optimizer_steps, _STATE_VERSION)
         if merged_save_pending(self.model):  # save_pretrained wrote merged weights: resume needs
             sd["chainopt"]["model"] = chain_tensors(self.model)  # the originals and factors
-        for post in self._optimizer_state_dict_post_hooks.values():
-            sd = post(self, sd) or sd
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -504,38 +443,23 @@ class ChainLoRAOptimizer(Optimizer):
             ValueError: no ``"chainopt"`` entry, one of another version or config, or anything
                 malformed; nothing is loaded then.
         """
-        for pre in self._optimizer_load_state_dict_pre_hooks.values():
-            state_dict = pre(self, state_dict) or state_dict
+        self._hooked_load(state_dict, self._load_state_dict)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         checked = check_saved_state(
             state_dict, self.chain, self.param_groups, _STATE_VERSION, self.model
         )
-        self._base.load_state_dict(checked.base)
-        if checked.model:
-            self.model.load_state_dict(checked.model, strict=False)
-        for r in self._records:
-            if r.quant is not None and r.quant.master is not None:
-                r.quant.master.copy_(checked.masters[r.name])
+        restore(self.chain, self.model, checked)
         self.optimizer_steps = checked.optimizer_steps
-        self.chain.knots_tied = checked.knots_tied
-        self.chain.generator.set_state(checked.generator)
-        self.chain.history.keep_factors, self.chain.history.knots = checked.history
-        self.chain.pending = None
         self._arm()
-        for post in self._optimizer_load_state_dict_post_hooks.values():
-            post(self)
 
-    # --- copies: deep copies carry the model along; pickling goes through state_dict() ---
+    # --- copies: deep copies carry the model along (a shallow copy shares it); no pickling ---
     def __deepcopy__(self, memo: dict[int, Any]) -> ChainLoRAOptimizer:
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         for key, value in self.__dict__.items():
             clone.__dict__[key] = copy.deepcopy(value, memo)
         clone._param_names = {id(p): n for n, p in clone.model.named_parameters()}
-        return clone
-
-    def __copy__(self) -> ChainLoRAOptimizer:
-        clone = type(self).__new__(type(self))
-        clone.__dict__.update(self.__dict__)
         return clone
 
     def __getstate__(self) -> dict[str, Any]:

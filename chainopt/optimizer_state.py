@@ -32,9 +32,12 @@ from .knot import Chain
 
 __all__ = [
     "CheckedState",
+    "chain_entry",
     "check_optimizer",
     "check_saved_state",
+    "drop_params",
     "regroup",
+    "restore",
     "verify_steps_factors",
 ]
 
@@ -128,6 +131,48 @@ class CheckedState:
     history: tuple[bool, list[KnotRecord]]
     model: dict[str, Tensor]
     masters: dict[str, Tensor]
+
+
+def chain_entry(chain: Chain, optimizer_steps: int, version: int) -> dict[str, Any]:
+    """The ``"chainopt"`` entry of a state dict: config, counters, generator, history, masters."""
+    entry: dict[str, Any] = {
+        "version": version,
+        "config": chain.config.to_dict(),
+        "optimizer_steps": optimizer_steps,
+        "knots_tied": chain.knots_tied,
+        "generator": chain.generator.get_state(),
+        "history": chain.history.state_dict(),
+    }
+    masters = {
+        r.name: r.quant.master for r in chain.records if r.quant and r.quant.master is not None
+    }
+    if masters:  # 4-bit targets: the float32 masters are the chain's state
+        entry["masters"] = masters
+    return entry
+
+
+def restore(chain: Chain, model: nn.Module, checked: CheckedState) -> None:
+    """Write a checked state into the wrapped optimizer, the model and the chain."""
+    chain.optimizer.load_state_dict(checked.base)
+    if checked.model:
+        model.load_state_dict(checked.model, strict=False)
+    for r in chain.records:
+        if r.quant is not None and r.quant.master is not None:
+            r.quant.master.copy_(checked.masters[r.name])
+    chain.knots_tied = checked.knots_tied
+    chain.generator.set_state(checked.generator)
+    chain.history.keep_factors, chain.history.knots = checked.history
+    chain.pending = None
+
+
+def drop_params(optimizer: Optimizer, params: Sequence[Tensor]) -> None:
+    """Take ``params`` out of ``optimizer``'s groups and state (in place)."""
+    ids = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        group["params"][:] = [p for p in group["params"] if id(p) not in ids]
+    for p in list(optimizer.state):
+        if id(p) in ids:
+            del optimizer.state[p]
 
 
 def check_saved_state(
