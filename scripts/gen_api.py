@@ -33,7 +33,12 @@ def _entry(name: str, obj: object, level: str) -> list[str]:
     head = f"{level} `{name}{_signature(obj) if kind != 'value' else ''}`"
     lines = [head, "", f"*{kind}*", "", "```text", doc, "```", ""]
     if inspect.isclass(obj):
-        for attr, member in vars(obj).items():
+        # members of the class and of chainopt's own (private) bases, most derived first
+        own = [c for c in obj.__mro__ if c.__module__.startswith("chainopt")]
+        members: dict[str, object] = {}
+        for cls in reversed(own):
+            members.update(vars(cls))
+        for attr, member in members.items():
             if attr.startswith("_") or not (
                 inspect.isfunction(member) or isinstance(member, property)
             ):
