@@ -245,6 +245,20 @@ def _watch_knots(deepspeed: Any, model: nn.Module, opt: Any, log: dict[str, Any]
     opt.register_knot_hook(after)
 
 
+def _run_then_destroy(body: Callable[[], None]) -> None:
+    """Run ``body`` (which holds the engines), free what it held, then destroy the group.
+
+    Tearing a DeepSpeed/DDP engine down after ``destroy_process_group`` can hang the exiting
+    worker or abort it ("terminate called without an active exception").
+    """
+    try:
+        body()
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def _engine_worker(
     rank: int,
     world: int,
@@ -304,12 +318,7 @@ def _engine_worker(
                 log["resumed_masters"] = _masters(deepspeed, opt2)
             torch.save(log, f"{out}/{name}_{rank}.pt")
 
-    try:
-        body()
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    _run_then_destroy(body)
 
 
 def _results(
@@ -638,12 +647,7 @@ def _checks_worker(rank: int, world: int, port: int, out: str) -> None:
         results["docs"] = (len(code), docs)
         torch.save(results, f"{out}/checks.pt")
 
-    try:
-        body()
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    _run_then_destroy(body)
 
 
 @pytest.fixture(scope="module")
