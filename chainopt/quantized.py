@@ -27,6 +27,7 @@ from typing import Any, Literal, TypeAlias
 import torch
 from torch import Tensor, nn
 
+from ._dtensor import full_tensor
 from ._quant_backends import Backend, backend_for, unsupported_quantization
 from ._surgery import install_instance_forward, lora_quantized_forward, remove_instance_forward
 from .lora import LoRAParametrization
@@ -77,10 +78,9 @@ class QuantizedWeight:
     @torch.no_grad()
     def merged(self, link: LoRAParametrization) -> Tensor:
         """``dense + s·B·A`` as a new float32 tensor (on the master's device)."""
-        dense = self.dense()
-        out = dense.clone()
-        out.addmm_(link.lora_B.detach().float().to(out.device),
-                   link.lora_A.detach().float().to(out.device), alpha=link.scale)  # fmt: skip
+        out = self.dense().clone()
+        b, a = _whole_factors(link, out.device)
+        out.addmm_(b, a, alpha=link.scale)
         return out
 
     @torch.no_grad()
@@ -89,9 +89,16 @@ class QuantizedWeight:
         if self.master is None:
             self.backend.requantize_(self.module, self.merged(link))
             return
-        b, a = link.lora_B.detach().float(), link.lora_A.detach().float()
-        self.master.addmm_(b.to(self.master.device), a.to(self.master.device), alpha=link.scale)
+        b, a = _whole_factors(link, self.master.device)
+        self.master.addmm_(b, a, alpha=link.scale)
         self.backend.requantize_(self.module, self.master)
+
+
+def _whole_factors(link: LoRAParametrization, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``B`` and ``A`` as whole float32 tensors on ``device`` (gathered when FSDP2 shards them:
+    the 4-bit weight itself stays whole, ``fully_shard(..., ignored_params=...)``)."""
+    b, a = full_tensor(link.lora_B.detach()), full_tensor(link.lora_A.detach())
+    return b.float().to(device), a.float().to(device)
 
 
 def quantized_weight(module: nn.Module) -> QuantizedWeight | None:

@@ -39,9 +39,18 @@ def rebind(
     (now sharded) weights. Returns the new ``id → name`` map.
 
     Raises:
-        RuntimeError: a parameter the optimizer holds left the model, or was replaced after it
-            got optimizer state. Nothing is changed then.
+        RuntimeError: a parameter the optimizer holds left the model, was replaced after it
+            got optimizer state, or is a sharded 4-bit weight. Nothing is changed then.
     """
+    for r in records:
+        weight = getattr(r.module, "weight", None)
+        if r.quant is not None and isinstance(weight, Tensor) and is_sharded(weight):
+            raise RuntimeError(
+                f"fully_shard sharded the 4-bit weight of {r.name!r}: a bitsandbytes Params4bit "
+                "or torchao NF4Tensor loses its quantization state when sharded; keep the 4-bit "
+                "weights whole with fully_shard(..., ignored_params={the 4-bit weights}) (the "
+                "factors and other parameters are still sharded), or use DDP"
+            )
     current = dict(model.named_parameters())
     moves: list[tuple[list[Any], int, Tensor]] = []
     for group in optimizer.param_groups:

@@ -340,3 +340,127 @@ def test_a_nan_on_one_rank_gets_the_same_verdict_on_every_rank(tmp_path: Path, p
     expected = "raised NonFiniteUpdateError" if policy == "raise" else "skipped ['0']"
     assert [s["outcome"] for s in seen] == [expected] * WORLD
     assert torch.equal(seen[0]["w2"], seen[1]["w2"])  # the good module merged alike
+
+
+# --- DDP with 4-bit targets (bitsandbytes on CPU) ---
+
+
+def _bnb_build(seed: int = 7) -> tuple[nn.Module, Any]:
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(
+        nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, OUT)
+    )
+    model = nn.Sequential(*dense)
+    for i in (0, 2):
+        q = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(
+            dense[i].weight.data.clone(), requires_grad=False, quant_type="nf4"
+        )
+        q.bias = nn.Parameter(dense[i].bias.data.clone())
+        model[i] = q.to("cpu")
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), target_modules=["0", "2"],
+        trainable_modules=["4"], rank=4, knot_every=2, seed=seed,
+    )  # fmt: skip
+    return model, opt
+
+
+def _bnb_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(2000 + step)
+    x, y = torch.randn(8, 64, generator=gen), torch.randn(8, OUT, generator=gen)
+    return x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+
+
+def _bnb_state(model: nn.Module, opt: Any) -> dict[str, torch.Tensor]:
+    """The 4-bit weights' bytes and absmax, the masters, the factors and the head."""
+    out = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype != torch.uint8}
+    for i in (0, 2):
+        w = model[i].weight
+        out[f"{i}.weight.bytes"] = w.data.clone()
+        out[f"{i}.weight.absmax"] = w.quant_state.absmax.clone()
+    for name, master in opt.state_dict()["chainopt"].get("masters", {}).items():
+        out[f"master.{name}"] = master.clone()
+    return out
+
+
+@_in_group
+def _bnb_ddp_worker(rank: int, out: str) -> None:
+    model, opt = _bnb_build()
+    wrapped = nn.parallel.DistributedDataParallel(model)
+    for step in range(6):
+        if step == 3:
+            save_checkpoint(f"{out}/mid.pt", wrapped, opt)
+        x, y = _bnb_batch(step, rank)
+        nn.functional.mse_loss(wrapped(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.knots_tied == 3
+    torch.save(_bnb_state(model, opt), f"{out}/final{rank}.pt")
+
+    model2, opt2 = _bnb_build()
+    wrapped2 = nn.parallel.DistributedDataParallel(model2)
+    load_checkpoint(f"{out}/mid.pt", wrapped2, opt2)
+    for step in range(3, 6):
+        x, y = _bnb_batch(step, rank)
+        nn.functional.mse_loss(wrapped2(x), y).backward()
+        opt2.step()
+        opt2.zero_grad()
+    torch.save(_bnb_state(model2, opt2), f"{out}/resumed{rank}.pt")
+
+
+def test_ddp_with_4bit_targets_keeps_ranks_identical_exact_and_resumable(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    _spawn(_bnb_ddp_worker, str(tmp_path))
+    final = [torch.load(tmp_path / f"final{r}.pt", weights_only=True) for r in range(WORLD)]
+    _assert_same(final[0], final[1], "rank 0 vs rank 1")  # weights, masters, factors, head
+    for i in ("0", "2"):  # every knot rounded the exact master once: W = quantize(M)
+        q, _ = bnbf.quantize_4bit(final[0][f"master.{i}"], blocksize=64, quant_type="nf4")
+        assert torch.equal(q.flatten(), final[0][f"{i}.weight.bytes"].flatten()), i
+    assert not torch.equal(final[0]["master.0"], _bnb_state(*_bnb_build())["master.0"])
+    for r in range(WORLD):  # a rank-0 checkpoint resumed on both ranks continues bitwise
+        resumed = torch.load(tmp_path / f"resumed{r}.pt", weights_only=True)
+        _assert_same(resumed, final[r], f"resumed rank {r}")
+
+
+@_in_group
+def _bnb_fsdp_worker(rank: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model, opt = _bnb_build()
+    fully_shard(model)  # shards the 4-bit weights too: refused, with advice
+    try:
+        opt.rebind_parameters()
+        refused = ""
+    except RuntimeError as err:
+        refused = str(err)
+
+    model2, opt2 = _bnb_build()
+    fully_shard(model2, ignored_params={model2[0].weight, model2[2].weight})  # 4-bit: whole
+    opt2.rebind_parameters()
+    assert all(is_sharded(p) for p in opt2.factors())  # the factors are sharded
+    for step in range(4):
+        x, y = _bnb_batch(step, rank)
+        nn.functional.mse_loss(model2(x), y).backward()
+        opt2.step()
+        opt2.zero_grad()
+    state = {k: full_tensor(v) for k, v in _bnb_state(model2, opt2).items()}
+    torch.save({"refused": refused, "knots": opt2.knots_tied, "state": state}, f"{out}/r{rank}.pt")
+
+
+@_fsdp_support
+def test_fsdp2_keeps_4bit_weights_whole_and_shards_the_rest(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    _spawn(_bnb_fsdp_worker, str(tmp_path))
+    seen = [torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in range(WORLD)]
+    for s in seen:  # sharding a 4-bit weight is refused before anything changes, with advice
+        assert "loses its quantization state when sharded" in s["refused"]
+        assert "ignored_params" in s["refused"]
+        assert s["knots"] == 2
+    _assert_same(seen[0]["state"], seen[1]["state"], "rank 0 vs rank 1")
+    for i in ("0", "2"):  # the knots stayed exact: W = quantize(M)
+        q, _ = bnbf.quantize_4bit(seen[0]["state"][f"master.{i}"], blocksize=64, quant_type="nf4")
+        assert torch.equal(q.flatten(), seen[0]["state"][f"{i}.weight.bytes"].flatten()), i
