@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from chainopt import ChainLoRAOptimizer, load_checkpoint, save_checkpoint
 
@@ -593,7 +594,11 @@ def train_run(ctx: Context, method: Method, lr: float, seed: int, phase: str) ->
         )
     chain = isinstance(opt, ChainLoRAOptimizer)
     with curve_path.open("a") as curve:
-        for step in range(start, d.steps):
+        bar = tqdm(
+            range(start, d.steps), initial=start, total=d.steps, desc=key, unit="step",
+            mininterval=30, disable=not ctx.verbose, file=sys.stderr,
+        )  # fmt: skip
+        for step in bar:
             for group in opt.param_groups:  # linear decay to 0, no warm-up
                 group["lr"] = lr * (1 - step / d.steps)
             batch = collate([data["encoded"][i] for i in order[step]], data["pad"])
@@ -616,6 +621,8 @@ def train_run(ctx: Context, method: Method, lr: float, seed: int, phase: str) ->
                 "knot": bool(knot),
             }
             curve.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{loss_value:.3f}", knots=opt.knots_tied if chain else 0,
+                            refresh=False)  # fmt: skip
             if not math.isfinite(row["loss"]):
                 break
             ctx.steps_done_here += 1
