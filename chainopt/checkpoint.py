@@ -219,6 +219,10 @@ def load_checkpoint(
 def _check_arguments(path: object, model: object, optimizer: object) -> None:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type_name(path)}")
+    if os.path.isdir(path):
+        raise ValueError(
+            f"path {os.fspath(path)!r} is a directory: give the checkpoint file's path"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type_name(model)}")
     if optimizer is not None and not isinstance(optimizer, Optimizer):

@@ -104,7 +104,13 @@ class ChainConfig:
     quantized_master: QuantizedMaster = "host"
 
     def link_rank(self, link: int) -> int:
-        """Rank of link ``link`` (0-based): ``ranks[link]``, the last entry repeating."""
+        """Rank of link ``link`` (0-based): ``ranks[link]``, the last entry repeating.
+
+        Raises:
+            ValueError: ``link`` is not a non-negative int.
+        """
+        if not is_int(link) or link < 0:
+            raise ValueError(f"link must be a non-negative int (0 is the first link), got {link!r}")
         return self.ranks[min(link, len(self.ranks) - 1)]
 
     def schedule(self) -> KnotSchedule:

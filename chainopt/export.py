@@ -104,10 +104,19 @@ def merged_state_dict(
     are passed through unchanged, in order.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``, ``quantized_dtype`` not a floating dtype or
+            ``keep_quantized`` not a bool.
         NonFiniteUpdateError: a merged weight or bias would not be finite.
     """
     records = _checked(model, "export the merged weights")
+    if quantized_dtype is not None and not (
+        isinstance(quantized_dtype, torch.dtype) and quantized_dtype.is_floating_point
+    ):
+        raise TypeError(
+            f"quantized_dtype must be a floating torch.dtype or None, got {quantized_dtype!r}"
+        )
+    if not isinstance(keep_quantized, bool):
+        raise TypeError(f"keep_quantized must be a bool, got {keep_quantized!r}")
     adapted = {id(r.module) for r in records}
     state = model.state_dict()
     groups: dict[str, dict[str, Tensor]] = {}  # first key of a group -> the entries it becomes

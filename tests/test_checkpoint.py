@@ -375,3 +375,12 @@ def test_a_full_disk_is_an_os_error_and_the_old_checkpoint_survives(
     assert err.value.errno == errno.ENOSPC
     monkeypatch.undo()
     assert path.read_bytes() == on_disk and _files(tmp_path) == ["ckpt.pt"]
+
+
+def test_a_directory_is_no_checkpoint_path_and_nothing_is_written(tmp_path: Path) -> None:
+    model = mlp()
+    with pytest.raises(ValueError, match="is a directory: give the checkpoint file's path"):
+        save_checkpoint(tmp_path, model)
+    with pytest.raises(ValueError, match="is a directory"):
+        load_checkpoint(tmp_path, model)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind

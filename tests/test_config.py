@@ -180,3 +180,15 @@ def test_a_model_built_under_deepspeed_zero_init_is_refused() -> None:
     for p in model.parameters():
         p.ds_id = 0  # type: ignore[attr-defined]  # what ZeRO-3's zero.Init leaves on parameters
     _refused(model, ValueError, "deepspeed.zero.Init", target_modules=["0"])
+
+
+@pytest.mark.parametrize("link", [-1, "0", 1.0, True, None])
+def test_link_rank_refuses_what_is_not_a_link_index(link: Any) -> None:
+    model = mlp()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules=["0"],
+        rank=[4, 2], knot_every=1,
+    )  # fmt: skip
+    assert [opt.link_rank(i) for i in (0, 1, 5)] == [4, 2, 2]
+    with pytest.raises(ValueError, match="link must be a non-negative int"):
+        opt.link_rank(link)

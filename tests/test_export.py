@@ -162,3 +162,22 @@ def test_merge_and_unload_keeps_the_parameter_order() -> None:
 def test_a_non_module_is_a_type_error(call: str) -> None:
     with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got str"):
         getattr(chainopt, call)("model")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"quantized_dtype": 3}, "quantized_dtype must be a floating torch.dtype"),
+        ({"quantized_dtype": torch.int8}, "quantized_dtype must be a floating torch.dtype"),
+        ({"quantized_dtype": "bfloat16"}, "quantized_dtype must be a floating torch.dtype"),
+        ({"keep_quantized": "yes"}, "keep_quantized must be a bool"),
+    ],
+)
+def test_merged_state_dict_refuses_bad_options(kwargs: dict[str, Any], match: str) -> None:
+    model = tiny_llama()
+    ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules=["q_proj"], rank=2,
+        knot_every=2,
+    )  # fmt: skip
+    with pytest.raises(TypeError, match=match):
+        merged_state_dict(model, **kwargs)

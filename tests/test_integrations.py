@@ -557,3 +557,14 @@ def test_a_chained_model_loads_a_plain_checkpoint_as_that_model(tmp_path: Path) 
     _chain(model)
     model.load_state_dict(AutoModelForCausalLM.from_pretrained(tmp_path / "plain").state_dict())
     torch.testing.assert_close(_logits(model), _logits(source.eval()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", [3, None, "model"])
+def test_the_save_guards_refuse_what_is_not_a_module(model: Any) -> None:
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+        guard_save_pretrained(model)
+    with (
+        pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"),
+        saving_for_resume(model),
+    ):
+        pass

@@ -63,11 +63,15 @@ def guard_save_pretrained(model: nn.Module) -> bool:
         Whether the method is installed (``False`` for a model without ``save_pretrained`` or
         one whose ``save_pretrained`` is already overridden on the instance by something else).
 
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+
     Example:
         >>> from torch import nn
         >>> guard_save_pretrained(nn.Linear(2, 2))  # not a Hugging Face model: nothing to install
         False
     """
+    _require_module(model)
     current = model.__dict__.get("save_pretrained")
     if isinstance(current, MethodType) and current.__func__ is _merged_save_pretrained:
         return True
@@ -84,12 +88,16 @@ def saving_for_resume(model: nn.Module) -> Iterator[None]:
     Such a folder resumes training through ``model.load_state_dict`` alone but is no deployable
     model. Blocks nest.
 
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` (on entering the block).
+
     Example:
         >>> from torch import nn
         >>> model = nn.Linear(2, 2)
         >>> with saving_for_resume(model):
         ...     pass  # model.save_pretrained(checkpoint_dir) writes parametrized keys here
     """
+    _require_module(model)
     depth = model.__dict__.get(_RESUME_SAVES, 0)
     model.__dict__[_RESUME_SAVES] = depth + 1
     try:
@@ -99,6 +107,11 @@ def saving_for_resume(model: nn.Module) -> Iterator[None]:
             model.__dict__[_RESUME_SAVES] = depth
         else:
             model.__dict__.pop(_RESUME_SAVES, None)
+
+
+def _require_module(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def _own(model: nn.Module, given: Mapping[str, Any]) -> bool:
