@@ -155,6 +155,12 @@ def export_peft_adapter(
         raise TypeError(f"path must be a str or os.PathLike, got {type_name(path)}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ValueError(f"rank must be None (exact) or a positive int, got {rank!r}")
+    if base is not None and not isinstance(base, (nn.Module, Mapping)):
+        raise TypeError(f"base must be an nn.Module or a state dict, got {type_name(base)}")
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(
+            f"base_model_name_or_path must be a str or None, got {base_model_name_or_path!r}"
+        )
     history = chain.history
     unloaded = not chain.adapted_modules()
     # The history holds every merged link unless it was off while knots were tied.
@@ -178,7 +184,9 @@ def export_peft_adapter(
         check = check_links(find_adapted(model))
         if check.bad:
             raise NonFiniteUpdateError(f"refusing to export the adapter: {check.describe()}")
-    originals = None if from_history else _base_tensors(base, model, names, lora_bias)
+    originals = (
+        None if from_history or base is None else _base_tensors(base, model, names, lora_bias)
+    )
     try:
         from safetensors.torch import save_file
     except ImportError as err:
@@ -290,7 +298,7 @@ def _bias_update(model: nn.Module, name: str, history: ChainHistory) -> Tensor:
 
 
 def _base_tensors(
-    base: nn.Module | Mapping[str, Tensor] | None,
+    base: nn.Module | Mapping[str, Tensor],
     model: nn.Module,
     names: list[str],
     lora_bias: bool,
@@ -306,10 +314,8 @@ def _base_tensors(
         for name in names:  # a quantized base: its weights dequantized, as PEFT computes them
             if quantized_backend(base.get_submodule(name)) is not None:
                 state[f"{name}.weight"] = _weight(base.get_submodule(name))
-    elif isinstance(base, Mapping):
+    else:  # a Mapping: export_peft_adapter checked the type
         state = dict(base)
-    else:
-        raise TypeError(f"base must be an nn.Module or a state dict, got {type_name(base)}")
     out: dict[str, Tensor] = {}
     for name in names:
         module = _module(model, name)

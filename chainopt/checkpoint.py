@@ -90,6 +90,9 @@ def save_checkpoint(
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
+        TypeError: a wrong type for an argument, or an extra entry ``torch.save`` cannot write
+            (nothing is written).
+        ValueError: ``path`` is a directory.
         OSError: the file could not be written (``path`` is left as it was). Under
             ``torch.distributed`` every rank raises when rank 0 could not write.
 
@@ -116,12 +119,12 @@ def save_checkpoint(
         "extra": _gathered(dict(extra)),
     }
     if not is_distributed():
-        write_atomically(path, lambda f: torch.save(payload, f))
+        write_atomically(path, lambda f: _save(payload, f))
         return path
     failure: list[str | None] = [None]
     if dist.get_rank() == 0:
         try:
-            write_atomically(path, lambda f: torch.save(payload, f))
+            write_atomically(path, lambda f: _save(payload, f))
         except Exception as exc:
             failure[0] = f"{type(exc).__name__}: {exc}"
             dist.broadcast_object_list(failure, src=0)
@@ -161,8 +164,9 @@ def load_checkpoint(
     Raises:
         ValueError: the file is not a chainopt checkpoint, its keys or shapes do not fit the
             model, it holds no optimizer state but ``optimizer`` was given, or the optimizer
-            refuses it (a different chain config, different param groups). Nothing is loaded
-            then.
+            refuses it (a different chain config, different param groups), or ``path`` is a
+            directory. Nothing is loaded then.
+        TypeError: a wrong type for an argument.
 
     Example:
         >>> import tempfile
@@ -177,6 +181,8 @@ def load_checkpoint(
         ValueError: checkpoint ... 'weight' has shape (2, 2) there and (2, 3) in the model
     """
     _check_arguments(path, model, optimizer)
+    if not isinstance(weights_only, bool):
+        raise TypeError(f"weights_only must be a bool, got {weights_only!r}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=weights_only)
     except FileNotFoundError:
@@ -229,6 +235,19 @@ def _check_arguments(path: object, model: object, optimizer: object) -> None:
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer or None, got {type_name(optimizer)}"
         )
+
+
+def _save(payload: dict[str, Any], f: Any) -> None:
+    """``torch.save(payload, f)``; an entry pickle cannot write (an extra one: the model and
+    optimizer states are tensors and plain containers) is a TypeError that names the extras."""
+    try:
+        torch.save(payload, f)
+    except (pickle.PicklingError, AttributeError, TypeError) as err:
+        raise TypeError(
+            f"the checkpoint cannot be saved ({type(err).__name__}: {err}); check the extra "
+            f"entries {sorted(payload['extra'])}: save state dicts, tensors, numbers, strings "
+            "and containers of them"
+        ) from err
 
 
 def _gathered(obj: Any) -> Any:

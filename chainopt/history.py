@@ -66,6 +66,8 @@ class ChainHistory:
     """
 
     def __init__(self, keep_factors: bool = False) -> None:
+        if not isinstance(keep_factors, bool):
+            raise TypeError(f"keep_factors must be a bool, got {keep_factors!r}")
         self.keep_factors = keep_factors
         self.knots: list[KnotRecord] = []
 

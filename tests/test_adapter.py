@@ -344,3 +344,20 @@ def test_an_adapter_with_nan_is_refused_and_nothing_is_written(tmp_path: Path) -
     with pytest.raises(NonFiniteUpdateError, match="refusing to export the adapter"):
         export_peft_adapter(opt, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"base": 3}, "base must be an nn.Module or a state dict, got int"),
+        ({"base": {"x"}}, "base must be an nn.Module or a state dict, got set"),
+        ({"base_model_name_or_path": 7}, "base_model_name_or_path must be a str or None"),
+    ],
+)
+def test_export_refuses_bad_bases_and_writes_nothing(
+    tmp_path: Path, kwargs: dict[str, Any], match: str
+) -> None:
+    opt = _train_lm(tiny_opt(), 3, keep_history=True)
+    with pytest.raises(TypeError, match=match):
+        export_peft_adapter(opt, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()

@@ -384,3 +384,18 @@ def test_a_directory_is_no_checkpoint_path_and_nothing_is_written(tmp_path: Path
     with pytest.raises(ValueError, match="is a directory"):
         load_checkpoint(tmp_path, model)
     assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
+def test_an_extra_entry_that_cannot_be_saved_is_a_type_error_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    model = mlp()
+    save_checkpoint(tmp_path / "c.pt", model, step=1)
+    before = (tmp_path / "c.pt").read_bytes()
+    with pytest.raises(
+        TypeError, match=r"cannot be saved .*check the extra entries \['fn', 'step'\]"
+    ):
+        save_checkpoint(tmp_path / "c.pt", model, step=2, fn=lambda: 1)
+    assert (tmp_path / "c.pt").read_bytes() == before and sorted(os.listdir(tmp_path)) == ["c.pt"]
+    with pytest.raises(TypeError, match="weights_only must be a bool"):
+        load_checkpoint(tmp_path / "c.pt", model, weights_only="no")  # type: ignore[arg-type]

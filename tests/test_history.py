@@ -140,3 +140,8 @@ def test_history_is_off_by_default() -> None:
     opt.step()
     assert len(opt.history) == 1 and opt.history.knots[0].links == {}
     assert opt.history.knots[0].norms["0"] > 0
+
+
+def test_keep_factors_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="keep_factors must be a bool"):
+        ChainHistory(keep_factors="yes")  # type: ignore[arg-type]

@@ -121,6 +121,8 @@ class ChainLoRACheckpoint(Callback):
     """
 
     def __init__(self, merged: bool = True) -> None:
+        if not isinstance(merged, bool):
+            raise TypeError(f"merged must be a bool, got {merged!r}")
         self.merged = merged
         self._stage = "fit"
         self._handle: RemovableHandle | None = None
