@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from torch.optim import Optimizer
+
 from .optimizer import ChainLoRAOptimizer
 
 __all__ = ["KnotWarmup"]
@@ -48,7 +50,8 @@ class KnotWarmup:
         warmup_steps: steps to reach the full rate after a knot (``1`` is no warm-up).
 
     Raises:
-        TypeError: ``optimizer`` is not a ChainLoRAOptimizer.
+        TypeError: ``optimizer`` is not a ChainLoRAOptimizer, or ``scheduler`` has no ``step``,
+            ``state_dict`` or ``load_state_dict``.
         ValueError: ``warmup_steps`` is not a positive int.
     """
 
@@ -58,6 +61,14 @@ class KnotWarmup:
         if not isinstance(optimizer, ChainLoRAOptimizer):
             raise TypeError(
                 f"optimizer must be a ChainLoRAOptimizer, got {type(optimizer).__name__}"
+            )
+        needed = ("step", "state_dict", "load_state_dict")
+        missing = [m for m in needed if not callable(getattr(scheduler, m, None))]
+        if missing or isinstance(scheduler, Optimizer):
+            what = "an optimizer" if isinstance(scheduler, Optimizer) else f"without {missing}"
+            raise TypeError(
+                "scheduler must be an LR scheduler (step, state_dict, load_state_dict), got "
+                f"{type(scheduler).__name__} ({what})"
             )
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"warmup_steps must be a positive int, got {warmup_steps!r}")

@@ -57,3 +57,7 @@ def test_bad_arguments() -> None:
         KnotWarmup(inner, opt, 0)
     with pytest.raises(TypeError, match="optimizer must be a ChainLoRAOptimizer"):
         KnotWarmup(inner, opt.optimizer, 2)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"scheduler must be an LR .*\(an optimizer\)"):
+        KnotWarmup(opt, opt, 2)  # type: ignore[arg-type]  # the optimizer, not its scheduler
+    with pytest.raises(TypeError, match=r"got NoneType \(without \['step', 'state_dict'"):
+        KnotWarmup(None, opt, 2)  # type: ignore[arg-type]
