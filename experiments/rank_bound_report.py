@@ -355,8 +355,9 @@ def plots(a: dict[str, Any], dest: Path | None = None) -> list[Path]:
                     ax.axvline(k, color=line.get_color(), ls=":", lw=0.9, alpha=0.8)
             ax.set_yscale("log")
             ax.set_xlabel("step")
-            ax.set_ylabel(f"training loss (answer CE, mean of seeds, {window}-step average)")
-            ax.set_title(f"{title} (dotted: knots)")
+            ax.set_ylabel("training loss (answer cross-entropy)")
+            ax.set_title(f"{title}: mean of seeds, {window}-step average (dotted: knots)",
+                         fontsize=9)  # fmt: skip
             ax.legend(fontsize=8)
         fig.tight_layout()
         path = dest / "loss_curves.png"
@@ -408,6 +409,9 @@ def plots(a: dict[str, Any], dest: Path | None = None) -> list[Path]:
         ax.errorbar([p[1] for p in pts], [100 * p[2]["recall"]["mean"] for p in pts],
                     yerr=[100 * (p[2]["recall"]["ci95"] if p[2]["recall"]["n"] > 1 else 0)
                           for p in pts], marker="o", capsize=3, label="LoRA rank k")  # fmt: skip
+        seeds = [(p[1], 100 * x["metrics"]["recall"]) for p in pts for x in p[2].get("runs", [])]
+        ax.scatter([k for k, _ in seeds], [v for _, v in seeds], s=12, color="C0", alpha=0.45,
+                   label="one seed")  # fmt: skip
     cola = [(n, row) for n, row in rows.items()
             if n.startswith("cola") and "_" not in n and "recall" in row]  # fmt: skip
     if cola:
