@@ -17,13 +17,19 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeAlias
 
+import torch
 from torch import nn
 
-from .adapted import is_conv1d
+from ._dtensor import is_sharded
+from ._validate import type_name
+from .adapted import is_conv1d, parametrization_count
+from .quantized import unsupported_quantization
 
 __all__ = [
     "ALL_LINEAR",
     "ModuleSpec",
+    "choose_targets",
+    "choose_trainable",
     "describe_spec",
     "is_linear_like",
     "linear_names",
@@ -156,3 +162,136 @@ def _named(items: Iterable[tuple[str, nn.Module]]) -> Iterable[tuple[str, nn.Mod
     for name, mod in items:
         if name and ".parametrizations." not in f".{name}.":
             yield name, mod
+
+
+def choose_trainable(model: nn.Module, spec: ModuleSpec | None) -> list[tuple[str, nn.Module]]:
+    """The modules ``trainable_modules`` names (none for ``None``); at least one if given."""
+    if spec is None:
+        return []
+    found = select_modules(model, spec, "trainable_modules")
+    if not found:
+        raise ValueError(f"trainable_modules={describe_spec(spec)!r} matches no module")
+    return found
+
+
+def choose_targets(
+    model: nn.Module,
+    spec: ModuleSpec,
+    rank: int,
+    lora_bias: bool,
+    trainable: list[tuple[str, nn.Module]],
+) -> list[tuple[str, nn.Module]]:
+    """The modules ``target_modules`` names, each checked to take a link of ``rank``.
+
+    Refused: no match, a module that is not a Linear/Conv1D (or a supported 4-bit one), an
+    already parametrized one, a weight tied to or sharing memory with another tensor, a rank
+    above the module's smaller dimension, ``lora_bias`` with no bias, a trainable target.
+    """
+    found = select_modules(model, spec, "target_modules", exclude=[m for _, m in trainable])
+    if not found:
+        raise ValueError(
+            f"target_modules={describe_spec(spec)!r} matches no module of the model; modules "
+            f"a link can adapt include {linear_names(model)}"
+        )
+    shared = shared_parameters(model)
+    storages = _storages(model)
+    for name, module in found:
+        unsupported = unsupported_quantization(module)
+        if unsupported is not None:
+            raise TypeError(
+                f"target_modules matches {name!r}, {unsupported}; chainopt chains over "
+                "bitsandbytes Linear4bit (NF4/FP4) and torchao NF4 weights"
+            )
+        if not is_linear_like(module):
+            raise TypeError(
+                f"target_modules={describe_spec(spec)!r} matches {name!r}, a "
+                f"{type_name(module)}; only torch.nn.Linear and transformers Conv1D modules "
+                "can be adapted"
+            )
+        if parametrization_count(module) or parametrization_count(module, "bias"):
+            raise ValueError(
+                f"target_modules matches {name!r}, whose weight or bias is already parametrized; "
+                "chainopt's link must be registered first"
+            )
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        if id(weight) in shared:
+            others = [n for n in shared[id(weight)] if n != f"{name}.weight"]
+            raise ValueError(
+                f"target_modules matches {name!r}, whose weight is shared with {others} (tied "
+                "weights): a knot would merge the link into both and change the model; leave it "
+                f"out of target_modules ('{ALL_LINEAR}' leaves tied and output layers out)"
+            )
+        tensors = [("weight", weight)]
+        if lora_bias and isinstance(module.bias, torch.Tensor):
+            tensors.append(("bias", module.bias))
+        for kind, tensor in tensors:
+            overlap = _overlapping(tensor, storages)
+            if overlap:
+                raise ValueError(
+                    f"target_modules matches {name!r}, whose {kind} shares memory with "
+                    f"{overlap[:3]}: a knot writes into the {kind} in place and would change "
+                    "them too; give it its own tensor or leave it out of target_modules"
+                )
+        limit = min(_features(module))
+        if rank > limit:
+            raise ValueError(
+                f"rank must be a positive int no larger than min(in_features, out_features)="
+                f"{limit} of {name!r}, got {rank}"
+            )
+    if lora_bias and all(getattr(m, "bias", None) is None for _, m in found):
+        raise ValueError("lora_bias=True but none of the target modules has a bias")
+    _check_trainable_against_targets(trainable, found)
+    return found
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` of a Linear (quantized ones included) or a Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return int(weight.shape[0]), int(weight.shape[1])  # Conv1D stores (in, out)
+
+
+def _storages(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    named: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
+    named += list(model.named_buffers())
+    return [(n, t) for n, t in named if _plain_storage(t)]
+
+
+def _plain_storage(t: torch.Tensor) -> bool:
+    """A tensor whose memory is its own storage (not meta, sharded or a wrapper subclass)."""
+    return not t.is_meta and not is_sharded(t) and type(t.data) is torch.Tensor
+
+
+def _overlapping(tensor: torch.Tensor, storages: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of other tensors of the model whose memory overlaps ``tensor``'s."""
+    if not _plain_storage(tensor) or tensor.numel() == 0:
+        return []
+    ptr = tensor.untyped_storage().data_ptr()
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    out = []
+    for name, other in storages:
+        if other is tensor or other.numel() == 0 or other.untyped_storage().data_ptr() != ptr:
+            continue
+        o_start = other.data_ptr()
+        if o_start < end and start < o_start + other.numel() * other.element_size():
+            out.append(name)
+    return out
+
+
+def _check_trainable_against_targets(
+    trainable: list[tuple[str, nn.Module]], targets: list[tuple[str, nn.Module]]
+) -> None:
+    for t_name, t_module in trainable:
+        for name, module in targets:
+            if module is t_module:
+                raise ValueError(f"{name!r} is in both target_modules and trainable_modules")
+            if any(m is module for m in t_module.modules()):
+                raise ValueError(
+                    f"trainable_modules matches {t_name!r}, which contains the target {name!r}: "
+                    "its frozen weight would train outside the chain; name the submodules to "
+                    "train instead"
+                )
