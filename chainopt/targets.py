@@ -1,5 +1,9 @@
 """Choosing modules by name: PEFT-style suffixes, a regex, a predicate, or ``"all-linear"``.
 
+:func:`choose_targets` then checks that each chosen module can take a link: a Linear or Conv1D
+(or a supported 4-bit layer), not parametrized yet, its weight neither tied to nor sharing memory
+with another tensor, and at least ``rank`` wide.
+
 Example:
     >>> from torch import nn
     >>> model = nn.Sequential()
