@@ -1,13 +1,17 @@
-"""Choosing modules: suffixes, regexes, predicates."""
+"""Choosing modules (suffixes, regexes, predicates) and checking each can take a link."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
+import torch
 from models import tiny_llama
+from test_config import _refused
 from torch import nn
 
+from chainopt import ChainLoRAOptimizer
+from chainopt.adapted import lora_parametrization
 from chainopt.targets import select_modules
 
 
@@ -43,3 +47,83 @@ def test_root_is_never_matched() -> None:
 def test_bad_specs(spec: object, err: type[Exception]) -> None:
     with pytest.raises(err, match="target_modules"):
         _names(spec)
+
+
+# --- shared and tied weights ---
+
+
+def _tied_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, tie_word_embeddings=True)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def test_a_tied_output_layer_is_refused_naming_both_places() -> None:
+    model = _tied_llama()
+    _refused(
+        model,
+        ValueError,
+        r"'lm_head', whose weight is shared with \['model.embed_tokens.weight'\] \(tied"
+        r".*'all-linear' leaves tied",
+        target_modules=["lm_head", "q_proj"],
+    )
+    _refused(model, ValueError, "lm_head", target_modules=lambda n, m: isinstance(m, nn.Linear))
+
+
+def test_all_linear_leaves_tied_and_output_layers_out_and_the_model_keeps_tying() -> None:
+    model = _tied_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters()),
+                             target_modules="all-linear", rank=2, knot_every=2)  # fmt: skip
+    assert "lm_head" not in opt.config.modules
+    assert len(opt.config.modules) == 7  # q, k, v, o, gate, up, down
+    model.tie_weights()  # still works on the chained model
+    ids = torch.randint(0, 64, (2, 8))
+    before = model(ids).logits
+    with torch.no_grad():
+        for _n, m in opt.adapted_modules():
+            lora_parametrization(m).lora_B.normal_(std=0.1)  # type: ignore[union-attr]
+        trained = model(ids).logits
+        opt.tie_knot()
+        torch.testing.assert_close(model(ids).logits, trained, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(before, trained)
+
+
+def test_two_modules_sharing_one_weight_are_refused() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    _refused(model, ValueError, r"'0', whose weight is shared with \['2.weight'\]",
+             target_modules=["0"])  # fmt: skip
+    _refused(model, ValueError, "shared", target_modules=["2"])
+
+
+def test_a_module_registered_twice_is_one_module_adapted_once() -> None:
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             target_modules=["0", "2"], rank=2, knot_every=2)  # fmt: skip
+    assert opt.config.modules == ("0",)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        lora_parametrization(lin).lora_B.normal_()  # type: ignore[union-attr]
+        before = model(x)
+        opt.tie_knot()
+        torch.testing.assert_close(model(x), before)
+
+
+def test_a_weight_that_views_another_tensor_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(4, 4))
+    with torch.no_grad():
+        model[1].weight = nn.Parameter(model[0].weight.data[:4])  # shares memory
+    _refused(model, ValueError, r"'1', whose weight shares memory with \['0.weight'\]",
+             target_modules=["1"])  # fmt: skip
+
+
+def test_trainable_modules_that_contain_a_target_are_refused() -> None:
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), nn.Linear(4, 2))
+    _refused(model, ValueError, "trainable_modules matches '0', which contains the target '0.0'",
+             target_modules=["0.0"], trainable_modules=["0"])  # fmt: skip
