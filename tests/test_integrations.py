@@ -568,3 +568,28 @@ def test_the_save_guards_refuse_what_is_not_a_module(model: Any) -> None:
         saving_for_resume(model),
     ):
         pass
+
+
+def test_resuming_a_save_only_model_checkpoint_warns_that_the_chain_starts_over(
+    tmp_path: Path,
+) -> None:
+    from transformers import Trainer
+
+    from chainopt import ChainLoRAWarning
+    from chainopt.integrations.transformers import ChainLoRACallback
+
+    def trainer(out: Path) -> tuple[ChainLoRAOptimizer, Any]:
+        model = tiny_llama()
+        opt = _chain(model, seed=5)
+        args = _args(out, save_only_model=True)
+        return opt, Trainer(model=model, args=args, train_dataset=_Tokens(),
+                            optimizers=(opt, None), callbacks=[ChainLoRACallback()])  # fmt: skip
+
+    _, first = trainer(tmp_path / "a")
+    first.train()
+    checkpoint = tmp_path / "a" / "checkpoint-4"
+    assert not (checkpoint / "optimizer.pt").exists()
+    opt, second = trainer(tmp_path / "b")
+    with pytest.warns(ChainLoRAWarning, match="resumed at step 4 from a checkpoint without"):
+        second.train(resume_from_checkpoint=str(checkpoint))
+    assert opt.optimizer_steps == 2  # steps 5 and 6, counted from 0 again

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Any, cast
 
 import torch
@@ -59,6 +60,7 @@ except ImportError as err:
         "pip install transformers"
     ) from err
 
+from ..advice import ChainLoRAWarning
 from ..optimizer import ChainLoRAOptimizer
 from ..targets import ModuleSpec
 from .hf_save import guard_save_pretrained
@@ -157,7 +159,9 @@ class ChainLoRACallback(TrainerCallback):
     ``load_best_model_at_end``, ``on_train_end`` loads the best checkpoint's optimizer state
     into the chain, matching the model the Trainer loaded (the chain's own tensors, step and
     knot counts, generator, history: what :func:`chainopt.adapter.export_peft_adapter` reads).
-    Training and resuming need no callback.
+    A resume from a checkpoint that holds no optimizer state (``save_only_model=True``) warns
+    (:class:`~chainopt.ChainLoRAWarning`): the chain then restarts its schedule from the saved
+    merged weights. Training and resuming need no callback.
 
     Example:
         >>> callback = ChainLoRACallback()  # Trainer(..., callbacks=[callback])
@@ -172,10 +176,20 @@ class ChainLoRACallback(TrainerCallback):
         optimizer: Optimizer | None = None,
         **kwargs: Any,
     ) -> None:
-        if optimizer is not None and not isinstance(_unwrap(optimizer), ChainLoRAOptimizer):
+        chain = None if optimizer is None else _unwrap(optimizer)
+        if optimizer is not None and not isinstance(chain, ChainLoRAOptimizer):
             raise ValueError(
                 f"ChainLoRACallback: the Trainer's optimizer is a {type(optimizer).__name__}, "
                 "not a ChainLoRAOptimizer; pass optimizers=(opt, scheduler) with the chain"
+            )
+        if isinstance(chain, ChainLoRAOptimizer) and state.global_step > chain.optimizer_steps == 0:
+            warnings.warn(
+                f"the Trainer resumed at step {state.global_step} from a checkpoint without the "
+                "chain's state (no optimizer.pt: save_only_model=True?): the chain goes on from "
+                "the saved merged weights with a fresh link and fresh optimizer state, and its "
+                "knot schedule counts optimizer steps from 0 again",
+                ChainLoRAWarning,
+                stacklevel=2,
             )
         if model is not None:
             guard_save_pretrained(model)
