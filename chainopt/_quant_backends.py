@@ -161,8 +161,12 @@ def unsupported_quantization(module: nn.Module) -> str | None:
     weight = getattr(module, "weight", None)
     if (
         isinstance(weight, Tensor)
-        and not weight.is_floating_point()
+        and weight.dtype not in _DENSE_DTYPES
         and backend_for(module) is None
     ):
         return f"a module whose weight is {weight.dtype} ({type(weight).__name__})"
     return None
+
+
+# Dense weights chainopt merges into (float8 has no arithmetic on CPU and too few bits to merge).
+_DENSE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)

@@ -204,7 +204,8 @@ def choose_targets(
         if unsupported is not None:
             raise TypeError(
                 f"target_modules matches {name!r}, {unsupported}; chainopt chains over "
-                "bitsandbytes Linear4bit (NF4/FP4) and torchao NF4 weights"
+                "float32, float64, bfloat16 and float16 weights, bitsandbytes Linear4bit "
+                "(NF4/FP4) and torchao NF4 weights"
             )
         if not is_linear_like(module):
             raise TypeError(

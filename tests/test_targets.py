@@ -127,3 +127,11 @@ def test_trainable_modules_that_contain_a_target_are_refused() -> None:
     model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), nn.Linear(4, 2))
     _refused(model, ValueError, "trainable_modules matches '0', which contains the target '0.0'",
              target_modules=["0.0"], trainable_modules=["0"])  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8])
+def test_a_weight_in_a_dtype_chainopt_cannot_merge_into_is_refused(dtype: torch.dtype) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model[0].weight = nn.Parameter(model[0].weight.detach().to(dtype), requires_grad=False)
+    _refused(model, TypeError, rf"'0', a module whose weight is {dtype}.*chains over float32",
+             target_modules=["0"])  # fmt: skip
