@@ -346,9 +346,13 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         gather each weight, its residual and its factors, merge them whole and write back each
         rank's shard, so every rank holds the same chain.
 
+        4-bit targets keep their weights whole: pass them in ``fully_shard(...,
+        ignored_params=...)`` (their factors are still sharded; see ``docs/qlora.md``).
+
         Raises:
-            RuntimeError: a parameter the optimizer holds left the model, or was replaced after
-                it got optimizer state (shard before training). Nothing is changed then.
+            RuntimeError: a parameter the optimizer holds left the model, was replaced after it
+                got optimizer state (shard before training), or is a sharded 4-bit weight.
+                Nothing is changed then.
         """
         self._param_names = rebind(self._base, self.model, self._param_names, self._records)
 
