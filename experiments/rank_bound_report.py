@@ -330,16 +330,14 @@ def plots(a: dict[str, Any], dest: Path | None = None) -> list[Path]:
     window = max(1, d.steps // 24)
 
     # 1. loss curves: chains of 1, 2, 4, 8 links and the L=4 variants, knots dashed
-    panels = []
+    panels = [("LoRA ranks and full fine-tuning", [m.name for m in rb.search_methods(d)])]
     if r is not None:
-        panels = [
+        panels += [
             ("chain length", [f"lora{r}", f"cola2x{r}", f"cola4x{r}", f"cola8x{r}",
                               f"lora{8 * r}", "full"]),
             ("4-link variants", [f"lora{r}", f"cola4x{r}", f"cola4x{r}_down", f"cola4x{r}_keep",
                                  f"cola4x{r}_grad", f"cola4x{r}_grow", f"lora{4 * r}"]),
         ]  # fmt: skip
-    else:
-        panels = [("LoRA ranks", [m.name for m in rb.search_methods(d)])]
     panels = [(t, [n for n in names if n in rows and "runs" in rows[n]]) for t, names in panels]
     panels = [p for p in panels if p[1]]
     if panels:
