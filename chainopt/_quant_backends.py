@@ -20,6 +20,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ._validate import FLOAT_DTYPES
+
 __all__ = ["Backend", "backend_for", "unsupported_quantization"]
 
 
@@ -161,12 +163,8 @@ def unsupported_quantization(module: nn.Module) -> str | None:
     weight = getattr(module, "weight", None)
     if (
         isinstance(weight, Tensor)
-        and weight.dtype not in _DENSE_DTYPES
+        and weight.dtype not in FLOAT_DTYPES
         and backend_for(module) is None
     ):
         return f"a module whose weight is {weight.dtype} ({type(weight).__name__})"
     return None
-
-
-# Dense weights chainopt merges into (float8 has no arithmetic on CPU and too few bits to merge).
-_DENSE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)

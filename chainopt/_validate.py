@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -17,6 +18,11 @@ PARALLEL_WRAPPERS: tuple[type[nn.Module], ...] = (
     nn.DataParallel,
 )
 """Wrappers whose ``module`` attribute is the model (and whose keys carry a ``module.`` prefix)."""
+
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+"""The dtypes chainopt merges into and keeps factors in (float8 has no CPU arithmetic and too few
+bits to merge into)."""
 
 
 def is_int(value: object) -> bool:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ._dtensor import is_sharded
-from ._validate import PARALLEL_WRAPPERS, is_distributed, is_int, type_name
+from ._validate import FLOAT_DTYPES, PARALLEL_WRAPPERS, is_distributed, is_int, type_name
 from .adapted import find_adapted
 from .init import InitPolicy
 from .quantized import QuantizedMaster
@@ -44,7 +44,7 @@ NonFinitePolicy: TypeAlias = Literal["raise", "skip"]
 raises (``"raise"``) or is dropped unmerged with a warning while the others are merged
 (``"skip"``). No non-finite value reaches a weight."""
 
-FACTOR_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+FACTOR_DTYPES = FLOAT_DTYPES
 """Dtypes the factors may have."""
 
 _SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
