@@ -95,8 +95,11 @@ def analyse(out: Path) -> dict[str, Any] | None:
             if not seeds:
                 continue
             diffs = [mine[s]["metrics"]["recall"] - lo[s]["metrics"]["recall"] for s in seeds]
-            paired[name] = {**rb.mean_ci(diffs), "better": sum(x > 0 for x in diffs),
-                            "diffs": diffs}
+            paired[name] = {
+                **rb.mean_ci(diffs),
+                "better": sum(x > 0 for x in diffs),
+                "diffs": diffs,
+            }
             m = row["method"]
             total = m.total_rank()
             ref_name = f"lora{total}" if m.kind == "lora" and m.name.startswith("cola") else None
