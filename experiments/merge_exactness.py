@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from chainopt.adapted import AdaptedModule, attach
 from chainopt.merge import merge_
@@ -80,11 +82,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
+    bar = tqdm(total=len(RESIDUALS) * len(args.sizes) * 2 * args.seeds * sum(args.knots),
+               unit="knot", file=sys.stderr, mininterval=5)  # fmt: skip
     for dtype in RESIDUALS:
         for size in args.sizes:
             for k in args.knots:
                 for residual in (True, False):
-                    runs = [run(dtype, k, size, s, residual) for s in range(args.seeds)]
+                    runs = []
+                    for s in range(args.seeds):
+                        runs.append(run(dtype, k, size, s, residual))
+                        bar.update(k)
                     rows.append({
                         "dtype": str(dtype).removeprefix("torch."), "size": size, "knots": k,
                         "residual": residual,
@@ -94,6 +101,7 @@ def main() -> None:
                         "max_typical_ulps": max(r["max_typical_ulps"] for r in runs),
                     })  # fmt: skip
                     print(rows[-1], flush=True)
+    bar.close()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "merge_exactness.json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = [

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -238,6 +239,8 @@ def train_run(
         probe.knots = state["knots"]
         print(f"{key}: resumed at step {state['step']} of {total}", flush=True)
     model.train()
+    bar = tqdm(total=total, initial=state["step"], desc=key, unit="step", mininterval=10,
+               file=sys.stderr, leave=False)  # fmt: skip
     while state["step"] < total:
         tick = time.perf_counter()
         step = state["step"]
@@ -253,6 +256,8 @@ def train_run(
         state["seconds"] += time.perf_counter() - tick
         state["knots"] = probe.knots
         done = state["step"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", knots=opt.knots_tied, refresh=False)
         if done % args.log_every == 0 or done == total:
             print(
                 f"{key}: step {done}/{total} loss {loss.item():.3f} knots {opt.knots_tied} "
@@ -266,6 +271,7 @@ def train_run(
             )
             if args.stop_after and done >= args.stop_after:
                 raise SystemExit(f"{key}: stopped after step {done} (--stop-after)")
+    bar.close()
     model.eval()
     tick = time.perf_counter()
     accuracy = data.accuracy(model, tokenizer)
