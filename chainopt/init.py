@@ -7,7 +7,9 @@
   of the optimizer step just before the knot (B stays zero, so the function is unchanged). Rows are
   scaled to Kaiming's expected row norm ``1/√3``. Cost: during that one step, one float32
   ``(out, in)`` accumulator per adapted module and its ``gradᵀ·x`` product per micro-batch (what
-  full fine-tuning pays for the weight gradient), then one SVD per module per knot. Under
+  full fine-tuning pays for the weight gradient), then per module per knot the top singular vectors
+  of ``G`` by a seeded randomized SVD (exact when ``G`` has rank ≤ r + 8; a full SVD for small
+  matrices; see :func:`chainopt._lowrank.top_right_singular_vectors`). Under
   ``torch.distributed`` the gradients are averaged over ranks first, so every rank draws the same A.
 
 :func:`resolve_init` turns a policy into a :class:`LinkInit` the optimizer keeps.
@@ -31,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ._lowrank import top_right_singular_vectors
 from ._validate import is_distributed
 
 __all__ = [
@@ -47,8 +50,7 @@ InitPolicy: TypeAlias = Literal["kaiming", "gradient"]
 
 def a_from_gradient(gradient: Tensor, rank: int) -> Tensor:
     """``(rank, in)``: the top right singular vectors of ``gradient``, rows of norm ``1/√3``."""
-    _u, _s, vh = torch.linalg.svd(gradient.float(), full_matrices=False)
-    a = vh[:rank]
+    a = top_right_singular_vectors(gradient.float(), rank)
     if a.shape[0] < rank:  # fewer singular vectors than the rank: pad with zeros
         a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
     scaled: Tensor = a / math.sqrt(3.0)
