@@ -997,10 +997,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="KEY=VALUE",
         help="override design fields (pilots): n_people=80 only=lora1,full",
     )
+    p.add_argument(
+        "--extra",
+        nargs="*",
+        default=[],
+        metavar="METHOD@LR",
+        help="supplementary runs after the plan, outside its analysis: METHOD at LR on every "
+        "seed (cola4x2@0.003)",
+    )
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     d = with_overrides(TINY if args.tiny else Design(), args.set)
+    extras = []
+    for spec in args.extra:
+        name, _, lr = spec.partition("@")
+        try:
+            extras.append((method_by_name(name, d), float(lr)))
+        except (KeyError, ValueError):
+            p.error(f"--extra wants METHOD@LR with a method of the design, got {spec!r}")
     out = args.out or DEFAULT_OUT
     out.mkdir(parents=True, exist_ok=True)
     (out / ".gitignore").write_text("ckpt/\n")
@@ -1021,6 +1036,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Stop as stop:
         print(f"stopped inside {stop} (--stop-after-steps)", flush=True)
         return
+    for method, lr in extras:  # claimed like the plan's runs: several drivers may share them
+        for seed in d.seeds:
+            handle = _claim(ctx.out, run_key(method, lr, seed))
+            if handle is None:
+                continue
+            with handle:
+                if not (ctx.out / "runs" / f"{run_key(method, lr, seed)}.json").exists():
+                    train_run(ctx, method, lr, seed, "extra")
+        runs = finished(ctx.out)
     q = qualification(runs, d)
     _write_json(out / "qualification.json", q)
     if not args.quiet:

@@ -124,6 +124,7 @@ def analyse(out: Path) -> dict[str, Any] | None:
                     else None,
                 }  # fmt: skip
     return {
+        "extras": _extras(runs, rows, d),
         "out": out,
         "design": d,
         "base": base,
@@ -136,6 +137,33 @@ def analyse(out: Path) -> dict[str, Any] | None:
         if (out / "estimate.json").exists()
         else None,
     }
+
+
+def _extras(
+    runs: dict[str, dict[str, Any]], rows: dict[str, Any], d: rb.Design
+) -> list[dict[str, Any]]:
+    """Supplementary runs (``--extra``, outside the design's analysis) against the LoRA of their
+    base rank and of their total rank, seed by seed."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for x in runs.values():
+        if x.get("phase") == "extra":
+            groups.setdefault((x["method"]["name"], x["lr"]), []).append(x)
+    out = []
+    for (name, lr), xs in sorted(groups.items()):
+        m = rb.method_by_name(name, d)
+        mine = _by_seed(xs)
+        entry: dict[str, Any] = {"method": m, "lr": lr, "runs": xs, "recall": rb.mean_ci(
+            [mine[s]["metrics"]["recall"] for s in sorted(mine)])}  # fmt: skip
+        for label, ref in (("base", f"lora{m.ranks[0]}"), ("total", f"lora{m.total_rank()}")):
+            theirs = _by_seed(rows.get(ref, {}).get("runs", []))
+            seeds = [s for s in sorted(mine) if s in theirs]
+            if seeds:
+                diffs = [mine[s]["metrics"]["recall"] - theirs[s]["metrics"]["recall"]
+                         for s in seeds]  # fmt: skip
+                entry[label] = {"reference": ref, **rb.mean_ci(diffs), "diffs": diffs,
+                                "better": sum(x > 0 for x in diffs)}  # fmt: skip
+        out.append(entry)
+    return out
 
 
 def _ci(c: dict[str, float] | None, scale: float = 1.0, digits: int = 1) -> str:
@@ -299,6 +327,23 @@ def markdown(a: dict[str, Any]) -> str:
         by = _by_seed(row["runs"])
         cells = [f"{100 * by[s]['metrics']['recall']:.1f}" if s in by else "–" for s in d.seeds]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if a["extras"]:
+        lines += ["", "**Supplementary runs** (`--extra`: one LR, not chosen by the grid, outside "
+                  "the pre-registered analysis), recall %, and paired differences in points "
+                  "(mean ± 95% t-interval; seeds ahead):", "",
+                  "| method | links × rank; knots | lr | per seed | mean ± 95% CI "
+                  "| − LoRA of its link rank | − LoRA of its total rank |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for e in a["extras"]:
+            by = _by_seed(e["runs"])
+            each = " / ".join(f"{100 * by[s]['metrics']['recall']:.1f}" for s in sorted(by))
+            refs = []
+            for label in ("base", "total"):
+                c = e.get(label)
+                refs.append(f"{c['reference']}: {_ci(c, 100)} ({c['better']}/{c['n']})"
+                            if c else "–")  # fmt: skip
+            lines.append(f"| {e['method'].name} | {_shape(e['method'], d)} | {e['lr']:g} | {each} "
+                         f"| {_ci(e['recall'], 100)} | {refs[0]} | {refs[1]} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ interrupted mid-way and started again gives the same numbers as one that never s
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -95,3 +96,21 @@ def test_report_builds_from_partial_results(uninterrupted: Path, tmp_path: Path)
     assert "Gap closed" in text and "Paired differences" in text
     for path in rbr.plots(full, tmp_path):
         assert path.stat().st_size > 10_000
+
+
+def test_extra_runs_are_reported_apart_against_their_lora_references(
+    uninterrupted: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "extra"
+    shutil.copytree(uninterrupted, out)
+    d = rb.TINY
+    rb.main(["--tiny", "--out", str(out), "--quiet", "--extra", f"cola2x2@{d.lora_lrs[0]}"])
+    extra = [v for v in _runs(out).values() if v["phase"] == "extra"]
+    assert sorted(v["seed"] for v in extra) == list(d.seeds)
+    a = rbr.analyse(out)
+    (e,) = a["extras"]
+    assert e["method"].name == "cola2x2" and e["base"]["reference"] == "lora2"
+    assert e["total"]["reference"] == "lora4" and e["total"]["n"] == len(d.seeds)
+    assert "Supplementary runs" in rbr.markdown(a) and "| cola2x2 |" in rbr.markdown(a)
+    with pytest.raises(SystemExit):  # a method the design does not have
+        rb.main(["--tiny", "--out", str(out), "--quiet", "--extra", "cola3x7@0.01"])
