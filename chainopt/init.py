@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal, TypeAlias
 
@@ -35,6 +36,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._lowrank import top_right_singular_vectors
 from ._validate import is_distributed
+from .advice import ChainLoRAWarning
 
 __all__ = [
     "GradientInit",
@@ -100,7 +102,20 @@ class GradientInit(LinkInit):
 
     def initial_a(self, names: Sequence[str], rank: int) -> list[Tensor | None]:
         gradients = self.take()  # a manual knot with no gradient falls back to Kaiming
-        return [a_from_gradient(gradients[n], rank) if n in gradients else None for n in names]
+        # An overflowed step (a GradScaler skip) leaves Inf/NaN in the sum: no singular vectors
+        # to take. Every rank sees the same averaged sum, so every rank falls back alike.
+        bad = [n for n in names if n in gradients and not bool(gradients[n].isfinite().all())]
+        if bad:
+            warnings.warn(
+                f'init="gradient": the gradient of {bad} summed over the step before the knot is '
+                "not finite (an overflowed step?); their new A is drawn Kaiming-uniform",
+                ChainLoRAWarning,
+                stacklevel=4,
+            )
+        return [
+            a_from_gradient(gradients[n], rank) if n in gradients and n not in bad else None
+            for n in names
+        ]
 
     def remove(self) -> None:
         for h in self._handles:

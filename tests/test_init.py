@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -9,7 +10,7 @@ from models import mlp
 from test_resume import _roundtrip
 from torch import nn
 
-from chainopt import ChainLoRAOptimizer
+from chainopt import ChainLoRAOptimizer, ChainLoRAWarning
 from chainopt.adapted import lora_parametrization
 from chainopt.init import a_from_gradient
 
@@ -98,3 +99,28 @@ def test_manual_knot_without_gradients_falls_back_to_kaiming() -> None:
     opt.tie_knot()
     a = lora_parametrization(model[0]).lora_A
     assert a.abs().max() <= 12**-0.5 and a.abs().max() > 0
+
+
+def test_a_non_finite_gradient_falls_back_to_kaiming_with_a_warning() -> None:
+    """An overflowed step before the knot (a GradScaler skip) must not put NaN into A."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules=["0", "2"], rank=2,
+        knot_every=2, init="gradient",
+    )  # fmt: skip
+    x = torch.randn(8, 12)
+    model(x).sum().backward()
+    opt.step()  # step 1: the next step is the one before the knot, so its gradient is gathered
+    opt.zero_grad()
+    model(torch.cat([x[:7], torch.full((1, 12), float("inf"))])).sum().backward()
+    for p in opt.param_groups[0]["params"]:
+        p.grad = None  # what a GradScaler skip leaves the optimizer: nothing to step with
+    before = model(x).detach()
+    with pytest.warns(ChainLoRAWarning, match="not finite"):
+        opt.step()  # step 2: the knot
+    assert opt.knots_tied == 1
+    for i in (0, 2):
+        a = lora_parametrization(model[i]).lora_A
+        assert torch.isfinite(a).all() and a.abs().max() > 0
+    torch.testing.assert_close(model(x), before)
