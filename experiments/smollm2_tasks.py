@@ -78,11 +78,11 @@ class TopStack(nn.Module):
     def forward(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         norm, rotary, head = self._frozen
         batch, width, _ = h.shape
-        pos = torch.arange(width).unsqueeze(0).expand(batch, width)
+        pos = torch.arange(width, device=h.device).unsqueeze(0).expand(batch, width)
         pe = rotary(h, pos)
         for layer in self.layers:
             h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
-        last = norm(h)[torch.arange(batch), lengths - 1]  # (batch, hidden)
+        last = norm(h)[torch.arange(batch, device=h.device), lengths.to(h.device) - 1]
         return head(last)  # (batch, vocab)
 
 
@@ -105,8 +105,8 @@ def lower_hidden(model: Any, seqs: list[list[int]], start: int, bs: int = 16) ->
         ids = torch.zeros(len(idx), width, dtype=torch.long)
         for r, i in enumerate(idx):
             ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
-        h = model.model.embed_tokens(ids)
-        pos = torch.arange(width).unsqueeze(0).expand(len(idx), width)
+        h = model.model.embed_tokens(ids.to(model.device))
+        pos = torch.arange(width, device=h.device).unsqueeze(0).expand(len(idx), width)
         pe = model.model.rotary_emb(h, pos)
         for layer in model.model.layers[:start]:
             h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)

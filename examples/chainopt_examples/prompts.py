@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # imported where used: encoding prompts needs no ``datasets``
+    from datasets import Dataset, DatasetDict
 
 __all__ = [
     "PromptCollator",
@@ -127,6 +129,8 @@ def build_prompt_dataset(
         The same kind of object with columns ``input_ids``, ``attention_mask`` and
         ``labels`` (token ids) and ``label`` (class index, kept for evaluation).
     """
+    from datasets import DatasetDict
+
     words = label_word_token_ids(tokenizer, label_words)
 
     def encode(row: dict[str, Any]) -> dict[str, list[int]]:

