@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,6 @@ def test_example_quick_run(script: str, tmp_path: Path) -> None:
     assert (tmp_path / "cola-adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "cola-merged" / "config.json").exists()
     assert "| COLA (3 links) |" in proc.stdout
+    if script == "llama_classify.py":  # README's first command: a smoke test, not a comparison
+        assert "smoke run: LoRA and COLA each ran 4 steps" in proc.stdout
+        assert not re.search(r"^\|? ?(LoRA|COLA)[^\n]*\d%", proc.stdout, re.MULTILINE)

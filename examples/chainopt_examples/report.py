@@ -42,13 +42,17 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def plot_losses(runs: Sequence[RunResult], path: Path, title: str) -> None:
+def plot_losses(
+    runs: Sequence[RunResult], path: Path, title: str, *, show_accuracy: bool = True
+) -> None:
     """Plot each run's training loss (a moving mean) with its knots as dotted lines.
 
     Args:
         runs: The runs, drawn in order.
         path: The PNG to write.
         title: The plot's title.
+        show_accuracy: Put each run's test accuracy in the legend (``False`` for a smoke run,
+            whose accuracies compare nothing).
     """
     import matplotlib
 
@@ -65,7 +69,8 @@ def plot_losses(runs: Sequence[RunResult], path: Path, title: str) -> None:
             / len(r.losses[max(0, i - window + 1) : i + 1])
             for i in range(len(r.losses))
         ]
-        (line,) = ax.plot(steps, smooth, label=f"{r.name} (acc {r.accuracy:.1%})")
+        label = f"{r.name} (acc {r.accuracy:.1%})" if show_accuracy else r.name
+        (line,) = ax.plot(steps, smooth, label=label)
         for k in r.knot_steps:
             ax.axvline(k, color=line.get_color(), linestyle=":", alpha=0.7)
     ax.set_xlabel("optimizer step")
@@ -106,17 +111,19 @@ def write_results(
     path.write_text(json.dumps(payload, indent=2))
 
 
-def print_table(runs: Sequence[RunResult]) -> None:
+def print_table(runs: Sequence[RunResult], *, show_accuracy: bool = True) -> None:
     """Print one Markdown row per run: accuracy, final loss, knots, time.
 
     Args:
         runs: The runs.
+        show_accuracy: Include the accuracy column (``False`` for a smoke run).
     """
-    print("| run | accuracy | final loss (mean of last 10) | knots | seconds |")
-    print("|---|---|---|---|---|")
+    acc = "| accuracy " if show_accuracy else ""
+    print(f"| run {acc}| final loss (mean of last 10) | knots | seconds |")
+    print("|---|---|---|---|" + ("---|" if show_accuracy else ""))
     for r in runs:
         tail = r.losses[-10:]
+        cell = f"| {r.accuracy:.1%} " if show_accuracy else ""
         print(
-            f"| {r.name} | {r.accuracy:.1%} | {sum(tail) / len(tail):.3f} | {r.knot_steps} "
-            f"| {r.seconds:.0f} |"
+            f"| {r.name} {cell}| {sum(tail) / len(tail):.3f} | {r.knot_steps} | {r.seconds:.0f} |"
         )
