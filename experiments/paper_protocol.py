@@ -456,6 +456,25 @@ def evaluate(ctx: Context, top: nn.Module, part: dict[str, Any]) -> tuple[float,
     return hits / len(hs), loss / len(hs)
 
 
+@torch.no_grad()
+def check_top(ctx: Context, task: str, n: int = 4) -> float:
+    """Assert the cached path (hidden states + top layers + label rows) gives the full model's
+    label-word logits on ``n`` validation prompts; return the largest difference."""
+    data = ctx.data(task)
+    _, pad, _ = _topstack()
+    model = ctx.model()
+    top = ctx.fresh_top(data).eval()
+    h, lengths = pad(data["val"]["h"][:n])
+    got = top(h.to(ctx.device), lengths).float().cpu()
+    worst = 0.0
+    for i, ids in enumerate(data["val"]["ids"][:n]):
+        full = model(input_ids=torch.tensor([ids], device=ctx.device)).logits[0, -1]
+        want = full[data["label_ids"]].float().cpu()
+        torch.testing.assert_close(got[i], want, atol=2e-3, rtol=1e-3)
+        worst = max(worst, float((got[i] - want).abs().max()))
+    return worst
+
+
 # ---------------------------------------------------------------------------------------- a run
 
 
@@ -1141,6 +1160,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps(est, indent=1), flush=True)
         return
     if args.command == "run":
+        if args.quick or args.tiny:
+            worst = check_top(ctx, d.tasks[0])
+            print(f"cache check: the top stack gives the full model's logits ({worst:.1e})")
         try:
             drive(ctx, args.max_runs, args.wait)
         except Stop as stop:

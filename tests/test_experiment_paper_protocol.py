@@ -85,6 +85,15 @@ def test_interrupted_and_resumed_equals_uninterrupted(uninterrupted: Path, tmp_p
         assert a == b, key  # every loss, accuracy and validation loss bitwise
 
 
+def test_cached_top_layers_give_the_full_models_label_logits(tmp_path: Path) -> None:
+    ctx = pp.Context(pp.TINY, tmp_path, verbose=False)
+    assert pp.check_top(ctx, "tiny_parity", n=6) < 1e-4
+    data = ctx.data("tiny_parity")
+    data["val"]["h"] = [h + 0.1 for h in data["val"]["h"]]  # a wrong cache is caught
+    with pytest.raises(AssertionError):
+        pp.check_top(ctx, "tiny_parity", n=6)
+
+
 def test_time_limit_stops_cleanly_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "pp"
     pp.main(["run", *TINY_ARGS, "--out", str(out), "--time-limit", "0"])
