@@ -929,7 +929,8 @@ def build_report(out: Path, d: Design, plots: bool = True) -> str:
                 n = sum(v["n"] for v in res["per_task"].values())
                 lines.append(f"| {a} − {b} | {metric} | pooled | {n} | {p['mean']:+.2f} | "
                              f"[{p['low']:+.2f}, {p['high']:+.2f}] | |")  # fmt: skip
-                pooled_rows.append((f"{a} − {b} ({metric})", res))
+                if b == "lora":  # the plot shows the comparisons with LoRA
+                    pooled_rows.append((f"{a} − {b} ({metric})", res))
     lines += ["", f"**Pre-registered decision: {dec['verdict']}**"
               + (f" (after the {dec['after']} seeds)" if dec.get("after") else ""), ""]  # fmt: skip
     text = "\n".join(lines) + "\n"
@@ -966,6 +967,7 @@ def _plot_curves(
         if rs := [r for r in runs.values() if r["task"] == task]:
             ax.axhline(100 * rs[0]["val_majority"], color="grey", linestyle="--", lw=1)
         ax.set_title(task)
+        ax.set_xticks(range(1, d.epochs + 1))
         ax.set_xlabel("epoch (dotted: knots)")
         ax.set_ylabel("validation accuracy (%)")
         if ax.get_legend_handles_labels()[0]:
