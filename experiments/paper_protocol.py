@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 from _runs import REPO_ROOT, mean_std
-from rank_bound import _claim, _git_commit, _write_json
+from rank_bound import _claim, _git_commit
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -165,6 +165,18 @@ TINY = Design(
     gate_ceiling=1.0,
     model="tiny",
 )
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically; the temporary name is per process (drivers share folders)."""
+    _write_text(path, json.dumps(payload, indent=1) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def run_key(task: str, method: str, lr: float, seed: int) -> str:
@@ -938,7 +950,7 @@ def build_report(out: Path, d: Design, plots: bool = True) -> str:
         _plot_curves(runs, d, kept or list(d.tasks), out / "val_curves.png")
         if pooled_rows:
             _plot_paired(pooled_rows, out / "paired_differences.png")
-    (out / "report.md").write_text(text)
+    _write_text(out / "report.md", text)
     _write_json(out / "decision.json", {"gate": g, "decision": dec})
     return text
 
