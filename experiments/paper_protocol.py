@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 from _runs import REPO_ROOT, mean_std
-from rank_bound import _claim, _git_commit
+from rank_bound import _claim, _git_commit, finished, with_overrides
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -817,14 +817,6 @@ def next_runs(runs: dict[str, dict[str, Any]], d: Design) -> list[Todo]:
     return todo
 
 
-def finished(out: Path) -> dict[str, dict[str, Any]]:
-    runs = {}
-    for p in sorted((out / "runs").glob("*.json")):
-        r = json.loads(p.read_text())
-        runs[r["key"]] = r
-    return runs
-
-
 def drive(ctx: Context, max_runs: int | None = None, wait_s: float = 20.0) -> None:
     """Run whatever is runnable until nothing is left (or ``max_runs`` runs, or the deadline).
 
@@ -1107,20 +1099,6 @@ def estimate(ctx: Context, n: int = 5) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- main
-
-
-def with_overrides(d: Design, pairs: Sequence[str]) -> Design:
-    """``d`` with ``KEY=VALUE`` fields replaced (tuples as comma-separated values)."""
-    changes: dict[str, Any] = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        current = getattr(d, key)
-        if isinstance(current, tuple):
-            kind: Callable[[str], Any] = type(current[0]) if current else str
-            changes[key] = tuple(kind(v) for v in value.split(",") if v)
-        else:
-            changes[key] = type(current)(value)
-    return dataclasses.replace(d, **changes)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
