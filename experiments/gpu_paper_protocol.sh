@@ -16,7 +16,7 @@
 #
 # Call 2 takes OUT [WORKERS] [SECONDS]: WORKERS drivers share the GPU (default 8), and all of
 # them stop cleanly SECONDS after the script started (default 520), leaving what finished in
-# OUT/paper_protocol_gpu.tar.gz (runs/*.json, report, plots, estimate, logs). Unfinished runs
+# OUT/paper_protocol_gpu.tar.gz (runs/*.json, report, plots, estimate, logs/). Unfinished runs
 # are not brought back: a later driver (CPU or GPU) runs them from the start.
 #
 # A smoke test of the whole path on a CPU, with the --quick design (about two minutes):
@@ -96,7 +96,8 @@ for i in $(seq 1 "$WORKERS"); do
 done
 for pid in "${PIDS[@]}"; do wait "$pid" || echo "driver $pid exited with $?"; done
 "$PY" experiments/paper_protocol.py report --out "$RES" --quiet $PP_ARGS || true
-tail -n 3 "$W"/driver_*.log > "$RES/driver_tails.txt" || true
+mkdir -p "$RES/logs" && cp "$W"/driver_*.log "$RES/logs/" || true
+tail -n 15 "$W/driver_1.log" || true
 tar -czf "$OUTDIR/paper_protocol_gpu.tar.gz" -C "$RES" --exclude=ckpt --exclude=cache \
     --exclude=data .
 echo "$(date -u +%H:%M:%S) $(ls "$RES/runs" 2>/dev/null | wc -l) runs finished; wrote" \
