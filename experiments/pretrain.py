@@ -504,10 +504,10 @@ def warm_weights(ctx: Context, seed: int) -> dict[str, torch.Tensor]:
 
 
 def eval_steps(d: Design) -> set[int]:
-    """Every ``eval_every`` steps, and ``after_knot`` steps after every knot any arm ties."""
+    """Every ``eval_every`` steps, at every knot any arm ties, and ``after_knot`` steps after."""
     steps = set(range(d.eval_every, d.steps + 1, d.eval_every)) | {d.steps}
     knots = {k for n in d.link_steps for k in range(n, d.steps, n)}
-    steps |= {k + a for k in knots for a in d.after_knot if k + a <= d.steps}
+    steps |= knots | {k + a for k in knots for a in d.after_knot if k + a <= d.steps}
     return steps
 
 
