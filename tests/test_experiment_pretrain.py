@@ -39,7 +39,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_file_split_is_by_path_and_about_five_percent() -> None:
-    root, names = pt.stdlib_files(pt.Design())
+    _root, names = pt.stdlib_files(pt.Design())
     held = [n for n in names if pt.held_out(n, pt.Design())]
     assert len(names) > 500 and 0.03 < len(held) / len(names) < 0.07
     assert all(pt.held_out(n, pt.Design()) for n in held)  # a pure function of the path
