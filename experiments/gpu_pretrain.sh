@@ -7,13 +7,17 @@
 # 3-seed stage if a chain is ahead) with DRIVERS processes sharing one results folder on the
 # GPU (each claims a run with a file lock; a tiny model leaves the GPU idle between kernels, so
 # several processes keep it busy). Every driver checkpoints and stops before the limit; what
-# has finished (and the curves of what has not) is packed into OUT/pretrain_gpu.tgz every 30 s
-# and at the end, with OUT/report.md and the figures. Start it again with the same WORK folder
-# to resume. The data is the stdlib of the Python that runs it (its version and file-list hash
-# are in every results JSON). Needs torch, transformers, tqdm and matplotlib; no internet.
+# has finished (and the curves of what has not, the logs, report.md and the figures) is packed
+# into OUT/pretrain_gpu.tgz every 30 s and at the end; OUT/report.md is the report, and
+# OUT/warm__s<seed>.pt are the warm starts (13 MB each), which a later run on a fresh machine
+# needs to continue the same plan: RESUME_FROM=DIR (a folder holding what OUT got) unpacks
+# them first; finished runs are skipped, unfinished ones start again. At most 5 files land in
+# OUT. The data is the stdlib of the Python that runs it (its version and file-list hash are in
+# every results JSON). Needs torch, transformers, tqdm and matplotlib; no internet.
 #
 # Environment: PYTHON (python3), TIME_LIMIT (480 s, for the whole script), DRIVERS (8),
-# WORK (/tmp/pretrain_gpu), DEVICE (cuda), QUICK (set to 1: the tiny design, a smoke test).
+# WORK (/tmp/pretrain_gpu), DEVICE (cuda), QUICK (set to 1: the tiny design, a smoke test),
+# RESUME_FROM (a folder with an earlier pretrain_gpu.tgz and warm__s*.pt).
 set -u
 OUT=${1:?usage: bash experiments/gpu_pretrain.sh OUT}
 PY=${PYTHON:-python3}
@@ -29,10 +33,20 @@ OUT=$(cd "$OUT" && pwd)
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
 
-pack() {  # everything but the checkpoints, atomically
+pack() {  # everything but the checkpoints, atomically; the warm starts beside it
     tar czf "$OUT/.pretrain_gpu.tgz.tmp" -C "$WORK" --exclude=./ckpt . 2>/dev/null &&
         mv "$OUT/.pretrain_gpu.tgz.tmp" "$OUT/pretrain_gpu.tgz"
+    for w in "$WORK"/ckpt/warm__s*.pt; do
+        [ -f "$w" ] && [ ! -f "$OUT/$(basename "$w")" ] && cp "$w" "$OUT/"
+    done
 }
+
+if [ -n "${RESUME_FROM:-}" ]; then
+    tar xzf "$RESUME_FROM/pretrain_gpu.tgz" -C "$WORK" || exit 1
+    mkdir -p "$WORK/ckpt" && cp "$RESUME_FROM"/warm__s*.pt "$WORK/ckpt/" 2>/dev/null
+    rm -f "$WORK"/curves/*.jsonl  # unfinished runs start again (no checkpoint travels)
+    echo "resumed from $RESUME_FROM: $(ls "$WORK/runs" | wc -l) runs done"
+fi
 
 {
     echo "start $(date -u '+%F %T') UTC, limit ${LIMIT}s, ${DRIVERS} drivers, device ${DEVICE}"
@@ -69,7 +83,6 @@ grep -h "done \|time is up\|Error\|error" "$WORK"/driver*.log | sort | tail -60
 $PY experiments/pretrain_report.py --out "$WORK" --plots > "$WORK/report.log" 2>&1 ||
     tail -20 "$WORK/report.log"
 cp "$WORK/report.md" "$OUT/" 2>/dev/null
-cp "$WORK"/pretrain_*.png "$OUT/" 2>/dev/null
 pack
 cat "$WORK/report.md" 2>/dev/null
 echo "end $(date -u '+%F %T') UTC, $(($(date +%s) - start)) s; results in $OUT/pretrain_gpu.tgz"
