@@ -826,6 +826,16 @@ def next_runs(runs: dict[str, dict[str, Any]], d: Design) -> list[tuple[str, Arm
         lr = lr_of(arm, runs, d)
         if lr is not None and run_key(arm, lr, seed) not in runs:
             todo.append((stage, arm, lr, seed))
+    # the two LR grids side by side (LoRA r, then the grid chain, at each LR in turn): a paired
+    # comparison at one LR exists as early as possible; the order changes no result
+    names = (lora_arm(d.rank).name, chain_arm(d, d.grid_link, "prune").name)
+    grids = [t for t in todo if t[1].name in names and t[3] == d.seeds[0]]
+    if grids:
+        at = todo.index(grids[0])
+        rest = [t for t in todo if t not in grids]
+        lrs = list(d.lora_lrs)
+        grids.sort(key=lambda t: lrs.index(t[2]) if t[2] in lrs else len(lrs))  # stable
+        todo = rest[:at] + grids + rest[at:]
     return todo
 
 
