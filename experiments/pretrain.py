@@ -454,7 +454,7 @@ def warm_start(ctx: Context, seed: int) -> dict[str, Any]:
     if path.exists():
         return json.loads(path.read_text())
     train, held = ctx.tensors()
-    order = batch_indices(len(train), d, seed)
+    order = batch_indices(len(train), d, seed).to(ctx.device)
     model = build_model(d, seed).to(ctx.device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=d.warm_lr, weight_decay=0.0)
@@ -555,7 +555,7 @@ def train_arm(ctx: Context, arm: Arm, lr: float, seed: int, stage: str) -> dict[
             )
 
         chain.register_knot_hook(on_knot)
-    order = batch_indices(len(train), d, seed)[d.warm_steps :]
+    order = batch_indices(len(train), d, seed)[d.warm_steps :].to(ctx.device)
     evals = eval_steps(d)
     params = [p for p in model.parameters() if p.requires_grad]
     ctx.log(f"{stage} {key}: {'resuming at step ' + str(start) if start else 'start'}")
