@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -27,10 +28,15 @@ import torch
 __all__ = [
     "REPO_ROOT",
     "add_common_args",
+    "claim",
+    "git_commit",
+    "mean_ci",
     "mean_std",
+    "read_jsonl",
     "run_metadata",
     "seed_everything",
     "write_json",
+    "write_json_atomic",
 ]
 
 #: Root of the chainopt repository (the parent of ``experiments/``).
@@ -120,3 +126,98 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
         return mean, 0.0
     var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
     return mean, math.sqrt(var)
+
+
+# ------------------------------------------- resumable plans (several drivers, one folder)
+
+#: Two-sided 95% t quantiles by degrees of freedom (1.96 beyond the table).
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
+
+
+def mean_ci(xs: Iterable[float]) -> dict[str, float]:
+    """Mean, sample std, standard error and the 95% t-interval half-width (NaN for one value).
+
+    Args:
+        xs: The numbers (at least one).
+
+    Returns:
+        ``{"mean", "std", "se", "ci95", "n"}``.
+    """
+    v = [float(x) for x in xs]
+    n = len(v)
+    mean = sum(v) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1)) if n > 1 else 0.0
+    se = sd / math.sqrt(n) if n > 1 else float("nan")
+    half = T_975.get(n - 1, 1.96) * se if n > 1 else float("nan")
+    return {"mean": mean, "std": sd, "se": se, "ci95": half, "n": n}
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write ``payload`` as JSON through a temporary file and a rename (never half a file).
+
+    Args:
+        path: The file to write (its folder is created).
+        payload: What to write.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (``[]`` when it does not exist; a torn last line dropped).
+
+    Args:
+        path: The file.
+
+    Returns:
+        One dict per complete line.
+    """
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line a killed writer did not finish: what follows it cannot be trusted
+    return rows
+
+
+def claim(folder: Path, key: str) -> Any:
+    """An exclusive lock on ``folder/key.lock`` (held until closed), or None if another has it.
+
+    Several drivers sharing one results folder each take the first runnable run that no other
+    driver holds; the lock is released when the handle is closed or the process dies.
+
+    Args:
+        folder: Where the lock files live (created).
+        key: The run's key.
+
+    Returns:
+        The open lock file (use it as a context manager), or None.
+    """
+    path = folder / f"{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def git_commit(short: int = 12) -> str:
+    """The repository's HEAD commit (``"unknown"`` outside git).
+
+    Args:
+        short: How many hex digits to keep.
+    """
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()[:short]
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

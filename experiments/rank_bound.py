@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
@@ -42,7 +41,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import sysconfig
 import time
@@ -58,6 +56,12 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from chainopt import ChainLoRAOptimizer, load_checkpoint, save_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import claim, git_commit, mean_ci, write_json_atomic
+
+_write_json = write_json_atomic
+_git_commit = git_commit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "experiments" / "results" / "rank_bound"
@@ -543,22 +547,6 @@ class Context:
         return load(self.d)[0]
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()[:12]
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def train_run(ctx: Context, method: Method, lr: float, seed: int, phase: str) -> dict[str, Any]:
     """Train one (method, lr, seed) to the end, resuming from its checkpoint if there is one."""
     d, out = ctx.d, ctx.out
@@ -697,18 +685,6 @@ def train_run(ctx: Context, method: Method, lr: float, seed: int, phase: str) ->
 
 
 # ---------------------------------------------------------------------------------- the plan
-
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
-
-
-def mean_ci(xs: Sequence[float]) -> dict[str, float]:
-    """Mean, sample std, standard error and the 95% t interval half-width."""
-    n = len(xs)
-    mean = statistics.fmean(xs)
-    sd = statistics.stdev(xs) if n > 1 else 0.0
-    se = sd / math.sqrt(n) if n > 1 else float("nan")
-    half = T_975.get(n - 1, 1.96) * se if n > 1 else float("nan")
-    return {"mean": mean, "std": sd, "se": se, "ci95": half, "n": n}
 
 
 def finished(out: Path) -> dict[str, dict[str, Any]]:
@@ -902,15 +878,7 @@ def estimate(ctx: Context) -> dict[str, Any]:
 
 def _claim(out: Path, key: str) -> Any:
     """An exclusive lock on run ``key`` (held until closed), or None when another driver has it."""
-    path = out / "ckpt" / f"{key}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = path.open("a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    return handle
+    return claim(out / "ckpt", key)
 
 
 def drive(
