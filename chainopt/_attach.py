@@ -30,13 +30,11 @@ from torch.nn.utils import parametrize
 
 from ._surgery import (
     install_forward,
-    lora_conv1d_forward,
-    lora_linear_forward,
     parameter_order,
     remove_parametrizations,
     restore_parameter_order,
 )
-from .lora import BiasDelta, LoRAParametrization
+from .lora import BiasDelta, LoRAParametrization, lora_conv1d_forward, lora_linear_forward
 from .quantized import LINK_NAME, detach_quantized, quantized_weight
 
 __all__ = [

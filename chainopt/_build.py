@@ -42,12 +42,12 @@ from ._dtensor import is_sharded, shard_like
 from ._layers import builder_for
 from ._load_guard import guard_loads
 from ._record import LinkSpec, ModuleRecord
+from ._schedule_free import resolve_iterates
 from ._validate import type_name
 from .advice import warn_frozen_head, warn_rounding_knots
 from .config import ChainConfig
 from .history import ChainHistory
 from .init import resolve_init
-from .iterates import resolve_iterates
 from .knot import Chain, resolve_non_finite
 from .quantized import resolve_master_weights
 from .reset import FreshState, resolve_reset

@@ -50,11 +50,11 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from ._record import ModuleRecord
+from ._schedule_free import KnotContext
 from .config import ChainConfig, NonFinitePolicy
 from .guard import LinkCheck, NonFiniteUpdateError, check_links, pending_links
 from .history import ChainHistory, KnotRecord
 from .init import LinkInit
-from .iterates import KnotContext
 from .lora import restart_links
 from .merge import merge_
 from .reset import StateReset
@@ -123,7 +123,7 @@ class Chain:
         drop_state: the full reset, for dropped links.
         on_bad: the ``non_finite=`` policy.
         link_init: the ``init=`` policy.
-        contexts: entered around every knot (:data:`chainopt.iterates.KnotContext`), in the
+        contexts: entered around every knot (:data:`chainopt._schedule_free.KnotContext`), in the
             order added (:meth:`add_context`): the wrapped optimizer's own (schedule-free) first.
         knots_tied: knots tied so far.
         pending: a knot that raised half-way, finished by the next :func:`tie_knot`.

@@ -40,6 +40,8 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from ._build import build_chain, drop_params, rebind
+from ._saved_state import chain_entry, check_saved_state, restore
+from ._schedule_free import KnotContext
 from ._validate import type_name
 from ._wrapper import WrappedOptimizer
 from .advice import DtypeWatch
@@ -47,9 +49,7 @@ from .config import CONFIG_ARGUMENTS, ChainConfig, NonFinitePolicy
 from .export import chain_tensors, merge_and_unload, merged_save_pending
 from .history import ChainHistory, KnotRecord
 from .init import InitPolicy
-from .iterates import KnotContext
 from .knot import tie_knot
-from .optimizer_state import chain_entry, check_saved_state, restore
 from .quantized import QuantizedMaster
 from .reset import ResetPolicy
 from .summary import ChainSummary, summarize

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from ._dtensor import full_tensor
 from ._quant_backends import Backend, backend_for, unsupported_quantization
-from ._surgery import install_instance_forward, lora_quantized_forward, remove_instance_forward
-from .lora import Factors, LoRAParametrization
+from ._surgery import install_instance_forward, remove_instance_forward
+from .lora import Factors, LoRAParametrization, lora_quantized_forward
 
 __all__ = [
     "LINK_NAME",

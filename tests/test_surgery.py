@@ -98,6 +98,6 @@ def test_parametrize_gives_each_module_its_own_class_that_a_deepcopy_shares() ->
     assert type(copy.deepcopy(lin)) is type(lin)
 
 
-@pytest.mark.parametrize("name", ["_foreach_copy_", "_foreach_zero_", "_foreach_norm"])
+@pytest.mark.parametrize("name", ["_foreach_copy_", "_foreach_zero_"])
 def test_foreach_ops_exist(name: str) -> None:
     assert callable(getattr(torch, name))

@@ -16,7 +16,7 @@ Example:
     >>> import tempfile, torch
     >>> from torch import nn
     >>> from chainopt import ChainLoRAOptimizer
-    >>> from chainopt.adapter import export_peft_adapter
+    >>> from chainopt import export_peft_adapter
     >>> model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
     >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
     ...                          target_modules=["0"], rank=2, knot_every=1, keep_history=True)
