@@ -20,7 +20,7 @@ from .config import ChainConfig, NonFinitePolicy
 from .export import adapted_modules, merge_and_unload, merged_state_dict, save_merged
 from .guard import NonFiniteUpdateError
 from .history import ChainHistory, KnotRecord, LinkFactors
-from .init import InitPolicy
+from .init import InitPolicy, a_from_gradient
 from .integrations.hf_save import (
     ParametrizedCheckpointWarning,
     guard_save_pretrained,
@@ -60,6 +60,7 @@ __all__ = [
     "OptimizerSpec",
     "ParametrizedCheckpointWarning",
     "ResetPolicy",
+    "a_from_gradient",
     "adapted_modules",
     "export_peft_adapter",
     "guard_save_pretrained",

@@ -37,13 +37,10 @@ from .quantized import quantized_backend
 
 __all__ = [
     "adapted_modules",
-    "chain_tensors",
-    "mark_merged_save",
     "merge_and_unload",
-    "merged_save_pending",
     "merged_state_dict",
     "save_merged",
-]
+]  # the public names (chainopt re-exports them); the rest is internal
 
 _MERGED_SAVE = "_chainopt_merged_save"  # instance flag: a save dropped the chain's own tensors
 

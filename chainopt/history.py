@@ -26,7 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ChainHistory", "KnotRecord", "LinkFactors", "parse_history"]
+__all__ = [
+    "ChainHistory",
+    "KnotRecord",
+    "LinkFactors",
+]  # the public names (chainopt re-exports them); the rest is internal
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ from .lora import restart_links
 from .merge import merge_
 from .reset import StateReset
 
-__all__ = ["Chain", "OnBadLinks", "resolve_non_finite", "tie_knot"]
+__all__: list[str] = []  # the public names (chainopt re-exports them); the rest is internal
 
 OnBadLinks = Callable[[LinkCheck, str], None]
 """Called with the check and ``"knot N (optimizer step S)"`` when some links must not merge."""

@@ -28,21 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from ._dtensor import full_tensor
-from ._quant_backends import Backend, backend_for, unsupported_quantization
+from ._quant_backends import Backend, backend_for
 from ._surgery import install_instance_forward, remove_instance_forward
 from .lora import Factors, LoRAParametrization, lora_quantized_forward
 
-__all__ = [
-    "LINK_NAME",
-    "QuantizedMaster",
-    "QuantizedWeight",
-    "attach_quantized",
-    "detach_quantized",
-    "quantized_backend",
-    "quantized_weight",
-    "resolve_master_weights",
-    "unsupported_quantization",
-]
+__all__: list[str] = []  # the public names (chainopt re-exports them); the rest is internal
 
 QuantizedMaster: TypeAlias = Literal["host", "none"]
 """``"host"``: a float32 master copy in host memory makes knots exact; ``"none"``: dequantize,
