@@ -11,7 +11,7 @@ Example:
     >>> from chainopt.history import ChainHistory, LinkFactors
     >>> h = ChainHistory(keep_factors=True)
     >>> a, b = torch.randn(2, 6), torch.randn(4, 2)
-    >>> _ = h.append(step=10, links={"fc": LinkFactors(a, b, 0.5)}, norms={"fc": 1.0})
+    >>> h.add(h.make_record(step=10, links={"fc": LinkFactors(a, b, 0.5)}, norms={"fc": 1.0}))
     >>> B, A = h.stacked("fc")
     >>> torch.allclose(B @ A, 0.5 * b @ a)
     True
@@ -77,18 +77,6 @@ class ChainHistory:
 
     def __len__(self) -> int:
         return len(self.knots)
-
-    def append(
-        self,
-        step: int,
-        links: Mapping[str, LinkFactors],
-        norms: Mapping[str, float],
-        skipped: tuple[str, ...] = (),
-    ) -> KnotRecord:
-        """Record a knot (:meth:`make_record`, then :meth:`add`)."""
-        record = self.make_record(step, links, norms, skipped)
-        self.add(record)
-        return record
 
     def make_record(
         self,
@@ -174,15 +162,6 @@ class ChainHistory:
                 for k in self.knots
             ],
         }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Replace the history with a saved one; all or nothing.
-
-        Raises:
-            ValueError: ``state`` is not what :meth:`state_dict` saves (nothing is changed).
-        """
-        keep, knots = parse_history(state)
-        self.keep_factors, self.knots = keep, knots
 
 
 def parse_history(state: object) -> tuple[bool, list[KnotRecord]]:

@@ -227,6 +227,6 @@ def _restart(chain: Chain, attempt: _Attempt) -> None:
     for link in links:
         link.resize_(attempt.rank)
     restart_links(links, chain.generator, attempt.new_a)
-    for r in chain.records:
+    for r in attempt.bad:  # a merged link's bias delta was zeroed right after its merge
         if r.delta is not None:
             r.delta.reset_parameters()

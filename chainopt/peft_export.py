@@ -51,12 +51,13 @@ from ._attach import bias_delta, is_conv1d, lora_parametrization, original
 from ._dtensor import full_tensor
 from ._layers import find_adapted, record_of
 from ._lowrank import compress, factorise
+from ._quant_backends import backend_for
 from ._validate import type_name
 from .guard import NonFiniteUpdateError, check_links
 from .history import ChainHistory, LinkFactors
 from .merge import merged_bias, merged_weight
 from .optimizer import ChainLoRAOptimizer
-from .quantized import quantized_backend, quantized_weight
+from .quantized import quantized_weight
 from .targets import is_linear_like, select_modules
 
 __all__ = ["AdapterReport", "export_peft_adapter"]
@@ -306,7 +307,7 @@ def _base_tensors(
             )
         state = base.state_dict()  # references, no copies
         for name in names:  # a quantized base: its weights dequantized, as PEFT computes them
-            if quantized_backend(base.get_submodule(name)) is not None:
+            if backend_for(base.get_submodule(name)) is not None:
                 state[f"{name}.weight"] = _weight(base.get_submodule(name))
     else:  # a Mapping: export_peft_adapter checked the type
         state = dict(base)
@@ -348,7 +349,7 @@ def _weight(module: nn.Module) -> Tensor:
     quant = quantized_weight(module)
     if quant is not None:
         return quant.dense()
-    backend = quantized_backend(module)
+    backend = backend_for(module)
     if backend is not None:  # unloaded, or the quantized base itself
         return backend.dequantize(module)
     if lora_parametrization(module) is not None:
