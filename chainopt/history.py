@@ -101,9 +101,9 @@ class ChainHistory:
         """The merged links of module ``name``, oldest first.
 
         Raises:
-            RuntimeError: factors were not kept.
+            RuntimeError: knots were tied and their factors not kept.
         """
-        if not self.keep_factors:
+        if not self.keep_factors and self.knots:
             raise RuntimeError("this chain keeps no factors (keep_history=False)")
         return [k.links[name] for k in self.knots if name in k.links]
 
