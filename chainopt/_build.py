@@ -14,7 +14,7 @@
    wrapped optimizer's own knot context (schedule-free) first;
 7. a Hugging Face model (one with ``save_pretrained``) saves the merged model from then on, and
    a quantized one may be trained by the ``Trainer``
-   (:func:`chainopt.integrations.hf_save.prepare_hf_model`).
+   (:func:`chainopt._hf_save.prepare_hf_model`).
 
 Every mark this leaves on the model is listed in :mod:`chainopt._marks`.
 
@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._dtensor import is_sharded, shard_like
+from ._hf_save import prepare_hf_model
 from ._layers import builder_for
 from ._load_guard import guard_loads
 from ._record import LinkSpec, ModuleRecord
@@ -53,7 +54,6 @@ from .advice import warn_frozen_head, warn_rounding_knots
 from .config import ChainConfig
 from .history import ChainHistory
 from .init import resolve_init
-from .integrations.hf_save import prepare_hf_model
 from .knot import Chain, resolve_non_finite
 from .quantized import resolve_master_weights
 from .reset import FreshState, resolve_reset
