@@ -1,6 +1,6 @@
 """Building a chain: ``(model, optimizer, config)`` in, the :class:`~chainopt.knot.Chain` out.
 
-:func:`build_chain` is the whole construction, top to bottom, all of it or none:
+:func:`build_chain` is the whole construction, top to bottom:
 
 1. refuse an optimizer over foreign parameters (:func:`check_optimizer`) and resolve the 4-bit
    targets' masters;
@@ -18,9 +18,10 @@
 
 Every mark this leaves on the model is listed in :mod:`chainopt._marks`.
 
-If anything raises, the links are removed and ``requires_grad`` flags restored. The optimizer
-holds the ``Chain`` and nothing that aliases its parts. :func:`rebind` is the one later
-rebuild: FSDP2's ``fully_shard`` replaced Parameters, so the records are looked up again.
+If anything in steps 1 to 5 raises, the links are removed and ``requires_grad`` flags restored:
+the model is as it was. The optimizer holds the ``Chain`` and nothing that aliases its parts.
+:func:`rebind` is the one later rebuild: FSDP2's ``fully_shard`` replaced Parameters, so the
+records are looked up again (``chain.records`` is assigned, never edited in place).
 
 Example:
     >>> import torch
