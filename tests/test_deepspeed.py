@@ -17,7 +17,6 @@ import importlib.util
 import os
 import re
 import socket
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -28,10 +27,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from spawn import spawn
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer
-from chainopt.adapted import AdaptedModule, lora_parametrization
+from chainopt._attach import lora_parametrization
+from chainopt._layers import record_of
 from chainopt.merge import merged_bias, merged_weight
 
 pytestmark = [
@@ -105,17 +106,8 @@ def _free_port() -> int:
 
 
 def _spawn(fn: Callable[..., None], world: int, *args: Any, timeout: float = 240.0) -> None:
-    """Run ``fn(rank, world, port, *args)`` on ``world`` forked processes; fail, not hang."""
-    port = _free_port()
-    ctx = mp.start_processes(
-        fn, args=(world, port, *args), nprocs=world, join=False, start_method="fork"
-    )
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"DeepSpeed workers did not finish within {timeout:.0f}s")
+    """Run ``fn(rank, world, port, *args)`` on ``world`` forked processes (:func:`spawn.spawn`)."""
+    spawn(fn, world, world, _free_port(), *args, timeout=timeout, what="DeepSpeed workers")
 
 
 def _init(rank: int, world: int, port: int, out: str) -> Any:
@@ -172,7 +164,7 @@ def _function(deepspeed: Any, model: nn.Module, x: torch.Tensor) -> torch.Tensor
             if lora_parametrization(module) is None:
                 w, b = module.weight.float(), module.bias.float()
             else:
-                record = AdaptedModule.of(str(i), module)
+                record = record_of(str(i), module)
                 w, b = merged_weight(record, torch.float32), merged_bias(record, torch.float32)
             h = nn.functional.linear(h, w, b)
             h = torch.tanh(h) if i < 4 else h

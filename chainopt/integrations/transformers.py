@@ -6,7 +6,7 @@ wraps it in Accelerate's ``AcceleratedOptimizer``, steps it once per *optimizer*
 ``gradient_accumulation_steps > 1`` too: knots count optimizer steps, not micro-batches).
 ``trainer.save_model()`` and every checkpoint's ``model.safetensors`` hold the merged model
 (plain keys: stock ``from_pretrained`` loads the fine-tuned model; see
-:mod:`chainopt.integrations.hf_save`), and a checkpoint's ``optimizer.pt`` the wrapped optimizer's
+:mod:`chainopt._hf_save`), and a checkpoint's ``optimizer.pt`` the wrapped optimizer's
 state plus the chain's counters, generator, history and own tensors (frozen originals, factors,
 residuals), so ``resume_from_checkpoint`` continues bitwise. ``optimizers=(opt, None)`` lets the
 Trainer build its LR scheduler from ``args`` over the chain's param groups.
@@ -63,7 +63,6 @@ except ImportError as err:
 from ..advice import ChainLoRAWarning
 from ..optimizer import ChainLoRAOptimizer
 from ..targets import ModuleSpec
-from .hf_save import guard_save_pretrained
 
 __all__ = ["ChainLoRACallback", "create_chain_optimizer"]
 
@@ -89,7 +88,7 @@ def create_chain_optimizer(
     ``adam_beta1/2``, ``adam_epsilon``, ``optim_args``); the trainable parameters (factors, and
     ``trainable_modules``) are split as ``Trainer.create_optimizer`` splits them: weight decay
     ``args.weight_decay``, none for biases (bias deltas included) and norms. The model's
-    ``save_pretrained`` writes the merged model (:mod:`chainopt.integrations.hf_save`).
+    ``save_pretrained`` writes the merged model (:mod:`chainopt._hf_save`).
 
     Pass the result as ``Trainer(..., optimizers=(opt, None))``: the Trainer then builds its LR
     scheduler from ``args`` over it.
@@ -128,9 +127,7 @@ def create_chain_optimizer(
         optimizer: Optimizer = optimizer_cls([g for g in groups if g["params"]], **kwargs)
         return optimizer
 
-    opt = ChainLoRAOptimizer(model, build, target_modules=target_modules, **chain_kwargs)
-    guard_save_pretrained(model)
-    return opt
+    return ChainLoRAOptimizer(model, build, target_modules=target_modules, **chain_kwargs)
 
 
 def _decay_ids(model: nn.Module) -> set[int]:
@@ -153,12 +150,12 @@ class ChainLoRACallback(TrainerCallback):
     """Trainer callback: the Trainer trains the chain, and ends at the best checkpoint's state.
 
     At ``on_train_begin`` it checks that the Trainer's optimizer is a
-    :class:`~chainopt.ChainLoRAOptimizer` (possibly inside Accelerate's ``AcceleratedOptimizer``)
-    and that the model's ``save_pretrained`` writes the merged model
-    (:func:`chainopt.integrations.hf_save.guard_save_pretrained`). With
+    :class:`~chainopt.ChainLoRAOptimizer` (possibly inside Accelerate's ``AcceleratedOptimizer``);
+    the model's ``save_pretrained`` writes the merged model since the chain was built
+    (:func:`chainopt._hf_save.guard_save_pretrained`). With
     ``load_best_model_at_end``, ``on_train_end`` loads the best checkpoint's optimizer state
     into the chain, matching the model the Trainer loaded (the chain's own tensors, step and
-    knot counts, generator, history: what :func:`chainopt.adapter.export_peft_adapter` reads).
+    knot counts, generator, history: what :func:`chainopt.export_peft_adapter` reads).
     A resume from a checkpoint that holds no optimizer state (``save_only_model=True``) warns
     (:class:`~chainopt.ChainLoRAWarning`): the chain then restarts its schedule from the saved
     merged weights. Training and resuming need no callback.
@@ -191,8 +188,6 @@ class ChainLoRACallback(TrainerCallback):
                 ChainLoRAWarning,
                 stacklevel=2,
             )
-        if model is not None:
-            guard_save_pretrained(model)
 
     def on_train_end(
         self,
