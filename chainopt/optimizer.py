@@ -38,7 +38,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from ._validate import type_name
-from ._wrapper import WrappedOptimizer
+from ._wrapper import WrappedOptimizer, own_instance_patches
 from .adapt import wrap
 from .advice import DtypeWatch, warn_frozen_head, warn_rounding_knots
 from .config import ChainConfig, NonFinitePolicy
@@ -464,6 +464,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         for key, value in self.__dict__.items():
             clone.__dict__[key] = copy.deepcopy(value, memo)
         clone._param_names = {id(p): n for n, p in clone.model.named_parameters()}
+        own_instance_patches(clone, self)  # a scheduler's step wrapper: the copy's own
+        own_instance_patches(clone._base, self._base)
         return clone
 
     def __getstate__(self) -> dict[str, Any]:
