@@ -157,6 +157,10 @@ class AdaptedModule:
         """The same module looked up again (after FSDP2 replaced its Parameters)."""
         return AdaptedModule.of(self.name, self.module)
 
+    def attached(self) -> bool:
+        """Whether the module still carries this record's link (no unload removed it since)."""
+        return not self.link.unloaded and lora_parametrization(self.module) is self.link
+
     def factors(self) -> list[nn.Parameter]:
         """A, B and the bias delta: what the optimizer trains for this module."""
         parts = [self.link.lora_A, self.link.lora_B]
@@ -264,8 +268,12 @@ def detach(module: nn.Module) -> None:
 
     Whatever is pending in the link is *not* merged: merge first (see :mod:`chainopt.merge`).
     Other parametrizations stay. The module's parameters get back their registration order, so
-    ``state_dict()`` keys come in the order they had before :func:`attach`.
+    ``state_dict()`` keys come in the order they had before :func:`attach`. The link is marked
+    ``unloaded``: an optimizer holding it refuses to step on.
     """
+    link = lora_parametrization(module)
+    if link is not None:
+        link.unloaded = True
     if quantized_weight(module) is not None:
         detach_quantized(module)
     forward = lora_conv1d_forward if is_conv1d(module) else lora_linear_forward

@@ -162,7 +162,8 @@ def export_peft_adapter(
             f"base_model_name_or_path must be a str or None, got {base_model_name_or_path!r}"
         )
     history = chain.history
-    unloaded = not chain.adapted_modules()
+    adapted = chain.adapted_modules()  # unloaded by the optimizer, or behind its back:
+    unloaded = not adapted or any(lora_parametrization(m) is None for _, m in adapted)
     # The history holds every merged link unless it was off while knots were tied.
     from_history = not unloaded and (history.keep_factors or not len(history))
     if not from_history and base is None:

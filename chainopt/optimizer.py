@@ -276,7 +276,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         Raises:
             NonFiniteUpdateError: a knot is due and a link must not be merged (no weight changed).
         """
-        self._require_chain()
+        self._require_chain(full=self.schedule.is_due(self.optimizer_steps + 1))
         if self.chain.pending is not None:
             self.tie_knot()
         if closure is None:
@@ -290,7 +290,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
     def count_step(self) -> None:
         """Count an optimizer step the wrapped optimizer took outside :meth:`step` (an engine
         that steps it itself, such as DeepSpeed's), and tie a knot if one is due."""
-        self._require_chain()
+        self._require_chain(full=self.schedule.is_due(self.optimizer_steps + 1))
         self.optimizer_steps += 1
         merged_save_pending(self.model, clear=True)  # a later state_dict is of a later state
         if self.schedule.is_due(self.optimizer_steps):
@@ -312,9 +312,10 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         Raises:
             NonFiniteUpdateError: a link must not be merged and ``non_finite="raise"``; no weight,
                 factor or state was changed.
-            RuntimeError: ``merge_and_unload()`` was called.
+            RuntimeError: ``merge_and_unload()`` was called (the method, or the function on the
+                model), or the links were removed from the model otherwise; nothing was changed.
         """
-        self._require_chain()
+        self._require_chain(full=True)
         self._dtypes.check(self._records)
         pending = self.chain.pending
         record = tie_knot(self.chain, pending.step if pending else self.optimizer_steps)
@@ -322,9 +323,24 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             hook(self, record)
         return record
 
-    def _require_chain(self) -> None:
+    def _require_chain(self, full: bool = False) -> None:
+        """Raise unless the model still carries this optimizer's links.
+
+        Every call reads each link's ``unloaded`` mark (what chainopt's unloading sets); ``full``
+        (before a knot) also checks that each module still holds its link (what removing
+        parametrizations by other means undoes).
+        """
         if not self._records:
             raise RuntimeError("merge_and_unload() was called: this optimizer has no chain left")
+        gone = [r.name for r in self._records if r.link.unloaded or (full and not r.attached())]
+        if gone:
+            raise RuntimeError(
+                f"the model no longer carries this optimizer's links ({len(gone)} of "
+                f"{len(self._records)} modules, first {gone[0]!r}): chainopt.merge_and_unload("
+                "model) or another removal of its parametrizations merged or dropped them; this "
+                "optimizer cannot step, tie a knot or merge again (nothing was changed). Build a "
+                "new ChainLoRAOptimizer on the model to train on"
+            )
 
     def _arm(self) -> None:
         # Gradients for init="gradient" are gathered on the step just before a knot.

@@ -15,7 +15,7 @@ from models import mlp, tiny_llama, tiny_opt
 from safetensors.torch import load_file
 from torch import nn
 
-from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError
+from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError, merge_and_unload
 from chainopt.adapted import lora_parametrization
 from chainopt.adapter import export_peft_adapter
 
@@ -232,10 +232,16 @@ def test_without_history_or_base_a_chain_with_knots_is_refused(
     assert not (tmp_path / "out").exists()
 
 
-def test_after_merge_and_unload_it_needs_the_base_and_then_is_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unload", ["optimizer", "function"])
+def test_after_merge_and_unload_it_needs_the_base_and_then_is_exact(
+    tmp_path: Path, unload: str
+) -> None:
     model = tiny_llama()
     opt = _train_lm(model, 3)  # one knot, then a pending link that merge_and_unload merges
-    opt.merge_and_unload()
+    if unload == "optimizer":
+        opt.merge_and_unload()
+    else:  # chainopt.merge_and_unload(model) behind the optimizer's back: the same export
+        merge_and_unload(model)
     expected = _logits(model.eval())
     with pytest.raises(ValueError, match=r"merge_and_unload.* Pass base="):
         export_peft_adapter(opt, tmp_path / "out")
