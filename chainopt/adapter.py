@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._atomic import write_atomically
 from ._dtensor import full_tensor
 from ._lowrank import compress, factorise
 from ._validate import type_name
@@ -189,7 +190,7 @@ def export_peft_adapter(
         None if from_history or base is None else _base_tensors(base, model, names, lora_bias)
     )
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save as safetensors_bytes
     except ImportError as err:
         raise ImportError(
             "export_peft_adapter writes safetensors: pip install safetensors"
@@ -260,8 +261,11 @@ def export_peft_adapter(
 
     out_dir = Path(path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # Like every file chainopt writes: atomically, 0600 until complete, an old file's mode kept.
+    weights = safetensors_bytes(tensors, metadata={"format": "pt"})
+    write_atomically(out_dir / WEIGHTS_NAME, lambda f: f.write(weights))
+    text = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    write_atomically(out_dir / CONFIG_NAME, lambda f: f.write(text))
     overall = math.sqrt(left_total / norm_total) if norm_total > 0 else 0.0
     chain_ranks = {name: b.shape[1] for name, (b, _a) in stacks.items()}
     return AdapterReport(out_dir, r, chain_ranks, errors, overall)

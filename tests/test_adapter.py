@@ -367,3 +367,48 @@ def test_export_refuses_bad_bases_and_writes_nothing(
     with pytest.raises(TypeError, match=match):
         export_peft_adapter(opt, tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_export_that_runs_out_of_disk_leaves_the_previous_adapter_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adapter's files are written as every chainopt file: atomically, 0600 until whole."""
+    import errno
+    import os
+
+    import chainopt._atomic as atomic
+
+    model = tiny_llama()
+    opt = _train_lm(model, 3)
+    export_peft_adapter(opt, tmp_path / "out")
+    files = sorted((tmp_path / "out").iterdir())
+    before = {p.name: p.read_bytes() for p in files}
+    for p in files:
+        os.chmod(p, 0o600)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    opt.step()  # the re-export differs: a torn one could not pass for the old
+    real_open = open
+
+    class Full:
+        def __init__(self, f: Any) -> None:
+            self._f = f
+
+        def write(self, data: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._f, name)
+
+        def __enter__(self) -> Full:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._f.close()
+
+    monkeypatch.setattr(atomic, "open", lambda *a, **k: Full(real_open(*a, **k)), raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        export_peft_adapter(opt, tmp_path / "out")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    export_peft_adapter(opt, tmp_path / "out")
+    assert all((os.stat(p).st_mode & 0o777) == 0o600 for p in files)
