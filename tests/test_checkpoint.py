@@ -394,7 +394,7 @@ def test_a_file_name_of_any_legal_length_can_be_saved(tmp_path: Path, length: in
     would pass the file system's 255."""
     from chainopt import _atomic
 
-    path, model, opt = _saved(tmp_path)
+    _, model, opt = _saved(tmp_path)
     long = tmp_path / ("c" * (length - 3) + ".pt")
     stem = _atomic._temporary_stem(long)
     stale = tmp_path / f".{stem}.0123456789ab.tmp"
