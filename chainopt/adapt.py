@@ -31,14 +31,20 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def residual_dtype(weight: torch.dtype, exact_merge: bool | None) -> torch.dtype | None:
-    """The merge residual's dtype for a weight of dtype ``weight`` (``None``: no residual)."""
+    """The merge residual's dtype for a weight of dtype ``weight`` (``None``: no residual).
+
+    Only half-precision weights get one, unless ``exact_merge=False``. A float32 or float64
+    weight's knot already is one rounding of ``W + s·B·A`` (summed in the weight's dtype), and a
+    residual in that dtype would hold ``exact - rounded`` computed in the same dtype: always 0.
+    So ``exact_merge=True`` allocates nothing there.
+    """
     if exact_merge is False:
         return None
     if weight == torch.bfloat16:
         return torch.bfloat16  # same exponent range as float32: enough for what rounding drops
     if weight == torch.float16:
         return torch.float32  # a float16 residual would be subnormal
-    return weight if exact_merge else None
+    return None
 
 
 def stock_forward(module: nn.Module) -> bool:

@@ -114,7 +114,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             the weight's dtype otherwise.
         exact_merge: keep a merge residual so knots are exact in the weight's precision;
             ``None`` turns it on for bfloat16/float16 weights (one residual element per weight
-            element: bfloat16 for bfloat16 weights, float32 for float16 ones).
+            element: bfloat16 for bfloat16 weights, float32 for float16 ones). float32 and
+            float64 weights never get one: their knot is already one rounding.
         keep_history: keep float32 copies of every merged link in host memory
             (``opt.history``), so the chain can be exported exactly as one adapter from the
             optimizer alone; costs one link's factors of CPU memory per knot, none on an
