@@ -27,6 +27,7 @@ from .integrations.hf_save import (
     guard_save_pretrained,
     prepare_hf_model,
     saving_for_resume,
+    saving_merged,
 )
 from .lora import BiasDelta, LoRAParametrization
 from .optimizer import ChainLoRAOptimizer, KnotHook, OptimizerSpec, on_wrap
@@ -69,6 +70,7 @@ __all__ = [
     "save_checkpoint",
     "save_merged",
     "saving_for_resume",
+    "saving_merged",
 ]
 
 __version__ = "0.1.0"

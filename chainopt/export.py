@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any, Protocol
@@ -85,6 +86,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for r in _checked(model, "merge (no weight was changed)"):
         merge_(r)
         detach(r.module)
+    from .integrations.hf_save import release_state_dict_saves  # it imports this module
+
+    release_state_dict_saves(model)
     return model
 
 
@@ -191,7 +195,9 @@ def save_merged(
         chain: the :class:`~chainopt.ChainLoRAOptimizer` (its ``model`` is saved) or the model.
         path: the directory to write.
         **save_kwargs: passed on to ``model.save_pretrained`` (``max_shard_size``, ``variant``,
-            ``is_main_process``, …); not ``state_dict``.
+            ``is_main_process``, …); not ``state_dict``. A ``save_pretrained`` that takes no
+            ``state_dict`` (diffusers') runs inside
+            :func:`~chainopt.integrations.hf_save.saving_merged` instead.
 
     Returns:
         ``path`` as a ``Path``.
@@ -228,7 +234,14 @@ def save_merged(
             f"{type_name(model)} has no save_pretrained (not a Hugging Face model): save "
             "chainopt.merged_state_dict(model) with torch.save or safetensors instead"
         )
-    save(model, path, state_dict=merged_state_dict(model), **save_kwargs)
+    if "state_dict" in inspect.signature(save).parameters:
+        save(model, path, state_dict=merged_state_dict(model), **save_kwargs)
+        return Path(path)
+    # diffusers' save_pretrained takes no state_dict: it reads model.state_dict(), merged here
+    from .integrations.hf_save import merged_save  # it imports this module
+
+    with merged_save(model):  # checks every merge first: nothing is written if one fails
+        save(model, path, **save_kwargs)
     return Path(path)
 
 

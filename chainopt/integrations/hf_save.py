@@ -14,6 +14,14 @@ chained model loads the merged weights (as a zero link on top), then the optimiz
 the originals and factors back. Inside :func:`saving_for_resume` the save writes the parametrized
 keys as they are. Torch only: nothing here imports transformers.
 
+A ``save_pretrained`` that takes no ``state_dict=`` (diffusers' ``ModelMixin``, whose pipelines
+save each component through it) reads ``model.state_dict()`` itself: the guard runs it inside
+:func:`saving_merged`, where a state-dict post-hook that every chained model gets
+(:func:`guard_state_dict_saves`) gives the merged plain keys. The same hook serves the one other
+deploy save that reads ``model.state_dict()`` behind the model's back, Accelerate's
+``Accelerator.save_model``, recognised by its code object on the call stack. Every other
+``model.state_dict()`` keeps the chain's own keys: it is what resumes training.
+
 Example:
     >>> from torch import nn
     >>> guard_save_pretrained(nn.Linear(2, 2))  # not a Hugging Face model: nothing to install
@@ -23,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -37,11 +46,19 @@ __all__ = [
     "ParametrizedCheckpointWarning",
     "accept_as_adapted",
     "guard_save_pretrained",
+    "guard_state_dict_saves",
     "prepare_hf_model",
     "saving_for_resume",
+    "saving_merged",
 ]
 
 _RESUME_SAVES = "_chainopt_resume_saves"  # instance attribute: saving_for_resume depth
+_MERGED_SAVES = "_chainopt_merged_saves"  # instance attribute: saving_merged depth
+_MERGING = "_chainopt_merging"  # instance attribute: the hook is computing the merged dict
+_HOOK = "_chainopt_state_dict_hook"  # instance attribute: the post-hook's handle
+_READY = "_chainopt_merged_ready"  # instance attribute: a merged dict computed for this save
+# Deploy saves of other libraries that read model.state_dict() themselves: (module, qualname).
+_DEPLOY_SAVES = (("accelerate.accelerator", "Accelerator.save_model"),)
 _PARAMETRIZED = ".parametrizations."
 
 
@@ -109,6 +126,127 @@ def saving_for_resume(model: nn.Module) -> Iterator[None]:
             model.__dict__.pop(_RESUME_SAVES, None)
 
 
+@contextmanager
+def merged_save(model: nn.Module) -> Iterator[None]:
+    """:func:`saving_merged` with the merged dict computed (and checked finite) on entering, so a
+    save that writes other files first (its config) writes nothing when a merge is not finite."""
+    guard_state_dict_saves(model)
+    model.__dict__[_READY] = merged_state_dict(model)
+    try:
+        with saving_merged(model):
+            yield
+    finally:
+        model.__dict__.pop(_READY, None)
+
+
+@contextmanager
+def saving_merged(model: nn.Module) -> Iterator[None]:
+    """Within this block, ``model.state_dict()`` holds the merged plain keys of a chained model.
+
+    For a library's save function that reads ``model.state_dict()`` itself and writes it as the
+    deployable model (``save_pretrained`` without ``state_dict=`` is run inside this block by the
+    guard; wrap any other such call yourself). The model must have been wrapped by a
+    ``ChainLoRAOptimizer`` (which installs :func:`guard_state_dict_saves`); a model without
+    links saves as it is. Blocks nest; :func:`saving_for_resume` inside wins.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` (on entering the block).
+        NonFiniteUpdateError: a merged weight would not be finite (at ``state_dict()``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0"], rank=2, knot_every=10)
+        >>> with saving_merged(model):
+        ...     sorted(model.state_dict())
+        ['0.bias', '0.weight']
+    """
+    _require_module(model)
+    depth = model.__dict__.get(_MERGED_SAVES, 0)
+    model.__dict__[_MERGED_SAVES] = depth + 1
+    try:
+        yield
+    finally:
+        if depth:
+            model.__dict__[_MERGED_SAVES] = depth
+        else:
+            model.__dict__.pop(_MERGED_SAVES, None)
+
+
+def guard_state_dict_saves(model: nn.Module) -> None:
+    """Install the state-dict post-hook behind :func:`saving_merged` on ``model`` (once).
+
+    It rewrites ``model.state_dict()`` to the merged plain keys inside :func:`saving_merged` and
+    inside Accelerate's ``Accelerator.save_model``; anywhere else it changes nothing.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
+    _require_module(model)
+    if _HOOK not in model.__dict__:
+        model.__dict__[_HOOK] = model.register_state_dict_post_hook(  # type: ignore[no-untyped-call]
+            _merged_state_dict_hook
+        )
+
+
+def release_state_dict_saves(model: nn.Module) -> None:
+    """Remove what :func:`guard_state_dict_saves` installed (the model left the chain)."""
+    handle = model.__dict__.pop(_HOOK, None)
+    if handle is not None:
+        handle.remove()
+    model.__dict__.pop(_MERGED_SAVES, None)
+
+
+def _in_deploy_save() -> bool:
+    """Whether a known deploy save of another library (``_DEPLOY_SAVES``) is on the stack."""
+    codes = []
+    for module_name, qualname in _DEPLOY_SAVES:
+        owner: Any = sys.modules.get(module_name)
+        for part in qualname.split("."):
+            owner = getattr(owner, part, None)
+        code = getattr(owner, "__code__", None)
+        if code is not None:
+            codes.append(code)
+    if not codes:
+        return False
+    frame = inspect.currentframe()
+    for _ in range(16):  # the hook <- Module.state_dict <- get_state_dict <- save_model: 4 here
+        if frame is None:
+            return False
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _merged_state_dict_hook(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, _metadata: Any
+) -> None:
+    """State-dict post-hook: the merged plain keys replace the chain's, where a deploy save
+    reads them (see :func:`saving_merged`)."""
+    own = module.__dict__
+    if own.get(_MERGING) or own.get(_RESUME_SAVES):
+        return
+    if not own.get(_MERGED_SAVES) and not _in_deploy_save():
+        return
+    if not adapted_modules(module):
+        return
+    merged = own.get(_READY)
+    if merged is None:
+        own[_MERGING] = True
+        try:
+            merged = merged_state_dict(module)
+        finally:
+            own.pop(_MERGING, None)
+    for key in [k for k in state_dict if k.startswith(prefix)]:  # this module's, at the end
+        del state_dict[key]
+    for key, value in merged.items():
+        state_dict[prefix + key] = value
+
+
 def _require_module(model: object) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -135,6 +273,12 @@ def _merged_save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     quantizer = getattr(self, "hf_quantizer", None)
     if quantizer is not None:  # a quantized model saves what its quantizer says, not state_dict=
         return _save_quantized(self, save, bound, quantizer)
+    if "state_dict" not in inspect.signature(save).parameters:
+        # diffusers: save_pretrained reads self.state_dict(), which the hook merges in here
+        with merged_save(self):
+            result = save(*bound.args, **bound.kwargs)
+        mark_merged_save(self)
+        return result
     given = bound.arguments.get("state_dict")
     if given is not None and any(_PARAMETRIZED in f".{k}" for k in given):
         if not _own(self, given):
@@ -146,12 +290,29 @@ def _merged_save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
                 stacklevel=2,
             )
             return save(self, *args, **kwargs)
-        given = None
-    if given is None:
+        bound.arguments["state_dict"] = _merged_in(self, given)
+    elif given is None:
         bound.arguments["state_dict"] = merged_state_dict(self)
     result = save(*bound.args, **bound.kwargs)
     mark_merged_save(self)
     return result
+
+
+def _merged_in(model: nn.Module, given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` (the model's own tensors under chainopt's keys, as a caller chose and ordered
+    them) with each parametrized group replaced by its merged plain entry, every other entry
+    as given: the caller's selection and values are honoured."""
+    merged = merged_state_dict(model)
+    out: dict[str, Any] = {}
+    for key, value in given.items():
+        head, sep, tail = f".{key}".partition(_PARAMETRIZED)
+        if not sep:
+            out[key] = value
+            continue
+        plain = f"{head[1:]}.{tail.split('.')[0]}" if head[1:] else tail.split(".")[0]
+        if plain not in out and plain in merged:
+            out[plain] = merged[plain]
+    return out
 
 
 def _save_quantized(
@@ -193,7 +354,9 @@ def accept_as_adapted(model: nn.Module) -> None:
 
 
 def prepare_hf_model(model: nn.Module) -> None:
-    """What every Hugging Face model a chain wraps gets: the merged ``save_pretrained`` and, if
-    it is quantized, the Trainer's consent (:func:`accept_as_adapted`)."""
+    """What every model a chain wraps gets: the state-dict hook of deploy saves
+    (:func:`guard_state_dict_saves`); a Hugging Face one also the merged ``save_pretrained``
+    and, if it is quantized, the Trainer's consent (:func:`accept_as_adapted`)."""
+    guard_state_dict_saves(model)
     guard_save_pretrained(model)
     accept_as_adapted(model)
