@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -147,7 +148,9 @@ def export_peft_adapter(
         TypeError: ``chain`` is not a :class:`~chainopt.ChainLoRAOptimizer`.
         ValueError: a bad ``rank``; knots were tied with ``keep_history=False`` or
             ``merge_and_unload()`` was called, and no ``base`` was given (or it lacks a weight,
-            or holds one of another shape). Nothing is written then.
+            or holds one of another shape); PEFT would refuse to load the adapter into the
+            model's architecture (Mamba's ``out_proj``, say: see :func:`_check_peft_loads`).
+            Nothing is written then.
         ImportError: ``safetensors`` is not installed.
     """
     if not isinstance(chain, ChainLoRAOptimizer):
@@ -259,6 +262,7 @@ def export_peft_adapter(
     if lora_bias:
         config["lora_bias"] = True  # PEFT >= 0.14: lora_B carries a bias
 
+    _check_peft_loads(model, config)
     out_dir = Path(path)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Like every file chainopt writes: atomically, 0600 until complete, an old file's mode kept.
@@ -269,6 +273,52 @@ def export_peft_adapter(
     overall = math.sqrt(left_total / norm_total) if norm_total > 0 else 0.0
     chain_ranks = {name: b.shape[1] for name, (b, _a) in stacks.items()}
     return AdapterReport(out_dir, r, chain_ranks, errors, overall)
+
+
+# PEFT's own rule where peft is not installed to run it (peft.tuners.tuners_utils,
+# _check_lora_target_modules_mamba): LoRA on these modules of these model types is refused.
+_PEFT_REFUSED = {
+    ("falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"): {"out_proj", "conv1d"},
+}
+
+
+def _check_peft_loads(model: nn.Module, config: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` if PEFT would refuse to load an adapter of ``config`` into ``model``.
+
+    With peft installed this runs PEFT's own injection (``inject_adapter_in_model``, every check
+    its loader makes: per-family target rules, supported module types, the config itself) on a
+    meta-device instance of the model's class built from its config, so nothing is allocated
+    and the model is untouched. Without peft (or for a model that is not a Hugging Face one),
+    PEFT's per-family rules (``_PEFT_REFUSED``) are applied by name.
+    """
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        for types, refused in _PEFT_REFUSED.items():
+            bad = sorted(set(config["target_modules"]) & refused)
+            if model_type in types and bad:
+                raise ValueError(
+                    f"PEFT refuses LoRA on {bad} of a {model_type!r} model, so it would not load "
+                    "this adapter: leave them out of target_modules, or deploy the merged model "
+                    "with chainopt.save_merged(opt, path); nothing was written"
+                ) from None
+        return
+    hf_config = getattr(model, "config", None)
+    if hf_config is None or not callable(getattr(type(model), "from_pretrained", None)):
+        return
+    fields = set(inspect.signature(LoraConfig).parameters)
+    try:
+        lora = LoraConfig(**{k: v for k, v in config.items() if k in fields})
+        with torch.device("meta"):
+            skeleton = type(model)(hf_config)
+        inject_adapter_in_model(lora, skeleton)
+    except (ValueError, TypeError, KeyError, NotImplementedError) as err:
+        raise ValueError(
+            f"PEFT would not load this adapter into a {type_name(model)}: {err} (nothing was "
+            "written; leave those modules out of target_modules, or deploy the merged model "
+            "with chainopt.save_merged(opt, path))"
+        ) from err
 
 
 def _stack(model: nn.Module, name: str, links: list[LinkFactors]) -> tuple[Tensor, Tensor]:

@@ -412,3 +412,58 @@ def test_an_export_that_runs_out_of_disk_leaves_the_previous_adapter_whole(
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     export_peft_adapter(opt, tmp_path / "out")
     assert all((os.stat(p).st_mode & 0o777) == 0o600 for p in files)
+
+
+def _mamba(family: str) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "mamba2":
+        cfg = transformers.Mamba2Config(
+            vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2,
+            conv_kernel=2, num_heads=4, head_dim=8, n_groups=1, chunk_size=8,
+        )  # fmt: skip
+        return transformers.Mamba2ForCausalLM(cfg)
+    config_class = {"mamba": "MambaConfig", "falcon_mamba": "FalconMambaConfig"}[family]
+    model_class = {"mamba": "MambaForCausalLM", "falcon_mamba": "FalconMambaForCausalLM"}[family]
+    cfg = getattr(transformers, config_class)(
+        vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2, conv_kernel=2
+    )
+    return getattr(transformers, model_class)(cfg)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("peft_installed", [True, False])
+@pytest.mark.parametrize("family", ["mamba", "falcon_mamba", "mamba2"])
+def test_an_adapter_peft_would_refuse_to_load_is_not_written(
+    tmp_path: Path, family: str, peft_installed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PEFT refuses LoRA on a Mamba-family ``out_proj``: the export used to write it anyway."""
+    peft = pytest.importorskip("peft")
+    model = _mamba(family)
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters()), target_modules=["in_proj", "out_proj"],
+        rank=2, knot_every=2, keep_history=True,
+    )  # fmt: skip
+    if not peft_installed:  # then PEFT's per-family rule, as chainopt copies it
+        monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(ValueError, match=r"PEFT .*out_proj.*nothing was written"):
+        export_peft_adapter(opt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="out_proj"):  # what PEFT's loader says, for the record
+        peft.inject_adapter_in_model(
+            peft.LoraConfig(r=2, target_modules=["out_proj"]), _mamba(family)
+        )
+
+    model = _mamba(family)  # in_proj alone: written, and PEFT loads it as the model
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), target_modules=["in_proj"],
+        rank=2, knot_every=2, keep_history=True,
+    )  # fmt: skip
+    for _ in range(3):
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    export_peft_adapter(opt, tmp_path / "ok")
+    loaded = _peft(_mamba(family), tmp_path / "ok")
+    torch.testing.assert_close(_logits(loaded), _logits(model.eval()), rtol=1e-4, atol=1e-4)
