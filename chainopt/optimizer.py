@@ -94,7 +94,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             weight (the first group if none did), hyperparameters are kept.
         target_modules: which ``nn.Linear`` (or transformers ``Conv1D``) modules to adapt:
             PEFT-style name suffixes (``"q_proj"``), a compiled regex (full match on the
-            qualified name), a callable ``(name, module) -> bool``, or ``"all-linear"``.
+            qualified name), a callable ``(name, module) -> bool``, or ``"all-linear"`` (every
+            Linear but the output layer and a task model's fresh head, as PEFT takes them).
         rank: rank ``r`` of each link, or a list: link ``i`` has rank ``rank[i]`` and the last
             entry repeats (rank step-down, e.g. ``[8, 4]``; not under DDP).
         alpha: LoRA alpha; the scale of a link of rank ``r`` is ``s = alpha / r``.
