@@ -28,23 +28,22 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ._attach import parametrization_count
+from ._layers import find_adapted
+from ._marks import MERGED_SAVE as _MERGED_SAVE
+from ._marks import unmark
+from ._quant_backends import backend_for
+from ._record import ModuleRecord
 from ._validate import type_name
-from .adapted import AdaptedModule, detach, find_adapted, parametrization_count
 from .guard import NonFiniteUpdateError, check_links
 from .merge import merge_, merged_bias, merged_weight
-from .quantized import quantized_backend
 
 __all__ = [
     "adapted_modules",
-    "chain_tensors",
-    "mark_merged_save",
     "merge_and_unload",
-    "merged_save_pending",
     "merged_state_dict",
     "save_merged",
-]
-
-_MERGED_SAVE = "_chainopt_merged_save"  # instance flag: a save dropped the chain's own tensors
+]  # the public names (chainopt re-exports them); the rest is internal
 
 
 class _HasModel(Protocol):
@@ -58,7 +57,7 @@ def adapted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(r.name, r.module) for r in find_adapted(model)]
 
 
-def _checked(model: object, what: str) -> list[AdaptedModule]:
+def _checked(model: object, what: str) -> list[ModuleRecord]:
     """The adapted modules of ``model``, once every pending merge is known to be finite."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type_name(model)}")
@@ -85,10 +84,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """
     for r in _checked(model, "merge (no weight was changed)"):
         merge_(r)
-        detach(r.module)
-    from .integrations.hf_save import release_state_dict_saves  # it imports this module
-
-    release_state_dict_saves(model)
+        r.unload()
+    unmark(model)  # the load guard, save_pretrained, ...: see chainopt._marks
     return model
 
 
@@ -145,7 +142,8 @@ def merged_state_dict(
             # With another parametrization stacked after ours, only the whole stack is the weight.
             stacked = parametrization_count(r.module) > 1
             weight = getattr(r.module, "weight").detach().clone() if stacked else merged_weight(r)  # noqa: B009
-            keys = [k for k in state if k.startswith(f"{prefix}parametrizations.weight.")]
+            own = (f"{prefix}parametrizations.weight.", f"{prefix}{r.link_prefix}")
+            keys = [k for k in state if k == f"{prefix}weight" or k.startswith(own)]
         if not bool(torch.isfinite(weight).all()):
             raise NonFiniteUpdateError(f"refusing to export {r.name!r}: its weight is not finite")
         if r.quant is None:
@@ -163,7 +161,7 @@ def merged_state_dict(
             claim(keys[0], keys, {f"{prefix}bias": bias})
     if not keep_quantized:  # the quantized layers the chain does not adapt: dequantized too
         for name, module in model.named_modules():
-            backend = quantized_backend(module)
+            backend = backend_for(module)
             if backend is None or id(module) in adapted:
                 continue
             prefix = f"{name}." if name else ""

@@ -24,25 +24,13 @@ from typing import TypeAlias
 import torch
 from torch import nn
 
+from ._attach import parametrization_count
 from ._dtensor import is_sharded
+from ._layers import builder_for
+from ._quant_backends import unsupported_quantization
 from ._validate import type_name
-from .adapted import is_conv1d, parametrization_count
-from .quantized import unsupported_quantization
 
-__all__ = [
-    "ALL_LINEAR",
-    "ModuleSpec",
-    "choose_targets",
-    "choose_trainable",
-    "describe_spec",
-    "is_linear_like",
-    "linear_names",
-    "matcher",
-    "output_layers",
-    "select_modules",
-    "shared_parameters",
-    "task_heads",
-]
+__all__ = ["ModuleSpec"]  # the public names (chainopt re-exports them); the rest is internal
 
 ModuleSpec: TypeAlias = str | Sequence[str] | re.Pattern[str] | Callable[[str, nn.Module], bool]
 """Names as PEFT takes them (suffixes), a compiled regex (``fullmatch`` on the name), a predicate
@@ -56,8 +44,9 @@ _TASK_MODEL = re.compile(r"For\w*(Classification|QuestionAnswering|MultipleChoic
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """An ``nn.Linear`` (or subclass) or a transformers ``Conv1D``: what a link can adapt."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """A module some layer kind's builder adapts (:data:`chainopt._layers.BUILDERS`): an
+    ``nn.Linear`` (or subclass, 4-bit ones included) or a transformers ``Conv1D``."""
+    return builder_for(module) is not None
 
 
 def matcher(spec: ModuleSpec, argument: str) -> Callable[[str, nn.Module], bool]:

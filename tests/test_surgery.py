@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 from torch.optim import Optimizer
 
 from chainopt import ChainLoRAOptimizer
+from chainopt._attach import attach, detach
 from chainopt._surgery import (
     SHARED_OPTIMIZER_ATTRIBUTES,
     in_parametrize_cache,
@@ -18,10 +19,10 @@ from chainopt._surgery import (
     lr_scheduler_step_patch,
     parameter_order,
     patch_step_for_lr_scheduler,
+    remove_forward_hooks,
     restore_parameter_order,
     set_shape_,
 )
-from chainopt.adapted import attach, detach
 
 
 def test_optimizer_init_sets_only_what_the_wrapper_takes_over() -> None:
@@ -100,7 +101,7 @@ def test_parametrize_gives_each_module_its_own_class_that_a_deepcopy_shares() ->
     assert type(copy.deepcopy(lin)) is type(lin)
 
 
-@pytest.mark.parametrize("name", ["_foreach_copy_", "_foreach_zero_", "_foreach_norm"])
+@pytest.mark.parametrize("name", ["_foreach_copy_", "_foreach_zero_"])
 def test_foreach_ops_exist(name: str) -> None:
     assert callable(getattr(torch, name))
 
@@ -119,3 +120,13 @@ def test_an_lr_scheduler_patches_step_as_chainopt_reads_and_rebuilds_it() -> Non
     other.step()
     assert other.__dict__["_opt_called"] is True and "_opt_called" not in opt.__dict__
     assert lr_scheduler_step_patch(other.__dict__["step"]) is func
+
+
+def test_remove_forward_hooks_removes_only_the_chosen_hooks() -> None:
+    lin = nn.Linear(2, 2)
+    seen: list[str] = []
+    lin.register_forward_hook(lambda m, a, o: seen.append("theirs"))
+    mine = lin.register_forward_hook(lambda m, a, o: seen.append("mine"), with_kwargs=True)
+    remove_forward_hooks(lin, lambda hook: hook is lin._forward_hooks[mine.id])
+    lin(torch.zeros(1, 2))
+    assert seen == ["theirs"] and mine.id not in lin._forward_hooks_with_kwargs

@@ -40,6 +40,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._marks import CLEARED_IS_QUANTIZED
+from .._marks import MERGED_SAVES as _MERGED_SAVES
+from .._marks import RESUME_SAVES as _RESUME_SAVES
+from .._marks import STATE_DICT_HOOK as _HOOK
 from ..export import adapted_modules, mark_merged_save, merged_state_dict
 
 __all__ = [
@@ -52,10 +56,7 @@ __all__ = [
     "saving_merged",
 ]
 
-_RESUME_SAVES = "_chainopt_resume_saves"  # instance attribute: saving_for_resume depth
-_MERGED_SAVES = "_chainopt_merged_saves"  # instance attribute: saving_merged depth
 _MERGING = "_chainopt_merging"  # instance attribute: the hook is computing the merged dict
-_HOOK = "_chainopt_state_dict_hook"  # instance attribute: the post-hook's handle
 _READY = "_chainopt_merged_ready"  # instance attribute: a merged dict computed for this save
 # Deploy saves of other libraries that read model.state_dict() themselves: (module, qualname).
 _DEPLOY_SAVES = (("accelerate.accelerator", "Accelerator.save_model"),)
@@ -190,14 +191,6 @@ def guard_state_dict_saves(model: nn.Module) -> None:
         model.__dict__[_HOOK] = model.register_state_dict_post_hook(  # type: ignore[no-untyped-call]
             _merged_state_dict_hook
         )
-
-
-def release_state_dict_saves(model: nn.Module) -> None:
-    """Remove what :func:`guard_state_dict_saves` installed (the model left the chain)."""
-    handle = model.__dict__.pop(_HOOK, None)
-    if handle is not None:
-        handle.remove()
-    model.__dict__.pop(_MERGED_SAVES, None)
 
 
 def _in_deploy_save() -> bool:
@@ -351,6 +344,7 @@ def accept_as_adapted(model: nn.Module) -> None:
     """
     if getattr(model, "hf_quantizer", None) is not None and getattr(model, "is_quantized", False):
         model.__dict__["is_quantized"] = False
+        model.__dict__[CLEARED_IS_QUANTIZED] = True  # unloading puts it back (chainopt._marks)
 
 
 def prepare_hf_model(model: nn.Module) -> None:
