@@ -71,6 +71,7 @@ __all__ = [
     "LOAD_GUARD",
     "MERGED_SAVE",
     "MERGED_SAVES",
+    "OWN_STATE",
     "PARAMETER_ORDER",
     "QUANTIZED",
     "RESUME_SAVES",
@@ -91,6 +92,9 @@ MERGED_SAVE = "_chainopt_merged_save"
 """Instance flag: a save wrote merged weights without the chain's own tensors."""
 RESUME_SAVES = "_chainopt_resume_saves"
 """Instance attribute: how deep ``saving_for_resume`` blocks are nested."""
+OWN_STATE = "_chainopt_own_state"
+"""Instance flag, only while chainopt reads ``model.state_dict()`` itself: the chain's own keys,
+whatever save is on the stack (:func:`chainopt.export.own_state_dict`)."""
 STATE_DICT_HOOK = "_chainopt_state_dict_hook"
 """Instance attribute of a chained model: the handle of its ``state_dict`` post-hook."""
 MERGED_SAVES = "_chainopt_merged_saves"

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ._attach import parametrization_count
 from ._layers import find_adapted
 from ._marks import MERGED_SAVE as _MERGED_SAVE
-from ._marks import unmark
+from ._marks import OWN_STATE, unmark
 from ._quant_backends import backend_for
 from ._record import ModuleRecord
 from ._validate import type_name
@@ -42,6 +42,7 @@ __all__ = [
     "adapted_modules",
     "merge_and_unload",
     "merged_state_dict",
+    "own_state_dict",
     "save_merged",
 ]  # the public names (chainopt re-exports them); the rest is internal
 
@@ -119,7 +120,7 @@ def merged_state_dict(
     if not isinstance(keep_quantized, bool):
         raise TypeError(f"keep_quantized must be a bool, got {keep_quantized!r}")
     adapted = {id(r.module) for r in records}
-    state = model.state_dict()
+    state = own_state_dict(model)
     groups: dict[str, dict[str, Tensor]] = {}  # first key of a group -> the entries it becomes
     owner: dict[str, str] = {}  # state-dict key -> its group
 
@@ -253,7 +254,23 @@ def chain_tensors(model: nn.Module) -> dict[str, Tensor]:
         f"{r.name}.parametrizations." if r.name else "parametrizations."
         for r in find_adapted(model)
     )
-    return {k: v for k, v in model.state_dict().items() if k.startswith(owned)} if owned else {}
+    if not owned:
+        return {}
+    return {k: v for k, v in own_state_dict(model).items() if k.startswith(owned)}
+
+
+def own_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with the chain's own keys, also where a deploy save is on the stack
+    (whose state-dict hook would give merged keys: :mod:`chainopt.integrations.hf_save`)."""
+    depth = model.__dict__.get(OWN_STATE, 0)
+    model.__dict__[OWN_STATE] = depth + 1
+    try:
+        return dict(model.state_dict())
+    finally:
+        if depth:
+            model.__dict__[OWN_STATE] = depth
+        else:
+            model.__dict__.pop(OWN_STATE, None)
 
 
 def mark_merged_save(model: nn.Module) -> None:

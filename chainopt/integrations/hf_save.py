@@ -42,9 +42,12 @@ from torch import Tensor, nn
 
 from .._marks import CLEARED_IS_QUANTIZED
 from .._marks import MERGED_SAVES as _MERGED_SAVES
+from .._marks import OWN_STATE as _OWN_STATE
 from .._marks import RESUME_SAVES as _RESUME_SAVES
 from .._marks import STATE_DICT_HOOK as _HOOK
-from ..export import adapted_modules, mark_merged_save, merged_state_dict
+from ..advice import ChainLoRAWarning
+from ..export import adapted_modules, mark_merged_save, merged_state_dict, own_state_dict
+from ..guard import NonFiniteUpdateError
 
 __all__ = [
     "ParametrizedCheckpointWarning",
@@ -56,10 +59,15 @@ __all__ = [
     "saving_merged",
 ]
 
-_MERGING = "_chainopt_merging"  # instance attribute: the hook is computing the merged dict
 _READY = "_chainopt_merged_ready"  # instance attribute: a merged dict computed for this save
 # Deploy saves of other libraries that read model.state_dict() themselves: (module, qualname).
-_DEPLOY_SAVES = (("accelerate.accelerator", "Accelerator.save_model"),)
+_DEPLOY_SAVES = (
+    ("accelerate.accelerator", "Accelerator.save_model", "accelerate"),
+    ("lightning.pytorch.trainer.connectors.checkpoint_connector",
+     "_CheckpointConnector.dump_checkpoint", "lightning"),
+    ("pytorch_lightning.trainer.connectors.checkpoint_connector",
+     "_CheckpointConnector.dump_checkpoint", "lightning"),
+)  # fmt: skip
 _PARAMETRIZED = ".parametrizations."
 
 
@@ -193,26 +201,36 @@ def guard_state_dict_saves(model: nn.Module) -> None:
         )
 
 
-def _in_deploy_save() -> bool:
-    """Whether a known deploy save of another library (``_DEPLOY_SAVES``) is on the stack."""
-    codes = []
-    for module_name, qualname in _DEPLOY_SAVES:
+def _deploy_save() -> tuple[str, Any] | None:
+    """The known save of another library (``_DEPLOY_SAVES``) on the stack: its kind and frame."""
+    codes: dict[Any, str] = {}
+    for module_name, qualname, kind in _DEPLOY_SAVES:
         owner: Any = sys.modules.get(module_name)
         for part in qualname.split("."):
             owner = getattr(owner, part, None)
         code = getattr(owner, "__code__", None)
         if code is not None:
-            codes.append(code)
+            codes[code] = kind
     if not codes:
-        return False
+        return None
     frame = inspect.currentframe()
-    for _ in range(16):  # the hook <- Module.state_dict <- get_state_dict <- save_model: 4 here
+    for _ in range(64):  # a few frames, and one per level the chained module is nested at
         if frame is None:
-            return False
+            return None
         if frame.f_code in codes:
-            return True
+            return codes[frame.f_code], frame
         frame = frame.f_back
-    return False
+    return None
+
+
+def _lightning_defers(frame: Any) -> bool:
+    """Lightning's checkpoint is left to ``ChainLoRACheckpoint`` when the trainer has one, and
+    as it is under a strategy whose state dict is not the module's own (FSDP, DeepSpeed)."""
+    trainer = getattr(frame.f_locals.get("self"), "trainer", None)
+    callbacks = getattr(trainer, "callbacks", None) or []
+    if any(type(c).__name__ == "ChainLoRACheckpoint" for c in callbacks):
+        return True
+    return bool(getattr(getattr(trainer, "strategy", None), "restore_checkpoint_after_setup", True))
 
 
 def _merged_state_dict_hook(
@@ -221,23 +239,34 @@ def _merged_state_dict_hook(
     """State-dict post-hook: the merged plain keys replace the chain's, where a deploy save
     reads them (see :func:`saving_merged`)."""
     own = module.__dict__
-    if own.get(_MERGING) or own.get(_RESUME_SAVES):
+    if own.get(_OWN_STATE) or own.get(_RESUME_SAVES):
         return
-    if not own.get(_MERGED_SAVES) and not _in_deploy_save():
+    caller = None if own.get(_MERGED_SAVES) else _deploy_save()
+    if not own.get(_MERGED_SAVES) and caller is None:
+        return
+    if caller is not None and caller[0] == "lightning" and _lightning_defers(caller[1]):
         return
     if not adapted_modules(module):
         return
     merged = own.get(_READY)
     if merged is None:
-        own[_MERGING] = True
         try:
             merged = merged_state_dict(module)
-        finally:
-            own.pop(_MERGING, None)
+        except NonFiniteUpdateError as err:
+            if caller is None or caller[0] != "lightning":
+                raise
+            warnings.warn(  # a training checkpoint: keep what resumes, do not stop training
+                f"the Lightning checkpoint keeps the chain's parametrized keys ({err})",
+                ChainLoRAWarning,
+                stacklevel=2,
+            )
+            return
     for key in [k for k in state_dict if k.startswith(prefix)]:  # this module's, at the end
         del state_dict[key]
     for key, value in merged.items():
         state_dict[prefix + key] = value
+    if caller is not None:  # the optimizer's next state_dict() carries the chain's own tensors
+        mark_merged_save(module)
 
 
 def _require_module(model: object) -> None:
@@ -247,7 +276,7 @@ def _require_module(model: object) -> None:
 
 def _own(model: nn.Module, given: Mapping[str, Any]) -> bool:
     """``given`` holds the model's own parametrized tensors (its ``state_dict()``, a Trainer's)."""
-    mine = model.state_dict()
+    mine = own_state_dict(model)
     return all(
         isinstance(t, Tensor) and k in mine and t.data_ptr() == mine[k].data_ptr()
         for k, t in given.items()
