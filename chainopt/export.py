@@ -196,7 +196,7 @@ def save_merged(
         **save_kwargs: passed on to ``model.save_pretrained`` (``max_shard_size``, ``variant``,
             ``is_main_process``, …); not ``state_dict``. A ``save_pretrained`` that takes no
             ``state_dict`` (diffusers') runs inside
-            :func:`~chainopt.integrations.hf_save.saving_merged` instead.
+            :func:`~chainopt.saving_merged` instead.
 
     Returns:
         ``path`` as a ``Path``.
@@ -237,7 +237,7 @@ def save_merged(
         save(model, path, state_dict=merged_state_dict(model), **save_kwargs)
         return Path(path)
     # diffusers' save_pretrained takes no state_dict: it reads model.state_dict(), merged here
-    from .integrations.hf_save import merged_save  # it imports this module
+    from ._hf_save import merged_save  # it imports this module
 
     with merged_save(model):  # checks every merge first: nothing is written if one fails
         save(model, path, **save_kwargs)
@@ -261,7 +261,7 @@ def chain_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 def own_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """``model.state_dict()`` with the chain's own keys, also where a deploy save is on the stack
-    (whose state-dict hook would give merged keys: :mod:`chainopt.integrations.hf_save`)."""
+    (whose state-dict hook would give merged keys: :mod:`chainopt._hf_save`)."""
     depth = model.__dict__.get(OWN_STATE, 0)
     model.__dict__[OWN_STATE] = depth + 1
     try:

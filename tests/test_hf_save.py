@@ -17,8 +17,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 import chainopt
-from chainopt import ChainLoRAOptimizer, merged_state_dict, save_merged
-from chainopt.integrations.hf_save import saving_for_resume, saving_merged
+from chainopt import (
+    ChainLoRAOptimizer,
+    merged_state_dict,
+    save_merged,
+    saving_for_resume,
+    saving_merged,
+)
 
 IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(9))
 

@@ -7,7 +7,7 @@ yet, so a checkpoint holding the chain's keys (``….parametrizations.weight.ori
 factors) does not fit it. So Lightning's own checkpoints of a chained module (``ModelCheckpoint``,
 ``trainer.save_checkpoint``) hold the merged model, plain keys, and the chain's own tensors
 travel in its optimizer state, with or without a callback: chainopt's state-dict hook
-(:func:`chainopt.integrations.hf_save.guard_state_dict_saves`) recognises Lightning's checkpoint
+(``chainopt._hf_save.guard_state_dict_saves``) recognises Lightning's checkpoint
 dump, unless the trainer has a :class:`ChainLoRACheckpoint` (which then decides) or a strategy
 whose state dict is not the module's own (FSDP, DeepSpeed). Resuming such a checkpoint needs no
 callback either, and ``load_from_checkpoint`` gives the fine-tuned model.

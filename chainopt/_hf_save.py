@@ -40,14 +40,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .._marks import CLEARED_IS_QUANTIZED
-from .._marks import MERGED_SAVES as _MERGED_SAVES
-from .._marks import OWN_STATE as _OWN_STATE
-from .._marks import RESUME_SAVES as _RESUME_SAVES
-from .._marks import STATE_DICT_HOOK as _HOOK
-from ..advice import ChainLoRAWarning
-from ..export import adapted_modules, mark_merged_save, merged_state_dict, own_state_dict
-from ..guard import NonFiniteUpdateError
+from ._marks import CLEARED_IS_QUANTIZED
+from ._marks import MERGED_SAVES as _MERGED_SAVES
+from ._marks import OWN_STATE as _OWN_STATE
+from ._marks import RESUME_SAVES as _RESUME_SAVES
+from ._marks import STATE_DICT_HOOK as _HOOK
+from .advice import ChainLoRAWarning
+from .export import adapted_modules, mark_merged_save, merged_state_dict, own_state_dict
+from .guard import NonFiniteUpdateError
 
 __all__ = [
     "ParametrizedCheckpointWarning",
