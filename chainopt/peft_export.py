@@ -286,30 +286,27 @@ def _check_peft_loads(model: nn.Module, config: Mapping[str, Any]) -> None:
     With peft installed this runs PEFT's own injection (``inject_adapter_in_model``, every check
     its loader makes: per-family target rules, supported module types, the config itself) on a
     meta-device instance of the model's class built from its config, so nothing is allocated
-    and the model is untouched. Without peft (or for a model that is not a Hugging Face one),
-    PEFT's per-family rules (``_PEFT_REFUSED``) are applied by name.
+    and the model is untouched. Without peft, or where no such instance can be built (a model
+    that is not a Hugging Face one, a class that takes more than its config), PEFT's per-family
+    rules (``_PEFT_REFUSED``) are applied by name.
     """
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        for types, refused in _PEFT_REFUSED.items():
-            bad = sorted(set(config["target_modules"]) & refused)
-            if model_type in types and bad:
-                raise ValueError(
-                    f"PEFT refuses LoRA on {bad} of a {model_type!r} model, so it would not load "
-                    "this adapter: leave them out of target_modules, or deploy the merged model "
-                    "with chainopt.save_merged(opt, path); nothing was written"
-                ) from None
-        return
-    hf_config = getattr(model, "config", None)
-    if hf_config is None or not callable(getattr(type(model), "from_pretrained", None)):
+        _check_peft_rules(model, config)
         return
     fields = set(inspect.signature(LoraConfig).parameters)
     try:
         lora = LoraConfig(**{k: v for k, v in config.items() if k in fields})
-        with torch.device("meta"):
-            skeleton = type(model)(hf_config)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"PEFT refuses this adapter's config: {err} (nothing was written)"
+        ) from err
+    skeleton = _meta_instance(model)
+    if skeleton is None:
+        _check_peft_rules(model, config)
+        return
+    try:
         inject_adapter_in_model(lora, skeleton)
     except (ValueError, TypeError, KeyError, NotImplementedError) as err:
         raise ValueError(
@@ -317,6 +314,32 @@ def _check_peft_loads(model: nn.Module, config: Mapping[str, Any]) -> None:
             "written; leave those modules out of target_modules, or deploy the merged model "
             "with chainopt.save_merged(opt, path))"
         ) from err
+
+
+def _meta_instance(model: nn.Module) -> nn.Module | None:
+    """A meta-device instance of a Hugging Face model's class from its config, or ``None``."""
+    hf_config = getattr(model, "config", None)
+    if hf_config is None or not callable(getattr(type(model), "from_pretrained", None)):
+        return None
+    try:
+        with torch.device("meta"):
+            skeleton = type(model)(hf_config)
+    except Exception:  # a class chainopt cannot rebuild from its config: the rules by name
+        return None
+    return skeleton if isinstance(skeleton, nn.Module) else None
+
+
+def _check_peft_rules(model: nn.Module, config: Mapping[str, Any]) -> None:
+    """PEFT's per-family target rules (``_PEFT_REFUSED``), by name."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for types, refused in _PEFT_REFUSED.items():
+        bad = sorted(set(config["target_modules"]) & refused)
+        if model_type in types and bad:
+            raise ValueError(
+                f"PEFT refuses LoRA on {bad} of a {model_type!r} model, so it would not load "
+                "this adapter: leave them out of target_modules, or deploy the merged model "
+                "with chainopt.save_merged(opt, path); nothing was written"
+            )
 
 
 def _stack(record: ModuleRecord, history: ChainHistory) -> tuple[Tensor, Tensor]:

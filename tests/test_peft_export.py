@@ -466,3 +466,22 @@ def test_an_adapter_peft_would_refuse_to_load_is_not_written(
     export_peft_adapter(opt, tmp_path / "ok")
     loaded = _peft(_mamba(family), tmp_path / "ok")
     torch.testing.assert_close(_logits(loaded), _logits(model.eval()), rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_class_the_check_cannot_rebuild_is_checked_by_peft_rules_only(
+    tmp_path: Path,
+) -> None:
+    """The check builds a meta instance from the config; a class that takes more than its config
+    is no reason to refuse: PEFT's per-family rules apply by name, and this one is fine."""
+    from transformers import LlamaForCausalLM
+
+    class Extra(LlamaForCausalLM):  # type: ignore[misc]
+        def __init__(self, config: Any, extra: int) -> None:
+            super().__init__(config)
+            self.extra = extra
+
+    model = Extra(tiny_llama().config, extra=3)
+    opt = _train_lm(model, 3)
+    export_peft_adapter(opt, tmp_path / "out")
+    loaded = _peft(tiny_llama(), tmp_path / "out")
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists() and loaded is not None
