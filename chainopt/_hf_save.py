@@ -17,9 +17,11 @@ keys as they are. Torch only: nothing here imports transformers.
 A ``save_pretrained`` that takes no ``state_dict=`` (diffusers' ``ModelMixin``, whose pipelines
 save each component through it) reads ``model.state_dict()`` itself: the guard runs it inside
 :func:`saving_merged`, where a state-dict post-hook that every chained model gets
-(:func:`guard_state_dict_saves`) gives the merged plain keys. The same hook serves the one other
-deploy save that reads ``model.state_dict()`` behind the model's back, Accelerate's
-``Accelerator.save_model``, recognised by its code object on the call stack. Every other
+(:func:`guard_state_dict_saves`) gives the merged plain keys. The same hook serves the saves
+that read ``model.state_dict()`` behind the chained model's back, each recognised by its code
+object on the call stack (``_DEPLOY_SAVES``): Accelerate's ``Accelerator.save_model``,
+Lightning's checkpoint dump (see :mod:`chainopt.integrations.lightning`), and the class
+``save_pretrained`` of a transformers or diffusers model that holds the chained one. Every other
 ``model.state_dict()`` keeps the chain's own keys: it is what resumes training.
 
 Example:
@@ -40,6 +42,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ._layers import find_adapted
 from ._marks import CLEARED_IS_QUANTIZED
 from ._marks import MERGED_SAVES as _MERGED_SAVES
 from ._marks import OWN_STATE as _OWN_STATE
@@ -67,6 +70,9 @@ _DEPLOY_SAVES = (
      "_CheckpointConnector.dump_checkpoint", "lightning"),
     ("pytorch_lightning.trainer.connectors.checkpoint_connector",
      "_CheckpointConnector.dump_checkpoint", "lightning"),
+    # save_pretrained of a model that holds the chained one (whose own is guarded)
+    ("transformers.modeling_utils", "PreTrainedModel.save_pretrained", "save_pretrained"),
+    ("diffusers.models.modeling_utils", "ModelMixin.save_pretrained", "save_pretrained"),
 )  # fmt: skip
 _PARAMETRIZED = ".parametrizations."
 
@@ -246,12 +252,17 @@ def _merged_state_dict_hook(
         return
     if caller is not None and caller[0] == "lightning" and _lightning_defers(caller[1]):
         return
-    if not adapted_modules(module):
+    records = find_adapted(module)
+    if not records:
+        return
+    kind = None if caller is None else caller[0]
+    quantized = any(r.quant is not None for r in records)
+    if kind == "lightning" and quantized:  # a 4-bit chain resumes from its own keys there
         return
     merged = own.get(_READY)
     if merged is None:
-        try:
-            merged = merged_state_dict(module)
+        try:  # a class's save_pretrained writes 4-bit layers as 4-bit: so does the merged dict
+            merged = merged_state_dict(module, keep_quantized=kind == "save_pretrained")
         except NonFiniteUpdateError as err:
             if caller is None or caller[0] != "lightning":
                 raise

@@ -202,3 +202,29 @@ def test_the_state_dict_hook_survives_a_deep_copy_and_acts_on_the_copy() -> None
     assert keys == list(merged_state_dict(clone))
     chainopt.merge_and_unload(clone)
     assert any(".parametrizations." in k for k in model.state_dict())
+
+
+def test_save_pretrained_of_a_model_holding_the_chained_one_writes_the_fine_tuned_model(
+    tmp_path: Path,
+) -> None:
+    """A chain on ``model.model`` (the decoder): the outer model's class ``save_pretrained`` read
+    ``state_dict()`` and wrote the chain's keys; from_pretrained re-initialised the weights."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama()
+    opt = ChainLoRAOptimizer(
+        model.model, torch.optim.AdamW(model.model.parameters(), lr=2e-2),
+        target_modules=["q_proj", "v_proj"], rank=4, knot_every=2,
+    )  # fmt: skip
+    for _ in range(3):
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    expected = _logits(model)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert not any(".parametrizations." in k for k in saved)
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(_logits(loaded.eval()), expected, rtol=1e-5, atol=1e-5)
+    assert any(".parametrizations." in k for k in model.state_dict())  # outside: the chain's
