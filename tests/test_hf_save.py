@@ -228,3 +228,31 @@ def test_save_pretrained_of_a_model_holding_the_chained_one_writes_the_fine_tune
     assert not info["missing_keys"] and not info["unexpected_keys"]
     torch.testing.assert_close(_logits(loaded.eval()), expected, rtol=1e-5, atol=1e-5)
     assert any(".parametrizations." in k for k in model.state_dict())  # outside: the chain's
+
+
+def test_a_trainer_checkpoint_of_a_chain_on_a_submodule_resumes_bitwise(tmp_path: Path) -> None:
+    """The outer model's save_pretrained writes merged keys; the optimizer state then carries
+    the chain's own tensors, so resume_from_checkpoint is still bitwise."""
+    from test_integrations import _args, _assert_same_optimizer, _assert_same_state, _Tokens
+    from transformers import Trainer
+
+    def build(out: Path) -> tuple[nn.Module, ChainLoRAOptimizer, Any]:
+        model = tiny_llama()
+        opt = ChainLoRAOptimizer(
+            model.model, torch.optim.AdamW(model.model.parameters(), lr=2e-2),
+            target_modules=["q_proj", "v_proj"], rank=4, knot_every=3, seed=5,
+        )  # fmt: skip
+        trainer = Trainer(
+            model=model, args=_args(out), train_dataset=_Tokens(), optimizers=(opt, None)
+        )
+        return model, opt, trainer
+
+    model, opt, trainer = build(tmp_path / "straight")
+    trainer.train()
+    checkpoint = tmp_path / "straight" / "checkpoint-4"
+    assert not any(".parametrizations." in k for k in load_file(checkpoint / "model.safetensors"))
+    resumed_model, resumed, trainer2 = build(tmp_path / "resumed")
+    trainer2.train(resume_from_checkpoint=str(checkpoint))
+    assert (resumed.optimizer_steps, resumed.knots_tied) == (6, 2)
+    _assert_same_state(model, resumed_model)
+    _assert_same_optimizer(opt, resumed)
