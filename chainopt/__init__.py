@@ -18,6 +18,7 @@ from ._hf_save import (
     ParametrizedCheckpointWarning,
     guard_save_pretrained,
     saving_for_resume,
+    saving_merged,
 )
 from .advice import ChainLoRAWarning
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -67,6 +68,7 @@ __all__ = [
     "save_checkpoint",
     "save_merged",
     "saving_for_resume",
+    "saving_merged",
 ]
 
 __version__ = "0.1.0"

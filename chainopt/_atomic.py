@@ -1,10 +1,13 @@
 """Writing a file atomically: a locked temporary file beside it, fsync, rename, fsync the dir.
 
 A process killed at any moment leaves the previous file or the new one, never a torn file; at
-worst a stray ``.<name>.<random>.tmp``, which the next successful write removes. Concurrent
-writers to one path never remove each other's temporary files: each holds an exclusive
-``flock`` on its own until it is renamed, and only unlocked ones (their writer is gone) are
-cleaned. The new file keeps the mode of the one it replaces. Every failure to write (a full
+worst a stray ``.<name>.<random>.tmp`` (``.<hash of name>.<random>.tmp`` for a name too long to
+take the suffix), which the next successful write removes. Concurrent writers to one path never
+remove each other's temporary files: each holds an exclusive ``flock`` on its own until it is
+renamed, and only unlocked regular files (their writer is gone) are cleaned; anything else under
+such a name (a FIFO, a link, a directory) is never opened and left alone. A temporary file is
+created readable by its owner only (``0600``), whatever it will hold; the new file then takes the
+mode of the one it replaces, or the one the umask gives a new file. Every failure to write (a full
 disk, a file-size limit) surfaces as the ``OSError`` the system gave, with ``path`` unchanged.
 
 Example:
@@ -19,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import secrets
@@ -35,6 +39,7 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = ["write_atomically"]
 
 _TOKEN_BYTES = 6  # a temporary file is ``.<name>.<12 hex digits>.tmp``
+_NAME_MAX = 255  # bytes in one file name (POSIX file systems; asked of the directory when it can)
 
 
 class _RecordingFile:
@@ -67,6 +72,8 @@ def write_atomically(path: Path, write: Callable[[Any], object]) -> None:
     """
     directory = path.parent
     mode = _existing_mode(path)
+    if mode is None:
+        mode = 0o666 & ~_umask()
     raw, tmp = _locked_temporary(path)
     try:
         with raw:
@@ -79,8 +86,7 @@ def write_atomically(path: Path, write: Callable[[Any], object]) -> None:
                 if f.error is not None and f.error is not err:
                     raise f.error from err
                 raise
-            if mode is not None:
-                os.chmod(tmp, mode)
+            os.chmod(tmp, mode)
             os.replace(tmp, path)  # still locked: no cleaner takes it for a dead writer's
     except BaseException:
         with contextlib.suppress(OSError):
@@ -96,9 +102,11 @@ def _locked_temporary(path: Path) -> tuple[IO[bytes], Path]:
     Between creating a file and locking it, a cleaner may take it for a dead writer's and remove
     it: the lock is then on a file no longer at that name, so try again under a new name.
     """
+    stem = _temporary_stem(path)
     for _ in range(8):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(_TOKEN_BYTES)}.tmp"
-        raw = open(tmp, "xb")  # noqa: SIM115 - closed by the caller
+        tmp = path.parent / f".{stem}.{secrets.token_hex(_TOKEN_BYTES)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        raw = open(fd, "wb")  # noqa: SIM115 - closed by the caller
         if fcntl is None:  # pragma: no cover - Windows: no cleaner removes others' files
             return raw, tmp
         fcntl.flock(raw.fileno(), fcntl.LOCK_EX)
@@ -109,6 +117,32 @@ def _locked_temporary(path: Path) -> tuple[IO[bytes], Path]:
             pass
         raw.close()
     raise OSError(f"could not create a temporary file next to {str(path)!r}")
+
+
+def _temporary_stem(path: Path) -> str:
+    """``path``'s name, or a short hash of it where the temporary name would be too long."""
+    try:
+        name_max = int(os.pathconf(path.parent, "PC_NAME_MAX"))
+    except (AttributeError, OSError, ValueError):
+        name_max = _NAME_MAX
+    suffix = 2 + 2 * _TOKEN_BYTES + len(".tmp")  # the leading dot, ".<token>", ".tmp"
+    if len(os.fsencode(path.name)) + suffix <= name_max:
+        return path.name
+    return hashlib.sha256(os.fsencode(path.name)).hexdigest()[:32]
+
+
+def _umask() -> int:
+    """The process's umask: from ``/proc`` where it is there, else set and put back at once."""
+    with (
+        contextlib.suppress(OSError, ValueError),
+        open("/proc/self/status", encoding="ascii", errors="replace") as status,
+    ):
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def _existing_mode(path: Path) -> int | None:
@@ -122,19 +156,29 @@ def _remove_stale_temporaries(path: Path) -> None:
     """Remove temporary files of writes to ``path`` whose writer is gone (each as big as a save)."""
     if fcntl is None:  # pragma: no cover - no way to tell a live writer's file: leave them
         return
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.tmp")
+    stem = re.escape(_temporary_stem(path))
+    pattern = re.compile(rf"\.{stem}\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.tmp")
     with contextlib.suppress(OSError):
         for entry in os.scandir(path.parent):
-            if pattern.fullmatch(entry.name):
+            if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                 _remove_if_abandoned(entry.path)
 
 
 def _remove_if_abandoned(name: str) -> None:
+    """Remove ``name`` if it is a regular file no writer holds locked.
+
+    Never blocks: opened without following links and non-blocking (a FIFO put there since the
+    directory was read would otherwise wait for a writer forever), and left alone unless what
+    was opened is a regular file.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(name, os.O_RDONLY)
+        fd = os.open(name, flags)
     except OSError:
         return
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a live writer holds it: OSError
         os.unlink(name)
     except OSError:

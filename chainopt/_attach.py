@@ -103,14 +103,20 @@ def parametrization_count(module: nn.Module, name: str = "weight") -> int:
 
 
 def residual_dtype(weight: torch.dtype, exact_merge: bool | None) -> torch.dtype | None:
-    """The merge residual's dtype for a weight of dtype ``weight`` (``None``: no residual)."""
+    """The merge residual's dtype for a weight of dtype ``weight`` (``None``: no residual).
+
+    Only half-precision weights get one, unless ``exact_merge=False``. A float32 or float64
+    weight's knot already is one rounding of ``W + s·B·A`` (summed in the weight's dtype), and a
+    residual in that dtype would hold ``exact - rounded`` computed in the same dtype: always 0.
+    So ``exact_merge=True`` allocates nothing there.
+    """
     if exact_merge is False:
         return None
     if weight == torch.bfloat16:
         return torch.bfloat16  # same exponent range as float32: enough for what rounding drops
     if weight == torch.float16:
         return torch.float32  # a float16 residual would be subnormal
-    return weight if exact_merge else None
+    return None
 
 
 def stock_forward(module: nn.Module) -> bool:
@@ -198,8 +204,12 @@ def detach(module: nn.Module) -> None:
 
     Whatever is pending in the link is *not* merged: merge first (see :mod:`chainopt.merge`).
     Other parametrizations stay. The module's parameters get back their registration order, so
-    ``state_dict()`` keys come in the order they had before :func:`attach`.
+    ``state_dict()`` keys come in the order they had before :func:`attach`. The link is marked
+    ``unloaded``: an optimizer holding it refuses to step on.
     """
+    link = lora_parametrization(module)
+    if link is not None:
+        link.unloaded = True
     if quantized_weight(module) is not None:
         detach_quantized(module)
     forward = lora_conv1d_forward if is_conv1d(module) else lora_linear_forward

@@ -14,6 +14,16 @@ chained model loads the merged weights (as a zero link on top), then the optimiz
 the originals and factors back. Inside :func:`saving_for_resume` the save writes the parametrized
 keys as they are. Torch only: nothing here imports transformers.
 
+A ``save_pretrained`` that takes no ``state_dict=`` (diffusers' ``ModelMixin``, whose pipelines
+save each component through it) reads ``model.state_dict()`` itself: the guard runs it inside
+:func:`saving_merged`, where a state-dict post-hook that every chained model gets
+(:func:`guard_state_dict_saves`) gives the merged plain keys. The same hook serves the saves
+that read ``model.state_dict()`` behind the chained model's back, each recognised by its code
+object on the call stack (``_DEPLOY_SAVES``): Accelerate's ``Accelerator.save_model``,
+Lightning's checkpoint dump (see :mod:`chainopt.integrations.lightning`), and the class
+``save_pretrained`` of a transformers or diffusers model that holds the chained one. Every other
+``model.state_dict()`` keeps the chain's own keys: it is what resumes training.
+
 Example:
     >>> from torch import nn
     >>> guard_save_pretrained(nn.Linear(2, 2))  # not a Hugging Face model: nothing to install
@@ -23,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -31,18 +42,38 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ._layers import find_adapted
 from ._marks import CLEARED_IS_QUANTIZED
+from ._marks import MERGED_SAVES as _MERGED_SAVES
+from ._marks import OWN_STATE as _OWN_STATE
 from ._marks import RESUME_SAVES as _RESUME_SAVES
-from .export import adapted_modules, mark_merged_save, merged_state_dict
+from ._marks import STATE_DICT_HOOK as _HOOK
+from .advice import ChainLoRAWarning
+from .export import adapted_modules, mark_merged_save, merged_state_dict, own_state_dict
+from .guard import NonFiniteUpdateError
 
 __all__ = [
     "ParametrizedCheckpointWarning",
     "accept_as_adapted",
     "guard_save_pretrained",
+    "guard_state_dict_saves",
     "prepare_hf_model",
     "saving_for_resume",
+    "saving_merged",
 ]
 
+_READY = "_chainopt_merged_ready"  # instance attribute: a merged dict computed for this save
+# Deploy saves of other libraries that read model.state_dict() themselves: (module, qualname).
+_DEPLOY_SAVES = (
+    ("accelerate.accelerator", "Accelerator.save_model", "accelerate"),
+    ("lightning.pytorch.trainer.connectors.checkpoint_connector",
+     "_CheckpointConnector.dump_checkpoint", "lightning"),
+    ("pytorch_lightning.trainer.connectors.checkpoint_connector",
+     "_CheckpointConnector.dump_checkpoint", "lightning"),
+    # save_pretrained of a model that holds the chained one (whose own is guarded)
+    ("transformers.modeling_utils", "PreTrainedModel.save_pretrained", "save_pretrained"),
+    ("diffusers.models.modeling_utils", "ModelMixin.save_pretrained", "save_pretrained"),
+)  # fmt: skip
 _PARAMETRIZED = ".parametrizations."
 
 
@@ -110,6 +141,145 @@ def saving_for_resume(model: nn.Module) -> Iterator[None]:
             model.__dict__.pop(_RESUME_SAVES, None)
 
 
+@contextmanager
+def merged_save(model: nn.Module) -> Iterator[None]:
+    """:func:`saving_merged` with the merged dict computed (and checked finite) on entering, so a
+    save that writes other files first (its config) writes nothing when a merge is not finite."""
+    guard_state_dict_saves(model)
+    model.__dict__[_READY] = merged_state_dict(model)
+    try:
+        with saving_merged(model):
+            yield
+    finally:
+        model.__dict__.pop(_READY, None)
+
+
+@contextmanager
+def saving_merged(model: nn.Module) -> Iterator[None]:
+    """Within this block, ``model.state_dict()`` holds the merged plain keys of a chained model.
+
+    For a library's save function that reads ``model.state_dict()`` itself and writes it as the
+    deployable model (``save_pretrained`` without ``state_dict=`` is run inside this block by the
+    guard; wrap any other such call yourself). The model must have been wrapped by a
+    ``ChainLoRAOptimizer`` (which installs :func:`guard_state_dict_saves`); a model without
+    links saves as it is. Blocks nest; :func:`saving_for_resume` inside wins.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` (on entering the block).
+        NonFiniteUpdateError: a merged weight would not be finite (at ``state_dict()``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0"], rank=2, knot_every=10)
+        >>> with saving_merged(model):
+        ...     sorted(model.state_dict())
+        ['0.bias', '0.weight']
+    """
+    _require_module(model)
+    depth = model.__dict__.get(_MERGED_SAVES, 0)
+    model.__dict__[_MERGED_SAVES] = depth + 1
+    try:
+        yield
+    finally:
+        if depth:
+            model.__dict__[_MERGED_SAVES] = depth
+        else:
+            model.__dict__.pop(_MERGED_SAVES, None)
+
+
+def guard_state_dict_saves(model: nn.Module) -> None:
+    """Install the state-dict post-hook behind :func:`saving_merged` on ``model`` (once).
+
+    It rewrites ``model.state_dict()`` to the merged plain keys inside :func:`saving_merged` and
+    inside Accelerate's ``Accelerator.save_model``; anywhere else it changes nothing.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
+    _require_module(model)
+    if _HOOK not in model.__dict__:
+        model.__dict__[_HOOK] = model.register_state_dict_post_hook(  # type: ignore[no-untyped-call]
+            _merged_state_dict_hook
+        )
+
+
+def _deploy_save() -> tuple[str, Any] | None:
+    """The known save of another library (``_DEPLOY_SAVES``) on the stack: its kind and frame."""
+    codes: dict[Any, str] = {}
+    for module_name, qualname, kind in _DEPLOY_SAVES:
+        owner: Any = sys.modules.get(module_name)
+        for part in qualname.split("."):
+            owner = getattr(owner, part, None)
+        code = getattr(owner, "__code__", None)
+        if code is not None:
+            codes[code] = kind
+    if not codes:
+        return None
+    frame = inspect.currentframe()
+    for _ in range(64):  # a few frames, and one per level the chained module is nested at
+        if frame is None:
+            return None
+        if frame.f_code in codes:
+            return codes[frame.f_code], frame
+        frame = frame.f_back
+    return None
+
+
+def _lightning_defers(frame: Any) -> bool:
+    """Lightning's checkpoint is left to ``ChainLoRACheckpoint`` when the trainer has one, and
+    as it is under a strategy whose state dict is not the module's own (FSDP, DeepSpeed)."""
+    trainer = getattr(frame.f_locals.get("self"), "trainer", None)
+    callbacks = getattr(trainer, "callbacks", None) or []
+    if any(type(c).__name__ == "ChainLoRACheckpoint" for c in callbacks):
+        return True
+    return bool(getattr(getattr(trainer, "strategy", None), "restore_checkpoint_after_setup", True))
+
+
+def _merged_state_dict_hook(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, _metadata: Any
+) -> None:
+    """State-dict post-hook: the merged plain keys replace the chain's, where a deploy save
+    reads them (see :func:`saving_merged`)."""
+    own = module.__dict__
+    if own.get(_OWN_STATE) or own.get(_RESUME_SAVES):
+        return
+    caller = None if own.get(_MERGED_SAVES) else _deploy_save()
+    if not own.get(_MERGED_SAVES) and caller is None:
+        return
+    if caller is not None and caller[0] == "lightning" and _lightning_defers(caller[1]):
+        return
+    records = find_adapted(module)
+    if not records:
+        return
+    kind = None if caller is None else caller[0]
+    quantized = any(r.quant is not None for r in records)
+    if kind == "lightning" and quantized:  # a 4-bit chain resumes from its own keys there
+        return
+    merged = own.get(_READY)
+    if merged is None:
+        try:  # a class's save_pretrained writes 4-bit layers as 4-bit: so does the merged dict
+            merged = merged_state_dict(module, keep_quantized=kind == "save_pretrained")
+        except NonFiniteUpdateError as err:
+            if caller is None or caller[0] != "lightning":
+                raise
+            warnings.warn(  # a training checkpoint: keep what resumes, do not stop training
+                f"the Lightning checkpoint keeps the chain's parametrized keys ({err})",
+                ChainLoRAWarning,
+                stacklevel=2,
+            )
+            return
+    for key in [k for k in state_dict if k.startswith(prefix)]:  # this module's, at the end
+        del state_dict[key]
+    for key, value in merged.items():
+        state_dict[prefix + key] = value
+    if caller is not None:  # the optimizer's next state_dict() carries the chain's own tensors
+        mark_merged_save(module)
+
+
 def _require_module(model: object) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -117,7 +287,7 @@ def _require_module(model: object) -> None:
 
 def _own(model: nn.Module, given: Mapping[str, Any]) -> bool:
     """``given`` holds the model's own parametrized tensors (its ``state_dict()``, a Trainer's)."""
-    mine = model.state_dict()
+    mine = own_state_dict(model)
     return all(
         isinstance(t, Tensor) and k in mine and t.data_ptr() == mine[k].data_ptr()
         for k, t in given.items()
@@ -136,6 +306,12 @@ def _merged_save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     quantizer = getattr(self, "hf_quantizer", None)
     if quantizer is not None:  # a quantized model saves what its quantizer says, not state_dict=
         return _save_quantized(self, save, bound, quantizer)
+    if "state_dict" not in inspect.signature(save).parameters:
+        # diffusers: save_pretrained reads self.state_dict(), which the hook merges in here
+        with merged_save(self):
+            result = save(*bound.args, **bound.kwargs)
+        mark_merged_save(self)
+        return result
     given = bound.arguments.get("state_dict")
     if given is not None and any(_PARAMETRIZED in f".{k}" for k in given):
         if not _own(self, given):
@@ -147,12 +323,29 @@ def _merged_save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
                 stacklevel=2,
             )
             return save(self, *args, **kwargs)
-        given = None
-    if given is None:
+        bound.arguments["state_dict"] = _merged_in(self, given)
+    elif given is None:
         bound.arguments["state_dict"] = merged_state_dict(self)
     result = save(*bound.args, **bound.kwargs)
     mark_merged_save(self)
     return result
+
+
+def _merged_in(model: nn.Module, given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` (the model's own tensors under chainopt's keys, as a caller chose and ordered
+    them) with each parametrized group replaced by its merged plain entry, every other entry
+    as given: the caller's selection and values are honoured."""
+    merged = merged_state_dict(model)
+    out: dict[str, Any] = {}
+    for key, value in given.items():
+        head, sep, tail = f".{key}".partition(_PARAMETRIZED)
+        if not sep:
+            out[key] = value
+            continue
+        plain = f"{head[1:]}.{tail.split('.')[0]}" if head[1:] else tail.split(".")[0]
+        if plain not in out and plain in merged:
+            out[plain] = merged[plain]
+    return out
 
 
 def _save_quantized(
@@ -195,7 +388,9 @@ def accept_as_adapted(model: nn.Module) -> None:
 
 
 def prepare_hf_model(model: nn.Module) -> None:
-    """What every Hugging Face model a chain wraps gets: the merged ``save_pretrained`` and, if
-    it is quantized, the Trainer's consent (:func:`accept_as_adapted`)."""
+    """What every model a chain wraps gets: the state-dict hook of deploy saves
+    (:func:`guard_state_dict_saves`); a Hugging Face one also the merged ``save_pretrained``
+    and, if it is quantized, the Trainer's consent (:func:`accept_as_adapted`)."""
+    guard_state_dict_saves(model)
     guard_save_pretrained(model)
     accept_as_adapted(model)

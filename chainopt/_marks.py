@@ -34,6 +34,10 @@ an instance ``save_pretrained``           ``_hf_save.guard_save_pretrained``
 ``__dict__[MERGED_SAVE]``                 ``export.mark_merged_save`` (a merged save)
 ``__dict__[RESUME_SAVES]``                ``_hf_save.saving_for_resume`` (only
                                           inside the block; also removed on leaving it)
+a ``state_dict`` post-hook, its handle    ``_hf_save.guard_state_dict_saves``
+in ``__dict__[STATE_DICT_HOOK]``          (construction)
+``__dict__[MERGED_SAVES]``                ``_hf_save.saving_merged`` (only
+                                          inside the block; also removed on leaving it)
 ========================================  ===============================================
 
 The Lightning callback's ``load_state_dict`` pre-hook is the callback's, removed by the
@@ -66,9 +70,12 @@ __all__ = [
     "LINK_NAME",
     "LOAD_GUARD",
     "MERGED_SAVE",
+    "MERGED_SAVES",
+    "OWN_STATE",
     "PARAMETER_ORDER",
     "QUANTIZED",
     "RESUME_SAVES",
+    "STATE_DICT_HOOK",
     "is_chainopt",
     "unmark",
 ]
@@ -85,6 +92,13 @@ MERGED_SAVE = "_chainopt_merged_save"
 """Instance flag: a save wrote merged weights without the chain's own tensors."""
 RESUME_SAVES = "_chainopt_resume_saves"
 """Instance attribute: how deep ``saving_for_resume`` blocks are nested."""
+OWN_STATE = "_chainopt_own_state"
+"""Instance flag, only while chainopt reads ``model.state_dict()`` itself: the chain's own keys,
+whatever save is on the stack (:func:`chainopt.export.own_state_dict`)."""
+STATE_DICT_HOOK = "_chainopt_state_dict_hook"
+"""Instance attribute of a chained model: the handle of its ``state_dict`` post-hook."""
+MERGED_SAVES = "_chainopt_merged_saves"
+"""Instance attribute: how deep ``saving_merged`` blocks are nested."""
 CLEARED_IS_QUANTIZED = "_chainopt_cleared_is_quantized"
 """Instance flag: chainopt set the HF model's ``is_quantized`` to ``False`` (Trainer's consent)."""
 
@@ -102,9 +116,10 @@ def unmark(model: nn.Module) -> None:
     Call it once no module carries a link any more (the links go with each record's
     ``unload()``). Marks that are not there are skipped.
     """
-    guard = model.__dict__.pop(LOAD_GUARD, None)
-    if guard is not None and callable(getattr(guard, "remove", None)):
-        guard.remove()
+    for key in (LOAD_GUARD, STATE_DICT_HOOK):
+        handle = model.__dict__.pop(key, None)
+        if handle is not None and callable(getattr(handle, "remove", None)):
+            handle.remove()
     save = model.__dict__.get("save_pretrained")
     if save is not None and is_chainopt(save):
         del model.__dict__["save_pretrained"]  # the class's save_pretrained again
@@ -112,5 +127,6 @@ def unmark(model: nn.Module) -> None:
         model.__dict__["is_quantized"] = True
     model.__dict__.pop(MERGED_SAVE, None)
     model.__dict__.pop(RESUME_SAVES, None)
+    model.__dict__.pop(MERGED_SAVES, None)
     for module in model.modules():
         remove_forward_hooks(module, is_chainopt)

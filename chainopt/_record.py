@@ -70,6 +70,7 @@ class Link(Factors, Protocol):
     """
 
     merge_residual: Tensor | None
+    unloaded: bool
 
     @property
     def in_features(self) -> int:
@@ -180,6 +181,13 @@ class ModuleRecord:
         if record is None:  # pragma: no cover - a chained module keeps its link
             raise ValueError(f"module {self.name!r} lost its chainopt link")
         return record
+
+    def attached(self) -> bool:
+        """Whether the module still carries this record's link (no unload removed it since)."""
+        if self.link.unloaded:
+            return False
+        found = self.builder.find(self.name, self.module)
+        return found is not None and found.link is self.link
 
     def unload(self) -> None:
         """Remove the link and every other mark from the module (merge first: nothing is)."""

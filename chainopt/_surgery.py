@@ -20,6 +20,9 @@ upgrade changes what it relies on:
 - :func:`restore_parameter_order`: ``parametrize`` moves a parametrized tensor to the end of the
   module's parameters; removing it puts it back where it was, so ``state_dict()`` order is kept.
 - ``torch._foreach_*``: batched in-place ops with no public spelling.
+- :func:`lr_scheduler_step_patch` / :func:`patch_step_for_lr_scheduler`: an LR scheduler
+  replaces ``optimizer.step`` on the instance by a wrapper holding a weak reference to that
+  optimizer (marked ``_wrapped_by_lr_sched``); a copy of the optimizer gets its own wrapper.
 
 Example:
     >>> import torch
@@ -31,9 +34,11 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Callable, Sequence
 from types import MethodType
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +53,9 @@ __all__ = [
     "init_optimizer_bookkeeping",
     "install_forward",
     "install_instance_forward",
+    "lr_scheduler_step_patch",
     "parameter_order",
+    "patch_step_for_lr_scheduler",
     "remove_forward_hooks",
     "remove_instance_forward",
     "remove_parametrizations",
@@ -73,6 +80,37 @@ def init_optimizer_bookkeeping(optimizer: Optimizer) -> None:
         if key not in SHARED_OPTIMIZER_ATTRIBUTES:
             optimizer.__dict__[key] = value
     optimizer._patch_step_function()
+
+
+def lr_scheduler_step_patch(value: object) -> Callable[..., Any] | None:
+    """The function an LR scheduler's instance-level ``step`` wrapper calls, or ``None``.
+
+    ``LRScheduler.__init__`` sets ``optimizer.step`` to a ``functools.wraps`` wrapper of the
+    class's ``step`` marked ``_wrapped_by_lr_sched`` (private) that calls it on a weakly
+    referenced optimizer: the one the scheduler was built on, never a copy of it.
+    """
+    if not getattr(value, "_wrapped_by_lr_sched", False):
+        return None
+    wrapped = getattr(value, "__wrapped__", None)
+    return wrapped if callable(wrapped) else None
+
+
+def patch_step_for_lr_scheduler(optimizer: Optimizer, func: Callable[..., Any]) -> None:
+    """Give ``optimizer`` the ``step`` wrapper an LR scheduler built on it would install.
+
+    The same as ``LRScheduler.__init__``'s: it records the call (``_opt_called``, which the
+    scheduler's "step order" warning reads) and runs ``func`` on ``optimizer`` (weakly held).
+    """
+    opt_ref = weakref.ref(optimizer)
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        opt = opt_ref()
+        opt._opt_called = True  # type: ignore[union-attr]
+        return func.__get__(opt, type(opt))(*args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    optimizer.__dict__["step"] = wrapper
 
 
 def in_parametrize_cache() -> bool:

@@ -9,16 +9,55 @@ about chains.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from types import MethodType
 from typing import Any
 
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._surgery import init_optimizer_bookkeeping
-from .advice import warn_frozen_parameters
+from ._surgery import (
+    init_optimizer_bookkeeping,
+    lr_scheduler_step_patch,
+    patch_step_for_lr_scheduler,
+)
+from .advice import ChainLoRAWarning, warn_frozen_parameters
 
-__all__ = ["WrappedOptimizer"]
+__all__ = ["WrappedOptimizer", "own_instance_patches"]
+
+
+def own_instance_patches(clone: Optimizer, original: Optimizer) -> None:
+    """Make the methods patched on ``original``'s instance act on ``clone``, a copy of it.
+
+    A copy takes the instance's attributes (a torch optimizer's own copy drops them), and with
+    them what other code set there in place of a method: an LR scheduler's ``step`` wrapper calls
+    the *original's* step through a weak reference (the copy would train the original, then fail
+    once it is collected), a method bound to the original (``copy.copy``) runs on the original.
+    On the copy, methods bound to the original are bound to the copy, an LR scheduler's wrapper
+    is built again for the copy (so a scheduler copied along keeps working), and any other
+    function patched over a method (a closure chainopt cannot see into) is left out, with a
+    :class:`~chainopt.ChainLoRAWarning`: the copy runs the class's method.
+    """
+    for name, value in list(original.__dict__.items()):
+        if name.startswith("__") or not callable(getattr(type(original), name, None)):
+            continue
+        if isinstance(value, MethodType):
+            if value.__self__ is original:
+                clone.__dict__[name] = MethodType(value.__func__, clone)
+            continue
+        func = lr_scheduler_step_patch(value) if name == "step" else None
+        if func is not None:
+            patch_step_for_lr_scheduler(clone, func)
+            continue
+        clone.__dict__.pop(name, None)
+        warnings.warn(
+            f"the copy of this {type(clone).__name__} does not keep {name!r}, which something "
+            f"patched on the original instance ({value!r}): it could act on the original; the "
+            f"copy runs the class's {name}, patch it again on the copy if needed",
+            ChainLoRAWarning,
+            stacklevel=3,
+        )
 
 
 class WrappedOptimizer(Optimizer):
@@ -107,4 +146,5 @@ class WrappedOptimizer(Optimizer):
     def __copy__(self) -> WrappedOptimizer:
         clone = type(self).__new__(type(self))
         clone.__dict__.update(self.__dict__)
+        own_instance_patches(clone, self)
         return clone

@@ -72,7 +72,8 @@ class ChainConfig:
         seed: seed of the factors' generator.
         factor_dtype: dtype of the factors (``None``: float32 for half-precision weights, the
             weight's dtype otherwise).
-        exact_merge: merge residuals (``None``: for half-precision weights).
+        exact_merge: merge residuals for half-precision weights (``None``: on; float32 and
+            float64 weights need none and never get one).
         keep_history: host copies of merged links are kept.
         reset: what a knot does to the factors' optimizer state.
         prune_ratio: fraction zeroed by ``reset="prune"``.

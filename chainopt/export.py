@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from ._attach import parametrization_count
 from ._layers import find_adapted
 from ._marks import MERGED_SAVE as _MERGED_SAVE
-from ._marks import unmark
+from ._marks import OWN_STATE, unmark
 from ._quant_backends import backend_for
 from ._record import ModuleRecord
 from ._validate import type_name
@@ -41,6 +42,7 @@ __all__ = [
     "adapted_modules",
     "merge_and_unload",
     "merged_state_dict",
+    "own_state_dict",
     "save_merged",
 ]  # the public names (chainopt re-exports them); the rest is internal
 
@@ -118,7 +120,7 @@ def merged_state_dict(
     if not isinstance(keep_quantized, bool):
         raise TypeError(f"keep_quantized must be a bool, got {keep_quantized!r}")
     adapted = {id(r.module) for r in records}
-    state = model.state_dict()
+    state = own_state_dict(model)
     groups: dict[str, dict[str, Tensor]] = {}  # first key of a group -> the entries it becomes
     owner: dict[str, str] = {}  # state-dict key -> its group
 
@@ -192,7 +194,9 @@ def save_merged(
         chain: the :class:`~chainopt.ChainLoRAOptimizer` (its ``model`` is saved) or the model.
         path: the directory to write.
         **save_kwargs: passed on to ``model.save_pretrained`` (``max_shard_size``, ``variant``,
-            ``is_main_process``, …); not ``state_dict``.
+            ``is_main_process``, …); not ``state_dict``. A ``save_pretrained`` that takes no
+            ``state_dict`` (diffusers') runs inside
+            :func:`~chainopt.saving_merged` instead.
 
     Returns:
         ``path`` as a ``Path``.
@@ -229,7 +233,14 @@ def save_merged(
             f"{type_name(model)} has no save_pretrained (not a Hugging Face model): save "
             "chainopt.merged_state_dict(model) with torch.save or safetensors instead"
         )
-    save(model, path, state_dict=merged_state_dict(model), **save_kwargs)
+    if "state_dict" in inspect.signature(save).parameters:
+        save(model, path, state_dict=merged_state_dict(model), **save_kwargs)
+        return Path(path)
+    # diffusers' save_pretrained takes no state_dict: it reads model.state_dict(), merged here
+    from ._hf_save import merged_save  # it imports this module
+
+    with merged_save(model):  # checks every merge first: nothing is written if one fails
+        save(model, path, **save_kwargs)
     return Path(path)
 
 
@@ -243,7 +254,23 @@ def chain_tensors(model: nn.Module) -> dict[str, Tensor]:
         f"{r.name}.parametrizations." if r.name else "parametrizations."
         for r in find_adapted(model)
     )
-    return {k: v for k, v in model.state_dict().items() if k.startswith(owned)} if owned else {}
+    if not owned:
+        return {}
+    return {k: v for k, v in own_state_dict(model).items() if k.startswith(owned)}
+
+
+def own_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with the chain's own keys, also where a deploy save is on the stack
+    (whose state-dict hook would give merged keys: :mod:`chainopt._hf_save`)."""
+    depth = model.__dict__.get(OWN_STATE, 0)
+    model.__dict__[OWN_STATE] = depth + 1
+    try:
+        return dict(model.state_dict())
+    finally:
+        if depth:
+            model.__dict__[OWN_STATE] = depth
+        else:
+            model.__dict__.pop(OWN_STATE, None)
 
 
 def mark_merged_save(model: nn.Module) -> None:

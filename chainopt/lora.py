@@ -72,6 +72,8 @@ class LoRAParametrization(nn.Module):
         merge_residual: optional buffer holding what rounding the frozen weight to its own dtype
             left out of the merged updates (kept for half-precision weights so that knots are
             exact; ``None`` otherwise), shaped like the weight.
+        unloaded: the link was removed from its module (:func:`~chainopt.merge_and_unload`):
+            an optimizer that still holds it must not merge it again.
 
     Args:
         out_features: rows of ``B·A``.
@@ -106,6 +108,7 @@ class LoRAParametrization(nn.Module):
         ranks: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        self.unloaded = False
         self.rank = rank
         self.alpha = float(alpha)
         self.scale = float(alpha) / rank

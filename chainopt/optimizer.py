@@ -43,7 +43,7 @@ from ._build import build_chain, drop_params, rebind
 from ._saved_state import chain_entry, check_saved_state, restore
 from ._schedule_free import KnotContext
 from ._validate import type_name
-from ._wrapper import WrappedOptimizer
+from ._wrapper import WrappedOptimizer, own_instance_patches
 from .advice import DtypeWatch
 from .config import CONFIG_ARGUMENTS, ChainConfig, NonFinitePolicy
 from .export import chain_tensors, merge_and_unload, merged_save_pending
@@ -82,7 +82,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             weight (the first group if none did), hyperparameters are kept.
         target_modules: which ``nn.Linear`` (or transformers ``Conv1D``) modules to adapt:
             PEFT-style name suffixes (``"q_proj"``), a compiled regex (full match on the
-            qualified name), a callable ``(name, module) -> bool``, or ``"all-linear"``.
+            qualified name), a callable ``(name, module) -> bool``, or ``"all-linear"`` (every
+            Linear but the output layer and a task model's fresh head, as PEFT takes them).
         rank: rank ``r`` of each link, or a list: link ``i`` has rank ``rank[i]`` and the last
             entry repeats (rank step-down, e.g. ``[8, 4]``; not under DDP).
         alpha: LoRA alpha; the scale of a link of rank ``r`` is ``s = alpha / r``.
@@ -102,7 +103,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             the weight's dtype otherwise.
         exact_merge: keep a merge residual so knots are exact in the weight's precision;
             ``None`` turns it on for bfloat16/float16 weights (one residual element per weight
-            element: bfloat16 for bfloat16 weights, float32 for float16 ones).
+            element: bfloat16 for bfloat16 weights, float32 for float16 ones). float32 and
+            float64 weights never get one: their knot is already one rounding.
         keep_history: keep float32 copies of every merged link in host memory
             (``opt.history``), so the chain can be exported exactly as one adapter from the
             optimizer alone; costs one link's factors of CPU memory per knot, none on an
@@ -218,7 +220,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         Raises:
             NonFiniteUpdateError: a knot is due and a link must not be merged (no weight changed).
         """
-        self._require_chain()
+        self._require_chain(full=self.schedule.is_due(self.optimizer_steps + 1))
         if self.chain.pending is not None:
             self.tie_knot()
         if closure is None:
@@ -232,7 +234,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
     def count_step(self) -> None:
         """Count an optimizer step the wrapped optimizer took outside :meth:`step` (an engine
         that steps it itself, such as DeepSpeed's), and tie a knot if one is due."""
-        self._require_chain()
+        self._require_chain(full=self.schedule.is_due(self.optimizer_steps + 1))
         self.optimizer_steps += 1
         merged_save_pending(self.model, clear=True)  # a later state_dict is of a later state
         if self.schedule.is_due(self.optimizer_steps):
@@ -254,9 +256,10 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         Raises:
             NonFiniteUpdateError: a link must not be merged and ``non_finite="raise"``; no weight,
                 factor or state was changed.
-            RuntimeError: ``merge_and_unload()`` was called.
+            RuntimeError: ``merge_and_unload()`` was called (the method, or the function on the
+                model), or the links were removed from the model otherwise; nothing was changed.
         """
-        self._require_chain()
+        self._require_chain(full=True)
         self._dtypes.check(self.chain.records)
         pending = self.chain.pending
         record = tie_knot(self.chain, pending.step if pending else self.optimizer_steps)
@@ -264,9 +267,25 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             hook(self, record)
         return record
 
-    def _require_chain(self) -> None:
-        if not self.chain.records:
+    def _require_chain(self, full: bool = False) -> None:
+        """Raise unless the model still carries this optimizer's links.
+
+        Every call reads each link's ``unloaded`` mark (what chainopt's unloading sets); ``full``
+        (before a knot) also checks that each module still holds its link (what removing
+        parametrizations by other means undoes).
+        """
+        records = self.chain.records
+        if not records:
             raise RuntimeError("merge_and_unload() was called: this optimizer has no chain left")
+        gone = [r.name for r in records if r.link.unloaded or (full and not r.attached())]
+        if gone:
+            raise RuntimeError(
+                f"the model no longer carries this optimizer's links ({len(gone)} of "
+                f"{len(records)} modules, first {gone[0]!r}): chainopt.merge_and_unload("
+                "model) or another removal of its parametrizations merged or dropped them; this "
+                "optimizer cannot step, tie a knot or merge again (nothing was changed). Build a "
+                "new ChainLoRAOptimizer on the model to train on"
+            )
 
     def _arm(self) -> None:
         # Gradients for init="gradient" are gathered on the step just before a knot.
@@ -404,6 +423,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         for key, value in self.__dict__.items():
             clone.__dict__[key] = copy.deepcopy(value, memo)
         clone._param_names = {id(p): n for n, p in clone.model.named_parameters()}
+        own_instance_patches(clone, self)  # a scheduler's step wrapper: the copy's own
+        own_instance_patches(clone._base, self._base)
         return clone
 
     def __getstate__(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -47,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._atomic import write_atomically
 from ._attach import is_conv1d, original, plist_of
 from ._dtensor import full_tensor
 from ._layers import find_adapted
@@ -142,7 +144,9 @@ def export_peft_adapter(
         TypeError: ``chain`` is not a :class:`~chainopt.ChainLoRAOptimizer`.
         ValueError: a bad ``rank``; knots were tied with ``keep_history=False`` or
             ``merge_and_unload()`` was called, and no ``base`` was given (or it lacks a weight,
-            or holds one of another shape). Nothing is written then.
+            or holds one of another shape); PEFT would refuse to load the adapter into the
+            model's architecture (Mamba's ``out_proj``, say: see :func:`_check_peft_loads`).
+            Nothing is written then.
         ImportError: ``safetensors`` is not installed.
     """
     if not isinstance(chain, ChainLoRAOptimizer):
@@ -158,7 +162,8 @@ def export_peft_adapter(
             f"base_model_name_or_path must be a str or None, got {base_model_name_or_path!r}"
         )
     history = chain.history
-    unloaded = not chain.adapted_modules()
+    chained = chain.chain.records  # none once unloaded by the optimizer; stale behind its back
+    unloaded = not chained or not all(r.attached() for r in chained)
     # The history holds every merged link unless it was off while knots were tied.
     from_history = not unloaded and (history.keep_factors or not len(history))
     if not from_history and base is None:
@@ -176,7 +181,7 @@ def export_peft_adapter(
     lora_bias = chain.config.lora_bias
     model = chain.model
     names = list(chain.config.modules)
-    records = {r.name: r for r in chain.chain.records}  # none once unloaded
+    records = {r.name: r for r in chained if r.attached()}  # none once unloaded
     if not unloaded:
         check = check_links(chain.chain.records)
         if check.bad:
@@ -185,7 +190,7 @@ def export_peft_adapter(
         None if from_history or base is None else _base_tensors(base, model, names, lora_bias)
     )
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save as safetensors_bytes
     except ImportError as err:
         raise ImportError(
             "export_peft_adapter writes safetensors: pip install safetensors"
@@ -255,13 +260,86 @@ def export_peft_adapter(
     if lora_bias:
         config["lora_bias"] = True  # PEFT >= 0.14: lora_B carries a bias
 
+    _check_peft_loads(model, config)
     out_dir = Path(path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # Like every file chainopt writes: atomically, 0600 until complete, an old file's mode kept.
+    weights = safetensors_bytes(tensors, metadata={"format": "pt"})
+    write_atomically(out_dir / WEIGHTS_NAME, lambda f: f.write(weights))
+    text = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    write_atomically(out_dir / CONFIG_NAME, lambda f: f.write(text))
     overall = math.sqrt(left_total / norm_total) if norm_total > 0 else 0.0
     chain_ranks = {name: b.shape[1] for name, (b, _a) in stacks.items()}
     return AdapterReport(out_dir, r, chain_ranks, errors, overall)
+
+
+# PEFT's own rule where peft is not installed to run it (peft.tuners.tuners_utils,
+# _check_lora_target_modules_mamba): LoRA on these modules of these model types is refused.
+_PEFT_REFUSED = {
+    ("falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"): {"out_proj", "conv1d"},
+}
+
+
+def _check_peft_loads(model: nn.Module, config: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` if PEFT would refuse to load an adapter of ``config`` into ``model``.
+
+    With peft installed this runs PEFT's own injection (``inject_adapter_in_model``, every check
+    its loader makes: per-family target rules, supported module types, the config itself) on a
+    meta-device instance of the model's class built from its config, so nothing is allocated
+    and the model is untouched. Without peft, or where no such instance can be built (a model
+    that is not a Hugging Face one, a class that takes more than its config), PEFT's per-family
+    rules (``_PEFT_REFUSED``) are applied by name.
+    """
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        _check_peft_rules(model, config)
+        return
+    fields = set(inspect.signature(LoraConfig).parameters)
+    try:
+        lora = LoraConfig(**{k: v for k, v in config.items() if k in fields})
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"PEFT refuses this adapter's config: {err} (nothing was written)"
+        ) from err
+    skeleton = _meta_instance(model)
+    if skeleton is None:
+        _check_peft_rules(model, config)
+        return
+    try:
+        inject_adapter_in_model(lora, skeleton)
+    except (ValueError, TypeError, KeyError, NotImplementedError) as err:
+        raise ValueError(
+            f"PEFT would not load this adapter into a {type_name(model)}: {err} (nothing was "
+            "written; leave those modules out of target_modules, or deploy the merged model "
+            "with chainopt.save_merged(opt, path))"
+        ) from err
+
+
+def _meta_instance(model: nn.Module) -> nn.Module | None:
+    """A meta-device instance of a Hugging Face model's class from its config, or ``None``."""
+    hf_config = getattr(model, "config", None)
+    if hf_config is None or not callable(getattr(type(model), "from_pretrained", None)):
+        return None
+    try:
+        with torch.device("meta"):
+            skeleton = type(model)(hf_config)
+    except Exception:  # a class chainopt cannot rebuild from its config: the rules by name
+        return None
+    return skeleton if isinstance(skeleton, nn.Module) else None
+
+
+def _check_peft_rules(model: nn.Module, config: Mapping[str, Any]) -> None:
+    """PEFT's per-family target rules (``_PEFT_REFUSED``), by name."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for types, refused in _PEFT_REFUSED.items():
+        bad = sorted(set(config["target_modules"]) & refused)
+        if model_type in types and bad:
+            raise ValueError(
+                f"PEFT refuses LoRA on {bad} of a {model_type!r} model, so it would not load "
+                "this adapter: leave them out of target_modules, or deploy the merged model "
+                "with chainopt.save_merged(opt, path); nothing was written"
+            )
 
 
 def _stack(record: ModuleRecord, history: ChainHistory) -> tuple[Tensor, Tensor]:

@@ -163,7 +163,8 @@ def resolve_master_weights(
 
     Raises:
         TypeError: ``source`` is neither a module nor a mapping.
-        ValueError: it lacks a quantized target's weight, or holds one of another shape.
+        ValueError: it lacks a quantized target's weight, or holds one of another shape, one
+            on the meta device (no data) or one with NaN/Inf; nothing is changed.
     """
     if source is None:
         return {}
@@ -189,6 +190,16 @@ def resolve_master_weights(
         if tuple(tensor.shape) != shape:
             raise ValueError(
                 f"master_weights[{key!r}] has shape {tuple(tensor.shape)}, the layer's is {shape}"
+            )
+        if tensor.device.type == "meta":
+            raise ValueError(
+                f"master_weights[{key!r}] (for module {name!r}) is on the meta device: it has no "
+                "data to start the master from; load the original weights first"
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"master_weights[{key!r}] (for module {name!r}) holds NaN or Inf: it cannot start "
+                "a master the knots merge into"
             )
         out[name] = tensor
     return out

@@ -37,8 +37,10 @@ ModuleSpec: TypeAlias = str | Sequence[str] | re.Pattern[str] | Callable[[str, n
 ``(name, module) -> bool``, or ``"all-linear"``."""
 
 ALL_LINEAR = "all-linear"
-"""PEFT's shortcut: every ``nn.Linear`` / ``Conv1D`` except the output layer and any module whose
-weight is shared with (tied to) another module."""
+"""PEFT's shortcut: every ``nn.Linear`` / ``Conv1D`` except the output layer, a task model's head
+(:func:`task_heads`) and any module whose weight is shared with (tied to) another module."""
+
+_TASK_MODEL = re.compile(r"For\w*(Classification|QuestionAnswering|MultipleChoice)$")
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -120,6 +122,28 @@ def output_layers(model: nn.Module) -> set[int]:
     return {id(out)} if isinstance(out, nn.Module) else set()
 
 
+def task_heads(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The task heads of a Hugging Face task model (``…ForSequenceClassification``, ``…ForToken
+    Classification``, ``…ForQuestionAnswering``, ``…ForMultipleChoice``): its children with
+    parameters other than the base model (``base_model_prefix``), such as ``score`` or
+    ``classifier``. They are freshly initialised for the task, so ``"all-linear"`` leaves them
+    out (PEFT does so for ``score``/``classifier`` of sequence classification); train them whole
+    with ``trainable_modules``. No heads for any other model.
+    """
+    prefix = getattr(model, "base_model_prefix", None)
+    if not _TASK_MODEL.search(type(model).__name__) or not isinstance(prefix, str):
+        return []
+    return [
+        (name, child)
+        for name, child in model.named_children()
+        if name != prefix and any(True for _ in child.parameters())
+    ]
+
+
+def _in_head(name: str, heads: list[tuple[str, nn.Module]]) -> str | None:
+    return next((h for h, _ in heads if name == h or name.startswith(f"{h}.")), None)
+
+
 def select_modules(
     model: nn.Module,
     spec: ModuleSpec,
@@ -129,11 +153,12 @@ def select_modules(
     """Return ``(qualified_name, module)`` for every module of ``model`` that ``spec`` matches.
 
     The root module (name ``""``) is never matched. Order is ``model.named_modules()`` order.
-    ``"all-linear"`` takes every Linear/Conv1D but the output layer, modules whose weight is
-    shared with another module, and ``exclude``.
+    ``"all-linear"`` takes every Linear/Conv1D but the output layer, a task model's heads,
+    modules whose weight is shared with another module, and ``exclude``.
     """
     if isinstance(spec, str) and spec == ALL_LINEAR:
-        skip = output_layers(model) | {id(m) for m in exclude}
+        heads = {id(m) for _, head in task_heads(model) for m in head.modules()}
+        skip = output_layers(model) | heads | {id(m) for m in exclude}
         shared = shared_parameters(model)
         return [
             (name, mod)
@@ -230,9 +255,17 @@ def choose_targets(
                 )
         limit = min(_features(module))
         if rank > limit:
+            head = _in_head(name, task_heads(model))
+            hint = (
+                f"; {name!r} is (in) the task head {head!r} of this {type_name(model)}, freshly "
+                f"initialised for the task: leave it out of target_modules and train it whole "
+                f"with trainable_modules=[{head!r}] ('{ALL_LINEAR}' leaves it out)"
+                if head is not None
+                else ""
+            )
             raise ValueError(
                 f"rank must be a positive int no larger than min(in_features, out_features)="
-                f"{limit} of {name!r}, got {rank}"
+                f"{limit} of {name!r}, got {rank}{hint}"
             )
     if lora_bias and all(getattr(m, "bias", None) is None for _, m in found):
         raise ValueError("lora_bias=True but none of the target modules has a bias")

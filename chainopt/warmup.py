@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Protocol
 
 from torch.optim import Optimizer
@@ -35,6 +36,20 @@ class _Scheduler(Protocol):
     def step(self) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+def _required_step_arguments(scheduler: object) -> list[str]:
+    """The arguments ``scheduler.step`` cannot be called without (none if not introspectable)."""
+    try:
+        signature = inspect.signature(scheduler.step)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return []
+    return [
+        name
+        for name, p in signature.parameters.items()
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
 
 
 class KnotWarmup:
@@ -51,7 +66,8 @@ class KnotWarmup:
 
     Raises:
         TypeError: ``optimizer`` is not a ChainLoRAOptimizer, or ``scheduler`` has no ``step``,
-            ``state_dict`` or ``load_state_dict``.
+            ``state_dict`` or ``load_state_dict``, or its ``step`` needs arguments
+            (``ReduceLROnPlateau``'s ``step(metrics)``: :meth:`step` calls it with none).
         ValueError: ``warmup_steps`` is not a positive int.
     """
 
@@ -69,6 +85,14 @@ class KnotWarmup:
             raise TypeError(
                 "scheduler must be an LR scheduler (step, state_dict, load_state_dict), got "
                 f"{type(scheduler).__name__} ({what})"
+            )
+        needs = _required_step_arguments(scheduler)
+        if needs:
+            raise TypeError(
+                f"scheduler must step without arguments (KnotWarmup.step() calls "
+                f"scheduler.step()), but {type(scheduler).__name__}.step needs {needs}; a "
+                "metric-driven scheduler such as ReduceLROnPlateau cannot be wrapped: step it "
+                "yourself and multiply the rates by KnotWarmup's factor()"
             )
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"warmup_steps must be a positive int, got {warmup_steps!r}")

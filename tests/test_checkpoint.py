@@ -334,6 +334,78 @@ def test_a_resave_keeps_the_files_mode(tmp_path: Path) -> None:
     assert (os.stat(path).st_mode & 0o777) == 0o600
 
 
+def test_the_new_weights_are_never_in_a_file_others_can_read(tmp_path: Path) -> None:
+    """The temporary file is 0600 while written; the new file then takes the old file's mode,
+    or the umask's for a new one."""
+    from chainopt._atomic import write_atomically
+
+    seen: list[int] = []
+
+    def write(f: Any) -> None:
+        seen.append(os.fstat(f.fileno()).st_mode & 0o777)
+        f.write(b"secret")
+
+    path = tmp_path / "ckpt.pt"
+    old = os.umask(0o027)
+    try:
+        write_atomically(path, write)
+        assert (os.stat(path).st_mode & 0o777) == 0o640  # 0666 & ~umask, as open() gives
+        os.chmod(path, 0o600)
+        write_atomically(path, write)
+    finally:
+        os.umask(old)
+    assert seen == [0o600, 0o600] and (os.stat(path).st_mode & 0o777) == 0o600
+
+
+def test_what_is_no_regular_file_under_a_temporary_name_is_never_opened_nor_removed(
+    tmp_path: Path,
+) -> None:
+    """A FIFO named like a stale temporary file used to block the save forever (in open())."""
+    import threading
+
+    path, model, opt = _saved(tmp_path)
+    fifo = tmp_path / ".ckpt.pt.0123456789ab.tmp"
+    os.mkfifo(fifo)
+    (tmp_path / ".ckpt.pt.0123456789ac.tmp").mkdir()
+    (tmp_path / "elsewhere").write_bytes(b"keep")
+    os.symlink(tmp_path / "elsewhere", tmp_path / ".ckpt.pt.0123456789ad.tmp")
+    done: list[bool] = []
+    saver = threading.Thread(target=lambda: done.append(bool(save_checkpoint(path, model, opt))))
+    saver.daemon = True
+    saver.start()
+    saver.join(20)
+    if saver.is_alive():  # release the blocked open() before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        saver.join(5)
+    assert done == [True]
+    assert _files(tmp_path) == [
+        ".ckpt.pt.0123456789ab.tmp",
+        ".ckpt.pt.0123456789ac.tmp",
+        ".ckpt.pt.0123456789ad.tmp",
+        "ckpt.pt",
+        "elsewhere",
+    ]
+    assert (tmp_path / "elsewhere").read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize("length", [236, 237, 238, 255])
+def test_a_file_name_of_any_legal_length_can_be_saved(tmp_path: Path, length: int) -> None:
+    """The temporary name is the file's own plus 18 bytes, or a short hash of it where that
+    would pass the file system's 255."""
+    from chainopt import _atomic
+
+    _, model, opt = _saved(tmp_path)
+    long = tmp_path / ("c" * (length - 3) + ".pt")
+    stem = _atomic._temporary_stem(long)
+    stale = tmp_path / f".{stem}.0123456789ab.tmp"
+    stale.write_bytes(b"torn")  # a killed writer's file: removed by the next save
+    save_checkpoint(long, model, opt, step=3)
+    assert _files(tmp_path) == sorted(["ckpt.pt", long.name])
+    model2, opt2, _ = _build()
+    assert load_checkpoint(long, model2, opt2)["step"] == 3 and opt2.optimizer_steps == 4
+    assert (stem == long.name) == (length <= 237)
+
+
 class _FillingFile:
     """A real file that runs out of space after ``room`` bytes, as a full disk does."""
 

@@ -4,7 +4,9 @@ links that must not merge (NaN/Inf, half-precision overflow) never reach a weigh
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
+import warnings
 from typing import Any
 
 import pytest
@@ -179,3 +181,36 @@ def test_a_knot_hook_must_be_callable() -> None:
     _model, opt = _chain()
     with pytest.raises(TypeError, match=r"hook must be callable .*42"):
         opt.register_knot_hook(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scheduled", ["wrapper", "base"])
+def test_a_deep_copy_of_a_scheduled_chain_trains_itself_after_the_original_is_gone(
+    scheduled: str,
+) -> None:
+    """An LR scheduler patches ``step`` on the instance with a weakref to that optimizer."""
+    model, opt = _chain()
+    target = opt if scheduled == "wrapper" else opt.optimizer
+    sched = torch.optim.lr_scheduler.StepLR(target, step_size=2, gamma=0.5)
+    twin_model, twin = _chain()
+    twin_sched = torch.optim.lr_scheduler.StepLR(
+        twin if scheduled == "wrapper" else twin.optimizer, step_size=2, gamma=0.5
+    )
+    _steps(model, opt, 2)
+    _steps(twin_model, twin, 2)
+    clone, clone_sched = copy.deepcopy((opt, sched))
+    _steps(clone.model, clone, 1)
+    assert (clone.optimizer_steps, opt.optimizer_steps) == (3, 2)  # the copy stepped itself
+    del opt, sched, model
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "lr_scheduler.step() before optimizer.step()"
+        for _ in range(4):
+            _steps(clone.model, clone, 1)
+            clone_sched.step()
+    for _ in range(5):
+        _steps(twin_model, twin, 1)
+        if twin.optimizer_steps > 3:
+            twin_sched.step()
+    a, b = snapshot(twin_model), snapshot(clone.model)
+    assert clone.knots_tied == twin.knots_tied == 2
+    assert all(torch.equal(a[k], b[k]) for k in a)  # trained exactly like an uncopied run

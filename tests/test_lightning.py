@@ -237,12 +237,26 @@ def test_parametrized_checkpoint_resumes_into_either_pattern(tmp_path: Path) -> 
     assert_resumed(reference, resumed)
 
 
-def test_without_the_callback_resuming_fails(tmp_path: Path) -> None:
-    """The documented reason for the callback: Lightning loads the weights, strictly, before
-    configure_optimizers() built the chain."""
-    fit(tmp_path, Tiny("configure"))
-    with pytest.raises(RuntimeError, match=r"(?s)Missing key.*net\.0\.weight.*Unexpected key"):
-        fit(tmp_path / "again", Tiny("configure"), ckpt_path=mid(tmp_path))
+@pytest.mark.parametrize("wrap", ["module", "net"])
+def test_without_the_callback_a_chain_in_configure_optimizers_resumes_bitwise(
+    tmp_path: Path, wrap: str
+) -> None:
+    """The natural pattern, no callback: it used to fail with torch's raw missing/unexpected-key
+    error (Lightning loads the weights, strictly, before configure_optimizers() builds the chain).
+    Lightning's checkpoint now holds the merged model and the chain's tensors travel with the
+    optimizer state, as ChainLoRACheckpoint writes them."""
+    reference = fit(tmp_path, Tiny("configure", wrap))
+    saved = torch.load(mid(tmp_path), weights_only=False)
+    assert not any(".parametrizations." in k for k in saved["state_dict"])
+    assert saved["optimizer_states"][0]["chainopt"]["model"]  # the originals and factors
+    resumed = fit(tmp_path / "again", Tiny("configure", wrap), ckpt_path=mid(tmp_path))
+    assert_resumed(reference, resumed)
+    x = DATA.tensors[0]
+    reference.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
+    for name in ("ckpts/last.ckpt", "weights.ckpt"):  # each loads as the fine-tuned model
+        loaded = Tiny.load_from_checkpoint(tmp_path / name, wrap=wrap)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), reference.lightning_module(x))
 
 
 def test_ckpt_path_last(tmp_path: Path) -> None:

@@ -563,3 +563,46 @@ def test_count_step_counts_a_step_taken_outside_and_ties_the_knot() -> None:
         opt.count_step()
         opt.zero_grad()
     assert (opt.optimizer_steps, opt.knots_tied) == (2, 1)
+
+
+def _unload_with_chainopt(model: nn.Module) -> None:
+    import chainopt
+
+    chainopt.merge_and_unload(model)
+
+
+def _unload_with_torch(model: nn.Module) -> None:
+    from torch.nn.utils import parametrize
+
+    for module in model.modules():  # what a generic "remove every parametrization" does
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations):  # type: ignore[union-attr]
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+
+
+@pytest.mark.parametrize("unload", [_unload_with_chainopt, _unload_with_torch])
+@pytest.mark.parametrize("entry", ["step", "tie_knot", "count_step"])
+def test_an_optimizer_whose_model_was_unloaded_refuses_before_changing_anything(
+    unload: Callable[[nn.Module], None], entry: str
+) -> None:
+    """Unloading the model behind the optimizer's back: the stale link never merges twice."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = _wrap(model, knot_every=3, lora_bias=True)
+    _train(model, opt, 2)  # the next step is a knot's; a link is pending
+    x = torch.randn(5, 12)
+    unload(model)
+    model.zero_grad()
+    before, out = snapshot(model), model(x)
+    steps, knots = opt.optimizer_steps, opt.knots_tied
+    with pytest.raises(RuntimeError, match="no longer carries this optimizer's links"):
+        if entry == "step":
+            opt.step()
+        elif entry == "count_step":
+            opt.count_step()
+        else:
+            opt.tie_knot()
+    after = snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(model(x), out)
+    assert (opt.optimizer_steps, opt.knots_tied) == (steps, knots)

@@ -15,7 +15,7 @@ from models import mlp, tiny_llama, tiny_opt
 from safetensors.torch import load_file
 from torch import nn
 
-from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError, export_peft_adapter
+from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError, export_peft_adapter, merge_and_unload
 from chainopt._attach import lora_parametrization
 
 IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(9))
@@ -231,10 +231,16 @@ def test_without_history_or_base_a_chain_with_knots_is_refused(
     assert not (tmp_path / "out").exists()
 
 
-def test_after_merge_and_unload_it_needs_the_base_and_then_is_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unload", ["optimizer", "function"])
+def test_after_merge_and_unload_it_needs_the_base_and_then_is_exact(
+    tmp_path: Path, unload: str
+) -> None:
     model = tiny_llama()
     opt = _train_lm(model, 3)  # one knot, then a pending link that merge_and_unload merges
-    opt.merge_and_unload()
+    if unload == "optimizer":
+        opt.merge_and_unload()
+    else:  # chainopt.merge_and_unload(model) behind the optimizer's back: the same export
+        merge_and_unload(model)
     expected = _logits(model.eval())
     with pytest.raises(ValueError, match=r"merge_and_unload.* Pass base="):
         export_peft_adapter(opt, tmp_path / "out")
@@ -360,3 +366,122 @@ def test_export_refuses_bad_bases_and_writes_nothing(
     with pytest.raises(TypeError, match=match):
         export_peft_adapter(opt, tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_export_that_runs_out_of_disk_leaves_the_previous_adapter_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adapter's files are written as every chainopt file: atomically, 0600 until whole."""
+    import errno
+    import os
+
+    import chainopt._atomic as atomic
+
+    model = tiny_llama()
+    opt = _train_lm(model, 3)
+    export_peft_adapter(opt, tmp_path / "out")
+    files = sorted((tmp_path / "out").iterdir())
+    before = {p.name: p.read_bytes() for p in files}
+    for p in files:
+        os.chmod(p, 0o600)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    opt.step()  # the re-export differs: a torn one could not pass for the old
+    real_open = open
+
+    class Full:
+        def __init__(self, f: Any) -> None:
+            self._f = f
+
+        def write(self, data: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._f, name)
+
+        def __enter__(self) -> Full:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._f.close()
+
+    monkeypatch.setattr(atomic, "open", lambda *a, **k: Full(real_open(*a, **k)), raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        export_peft_adapter(opt, tmp_path / "out")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    export_peft_adapter(opt, tmp_path / "out")
+    assert all((os.stat(p).st_mode & 0o777) == 0o600 for p in files)
+
+
+def _mamba(family: str) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "mamba2":
+        cfg = transformers.Mamba2Config(
+            vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2,
+            conv_kernel=2, num_heads=4, head_dim=8, n_groups=1, chunk_size=8,
+        )  # fmt: skip
+        return transformers.Mamba2ForCausalLM(cfg)
+    config_class = {"mamba": "MambaConfig", "falcon_mamba": "FalconMambaConfig"}[family]
+    model_class = {"mamba": "MambaForCausalLM", "falcon_mamba": "FalconMambaForCausalLM"}[family]
+    cfg = getattr(transformers, config_class)(
+        vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2, conv_kernel=2
+    )
+    return getattr(transformers, model_class)(cfg)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("peft_installed", [True, False])
+@pytest.mark.parametrize("family", ["mamba", "falcon_mamba", "mamba2"])
+def test_an_adapter_peft_would_refuse_to_load_is_not_written(
+    tmp_path: Path, family: str, peft_installed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PEFT refuses LoRA on a Mamba-family ``out_proj``: the export used to write it anyway."""
+    peft = pytest.importorskip("peft")
+    model = _mamba(family)
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters()), target_modules=["in_proj", "out_proj"],
+        rank=2, knot_every=2, keep_history=True,
+    )  # fmt: skip
+    if not peft_installed:  # then PEFT's per-family rule, as chainopt copies it
+        monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(ValueError, match=r"PEFT .*out_proj.*nothing was written"):
+        export_peft_adapter(opt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="out_proj"):  # what PEFT's loader says, for the record
+        peft.inject_adapter_in_model(
+            peft.LoraConfig(r=2, target_modules=["out_proj"]), _mamba(family)
+        )
+
+    model = _mamba(family)  # in_proj alone: written, and PEFT loads it as the model
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), target_modules=["in_proj"],
+        rank=2, knot_every=2, keep_history=True,
+    )  # fmt: skip
+    for _ in range(3):
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    export_peft_adapter(opt, tmp_path / "ok")
+    loaded = _peft(_mamba(family), tmp_path / "ok")
+    torch.testing.assert_close(_logits(loaded), _logits(model.eval()), rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_class_the_check_cannot_rebuild_is_checked_by_peft_rules_only(
+    tmp_path: Path,
+) -> None:
+    """The check builds a meta instance from the config; a class that takes more than its config
+    is no reason to refuse: PEFT's per-family rules apply by name, and this one is fine."""
+    from transformers import LlamaForCausalLM
+
+    class Extra(LlamaForCausalLM):  # type: ignore[misc]
+        def __init__(self, config: Any, extra: int) -> None:
+            super().__init__(config)
+            self.extra = extra
+
+    model = Extra(tiny_llama().config, extra=3)
+    opt = _train_lm(model, 3)
+    export_peft_adapter(opt, tmp_path / "out")
+    loaded = _peft(tiny_llama(), tmp_path / "out")
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists() and loaded is not None

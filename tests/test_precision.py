@@ -78,6 +78,8 @@ def test_ten_knots_on_half_precision_weights_lose_only_the_cast_once_floor(
         (torch.float16, None, torch.float32),
         (torch.bfloat16, False, None),
         (torch.float32, None, None),
+        (torch.float32, True, None),  # a float32 sum is one rounding: a residual stays 0
+        (torch.float64, True, None),
     ],
 )
 def test_what_exact_knots_cost(

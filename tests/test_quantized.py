@@ -236,3 +236,25 @@ def test_the_summary_reports_the_host_masters_bytes() -> None:
     _, model = _models()
     opt = _chain(model)
     assert opt.chain_summary().master_bytes == 2 * 64 * 64 * 4  # two 64x64 float32 masters
+
+
+@pytest.mark.parametrize("bad", ["meta", "nan", "inf"])
+def test_master_weights_without_data_or_finite_values_are_refused_at_construction(
+    bad: str,
+) -> None:
+    """Before: meta raised NotImplementedError mid-construction; NaN/Inf were accepted and the
+    first knot blamed the factors."""
+    dense, quantized = _models()
+    state = {k: v.clone() for k, v in dense.state_dict().items()}
+    if bad == "meta":
+        state["2.weight"] = torch.empty_like(state["2.weight"], device="meta")
+    else:
+        state["2.weight"][3, 5] = float(bad)
+    before = {
+        k: v.clone() for k, v in quantized.state_dict().items() if isinstance(v, torch.Tensor)
+    }
+    with pytest.raises(ValueError, match=r"master_weights\['2.weight'\] \(for module '2'\)"):
+        _chain(quantized, master_weights=state)
+    after = quantized.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert chainopt.adapted_modules(quantized) == []

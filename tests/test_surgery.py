@@ -16,7 +16,9 @@ from chainopt._surgery import (
     SHARED_OPTIMIZER_ATTRIBUTES,
     in_parametrize_cache,
     init_optimizer_bookkeeping,
+    lr_scheduler_step_patch,
     parameter_order,
+    patch_step_for_lr_scheduler,
     remove_forward_hooks,
     restore_parameter_order,
     set_shape_,
@@ -102,6 +104,22 @@ def test_parametrize_gives_each_module_its_own_class_that_a_deepcopy_shares() ->
 @pytest.mark.parametrize("name", ["_foreach_copy_", "_foreach_zero_"])
 def test_foreach_ops_exist(name: str) -> None:
     assert callable(getattr(torch, name))
+
+
+def test_an_lr_scheduler_patches_step_as_chainopt_reads_and_rebuilds_it() -> None:
+    """``LRScheduler.__init__`` puts a marked ``functools.wraps`` wrapper on the instance."""
+    lin = nn.Linear(2, 2)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    assert lr_scheduler_step_patch(opt.step) is None
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    func = lr_scheduler_step_patch(opt.__dict__["step"])
+    assert func is torch.optim.SGD.step
+    other = torch.optim.SGD(lin.parameters(), lr=0.1)
+    patch_step_for_lr_scheduler(other, func)
+    lin(torch.randn(3, 2)).sum().backward()
+    other.step()
+    assert other.__dict__["_opt_called"] is True and "_opt_called" not in opt.__dict__
+    assert lr_scheduler_step_patch(other.__dict__["step"]) is func
 
 
 def test_remove_forward_hooks_removes_only_the_chosen_hooks() -> None:

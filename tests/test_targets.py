@@ -135,3 +135,54 @@ def test_a_weight_in_a_dtype_chainopt_cannot_merge_into_is_refused(dtype: torch.
     model[0].weight = nn.Parameter(model[0].weight.detach().to(dtype), requires_grad=False)
     _refused(model, TypeError, rf"'0', a module whose weight is {dtype}.*chains over float32",
              target_modules=["0"])  # fmt: skip
+
+
+def _task_model(kind: str) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "llama-seq":
+        cfg = transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0,
+        )  # fmt: skip
+        return transformers.LlamaForSequenceClassification(cfg)
+    if kind == "gpt2-seq":
+        cfg = transformers.GPT2Config(
+            vocab_size=64, n_embd=32, n_layer=1, n_head=4, num_labels=3, pad_token_id=0
+        )
+        return transformers.GPT2ForSequenceClassification(cfg)
+    cfg = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_labels=3,
+    )  # fmt: skip
+    if kind == "bert-token":
+        return transformers.BertForTokenClassification(cfg)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+@pytest.mark.parametrize(
+    ("kind", "head"),
+    [("llama-seq", "score"), ("gpt2-seq", "score"), ("bert-seq", "classifier"),
+     ("bert-token", "classifier")],
+)  # fmt: skip
+def test_all_linear_leaves_a_task_models_fresh_head_out_and_a_rank_error_names_it(
+    kind: str, head: str
+) -> None:
+    """PEFT leaves the classification head out of "all-linear"; chainopt took it, and at a rank
+    above the label count the error said nothing about the head."""
+    model = _task_model(kind)
+    chosen = [name for name, _ in select_modules(model, "all-linear")]
+    assert chosen and not any(n == head or n.startswith(f"{head}.") for n in chosen)
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters()), target_modules="all-linear", rank=4,
+        knot_every=2, trainable_modules=[head],
+    )  # fmt: skip
+    assert opt.config.modules == tuple(chosen)  # rank 4 > 3 labels: no error, head trained whole
+    every_linear = _task_model(kind)
+    with pytest.raises(ValueError, match=rf"'{head}'.* task head '{head}'.*trainable_modules"):
+        ChainLoRAOptimizer(
+            every_linear, torch.optim.AdamW(every_linear.parameters()),
+            target_modules=lambda n, m: isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D",
+            rank=4, knot_every=2,
+        )  # fmt: skip

@@ -61,3 +61,19 @@ def test_bad_arguments() -> None:
         KnotWarmup(opt, opt, 2)  # type: ignore[arg-type]  # the optimizer, not its scheduler
     with pytest.raises(TypeError, match=r"got NoneType \(without \['step', 'state_dict'"):
         KnotWarmup(None, opt, 2)  # type: ignore[arg-type]
+
+
+def test_a_scheduler_whose_step_needs_a_metric_is_refused_at_construction() -> None:
+    """``ReduceLROnPlateau.step(metrics)``: accepted before, a TypeError at the first step."""
+    opt = _opt()
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    lrs = [g["lr"] for g in opt.param_groups]
+    with pytest.raises(
+        TypeError, match=r"scheduler must step without .*ReduceLROnPlateau.*\['metrics'\]"
+    ):
+        KnotWarmup(plateau, opt, 2)
+    assert [g["lr"] for g in opt.param_groups] == lrs
+    chainable = torch.optim.lr_scheduler.SequentialLR(  # steps without arguments: accepted
+        opt, [torch.optim.lr_scheduler.ConstantLR(opt, 0.5, total_iters=1)], milestones=[]
+    )
+    KnotWarmup(chainable, opt, 2).step()

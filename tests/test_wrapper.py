@@ -99,3 +99,28 @@ def test_a_shallow_copy_shares_the_base_and_its_hooks_dicts_are_its_own() -> Non
     other = Passthrough(base)
     assert copy.copy(opt).optimizer is base
     assert opt._optimizer_state_dict_pre_hooks is not other._optimizer_state_dict_pre_hooks
+
+
+class Counting(Passthrough):
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        self.steps = getattr(self, "steps", 0) + 1
+        return super().step(closure)
+
+
+def test_a_shallow_copy_steps_itself_not_the_original_an_lr_scheduler_patched() -> None:
+    lin = nn.Linear(3, 2)
+    opt = Counting(torch.optim.SGD(lin.parameters(), lr=0.1))
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)  # patches opt.step on the instance
+    shallow = copy.copy(opt)
+    lin(torch.randn(4, 3)).sum().backward()
+    shallow.step()
+    assert shallow.__dict__.get("steps") == 1 and "steps" not in opt.__dict__
+    assert shallow.__dict__.get("_opt_called") is True and "_opt_called" not in opt.__dict__
+
+
+def test_a_copy_leaves_out_a_patch_it_cannot_see_into_and_warns() -> None:
+    _, _, opt = _wrapped()
+    opt.zero_grad = lambda set_to_none=True: None  # type: ignore[method-assign]
+    with pytest.warns(ChainLoRAWarning, match="does not keep 'zero_grad'"):
+        shallow = copy.copy(opt)
+    assert "zero_grad" not in shallow.__dict__ and "zero_grad" in opt.__dict__

@@ -1,13 +1,19 @@
 """Lightning with a chain built in ``configure_optimizers()``.
 
 ``configure_optimizers()`` is where a Lightning module builds its optimizer, so it is where a
-:class:`~chainopt.ChainLoRAOptimizer` is built too. Training works as it is; resuming
-(``trainer.fit(model, ckpt_path=...)``) does not: Lightning loads the checkpoint's weights into
+:class:`~chainopt.ChainLoRAOptimizer` is built too. Lightning loads a checkpoint's weights into
 the module, strictly, *before* it calls ``configure_optimizers()``, when the module has no links
-yet, so the chain's keys (``….parametrizations.weight.original``, the factors) do not fit it.
+yet, so a checkpoint holding the chain's keys (``….parametrizations.weight.original``, the
+factors) does not fit it. So Lightning's own checkpoints of a chained module (``ModelCheckpoint``,
+``trainer.save_checkpoint``) hold the merged model, plain keys, and the chain's own tensors
+travel in its optimizer state, with or without a callback: chainopt's state-dict hook
+(``chainopt._hf_save.guard_state_dict_saves``) recognises Lightning's checkpoint
+dump, unless the trainer has a :class:`ChainLoRACheckpoint` (which then decides) or a strategy
+whose state dict is not the module's own (FSDP, DeepSpeed). Resuming such a checkpoint needs no
+callback either, and ``load_from_checkpoint`` gives the fine-tuned model.
 
-:class:`ChainLoRACheckpoint` makes that pattern resume bitwise, and makes Lightning checkpoints
-load as the fine-tuned model:
+With :class:`ChainLoRACheckpoint` among the trainer's callbacks, it decides what is saved (and
+can keep the parametrized keys) and resumes any checkpoint bitwise:
 
 - **Saving** (``merged=True``, the default): the checkpoint's ``"state_dict"`` holds the merged
   model, plain keys with every link merged (:func:`chainopt.merged_state_dict`), so
@@ -17,18 +23,17 @@ load as the fine-tuned model:
   :func:`chainopt.export.mark_merged_save`). Resuming such a checkpoint needs no callback: the
   plain keys load into the unchained module, ``configure_optimizers()`` builds the chain on top,
   and Lightning's load of the optimizer state puts the originals and factors back.
-- **Resuming** a checkpoint that holds the chain's parametrized keys (saved without this
-  callback, or with ``merged=False``): a ``load_state_dict`` pre-hook on the module sets the
+- **Resuming** a checkpoint that holds the chain's parametrized keys (``merged=False``, a
+  sharded strategy's, or an older chainopt's): a ``load_state_dict`` pre-hook on the module sets the
   chain's tensors aside and loads each frozen original under its plain key; ``on_fit_start``
   (after ``configure_optimizers()``, before Lightning restores the optimizer state) loads them
   into the now chained module.
 
 A module that builds its chain in ``__init__`` resumes bitwise with or without the callback.
-Lightning calls no callback when it writes a ``save_weights_only`` checkpoint: those keep the
-parametrized keys (and cannot resume training: they hold no optimizer state), and
-``load_from_checkpoint`` loads them only into a module that builds its chain in ``__init__``.
-Outside ``fit``, nothing builds the chain, so ``validate``/``test``/``predict`` refuse a
-parametrized checkpoint for an unchained module with a ``ValueError`` that says so.
+A ``save_weights_only`` checkpoint holds the merged model too (and cannot resume training: it
+holds no optimizer state). Outside ``fit``, nothing builds the chain, so with the callback
+``validate``/``test``/``predict`` refuse a parametrized checkpoint for an unchained module with a
+``ValueError`` that says so.
 
 Tested on one device; under DDP every rank runs the same hooks on the same state. Strategies
 that restore the checkpoint after ``configure_optimizers()`` (FSDP, DeepSpeed, model parallel)
