@@ -330,6 +330,8 @@ def accept_plain_keys(model: nn.Module, state_dict: dict[str, Any], prefix: str 
         parts: list[tuple[str, LoRAParametrization | BiasDelta]] = []
         if r.quant is None:  # a quantized layer's weight keeps its own (plain) key
             parts.append(("weight", r.link))
+        else:
+            _restart_quantized_link(r, state_dict, base)
         if r.delta is not None:
             parts.append(("bias", r.delta))
         for kind, part in parts:
@@ -346,11 +348,36 @@ def accept_plain_keys(model: nn.Module, state_dict: dict[str, Any], prefix: str 
                 )
 
 
+def _restart_quantized_link(r: AdaptedModule, state_dict: dict[str, Any], base: str) -> None:
+    """A quantized layer's weight without its link's keys: the link restarts at zero (A as it
+    is, B zero), as for a plain weight; the master follows the weight after the load."""
+    stem = f"{base}{LINK_NAME}."
+    if f"{base}weight" not in state_dict or any(
+        f"{stem}{name}" in state_dict for name, _ in r.link.named_parameters()
+    ):
+        return
+    for name, tensor in r.link.named_parameters():
+        restart = tensor.detach().clone() if name == "lora_A" else torch.zeros_like(tensor)
+        state_dict[f"{stem}{name}"] = restart
+    for name, buffer in r.link.named_buffers():
+        state_dict.setdefault(f"{stem}{name}", torch.zeros_like(buffer))
+
+
+_LOADING = "_chainopt_loading_weights"  # instance attribute: masters to settle after the load
+
+
 def _prepare_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """``load_state_dict`` pre-hook of a chained model: take plain keys, and check everything
     before anything is loaded."""
+    module.__dict__.pop(_LOADING, None)
     accept_plain_keys(module, state_dict, prefix)
     problems = check_incoming_state(module, state_dict, prefix)
+    if not problems:  # 4-bit weights this load writes: their masters follow after it
+        module.__dict__[_LOADING] = [
+            r.quant
+            for r in find_adapted(module)
+            if r.quant is not None and f"{prefix}{r.name}.weight" in state_dict
+        ]
     if not problems:  # 4-bit weights their own modules cannot load (adapted or not)
         for name, layer in _quantized_layers(module):
             backend = quantized_backend(layer)
@@ -372,8 +399,17 @@ def _quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 _GUARDED = "_chainopt_load_guard"
 
 
+def _finish_load(module: nn.Module, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook of a chained model: each 4-bit weight the load wrote and
+    its host master agree again (``QuantizedWeight.follow_loaded_weight``)."""
+    for quant in module.__dict__.pop(_LOADING, ()):
+        quant.follow_loaded_weight()
+
+
 def guard_loads(model: nn.Module) -> None:
-    """Make ``model.load_state_dict`` check a chained model's keys whole before loading any."""
+    """Make ``model.load_state_dict`` check a chained model's keys whole before loading any,
+    and keep each 4-bit weight's host master on what a load wrote into the weight."""
     if not model.__dict__.get(_GUARDED):
         model.register_load_state_dict_pre_hook(_prepare_load)  # type: ignore[no-untyped-call]
+        model.register_load_state_dict_post_hook(_finish_load)  # type: ignore[no-untyped-call]
         model.__dict__[_GUARDED] = True

@@ -159,6 +159,7 @@ def restore(chain: Chain, model: nn.Module, checked: CheckedState) -> None:
     for r in chain.records:
         if r.quant is not None and r.quant.master is not None:
             r.quant.master.copy_(checked.masters[r.name])
+            r.quant.restored = True  # a model load of the weights saved with it keeps it
     chain.knots_tied = checked.knots_tied
     chain.generator.set_state(checked.generator)
     chain.history.keep_factors, chain.history.knots = checked.history

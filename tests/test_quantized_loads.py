@@ -1,0 +1,179 @@
+"""Loads into a live 4-bit chain keep each host master and its 4-bit weight consistent.
+
+A chain over 4-bit weights keeps a float32 master per adapted layer (:mod:`chainopt.quantized`);
+a knot writes ``quantize(master)``. A load that replaces the 4-bit weight (a merged checkpoint,
+as ``load_best_model_at_end`` and any reload into a live chain do) must leave the master on the
+loaded weight and the link at zero, or the next knot writes the old weights back. Every backend:
+bitsandbytes NF4 and FP4 (double quantization on and off) and torchao NF4.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import chainopt
+from chainopt import ChainLoRAOptimizer
+
+bnb = pytest.importorskip("bitsandbytes")
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+X = torch.randn(6, 256, generator=torch.Generator().manual_seed(3))
+
+
+def _bnb(quant_type: str, nested: bool) -> Callable[[nn.Linear], nn.Module]:
+    def make(linear: nn.Linear) -> nn.Module:
+        layer = bnb.nn.Linear4bit(256, 256, bias=True, compute_dtype=torch.float32,
+                                  quant_type=quant_type, compress_statistics=nested)  # fmt: skip
+        weight = linear.weight.detach().clone()
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quant_type,
+                                         compress_statistics=nested)  # fmt: skip
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer.to("cpu")
+
+    return make
+
+
+def _torchao(linear: nn.Linear) -> nn.Module:
+    nf4 = pytest.importorskip("torchao.quantization").to_nf4
+    layer = nn.Linear(256, 256)
+    layer.weight = nn.Parameter(nf4(linear.weight.detach().clone()), requires_grad=False)
+    layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer
+
+
+BACKENDS = {
+    "bnb-nf4-nested": _bnb("nf4", True),
+    "bnb-nf4": _bnb("nf4", False),
+    "bnb-fp4-nested": _bnb("fp4", True),
+    "torchao-nf4": _torchao,
+}
+
+
+def _model(make: Callable[[nn.Linear], nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(make(nn.Linear(256, 256)), nn.Tanh(), make(nn.Linear(256, 256)),
+                         nn.Tanh(), nn.Linear(256, 4))  # fmt: skip
+
+
+def _chain(model: nn.Module, **kw: Any) -> ChainLoRAOptimizer:
+    kw = {"target_modules": ["0", "2"], "rank": 4, "alpha": 8, "knot_every": 3, "seed": 1, **kw}
+    return ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=3e-2), **kw)
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        x = torch.randn(8, 256, generator=gen)
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _out(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(X)
+
+
+def _rounded(layer: nn.Module, dense: torch.Tensor) -> torch.Tensor:
+    """``deq(quantize(dense))`` as the layer would store it."""
+    from chainopt._quant_backends import backend_for
+
+    backend = backend_for(layer)
+    assert backend is not None
+    return backend.rounded(layer, dense)
+
+
+def _weight(layer: nn.Module) -> torch.Tensor:
+    from chainopt._quant_backends import backend_for
+
+    backend = backend_for(layer)
+    assert backend is not None
+    return backend.dequantize(layer)
+
+
+def _assert_consistent(opt: ChainLoRAOptimizer) -> None:
+    """Every 4-bit weight is what its master rounds to, or (a master restarted from a loaded
+    weight, as at construction) the master is the weight dequantized."""
+    for r in opt.chain.records:
+        assert r.quant is not None and r.quant.master is not None
+        weight, master = _weight(r.module), r.quant.master
+        assert torch.equal(weight, master) or torch.equal(weight, _rounded(r.module, master)), (
+            r.name
+        )
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_merged_4bit_checkpoint_loaded_into_a_live_chain_moves_the_masters(
+    backend: str, strict: bool
+) -> None:
+    make = BACKENDS[backend]
+    model = _model(make)
+    opt = _chain(model)
+    _train(model, opt, 4)  # a knot, then a pending link
+    # what save_pretrained writes, and load_best_model_at_end loads back
+    checkpoint = chainopt.merged_state_dict(model, keep_quantized=True)
+    best = copy.deepcopy(model)
+    chainopt.merge_and_unload(best)  # the checkpoint's model, as stock layers
+    expected = _out(best)
+    _train(model, opt, 4)  # another knot: the live chain moves on
+    assert not torch.allclose(_out(model), expected)
+
+    model.load_state_dict(checkpoint, strict=strict)
+    assert torch.equal(_out(model), expected)  # the link restarted at zero
+    loaded = {}
+    for r in opt.chain.records:
+        assert not r.link.lora_B.any()
+        loaded[r.name] = _weight(r.module)
+        assert torch.equal(r.quant.master, loaded[r.name])  # type: ignore[union-attr]
+    opt.tie_knot()  # a knot of the zero link rounds the loaded weight once, not the old master
+    for r in opt.chain.records:
+        assert torch.equal(_weight(r.module), _rounded(r.module, loaded[r.name])), r.name
+    # (with double-quantized statistics quantize(deq(W)) is not bitwise W, as at the first knot
+    # after construction: 4e-4 at most here, against the 0.01-0.1 the live chain had moved)
+    torch.testing.assert_close(_out(model), expected, rtol=0, atol=1e-3)
+    _assert_consistent(opt)
+    _train(model, opt, 3)  # and training goes on from there, exact knots
+    _assert_consistent(opt)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_reloading_the_chain_own_state_keeps_the_masters(backend: str) -> None:
+    """A load that writes back the weight the master rounds to changes no master."""
+    model = _model(BACKENDS[backend])
+    opt = _chain(model)
+    _train(model, opt, 4)
+    masters = {r.name: r.quant.master.clone() for r in opt.chain.records}  # type: ignore[union-attr]
+    model.load_state_dict(model.state_dict())
+    for r in opt.chain.records:
+        assert torch.equal(r.quant.master, masters[r.name])  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("backend", ["bnb-nf4-nested", "torchao-nf4"])
+def test_load_checkpoint_with_the_optimizer_keeps_the_saved_masters(
+    backend: str, tmp_path: Any
+) -> None:
+    """``load_checkpoint`` loads the optimizer (masters) before the model: the model's load
+    must not replace the masters it came with, even where they are not what the weight rounds
+    from (a float ``master_weights=`` start)."""
+    make = BACKENDS[backend]
+    torch.manual_seed(0)
+    floats = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 256))
+    model = _model(make)
+    opt = _chain(model, master_weights=floats)
+    _train(model, opt, 2)  # before the first knot: masters are the float weights
+    chainopt.save_checkpoint(tmp_path / "c.pt", model, opt)
+    again = _model(make)
+    again_opt = _chain(again, master_weights=floats)
+    chainopt.load_checkpoint(tmp_path / "c.pt", again, again_opt)
+    for a, b in zip(opt.chain.records, again_opt.chain.records, strict=True):
+        assert torch.equal(a.quant.master, b.quant.master)  # type: ignore[union-attr]
+    _train(model, opt, 3)
+    _train(again, again_opt, 3)
+    torch.testing.assert_close(_out(again), _out(model), rtol=0, atol=0)
