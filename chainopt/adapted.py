@@ -58,6 +58,7 @@ __all__ = [
     "find_adapted",
     "guard_loads",
     "is_conv1d",
+    "loaded_plain_weights",
     "lora_parametrization",
     "original",
     "parametrization_count",
@@ -317,27 +318,39 @@ def check_incoming_state(
     return problems
 
 
-def accept_plain_keys(model: nn.Module, state_dict: dict[str, Any], prefix: str = "") -> None:
+def accept_plain_keys(
+    model: nn.Module, state_dict: dict[str, Any], prefix: str = ""
+) -> bool | None:
     """Let a plain checkpoint (``….weight``, as ``from_pretrained`` writes) load into a chain.
 
     For each adapted module whose plain weight (or bias) ``state_dict`` holds instead of the
     parametrized keys, the plain tensor becomes the frozen original and the link restarts at
     zero (A as it is, B, bias delta and residual zero): the model then computes exactly what the
-    checkpoint's model computes. Edits ``state_dict`` in place.
+    checkpoint's model computes. A 4-bit layer's weight without its link's keys restarts the
+    link the same way (its master follows the loaded weight after the load). Edits
+    ``state_dict`` in place.
+
+    Returns:
+        ``True`` when a plain tensor replaced a module's chain state (the chain's history then no
+        longer describes ``W - W₀``), ``False`` when ``state_dict`` holds every adapted module's
+        own link keys, ``None`` otherwise (a partial load).
     """
+    replaced, complete = False, True
     for r in find_adapted(model):
         base = f"{prefix}{r.name}." if r.name else prefix
+        complete = complete and f"{base}{r.link_prefix}lora_B" in state_dict
         parts: list[tuple[str, LoRAParametrization | BiasDelta]] = []
         if r.quant is None:  # a quantized layer's weight keeps its own (plain) key
             parts.append(("weight", r.link))
         else:
-            _restart_quantized_link(r, state_dict, base)
+            replaced = _restart_quantized_link(r, state_dict, base) or replaced
         if r.delta is not None:
             parts.append(("bias", r.delta))
         for kind, part in parts:
             plain, stem = base + kind, f"{base}parametrizations.{kind}."
             if plain not in state_dict or stem + "original" in state_dict:
                 continue
+            replaced = True
             state_dict[stem + "original"] = state_dict.pop(plain)
             for name, tensor in part.named_parameters():
                 restart = tensor.detach().clone() if name == "lora_A" else torch.zeros_like(tensor)
@@ -346,21 +359,33 @@ def accept_plain_keys(model: nn.Module, state_dict: dict[str, Any], prefix: str 
                 state_dict.setdefault(
                     f"{stem}0.merge_residual", torch.zeros_like(part.merge_residual)
                 )
+    return True if replaced else (False if complete else None)
 
 
-def _restart_quantized_link(r: AdaptedModule, state_dict: dict[str, Any], base: str) -> None:
+def _restart_quantized_link(r: AdaptedModule, state_dict: dict[str, Any], base: str) -> bool:
     """A quantized layer's weight without its link's keys: the link restarts at zero (A as it
     is, B zero), as for a plain weight; the master follows the weight after the load."""
     stem = f"{base}{LINK_NAME}."
     if f"{base}weight" not in state_dict or any(
         f"{stem}{name}" in state_dict for name, _ in r.link.named_parameters()
     ):
-        return
+        return False
     for name, tensor in r.link.named_parameters():
         restart = tensor.detach().clone() if name == "lora_A" else torch.zeros_like(tensor)
         state_dict[f"{stem}{name}"] = restart
     for name, buffer in r.link.named_buffers():
         state_dict.setdefault(f"{stem}{name}", torch.zeros_like(buffer))
+    return True
+
+
+_PLAIN = "_chainopt_plain_load"  # instance attribute: a plain checkpoint replaced chain state
+
+
+def loaded_plain_weights(model: nn.Module) -> bool:
+    """Whether a plain (merged) checkpoint was loaded into the chained ``model`` since its chain
+    state was last loaded whole: its frozen weights then hold that checkpoint's merged weights,
+    so the chain's history (the links merged since ``W₀``) no longer describes ``W - W₀``."""
+    return bool(model.__dict__.get(_PLAIN))
 
 
 _LOADING = "_chainopt_loading_weights"  # instance attribute: masters to settle after the load
@@ -370,14 +395,17 @@ def _prepare_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *a
     """``load_state_dict`` pre-hook of a chained model: take plain keys, and check everything
     before anything is loaded."""
     module.__dict__.pop(_LOADING, None)
-    accept_plain_keys(module, state_dict, prefix)
+    plain = accept_plain_keys(module, state_dict, prefix)
     problems = check_incoming_state(module, state_dict, prefix)
     if not problems:  # 4-bit weights this load writes: their masters follow after it
-        module.__dict__[_LOADING] = [
-            r.quant
-            for r in find_adapted(module)
-            if r.quant is not None and f"{prefix}{r.name}.weight" in state_dict
-        ]
+        module.__dict__[_LOADING] = (
+            plain,
+            [
+                r.quant
+                for r in find_adapted(module)
+                if r.quant is not None and f"{prefix}{r.name}.weight" in state_dict
+            ],
+        )
     if not problems:  # 4-bit weights their own modules cannot load (adapted or not)
         for name, layer in _quantized_layers(module):
             backend = quantized_backend(layer)
@@ -402,8 +430,13 @@ _GUARDED = "_chainopt_load_guard"
 def _finish_load(module: nn.Module, incompatible_keys: Any) -> None:
     """``load_state_dict`` post-hook of a chained model: each 4-bit weight the load wrote and
     its host master agree again (``QuantizedWeight.follow_loaded_weight``)."""
-    for quant in module.__dict__.pop(_LOADING, ()):
+    plain, quants = module.__dict__.pop(_LOADING, (None, ()))
+    for quant in quants:
         quant.follow_loaded_weight()
+    if plain:
+        module.__dict__[_PLAIN] = True
+    elif plain is False:
+        module.__dict__.pop(_PLAIN, None)
 
 
 def guard_loads(model: nn.Module) -> None:

@@ -55,6 +55,7 @@ from .adapted import (
     bias_delta,
     find_adapted,
     is_conv1d,
+    loaded_plain_weights,
     lora_parametrization,
     original,
 )
@@ -133,8 +134,9 @@ def export_peft_adapter(
             writes each module's best rank-``k`` approximation (see the report's errors).
         base: the original base model, or its state dict under plain keys
             (``"….q_proj.weight"``), as it was when the optimizer was built; needed once knots
-            were tied without history, or after ``merge_and_unload()``. Ignored while
-            ``opt.history`` holds every merged link.
+            were tied without history, after ``merge_and_unload()``, or after a plain (merged)
+            checkpoint was loaded into the chained model (``load_best_model_at_end`` without
+            the chain's optimizer state). Ignored while ``opt.history`` holds every merged link.
         task_type: PEFT's ``task_type``; ``"auto"`` infers it from the model class name
             (``…ForCausalLM`` → ``"CAUSAL_LM"``, …), ``None`` writes none.
         base_model_name_or_path: recorded in the config; default: the model's ``name_or_path``.
@@ -144,8 +146,9 @@ def export_peft_adapter(
 
     Raises:
         TypeError: ``chain`` is not a :class:`~chainopt.ChainLoRAOptimizer`.
-        ValueError: a bad ``rank``; knots were tied with ``keep_history=False`` or
-            ``merge_and_unload()`` was called, and no ``base`` was given (or it lacks a weight,
+        ValueError: a bad ``rank``; knots were tied with ``keep_history=False``,
+            ``merge_and_unload()`` was called or a plain checkpoint loaded, and no ``base`` was
+            given (or it lacks a weight,
             or holds one of another shape). Nothing is written then.
         ImportError: ``safetensors`` is not installed.
     """
@@ -164,11 +167,17 @@ def export_peft_adapter(
     history = chain.history
     unloaded = not chain.adapted_modules()
     # The history holds every merged link unless it was off while knots were tied.
-    from_history = not unloaded and (history.keep_factors or not len(history))
+    # A plain (merged) checkpoint loaded into the chain since: the history is not W - W0.
+    stale = not unloaded and loaded_plain_weights(chain.model)
+    from_history = not unloaded and not stale and (history.keep_factors or not len(history))
     if not from_history and base is None:
         why = (
             "merge_and_unload() was called: its link is not in opt.history"
             if unloaded
+            else "the model loaded a plain (merged) checkpoint after the chain was built (a "
+            "Trainer's load_best_model_at_end or resume without the chain's optimizer state?): "
+            "opt.history no longer describes its update W - W0"
+            if stale
             else f"this chain was built with keep_history=False and has tied {len(history)} "
             "knot(s): the merged links' factors were not kept"
         )

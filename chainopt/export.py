@@ -233,16 +233,24 @@ def save_merged(
 
 
 def chain_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """The chain's own entries of ``model.state_dict()``: frozen originals, factors, residuals.
+    """The chain's own entries of ``model.state_dict()``: frozen originals, factors, residuals;
+    for a 4-bit layer its link and its 4-bit weight with the quantization state (a merged
+    checkpoint holds ``quantize(master + link)`` there, not the weight the link sits on).
 
     What a merged (deployable) checkpoint lacks to resume a link exactly; keys as in
     ``model.state_dict()``, tensors by reference.
     """
-    owned = tuple(
-        f"{r.name}.parametrizations." if r.name else "parametrizations."
-        for r in find_adapted(model)
-    )
-    return {k: v for k, v in model.state_dict().items() if k.startswith(owned)} if owned else {}
+    owned: list[str] = []
+    for r in find_adapted(model):
+        base = f"{r.name}." if r.name else ""
+        if r.quant is None:
+            owned.append(f"{base}parametrizations.")
+        else:
+            owned += [f"{base}{r.link_prefix}", f"{base}weight"]
+    if not owned:
+        return {}
+    prefixes = tuple(owned)
+    return {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
 
 
 def mark_merged_save(model: nn.Module) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -177,3 +178,119 @@ def test_load_checkpoint_with_the_optimizer_keeps_the_saved_masters(
     _train(model, opt, 3)
     _train(again, again_opt, 3)
     torch.testing.assert_close(_out(again), _out(model), rtol=0, atol=0)
+
+
+# --- the HF Trainer: resume_from_checkpoint and load_best_model_at_end of a 4-bit chain ---
+
+
+class _Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    def __init__(self, n: int = 24) -> None:
+        self.ids = torch.randint(0, 64, (n, 10), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _llama_4bit(folder: Any) -> nn.Module:
+    """A tiny Llama as ``from_pretrained`` loads it in 4-bit (NF4, double quantization)."""
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4)  # fmt: skip
+        LlamaForCausalLM(cfg).save_pretrained(folder)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    return LlamaForCausalLM.from_pretrained(folder, device_map="cpu",
+                                            quantization_config=quantization)  # fmt: skip
+
+
+def _trainer(
+    model: nn.Module, out: Any, trainer_kw: dict[str, Any] | None = None, **kw: Any
+) -> tuple[ChainLoRAOptimizer, Any]:
+    from transformers import Trainer, TrainingArguments
+
+    from chainopt.integrations.transformers import ChainLoRACallback
+
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=3e-2),
+                             target_modules=["q_proj", "v_proj"], rank=4, alpha=8,
+                             knot_every=3, seed=5)  # fmt: skip
+    kw = {"max_steps": 6, "save_strategy": "steps", "save_steps": 4, **kw}
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, seed=1,
+                             report_to="none", use_cpu=True, disable_tqdm=True, **kw)  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), optimizers=(opt, None),
+                      callbacks=[ChainLoRACallback()], **(trainer_kw or {}))  # fmt: skip
+    return opt, trainer
+
+
+def _assert_same_chain(a: ChainLoRAOptimizer, b: ChainLoRAOptimizer) -> None:
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    for ra, rb in zip(a.chain.records, b.chain.records, strict=True):
+        assert torch.equal(ra.quant.master, rb.quant.master), ra.name  # type: ignore[union-attr]
+    oa, ob = a.state_dict(), b.state_dict()
+    for i, state in oa["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(ob["state"][i][key])), key
+    assert (a.optimizer_steps, a.knots_tied) == (b.optimizer_steps, b.knots_tied)
+    assert torch.equal(oa["chainopt"]["generator"], ob["chainopt"]["generator"])
+
+
+def test_trainer_resume_of_a_4bit_chain_mid_link_is_bitwise(tmp_path: Any) -> None:
+    pytest.importorskip("transformers")
+    opt, trainer = _trainer(_llama_4bit(tmp_path / "base"), tmp_path / "straight")
+    trainer.train()
+    assert (opt.optimizer_steps, opt.knots_tied) == (6, 2)
+    checkpoint = tmp_path / "straight" / "checkpoint-4"  # one knot tied, a link pending
+    resumed, trainer2 = _trainer(_llama_4bit(tmp_path / "base"), tmp_path / "resumed")
+    trainer2.train(resume_from_checkpoint=str(checkpoint))
+    _assert_same_chain(opt, resumed)
+
+
+@pytest.mark.parametrize("save_only_model", [False, True])
+def test_trainer_load_best_model_at_end_of_a_4bit_chain(
+    tmp_path: Any, save_only_model: bool
+) -> None:
+    """The best checkpoint's optimizer state brings the chain back (masters, links, 4-bit
+    weights, counters); without it (``save_only_model=True``) the callback warns, the links
+    restart at zero and each master follows its loaded 4-bit weight."""
+    from chainopt import ChainLoRAWarning
+
+    trainer: Any = None
+
+    def first(_: Any) -> dict[str, float]:  # makes checkpoint-2 the best one
+        return {"first": float(trainer.state.global_step == 2)}
+
+    opt, trainer = _trainer(_llama_4bit(tmp_path / "base"), tmp_path / "out",
+                            {"eval_dataset": _Tokens(4), "compute_metrics": first}, save_steps=2,
+                            eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                            metric_for_best_model="first", greater_is_better=True,
+                            save_only_model=save_only_model)  # fmt: skip
+    best = tmp_path / "out" / "checkpoint-2"
+    if save_only_model:
+        with pytest.warns(ChainLoRAWarning, match="holds no optimizer.pt"):
+            trainer.train()
+        assert opt.optimizer_steps == 6
+        for r in opt.chain.records:
+            assert not r.link.lora_B.any()
+            assert r.quant is not None and r.quant.master is not None
+            assert torch.equal(r.quant.master, _weight(r.module))
+        return
+    trainer.train()
+    assert Path(trainer.state.best_model_checkpoint) == best
+    saved = torch.load(best / "optimizer.pt", weights_only=True)["chainopt"]
+    assert (opt.optimizer_steps, opt.knots_tied) == (2, 0)
+    state = opt.model.state_dict()
+    for r in opt.chain.records:  # the pending link and the 4-bit weight it sits on
+        assert {f"{r.name}.chainopt_link.lora_B", f"{r.name}.weight"} <= set(saved["model"])
+    for key, value in saved["model"].items():
+        assert torch.equal(state[key], value), key
+    for r in opt.chain.records:
+        assert torch.equal(r.quant.master, saved["masters"][r.name])  # type: ignore[union-attr]
