@@ -14,7 +14,6 @@ Example:
     0
 """
 
-from .adapter import AdapterReport, export_peft_adapter
 from .advice import ChainLoRAWarning
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ChainConfig, NonFinitePolicy
@@ -30,6 +29,7 @@ from .integrations.hf_save import (
 )
 from .lora import BiasDelta, LoRAParametrization
 from .optimizer import ChainLoRAOptimizer, KnotHook, OptimizerSpec, on_wrap
+from .peft_export import AdapterReport, export_peft_adapter
 from .reset import ResetPolicy
 from .schedule import KnotSchedule
 from .summary import ChainSummary, ModuleSummary

@@ -20,7 +20,7 @@ from torch import nn
 
 import chainopt
 from chainopt import ChainLoRAOptimizer, ChainLoRAWarning
-from chainopt.adapter import export_peft_adapter
+from chainopt.peft_export import export_peft_adapter
 
 IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(9))
 

@@ -158,7 +158,7 @@ class ChainLoRACallback(TrainerCallback):
     (:func:`chainopt.integrations.hf_save.guard_save_pretrained`). With
     ``load_best_model_at_end``, ``on_train_end`` loads the best checkpoint's optimizer state
     into the chain, matching the model the Trainer loaded (the chain's own tensors, step and
-    knot counts, generator, history: what :func:`chainopt.adapter.export_peft_adapter` reads).
+    knot counts, generator, history: what :func:`chainopt.export_peft_adapter` reads).
     A resume from a checkpoint that holds no optimizer state (``save_only_model=True``) warns
     (:class:`~chainopt.ChainLoRAWarning`): the chain then restarts its schedule from the saved
     merged weights; so does ``load_best_model_at_end`` from such a checkpoint (the model is the
