@@ -388,8 +388,10 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         """Load what :meth:`state_dict` saved (load ``model.state_dict()`` too); all or nothing.
 
         Everything is checked first — the version, the config, the counters, the generator
-        state, the history, the wrapped optimizer's groups and per-parameter state shapes — then
-        loaded.
+        state (it must load into a scratch generator), the history (every factor fits its
+        module), the 4-bit masters (with data, finite), the wrapped optimizer's groups, and each
+        parameter's state against what the optimizer itself keeps for such a parameter (every
+        tensor a scratch copy of it holds after one step, in that shape) — then loaded.
 
         Raises:
             TypeError: ``state_dict`` is not a dict.
