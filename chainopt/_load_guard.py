@@ -35,9 +35,10 @@ from torch import Tensor, nn
 
 from ._attach import plist_of
 from ._layers import find_adapted
+from ._marks import LOAD_GUARD, LOAD_SETTLE, LOADING, PLAIN_LOAD
+from ._quant_backends import backend_for
 from ._record import Link, ModuleRecord
 from .lora import BiasDelta
-from .quantized import quantized_backend
 
 __all__ = ["accept_plain_keys", "check_incoming_state", "guard_loads", "loaded_plain_weights"]
 
@@ -146,25 +147,21 @@ def _restart_quantized_link(r: ModuleRecord, state_dict: dict[str, Any], base: s
     return True
 
 
-_PLAIN = "_chainopt_plain_load"  # instance attribute: a plain checkpoint replaced chain state
-_LOADING = "_chainopt_loading_weights"  # instance attribute: what to settle after the load
-
-
 def loaded_plain_weights(model: nn.Module) -> bool:
     """Whether a plain (merged) checkpoint was loaded into the chained ``model`` since its chain
     state was last loaded whole: its frozen weights then hold that checkpoint's merged weights,
     so the chain's history (the links merged since ``W₀``) no longer describes ``W - W₀``."""
-    return bool(model.__dict__.get(_PLAIN))
+    return bool(model.__dict__.get(PLAIN_LOAD))
 
 
 def _prepare_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """``load_state_dict`` pre-hook of a chained model: take plain keys, and check everything
     before anything is loaded."""
-    module.__dict__.pop(_LOADING, None)
+    module.__dict__.pop(LOADING, None)
     plain = accept_plain_keys(module, state_dict, prefix)
     problems = check_incoming_state(module, state_dict, prefix)
     if not problems:  # 4-bit weights this load writes: their masters follow after it
-        module.__dict__[_LOADING] = (
+        module.__dict__[LOADING] = (
             plain,
             [
                 r.quant
@@ -174,7 +171,7 @@ def _prepare_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *a
         )
     if not problems:  # 4-bit weights their own modules cannot load (adapted or not)
         for name, layer in _quantized_layers(module):
-            backend = quantized_backend(layer)
+            backend = backend_for(layer)
             if backend is not None:
                 backend.load_(
                     layer, state_dict, f"{prefix}{name}.weight" if name else f"{prefix}weight"
@@ -187,29 +184,28 @@ def _prepare_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *a
 
 
 def _quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if quantized_backend(m) is not None]
-
-
-_GUARDED = "_chainopt_load_guard"
+    return [(n, m) for n, m in model.named_modules() if backend_for(m) is not None]
 
 
 def _finish_load(module: nn.Module, incompatible_keys: Any) -> None:
     """``load_state_dict`` post-hook of a chained model: each 4-bit weight the load wrote and
     its host master agree again (``QuantizedWeight.follow_loaded_weight``), and the plain-load
     mark (:func:`loaded_plain_weights`) is set or cleared."""
-    plain, quants = module.__dict__.pop(_LOADING, (None, ()))
+    plain, quants = module.__dict__.pop(LOADING, (None, ()))
     for quant in quants:
         quant.follow_loaded_weight()
     if plain:
-        module.__dict__[_PLAIN] = True
+        module.__dict__[PLAIN_LOAD] = True
     elif plain is False:
-        module.__dict__.pop(_PLAIN, None)
+        module.__dict__.pop(PLAIN_LOAD, None)
 
 
 def guard_loads(model: nn.Module) -> None:
     """Make ``model.load_state_dict`` check a chained model's keys whole before loading any,
     and keep each 4-bit weight's host master on what a load wrote into the weight."""
-    if not model.__dict__.get(_GUARDED):
-        model.register_load_state_dict_pre_hook(_prepare_load)  # type: ignore[no-untyped-call]
-        model.register_load_state_dict_post_hook(_finish_load)  # type: ignore[no-untyped-call]
-        model.__dict__[_GUARDED] = True
+    if LOAD_GUARD not in model.__dict__:  # the handles: unloading removes the hooks (_marks)
+        handle = model.register_load_state_dict_pre_hook(_prepare_load)  # type: ignore[no-untyped-call]
+        model.__dict__[LOAD_GUARD] = handle
+    if LOAD_SETTLE not in model.__dict__:
+        settle = model.register_load_state_dict_post_hook(_finish_load)  # type: ignore[no-untyped-call]
+        model.__dict__[LOAD_SETTLE] = settle

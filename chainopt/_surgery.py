@@ -49,6 +49,7 @@ __all__ = [
     "install_forward",
     "install_instance_forward",
     "parameter_order",
+    "remove_forward_hooks",
     "remove_instance_forward",
     "remove_parametrizations",
     "restore_parameter_order",
@@ -116,6 +117,20 @@ def install_instance_forward(module: nn.Module, forward: Callable[..., Tensor]) 
 def remove_instance_forward(module: nn.Module) -> None:
     """Undo :func:`install_instance_forward`."""
     module.__dict__.pop("forward", None)
+
+
+def remove_forward_hooks(module: nn.Module, is_ours: Callable[[object], bool]) -> None:
+    """Remove the forward hooks of ``module`` for which ``is_ours(hook)`` holds.
+
+    Without the handles that registered them (a model unloaded by the function
+    ``merge_and_unload``, whose optimizer is gone) there is no public way to list them;
+    ``module._forward_hooks`` is the registry ``register_forward_hook`` fills.
+    """
+    hooks = module._forward_hooks
+    for key in [k for k, hook in hooks.items() if is_ours(hook)]:
+        del hooks[key]
+        module._forward_hooks_with_kwargs.pop(key, None)
+        module._forward_hooks_always_called.pop(key, None)
 
 
 def install_forward(module: nn.Module, forward: Callable[..., Tensor]) -> None:

@@ -59,7 +59,7 @@ from .lora import restart_links
 from .merge import merge_
 from .reset import StateReset
 
-__all__ = ["Chain", "OnBadLinks", "resolve_non_finite", "tie_knot"]
+__all__: list[str] = []  # the public names (chainopt re-exports them); the rest is internal
 
 OnBadLinks = Callable[[LinkCheck, str], None]
 """Called with the check and ``"knot N (optimizer step S)"`` when some links must not merge."""
@@ -227,6 +227,6 @@ def _restart(chain: Chain, attempt: _Attempt) -> None:
     for link in links:
         link.resize_(attempt.rank)
     restart_links(links, chain.generator, attempt.new_a)
-    for r in chain.records:
+    for r in attempt.bad:  # a merged link's bias delta was zeroed right after its merge
         if r.delta is not None:
             r.delta.reset_parameters()

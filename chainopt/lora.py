@@ -31,13 +31,8 @@ from ._surgery import foreach_copy_, foreach_zero_, in_parametrize_cache, set_sh
 
 __all__ = [
     "BiasDelta",
-    "Factors",
     "LoRAParametrization",
-    "lora_conv1d_forward",
-    "lora_linear_forward",
-    "lora_quantized_forward",
-    "restart_links",
-]
+]  # the public names (chainopt re-exports them); the rest is internal
 
 
 class Factors(Protocol):

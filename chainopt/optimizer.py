@@ -55,7 +55,7 @@ from .reset import ResetPolicy
 from .summary import ChainSummary, summarize
 from .targets import ModuleSpec
 
-__all__ = ["ChainLoRAOptimizer", "KnotHook", "OptimizerSpec", "on_wrap"]
+__all__ = ["ChainLoRAOptimizer", "KnotHook", "OptimizerSpec"]
 
 OptimizerSpec: TypeAlias = Optimizer | Callable[[list[nn.Parameter]], Optimizer]
 """An optimizer built over the model's parameters, or a factory ``params -> Optimizer``."""
@@ -63,14 +63,7 @@ OptimizerSpec: TypeAlias = Optimizer | Callable[[list[nn.Parameter]], Optimizer]
 KnotHook: TypeAlias = Callable[["ChainLoRAOptimizer", KnotRecord], None]
 """Called after each knot with the optimizer and the knot's :class:`~chainopt.KnotRecord`."""
 
-_WRAP_HOOKS: list[Callable[[nn.Module], object]] = []
 _STATE_VERSION = 2
-
-
-def on_wrap(hook: Callable[[nn.Module], object]) -> None:
-    """Call ``hook(model)`` whenever a ChainLoRAOptimizer has wrapped a model (integrations)."""
-    if hook not in _WRAP_HOOKS:
-        _WRAP_HOOKS.append(hook)
 
 
 class ChainLoRAOptimizer(WrappedOptimizer):
@@ -180,8 +173,6 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         self._dtypes = DtypeWatch(self.chain.records)
         self._param_names = {id(p): n for n, p in model.named_parameters()}
         super().__init__(self.chain.optimizer)
-        for hook in _WRAP_HOOKS:
-            hook(model)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients through the wrapped optimizer.

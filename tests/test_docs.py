@@ -50,3 +50,10 @@ def test_the_qlora_page_runs_where_bitsandbytes_dequantizes(
     modules = pytest.importorskip("bitsandbytes.nn.modules")
     monkeypatch.setattr(modules, "has_avx512bf16", lambda: False)
     test_page_code_runs(ROOT / "docs" / "qlora.md", tmp_path, monkeypatch)
+
+
+def test_readmes_layout_map_names_every_module() -> None:
+    """README's map of the package lists every module, so a reader finds each file there."""
+    text = (ROOT / "README.md").read_text()
+    modules = sorted(p.name for p in (ROOT / "chainopt").rglob("*.py"))
+    assert [m for m in modules if f"`{m}`" not in text and f"/{m}`" not in text] == []
