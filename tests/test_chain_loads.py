@@ -156,3 +156,13 @@ def test_load_best_model_at_end_with_the_optimizer_state_restores_the_chain_sile
     assert opt.optimizer_steps == 2 and opt.knots_tied == 0 and len(opt.history) == 0
     export_peft_adapter(opt, tmp_path / "adapter")  # from the history: it describes the model
     torch.testing.assert_close(_served(tmp_path / "adapter"), at_step[0], rtol=1e-4, atol=1e-4)
+
+
+def test_unloading_after_a_plain_load_leaves_no_load_hook_or_flag() -> None:
+    model = tiny_llama()
+    opt = _chain(model)
+    _train(model, opt, 2)
+    model.load_state_dict(chainopt.merged_state_dict(model))
+    chainopt.merge_and_unload(model)
+    assert not [k for k in vars(model) if "chainopt" in k]
+    assert not model._load_state_dict_pre_hooks and not model._load_state_dict_post_hooks
