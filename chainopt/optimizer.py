@@ -235,6 +235,9 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         self._require_chain()
         self.optimizer_steps += 1
         merged_save_pending(self.model, clear=True)  # a later state_dict is of a later state
+        for r in self.chain.records:  # masters restored with a state: only the next model load
+            if r.quant is not None:  # of that state's weights may keep them
+                r.quant.restored = False
         if self.schedule.is_due(self.optimizer_steps):
             self.tie_knot()
         self._arm()

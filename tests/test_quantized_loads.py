@@ -180,6 +180,23 @@ def test_load_checkpoint_with_the_optimizer_keeps_the_saved_masters(
     torch.testing.assert_close(_out(again), _out(model), rtol=0, atol=0)
 
 
+def test_masters_restored_with_an_optimizer_state_are_kept_only_until_the_next_step() -> None:
+    """``load_state_dict`` of the optimizer marks its masters as the saved ones for the model
+    load that completes the pair; after a step, a model load of other weights moves them."""
+    make = BACKENDS["bnb-nf4-nested"]
+    model = _model(make)
+    opt = _chain(model)
+    _train(model, opt, 4)
+    other = chainopt.merged_state_dict(model, keep_quantized=True)
+    state = copy.deepcopy(opt.state_dict())
+    _train(model, opt, 3)  # a knot: the weights move on
+    opt.load_state_dict(state)
+    _train(model, opt, 1)  # no knot, but a step since the restore
+    model.load_state_dict(other)
+    for r in opt.chain.records:
+        assert torch.equal(r.quant.master, _weight(r.module))  # type: ignore[union-attr]
+
+
 # --- the HF Trainer: resume_from_checkpoint and load_best_model_at_end of a 4-bit chain ---
 
 
