@@ -158,13 +158,21 @@ def _prepare_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *a
     """``load_state_dict`` pre-hook of a chained model: take plain keys, and check everything
     before anything is loaded."""
     module.__dict__.pop(LOADING, None)
+    restarted = {
+        id(r.module)
+        for r in find_adapted(module)
+        if r.quant is not None
+        and f"{prefix}{r.name}.weight" in state_dict
+        and f"{prefix}{r.name}.{r.link_prefix}lora_B" not in state_dict
+    }
     plain = accept_plain_keys(module, state_dict, prefix)
-    problems = check_incoming_state(module, state_dict, prefix)
+    dense, problems = _quantize_dense_weights(module, state_dict, prefix)
+    problems += check_incoming_state(module, state_dict, prefix)
     if not problems:  # 4-bit weights this load writes: their masters follow after it
         module.__dict__[LOADING] = (
             plain,
             [
-                r.quant
+                (r.quant, dense.get(id(r.module)), id(r.module) in restarted)
                 for r in find_adapted(module)
                 if r.quant is not None and f"{prefix}{r.name}.weight" in state_dict
             ],
@@ -183,6 +191,45 @@ def _prepare_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *a
         )
 
 
+def _quantize_dense_weights(
+    model: nn.Module, state_dict: dict[str, Any], prefix: str
+) -> tuple[dict[int, Tensor], list[str]]:
+    """A dense float weight ``(out, in)`` for a 4-bit layer (what ``save_pretrained`` of a chain
+    over layers quantized by hand writes: the merged model): quantized once into the layer's own
+    format in ``state_dict``, so that it loads as the layer's weight. Returns the dense weights
+    by ``id`` of the layer (an adapted layer's master becomes it) and the problems (no data,
+    NaN or Inf). Changes no module."""
+    dense: dict[int, Tensor] = {}
+    problems: list[str] = []
+    for name, layer in _quantized_layers(model):
+        key = f"{prefix}{name}.weight" if name else f"{prefix}weight"
+        tensor = state_dict.get(key)
+        shape = (getattr(layer, "out_features", None), getattr(layer, "in_features", None))
+        if not (
+            isinstance(tensor, Tensor)
+            and tensor.is_floating_point()
+            and tuple(tensor.shape) == shape
+            and not _quantized_format(layer, tensor)
+        ):
+            continue
+        if tensor.is_meta or not bool(torch.isfinite(tensor).all()):
+            problems.append(f"{key!r} is a dense weight without data or with NaN/Inf")
+            continue
+        backend = backend_for(layer)
+        assert backend is not None  # a quantized layer
+        entries = backend.serialize(layer, tensor.detach())
+        base = key[: -len("weight")]
+        for k, v in entries.items():
+            state_dict[f"{base}{k}"] = v
+        dense[id(layer)] = tensor.detach().to("cpu", torch.float32, copy=True)
+    return dense, problems
+
+
+def _quantized_format(layer: nn.Module, tensor: Tensor) -> bool:
+    """``tensor`` is already a quantized weight: a tensor subclass (a torchao ``NF4Tensor``)."""
+    return type(tensor) not in (Tensor, nn.Parameter)
+
+
 def _quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if backend_for(m) is not None]
 
@@ -192,8 +239,8 @@ def _finish_load(module: nn.Module, incompatible_keys: Any) -> None:
     its host master agree again (``QuantizedWeight.follow_loaded_weight``), and the plain-load
     mark (:func:`loaded_plain_weights`) is set or cleared."""
     plain, quants = module.__dict__.pop(LOADING, (None, ()))
-    for quant in quants:
-        quant.follow_loaded_weight()
+    for quant, dense, restarted in quants:
+        quant.follow_loaded_weight(dense, restarted)
     if plain:
         module.__dict__[PLAIN_LOAD] = True
     elif plain is False:

@@ -248,6 +248,10 @@ def chain_tensors(model: nn.Module) -> dict[str, Tensor]:
         owned.append(f"{base}parametrizations." if r.quant is None else f"{base}weight")
     if not owned:
         return {}
+    if getattr(model, "hf_quantizer", None) is None:  # a merged save writes every 4-bit layer
+        owned += [  # dense (no quantizer to save it 4-bit): keep their 4-bit weights exactly
+            f"{n}.weight" if n else "weight" for n, m in model.named_modules() if backend_for(m)
+        ]
     prefixes = tuple(owned)
     return {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
 

@@ -29,8 +29,9 @@ X = torch.randn(6, 256, generator=torch.Generator().manual_seed(3))
 
 def _bnb(quant_type: str, nested: bool) -> Callable[[nn.Linear], nn.Module]:
     def make(linear: nn.Linear) -> nn.Module:
-        layer = bnb.nn.Linear4bit(256, 256, bias=True, compute_dtype=torch.float32,
-                                  quant_type=quant_type, compress_statistics=nested)  # fmt: skip
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=True,
+                                  compute_dtype=torch.float32, quant_type=quant_type,
+                                  compress_statistics=nested)  # fmt: skip
         weight = linear.weight.detach().clone()
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quant_type,
                                          compress_statistics=nested)  # fmt: skip
@@ -269,6 +270,64 @@ def test_trainer_resume_of_a_4bit_chain_mid_link_is_bitwise(tmp_path: Any) -> No
     resumed, trainer2 = _trainer(_llama_4bit(tmp_path / "base"), tmp_path / "resumed")
     trainer2.train(resume_from_checkpoint=str(checkpoint))
     _assert_same_chain(opt, resumed)
+
+
+def _llama_quantized_by_hand() -> nn.Module:
+    """A tiny Llama whose decoder Linears a user replaced by ``Linear4bit`` (no HF quantizer:
+    ``save_pretrained`` writes the merged model dense)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4))  # fmt: skip
+    make = _bnb("nf4", True)
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and ".layers." in f".{name}":
+            lin = nn.Linear(module.in_features, module.out_features)
+            lin.weight = module.weight
+            layer = make(lin)
+            layer.bias = None
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+    return model
+
+
+def test_trainer_resume_of_a_chain_over_layers_quantized_by_hand_is_bitwise(
+    tmp_path: Any,
+) -> None:
+    """Its checkpoints hold the merged model dense; loading one quantizes each dense weight once
+    into its 4-bit layer (an adapted layer's master becomes the dense weight), and the
+    optimizer state puts every 4-bit weight back exactly."""
+    pytest.importorskip("transformers")
+    opt, trainer = _trainer(_llama_quantized_by_hand(), tmp_path / "straight")
+    trainer.train()
+    checkpoint = tmp_path / "straight" / "checkpoint-4"
+    resumed, trainer2 = _trainer(_llama_quantized_by_hand(), tmp_path / "resumed")
+    trainer2.train(resume_from_checkpoint=str(checkpoint))
+    _assert_same_chain(opt, resumed)
+
+
+def test_a_dense_merged_checkpoint_loads_into_a_4bit_chain_as_its_master() -> None:
+    """A dense ``(out, in)`` float weight for a 4-bit layer is quantized once into it; an
+    adapted layer's master becomes that dense weight, exactly, and the link restarts at zero."""
+    model = _model(BACKENDS["bnb-nf4-nested"])
+    opt = _chain(model)
+    _train(model, opt, 4)
+    dense = chainopt.merged_state_dict(model)  # masters + links, dense float
+    _train(model, opt, 4)
+    model.load_state_dict(dense)
+    for r in opt.chain.records:
+        assert r.quant is not None and r.quant.master is not None
+        assert torch.equal(r.quant.master, dense[f"{r.name}.weight"])
+        assert torch.equal(_weight(r.module), _rounded(r.module, dense[f"{r.name}.weight"]))
+        assert not r.link.lora_B.any()
+    bad = {k: v.clone() for k, v in dense.items()}
+    bad["0.weight"][0, 0] = float("nan")
+    before = {r.name: r.quant.master.clone() for r in opt.chain.records}  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="NaN"):
+        model.load_state_dict(bad)
+    for r in opt.chain.records:
+        assert torch.equal(r.quant.master, before[r.name])  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("save_only_model", [False, True])
