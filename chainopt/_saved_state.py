@@ -319,12 +319,14 @@ def _state_rules(
     device = like.device if like.device.type != "meta" else torch.device("cpu")
     scratch_param = torch.zeros(shape, dtype=like.dtype, device=device, requires_grad=True)
     scratch_param.grad = torch.zeros_like(scratch_param)
-    try:
+    devices = [device] if device.type == "cuda" else []
+    try:  # an optimizer that draws random numbers draws them from a fork: the RNGs stay as they are
         scratch = _scratch_copy(optimizer, group, scratch_param)
-        try:
-            scratch.step()
-        except TypeError:  # an optimizer that needs a closure (LBFGS)
-            scratch.step(lambda: 0.0)
+        with torch.random.fork_rng(devices=devices):
+            try:
+                scratch.step()
+            except TypeError:  # an optimizer that needs a closure (LBFGS)
+                scratch.step(lambda: 0.0)
         saved = scratch.state_dict()["state"]  # as the state is saved (bitsandbytes nests it)
         kept = _flat(next(iter(saved.values()), {}))
     except Exception:  # any failure: fall back to the plain shape rule
@@ -360,6 +362,8 @@ def _scratch_copy(optimizer: Optimizer, group: int, param: Tensor) -> Optimizer:
     for name, value in vars(optimizer).items():
         if name.startswith("_optimizer_") and name.endswith("_hooks"):
             memo[id(value)] = type(value)()
+        elif isinstance(value, nn.Module):  # an optimizer that holds the model: shared, not copied
+            memo[id(value)] = value
     # Every attribute, not what Optimizer.__getstate__ keeps (bitsandbytes keeps its settings in
     # attributes of its own).
     clone = object.__new__(type(optimizer))

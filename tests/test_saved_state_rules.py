@@ -82,7 +82,9 @@ def test_the_optimizer_own_state_loads_and_every_misshapen_tensor_is_refused(nam
     _, source = _trained(make)
     good = copy.deepcopy(source.state_dict())
     model, opt = _trained(make, steps=2)
+    rng = torch.get_rng_state()
     opt.load_state_dict(copy.deepcopy(good))  # the optimizer's own state always loads
+    assert torch.equal(torch.get_rng_state(), rng)  # checking it draws nothing
     model, opt = _trained(make, steps=2)
     index, entry = next(iter(good["state"].items()))  # the first factor's state
     tensors = {k: v for k, v in entry.items() if isinstance(v, torch.Tensor)}
