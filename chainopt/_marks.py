@@ -30,13 +30,13 @@ a ``load_state_dict`` post-hook, its      ``_load_guard.guard_loads`` (construct
 handle in ``__dict__[LOAD_SETTLE]``
 ``__dict__[PLAIN_LOAD]``                  the post-hook (a plain checkpoint loaded)
 ``__dict__[LOADING]``                     the pre-hook (only during a load)
-an instance ``save_pretrained``           ``integrations.hf_save.guard_save_pretrained``
+an instance ``save_pretrained``           ``_hf_save.guard_save_pretrained``
                                           (construction, a model with ``save_pretrained``)
-``__dict__["is_quantized"] = False``,     ``integrations.hf_save.accept_as_adapted``
+``__dict__["is_quantized"] = False``,     ``_hf_save.accept_as_adapted``
 ``__dict__[CLEARED_IS_QUANTIZED]``        (construction, a quantized HF model); unloading
                                           puts ``is_quantized = True`` back
 ``__dict__[MERGED_SAVE]``                 ``export.mark_merged_save`` (a merged save)
-``__dict__[RESUME_SAVES]``                ``integrations.hf_save.saving_for_resume`` (only
+``__dict__[RESUME_SAVES]``                ``_hf_save.saving_for_resume`` (only
                                           inside the block; also removed on leaving it)
 ========================================  ===============================================
 
