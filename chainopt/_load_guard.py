@@ -55,9 +55,10 @@ def check_incoming_state(
     current = model.state_dict()
     problems: list[str] = []
     factor_keys: set[str] = set()
-    own_format = tuple(  # a quantized layer's weight: its library's format, checked by it
-        f"{prefix}{n}.weight" if n else f"{prefix}weight" for n, _ in _quantized_layers(model)
-    )
+    layers = {  # a quantized layer's weight: its library's format (_check_quantized_weight)
+        f"{prefix}{n}.weight" if n else f"{prefix}weight": m for n, m in _quantized_layers(model)
+    }
+    own_format = tuple(layers)
     for r in find_adapted(model):
         base = f"{prefix}{r.name}." if r.name else prefix
         a_key, b_key = f"{base}{r.link_prefix}lora_A", f"{base}{r.link_prefix}lora_B"
@@ -70,7 +71,17 @@ def check_incoming_state(
         theirs = state_dict.get(prefix + key)
         if prefix + key in factor_keys or not isinstance(theirs, Tensor):
             continue
-        if (prefix + key).startswith(own_format) and own_format:
+        if own_format and (prefix + key).startswith(own_format):
+            layer = layers.get(prefix + key)
+            why = (
+                "a tensor on the meta device (no data)"
+                if theirs.is_meta
+                else None
+                if layer is None
+                else _check_quantized_weight(layer, theirs)
+            )
+            if why is not None:
+                problems.append(f"{key!r} is {why}")
             continue
         if theirs.is_meta and not mine.is_meta:
             problems.append(f"{key!r} is a tensor on the meta device (no data)")
@@ -80,6 +91,28 @@ def check_incoming_state(
                 "model"
             )
     return problems
+
+
+def _check_quantized_weight(layer: nn.Module, tensor: Tensor) -> str | None:
+    """Why ``tensor`` cannot be the 4-bit ``layer``'s weight (``None``: it can). A dense float
+    ``(out, in)`` weight is quantized into it; a quantized tensor subclass (a torchao
+    ``NF4Tensor``) has the layer's shape; packed bytes are half a byte per weight element."""
+    out, inp = int(getattr(layer, "out_features", 0)), int(getattr(layer, "in_features", 0))
+    if _quantized_format(layer, tensor) or (
+        tensor.is_floating_point() and tuple(tensor.shape) == (out, inp)
+    ):
+        return (
+            None
+            if tuple(tensor.shape) == (out, inp)
+            else (f"a quantized weight of shape {tuple(tensor.shape)}; the layer's is {(out, inp)}")
+        )
+    packed = tensor.numel() * tensor.element_size()
+    if packed != (out * inp + 1) // 2:
+        return (
+            f"{packed} bytes of packed 4-bit weight; the ({out}, {inp}) layer holds "
+            f"{(out * inp + 1) // 2}"
+        )
+    return None
 
 
 def accept_plain_keys(

@@ -370,3 +370,33 @@ def test_trainer_load_best_model_at_end_of_a_4bit_chain(
         assert torch.equal(state[key], value), key
     for r in opt.chain.records:
         assert torch.equal(r.quant.master, saved["masters"][r.name])  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("case", ["meta weight", "meta absmax", "bytes", "nf4 shape"])
+def test_a_4bit_weight_that_cannot_be_the_layer_weight_is_refused_before_anything_loads(
+    case: str,
+) -> None:
+    backend = "torchao-nf4" if case == "nf4 shape" else "bnb-nf4-nested"
+    model = _model(BACKENDS[backend])
+    opt = _chain(model)
+    _train(model, opt, 4)
+    state = {k: v.clone() if type(v) is torch.Tensor else v for k, v in model.state_dict().items()}
+    if case == "meta weight":
+        state["2.weight"] = torch.empty_like(state["2.weight"], device="meta")
+    elif case == "meta absmax":
+        state["2.weight.absmax"] = torch.empty_like(state["2.weight.absmax"], device="meta")
+    elif case == "bytes":  # the packed weight of a (128, 256) layer
+        state["2.weight"] = state["2.weight"][: state["2.weight"].shape[0] // 2]
+    else:
+        from torchao.quantization import to_nf4
+
+        state["2.weight"] = to_nf4(torch.randn(128, 256))
+    state["4.weight"] = state["4.weight"] + 1  # a plain tensor the load would change
+    before = {k: v.clone() for k, v in model.state_dict().items() if type(v) is torch.Tensor}
+    masters = [r.quant.master.clone() for r in opt.chain.records]  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match=r"'2\.weight"):
+        model.load_state_dict(state)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    for r, m in zip(opt.chain.records, masters, strict=True):
+        assert torch.equal(r.quant.master, m)  # type: ignore[union-attr]
