@@ -263,6 +263,72 @@ def _check_base(
         if spec not in rules:
             rules[spec] = _state_rules(chain.optimizer, group, want, param)
         _check_param_state(index, entry, want, rules[spec])
+    # Each group's saved hyperparameters, and one of its parameters' saved state, loaded into a
+    # scratch copy of the optimizer that then steps: what the optimizer would do with them.
+    for g, (saved_group, current_group) in enumerate(zip(groups, current, strict=True)):
+        if not current_group["params"]:
+            continue
+        index = next((i for i in saved_group["params"] if i in state), saved_group["params"][0])
+        param = by_index[index][1]
+        want = shapes.get(id(param), tuple(param.shape))
+        why = _dry_run(chain.optimizer, g, saved_group, state.get(index, {}), want, param)
+        if why is not None:
+            raise ValueError(
+                f"the saved optimizer state of param group {g} (parameter {index!r}) does not "
+                f"work in this optimizer: {why}"
+            )
+
+
+def _dry_run(
+    optimizer: Optimizer,
+    group: int,
+    saved_group: dict[str, Any],
+    entry: dict[str, Any],
+    shape: tuple[int, ...],
+    like: Tensor,
+) -> str | None:
+    """Why a scratch copy of ``optimizer`` over one zero parameter of ``shape`` cannot load the
+    saved group's hyperparameters and ``entry`` and step (``None``: it can, or no scratch copy
+    can be made or step here: a sharded parameter or state, an optimizer that cannot be
+    copied)."""
+    tensors = [v for v in _flat(entry).values() if isinstance(v, Tensor)]
+    if type(like) not in (Tensor, nn.Parameter) or any(type(v) is not Tensor for v in tensors):
+        return None  # sharded (DTensor) or engine-held: the per-tensor rules above checked it
+    device = like.device if like.device.type != "meta" else torch.device("cpu")
+    devices = [device] if device.type == "cuda" else []
+
+    def scratch() -> tuple[Optimizer, Tensor]:
+        param = torch.zeros(shape, dtype=like.dtype, device=device, requires_grad=True)
+        param.grad = torch.zeros_like(param)
+        return _scratch_copy(optimizer, group, param), param
+
+    def step(opt: Optimizer) -> None:
+        train = getattr(opt, "train", None)  # schedule-free optimizers step in train mode only
+        if callable(train):
+            train()
+        with torch.random.fork_rng(devices=devices):
+            try:
+                opt.step()
+            except TypeError:  # an optimizer that needs a closure (LBFGS)
+                opt.step(lambda: 0.0)
+
+    try:  # the optimizer itself must copy and step here, or there is nothing to tell
+        step(scratch()[0])
+        copied, _ = scratch()
+    except Exception:
+        return None
+    hyper = {k: copy.deepcopy(v) for k, v in saved_group.items() if k != "params"}
+    try:
+        copied.load_state_dict(
+            {
+                "state": {0: copy.deepcopy(entry)} if entry else {},
+                "param_groups": [{**hyper, "params": [0]}],
+            }
+        )
+        step(copied)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"[:300]
+    return None
 
 
 def _check_param_state(

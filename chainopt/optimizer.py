@@ -385,7 +385,9 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         state (it must load into a scratch generator), the history (every factor fits its
         module), the 4-bit masters (with data, finite), the wrapped optimizer's groups, and each
         parameter's state against what the optimizer itself keeps for such a parameter (every
-        tensor a scratch copy of it holds after one step, in that shape) — then loaded.
+        tensor a scratch copy of it holds after one step, in that shape), and each group's
+        hyperparameters with one of its parameters' state loaded into a scratch copy that
+        steps — then loaded.
 
         Raises:
             TypeError: ``state_dict`` is not a dict.

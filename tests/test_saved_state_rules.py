@@ -198,3 +198,36 @@ def test_parse_history_refuses_meta_factors() -> None:
     link["A"] = torch.empty_like(link["A"], device="meta")
     with pytest.raises(ValueError, match=r"factors of 0.*meta"):
         parse_history(saved)
+
+
+@pytest.mark.parametrize(
+    "hyper", [{"lr": "x"}, {"betas": (0.9,)}, {"weight_decay": None}, {"eps": [1e-8]}]
+)
+def test_saved_hyperparameters_the_optimizer_cannot_step_with_are_refused(
+    hyper: dict[str, Any],
+) -> None:
+    """A scratch copy of the optimizer loads each group's saved hyperparameters and one of its
+    parameters' state and steps: what would crash at the next real step is refused now."""
+    _, source = _trained(OPTIMIZERS["AdamW"])
+    saved = copy.deepcopy(source.state_dict())
+    saved["param_groups"][0].update(hyper)
+    model, opt = _trained(OPTIMIZERS["AdamW"], steps=2)
+    _assert_refused_and_unchanged(opt, model, saved, "param group 0")
+
+
+def test_a_schedule_free_state_saved_in_eval_mode_loads() -> None:
+    """The scratch copy steps in train mode: a state saved after ``optimizer.eval()`` is no bad
+    state (``train_mode`` False is a mode, not a corruption)."""
+    schedulefree = pytest.importorskip("schedulefree")
+
+    def make(p: Any) -> torch.optim.Optimizer:
+        opt = schedulefree.AdamWScheduleFree(p, lr=1e-2)
+        opt.train()
+        return opt
+
+    _, source = _trained(make)
+    source.optimizer.eval()
+    saved = copy.deepcopy(source.state_dict())
+    assert not saved["param_groups"][0]["train_mode"]
+    _, opt = _trained(make, steps=2)
+    opt.load_state_dict(saved)
