@@ -35,12 +35,18 @@ from torch import Tensor, nn
 
 from ._attach import plist_of
 from ._layers import find_adapted
-from ._marks import LOAD_GUARD, LOAD_SETTLE, LOADING, PLAIN_LOAD
+from ._marks import LOAD_GUARD, LOAD_SETTLE, LOADING, PLAIN_LOAD, STATE_RESTORED
 from ._quant_backends import backend_for
 from ._record import Link, ModuleRecord
 from .lora import BiasDelta
 
-__all__ = ["accept_plain_keys", "check_incoming_state", "guard_loads", "loaded_plain_weights"]
+__all__ = [
+    "accept_plain_keys",
+    "check_incoming_state",
+    "guard_loads",
+    "loaded_plain_weights",
+    "state_restored",
+]
 
 
 def check_incoming_state(
@@ -181,9 +187,10 @@ def _restart_quantized_link(r: ModuleRecord, state_dict: dict[str, Any], base: s
 
 
 def loaded_plain_weights(model: nn.Module) -> bool:
-    """Whether a plain (merged) checkpoint was loaded into the chained ``model`` since its chain
-    state was last loaded whole: its frozen weights then hold that checkpoint's merged weights,
-    so the chain's history (the links merged since ``W₀``) no longer describes ``W - W₀``."""
+    """Whether a load replaced the chained ``model``'s tensors (a plain, merged checkpoint, or
+    the chain's own keys without its optimizer state) since its optimizer state was last
+    loaded: its frozen weights then hold that checkpoint's weights, so the chain's history (the
+    links merged since ``W₀``) no longer describes ``W - W₀``."""
     return bool(model.__dict__.get(PLAIN_LOAD))
 
 
@@ -274,10 +281,23 @@ def _finish_load(module: nn.Module, incompatible_keys: Any) -> None:
     plain, quants = module.__dict__.pop(LOADING, (None, ()))
     for quant, dense, restarted in quants:
         quant.follow_loaded_weight(dense, restarted)
-    if plain:
-        module.__dict__[PLAIN_LOAD] = True
-    elif plain is False:
-        module.__dict__.pop(PLAIN_LOAD, None)
+    if plain is not None:  # the chain's tensors replaced: by its own state, or not
+        if module.__dict__.pop(STATE_RESTORED, False) and not plain:
+            module.__dict__.pop(PLAIN_LOAD, None)
+        else:
+            module.__dict__[PLAIN_LOAD] = True
+
+
+def state_restored(model: nn.Module, restored: bool = True) -> None:
+    """Record that the chain's optimizer state (history, counters, masters) was just loaded:
+    its model describes the chain again, and the next load of the chain's own tensors before
+    a step (``load_checkpoint`` loads the optimizer first) completes that state. ``False``
+    (an optimizer step) forgets the second part."""
+    if restored:
+        model.__dict__.pop(PLAIN_LOAD, None)
+        model.__dict__[STATE_RESTORED] = True
+    else:
+        model.__dict__.pop(STATE_RESTORED, None)
 
 
 def guard_loads(model: nn.Module) -> None:

@@ -28,7 +28,10 @@ a ``load_state_dict`` pre-hook, its       ``_load_guard.guard_loads`` (construct
 handle in ``__dict__[LOAD_GUARD]``
 a ``load_state_dict`` post-hook, its      ``_load_guard.guard_loads`` (construction)
 handle in ``__dict__[LOAD_SETTLE]``
-``__dict__[PLAIN_LOAD]``                  the post-hook (a plain checkpoint loaded)
+``__dict__[PLAIN_LOAD]``                  the post-hook (a load replaced the chain's
+                                          tensors without its optimizer state)
+``__dict__[STATE_RESTORED]``              ``_load_guard.state_restored`` (an optimizer
+                                          state loaded; gone at the next step)
 ``__dict__[LOADING]``                     the pre-hook (only during a load)
 an instance ``save_pretrained``           ``_hf_save.guard_save_pretrained``
                                           (construction, a model with ``save_pretrained``)
@@ -76,6 +79,7 @@ __all__ = [
     "PLAIN_LOAD",
     "QUANTIZED",
     "RESUME_SAVES",
+    "STATE_RESTORED",
     "is_chainopt",
     "unmark",
 ]
@@ -92,6 +96,8 @@ LOAD_SETTLE = "_chainopt_load_settle"
 """Instance attribute of a chained model: the handle of its ``load_state_dict`` post-hook."""
 PLAIN_LOAD = "_chainopt_plain_load"
 """Instance flag: a plain (merged) checkpoint was loaded into the chain (its history is stale)."""
+STATE_RESTORED = "_chainopt_state_restored"
+"""Instance flag: the chain's optimizer state was just loaded (a model load may complete it)."""
 LOADING = "_chainopt_loading"
 """Instance attribute, only during a ``load_state_dict``: what the post-hook settles."""
 MERGED_SAVE = "_chainopt_merged_save"
@@ -126,6 +132,7 @@ def unmark(model: nn.Module) -> None:
         model.__dict__["is_quantized"] = True
     model.__dict__.pop(MERGED_SAVE, None)
     model.__dict__.pop(PLAIN_LOAD, None)
+    model.__dict__.pop(STATE_RESTORED, None)
     model.__dict__.pop(LOADING, None)
     model.__dict__.pop(RESUME_SAVES, None)
     for module in model.modules():

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._load_guard import check_incoming_state
+from ._load_guard import check_incoming_state, state_restored
 from ._validate import is_int, type_name
 from .history import KnotRecord, parse_history
 from .knot import Chain
@@ -85,6 +85,7 @@ def restore(chain: Chain, model: nn.Module, checked: CheckedState) -> None:
     chain.generator.set_state(checked.generator)
     chain.history.keep_factors, chain.history.knots = checked.history
     chain.pending = None
+    state_restored(model)  # the history describes the model again (and a model load may follow)
 
 
 def check_saved_state(

@@ -40,6 +40,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from ._build import build_chain, drop_params, rebind
+from ._load_guard import state_restored
 from ._saved_state import chain_entry, check_saved_state, restore
 from ._schedule_free import KnotContext
 from ._validate import type_name
@@ -238,6 +239,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         for r in self.chain.records:  # masters restored with a state: only the next model load
             if r.quant is not None:  # of that state's weights may keep them
                 r.quant.restored = False
+        state_restored(self.model, False)
         if self.schedule.is_due(self.optimizer_steps):
             self.tie_knot()
         self._arm()

@@ -170,9 +170,10 @@ def export_peft_adapter(
         why = (
             "merge_and_unload() was called: its link is not in opt.history"
             if unloaded
-            else "the model loaded a plain (merged) checkpoint after the chain was built (a "
-            "Trainer's load_best_model_at_end or resume without the chain's optimizer state?): "
-            "opt.history no longer describes its update W - W0"
+            else "a load replaced the chained model's weights without the chain's optimizer "
+            "state (a plain (merged) checkpoint: a Trainer's load_best_model_at_end or resume "
+            "without optimizer.pt; or a model-only load): opt.history no longer describes its "
+            "update W - W0"
             if stale
             else f"this chain was built with keep_history=False and has tied {len(history)} "
             "knot(s): the merged links' factors were not kept"

@@ -9,6 +9,7 @@ optimizer state (``save_only_model=True``) says so.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,39 @@ def test_unloading_after_a_plain_load_leaves_no_load_hook_or_flag() -> None:
     chainopt.merge_and_unload(model)
     assert not [k for k in vars(model) if "chainopt" in k]
     assert not model._load_state_dict_pre_hooks and not model._load_state_dict_post_hooks
+
+
+@pytest.mark.parametrize("order", ["model first", "optimizer first", "model only", "stepped"])
+def test_loading_the_chain_own_keys_keeps_the_history_only_with_its_optimizer_state(
+    tmp_path: Path, order: str
+) -> None:
+    """The chain's own keys loaded into a live chain replace its tensors; without the optimizer
+    state saved with them (model only, or with a step between) the history no longer describes
+    the model, and the export asks for ``base``."""
+    pytest.importorskip("peft")
+    model = tiny_llama()
+    opt = _chain(model)
+    _train(model, opt, 4)
+    model_state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_state = copy.deepcopy(opt.state_dict())
+    expected = _logits(model)
+    _train(model, opt, 4)
+    if order == "model first":
+        model.load_state_dict(model_state)
+        opt.load_state_dict(opt_state)
+    elif order == "optimizer first":
+        opt.load_state_dict(opt_state)
+        model.load_state_dict(model_state)
+    elif order == "model only":
+        model.load_state_dict(model_state)
+    else:
+        opt.load_state_dict(opt_state)
+        _train(model, opt, 1)
+        model.load_state_dict(model_state)
+    if order in ("model only", "stepped"):
+        with pytest.raises(ValueError, match="plain \\(merged\\) checkpoint"):
+            export_peft_adapter(opt, tmp_path / "a")
+        return
+    torch.testing.assert_close(_logits(model), expected, rtol=0, atol=0)
+    export_peft_adapter(opt, tmp_path / "a")
+    torch.testing.assert_close(_served(tmp_path / "a"), expected, rtol=1e-4, atol=1e-4)
