@@ -145,6 +145,29 @@ def test_a_merged_4bit_checkpoint_loaded_into_a_live_chain_moves_the_masters(
     _assert_consistent(opt)
 
 
+@pytest.mark.parametrize("backend", ["bnb-nf4-nested", "bnb-fp4-nested", "bnb-nf4"])
+def test_a_merged_checkpoint_loads_into_layers_bitsandbytes_repacked(backend: str) -> None:
+    """On a CPU with AVX512-BF16 an eval forward repacks each ``Linear4bit`` (another layout,
+    bfloat16 statistics); a load into such a chain still leaves each master on the loaded
+    weight and the model computing the checkpoint's model (through the same kernel)."""
+    if not bnbf.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks a 4-bit weight")
+    model = _model(BACKENDS[backend])
+    opt = _chain(model)
+    _train(model, opt, 4)
+    checkpoint = chainopt.merged_state_dict(model, keep_quantized=True)
+    best = copy.deepcopy(model)
+    chainopt.merge_and_unload(best)
+    expected = _out(best.eval())
+    _train(model, opt, 4)
+    _out(model.eval())
+    assert getattr(model[0].weight.quant_state, "packing_format_for_cpu", False)
+    model.load_state_dict(checkpoint)
+    for r in opt.chain.records:
+        assert torch.equal(r.quant.master, _weight(r.module))  # type: ignore[union-attr]
+    assert torch.equal(_out(model), expected)
+
+
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_reloading_the_chain_own_state_keeps_the_masters(backend: str) -> None:
     """A load that writes back the weight the master rounds to changes no master."""
