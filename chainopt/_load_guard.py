@@ -9,6 +9,11 @@ listed with the others in :mod:`chainopt._record`). Before torch loads anything 
    rank the link may take, every other tensor of its exact shape, nothing on the meta device;
    a problem raises ``ValueError`` before any tensor is written.
 
+A post-hook then settles what the load wrote: each 4-bit weight's host master follows the loaded
+weight (:meth:`~chainopt.quantized.QuantizedWeight.follow_loaded_weight`), and a plain checkpoint
+marks the model (:func:`loaded_plain_weights`: the chain's history no longer describes it) until
+the chain's own state is loaded whole again.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -30,12 +35,18 @@ from torch import Tensor, nn
 
 from ._attach import plist_of
 from ._layers import find_adapted
-from ._marks import LOAD_GUARD
+from ._marks import LOAD_GUARD, LOAD_SETTLE, LOADING, PLAIN_LOAD, STATE_RESTORED
 from ._quant_backends import backend_for
-from ._record import Link
+from ._record import Link, ModuleRecord
 from .lora import BiasDelta
 
-__all__ = ["accept_plain_keys", "check_incoming_state", "guard_loads"]
+__all__ = [
+    "accept_plain_keys",
+    "check_incoming_state",
+    "guard_loads",
+    "loaded_plain_weights",
+    "state_restored",
+]
 
 
 def check_incoming_state(
@@ -50,9 +61,10 @@ def check_incoming_state(
     current = model.state_dict()
     problems: list[str] = []
     factor_keys: set[str] = set()
-    own_format = tuple(  # a quantized layer's weight: its library's format, checked by it
-        f"{prefix}{n}.weight" if n else f"{prefix}weight" for n, _ in _quantized_layers(model)
-    )
+    layers = {  # a quantized layer's weight: its library's format (_check_quantized_weight)
+        f"{prefix}{n}.weight" if n else f"{prefix}weight": m for n, m in _quantized_layers(model)
+    }
+    own_format = tuple(layers)
     for r in find_adapted(model):
         base = f"{prefix}{r.name}." if r.name else prefix
         a_key, b_key = f"{base}{r.link_prefix}lora_A", f"{base}{r.link_prefix}lora_B"
@@ -65,7 +77,17 @@ def check_incoming_state(
         theirs = state_dict.get(prefix + key)
         if prefix + key in factor_keys or not isinstance(theirs, Tensor):
             continue
-        if (prefix + key).startswith(own_format) and own_format:
+        if own_format and (prefix + key).startswith(own_format):
+            layer = layers.get(prefix + key)
+            why = (
+                "a tensor on the meta device (no data)"
+                if theirs.is_meta
+                else None
+                if layer is None
+                else _check_quantized_weight(layer, theirs)
+            )
+            if why is not None:
+                problems.append(f"{key!r} is {why}")
             continue
         if theirs.is_meta and not mine.is_meta:
             problems.append(f"{key!r} is a tensor on the meta device (no data)")
@@ -77,17 +99,51 @@ def check_incoming_state(
     return problems
 
 
-def accept_plain_keys(model: nn.Module, state_dict: dict[str, Any], prefix: str = "") -> None:
+def _check_quantized_weight(layer: nn.Module, tensor: Tensor) -> str | None:
+    """Why ``tensor`` cannot be the 4-bit ``layer``'s weight (``None``: it can). A dense float
+    ``(out, in)`` weight is quantized into it; a quantized tensor subclass (a torchao
+    ``NF4Tensor``) has the layer's shape; packed bytes are half a byte per weight element."""
+    out, inp = int(getattr(layer, "out_features", 0)), int(getattr(layer, "in_features", 0))
+    if _quantized_format(layer, tensor) or (
+        tensor.is_floating_point() and tuple(tensor.shape) == (out, inp)
+    ):
+        return (
+            None
+            if tuple(tensor.shape) == (out, inp)
+            else (f"a quantized weight of shape {tuple(tensor.shape)}; the layer's is {(out, inp)}")
+        )
+    packed = tensor.numel() * tensor.element_size()
+    if packed != (out * inp + 1) // 2:
+        return (
+            f"{packed} bytes of packed 4-bit weight; the ({out}, {inp}) layer holds "
+            f"{(out * inp + 1) // 2}"
+        )
+    return None
+
+
+def accept_plain_keys(
+    model: nn.Module, state_dict: dict[str, Any], prefix: str = ""
+) -> bool | None:
     """Let a plain checkpoint (``….weight``, as ``from_pretrained`` writes) load into a chain.
 
     For each adapted module whose link (or bias delta) is a parametrization and whose plain weight
     (or bias) ``state_dict`` holds instead of the parametrized keys, the plain tensor becomes the
     frozen original and the link restarts at zero (A as it is, B, bias delta and residual zero):
-    the model then computes exactly what the checkpoint's model computes. Edits ``state_dict`` in
-    place.
+    the model then computes exactly what the checkpoint's model computes. A 4-bit layer's weight
+    without its link's keys restarts the link the same way (its master follows the loaded weight
+    after the load). Edits ``state_dict`` in place.
+
+    Returns:
+        ``True`` when a plain tensor replaced a module's chain state (the chain's history then no
+        longer describes ``W - W₀``), ``False`` when ``state_dict`` holds every adapted module's
+        own link keys, ``None`` otherwise (a partial load).
     """
+    replaced, complete = False, True
     for r in find_adapted(model):
         base = f"{prefix}{r.name}." if r.name else prefix
+        complete = complete and f"{base}{r.link_prefix}lora_B" in state_dict
+        if r.quant is not None:
+            replaced = _restart_quantized_link(r, state_dict, base) or replaced
         parts: list[tuple[str, Link | BiasDelta]] = [("weight", r.link)]
         if r.delta is not None:
             parts.append(("bias", r.delta))
@@ -98,6 +154,7 @@ def accept_plain_keys(model: nn.Module, state_dict: dict[str, Any], prefix: str 
             plain, stem = base + kind, f"{base}parametrizations.{kind}."
             if plain not in state_dict or stem + "original" in state_dict:
                 continue
+            replaced = True
             state_dict[stem + "original"] = state_dict.pop(plain)
             tensors = (
                 [("delta", part.delta)]
@@ -111,13 +168,55 @@ def accept_plain_keys(model: nn.Module, state_dict: dict[str, Any], prefix: str 
                 state_dict.setdefault(
                     f"{stem}0.merge_residual", torch.zeros_like(part.merge_residual)
                 )
+    return True if replaced else (False if complete else None)
+
+
+def _restart_quantized_link(r: ModuleRecord, state_dict: dict[str, Any], base: str) -> bool:
+    """A quantized layer's weight without its link's keys: the link restarts at zero (A as it
+    is, B zero), as for a plain weight; the master follows the weight after the load."""
+    stem = f"{base}{r.link_prefix}"
+    factors = [("lora_A", r.link.lora_A), ("lora_B", r.link.lora_B)]
+    if f"{base}weight" not in state_dict or any(f"{stem}{n}" in state_dict for n, _ in factors):
+        return False
+    for name, tensor in factors:
+        restart = tensor.detach().clone() if name == "lora_A" else torch.zeros_like(tensor)
+        state_dict[f"{stem}{name}"] = restart
+    if r.link.merge_residual is not None:
+        state_dict.setdefault(f"{stem}merge_residual", torch.zeros_like(r.link.merge_residual))
+    return True
+
+
+def loaded_plain_weights(model: nn.Module) -> bool:
+    """Whether a load replaced the chained ``model``'s tensors (a plain, merged checkpoint, or
+    the chain's own keys without its optimizer state) since its optimizer state was last
+    loaded: its frozen weights then hold that checkpoint's weights, so the chain's history (the
+    links merged since ``W₀``) no longer describes ``W - W₀``."""
+    return bool(model.__dict__.get(PLAIN_LOAD))
 
 
 def _prepare_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """``load_state_dict`` pre-hook of a chained model: take plain keys, and check everything
     before anything is loaded."""
-    accept_plain_keys(module, state_dict, prefix)
-    problems = check_incoming_state(module, state_dict, prefix)
+    module.__dict__.pop(LOADING, None)
+    restarted = {
+        id(r.module)
+        for r in find_adapted(module)
+        if r.quant is not None
+        and f"{prefix}{r.name}.weight" in state_dict
+        and f"{prefix}{r.name}.{r.link_prefix}lora_B" not in state_dict
+    }
+    plain = accept_plain_keys(module, state_dict, prefix)
+    dense, problems = _quantize_dense_weights(module, state_dict, prefix)
+    problems += check_incoming_state(module, state_dict, prefix)
+    if not problems:  # 4-bit weights this load writes: their masters follow after it
+        module.__dict__[LOADING] = (
+            plain,
+            [
+                (r.quant, dense.get(id(r.module)), id(r.module) in restarted)
+                for r in find_adapted(module)
+                if r.quant is not None and f"{prefix}{r.name}.weight" in state_dict
+            ],
+        )
     if not problems:  # 4-bit weights their own modules cannot load (adapted or not)
         for name, layer in _quantized_layers(module):
             backend = backend_for(layer)
@@ -132,12 +231,81 @@ def _prepare_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *a
         )
 
 
+def _quantize_dense_weights(
+    model: nn.Module, state_dict: dict[str, Any], prefix: str
+) -> tuple[dict[int, Tensor], list[str]]:
+    """A dense float weight ``(out, in)`` for a 4-bit layer (what ``save_pretrained`` of a chain
+    over layers quantized by hand writes: the merged model): quantized once into the layer's own
+    format in ``state_dict``, so that it loads as the layer's weight. Returns the dense weights
+    by ``id`` of the layer (an adapted layer's master becomes it) and the problems (no data,
+    NaN or Inf). Changes no module."""
+    dense: dict[int, Tensor] = {}
+    problems: list[str] = []
+    for name, layer in _quantized_layers(model):
+        key = f"{prefix}{name}.weight" if name else f"{prefix}weight"
+        tensor = state_dict.get(key)
+        shape = (getattr(layer, "out_features", None), getattr(layer, "in_features", None))
+        if not (
+            isinstance(tensor, Tensor)
+            and tensor.is_floating_point()
+            and tuple(tensor.shape) == shape
+            and not _quantized_format(layer, tensor)
+        ):
+            continue
+        if tensor.is_meta or not bool(torch.isfinite(tensor).all()):
+            problems.append(f"{key!r} is a dense weight without data or with NaN/Inf")
+            continue
+        backend = backend_for(layer)
+        assert backend is not None  # a quantized layer
+        entries = backend.serialize(layer, tensor.detach())
+        base = key[: -len("weight")]
+        for k, v in entries.items():
+            state_dict[f"{base}{k}"] = v
+        dense[id(layer)] = tensor.detach().to("cpu", torch.float32, copy=True)
+    return dense, problems
+
+
+def _quantized_format(layer: nn.Module, tensor: Tensor) -> bool:
+    """``tensor`` is already a quantized weight: a tensor subclass (a torchao ``NF4Tensor``)."""
+    return type(tensor) not in (Tensor, nn.Parameter)
+
+
 def _quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if backend_for(m) is not None]
 
 
+def _finish_load(module: nn.Module, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook of a chained model: each 4-bit weight the load wrote and
+    its host master agree again (``QuantizedWeight.follow_loaded_weight``), and the plain-load
+    mark (:func:`loaded_plain_weights`) is set or cleared."""
+    plain, quants = module.__dict__.pop(LOADING, (None, ()))
+    for quant, dense, restarted in quants:
+        quant.follow_loaded_weight(dense, restarted)
+    if plain is not None:  # the chain's tensors replaced: by its own state, or not
+        if module.__dict__.pop(STATE_RESTORED, False) and not plain:
+            module.__dict__.pop(PLAIN_LOAD, None)
+        else:
+            module.__dict__[PLAIN_LOAD] = True
+
+
+def state_restored(model: nn.Module, restored: bool = True) -> None:
+    """Record that the chain's optimizer state (history, counters, masters) was just loaded:
+    its model describes the chain again, and the next load of the chain's own tensors before
+    a step (``load_checkpoint`` loads the optimizer first) completes that state. ``False``
+    (an optimizer step) forgets the second part."""
+    if restored:
+        model.__dict__.pop(PLAIN_LOAD, None)
+        model.__dict__[STATE_RESTORED] = True
+    else:
+        model.__dict__.pop(STATE_RESTORED, None)
+
+
 def guard_loads(model: nn.Module) -> None:
-    """Make ``model.load_state_dict`` check a chained model's keys whole before loading any."""
-    if LOAD_GUARD not in model.__dict__:  # the handle: unloading removes the hook (_marks)
+    """Make ``model.load_state_dict`` check a chained model's keys whole before loading any,
+    and keep each 4-bit weight's host master on what a load wrote into the weight."""
+    if LOAD_GUARD not in model.__dict__:  # the handles: unloading removes the hooks (_marks)
         handle = model.register_load_state_dict_pre_hook(_prepare_load)  # type: ignore[no-untyped-call]
         model.__dict__[LOAD_GUARD] = handle
+    if LOAD_SETTLE not in model.__dict__:
+        settle = model.register_load_state_dict_post_hook(_finish_load)  # type: ignore[no-untyped-call]
+        model.__dict__[LOAD_SETTLE] = settle

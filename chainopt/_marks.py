@@ -26,6 +26,13 @@ mark                                      put by
 ========================================  ===============================================
 a ``load_state_dict`` pre-hook, its       ``_load_guard.guard_loads`` (construction)
 handle in ``__dict__[LOAD_GUARD]``
+a ``load_state_dict`` post-hook, its      ``_load_guard.guard_loads`` (construction)
+handle in ``__dict__[LOAD_SETTLE]``
+``__dict__[PLAIN_LOAD]``                  the post-hook (a load replaced the chain's
+                                          tensors without its optimizer state)
+``__dict__[STATE_RESTORED]``              ``_load_guard.state_restored`` (an optimizer
+                                          state loaded; gone at the next step)
+``__dict__[LOADING]``                     the pre-hook (only during a load)
 an instance ``save_pretrained``           ``_hf_save.guard_save_pretrained``
                                           (construction, a model with ``save_pretrained``)
 ``__dict__["is_quantized"] = False``,     ``_hf_save.accept_as_adapted``
@@ -68,14 +75,18 @@ from ._surgery import remove_forward_hooks
 __all__ = [
     "CLEARED_IS_QUANTIZED",
     "LINK_NAME",
+    "LOADING",
     "LOAD_GUARD",
+    "LOAD_SETTLE",
     "MERGED_SAVE",
     "MERGED_SAVES",
     "OWN_STATE",
     "PARAMETER_ORDER",
+    "PLAIN_LOAD",
     "QUANTIZED",
     "RESUME_SAVES",
     "STATE_DICT_HOOK",
+    "STATE_RESTORED",
     "is_chainopt",
     "unmark",
 ]
@@ -88,6 +99,14 @@ LINK_NAME = "chainopt_link"
 """The child module holding a 4-bit layer's link."""
 LOAD_GUARD = "_chainopt_load_guard"
 """Instance attribute of a chained model: the handle of its ``load_state_dict`` pre-hook."""
+LOAD_SETTLE = "_chainopt_load_settle"
+"""Instance attribute of a chained model: the handle of its ``load_state_dict`` post-hook."""
+PLAIN_LOAD = "_chainopt_plain_load"
+"""Instance flag: a plain (merged) checkpoint was loaded into the chain (its history is stale)."""
+STATE_RESTORED = "_chainopt_state_restored"
+"""Instance flag: the chain's optimizer state was just loaded (a model load may complete it)."""
+LOADING = "_chainopt_loading"
+"""Instance attribute, only during a ``load_state_dict``: what the post-hook settles."""
 MERGED_SAVE = "_chainopt_merged_save"
 """Instance flag: a save wrote merged weights without the chain's own tensors."""
 RESUME_SAVES = "_chainopt_resume_saves"
@@ -116,7 +135,7 @@ def unmark(model: nn.Module) -> None:
     Call it once no module carries a link any more (the links go with each record's
     ``unload()``). Marks that are not there are skipped.
     """
-    for key in (LOAD_GUARD, STATE_DICT_HOOK):
+    for key in (LOAD_GUARD, LOAD_SETTLE, STATE_DICT_HOOK):
         handle = model.__dict__.pop(key, None)
         if handle is not None and callable(getattr(handle, "remove", None)):
             handle.remove()
@@ -126,6 +145,9 @@ def unmark(model: nn.Module) -> None:
     if model.__dict__.pop(CLEARED_IS_QUANTIZED, False):
         model.__dict__["is_quantized"] = True
     model.__dict__.pop(MERGED_SAVE, None)
+    model.__dict__.pop(PLAIN_LOAD, None)
+    model.__dict__.pop(STATE_RESTORED, None)
+    model.__dict__.pop(LOADING, None)
     model.__dict__.pop(RESUME_SAVES, None)
     model.__dict__.pop(MERGED_SAVES, None)
     for module in model.modules():

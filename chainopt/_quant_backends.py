@@ -36,6 +36,10 @@ class Backend(Protocol):
     def requantize_(self, module: nn.Module, dense: Tensor) -> None:
         """Quantize ``dense`` ``(out, in)`` into the module's weight, in place."""
 
+    def rounded(self, module: nn.Module, dense: Tensor) -> Tensor:
+        """``dense`` quantized like the module's weight and dequantized: float32 ``(out, in)``,
+        what :meth:`dequantize` would give after :meth:`requantize_` of ``dense``."""
+
     def serialize(self, module: nn.Module, dense: Tensor) -> dict[str, Tensor]:
         """``dense`` quantized like the module's weight, as the state-dict entries (relative to
         the module's prefix: ``"weight"`` and its quantization state) the module would save."""
@@ -87,6 +91,13 @@ class _BitsAndBytes4bit:
         state.dtype = dtype  # dequantize to the dtype the layer had (its compute side)
         return q, state
 
+    def rounded(self, module: nn.Module, dense: Tensor) -> Tensor:
+        import bitsandbytes.functional as bnbf
+
+        q, state = self._quantize(module, dense)
+        out: Tensor = bnbf.dequantize_4bit(q, state)
+        return out.float()
+
     def serialize(self, module: nn.Module, dense: Tensor) -> dict[str, Tensor]:
         q, state = self._quantize(module, dense)
         entries = {"weight": q}
@@ -129,6 +140,11 @@ class _TorchaoNF4:
         weight: Any = module.weight
         with torch.no_grad():
             weight.copy_(dense.to(device=weight.device, dtype=weight.dtype))  # quantizes in place
+
+    def rounded(self, module: nn.Module, dense: Tensor) -> Tensor:
+        nf4: Any = self.serialize(module, dense)["weight"]
+        out: Tensor = nf4.get_original_weight()
+        return out.float()
 
     def serialize(self, module: nn.Module, dense: Tensor) -> dict[str, Tensor]:
         weight: Any = module.weight

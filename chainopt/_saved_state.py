@@ -19,12 +19,16 @@ Example:
 
 from __future__ import annotations
 
+import copy
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
-from ._load_guard import check_incoming_state
+from ._load_guard import check_incoming_state, state_restored
 from ._validate import is_int, type_name
 from .history import KnotRecord, parse_history
 from .knot import Chain
@@ -76,10 +80,12 @@ def restore(chain: Chain, model: nn.Module, checked: CheckedState) -> None:
     for r in chain.records:
         if r.quant is not None and r.quant.master is not None:
             r.quant.master.copy_(checked.masters[r.name])
+            r.quant.restored = True  # a model load of the weights saved with it keeps it
     chain.knots_tied = checked.knots_tied
     chain.generator.set_state(checked.generator)
     chain.history.keep_factors, chain.history.knots = checked.history
     chain.pending = None
+    state_restored(model)  # the history describes the model again (and a model load may follow)
 
 
 def check_saved_state(
@@ -136,7 +142,16 @@ def check_saved_state(
             f"state_dict['chainopt']['generator'] must be a {expected.dtype} tensor of shape "
             f"{tuple(expected.shape)} (a CPU generator state), got {generator!r:.80}"
         )
+    if generator.is_meta:
+        raise ValueError("state_dict['chainopt']['generator'] is on the meta device (no data)")
+    try:  # the right size is not enough: a scratch generator must accept it
+        torch.Generator().set_state(generator.cpu())
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"state_dict['chainopt']['generator'] is not a valid CPU generator state: {err}"
+        ) from err
     history = parse_history(entry.get("history"))
+    _check_history(history[1], chain)
     tensors = entry.get("model", {})
     if not isinstance(tensors, dict) or not all(isinstance(t, Tensor) for t in tensors.values()):
         raise ValueError("state_dict['chainopt']['model'] must map keys to tensors")
@@ -169,12 +184,43 @@ def _check_masters(saved: object, chain: Chain) -> dict[str, Tensor]:
             isinstance(tensor, Tensor)
             and tensor.shape == master.shape
             and tensor.is_floating_point()
+            and not tensor.is_meta
         ):
             raise ValueError(
                 f"state_dict['chainopt']['masters'][{name!r}] must be a float tensor of shape "
-                f"{tuple(master.shape)}, got {tensor!r:.80}"
+                f"{tuple(master.shape)} with data, got {tensor!r:.80}"
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"state_dict['chainopt']['masters'][{name!r}] holds NaN or Inf: a knot would "
+                "write it into the 4-bit weight"
             )
     return dict(saved)
+
+
+def _check_history(knots: list[KnotRecord], chain: Chain) -> None:
+    """Every saved link factor fits its module: ``A`` is ``(r, in)``, ``B`` is ``(out, r)``, a
+    bias delta ``(out,)``, all with data (an export stacks them into the adapter)."""
+    sizes = {r.name: (r.link.out_features, r.link.in_features) for r in chain.records}
+    for i, knot in enumerate(knots):
+        for name, f in knot.links.items():
+            where = f"state_dict['chainopt']['history'] knot {i}, module {name!r}"
+            if name not in sizes:
+                raise ValueError(f"{where}: no such adapted module in this chain")
+            out, inp = sizes[name]
+            tensors = [t for t in (f.A, f.B, f.bias) if t is not None]
+            if any(t.is_meta for t in tensors):
+                raise ValueError(f"{where}: a factor is on the meta device (no data)")
+            rank = f.A.shape[0]
+            if tuple(f.A.shape) != (rank, inp) or tuple(f.B.shape) != (out, rank) or rank < 1:
+                raise ValueError(
+                    f"{where}: factors A {tuple(f.A.shape)} and B {tuple(f.B.shape)} do not fit "
+                    f"a ({out}, {inp}) weight: A must be (r, {inp}) and B ({out}, r)"
+                )
+            if f.bias is not None and tuple(f.bias.shape) != (out,):
+                raise ValueError(
+                    f"{where}: bias delta of shape {tuple(f.bias.shape)}, not ({out},)"
+                )
 
 
 def _check_base(
@@ -182,8 +228,9 @@ def _check_base(
 ) -> None:
     """The wrapped optimizer's saved groups and per-parameter state fit the chain's parameters.
 
-    Factors are expected in the shape of the saved link's rank; a state tensor with as many
-    dimensions as its parameter (a moment, a momentum buffer) must have the parameter's shape.
+    Factors are expected in the shape of the saved link's rank. Each parameter's saved state must
+    hold every tensor the optimizer keeps for such a parameter, of the shape it keeps it in (what
+    a scratch copy of the optimizer holds after one step: :func:`_state_rules`); none on meta.
     """
     groups, state = base.get("param_groups"), base.get("state")
     if not isinstance(groups, list) or not isinstance(state, dict):
@@ -202,21 +249,192 @@ def _check_base(
         shapes[id(link.lora_A)] = (rank, link.in_features)
         shapes[id(link.lora_B)] = (link.out_features, rank)
     by_index = {
-        i: p
-        for saved, group in zip(groups, current, strict=True)
+        i: (g, p)
+        for g, (saved, group) in enumerate(zip(groups, current, strict=True))
         for i, p in zip(saved["params"], group["params"], strict=True)
     }
+    rules: dict[tuple[Any, ...], dict[str, tuple[int, ...] | None] | None] = {}
     for index, entry in state.items():
-        param = by_index.get(index)
-        if param is None or not isinstance(entry, dict):
+        found = by_index.get(index)
+        if found is None or not isinstance(entry, dict):
             raise ValueError(f"the saved optimizer state has an entry {index!r} for no parameter")
+        group, param = found
         want = shapes.get(id(param), tuple(param.shape))
+        spec = (group, want, param.dtype)
+        if spec not in rules:
+            rules[spec] = _state_rules(chain.optimizer, group, want, param)
+        _check_param_state(index, entry, want, rules[spec])
+    # Each group's saved hyperparameters, and one of its parameters' saved state, loaded into a
+    # scratch copy of the optimizer that then steps: what the optimizer would do with them.
+    for g, (saved_group, current_group) in enumerate(zip(groups, current, strict=True)):
+        if not current_group["params"]:
+            continue
+        index = next((i for i in saved_group["params"] if i in state), saved_group["params"][0])
+        param = by_index[index][1]
+        want = shapes.get(id(param), tuple(param.shape))
+        why = _dry_run(chain.optimizer, g, saved_group, state.get(index, {}), want, param)
+        if why is not None:
+            raise ValueError(
+                f"the saved optimizer state of param group {g} (parameter {index!r}) does not "
+                f"work in this optimizer: {why}"
+            )
+
+
+def _dry_run(
+    optimizer: Optimizer,
+    group: int,
+    saved_group: dict[str, Any],
+    entry: dict[str, Any],
+    shape: tuple[int, ...],
+    like: Tensor,
+) -> str | None:
+    """Why a scratch copy of ``optimizer`` over one zero parameter of ``shape`` cannot load the
+    saved group's hyperparameters and ``entry`` and step (``None``: it can, or no scratch copy
+    can be made or step here: a sharded parameter or state, an optimizer that cannot be
+    copied)."""
+    tensors = [v for v in _flat(entry).values() if isinstance(v, Tensor)]
+    if type(like) not in (Tensor, nn.Parameter) or any(type(v) is not Tensor for v in tensors):
+        return None  # sharded (DTensor) or engine-held: the per-tensor rules above checked it
+    device = like.device if like.device.type != "meta" else torch.device("cpu")
+    devices = [device] if device.type == "cuda" else []
+
+    def scratch() -> tuple[Optimizer, Tensor]:
+        param = torch.zeros(shape, dtype=like.dtype, device=device, requires_grad=True)
+        param.grad = torch.zeros_like(param)
+        return _scratch_copy(optimizer, group, param), param
+
+    def step(opt: Optimizer) -> None:
+        train = getattr(opt, "train", None)  # schedule-free optimizers step in train mode only
+        if callable(train):
+            train()
+        with torch.random.fork_rng(devices=devices):
+            try:
+                opt.step()
+            except TypeError:  # an optimizer that needs a closure (LBFGS)
+                opt.step(lambda: 0.0)
+
+    try:  # the optimizer itself must copy and step here, or there is nothing to tell
+        step(scratch()[0])
+        copied, _ = scratch()
+    except Exception:
+        return None
+    hyper = {k: copy.deepcopy(v) for k, v in saved_group.items() if k != "params"}
+    try:
+        copied.load_state_dict(
+            {
+                "state": {0: copy.deepcopy(entry)} if entry else {},
+                "param_groups": [{**hyper, "params": [0]}],
+            }
+        )
+        step(copied)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"[:300]
+    return None
+
+
+def _check_param_state(
+    index: Any,
+    entry: dict[str, Any],
+    want: tuple[int, ...],
+    rule: dict[str, tuple[int, ...] | None] | None,
+) -> None:
+    """One parameter's saved state against what the optimizer keeps for a parameter of logical
+    shape ``want`` (``rule``: key -> shape of the tensor it keeps, ``None`` for a non-tensor;
+    ``None`` when no scratch copy of the optimizer could tell: then only tensors with as many
+    dimensions as the parameter are checked, against its shape)."""
+    entry = _flat(entry)
+    for key, value in entry.items():
+        if isinstance(value, Tensor) and value.is_meta:
+            raise ValueError(
+                f"the saved optimizer state {key!r} of parameter {index} is on the meta device"
+            )
+    if rule is None:
         for key, value in entry.items():
-            if isinstance(value, Tensor) and value.dim() == len(want) and value.dim() > 0:
-                if tuple(value.shape) != want:
-                    raise ValueError(
-                        f"the saved optimizer state {key!r} of parameter {index} has shape "
-                        f"{tuple(value.shape)}; the parameter's is {want}"
-                    )
-                if value.is_meta:
-                    raise ValueError(f"the saved optimizer state {key!r} is on the meta device")
+            if (
+                isinstance(value, Tensor)
+                and value.dim() == len(want) > 0
+                and tuple(value.shape) != want
+            ):
+                raise ValueError(
+                    f"the saved optimizer state {key!r} of parameter {index} has shape "
+                    f"{tuple(value.shape)}; the parameter's is {want}"
+                )
+        return
+    for key, shape in rule.items():
+        if shape is None:
+            continue
+        value = entry.get(key)
+        if not isinstance(value, Tensor):
+            raise ValueError(
+                f"the saved optimizer state of parameter {index} has no tensor {key!r} (got "
+                f"{type_name(value)}); the optimizer keeps one of shape {shape} for it"
+            )
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"the saved optimizer state {key!r} of parameter {index} has shape "
+                f"{tuple(value.shape)}; the optimizer keeps it as {shape} for a parameter of "
+                f"shape {want}"
+            )
+
+
+def _state_rules(
+    optimizer: Optimizer, group: int, shape: tuple[int, ...], like: Tensor
+) -> dict[str, tuple[int, ...] | None] | None:
+    """What ``optimizer`` keeps for a parameter of ``shape`` in param group ``group``: the state
+    a scratch copy of it (same class, same hyperparameters, a zero parameter of that shape and
+    dtype) holds after one step with a zero gradient. ``None`` when no scratch copy can step."""
+    device = like.device if like.device.type != "meta" else torch.device("cpu")
+    scratch_param = torch.zeros(shape, dtype=like.dtype, device=device, requires_grad=True)
+    scratch_param.grad = torch.zeros_like(scratch_param)
+    devices = [device] if device.type == "cuda" else []
+    try:  # an optimizer that draws random numbers draws them from a fork: the RNGs stay as they are
+        scratch = _scratch_copy(optimizer, group, scratch_param)
+        with torch.random.fork_rng(devices=devices):
+            try:
+                scratch.step()
+            except TypeError:  # an optimizer that needs a closure (LBFGS)
+                scratch.step(lambda: 0.0)
+        saved = scratch.state_dict()["state"]  # as the state is saved (bitsandbytes nests it)
+        kept = _flat(next(iter(saved.values()), {}))
+    except Exception:  # any failure: fall back to the plain shape rule
+        return None
+    return {k: (tuple(v.shape) if isinstance(v, Tensor) else None) for k, v in kept.items()}
+
+
+def _flat(entry: dict[Any, Any], prefix: str = "") -> dict[str, Any]:
+    """A parameter's saved state with nested dicts flattened to ``"outer.inner"`` keys."""
+    out: dict[str, Any] = {}
+    for key, value in entry.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _scratch_copy(optimizer: Optimizer, group: int, param: Tensor) -> Optimizer:
+    """A copy of ``optimizer`` over ``param`` alone, in a copy of param group ``group`` (its
+    hyperparameters), with no state and no hooks; nothing of the original is shared or copied
+    beyond its settings."""
+    source = optimizer.param_groups[group]
+    new_group = {**{k: copy.deepcopy(v) for k, v in source.items() if k != "params"}}
+    new_group["params"] = [param]
+    memo: dict[int, Any] = {id(optimizer.param_groups): [new_group], id(source): new_group}
+    memo[id(source["params"])] = new_group["params"]
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            memo[id(p)] = param
+    memo[id(optimizer.state)] = defaultdict(dict)
+    for name, value in vars(optimizer).items():
+        if name.startswith("_optimizer_") and name.endswith("_hooks"):
+            memo[id(value)] = type(value)()
+        elif isinstance(value, nn.Module):  # an optimizer that holds the model: shared, not copied
+            memo[id(value)] = value
+    # Every attribute, not what Optimizer.__getstate__ keeps (bitsandbytes keeps its settings in
+    # attributes of its own).
+    clone = object.__new__(type(optimizer))
+    clone.__dict__.update(copy.deepcopy(dict(vars(optimizer)), memo))
+    clone.param_groups = [new_group]
+    clone.state = defaultdict(dict)
+    return clone

@@ -245,18 +245,26 @@ def save_merged(
 
 
 def chain_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """The chain's own entries of ``model.state_dict()``: frozen originals, factors, residuals.
+    """The chain's own entries of ``model.state_dict()``: frozen originals, factors, residuals;
+    for a 4-bit layer its link and its 4-bit weight with the quantization state (a merged
+    checkpoint holds ``quantize(master + link)`` there, not the weight the link sits on).
 
     What a merged (deployable) checkpoint lacks to resume a link exactly; keys as in
     ``model.state_dict()``, tensors by reference.
     """
-    owned = tuple(
-        f"{r.name}.parametrizations." if r.name else "parametrizations."
-        for r in find_adapted(model)
-    )
+    owned: list[str] = []
+    for r in find_adapted(model):
+        base = f"{r.name}." if r.name else ""
+        owned.append(f"{base}{r.link_prefix}")
+        owned.append(f"{base}parametrizations." if r.quant is None else f"{base}weight")
     if not owned:
         return {}
-    return {k: v for k, v in own_state_dict(model).items() if k.startswith(owned)}
+    if getattr(model, "hf_quantizer", None) is None:  # a merged save writes every 4-bit layer
+        owned += [  # dense (no quantizer to save it 4-bit): keep their 4-bit weights exactly
+            f"{n}.weight" if n else "weight" for n, m in model.named_modules() if backend_for(m)
+        ]
+    prefixes = tuple(owned)
+    return {k: v for k, v in own_state_dict(model).items() if k.startswith(prefixes)}
 
 
 def own_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -168,7 +168,8 @@ def parse_history(state: object) -> tuple[bool, list[KnotRecord]]:
     """``(keep_factors, knots)`` from a saved history, checked.
 
     Raises:
-        ValueError: a missing key, a wrong type, or a factor that is not a 2-D float tensor.
+        ValueError: a missing key, a wrong type, or a factor that is not a 2-D float tensor with
+            data (a meta tensor has none).
     """
     try:
         _expect(isinstance(state, Mapping), "not a mapping")
@@ -179,8 +180,16 @@ def parse_history(state: object) -> tuple[bool, list[KnotRecord]]:
             links = {}
             for n, f in k["links"].items():
                 a, b, bias = f["A"], f["B"], f.get("bias")
-                _expect(_matrix(a) and _matrix(b) and a.shape[0] == b.shape[1], f"factors of {n}")
-                _expect(bias is None or (isinstance(bias, Tensor) and bias.dim() == 1), "bias")
+                _expect(
+                    _matrix(a) and _matrix(b) and a.shape[0] == b.shape[1],
+                    f"factors of {n}: A (r, in) and B (out, r) must be 2-D float tensors with "
+                    "data (not on the meta device)",
+                )
+                _expect(
+                    bias is None
+                    or (isinstance(bias, Tensor) and bias.dim() == 1 and not bias.is_meta),
+                    f"bias of {n}: a 1-D tensor with data (not on the meta device)",
+                )
                 links[str(n)] = LinkFactors(a, b, float(f["scale"]), bias)
             norms = {str(n): float(v) for n, v in k["norms"].items()}
             step = k["step"]
@@ -198,7 +207,8 @@ def _expect(condition: bool, what: str) -> None:
 
 
 def _matrix(t: object) -> bool:
-    return isinstance(t, Tensor) and t.dim() == 2 and t.is_floating_point()
+    """A 2-D float tensor with data (not on the meta device)."""
+    return isinstance(t, Tensor) and t.dim() == 2 and t.is_floating_point() and not t.is_meta
 
 
 def _host_copies(links: Mapping[str, LinkFactors]) -> dict[str, LinkFactors]:

@@ -40,6 +40,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from ._build import build_chain, drop_params, rebind
+from ._load_guard import state_restored
 from ._saved_state import chain_entry, check_saved_state, restore
 from ._schedule_free import KnotContext
 from ._validate import type_name
@@ -237,6 +238,10 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         self._require_chain(full=self.schedule.is_due(self.optimizer_steps + 1))
         self.optimizer_steps += 1
         merged_save_pending(self.model, clear=True)  # a later state_dict is of a later state
+        for r in self.chain.records:  # masters restored with a state: only the next model load
+            if r.quant is not None:  # of that state's weights may keep them
+                r.quant.restored = False
+        state_restored(self.model, False)
         if self.schedule.is_due(self.optimizer_steps):
             self.tie_knot()
         self._arm()
@@ -398,8 +403,12 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         """Load what :meth:`state_dict` saved (load ``model.state_dict()`` too); all or nothing.
 
         Everything is checked first — the version, the config, the counters, the generator
-        state, the history, the wrapped optimizer's groups and per-parameter state shapes — then
-        loaded.
+        state (it must load into a scratch generator), the history (every factor fits its
+        module), the 4-bit masters (with data, finite), the wrapped optimizer's groups, and each
+        parameter's state against what the optimizer itself keeps for such a parameter (every
+        tensor a scratch copy of it holds after one step, in that shape), and each group's
+        hyperparameters with one of its parameters' state loaded into a scratch copy that
+        steps — then loaded.
 
         Raises:
             TypeError: ``state_dict`` is not a dict.

@@ -52,6 +52,7 @@ from ._atomic import write_atomically
 from ._attach import is_conv1d, original, plist_of
 from ._dtensor import full_tensor
 from ._layers import find_adapted
+from ._load_guard import loaded_plain_weights
 from ._lowrank import compress, factorise
 from ._quant_backends import backend_for
 from ._record import ModuleRecord
@@ -131,8 +132,9 @@ def export_peft_adapter(
             writes each module's best rank-``k`` approximation (see the report's errors).
         base: the original base model, or its state dict under plain keys
             (``"….q_proj.weight"``), as it was when the optimizer was built; needed once knots
-            were tied without history, or after ``merge_and_unload()``. Ignored while
-            ``opt.history`` holds every merged link.
+            were tied without history, after ``merge_and_unload()``, or after a plain (merged)
+            checkpoint was loaded into the chained model (``load_best_model_at_end`` without
+            the chain's optimizer state). Ignored while ``opt.history`` holds every merged link.
         task_type: PEFT's ``task_type``; ``"auto"`` infers it from the model class name
             (``…ForCausalLM`` → ``"CAUSAL_LM"``, …), ``None`` writes none.
         base_model_name_or_path: recorded in the config; default: the model's ``name_or_path``.
@@ -142,11 +144,11 @@ def export_peft_adapter(
 
     Raises:
         TypeError: ``chain`` is not a :class:`~chainopt.ChainLoRAOptimizer`.
-        ValueError: a bad ``rank``; knots were tied with ``keep_history=False`` or
-            ``merge_and_unload()`` was called, and no ``base`` was given (or it lacks a weight,
-            or holds one of another shape); PEFT would refuse to load the adapter into the
-            model's architecture (Mamba's ``out_proj``, say: see :func:`_check_peft_loads`).
-            Nothing is written then.
+        ValueError: a bad ``rank``; knots were tied with ``keep_history=False``,
+            ``merge_and_unload()`` was called or a plain checkpoint loaded, and no ``base`` was
+            given (or it lacks a weight, or holds one of another shape); PEFT would refuse to
+            load the adapter into the model's architecture (Mamba's ``out_proj``, say: see
+            :func:`_check_peft_loads`). Nothing is written then.
         ImportError: ``safetensors`` is not installed.
     """
     if not isinstance(chain, ChainLoRAOptimizer):
@@ -165,11 +167,18 @@ def export_peft_adapter(
     chained = chain.chain.records  # none once unloaded by the optimizer; stale behind its back
     unloaded = not chained or not all(r.attached() for r in chained)
     # The history holds every merged link unless it was off while knots were tied.
-    from_history = not unloaded and (history.keep_factors or not len(history))
+    # A plain (merged) checkpoint loaded into the chain since: the history is not W - W0.
+    stale = not unloaded and loaded_plain_weights(chain.model)
+    from_history = not unloaded and not stale and (history.keep_factors or not len(history))
     if not from_history and base is None:
         why = (
             "merge_and_unload() was called: its link is not in opt.history"
             if unloaded
+            else "a load replaced the chained model's weights without the chain's optimizer "
+            "state (a plain (merged) checkpoint: a Trainer's load_best_model_at_end or resume "
+            "without optimizer.pt; or a model-only load): opt.history no longer describes its "
+            "update W - W0"
+            if stale
             else f"this chain was built with keep_history=False and has tied {len(history)} "
             "knot(s): the merged links' factors were not kept"
         )

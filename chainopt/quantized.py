@@ -54,6 +54,9 @@ class QuantizedWeight:
         self.module = module
         self.backend = backend
         self.master = master
+        # the master was just restored with the optimizer's state, and the weight saved beside it
+        # may load after it (load_checkpoint): keep the master through that one load
+        self.restored = False
 
     def dense(self) -> Tensor:
         """The weight now as float32 ``(out, in)``: the master, or the dequantized weight."""
@@ -76,6 +79,31 @@ class QuantizedWeight:
         b, a = _whole_factors(link, self.master.device)
         self.master.addmm_(b, a, alpha=link.scale)
         self.backend.requantize_(self.module, self.master)
+        self.restored = False
+
+    @torch.no_grad()
+    def follow_loaded_weight(self, dense: Tensor | None = None, plain: bool = False) -> bool:
+        """After a load wrote this layer's 4-bit weight: ``dense`` (the float weight the load
+        quantized into it) becomes the master; otherwise keep the master if the weight is what
+        it rounds to (or it was just restored with the optimizer's state and the load is not
+        ``plain``: its link was not restarted), else restart it from the loaded weight,
+        dequantized (as at construction). Returns whether the master changed.
+
+        Without this a knot would write ``quantize(old master + link)`` over the loaded weight.
+        """
+        restored, self.restored = self.restored, False
+        if self.master is None:
+            return False
+        if dense is not None:
+            self.master.copy_(dense)
+            return True
+        if restored and not plain:
+            return False
+        loaded = self.backend.dequantize(self.module)
+        if torch.equal(loaded, self.backend.rounded(self.module, self.master).to(loaded.device)):
+            return False
+        self.master.copy_(loaded)
+        return True
 
 
 def _whole_factors(link: Factors, device: torch.device) -> tuple[Tensor, Tensor]:

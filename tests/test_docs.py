@@ -42,6 +42,16 @@ def test_skipped_blocks_say_why() -> None:
     assert os.path.exists(ROOT / "README.md")
 
 
+def test_the_qlora_page_runs_where_bitsandbytes_dequantizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/qlora.md again with bitsandbytes' other CPU path: ``Linear4bit`` built as on a CPU
+    without AVX512-BF16 (it never repacks its weight), whatever this CPU has."""
+    modules = pytest.importorskip("bitsandbytes.nn.modules")
+    monkeypatch.setattr(modules, "has_avx512bf16", lambda: False)
+    test_page_code_runs(ROOT / "docs" / "qlora.md", tmp_path, monkeypatch)
+
+
 def test_readmes_layout_map_names_every_module() -> None:
     """README's map of the package lists every module, so a reader finds each file there."""
     text = (ROOT / "README.md").read_text()

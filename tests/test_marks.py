@@ -21,7 +21,8 @@ def _marks(model: nn.Module) -> dict[str, object]:
             k for k in vars(model) if "chainopt" in k or k in ("save_pretrained", "is_quantized")
         ),
         "forward_hooks": sum(len(m._forward_hooks) for m in model.modules()),
-        "load_hooks": len(model._load_state_dict_pre_hooks),
+        "load_hooks": len(model._load_state_dict_pre_hooks)
+        + len(model._load_state_dict_post_hooks),
         "classes": sorted(
             {type(m).__name__ for m in model.modules() if "Parametrized" in type(m).__name__}
         ),

@@ -40,6 +40,24 @@ QV = ["q_proj", "v_proj"]
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@pytest.fixture(params=["dequantize", "avx512bf16-repack"])
+def bnb_cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both code paths of bitsandbytes' CPU ``Linear4bit``, for the ``Linear4bit`` layers a test
+    builds. On a CPU with AVX512-BF16 an eval-mode forward without gradients *repacks* the weight
+    (another byte layout, un-nested bfloat16 ``absmax``) and runs a bfloat16 kernel; saving
+    re-nests the statistics from those bfloat16 values, so a stock save/load of a model that ran
+    in eval mode is not the model. Elsewhere (and in training mode) the layer dequantizes.
+    ``"dequantize"`` forces the second path on any CPU (``Linear4bit`` reads ``has_avx512bf16``
+    when it is built); ``"avx512bf16-repack"`` runs only where the CPU has the instructions."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    if request.param == "dequantize":
+        monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
+    elif not bnbf.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks a 4-bit weight here")
+    return str(request.param)
+
+
 def _dense(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     return LlamaForCausalLM(CONFIG).to(dtype)
@@ -304,7 +322,9 @@ def test_the_merged_model_of_a_qv_4bit_chain_is_dense() -> None:
     LlamaForCausalLM(CONFIG).load_state_dict(merged, strict=False)
 
 
-def test_the_peft_adapter_against_the_quantized_base_serves_the_chain(tmp_path: Path) -> None:
+def test_the_peft_adapter_against_the_quantized_base_serves_the_chain(
+    tmp_path: Path, bnb_cpu_path: str
+) -> None:
     peft = pytest.importorskip("peft")
     base = _quantized()
     model = copy.deepcopy(base)  # the quantized model before chaining stays as the base
@@ -314,19 +334,34 @@ def test_the_peft_adapter_against_the_quantized_base_serves_the_chain(tmp_path: 
     assert report.rank == 3 * 8 and report.relative_error < 1e-5
     dense = _dense_of(model)
     served = peft.PeftModel.from_pretrained(_quantized(), tmp_path / "adapter")
+    assert not served.training  # eval mode: where the CPU has AVX512-BF16, bitsandbytes repacks
     assert isinstance(served.base_model.model.model.layers[0].self_attn.q_proj.base_layer,
                       bnb.nn.Linear4bit)  # fmt: skip
-    # PEFT computes deq(W₀)·x + (Σ sᵢBᵢAᵢ)·x: the masters' function, exactly ...
-    torch.testing.assert_close(_logits(served), _logits(dense), rtol=1e-4, atol=1e-4)
+    # What the adapter controls, on every CPU: each adapted layer adds exactly the chain's
+    # update (master + pending link - deq(W0)) to whatever the 4-bit base layer computes.
+    merged = chainopt.merged_state_dict(model)
+    x = torch.randn(5, CONFIG.hidden_size, generator=torch.Generator().manual_seed(1))
+    for name in _starts(base, QV):
+        layer = served.base_model.model.get_submodule(name)
+        update = merged[f"{name}.weight"] - _deq(base.get_submodule(name))
+        with torch.no_grad():
+            added = layer(x) - layer.base_layer(x)
+        torch.testing.assert_close(added, x @ update.T, rtol=1e-5, atol=1e-5)
+    # Where bitsandbytes dequantizes, PEFT computes deq(W0)x + (sum s_i B_i A_i)x: the masters'
+    # function, which the dense model computes too. (The repacked bf16 kernel rounds the base.)
+    if bnb_cpu_path == "dequantize":
+        torch.testing.assert_close(_logits(served), _logits(dense), rtol=1e-4, atol=1e-4)
     # ... which the chained 4-bit model (quantize(M), rounded once) matches to its quantization
-    gap = (_logits(served) - _logits(model)).abs().max().item()
+    gap = (_logits(dense) - _logits(model)).abs().max().item()
     assert gap <= 2 * _quantization_gap(), gap
-    # before any knot the chained model is deq(W₀) + the link: the same function as PEFT's
+    # before any knot the chained model is deq(W0) + the link: the same function as PEFT's,
+    # through the same bitsandbytes kernel (both in eval mode, as PEFT serves)
     fresh = copy.deepcopy(base)
     opt2 = _chain(fresh, knot_every=100)
     _train(fresh, opt2, 2)
     chainopt.export_peft_adapter(opt2, tmp_path / "adapter2", base=base)
     served2 = peft.PeftModel.from_pretrained(_quantized(), tmp_path / "adapter2")
+    fresh.eval()
     torch.testing.assert_close(_logits(served2), _logits(fresh), rtol=1e-5, atol=1e-5)
 
 
@@ -376,19 +411,42 @@ def _from_pretrained_4bit(tmp_path: Path) -> nn.Module:
 
 
 def test_save_pretrained_of_a_chained_4bit_model_reloads_the_fine_tuned_model(
-    tmp_path: Path,
+    tmp_path: Path, bnb_cpu_path: str
 ) -> None:
+    from safetensors.torch import load_file
+
     model = _from_pretrained_4bit(tmp_path)
+    assert not model.training  # from_pretrained: eval mode, the forward bitsandbytes may repack
     opt = _chain(model)
     _train(model, opt, 7)  # two knots and a pending link
     merged = copy.deepcopy(model)
     chainopt.merge_and_unload(merged)  # the fine-tuned model in 4-bit, from the masters
+    # a stock save of the same, unchained model (before any forward of it: once an eval forward
+    # has repacked a layer, bitsandbytes' save re-nests its statistics from bfloat16 values)
+    merged.save_pretrained(tmp_path / "stock")
+    before = _logits(merged)
     model.save_pretrained(tmp_path / "saved")
     loaded, info = LlamaForCausalLM.from_pretrained(
         tmp_path / "saved", device_map="cpu", output_loading_info=True
     )
     assert not info["unexpected_keys"] and not info["missing_keys"]
-    torch.testing.assert_close(_logits(loaded), _logits(merged), rtol=1e-5, atol=1e-5)
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    # what chainopt writes: each adapted layer quantize(master + pending link), rounded once,
+    # with the quantization state quantize_4bit gives it (double-quantized, as loaded)
+    for r in opt.chain.records:
+        q, state = bnbf.quantize_4bit(r.quant.merged(r.link), blocksize=64,  # type: ignore[union-attr]
+                                      compress_statistics=True, quant_type="nf4")  # fmt: skip
+        assert torch.equal(saved[f"{r.name}.weight"], q), r.name
+        for k, v in state.as_dict(packed=True).items():
+            assert torch.equal(saved[f"{r.name}.weight.{k}"], v), (r.name, k)
+    # the whole file is what a stock save of the unchained, merged model writes, bit for bit
+    stock = load_file(tmp_path / "stock" / "model.safetensors")
+    assert set(saved) == set(stock)
+    assert all(torch.equal(saved[k], stock[k]) for k in stock)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "stock", device_map="cpu")
+    assert torch.equal(_logits(loaded), _logits(reloaded))
+    if bnb_cpu_path == "dequantize":  # no repacking: a round trip is lossless, in memory too
+        assert torch.equal(_logits(loaded), before)
 
 
 def test_a_qv_chain_over_a_fully_4bit_model_resumes_from_a_checkpoint(tmp_path: Path) -> None:

@@ -85,6 +85,8 @@ except ImportError as err:
     ) from err
 
 from .._layers import find_adapted
+from .._marks import LINK_NAME
+from .._quant_backends import backend_for
 from ..export import mark_merged_save, merged_state_dict
 from ..guard import NonFiniteUpdateError
 from ..optimizer import ChainLoRAOptimizer
@@ -146,6 +148,9 @@ class ChainLoRACheckpoint(Callback):
     def _defer_chain_keys(
         self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
     ) -> None:
+        if self._stage == "fit":  # 4-bit layers: the chained module loads them (on_fit_start)
+            for key, tensor in _deferred_quantized(module, state_dict, prefix).items():
+                self._stash[key[len(prefix) :]] = tensor
         deferred = _deferred(module, state_dict, prefix)
         if not deferred:
             return
@@ -226,6 +231,31 @@ class ChainLoRACheckpoint(Callback):
             mark_merged_save(opt.model)  # its state_dict() now carries the chain's own tensors
             states[i] = trainer.strategy.optimizer_state(opt)
         checkpoint["state_dict"] = merged
+
+
+def _deferred_quantized(
+    model: nn.Module, state_dict: dict[str, Any], prefix: str
+) -> dict[str, Tensor]:
+    """Take out of ``state_dict`` what an unchained 4-bit layer cannot load but the chained one
+    will (a merged checkpoint's dense weight, the layer's quantization state, its link), and
+    return it. The layer's weight key stays, holding the layer's current weight (a no-op load);
+    the chained module's own load then writes weight, state and link together."""
+    out: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        if backend_for(module) is None or LINK_NAME in module._modules:
+            continue
+        base = f"{prefix}{name}." if name else prefix
+        weight = f"{base}weight"
+        if weight not in state_dict:
+            continue
+        for key in [
+            k
+            for k in state_dict
+            if k == weight or k.startswith((f"{weight}.", f"{base}{LINK_NAME}."))
+        ]:
+            out[key] = state_dict.pop(key)
+        state_dict[weight] = module.weight.detach()
+    return out
 
 
 def _deferred(

@@ -158,7 +158,10 @@ class ChainLoRACallback(TrainerCallback):
     knot counts, generator, history: what :func:`chainopt.export_peft_adapter` reads).
     A resume from a checkpoint that holds no optimizer state (``save_only_model=True``) warns
     (:class:`~chainopt.ChainLoRAWarning`): the chain then restarts its schedule from the saved
-    merged weights. Training and resuming need no callback.
+    merged weights; so does ``load_best_model_at_end`` from such a checkpoint (the model is the
+    best one, the chain's counters and history are not, and
+    :func:`~chainopt.adapter.export_peft_adapter` then needs ``base=``). Training and resuming
+    need no callback.
 
     Example:
         >>> callback = ChainLoRACallback()  # Trainer(..., callbacks=[callback])
@@ -207,6 +210,17 @@ class ChainLoRACallback(TrainerCallback):
         path = os.path.join(best, _OPTIMIZER_NAME)
         if os.path.isfile(path):
             chain.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return
+        warnings.warn(
+            f"load_best_model_at_end: {best} holds no optimizer.pt (save_only_model=True), so "
+            "the chain cannot go back to it: the model is the best checkpoint's merged model "
+            "(every link restarted at zero), but the chain's step and knot counters and its "
+            f"history are those of step {chain.optimizer_steps}. export_peft_adapter() now needs "
+            "base=<the original model> (it factorises W - W0); save with save_only_model=False "
+            "to restore the chain with the model",
+            ChainLoRAWarning,
+            stacklevel=2,
+        )
 
 
 def _unwrap(optimizer: Optimizer) -> Optimizer:

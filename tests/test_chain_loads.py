@@ -1,0 +1,205 @@
+"""Loads into a live chain that replace its state with a plain (merged) checkpoint.
+
+After such a load the model is the checkpoint's model (every link restarted at zero), but the
+chain's history describes links merged into weights the model no longer holds: an adapter
+exported from it would be another model. So the export then needs ``base=`` (it factorises
+``W - W0`` exactly), and the HF ``Trainer``'s ``load_best_model_at_end`` without the chain's
+optimizer state (``save_only_model=True``) says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from models import tiny_llama
+from torch import nn
+
+import chainopt
+from chainopt import ChainLoRAOptimizer, ChainLoRAWarning
+from chainopt.peft_export import export_peft_adapter
+
+IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(9))
+
+
+def _chain(model: nn.Module, **kw: Any) -> ChainLoRAOptimizer:
+    kw = {"target_modules": ["q_proj", "v_proj"], "rank": 4, "alpha": 8, "knot_every": 3,
+          "keep_history": True, "seed": 5, **kw}  # fmt: skip
+    return ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), **kw)
+
+
+def _train(model: nn.Module, opt: ChainLoRAOptimizer, steps: int) -> None:
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        ids = torch.randint(0, 64, (2, 10), generator=gen)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def _served(path: Path) -> torch.Tensor:
+    from peft import PeftModel
+
+    return _logits(PeftModel.from_pretrained(tiny_llama(), path).eval())
+
+
+def test_a_plain_checkpoint_loaded_into_a_chain_with_history_makes_the_export_need_base(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("peft")
+    model = tiny_llama()
+    opt = _chain(model)
+    _train(model, opt, 4)  # a knot and a pending link
+    best = chainopt.merged_state_dict(model)
+    expected = _logits(model)
+    chainopt.save_checkpoint(tmp_path / "c.pt", model, opt)
+    _train(model, opt, 4)  # another knot
+    model.load_state_dict(best)  # what load_best_model_at_end does with a merged checkpoint
+    torch.testing.assert_close(_logits(model), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="plain \\(merged\\) checkpoint"):
+        export_peft_adapter(opt, tmp_path / "stale")
+    assert not (tmp_path / "stale").exists()
+    export_peft_adapter(opt, tmp_path / "exact", base=tiny_llama())  # W - W0, factorised
+    torch.testing.assert_close(_served(tmp_path / "exact"), expected, rtol=1e-4, atol=1e-4)
+    # the chain's own state loaded whole again: the history describes the model again
+    chainopt.load_checkpoint(tmp_path / "c.pt", model, opt)
+    export_peft_adapter(opt, tmp_path / "history")
+    torch.testing.assert_close(_served(tmp_path / "history"), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_plain_load_into_a_fresh_chain_also_needs_base_then_exports_the_update(
+    tmp_path: Path,
+) -> None:
+    """A chain built on one model that then loads another's weights: links trained since are
+    relative to the loaded weights, not to the model it was built on; the export asks."""
+    pytest.importorskip("peft")
+    model = tiny_llama(seed=1)
+    opt = _chain(model)
+    model.load_state_dict(tiny_llama().state_dict())
+    _train(model, opt, 4)
+    with pytest.raises(ValueError, match="plain \\(merged\\) checkpoint"):
+        export_peft_adapter(opt, tmp_path / "a")
+    export_peft_adapter(opt, tmp_path / "a", base=tiny_llama())
+    torch.testing.assert_close(_served(tmp_path / "a"), _logits(model), rtol=1e-4, atol=1e-4)
+
+
+def _best_trainer(out: Path, **kw: Any) -> tuple[nn.Module, ChainLoRAOptimizer, Any, list[Any]]:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from chainopt.integrations.transformers import ChainLoRACallback
+
+    class _Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+        ids = torch.randint(0, 64, (24, 10), generator=torch.Generator().manual_seed(0))
+
+        def __len__(self) -> int:
+            return len(self.ids)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+    model = tiny_llama()
+    opt = _chain(model)  # knots after steps 3 and 6
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=6, per_device_train_batch_size=2, save_strategy="steps",
+        save_steps=2, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+        metric_for_best_model="first", greater_is_better=True, report_to="none", use_cpu=True,
+        disable_tqdm=True, **kw,
+    )  # fmt: skip
+    at_step: list[Any] = []
+    trainer: Any = None
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 2:
+                at_step.append(_logits(model))
+
+    def first(_: Any) -> dict[str, float]:  # makes checkpoint-2 the best one
+        return {"first": float(trainer.state.global_step == 2)}
+
+    trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), eval_dataset=_Tokens(),
+                      compute_metrics=first, optimizers=(opt, None),
+                      callbacks=[ChainLoRACallback(), Record()])  # fmt: skip
+    return model, opt, trainer, at_step
+
+
+def test_load_best_model_at_end_with_save_only_model_warns_and_the_export_needs_base(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("peft")
+    model, opt, trainer, at_step = _best_trainer(tmp_path / "out", save_only_model=True)
+    with pytest.warns(ChainLoRAWarning, match="holds no optimizer.pt"):
+        trainer.train()
+    assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-2"
+    torch.testing.assert_close(_logits(model), at_step[0], rtol=1e-5, atol=1e-5)  # the best
+    with pytest.raises(ValueError, match="plain \\(merged\\) checkpoint"):
+        export_peft_adapter(opt, tmp_path / "adapter")
+    export_peft_adapter(opt, tmp_path / "adapter", base=tiny_llama())
+    torch.testing.assert_close(_served(tmp_path / "adapter"), at_step[0], rtol=1e-4, atol=1e-4)
+
+
+def test_load_best_model_at_end_with_the_optimizer_state_restores_the_chain_silently(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("peft")
+    _, opt, trainer, at_step = _best_trainer(tmp_path / "out")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ChainLoRAWarning)
+        trainer.train()
+    assert opt.optimizer_steps == 2 and opt.knots_tied == 0 and len(opt.history) == 0
+    export_peft_adapter(opt, tmp_path / "adapter")  # from the history: it describes the model
+    torch.testing.assert_close(_served(tmp_path / "adapter"), at_step[0], rtol=1e-4, atol=1e-4)
+
+
+def test_unloading_after_a_plain_load_leaves_no_load_hook_or_flag() -> None:
+    model = tiny_llama()
+    opt = _chain(model)
+    _train(model, opt, 2)
+    model.load_state_dict(chainopt.merged_state_dict(model))
+    chainopt.merge_and_unload(model)
+    assert not [k for k in vars(model) if "chainopt" in k]
+    assert not model._load_state_dict_pre_hooks and not model._load_state_dict_post_hooks
+
+
+@pytest.mark.parametrize("order", ["model first", "optimizer first", "model only", "stepped"])
+def test_loading_the_chain_own_keys_keeps_the_history_only_with_its_optimizer_state(
+    tmp_path: Path, order: str
+) -> None:
+    """The chain's own keys loaded into a live chain replace its tensors; without the optimizer
+    state saved with them (model only, or with a step between) the history no longer describes
+    the model, and the export asks for ``base``."""
+    pytest.importorskip("peft")
+    model = tiny_llama()
+    opt = _chain(model)
+    _train(model, opt, 4)
+    model_state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_state = copy.deepcopy(opt.state_dict())
+    expected = _logits(model)
+    _train(model, opt, 4)
+    if order == "model first":
+        model.load_state_dict(model_state)
+        opt.load_state_dict(opt_state)
+    elif order == "optimizer first":
+        opt.load_state_dict(opt_state)
+        model.load_state_dict(model_state)
+    elif order == "model only":
+        model.load_state_dict(model_state)
+    else:
+        opt.load_state_dict(opt_state)
+        _train(model, opt, 1)
+        model.load_state_dict(model_state)
+    if order in ("model only", "stepped"):
+        with pytest.raises(ValueError, match="plain \\(merged\\) checkpoint"):
+            export_peft_adapter(opt, tmp_path / "a")
+        return
+    torch.testing.assert_close(_logits(model), expected, rtol=0, atol=0)
+    export_peft_adapter(opt, tmp_path / "a")
+    torch.testing.assert_close(_served(tmp_path / "a"), expected, rtol=1e-4, atol=1e-4)
