@@ -71,7 +71,32 @@ def _store_(target: Tensor, exact: Tensor, residual: Tensor | None) -> None:
         target.copy_(exact)
         rounded = target
     if residual is not None:
-        copy_full_(residual, exact.sub_(rounded.to(exact.dtype)))
+        copy_full_(residual, _residual(exact, rounded, residual.dtype))
+
+
+_BITS = {
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
+
+
+def _residual(exact: Tensor, rounded: Tensor, dtype: torch.dtype) -> Tensor:
+    """What rounding ``exact`` to ``rounded`` dropped, in ``dtype``, such that ``rounded +
+    residual`` rounds back to ``rounded``.
+
+    The residual's own rounding can land on exactly half a spacing of the weight (a tie, or past
+    it at a binade edge); the next knot, even of a zero link, would then round ``W + residual``
+    to a neighbour of ``W`` and move the function. Such entries are nudged one step of their own
+    dtype toward zero (the integer view of a float minus one is the next value toward zero, for
+    either sign): a change far below the residual's own rounding, and no host sync.
+    """
+    work = exact.dtype
+    dropped = exact.sub_(rounded.to(work)).to(dtype)
+    back = (rounded.to(work) + dropped.to(work)).to(rounded.dtype)
+    nudged = (dropped.view(_BITS[dtype]) - 1).view(dtype)  # never chosen where dropped == 0
+    return torch.where(back == rounded, dropped, nudged)
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from strategies import LinearCase, linear_cases, tolerance
 from torch import nn
 
@@ -120,3 +121,42 @@ def test_half_precision_knots_are_exact(
     # Rounding at every knot loses far more than rounding once; the residual keeps the floor.
     assert exact <= floor * (1 + 1e-4)
     assert naive > floor + 0.02
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    size=st.sampled_from([1e-1, 1e-2, 1e-3]),
+    links=st.integers(1, 3),
+)
+@settings(max_examples=25, deadline=None)
+def test_a_knot_of_a_zero_link_leaves_a_half_precision_weight_bitwise_as_it_is(
+    seed: int, dtype: torch.dtype, size: float, links: int
+) -> None:
+    """``W + residual`` always rounds back to ``W``: the residual's own rounding never lands on a
+    tie, so a knot that merges nothing changes neither the weight nor the residual."""
+    gen = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(64, 64).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(64, 64, generator=gen).to(dtype))
+    link = attach(
+        lin,
+        rank=4,
+        alpha=4.0,
+        factor_dtype=torch.float32,
+        residual_dtype=(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32),
+    )
+    record = record_of("fc", lin)
+    for _ in range(links):  # real merges first: they leave residuals
+        with torch.no_grad():
+            link.lora_B.copy_(size * torch.randn(link.lora_B.shape, generator=gen))
+        merge_(record)
+        with torch.no_grad():
+            link.lora_B.zero_()
+    residual = link.merge_residual
+    assert residual is not None
+    weight, kept = record.weight.detach().clone(), residual.clone()
+    for _ in range(3):
+        merge_(record)  # B is zero: nothing to merge
+        assert torch.equal(record.weight, weight)
+        assert torch.equal(residual, kept)
