@@ -16,8 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-import rank_bound as rb  # noqa: E402
 import rank_bound_report as rbr  # noqa: E402
+import rankbound as rb  # noqa: E402
 
 
 def _runs(out: Path) -> dict[str, dict]:
