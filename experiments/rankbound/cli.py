@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from _runs import claim, finished, with_overrides, write_json_atomic
+from _runs import REPO_ROOT, claim, finished, with_overrides, write_json_atomic
 
 from . import __doc__ as _ABOUT
 from .design import TINY, Design, method_by_name
@@ -17,7 +17,7 @@ from .train import Context, Stop, run_key, train_run
 
 __all__ = ["DEFAULT_OUT", "main"]
 
-DEFAULT_OUT = Path(__file__).resolve().parents[2] / "experiments" / "results" / "rank_bound"
+DEFAULT_OUT = REPO_ROOT / "experiments" / "results" / "rank_bound"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
