@@ -8,7 +8,10 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
+import gzip
+import io
 import json
 import math
 import os
@@ -16,6 +19,7 @@ import platform
 import random
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
@@ -221,3 +225,127 @@ def git_commit(short: int = 12) -> str:
         ).stdout.strip()[:short]
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+# ------------------------------------------- finished runs, design overrides, packed curves
+
+__all__ += ["finished", "pack_curves", "read_curve", "with_overrides"]
+
+#: The archive that holds a results folder's per-run curves once packed (``curves/*.jsonl``).
+CURVES_ARCHIVE = "curves.tar.gz"
+
+
+def finished(out: Path) -> dict[str, dict[str, Any]]:
+    """The finished runs of a results folder: every ``out/runs/*.json``, by its ``"key"``.
+
+    Args:
+        out: The results folder.
+
+    Returns:
+        ``{key: run}`` in file-name order.
+    """
+    runs = {}
+    for p in sorted((out / "runs").glob("*.json")):
+        r = json.loads(p.read_text())
+        runs[r["key"]] = r
+    return runs
+
+
+def with_overrides(design: Any, pairs: Iterable[str]) -> Any:
+    """A frozen dataclass ``design`` with ``KEY=VALUE`` fields replaced (tuples comma-separated).
+
+    Args:
+        design: The dataclass instance.
+        pairs: ``"KEY=VALUE"`` strings; a value takes the type of the field's current value.
+
+    Returns:
+        A new instance.
+
+    Example:
+        >>> import dataclasses
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class D:
+        ...     n: int = 1
+        ...     lrs: tuple[float, ...] = (0.1,)
+        >>> with_overrides(D(), ["n=3", "lrs=0.1,0.2"])
+        D(n=3, lrs=(0.1, 0.2))
+    """
+    changes: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        current = getattr(design, key)
+        if isinstance(current, tuple):
+            kind = type(current[0]) if current else str
+            changes[key] = tuple(kind(v) for v in value.split(",") if v)
+        else:
+            changes[key] = type(current)(value)
+    return dataclasses.replace(design, **changes)
+
+
+def read_curve(out: Path, key: str) -> list[dict[str, Any]]:
+    """The per-step rows of run ``key``: ``out/curves/<key>.jsonl``, or its copy in the archive.
+
+    A results folder whose curves were packed by :func:`pack_curves` reads the same.
+
+    Args:
+        out: The results folder.
+        key: The run's key.
+
+    Returns:
+        One dict per step (``[]`` when the run has no curve).
+    """
+    loose = out / "curves" / f"{key}.jsonl"
+    if loose.exists() or not (out / CURVES_ARCHIVE).exists():
+        return read_jsonl(loose)
+    with tarfile.open(out / CURVES_ARCHIVE, "r:gz") as tar:
+        try:
+            member = tar.extractfile(f"curves/{key}.jsonl")
+        except KeyError:
+            return []
+        assert member is not None
+        text = member.read().decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def pack_curves(out: Path) -> Path:
+    """Pack ``out/curves/*.jsonl`` into one ``out/curves.tar.gz`` and remove the loose files.
+
+    The archive is reproducible (sorted, no times or owners) and is read back and compared with
+    every loose file before any of them is removed.
+
+    Args:
+        out: The results folder.
+
+    Returns:
+        The archive's path.
+
+    Raises:
+        FileNotFoundError: ``out/curves`` has no ``.jsonl`` file.
+    """
+    files = sorted((out / "curves").glob("*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no curves/*.jsonl under {out}")
+    archive = out / CURVES_ARCHIVE
+    tmp = archive.with_name(f".{archive.name}.{os.getpid()}.tmp")
+    with (
+        tmp.open("wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for path in files:
+            data = path.read_bytes()
+            info = tarfile.TarInfo(f"curves/{path.name}")
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(tmp, "r:gz") as tar:
+        for path in files:
+            member = tar.extractfile(f"curves/{path.name}")
+            if member is None or member.read() != path.read_bytes():
+                tmp.unlink()
+                raise RuntimeError(f"{path.name} did not read back from the archive")
+    os.replace(tmp, archive)
+    for path in files:
+        path.unlink()
+    if not any((out / "curves").iterdir()):
+        (out / "curves").rmdir()
+    return archive

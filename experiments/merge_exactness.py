@@ -32,11 +32,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from chainopt._attach import attach
-from chainopt._layers import record_of
-from chainopt.merge import merge_
+from chainopt import ChainLoRAOptimizer
 
+#: The weight dtypes measured, with the dtype of the merge residual chainopt keeps for each.
 RESIDUALS = {torch.bfloat16: torch.bfloat16, torch.float16: torch.float32}
+
+
+class _One(nn.Module):
+    """A model of one ``(64, 64)`` linear layer, the only module the chain adapts."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64, bias=False).to(dtype)
 
 
 def ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -46,11 +53,15 @@ def ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def run(dtype: torch.dtype, knots: int, size: float, seed: int, residual: bool) -> dict[str, float]:
     torch.manual_seed(seed)
-    lin = nn.Linear(64, 64, bias=False).to(dtype)
-    start = lin.weight.detach().double().clone()
-    link = attach(lin, rank=4, alpha=4, factor_dtype=torch.float32,
-                  residual_dtype=RESIDUALS[dtype] if residual else None)  # fmt: skip
-    record = record_of("lin", lin)
+    model = _One(dtype)
+    start = model.lin.weight.detach().double().clone()
+    # knots only when asked (tie_knot); exact_merge=None is the default residual of RESIDUALS
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), target_modules=["lin"], rank=4,
+        alpha=4, factor_dtype=torch.float32, exact_merge=None if residual else False,
+        knot_every=10**9,
+    )  # fmt: skip
+    link = model.lin.parametrizations.weight[0]
     gen = torch.Generator().manual_seed(seed + 1)
     total = torch.zeros_like(start)
     scale = size * start.std().item()
@@ -60,9 +71,9 @@ def run(dtype: torch.dtype, knots: int, size: float, seed: int, residual: bool) 
             link.lora_B.normal_(generator=gen)
             link.lora_B.mul_(scale / link.delta().std().item())
         total += link.delta().double()  # what the float32 merge adds, summed exactly
-        merge_(record)
+        opt.tie_knot()  # merges s·B·A into the weight, then re-initialises the factors
     reference = (start + total).to(dtype).double()
-    final = record.weight.detach().double()
+    final = model.lin.parametrizations.weight.original.detach().double()
     distance = ulps(final, reference, dtype)
     typical = (final - reference).abs() / _ulp(start.std(), dtype)
     larger = torch.maximum(reference.abs(), start.std().expand_as(reference))

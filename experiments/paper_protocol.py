@@ -47,8 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _runs import REPO_ROOT, mean_std
-from rank_bound import _claim, _git_commit, finished, with_overrides
+from _runs import REPO_ROOT, claim, finished, git_commit, mean_std, with_overrides
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -620,7 +619,7 @@ def train_run(
         "train_seconds": round(seconds, 1),
         "device": ctx.device.type
         + (f" ({torch.cuda.get_device_name(ctx.device)})" if ctx.device.type == "cuda" else ""),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s)",
@@ -836,7 +835,7 @@ def drive(ctx: Context, max_runs: int | None = None, wait_s: float = 20.0) -> No
             return
         for stage, task, method, lr, seed in todo:
             key = run_key(task, method, lr, seed)
-            handle = _claim(ctx.out, key)
+            handle = claim(ctx.out / "ckpt", key)
             if handle is None:
                 continue
             with handle:

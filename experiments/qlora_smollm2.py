@@ -55,7 +55,6 @@ from qlora_knots import quant_step
 
 import chainopt
 from chainopt import ChainLoRAOptimizer
-from chainopt._quant_backends import backend_for as quantized_backend
 
 METHODS = {
     "lora": ("LoRA (QLoRA)", "host"),
@@ -94,6 +93,22 @@ def quantize_decoder(model: nn.Module, quant_type: str = "nf4", double: bool = T
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q.to("cpu"))
     return steps
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    """``module`` is one of the bnb 4-bit layers :func:`quantize_decoder` put in."""
+    import bitsandbytes as bnb
+
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def _dense_4bit_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every 4-bit layer's weight as float32 (``compute_dtype``), from
+    ``chainopt.merged_state_dict``: an adapted layer its master plus the pending link, any other
+    one dequantized."""
+    merged = chainopt.merged_state_dict(model)
+    keys = [f"{n}.weight" for n, m in model.named_modules() if _is_4bit(m)]
+    return {k: merged[k] for k in keys}
 
 
 def load(args: argparse.Namespace) -> tuple[nn.Module, Any]:
@@ -160,7 +175,7 @@ def resume(path: Path, model: nn.Module, opt: ChainLoRAOptimizer) -> dict[str, A
             raise
     saved = torch.load(path, map_location="cpu", weights_only=True)
     adapted = {r.name for r in opt.chain.records}
-    frozen = [n for n, m in model.named_modules() if quantized_backend(m) and n not in adapted]
+    frozen = [n for n, m in model.named_modules() if _is_4bit(m) and n not in adapted]
     state = {
         k: v for k, v in saved["model"].items() if not k.startswith(tuple(f"{n}." for n in frozen))
     }
@@ -179,14 +194,7 @@ def dense_accuracy(
     exact ``deq(W₀) + Σ sᵢ·Bᵢ·Aᵢ``; in place, the requantized weight plus the pending link), every
     other 4-bit layer dequantized."""
     dense, _ = load(args)
-    merged = chainopt.merged_state_dict(model)
-    state = {}
-    for name, module in model.named_modules():
-        backend = quantized_backend(module)
-        if backend is not None:
-            key = f"{name}.weight"
-            weight = merged[key]
-            state[key] = weight if weight.is_floating_point() else backend.dequantize(module)
+    state = _dense_4bit_weights(model)
     dense.load_state_dict(state, strict=False)
     dense.eval()
     return data.accuracy(dense, tokenizer)

@@ -7,13 +7,14 @@ run alone: ``python experiments/rank_bound_report.py [--out DIR] [--plots]``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
 from pathlib import Path
 from typing import Any
 
-import rank_bound as rb
+import rankbound as rb
 
 __all__ = ["analyse", "markdown", "plots"]
 
@@ -23,7 +24,7 @@ def _design(out: Path) -> rb.Design | None:
     if not base.exists():
         return None
     raw = json.loads(base.read_text())["design"]
-    fields = {f.name: f for f in rb.dataclasses.fields(rb.Design)}
+    fields = {f.name: f for f in dataclasses.fields(rb.Design)}
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields}
     return rb.Design(**kwargs)
 
@@ -71,7 +72,7 @@ def analyse(out: Path) -> dict[str, Any] | None:
             # init="gradient" accumulates the gradient it initialises the next link from)
             at, before = [], []
             for x in chosen:
-                curve = _curve(out, x["key"])
+                curve = rb.read_curve(out, x["key"])
                 med = statistics.median(c["step_s"] for c in curve if not c["knot"])
                 for i, c in enumerate(curve):
                     if c["knot"]:
@@ -347,11 +348,6 @@ def markdown(a: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _curve(out: Path, key: str) -> list[dict[str, Any]]:
-    path = out / "curves" / f"{key}.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
 def _smooth(xs: list[float], w: int) -> list[float]:
     out, acc = [], 0.0
     for i, x in enumerate(xs):
@@ -393,7 +389,7 @@ def plots(a: dict[str, Any], dest: Path | None = None) -> list[Path]:
         fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
         for ax, (title, names) in zip(axes[0], panels, strict=True):
             for i, name in enumerate(names):
-                curves = [_curve(out, x["key"]) for x in rows[name]["runs"]]
+                curves = [rb.read_curve(out, x["key"]) for x in rows[name]["runs"]]
                 n = min(len(c) for c in curves)
                 mean = [statistics.fmean(c[t]["loss"] for c in curves) for t in range(n)]
                 (line,) = ax.plot(range(1, n + 1), _smooth(mean, window), lw=1.4, label=name,

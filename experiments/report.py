@@ -186,7 +186,7 @@ def paired_table(merged: dict[str, Any], base: str = "lora") -> str:
 
 
 def rank_bound_section(results: Path, plots: bool) -> None:
-    """Experiment 4 (``rank_bound.py``, issue 14): its tables, from whatever runs finished."""
+    """Experiment 4 (``rank_bound.py``): its tables, from whatever runs finished."""
     import rank_bound_report
 
     for name in ("rank_bound",):

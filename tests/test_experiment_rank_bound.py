@@ -16,8 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-import rank_bound as rb  # noqa: E402
 import rank_bound_report as rbr  # noqa: E402
+import rankbound as rb  # noqa: E402
 
 
 def _runs(out: Path) -> dict[str, dict]:
@@ -114,3 +114,19 @@ def test_extra_runs_are_reported_apart_against_their_lora_references(
     assert "Supplementary runs" in rbr.markdown(a) and "| cola2x2 |" in rbr.markdown(a)
     with pytest.raises(SystemExit):  # a method the design does not have
         rb.main(["--tiny", "--out", str(out), "--quiet", "--extra", "cola3x7@0.01"])
+
+
+def test_report_builds_the_same_from_packed_curves(uninterrupted: Path, tmp_path: Path) -> None:
+    from _runs import CURVES_ARCHIVE, pack_curves, read_curve
+
+    out = tmp_path / "packed"
+    shutil.copytree(uninterrupted, out)
+    keys = sorted(_runs(out))
+    loose = {k: read_curve(out, k) for k in keys}
+    assert all(len(v) == rb.TINY.steps for v in loose.values())
+    pack_curves(out)
+    assert not (out / "curves").exists() and (out / CURVES_ARCHIVE).is_file()
+    assert {k: read_curve(out, k) for k in keys} == loose
+    assert rbr.markdown(rbr.analyse(out)) == rbr.markdown(rbr.analyse(uninterrupted))
+    for path in rbr.plots(rbr.analyse(out), tmp_path):
+        assert path.stat().st_size > 10_000
