@@ -1,0 +1,446 @@
+"""PEFT's own LoRA layers as chain links: the knot works on a ``PeftModel``'s adapter.
+
+A model that holds PEFT LoRA layers (a ``PeftModel`` from ``get_peft_model``, or a model with
+injected layers) is chained through them: PEFT keeps its forward, its dropout, its rsLoRA
+scaling and its per-module rank and alpha (``rank_pattern``/``alpha_pattern``); chainopt trains
+PEFT's own factors of the active adapter and, at each knot, merges each layer's
+``s·B·A`` into ``base_layer.weight`` exactly (one float32 sum; the merge residual for half
+precision), restarts the link (A from the chain's ``init=``, B zero) and resets its optimizer
+state. The first link is PEFT's, as ``get_peft_model`` initialised it.
+
+What each PEFT layer kind holds (PEFT 0.21, ``peft/tuners/lora/layer.py``), adapter ``a``, and
+the delta PEFT's ``get_delta_weight`` computes (what a knot merges):
+
+- ``Linear`` (also over a transformers ``Conv1D``, bitsandbytes ``Linear4bit``):
+  ``lora_A[a].weight (r, in)``, ``lora_B[a].weight (out, r)``; delta ``s·B·A`` into
+  ``base_layer.weight`` (``(s·B·A)ᵀ`` for ``Conv1D``'s ``(in, out)`` weight).
+- ``Embedding``: ``lora_embedding_A[a] (r, num_embeddings)``, ``lora_embedding_B[a] (dim, r)``;
+  delta ``(s·B·A)ᵀ`` into ``base_layer.weight (num_embeddings, dim)``.
+- ``Conv1d/2d/3d``: ``lora_A[a]`` a convolution ``(r, in, *k)`` with the base's stride and
+  padding, ``lora_B[a]`` a 1×…×1 convolution ``(out, r, 1, …)``; delta
+  ``s·B₂·A₂`` reshaped to the kernel (``A₂``, ``B₂``: flattened after dimension 0).
+- ``ParamWrapper`` over a 2-D parameter (``target_parameters``): as ``Linear``, into the
+  parameter itself.
+
+with ``s = scaling[a]`` (``alpha / r``, or ``alpha / √r`` with ``use_rslora``). Dropout acts on
+the input of the LoRA branch only, so it does not enter the delta. DoRA (``use_dora=True``) on a
+``Linear`` computes ``m ⊙ (V·x) / ‖V‖_row`` with ``V = W + s·B·A``; a knot that merges ``s·B·A``
+into ``W`` and zeroes B leaves ``V`` and ``m`` as they were, so the function is kept and the
+magnitude ``m`` trains on (it is never reset).
+
+Refused, with the reason: several active adapters, a merged or disabled adapter, LoRA variants
+other than DoRA, ``lora_bias=True``, initialisations that rewrite the base weight (PiSSA,
+OLoRA, CorDA, LoftQ, ...: a save could not be loaded onto the original base), and layer kinds
+not listed above (convolutions, multi-head attention, fused 3-D experts, 4-bit bases).
+
+``chainopt`` never imports ``peft`` itself: a model holds PEFT layers only if ``peft`` was
+imported, so :func:`peft_lora_layers` looks in ``sys.modules``.
+
+Marks left on PEFT's layers (each removed by :func:`unmark`): ``layer.__dict__[MARK]`` (the
+link); on the ``PeftModel``: instance ``save_pretrained`` and ``load_adapter`` (see
+:func:`install_whole_chain_save`).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from peft import LoraConfig, get_peft_model
+    >>> model = get_peft_model(nn.Sequential(nn.Linear(6, 4)),
+    ...                        LoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+    >>> [name for name, _ in peft_lora_layers(model)]
+    ['base_model.model.0']
+    >>> link = PeftLink.of(peft_lora_layers(model)[0][1])
+    >>> link.scale, tuple(link.lora_A.shape), link.fan_in_fan_out
+    (2.0, (2, 6), False)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from .guard import NonFiniteUpdateError
+from .history import ChainHistory, LinkFactors
+
+__all__ = [
+    "MARK",
+    "PeftLink",
+    "active_adapter",
+    "has_peft_layers",
+    "peft_layer_problem",
+    "peft_lora_layers",
+]
+
+MARK = "_chainopt_peft_link"  # instance attribute of a chained PEFT layer: its PeftLink
+
+_KINDS = ("Linear", "Embedding", "ParamWrapper", "Conv1d", "Conv2d", "Conv3d")
+
+# init_lora_weights values that rewrite the base weight at initialisation
+_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "mica", "orthogonal", "lora_ga")
+
+
+def _lora_module() -> Any:
+    """``peft.tuners.lora`` if peft was imported, else ``None`` (never imports it)."""
+    if "peft" not in sys.modules:
+        return None
+    return sys.modules.get("peft.tuners.lora")
+
+
+def is_peft_lora_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is one of PEFT's LoRA layers (any kind)."""
+    lora = _lora_module()
+    return lora is not None and isinstance(module, lora.LoraLayer)
+
+
+def peft_lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, layer)`` of every PEFT LoRA layer in ``model``, in model order."""
+    if _lora_module() is None:
+        return []
+    return [(n, m) for n, m in model.named_modules() if is_peft_lora_layer(m)]
+
+
+def has_peft_layers(model: nn.Module) -> bool:
+    """Whether ``model`` holds PEFT LoRA layers."""
+    return bool(peft_lora_layers(model))
+
+
+def active_adapter(layer: nn.Module) -> str | None:
+    """The adapter of ``layer`` a chain trains: its one active adapter that has factors here.
+
+    ``None`` if no active adapter has factors on this layer (another adapter's layer).
+
+    Raises:
+        ValueError: several adapters are active.
+    """
+    active = list(cast(Any, layer).active_adapters)
+    if len(active) > 1:
+        raise ValueError(
+            f"PEFT has several active adapters {active}; a chain trains one: call "
+            "model.set_adapter(name) first"
+        )
+    owned = [a for a in active if a in _factor_dicts(layer)[0]]
+    return owned[0] if owned else None
+
+
+def _factor_dicts(layer: nn.Module) -> tuple[Any, Any]:
+    lay = cast(Any, layer)
+    if _kind(layer) == "Embedding":
+        return lay.lora_embedding_A, lay.lora_embedding_B
+    return lay.lora_A, lay.lora_B
+
+
+def _kind(layer: nn.Module) -> str:
+    lora = _lora_module()
+    for kind in ("Embedding", "ParamWrapper", "Linear", "Conv1d", "Conv2d", "Conv3d"):
+        cls = getattr(lora, kind, None)
+        if cls is not None and isinstance(layer, cls):
+            return kind
+    bnb = sys.modules.get("peft.tuners.lora.bnb")
+    for kind in ("Linear4bit", "Linear8bitLt"):
+        cls = getattr(bnb, kind, None)
+        if cls is not None and isinstance(layer, cls):
+            return kind
+    return type(layer).__name__
+
+
+def peft_layer_problem(name: str, layer: nn.Module, config: Any = None) -> str | None:
+    """Why ``layer`` (adapter: its active one) cannot be chained exactly, or ``None``."""
+    lay = cast(Any, layer)
+    adapter = active_adapter(layer)
+    if adapter is None:
+        return None
+    kind = _kind(layer)
+    where = f"{name!r} ({kind})"
+    if kind not in _KINDS:
+        return (
+            f"{where}: chainopt chains PEFT's Linear, Embedding, Conv1d/2d/3d and 2-D "
+            f"target_parameters layers, not {kind}"
+        )
+    if kind.startswith("Conv"):
+        conv = lay.get_base_layer()
+        if conv.groups != 1 or any(d != 1 for d in conv.dilation) or conv.padding_mode != "zeros":
+            return (
+                f"{where}: PEFT's LoRA branch of a convolution with groups={conv.groups}, "
+                f"dilation={conv.dilation}, padding_mode={conv.padding_mode!r} is not the "
+                "convolution of the merged weight (PEFT builds it with groups=1, no dilation, "
+                "zero padding), so no knot can keep the function"
+            )
+    if kind == "ParamWrapper" and lay.num_experts != 1:
+        return (
+            f"{where}: PEFT's target_parameters over fused 3-D experts ({lay.num_experts} "
+            "experts) cannot be chained yet; target the experts with chainopt itself or leave "
+            "them out of target_parameters"
+        )
+    if (
+        kind == "Linear"
+        and type(lay.get_base_layer()).__name__ != "Linear"
+        and not getattr(lay, "is_target_conv_1d_layer", False)
+    ):
+        base = type(lay.get_base_layer()).__name__
+        return f"{where}: the base layer is a {base}; chainopt chains PEFT layers over Linear"
+    if lay.merged:
+        return f"{where}: adapter {adapter!r} is merged into the base weight; unmerge() it first"
+    if lay.disable_adapters:
+        return f"{where}: adapters are disabled (disable_adapter() context?)"
+    variant = lay.lora_variant.get(adapter)
+    if variant is not None and type(variant).__name__ != "DoraLinearVariant":
+        return (
+            f"{where}: the LoRA variant {type(variant).__name__} cannot be chained exactly "
+            "(chainopt chains plain LoRA and DoRA on Linear layers)"
+        )
+    if lay.lora_bias.get(adapter):
+        return f"{where}: lora_bias=True is not supported by chains of PEFT layers"
+    init = getattr(config, "init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        return (
+            f"{where}: init_lora_weights={init!r} rewrites the base weight, so a save of the chain "
+            "would not load onto the original base model; use init_lora_weights=True or "
+            "'gaussian'"
+        )
+    a, b = _factor_dicts(layer)
+    a_t = a[adapter] if kind == "Embedding" else a[adapter].weight
+    b_t = b[adapter] if kind == "Embedding" else b[adapter].weight
+    if not kind.startswith("Conv") and (a_t.dim() != 2 or b_t.dim() != 2):
+        return f"{where}: factors of shapes {tuple(a_t.shape)}, {tuple(b_t.shape)} are not 2-D"
+    return None
+
+
+class PeftLink:
+    """PEFT's LoRA factors of one layer's adapter, seen as a chain link (a view, no copies).
+
+    Implements the link protocol of :mod:`chainopt._record`: ``lora_A`` ``(r, in)`` and
+    ``lora_B`` ``(out, r)`` are PEFT's own Parameters; ``scale`` is PEFT's ``scaling[adapter]``;
+    ``fan_in_fan_out`` is set when the weight is stored ``(in, out)`` (an ``Embedding``'s
+    ``(num_embeddings, dim)``, a transformers ``Conv1D``). A convolution's factors keep their
+    kernel dimensions, ``(r, in, *k)`` and ``(out, r, 1, …)``: flattened after the first
+    dimension they are the matrices of the protocol, ``in_features = in·∏k``, and
+    ``B·A`` reshaped is the kernel's delta.
+
+    Attributes:
+        layer: the PEFT layer.
+        adapter: the adapter's name.
+        weight: the tensor the link merges into (the base layer's weight, or the parameter of a
+            ``ParamWrapper``).
+        magnitude: DoRA's magnitude vector (trained as it is), or ``None``.
+    """
+
+    merge_residual: Tensor | None
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        adapter: str,
+        *,
+        residual_dtype: torch.dtype | None = None,
+    ) -> None:
+        lay = cast(Any, layer)
+        kind = _kind(layer)
+        a, b = _factor_dicts(layer)
+        if kind == "Embedding":
+            self.lora_A, self.lora_B = a[adapter], b[adapter]
+        else:
+            self.lora_A, self.lora_B = a[adapter].weight, b[adapter].weight
+        self.layer = layer
+        self.adapter = adapter
+        self.kind = kind
+        self.scale = float(lay.scaling[adapter])
+        self.rank = int(self.lora_A.shape[0])
+        self.ranks = frozenset({self.rank})
+        self.in_features = int(self.lora_A[0].numel())
+        self.out_features = int(self.lora_B.shape[0])
+        self.fan_in_fan_out = kind == "Embedding" or bool(getattr(lay, "fan_in_fan_out", False))
+        self.weight: Tensor = (
+            lay.get_param() if kind == "ParamWrapper" else lay.get_base_layer().weight
+        )
+        magnitude = lay.lora_magnitude_vector.get(adapter, None)
+        self.magnitude: nn.Parameter | None = None if magnitude is None else magnitude.weight
+        self.merge_residual = (
+            None
+            if residual_dtype is None
+            else torch.zeros(self.weight.shape, dtype=residual_dtype, device=self.weight.device)
+        )
+
+    @classmethod
+    def of(cls, layer: nn.Module, residual_dtype: torch.dtype | None = None) -> PeftLink:
+        """The link of ``layer``'s active adapter.
+
+        Raises:
+            ValueError: ``layer`` has no active adapter of its own.
+        """
+        adapter = active_adapter(layer)
+        if adapter is None:
+            raise ValueError(f"{type(layer).__name__} has no active adapter with factors")
+        return cls(layer, adapter, residual_dtype=residual_dtype)
+
+    def delta(self) -> Tensor:
+        """``s·B·A`` in float32, in the weight's layout (transposed with ``fan_in_fan_out``)."""
+        # (out, r) @ (r, in) -> (out, in); a convolution's (out, r) @ (r, in·∏k) -> its kernel
+        b, a = self.lora_B.detach().float().flatten(1), self.lora_A.detach().float().flatten(1)
+        update = (b @ a).mul_(self.scale)
+        if self.lora_A.dim() > 2:
+            return update.view(self.weight.shape)
+        return update.T if self.fan_in_fan_out else update
+
+    def resize_(self, rank: int) -> None:
+        """A chain of PEFT layers keeps PEFT's rank: only ``rank == self.rank`` is accepted.
+
+        Raises:
+            ValueError: another rank.
+        """
+        if rank != self.rank:
+            raise ValueError(
+                f"a chained PEFT layer keeps the rank PEFT gave it ({self.rank}), got {rank}"
+            )
+
+    def check_factors(self, a: object, b: object) -> str | None:
+        """Why ``a``, ``b`` cannot be this link's factors (the same shapes), or ``None``."""
+        for name, t, mine in (("lora_A", a, self.lora_A), ("lora_B", b, self.lora_B)):
+            if not isinstance(t, Tensor):
+                return f"{name} is a {type(t).__name__}, not a tensor"
+            if t.is_meta or not t.is_floating_point() or tuple(t.shape) != tuple(mine.shape):
+                return (
+                    f"{name} must be a floating tensor of shape {tuple(mine.shape)} with data, "
+                    f"got {t.dtype} {tuple(t.shape)}"
+                )
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"PeftLink({self.kind}, adapter={self.adapter!r}, rank={self.rank}, "
+            f"scale={self.scale:g})"
+        )
+
+
+def link_of(layer: nn.Module) -> PeftLink | None:
+    """The chain link on a chained PEFT ``layer`` (``None``: not chained)."""
+    link = layer.__dict__.get(MARK)
+    return link if isinstance(link, PeftLink) else None
+
+
+def mark(layer: nn.Module, link: PeftLink) -> None:
+    """Record ``link`` on ``layer`` (an instance attribute, no submodule, no state-dict key)."""
+    layer.__dict__[MARK] = link
+
+
+def unmark(layer: nn.Module) -> None:
+    """Remove :func:`mark`'s attribute."""
+    layer.__dict__.pop(MARK, None)
+
+
+# --- the user's own save: the whole chain as one adapter ---
+
+SIDECAR = "chainopt_chain.json"  # written next to a whole-chain adapter by save_pretrained
+_SAVE = "_chainopt_original_save_pretrained"
+_LOAD = "_chainopt_original_load_adapter"
+AWAITING = "_chainopt_awaiting_chain_state"  # PeftModel.__dict__: load_adapter skipped a chain save
+
+ChainSource = Callable[[], tuple[list[tuple[str, PeftLink]], ChainHistory]]
+"""Returns the chained PEFT layers ``(name, link)`` and the chain's history, live."""
+
+
+def _key(name: str, link: PeftLink, part: str) -> str:
+    if link.kind == "Embedding":
+        return f"{name}.lora_embedding_{part}.{link.adapter}"
+    return f"{name}.lora_{part}.{link.adapter}.weight"
+
+
+def whole_chain_tensors(
+    links: list[tuple[str, PeftLink]], history: ChainHistory
+) -> tuple[dict[str, Tensor], int]:
+    """PEFT state-dict entries (live keys, adapter name in them) writing the whole chain.
+
+    Each layer's factors become ``B = [s₁B₁ … sₖBₖ]`` and ``A = [A₁; …; Aₖ]`` over the merged
+    links and the pending one (scales folded into B), zero-padded to the largest ``Σ rᵢ``.
+
+    Returns:
+        The tensors (float32, host) and the rank ``R`` they are padded to (scale 1 = ``R / R``).
+
+    Raises:
+        NonFiniteUpdateError: a factor is NaN/Inf (nothing is written).
+    """
+    stacks: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, link in links:
+        pending = LinkFactors(
+            link.lora_A.detach().float().cpu(), link.lora_B.detach().float().cpu(), link.scale
+        )
+        stacked = history.stacked(name, pending)
+        assert stacked is not None  # the pending link is always there
+        stacks[name] = stacked
+    rank = max([b.shape[1] for b, _ in stacks.values()] + [1])
+    tensors: dict[str, Tensor] = {}
+    for name, link in links:
+        b, a = stacks[name]
+        a_full = a.new_zeros(rank, a.shape[1])
+        a_full[: a.shape[0]] = a  # (R, in)
+        b_full = b.new_zeros(b.shape[0], rank)
+        b_full[:, : b.shape[1]] = b  # (out, R)
+        tensors[_key(name, link, "A")] = a_full.contiguous()
+        tensors[_key(name, link, "B")] = b_full.contiguous()
+    bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteUpdateError(f"refusing to save the chain's adapter: non-finite {bad[:3]}")
+    return tensors, rank
+
+
+def install_whole_chain_save(peft_model: nn.Module, adapter: str, source: ChainSource) -> None:
+    """Make ``peft_model.save_pretrained`` write the whole chain as one adapter of rank Σr.
+
+    ``PeftModel.from_pretrained(original_base, dir)`` then computes the trained function (to
+    float32 rounding). The adapter's config is the user's with ``r = lora_alpha = R`` (scale 1;
+    the links' scales are folded into B), ``use_rslora=False`` and no rank or alpha patterns. A
+    sidecar ``chainopt_chain.json`` marks the directory as a chain's save, for
+    :func:`install_whole_chain_save`'s ``load_adapter`` (the HF Trainer's resume).
+    """
+    model = cast(Any, peft_model)
+    if _SAVE in model.__dict__:
+        return
+    original_save = model.save_pretrained
+    original_load = model.load_adapter
+
+    def save_pretrained(save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
+        links, history = source()
+        tensors, rank = whole_chain_tensors(links, history)
+        given = kwargs.pop("state_dict", None)
+        state = dict(given if given is not None else model.state_dict())
+        state.update(tensors)
+        config = copy.deepcopy(model.peft_config[adapter])
+        config.r, config.lora_alpha, config.use_rslora = rank, rank, False
+        config.rank_pattern, config.alpha_pattern = {}, {}
+        saved = model.peft_config[adapter]
+        model.peft_config[adapter] = config
+        try:
+            original_save(save_directory, *args, state_dict=state, **kwargs)
+        finally:
+            model.peft_config[adapter] = saved
+        selected = kwargs.get("selected_adapters") or list(model.peft_config)
+        out = Path(save_directory) if adapter == "default" else Path(save_directory) / adapter
+        if adapter in selected and out.is_dir():
+            sidecar = {"adapter": adapter, "rank": rank, "knots": len(history)}
+            (out / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+
+    def load_adapter(model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+        if adapter_name == adapter and (Path(str(model_id)) / SIDECAR).is_file():
+            # A chain's own save, loaded back into the chained adapter (Trainer's resume): the
+            # live link has PEFT's rank, not Σr; the chain's state dict brings back the merged
+            # weights and the link. Nothing is loaded here; the chain refuses to step until then.
+            model.__dict__[AWAITING] = str(model_id)
+            return None
+        return original_load(model_id, adapter_name, *args, **kwargs)
+
+    model.__dict__[_SAVE] = original_save
+    model.__dict__[_LOAD] = original_load
+    model.__dict__["save_pretrained"] = save_pretrained
+    model.__dict__["load_adapter"] = load_adapter
+
+
+def remove_whole_chain_save(peft_model: nn.Module) -> None:
+    """Remove what :func:`install_whole_chain_save` put on ``peft_model``."""
+    for attr in ("save_pretrained", "load_adapter", _SAVE, _LOAD, AWAITING):
+        peft_model.__dict__.pop(attr, None)

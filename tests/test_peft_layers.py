@@ -1,0 +1,355 @@
+"""Chaining PEFT's own LoRA layers: a PeftModel (or injected layers) given with no target_modules.
+
+Real peft throughout: Linear (dropout, rsLoRA, rank/alpha patterns), Embedding, Conv2d,
+``target_parameters`` experts of a transformers-5 MoE, DoRA; knots keep the function and merge
+each link's delta into the base layer exactly; the user's own ``save_pretrained`` writes the whole
+chain; the paths where PEFT would leave a chain untrained raise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from models import snapshot, tiny_llama
+from torch import nn
+
+from chainopt import ChainLoRAOptimizer
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4], [8, 6, 2, 14, 3, 9, 1, 5]])
+
+
+def _peft_llama(**config: Any) -> nn.Module:
+    kwargs: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    kwargs.update(config)
+    return get_peft_model(tiny_llama(), LoraConfig(**kwargs))
+
+
+def _lora_layers(model: nn.Module) -> dict[str, Any]:
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _train(model: nn.Module, opt: ChainLoRAOptimizer, steps: int) -> None:
+    model.train()
+    for _ in range(steps):
+        out = model(input_ids=IDS, labels=IDS)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def _randomize_links(model: nn.Module) -> None:
+    with torch.no_grad():
+        for layer in _lora_layers(model).values():
+            for factors in (layer.lora_B, layer.lora_embedding_B, layer.lora_A):
+                for p in factors.parameters() if isinstance(factors, nn.Module) else []:
+                    p.normal_(0, 0.3)
+
+
+# --- construction: the active adapter's layers, PEFT's own factors and init ---
+
+
+def test_a_peft_model_without_target_modules_chains_the_active_adapters_layers() -> None:
+    model = _peft_llama(
+        lora_dropout=0.1, use_rslora=True, rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 3}
+    )
+    layers = _lora_layers(model)
+    a_before = {n: m.lora_A["default"].weight.detach().clone() for n, m in layers.items()}
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=3)
+    assert [n for n, _ in opt.adapted_modules()] == list(layers)
+    factors = {id(p) for g in opt.param_groups for p in g["params"]}
+    for m in layers.values():  # PEFT's own factors are what the optimizer trains
+        assert {id(m.lora_A["default"].weight), id(m.lora_B["default"].weight)} <= factors
+    assert len(factors) == 2 * len(layers)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    for n, m in layers.items():  # the first link keeps PEFT's own init
+        assert torch.equal(m.lora_A["default"].weight, a_before[n])
+    v = next(m for n, m in layers.items() if n.endswith("v_proj"))
+    assert v.r["default"] == 2 and v.scaling["default"] == pytest.approx(3 / 2**0.5)
+
+
+def test_a_knot_merges_each_peft_link_exactly_and_restarts_it() -> None:
+    model = _peft_llama(lora_dropout=0.1, use_rslora=True, rank_pattern={"q_proj": 2})
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=100, seed=3
+    )
+    _train(model, opt, 2)
+    assert opt.state  # the factors have optimizer state
+    layers = _lora_layers(model)
+    weights = {n: m.base_layer.weight for n, m in layers.items()}
+    expected = {}
+    for n, m in layers.items():  # W + s·B·A, one float32 sum
+        a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
+        expected[n] = torch.addmm(m.base_layer.weight, b, a, alpha=m.scaling["default"])
+        torch.testing.assert_close(
+            expected[n], m.base_layer.weight + m.get_delta_weight("default"), rtol=0, atol=1e-6
+        )
+    a_before = {n: m.lora_A["default"].weight.detach().clone() for n, m in layers.items()}
+    before = _logits(model)
+    opt.tie_knot()
+    torch.testing.assert_close(_logits(model), before, rtol=1e-5, atol=1e-5)
+    for n, m in layers.items():
+        assert m.base_layer.weight is weights[n]  # Parameter identity kept
+        assert torch.equal(m.base_layer.weight, expected[n])
+        assert not m.lora_B["default"].weight.any()
+        assert not torch.equal(m.lora_A["default"].weight, a_before[n])  # chainopt's init=
+        assert m.lora_A["default"].weight.shape == a_before[n].shape  # PEFT's rank kept
+    assert not any(opt.state[p] for p in opt.factors())  # reset="full"
+    assert opt.knots_tied == 1
+
+
+@given(
+    shape=st.tuples(st.integers(1, 12), st.integers(1, 12)),
+    rank=st.integers(1, 6),
+    alpha=st.sampled_from([1.0, 3.0, 16.0]),
+    rslora=st.booleans(),
+    bias=st.booleans(),
+)
+def test_a_knot_on_a_peft_linear_keeps_the_function(
+    shape: tuple[int, int], rank: int, alpha: float, rslora: bool, bias: bool
+) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(shape[0], shape[1], bias=bias), nn.Tanh())
+    model = get_peft_model(
+        net, LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"], use_rslora=rslora)
+    )
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=10)
+    _randomize_links(model)
+    x = torch.randn(5, shape[0])
+    with torch.no_grad():
+        before = model(x)
+    opt.tie_knot()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+# --- the user's own save, resume ---
+
+
+def test_the_users_own_save_pretrained_writes_the_whole_chain(tmp_path: Path) -> None:
+    model = _peft_llama(lora_dropout=0.1, use_rslora=True, rank_pattern={"v_proj": 2})
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2, seed=1
+    )
+    _train(model, opt, 5)  # 2 knots, a third link under way
+    assert opt.knots_tied == 2
+    trained = _logits(model)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    # 3 links of rank 4 (q_proj) or 2 (v_proj, zero-padded); PEFT's scale is 1: folded into B
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (12, 12, False)
+    assert config["rank_pattern"] == {} and config["lora_dropout"] == 0.1
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(model), trained, rtol=0, atol=0)  # the save changed nothing
+
+
+def test_a_chained_peft_model_resumes_bitwise(tmp_path: Path) -> None:
+    def build() -> tuple[nn.Module, ChainLoRAOptimizer]:
+        model = _peft_llama(use_rslora=True)
+        opt = ChainLoRAOptimizer(
+            model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2, seed=1
+        )
+        return model, opt
+
+    model, opt = build()
+    _train(model, opt, 3)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    _train(model, opt, 3)
+    model2, opt2 = build()
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    _train(model2, opt2, 3)
+    assert opt2.knots_tied == opt.knots_tied == 3
+    for k, v in snapshot(model).items():
+        assert torch.equal(model2.state_dict()[k], v), k
+
+
+# --- refusals that name PEFT ---
+
+
+def test_target_modules_on_a_peft_model_is_refused_naming_peft() -> None:
+    model = _peft_llama()
+    before = snapshot(model)
+    for spec in (["q_proj"], "all-linear"):
+        with pytest.raises(ValueError, match=r"PEFT.*omit target_modules"):
+            ChainLoRAOptimizer(
+                model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules=spec,
+                knot_every=2,
+            )  # fmt: skip
+    after = snapshot(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+
+
+def test_a_plain_model_without_target_modules_is_refused() -> None:
+    model = tiny_llama()
+    with pytest.raises((TypeError, ValueError), match="target_modules"):
+        ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=2)
+
+
+def test_rank_and_alpha_come_from_peft() -> None:
+    model = _peft_llama()
+    with pytest.raises(ValueError, match=r"rank.*LoraConfig"):
+        ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), rank=2, knot_every=2)
+
+
+def test_a_chain_that_peft_froze_raises_at_the_knot_naming_peft_config() -> None:
+    # What SFTTrainer(model, peft_config=..., optimizers=(chain, None)) does: get_peft_model over
+    # a chained model freezes every chain factor.
+    model = tiny_llama()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), target_modules=["q_proj"],
+        knot_every=2,
+    )  # fmt: skip
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["v_proj"]))
+    assert not any(p.requires_grad for p in opt.factors())
+    with pytest.raises(RuntimeError, match="peft_config"):
+        _train(wrapped, opt, 2)
+
+
+def test_a_chain_whose_factors_get_no_gradient_raises_at_the_knot() -> None:
+    model = _peft_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    weights = {n: m.base_layer.weight.detach().clone() for n, m in _lora_layers(model).items()}
+    with pytest.raises(RuntimeError, match="no gradient"):
+        for _ in range(2):  # a loop that never calls backward on the chained model
+            opt.step()
+            opt.zero_grad()
+    for n, m in _lora_layers(model).items():
+        assert torch.equal(m.base_layer.weight, weights[n])
+
+
+def test_target_modules_accepts_a_set() -> None:
+    model = tiny_llama()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules={"q_proj", "v_proj"},
+        knot_every=2,
+    )  # fmt: skip
+    assert len(opt.adapted_modules()) == 4
+
+
+# --- other layer kinds ---
+
+
+class _EmbConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.conv = nn.Conv2d(6, 5, kernel_size=3, padding=1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)  # (batch, seq, 6)
+        h = h.transpose(1, 2).unsqueeze(-1).expand(-1, -1, -1, 4)  # (batch, 6, seq, 4)
+        return self.head(self.conv(h).mean(dim=(2, 3)))
+
+
+def test_knots_on_peft_embedding_and_conv2d_layers_keep_the_function_exactly() -> None:
+    model = get_peft_model(
+        _EmbConv(), LoraConfig(r=2, lora_alpha=4, target_modules=["emb", "conv"])
+    )
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=10)
+    layers = _lora_layers(model)
+    assert set(layers) == {"base_model.model.emb", "base_model.model.conv"}
+    with torch.no_grad():
+        for m in layers.values():
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.3)
+    expected = {n: m.base_layer.weight + m.get_delta_weight("default") for n, m in layers.items()}
+    ids = torch.randint(0, 20, (3, 7))
+    with torch.no_grad():
+        before = model(ids)
+    opt.tie_knot()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-5)
+    for n, m in layers.items():
+        torch.testing.assert_close(m.base_layer.weight, expected[n], rtol=0, atol=1e-6)
+    emb, conv = layers["base_model.model.emb"], layers["base_model.model.conv"]
+    # a new link computes nothing yet, and still trains
+    assert not (emb.lora_embedding_B["default"] @ emb.lora_embedding_A["default"]).any()
+    assert not conv.lora_B["default"].weight.any()
+
+
+def _tiny_mixtral() -> nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=32,
+    )  # fmt: skip
+    return MixtralForCausalLM(cfg).eval()
+
+
+def test_knots_on_peft_target_parameters_experts_are_exact_per_expert() -> None:
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )  # fmt: skip
+    model = get_peft_model(_tiny_mixtral(), config)
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=10)
+    layers = _lora_layers(model)
+    wrappers = {n: m for n, m in layers.items() if type(m).__name__ == "ParamWrapper"}
+    assert len(wrappers) == 2 and len(opt.adapted_modules()) == 3
+    _randomize_links(model)
+    expected = {n: m.get_param() + m.get_delta_weight("default") for n, m in wrappers.items()}
+    before = _logits(model)
+    opt.tie_knot()
+    torch.testing.assert_close(_logits(model), before, rtol=1e-5, atol=1e-5)
+    for n, m in wrappers.items():
+        torch.testing.assert_close(m.get_param(), expected[n], rtol=0, atol=1e-6)
+        assert not m.lora_B["default"].weight.any()
+
+
+# --- DoRA ---
+
+
+@given(
+    shape=st.tuples(st.integers(1, 10), st.integers(1, 10)),
+    rank=st.integers(1, 4),
+    alpha=st.sampled_from([1.0, 4.0]),
+)
+def test_a_knot_on_a_dora_linear_keeps_the_function(
+    shape: tuple[int, int], rank: int, alpha: float
+) -> None:
+    """DoRA computes ``m ⊙ V x / ‖V‖_row`` with ``V = W + s·B·A``: merging ``s·B·A`` into ``W``
+    (so ``V`` is the new ``W``) and keeping ``m`` computes the same, with ``B = 0`` after."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(shape[0], shape[1]))
+    model = get_peft_model(
+        net, LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"], use_dora=True)
+    )
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=10)
+    _randomize_links(model)
+    layer = next(iter(_lora_layers(model).values()))
+    magnitude = layer.lora_magnitude_vector["default"].weight
+    m_before = magnitude.detach().clone()
+    x = torch.randn(4, shape[0])
+    with torch.no_grad():
+        before = model(x)
+    opt.tie_knot()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(magnitude, m_before)
+    # the magnitude trains on through knots, as it is
+    assert magnitude.requires_grad and all(p is not magnitude for p in opt.factors())
+    assert any(p is magnitude for g in opt.param_groups for p in g["params"])
