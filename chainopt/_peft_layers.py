@@ -30,8 +30,9 @@ magnitude ``m`` trains on (it is never reset).
 
 Refused, with the reason: several active adapters, a merged or disabled adapter, LoRA variants
 other than DoRA, ``lora_bias=True``, initialisations that rewrite the base weight (PiSSA,
-OLoRA, CorDA, LoftQ, ...: a save could not be loaded onto the original base), and layer kinds
-not listed above (convolutions, multi-head attention, fused 3-D experts, 4-bit bases).
+OLoRA, CorDA, LoftQ, ...: a save could not be loaded onto the original base), convolutions
+whose LoRA branch is not the merged convolution (groups, dilation, padding mode), and layer
+kinds not listed above (multi-head attention, fused 3-D experts).
 
 ``chainopt`` never imports ``peft`` itself: a model holds PEFT layers only if ``peft`` was
 imported, so :func:`peft_lora_layers` looks in ``sys.modules``.
@@ -66,8 +67,11 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from ._attach import residual_dtype
+from ._record import LinkSpec, ModuleRecord
 from .guard import NonFiniteUpdateError
 from .history import ChainHistory, LinkFactors
+from .quantized import QuantizedWeight, quantized_backend
 
 __all__ = [
     "MARK",
@@ -80,7 +84,7 @@ __all__ = [
 
 MARK = "_chainopt_peft_link"  # instance attribute of a chained PEFT layer: its PeftLink
 
-_KINDS = ("Linear", "Embedding", "ParamWrapper", "Conv1d", "Conv2d", "Conv3d")
+_KINDS = ("Linear", "Linear4bit", "Embedding", "ParamWrapper", "Conv1d", "Conv2d", "Conv3d")
 
 # init_lora_weights values that rewrite the base weight at initialisation
 _BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "mica", "orthogonal", "lora_ga")
@@ -163,6 +167,8 @@ def peft_layer_problem(name: str, layer: nn.Module, config: Any = None) -> str |
             f"{where}: chainopt chains PEFT's Linear, Embedding, Conv1d/2d/3d and 2-D "
             f"target_parameters layers, not {kind}"
         )
+    if kind == "Linear4bit" and quantized_backend(lay.get_base_layer()) is None:
+        return f"{where}: its 4-bit base layer is of a kind chainopt cannot requantize"
     if kind.startswith("Conv"):
         conv = lay.get_base_layer()
         if conv.groups != 1 or any(d != 1 for d in conv.dilation) or conv.padding_mode != "zeros":
@@ -266,6 +272,7 @@ class PeftLink:
             if residual_dtype is None
             else torch.zeros(self.weight.shape, dtype=residual_dtype, device=self.weight.device)
         )
+        self.quant: QuantizedWeight | None = None
 
     @classmethod
     def of(cls, layer: nn.Module, residual_dtype: torch.dtype | None = None) -> PeftLink:
@@ -289,15 +296,8 @@ class PeftLink:
         return update.T if self.fan_in_fan_out else update
 
     def resize_(self, rank: int) -> None:
-        """A chain of PEFT layers keeps PEFT's rank: only ``rank == self.rank`` is accepted.
-
-        Raises:
-            ValueError: another rank.
-        """
-        if rank != self.rank:
-            raise ValueError(
-                f"a chained PEFT layer keeps the rank PEFT gave it ({self.rank}), got {rank}"
-            )
+        """Nothing: a chained PEFT layer keeps the rank PEFT gave it (``rank_pattern``), whatever
+        the chain's nominal rank (a chain of PEFT layers has no rank step-down)."""
 
     def check_factors(self, a: object, b: object) -> str | None:
         """Why ``a``, ``b`` cannot be this link's factors (the same shapes), or ``None``."""
@@ -444,3 +444,114 @@ def remove_whole_chain_save(peft_model: nn.Module) -> None:
     """Remove what :func:`install_whole_chain_save` put on ``peft_model``."""
     for attr in ("save_pretrained", "load_adapter", _SAVE, _LOAD, AWAITING):
         peft_model.__dict__.pop(attr, None)
+
+
+# --- the builder: PEFT's layers as records (see chainopt._record) ---
+
+RESIDUAL = "chainopt_merge_residual"  # buffer on a chained half-precision PEFT layer
+
+
+class PeftBuilder:
+    """PEFT's own LoRA layers (the active adapter's): the link is a view of PEFT's factors.
+
+    :meth:`attach` registers nothing on PEFT's factors: it records a :class:`PeftLink` on the
+    layer (``layer.__dict__[MARK]``), plus a ``chainopt_merge_residual`` buffer for a
+    half-precision base weight, and a float32 host master for a 4-bit base
+    (:mod:`chainopt.quantized`). PEFT's forward stays as it is. The first link is PEFT's own
+    initialisation: nothing is redrawn.
+    """
+
+    def claims(self, module: nn.Module) -> bool:
+        """A PEFT LoRA layer with factors of the active adapter."""
+        return is_peft_lora_layer(module) and active_adapter(module) is not None
+
+    def attach(
+        self,
+        name: str,
+        module: nn.Module,
+        spec: LinkSpec,
+        generator: torch.Generator,
+        master: Tensor | None = None,
+    ) -> ModuleRecord:
+        """Record the link of ``module``'s active adapter (its factors as PEFT made them)."""
+        adapter = cast(str, active_adapter(module))
+        base = cast(Any, module).get_base_layer()
+        backend = quantized_backend(base)
+        quant = None
+        if backend is not None:
+            host = None
+            if spec.quantized_master == "host":
+                start = master if master is not None else backend.dequantize(base)
+                host = start.detach().to("cpu", torch.float32, copy=True)
+                if host.device.type == "cpu" and cast(Tensor, base.weight).device.type == "cuda":
+                    host = host.pin_memory()
+            quant = QuantizedWeight(base, backend, host)
+        link = PeftLink(module, adapter)
+        if quant is None:
+            dtype = residual_dtype(link.weight.dtype, spec.exact_merge)
+            if dtype is not None:
+                residual = torch.zeros(link.weight.shape, dtype=dtype, device=link.weight.device)
+                module.register_buffer(RESIDUAL, residual)
+        link.quant = quant
+        mark(module, link)
+        return cast(ModuleRecord, self.find(name, module))
+
+    def find(self, name: str, module: nn.Module) -> ModuleRecord | None:
+        """The record if ``module`` is a chained PEFT layer."""
+        link = link_of(module)
+        if link is None:
+            return None
+        link.merge_residual = cast(Tensor | None, module._buffers.get(RESIDUAL))
+        base = cast(Any, module).get_base_layer()
+        bias = getattr(base, "bias", None) if link.kind != "ParamWrapper" else None
+        return ModuleRecord(name, module, link, None, link.weight, bias, link.quant, "", self)
+
+    def detach(self, module: nn.Module) -> None:
+        """Remove the mark and the residual buffer; PEFT's layer is as it was."""
+        unmark(module)
+        module._buffers.pop(RESIDUAL, None)
+
+
+# --- choosing what to chain in a model that holds PEFT layers (ChainConfig.from_kwargs) ---
+
+
+def peft_trainable(model: nn.Module) -> list[str]:
+    """What PEFT trains besides the factors, as module names (kept trainable as they are):
+    DoRA magnitudes, and the active copies of ``modules_to_save`` / trainable tokens."""
+    out = []
+    for name, module in model.named_modules():
+        if is_peft_lora_layer(module):
+            adapter = active_adapter(module)
+            if adapter is not None and adapter in cast(Any, module).lora_magnitude_vector:
+                out.append(f"{name}.lora_magnitude_vector.{adapter}")
+        elif type(module).__name__ in ("ModulesToSaveWrapper", "TrainableTokensWrapper"):
+            for child, sub in module.named_children():
+                if child != "original_module" and any(p.requires_grad for p in sub.parameters()):
+                    out.append(f"{name}.{child}")
+    return out
+
+
+def choose_peft_layers(model: nn.Module, config: Any = None) -> list[tuple[str, nn.Module]]:
+    """The PEFT layers a chain over ``model`` trains: those with factors of the active adapter.
+
+    Raises:
+        ValueError: none, or one that cannot be chained exactly (the reason is in the message).
+    """
+    layers = [(n, m) for n, m in peft_lora_layers(model) if active_adapter(m) is not None]
+    if not layers:
+        raise ValueError(
+            "the model holds PEFT LoRA layers but none of the active adapter; call "
+            "model.set_adapter(name) first"
+        )
+    for name, layer in layers:
+        why = peft_layer_problem(name, layer, config)
+        if why is not None:
+            raise ValueError(f"cannot chain the PEFT LoRA layer {why}; nothing was changed")
+    return layers
+
+
+def peft_config_of(model: nn.Module, layer: nn.Module) -> Any:
+    """The ``LoraConfig`` of ``layer``'s active adapter if ``model`` holds one (a PeftModel)."""
+    configs = getattr(model, "peft_config", None)
+    adapter = active_adapter(layer)
+    return configs.get(adapter) if isinstance(configs, dict) and adapter is not None else None
