@@ -47,17 +47,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._attach import bias_delta, is_conv1d, lora_parametrization, original
 from ._dtensor import full_tensor
+from ._layers import find_adapted, record_of
 from ._lowrank import compress, factorise
 from ._validate import type_name
-from .adapted import (
-    AdaptedModule,
-    bias_delta,
-    find_adapted,
-    is_conv1d,
-    lora_parametrization,
-    original,
-)
 from .guard import NonFiniteUpdateError, check_links
 from .history import ChainHistory, LinkFactors
 from .merge import merged_bias, merged_weight
@@ -376,7 +370,7 @@ def _current_weight(model: nn.Module, name: str) -> Tensor:
     module = _module(model, name)
     if lora_parametrization(module) is None:  # after merge_and_unload
         return _out_in(module, _weight(module))
-    return _out_in(module, merged_weight(AdaptedModule.of(name, module), torch.float32))
+    return _out_in(module, merged_weight(record_of(name, module), torch.float32))
 
 
 def _current_bias(model: nn.Module, name: str) -> Tensor:
@@ -385,7 +379,7 @@ def _current_bias(model: nn.Module, name: str) -> Tensor:
     plain = module.bias
     if bias_delta(module) is None and isinstance(plain, Tensor):
         return _host(plain)
-    bias = merged_bias(AdaptedModule.of(name, module), torch.float32)
+    bias = merged_bias(record_of(name, module), torch.float32)
     if bias is None:  # pragma: no cover - lora_bias exports only modules with a bias
         raise ValueError(f"{name!r} has no bias")
     return bias.cpu()

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .adapted import AdaptedModule
+from ._record import ModuleRecord
 
 __all__ = [
     "ChainLoRAWarning",
@@ -92,16 +92,16 @@ class DtypeWatch:
         records: the adapted modules.
     """
 
-    def __init__(self, records: Sequence[AdaptedModule]) -> None:
+    def __init__(self, records: Sequence[ModuleRecord]) -> None:
         self._expected = {r.name: self._dtypes(r) for r in records}
         self._warned = False
 
     @staticmethod
-    def _dtypes(r: AdaptedModule) -> tuple[torch.dtype, torch.dtype | None]:
+    def _dtypes(r: ModuleRecord) -> tuple[torch.dtype, torch.dtype | None]:
         residual = r.link.merge_residual
         return r.link.lora_A.dtype, None if residual is None else residual.dtype
 
-    def check(self, records: Sequence[AdaptedModule]) -> None:
+    def check(self, records: Sequence[ModuleRecord]) -> None:
         """Warn (once) if a factor or residual dtype is not what it was built with."""
         if self._warned:
             return

@@ -55,8 +55,8 @@ from torch.optim import Optimizer
 
 from ._atomic import write_atomically
 from ._dtensor import full_tensor, is_sharded, shard_like
+from ._load_guard import check_incoming_state
 from ._validate import is_distributed, type_name, unwrap_parallel
-from .adapted import check_incoming_state
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
 

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 from collections.abc import Sequence
@@ -29,15 +30,15 @@ import torch
 from torch import nn
 
 from ._dtensor import is_sharded
+from ._layers import find_adapted
 from ._validate import FLOAT_DTYPES, PARALLEL_WRAPPERS, is_distributed, is_int, type_name
-from .adapted import find_adapted
 from .init import InitPolicy
 from .quantized import QuantizedMaster
 from .reset import ResetPolicy
 from .schedule import KnotSchedule
 from .targets import ModuleSpec, choose_targets, choose_trainable
 
-__all__ = ["FACTOR_DTYPES", "ChainConfig", "NonFinitePolicy"]
+__all__ = ["CONFIG_ARGUMENTS", "FACTOR_DTYPES", "ChainConfig", "NonFinitePolicy"]
 
 NonFinitePolicy: TypeAlias = Literal["raise", "skip"]
 """At a knot, a link that must not be merged (NaN/Inf, or an overflow of the weight's dtype) either
@@ -236,6 +237,15 @@ class ChainConfig:
             trainable=tuple(n for n, _ in trainable),
             quantized_master=quantized_master,
         )
+
+
+CONFIG_ARGUMENTS: tuple[str, ...] = tuple(
+    name for name, p in inspect.signature(ChainConfig.from_kwargs).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+)  # fmt: skip
+"""The keyword arguments of :meth:`ChainConfig.from_kwargs`, which declares them once (names,
+types, defaults): ``ChainLoRAOptimizer.__init__`` takes the same (``tests/test_config.py``
+checks that they match) and forwards them by these names."""
 
 
 def check_model(model: object) -> None:

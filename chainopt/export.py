@@ -27,8 +27,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ._attach import parametrization_count
+from ._layers import find_adapted
+from ._record import ModuleRecord
 from ._validate import type_name
-from .adapted import AdaptedModule, detach, find_adapted, parametrization_count
 from .guard import NonFiniteUpdateError, check_links
 from .merge import merge_, merged_bias, merged_weight
 from .quantized import quantized_backend
@@ -57,7 +59,7 @@ def adapted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(r.name, r.module) for r in find_adapted(model)]
 
 
-def _checked(model: object, what: str) -> list[AdaptedModule]:
+def _checked(model: object, what: str) -> list[ModuleRecord]:
     """The adapted modules of ``model``, once every pending merge is known to be finite."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type_name(model)}")
@@ -84,7 +86,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """
     for r in _checked(model, "merge (no weight was changed)"):
         merge_(r)
-        detach(r.module)
+        r.unload()
     return model
 
 
@@ -141,7 +143,8 @@ def merged_state_dict(
             # With another parametrization stacked after ours, only the whole stack is the weight.
             stacked = parametrization_count(r.module) > 1
             weight = getattr(r.module, "weight").detach().clone() if stacked else merged_weight(r)  # noqa: B009
-            keys = [k for k in state if k.startswith(f"{prefix}parametrizations.weight.")]
+            own = (f"{prefix}parametrizations.weight.", f"{prefix}{r.link_prefix}")
+            keys = [k for k in state if k == f"{prefix}weight" or k.startswith(own)]
         if not bool(torch.isfinite(weight).all()):
             raise NonFiniteUpdateError(f"refusing to export {r.name!r}: its weight is not finite")
         if r.quant is None:

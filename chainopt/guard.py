@@ -17,12 +17,13 @@ every rank merges the same links, skips the same links, or raises together.
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from chainopt.adapted import AdaptedModule, attach
+    >>> from chainopt._attach import attach
+    >>> from chainopt._layers import record_of
     >>> lin = nn.Linear(4, 4).half()
     >>> link = attach(lin, rank=1, alpha=1.0, factor_dtype=torch.float32)
     >>> with torch.no_grad():
     ...     _ = link.lora_A.fill_(300.0), link.lora_B.fill_(300.0)  # finite, but 90000 > 65504
-    >>> check = check_links([AdaptedModule.of("fc", lin)])
+    >>> check = check_links([record_of("fc", lin)])
     >>> list(check.bad)
     ['fc']
 """
@@ -39,10 +40,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._dtensor import full_tensor, is_sharded
+from ._record import Link, ModuleRecord
 from ._validate import is_distributed
-from .adapted import AdaptedModule
 from .history import LinkFactors
-from .lora import BiasDelta, LoRAParametrization
+from .lora import BiasDelta
 from .merge import exact_sum
 
 __all__ = ["LinkCheck", "NonFiniteUpdateError", "check_links", "pending_links"]
@@ -71,7 +72,7 @@ class LinkCheck:
         return "; ".join(f"{name!r}: {why}" for name, why in self.bad.items())
 
 
-def pending_links(records: Sequence[AdaptedModule]) -> dict[str, LinkFactors]:
+def pending_links(records: Sequence[ModuleRecord]) -> dict[str, LinkFactors]:
     """The pending link of each module by name, gathered whole (a collective under FSDP2)."""
     out: dict[str, LinkFactors] = {}
     for r in records:
@@ -108,7 +109,7 @@ def _max_abs(tensors: list[Tensor]) -> list[Tensor]:
 
 
 def check_links(
-    records: Sequence[AdaptedModule], links: dict[str, LinkFactors] | None = None
+    records: Sequence[ModuleRecord], links: dict[str, LinkFactors] | None = None
 ) -> LinkCheck:
     """Norms of every pending link, and the links that must not be merged (with why).
 
@@ -131,7 +132,7 @@ def check_links(
     order = [n for same in shapes.values() for n in same]
     parts = [_gram_norms([links[n] for n in same]) for same in shapes.values()]
     targets: list[Tensor] = []
-    merges: list[tuple[AdaptedModule, LoRAParametrization | BiasDelta, Tensor, list[int]]] = []
+    merges: list[tuple[ModuleRecord, Link | BiasDelta, Tensor, list[int]]] = []
     for r in records:
         for part, target in r.parts():
             operands = [target, part.merge_residual]

@@ -47,8 +47,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
-from .adapted import AdaptedModule
+from ._record import ModuleRecord
 from .config import ChainConfig, NonFinitePolicy
 from .guard import LinkCheck, NonFiniteUpdateError, check_links, pending_links
 from .history import ChainHistory, KnotRecord
@@ -97,8 +98,8 @@ class _Attempt:
     """A knot under way: what it inspected and recorded, and which modules it merged."""
 
     step: int
-    good: list[AdaptedModule]
-    bad: list[AdaptedModule]
+    good: list[ModuleRecord]
+    bad: list[ModuleRecord]
     record: KnotRecord
     rank: int
     new_a: list[Tensor | None]
@@ -108,7 +109,8 @@ class _Attempt:
 
 @dataclass
 class Chain:
-    """What a knot reads and changes; built once by the optimizer, policies resolved.
+    """What a knot reads and changes; built once (:func:`chainopt._build.build_chain`), policies
+    resolved.
 
     Attributes:
         records: the adapted modules (refreshed when FSDP2 replaces their Parameters).
@@ -121,13 +123,13 @@ class Chain:
         drop_state: the full reset, for dropped links.
         on_bad: the ``non_finite=`` policy.
         link_init: the ``init=`` policy.
-        contexts: entered around every knot (:data:`chainopt.iterates.KnotContext`), in
-            order: the wrapped optimizer's own (schedule-free), then the registered ones.
+        contexts: entered around every knot (:data:`chainopt.iterates.KnotContext`), in the
+            order added (:meth:`add_context`): the wrapped optimizer's own (schedule-free) first.
         knots_tied: knots tied so far.
         pending: a knot that raised half-way, finished by the next :func:`tie_knot`.
     """
 
-    records: list[AdaptedModule]
+    records: list[ModuleRecord]
     config: ChainConfig
     history: ChainHistory
     generator: torch.Generator
@@ -140,7 +142,13 @@ class Chain:
     knots_tied: int = 0
     pending: _Attempt | None = None
 
-    def factors(self, records: Sequence[AdaptedModule] | None = None) -> list[Tensor]:
+    def add_context(self, context: KnotContext) -> RemovableHandle:
+        """Enter ``context(chain)`` around every knot, after those added before it."""
+        handle = RemovableHandle(self.contexts)
+        self.contexts[handle.id] = context
+        return handle
+
+    def factors(self, records: Sequence[ModuleRecord] | None = None) -> list[Tensor]:
         """The trainable factors of ``records`` (default: all), in module order."""
         return [p for r in (self.records if records is None else records) for p in r.factors()]
 

@@ -2,7 +2,7 @@
 
 A :class:`LoRAParametrization` registered on a module's ``weight`` through
 ``torch.nn.utils.parametrize`` makes every reader of ``module.weight`` see ``W + s·B·A``. The
-adapted module's forward never builds that matrix (see :mod:`chainopt.adapted`). A knot merges the
+adapted module's forward never builds that matrix (see :mod:`chainopt._attach`). A knot merges the
 link into ``W`` and restarts it in place with :func:`restart_links`: A Kaiming-uniform (or given),
 B zero, so the function is unchanged and the Parameter objects stay the same.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,30 @@ from torch import Tensor, nn
 from ._dtensor import copy_full_, is_sharded
 from ._surgery import foreach_copy_, foreach_zero_, set_shape_
 
-__all__ = ["BiasDelta", "LoRAParametrization", "restart_links"]
+__all__ = ["BiasDelta", "Factors", "LoRAParametrization", "restart_links"]
+
+
+class Factors(Protocol):
+    """A link's trainable factors and scale: ``s·B·A`` with ``A`` ``(r, in)``, ``B`` ``(out, r)``.
+
+    What restarting a link reads and writes; any link class has them (see
+    :class:`chainopt._record.Link`).
+    """
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        """``(r, in)``, drawn at the start of each link."""
+        ...
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        """``(out, r)``, zero at the start of each link."""
+        ...
+
+    @property
+    def scale(self) -> float:
+        """``s = alpha / r``."""
+        ...
 
 
 class LoRAParametrization(nn.Module):
@@ -233,7 +256,7 @@ class BiasDelta(nn.Module):
 
 @torch.no_grad()
 def restart_links(
-    links: Sequence[LoRAParametrization],
+    links: Sequence[Factors],
     generator: torch.Generator | None = None,
     init_A: Sequence[Tensor | None] | None = None,
 ) -> None:

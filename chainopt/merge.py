@@ -16,12 +16,13 @@ The caller checks first that the merge is finite (:func:`chainopt.guard.check_li
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from chainopt.adapted import AdaptedModule, attach
+    >>> from chainopt._attach import attach
+    >>> from chainopt._layers import record_of
     >>> lin = nn.Linear(6, 4)
     >>> link = attach(lin, rank=2, alpha=2.0)
     >>> with torch.no_grad():
     ...     _ = link.lora_B.normal_()
-    >>> record = AdaptedModule.of("fc", lin)
+    >>> record = record_of("fc", lin)
     >>> expected = merged_weight(record)
     >>> merge_(record)
     >>> torch.allclose(record.weight, expected)
@@ -34,13 +35,13 @@ import torch
 from torch import Tensor
 
 from ._dtensor import copy_full_, full_tensor, is_sharded
-from .adapted import AdaptedModule
-from .lora import BiasDelta, LoRAParametrization
+from ._record import Link, ModuleRecord
+from .lora import BiasDelta
 
 __all__ = ["exact_sum", "merge_", "merged_bias", "merged_weight"]
 
 
-def exact_sum(target: Tensor, part: LoRAParametrization | BiasDelta) -> Tensor:
+def exact_sum(target: Tensor, part: Link | BiasDelta) -> Tensor:
     """``target + residual + update`` in at least float32, as a new whole tensor.
 
     ``update`` is ``s·B·A`` (transposed for a ``fan_in_fan_out`` link) or the bias delta.
@@ -49,7 +50,7 @@ def exact_sum(target: Tensor, part: LoRAParametrization | BiasDelta) -> Tensor:
     exact = full_tensor(target.detach()).to(dt, copy=True)
     if part.merge_residual is not None:
         exact.add_(full_tensor(part.merge_residual).to(dt))
-    if isinstance(part, LoRAParametrization):
+    if not isinstance(part, BiasDelta):  # a link
         a, b = full_tensor(part.lora_A.detach()).to(dt), full_tensor(part.lora_B.detach()).to(dt)
         # accumulated into the copy: no separate (out, in) update tensor
         if part.fan_in_fan_out:
@@ -74,7 +75,7 @@ def _store_(target: Tensor, exact: Tensor, residual: Tensor | None) -> None:
 
 
 @torch.no_grad()
-def merge_(record: AdaptedModule) -> None:
+def merge_(record: ModuleRecord) -> None:
     """Fold the module's pending ``s·B·A`` (and bias delta) into the frozen originals, in place.
 
     The factors are left as they are; restart them afterwards. A quantized layer's link goes
@@ -83,10 +84,10 @@ def merge_(record: AdaptedModule) -> None:
     if record.quant is not None:
         record.quant.merge_(record.link)
     for part, target in record.parts():
-        if record.quant is not None and isinstance(part, LoRAParametrization):
+        if record.quant is not None and not isinstance(part, BiasDelta):
             continue  # merged into the master above
         if (
-            isinstance(part, LoRAParametrization)
+            not isinstance(part, BiasDelta)
             and part.merge_residual is None
             and target.dtype == part.lora_A.dtype == torch.float32
             and not is_sharded(target)
@@ -101,7 +102,7 @@ def merge_(record: AdaptedModule) -> None:
 
 
 @torch.no_grad()
-def merged_weight(record: AdaptedModule, dtype: torch.dtype | None = None) -> Tensor:
+def merged_weight(record: ModuleRecord, dtype: torch.dtype | None = None) -> Tensor:
     """The adapted weight ``W + residual + s·B·A`` as a new, whole tensor, in the stored layout.
 
     Args:
@@ -115,7 +116,7 @@ def merged_weight(record: AdaptedModule, dtype: torch.dtype | None = None) -> Te
 
 
 @torch.no_grad()
-def merged_bias(record: AdaptedModule, dtype: torch.dtype | None = None) -> Tensor | None:
+def merged_bias(record: ModuleRecord, dtype: torch.dtype | None = None) -> Tensor | None:
     """The adapted bias ``b + residual + δ`` (``None`` without a bias), dtype as above."""
     if record.bias is None:
         return None

@@ -1,7 +1,9 @@
 """``ChainLoRAOptimizer``: COLA as a wrapper around any ``torch.optim.Optimizer``.
 
-The wrapper registers a LoRA link on every chosen module, freezes everything else, rewrites the
-wrapped optimizer's param groups to the factors, and ties a knot (:mod:`chainopt.knot`) inside
+The constructor checks its arguments into a :class:`~chainopt.ChainConfig` and builds the chain
+(:func:`chainopt._build.build_chain`: a LoRA link on every chosen module, everything else frozen,
+the wrapped optimizer's param groups rewritten to the factors); the optimizer holds that
+:class:`~chainopt.knot.Chain` as ``self.chain`` and ties a knot (:mod:`chainopt.knot`) inside
 :meth:`~ChainLoRAOptimizer.step` when the schedule says so.
 
 Example:
@@ -37,26 +39,19 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from ._build import build_chain, drop_params, rebind
 from ._validate import type_name
 from ._wrapper import WrappedOptimizer
-from .adapt import wrap
-from .advice import DtypeWatch, warn_frozen_head, warn_rounding_knots
-from .config import ChainConfig, NonFinitePolicy
+from .advice import DtypeWatch
+from .config import CONFIG_ARGUMENTS, ChainConfig, NonFinitePolicy
 from .export import chain_tensors, merge_and_unload, merged_save_pending
 from .history import ChainHistory, KnotRecord
-from .init import InitPolicy, resolve_init
-from .iterates import KnotContext, resolve_iterates
-from .knot import Chain, resolve_non_finite, tie_knot
-from .optimizer_state import (
-    chain_entry,
-    check_optimizer,
-    check_saved_state,
-    drop_params,
-    restore,
-)
-from .quantized import QuantizedMaster, resolve_master_weights
-from .reset import FreshState, ResetPolicy, resolve_reset
-from .sharding import rebind
+from .init import InitPolicy
+from .iterates import KnotContext
+from .knot import tie_knot
+from .optimizer_state import chain_entry, check_saved_state, restore
+from .quantized import QuantizedMaster
+from .reset import ResetPolicy
 from .summary import ChainSummary, summarize
 from .targets import ModuleSpec
 
@@ -173,62 +168,18 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         quantized_master: QuantizedMaster = "host",
         master_weights: nn.Module | Mapping[str, Tensor] | None = None,
     ) -> None:
-        config = ChainConfig.from_kwargs(
-            model,
-            target_modules=target_modules,
-            rank=rank,
-            alpha=alpha,
-            knot_every=knot_every,
-            knots=knots,
-            num_links=num_links,
-            total_steps=total_steps,
-            steps_per_epoch=steps_per_epoch,
-            lora_bias=lora_bias,
-            trainable_modules=trainable_modules,
-            seed=seed,
-            factor_dtype=factor_dtype,
-            exact_merge=exact_merge,
-            keep_history=keep_history,
-            non_finite=non_finite,
-            reset=reset,
-            prune_ratio=prune_ratio,
-            init=init,
-            quantized_master=quantized_master,
-        )
-        check_optimizer(optimizer, model)
-        masters = resolve_master_weights(master_weights, model, config.modules)
+        arguments = locals()  # forwarded by the names ChainConfig.from_kwargs declares
+        config = ChainConfig.from_kwargs(model, **{k: arguments[k] for k in CONFIG_ARGUMENTS})
         self.model = model
         self.config = config
         self.schedule = config.schedule()
         self.optimizer_steps = 0
         self._knot_hooks: dict[int, KnotHook] = OrderedDict()
-        generator = torch.Generator().manual_seed(config.seed)
-        keep = [p for name in config.trainable for p in model.get_submodule(name).parameters()]
-        keep = list({id(p): p for p in keep}.values())
-        self._records, self._base = wrap(model, optimizer, config, generator, keep, masters)
-        if quantized_master == "none" and any(r.quant is not None for r in self._records):
-            warn_rounding_knots()
-        self.chain = Chain(
-            records=self._records,
-            config=config,
-            history=ChainHistory(keep_factors=config.keep_history),
-            generator=generator,
-            optimizer=self._base,
-            reset_state=resolve_reset(
-                config.reset, config.prune_ratio, FreshState(self._base.state, self.factors())
-            ),
-            drop_state=resolve_reset("full", fresh=FreshState(self._base.state, self.factors())),
-            on_bad=resolve_non_finite(config.non_finite),
-            link_init=resolve_init(config.init, [(r.name, r.module) for r in self._records]),
-        )
-        own = resolve_iterates(self._base)
-        if own is not None:
-            self.chain.contexts[-1] = own
+        self.chain = build_chain(model, optimizer, config, master_weights)
         self._arm()
-        self._dtypes = DtypeWatch(self._records)
-        warn_frozen_head(model, config.modules, config.trainable)
+        self._dtypes = DtypeWatch(self.chain.records)
         self._param_names = {id(p): n for n, p in model.named_parameters()}
-        super().__init__(self._base)
+        super().__init__(self.chain.optimizer)
         for hook in _WRAP_HOOKS:
             hook(model)
 
@@ -255,11 +206,11 @@ class ChainLoRAOptimizer(WrappedOptimizer):
 
     def factors(self) -> list[nn.Parameter]:
         """Every trainable chain parameter (A, B and bias deltas), in module order."""
-        return [p for r in self._records for p in r.factors()]
+        return [p for r in self.chain.records for p in r.factors()]
 
     def adapted_modules(self) -> list[tuple[str, nn.Module]]:
         """``(qualified_name, module)`` of the adapted modules, in model order."""
-        return [(r.name, r.module) for r in self._records]
+        return [(r.name, r.module) for r in self.chain.records]
 
     def link_rank(self, link: int) -> int:
         """Rank of link ``link`` (0-based): ``rank[link]``, the last entry repeating."""
@@ -301,7 +252,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         """Take the factors' and residuals' current dtypes as intended (an engine that keeps
         float32 masters of half-precision factors): no :class:`~chainopt.ChainLoRAWarning` for
         them at knots."""
-        self._dtypes = DtypeWatch(self._records)
+        self._dtypes = DtypeWatch(self.chain.records)
 
     def tie_knot(self) -> KnotRecord:
         """Tie a knot now (see :mod:`chainopt.knot`); the hooks run after it.
@@ -315,7 +266,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             RuntimeError: ``merge_and_unload()`` was called.
         """
         self._require_chain()
-        self._dtypes.check(self._records)
+        self._dtypes.check(self.chain.records)
         pending = self.chain.pending
         record = tie_knot(self.chain, pending.step if pending else self.optimizer_steps)
         for hook in list(self._knot_hooks.values()):
@@ -323,7 +274,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         return record
 
     def _require_chain(self) -> None:
-        if not self._records:
+        if not self.chain.records:
             raise RuntimeError("merge_and_unload() was called: this optimizer has no chain left")
 
     def _arm(self) -> None:
@@ -354,7 +305,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
                 got optimizer state (shard before training), or is a sharded 4-bit weight.
                 Nothing is changed then.
         """
-        self._param_names = rebind(self._base, self.model, self._param_names, self._records)
+        self._param_names = rebind(self.chain, self.model, self._param_names)
 
     def register_knot_hook(self, hook: KnotHook) -> RemovableHandle:
         """Call ``hook(optimizer, record)`` after every knot; ``handle.remove()`` stops it.
@@ -388,9 +339,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         """
         if not callable(context):
             raise TypeError(f"context must be callable chain -> context manager, got {context!r}")
-        handle = RemovableHandle(self.chain.contexts)
-        self.chain.contexts[handle.id] = context
-        return handle
+        return self.chain.add_context(context)
 
     def chain_summary(self) -> ChainSummary:
         """The chain so far: links, ranks, knot steps, update norms, effective ranks.
@@ -411,8 +360,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         """
         factors = self.factors()
         merge_and_unload(self.model)
-        drop_params(self._base, factors)
-        self._records.clear()
+        drop_params(self.chain.optimizer, factors)
+        self.chain.records = []
         self.chain.link_init.remove()
         return self.model
 
@@ -476,7 +425,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
     def __repr__(self) -> str:
         c = self.config
         return (
-            f"ChainLoRAOptimizer({type_name(self._base)}, modules={len(self._records)}, "
+            f"ChainLoRAOptimizer({type_name(self._base)}, modules={len(self.chain.records)}, "
             f"rank={list(c.ranks)}, alpha={c.alpha:g}, {self.schedule!r}, "
             f"steps={self.optimizer_steps}, knots_tied={self.knots_tied})"
         )

@@ -1,9 +1,9 @@
-"""The wrapped optimizer's side of a chain: its param groups, and checking a saved state.
+"""Checking a saved ``ChainLoRAOptimizer`` state, and writing it back.
 
-:func:`regroup` rewrites an optimizer built over ``model.parameters()`` so that it steps the
-factors instead of the frozen weights; :func:`verify_steps_factors` refuses an optimizer that
-would not step them; :func:`check_saved_state` checks a ``ChainLoRAOptimizer.state_dict()``
-whole before any of it is loaded.
+:func:`chain_entry` is the ``"chainopt"`` entry of the optimizer's state dict;
+:func:`check_saved_state` checks a saved state whole before any of it is loaded, and
+:func:`restore` writes the checked state into the optimizer, the model and the chain. (The
+wrapped optimizer's param groups are rewritten at construction: :mod:`chainopt._build`.)
 
 Example:
     >>> import torch
@@ -12,112 +12,29 @@ Example:
     >>> model = nn.Sequential(nn.Linear(4, 4))
     >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
     ...                          target_modules=["0"], rank=2, knot_every=1)
-    >>> [tuple(p.shape) for p in opt.param_groups[0]["params"]]  # A, B and the plain bias
-    [(2, 4), (4, 2)]
+    >>> entry = opt.state_dict()["chainopt"]
+    >>> entry["optimizer_steps"], entry["knots_tied"], entry["config"]["ranks"]
+    (0, 0, [2])
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
+from ._load_guard import check_incoming_state
 from ._validate import is_int, type_name
-from .adapted import AdaptedModule, check_incoming_state
 from .history import KnotRecord, parse_history
 from .knot import Chain
 
 __all__ = [
     "CheckedState",
     "chain_entry",
-    "check_optimizer",
     "check_saved_state",
-    "drop_params",
-    "regroup",
     "restore",
-    "verify_steps_factors",
 ]
-
-
-def regroup(optimizer: Optimizer, records: Sequence[AdaptedModule], keep: Sequence[Tensor]) -> None:
-    """Rewrite ``optimizer``'s groups in place: the factors join their weight's group.
-
-    Frozen parameters leave (with any state); ``keep`` stays. Each group's ``params`` list is
-    edited in place, so an optimizer that holds on to that list (LBFGS) sees the change.
-    """
-    kept = {id(p) for p in keep}
-    home: dict[int, int] = {}
-    for i, group in enumerate(optimizer.param_groups):
-        for p in group["params"]:
-            home.setdefault(id(p), i)
-    joins: list[list[Tensor]] = [[] for _ in optimizer.param_groups]
-    for r in records:
-        joins[home.get(id(r.weight), 0)].extend(r.factors())
-    for group, extra in zip(optimizer.param_groups, joins, strict=True):
-        for p in group["params"]:
-            if id(p) not in kept:
-                optimizer.state.pop(p, None)
-        group["params"][:] = [p for p in group["params"] if id(p) in kept] + extra
-
-
-def verify_steps_factors(
-    optimizer: Optimizer, factors: Sequence[Tensor], keep: Sequence[Tensor]
-) -> None:
-    """Raise unless ``optimizer`` steps every factor and nothing outside the chain.
-
-    Raises:
-        ValueError: a factor is in no param group, a group holds a parameter that is neither a
-            factor nor kept trainable, or the optimizer keeps a list of its own that still holds
-            frozen parameters (it would step those, not the factors).
-    """
-    allowed = {id(p) for p in [*factors, *keep]}
-    held = [p for g in optimizer.param_groups for p in g["params"]]
-    held_ids = {id(p) for p in held}
-    missing = sum(id(p) not in held_ids for p in factors)
-    if missing:
-        raise ValueError(
-            f"the optimizer does not step {missing} of the chain's {len(factors)} factors: "
-            "an optimizer factory must build the optimizer over the parameters it is given"
-        )
-    foreign = [tuple(p.shape) for p in held if id(p) not in allowed]
-    if foreign:
-        raise ValueError(
-            f"the optimizer holds {len(foreign)} parameter(s) outside the chain (shapes "
-            f"{foreign[:3]}): an optimizer factory must use only the parameters it is given"
-        )
-    for attr, value in vars(optimizer).items():
-        if attr in ("param_groups", "state", "defaults") or not isinstance(value, (list, tuple)):
-            continue
-        stale = [v for v in value if isinstance(v, nn.Parameter) and id(v) not in allowed]
-        if stale:
-            raise ValueError(
-                f"{type_name(optimizer)} keeps its own list of parameters ({attr!r}) that still "
-                "holds the frozen weights, so it would never step the chain's factors; pass a "
-                f"factory instead: optimizer=lambda params: {type_name(optimizer)}(params, ...)"
-            )
-
-
-def check_optimizer(optimizer: object, model: nn.Module) -> None:
-    """Refuse an optimizer over foreign parameters, a chain, or something not an optimizer."""
-    if isinstance(optimizer, Optimizer):
-        if hasattr(optimizer, "chain") and hasattr(optimizer, "optimizer"):
-            raise ValueError("optimizer is already a ChainLoRAOptimizer; wrap the plain optimizer")
-        owned = {id(p) for p in model.parameters()}
-        for i, group in enumerate(optimizer.param_groups):
-            for p in group["params"]:
-                if id(p) not in owned:
-                    raise ValueError(
-                        f"optimizer holds a parameter of shape {tuple(p.shape)} (param group {i}) "
-                        "that is not a parameter of model; build it over model.parameters()"
-                    )
-    elif not callable(optimizer):
-        raise TypeError(
-            "optimizer must be a torch.optim.Optimizer built over model.parameters() or a "
-            f"callable params -> Optimizer, got {type_name(optimizer)}"
-        )
 
 
 @dataclass(frozen=True)
@@ -163,16 +80,6 @@ def restore(chain: Chain, model: nn.Module, checked: CheckedState) -> None:
     chain.generator.set_state(checked.generator)
     chain.history.keep_factors, chain.history.knots = checked.history
     chain.pending = None
-
-
-def drop_params(optimizer: Optimizer, params: Sequence[Tensor]) -> None:
-    """Take ``params`` out of ``optimizer``'s groups and state (in place)."""
-    ids = {id(p) for p in params}
-    for group in optimizer.param_groups:
-        group["params"][:] = [p for p in group["params"] if id(p) not in ids]
-    for p in list(optimizer.state):
-        if id(p) in ids:
-            del optimizer.state[p]
 
 
 def check_saved_state(

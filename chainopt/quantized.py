@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ._dtensor import full_tensor
 from ._quant_backends import Backend, backend_for, unsupported_quantization
 from ._surgery import install_instance_forward, lora_quantized_forward, remove_instance_forward
-from .lora import LoRAParametrization
+from .lora import Factors, LoRAParametrization
 
 __all__ = [
     "LINK_NAME",
@@ -76,7 +76,7 @@ class QuantizedWeight:
         return self.master if self.master is not None else self.backend.dequantize(self.module)
 
     @torch.no_grad()
-    def merged(self, link: LoRAParametrization) -> Tensor:
+    def merged(self, link: Factors) -> Tensor:
         """``dense + s·B·A`` as a new float32 tensor (on the master's device)."""
         out = self.dense().clone()
         b, a = _whole_factors(link, out.device)
@@ -84,7 +84,7 @@ class QuantizedWeight:
         return out
 
     @torch.no_grad()
-    def merge_(self, link: LoRAParametrization) -> None:
+    def merge_(self, link: Factors) -> None:
         """Fold ``s·B·A`` into the weight: into the master, then ``quantize(master)``."""
         if self.master is None:
             self.backend.requantize_(self.module, self.merged(link))
@@ -94,7 +94,7 @@ class QuantizedWeight:
         self.backend.requantize_(self.module, self.master)
 
 
-def _whole_factors(link: LoRAParametrization, device: torch.device) -> tuple[Tensor, Tensor]:
+def _whole_factors(link: Factors, device: torch.device) -> tuple[Tensor, Tensor]:
     """``B`` and ``A`` as whole float32 tensors on ``device`` (gathered when FSDP2 shards them:
     the 4-bit weight itself stays whole, ``fully_shard(..., ignored_params=...)``)."""
     b, a = full_tensor(link.lora_B.detach()), full_tensor(link.lora_A.detach())

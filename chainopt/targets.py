@@ -24,9 +24,10 @@ from typing import TypeAlias
 import torch
 from torch import nn
 
+from ._attach import parametrization_count
 from ._dtensor import is_sharded
+from ._layers import builder_for
 from ._validate import type_name
-from .adapted import is_conv1d, parametrization_count
 from .quantized import unsupported_quantization
 
 __all__ = [
@@ -53,8 +54,9 @@ weight is shared with (tied to) another module."""
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """An ``nn.Linear`` (or subclass) or a transformers ``Conv1D``: what a link can adapt."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """A module some layer kind's builder adapts (:data:`chainopt._layers.BUILDERS`): an
+    ``nn.Linear`` (or subclass, 4-bit ones included) or a transformers ``Conv1D``."""
+    return builder_for(module) is not None
 
 
 def matcher(spec: ModuleSpec, argument: str) -> Callable[[str, nn.Module], bool]:

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from chainopt.adapted import AdaptedModule, attach
+from chainopt._attach import attach
+from chainopt._layers import record_of
 from chainopt.merge import merge_
 
 RESIDUALS = {torch.bfloat16: torch.bfloat16, torch.float16: torch.float32}
@@ -44,7 +45,7 @@ def run(dtype: torch.dtype, knots: int, size: float, seed: int, residual: bool) 
     start = lin.weight.detach().double().clone()
     link = attach(lin, rank=4, alpha=4, factor_dtype=torch.float32,
                   residual_dtype=RESIDUALS[dtype] if residual else None)  # fmt: skip
-    record = AdaptedModule.of("lin", lin)
+    record = record_of("lin", lin)
     gen = torch.Generator().manual_seed(seed + 1)
     total = torch.zeros_like(start)
     scale = size * start.std().item()

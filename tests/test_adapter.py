@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError
-from chainopt.adapted import lora_parametrization
+from chainopt._attach import lora_parametrization
 from chainopt.adapter import export_peft_adapter
 
 IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(9))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytest
@@ -10,7 +11,8 @@ from models import mlp, requires_grad_map, snapshot
 from torch import nn
 
 from chainopt import ChainConfig, ChainLoRAOptimizer
-from chainopt.adapted import lora_parametrization
+from chainopt._attach import lora_parametrization
+from chainopt.config import CONFIG_ARGUMENTS
 
 
 def _untouched(model: nn.Module, before: dict[str, torch.Tensor], grads: dict[str, bool]) -> None:
@@ -112,3 +114,36 @@ def test_link_rank_refuses_what_is_not_a_link_index(link: Any) -> None:
     assert [opt.link_rank(i) for i in (0, 1, 5)] == [4, 2, 2]
     with pytest.raises(ValueError, match="link must be a non-negative int"):
         opt.link_rank(link)
+
+
+def test_the_constructor_and_the_config_take_the_same_arguments() -> None:
+    """One declaration: ``ChainLoRAOptimizer.__init__`` takes exactly ``from_kwargs``'s keyword
+    arguments (same names, order, defaults and annotations), plus ``master_weights``, and
+    forwards them by ``CONFIG_ARGUMENTS``; its docstring documents each."""
+    config = inspect.signature(ChainConfig.from_kwargs).parameters
+    ctor = inspect.signature(ChainLoRAOptimizer.__init__).parameters
+    keyword = [p for p in ctor.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    declared = [p for p in config.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert [p.name for p in keyword] == [p.name for p in declared] + ["master_weights"]
+    for mine, theirs in zip(keyword, declared, strict=False):
+        assert (mine.default, mine.annotation) == (theirs.default, theirs.annotation), mine.name
+    assert tuple(p.name for p in declared) == CONFIG_ARGUMENTS
+    doc = ChainLoRAOptimizer.__doc__ or ""
+    assert all(f"\n        {name}: " in doc for name in ctor if name != "self")
+
+
+def test_every_argument_reaches_the_config() -> None:
+    """A non-default value of each forwarded argument shows in the optimizer's config."""
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules=["0"], rank=[3, 2],
+        alpha=5.0, knots=[4, 9], lora_bias=True, trainable_modules=["2"], seed=7,
+        factor_dtype=torch.float64, exact_merge=True, keep_history=True, non_finite="skip",
+        reset="prune", prune_ratio=0.5, init="gradient", quantized_master="none",
+    )  # fmt: skip
+    assert opt.config == ChainConfig(
+        modules=("0",), ranks=(3, 2), alpha=5.0, knot_every=None, knots=(4, 9), lora_bias=True,
+        seed=7, factor_dtype=torch.float64, exact_merge=True, keep_history=True, reset="prune",
+        prune_ratio=0.5, init="gradient", non_finite="skip", trainable=("2",),
+        quantized_master="none",
+    )  # fmt: skip

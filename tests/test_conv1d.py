@@ -11,7 +11,7 @@ from torch import nn
 
 import chainopt
 from chainopt import ChainLoRAOptimizer
-from chainopt.adapted import lora_parametrization
+from chainopt._attach import lora_parametrization
 
 IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
 

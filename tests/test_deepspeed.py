@@ -31,7 +31,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer
-from chainopt.adapted import AdaptedModule, lora_parametrization
+from chainopt._attach import lora_parametrization
+from chainopt._layers import record_of
 from chainopt.merge import merged_bias, merged_weight
 
 pytestmark = [
@@ -172,7 +173,7 @@ def _function(deepspeed: Any, model: nn.Module, x: torch.Tensor) -> torch.Tensor
             if lora_parametrization(module) is None:
                 w, b = module.weight.float(), module.bias.float()
             else:
-                record = AdaptedModule.of(str(i), module)
+                record = record_of(str(i), module)
                 w, b = merged_weight(record, torch.float32), merged_bias(record, torch.float32)
             h = nn.functional.linear(h, w, b)
             h = torch.tanh(h) if i < 4 else h

@@ -29,7 +29,8 @@ from torch import nn
 
 import chainopt.knot as knot_mod
 from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError
-from chainopt.adapted import AdaptedModule, lora_parametrization
+from chainopt._attach import lora_parametrization
+from chainopt._record import ModuleRecord
 from chainopt.checkpoint import load_checkpoint, save_checkpoint
 
 KNOT_EVERY = 4
@@ -184,7 +185,7 @@ def test_resuming_after_a_knot_failed_half_way_matches_an_uninterrupted_run(
     if where == "merge of the second module":
         real_merge = knot_mod.merge_
 
-        def merge(record: AdaptedModule) -> None:
+        def merge(record: ModuleRecord) -> None:
             if record.module is model[2]:
                 raise RuntimeError("crash inside the knot")
             real_merge(record)
@@ -240,7 +241,7 @@ def _worker(
     if stall is not None and stall[0] == "knot":
         real_merge = knot_mod.merge_
 
-        def merge(record: AdaptedModule) -> None:
+        def merge(record: ModuleRecord) -> None:
             real_merge(record)
             if record.module is model[0]:
                 freeze("knot")

@@ -8,12 +8,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from chainopt.adapted import AdaptedModule, attach, bias_delta
+from chainopt._attach import attach, bias_delta
+from chainopt._layers import record_of
+from chainopt._record import ModuleRecord
 from chainopt.guard import check_links
 
 
-def _records(modules: list[tuple[str, nn.Module]]) -> list[AdaptedModule]:
-    return [AdaptedModule.of(n, m) for n, m in modules]
+def _records(modules: list[tuple[str, nn.Module]]) -> list[ModuleRecord]:
+    return [record_of(n, m) for n, m in modules]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -12,7 +12,7 @@ from test_resume import _roundtrip
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer
-from chainopt.adapted import lora_parametrization
+from chainopt._attach import lora_parametrization
 from chainopt.history import ChainHistory
 
 

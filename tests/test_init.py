@@ -11,7 +11,7 @@ from test_resume import _roundtrip
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer, ChainLoRAWarning
-from chainopt.adapted import lora_parametrization
+from chainopt._attach import lora_parametrization
 from chainopt.init import a_from_gradient
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer
-from chainopt.adapted import lora_parametrization
+from chainopt._attach import lora_parametrization
 
 schedulefree = pytest.importorskip("schedulefree")
 

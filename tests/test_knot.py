@@ -14,7 +14,8 @@ from torch import nn
 
 import chainopt.knot as knot_mod
 from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError
-from chainopt.adapted import AdaptedModule, lora_parametrization
+from chainopt._attach import lora_parametrization
+from chainopt._record import ModuleRecord
 
 
 def _chain(**kw: Any) -> tuple[nn.Module, ChainLoRAOptimizer]:
@@ -46,7 +47,7 @@ def test_a_knot_that_fails_half_way_keeps_the_function_and_a_retry_finishes_it_o
     calls: list[str] = []
     before: list[torch.Tensor] = []
 
-    def flaky(record: AdaptedModule) -> None:
+    def flaky(record: ModuleRecord) -> None:
         calls.append(record.name)
         if not before:
             before.append(model(x))  # the function the knot must keep

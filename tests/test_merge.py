@@ -9,12 +9,13 @@ from hypothesis import given
 from strategies import LinearCase, linear_cases, tolerance
 from torch import nn
 
-from chainopt.adapted import AdaptedModule, attach, bias_delta
+from chainopt._attach import attach, bias_delta
+from chainopt._layers import record_of
 from chainopt.merge import merge_, merged_bias, merged_weight
 
 
 def merge_into_weight(lin: nn.Module) -> None:
-    merge_(AdaptedModule.of("lin", lin))
+    merge_(record_of("lin", lin))
 
 
 def _trained(case: LinearCase, residual: torch.dtype | None = None) -> nn.Linear:
@@ -69,7 +70,7 @@ def test_merge_then_zero_b_preserves_the_function(case: LinearCase) -> None:
 @given(linear_cases())
 def test_merged_views_match_what_a_merge_writes(case: LinearCase) -> None:
     lin = _trained(case)
-    record = AdaptedModule.of("lin", lin)
+    record = record_of("lin", lin)
     weight, bias = merged_weight(record), merged_bias(record)
     merge_into_weight(lin)
     torch.testing.assert_close(lin.parametrizations.weight.original, weight, rtol=0, atol=0)

@@ -15,7 +15,7 @@ from strategies import schedules
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError
-from chainopt.adapted import lora_parametrization
+from chainopt._attach import lora_parametrization
 
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.01),
@@ -46,6 +46,22 @@ def _wrap(model: nn.Module | None = None, name: str = "adamw", **kw: Any) -> Cha
 
 
 # --- wrapping ---
+
+
+def test_the_optimizer_holds_the_chain_and_nothing_that_aliases_its_parts() -> None:
+    """Every rebuild assigns ``chain.records`` (FSDP2's rebind, ``merge_and_unload``): nothing
+    else may hold that list, or a knot would work on stale records."""
+    opt = _wrap()
+    records = opt.chain.records
+    assert [name for name, value in vars(opt).items() if value is records] == []
+    opt.chain.records = list(records)  # what a rebuild does: the optimizer follows
+    assert opt.adapted_modules() == [(r.name, r.module) for r in records]
+    _train(opt.model, opt, 4)
+    assert opt.knots_tied == 1
+    opt.merge_and_unload()
+    assert opt.chain.records == [] and len(records) == 2  # assigned, the old list untouched
+    with pytest.raises(RuntimeError, match="merge_and_unload"):
+        opt.tie_knot()
 
 
 def test_is_an_optimizer_sharing_groups_state_and_defaults() -> None:

@@ -12,7 +12,7 @@ from models import mlp, snapshot
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer
-from chainopt.adapted import lora_parametrization
+from chainopt._attach import lora_parametrization
 
 
 def _chain(rank: Any = 2, **kw: Any) -> tuple[nn.Module, ChainLoRAOptimizer]:

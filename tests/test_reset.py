@@ -10,7 +10,7 @@ from models import mlp
 from test_optimizer import _train
 
 from chainopt import ChainLoRAOptimizer
-from chainopt.adapted import lora_parametrization
+from chainopt._attach import lora_parametrization
 from chainopt.reset import resolve_reset
 
 

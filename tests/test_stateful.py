@@ -20,7 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError
-from chainopt.adapted import bias_delta, lora_parametrization
+from chainopt._attach import bias_delta, lora_parametrization
 from chainopt.checkpoint import load_checkpoint, save_checkpoint
 
 IN, OUT = 7, 5

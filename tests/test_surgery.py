@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 from torch.optim import Optimizer
 
 from chainopt import ChainLoRAOptimizer
+from chainopt._attach import attach, detach
 from chainopt._surgery import (
     SHARED_OPTIMIZER_ATTRIBUTES,
     in_parametrize_cache,
@@ -19,7 +20,6 @@ from chainopt._surgery import (
     restore_parameter_order,
     set_shape_,
 )
-from chainopt.adapted import attach, detach
 
 
 def test_optimizer_init_sets_only_what_the_wrapper_takes_over() -> None:

@@ -11,7 +11,7 @@ from test_config import _refused
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer
-from chainopt.adapted import lora_parametrization
+from chainopt._attach import lora_parametrization
 from chainopt.targets import select_modules
 
 

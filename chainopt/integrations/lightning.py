@@ -79,7 +79,7 @@ except ImportError as err:
         "chainopt.integrations.lightning needs Lightning: pip install lightning"
     ) from err
 
-from ..adapted import find_adapted
+from .._layers import find_adapted
 from ..export import mark_merged_save, merged_state_dict
 from ..guard import NonFiniteUpdateError
 from ..optimizer import ChainLoRAOptimizer

@@ -8,7 +8,7 @@ from models import mlp, requires_grad_map, snapshot
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer
-from chainopt.adapted import lora_parametrization
+from chainopt._attach import lora_parametrization
 
 
 class ScaledLinear(nn.Linear):

@@ -15,7 +15,7 @@ from strategies import LinearCase, linear_cases, tolerance
 from torch import nn
 from torch.nn.utils import parametrize
 
-from chainopt.adapted import attach, bias_delta, detach, lora_parametrization
+from chainopt._attach import attach, bias_delta, detach, lora_parametrization
 from chainopt.lora import BiasDelta, LoRAParametrization
 
 
