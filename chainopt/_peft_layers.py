@@ -238,6 +238,8 @@ class PeftLink:
     """
 
     merge_residual: Tensor | None
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
 
     def __init__(
         self,
@@ -265,7 +267,8 @@ class PeftLink:
         self.weight: Tensor = (
             lay.get_param() if kind == "ParamWrapper" else lay.get_base_layer().weight
         )
-        magnitude = lay.lora_magnitude_vector.get(adapter, None)
+        dora = lay.lora_magnitude_vector  # a ModuleDict: no .get
+        magnitude = dora[adapter] if adapter in dora else None  # noqa: SIM401
         self.magnitude: nn.Parameter | None = None if magnitude is None else magnitude.weight
         self.merge_residual = (
             None
@@ -501,7 +504,7 @@ class PeftBuilder:
         link = link_of(module)
         if link is None:
             return None
-        link.merge_residual = cast(Tensor | None, module._buffers.get(RESIDUAL))
+        link.merge_residual = module._buffers.get(RESIDUAL)
         base = cast(Any, module).get_base_layer()
         bias = getattr(base, "bias", None) if link.kind != "ParamWrapper" else None
         return ModuleRecord(name, module, link, None, link.weight, bias, link.quant, "", self)

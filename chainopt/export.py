@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ._attach import parametrization_count
 from ._layers import find_adapted
+from ._peft_layers import PeftLink
 from ._record import ModuleRecord
 from ._validate import type_name
 from .guard import NonFiniteUpdateError, check_links
@@ -75,7 +76,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
     Works on any model carrying chainopt links, a ``copy.deepcopy`` of a wrapped model included.
     The modules become plain ``nn.Linear`` (or ``Conv1D``) again, keep their Parameter objects and
-    their parameters' registration order.
+    their parameters' registration order. PEFT's own layers (a chained ``PeftModel``) stay
+    PEFT's, their B zero: the model computes the merged function, and PEFT's
+    ``merge_and_unload()`` then gives the plain model.
 
     Returns:
         ``model`` itself.
@@ -86,6 +89,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """
     for r in _checked(model, "merge (no weight was changed)"):
         merge_(r)
+        with torch.no_grad():
+            r.link.lora_B.zero_()  # a link that stays in the module (PEFT's) must add nothing
         r.unload()
     return model
 
@@ -242,7 +247,11 @@ def chain_tensors(model: nn.Module) -> dict[str, Tensor]:
     ``model.state_dict()``, tensors by reference.
     """
     owned = tuple(
-        f"{r.name}.parametrizations." if r.name else "parametrizations."
+        f"{r.name}."
+        if isinstance(r.link, PeftLink)  # a PEFT layer: its base layer and factors
+        else f"{r.name}.parametrizations."
+        if r.name
+        else "parametrizations."
         for r in find_adapted(model)
     )
     return {k: v for k, v in model.state_dict().items() if k.startswith(owned)} if owned else {}

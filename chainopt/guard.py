@@ -88,8 +88,9 @@ def pending_links(records: Sequence[ModuleRecord]) -> dict[str, LinkFactors]:
 
 def _gram_norms(links: list[LinkFactors]) -> Tensor:
     """``‖Bᵢ·Aᵢ‖_F`` (unscaled) of same-shaped links, in float32, as one ``(n,)`` tensor."""
-    a = torch.stack([link.A for link in links]).float()  # (n, r, in)
-    b = torch.stack([link.B for link in links]).float()  # (n, out, r)
+    # (n, r, in) and (n, out, r); a convolution's (r, in, *k), (out, r, 1, …) flattened
+    a = torch.stack([link.A for link in links]).float().flatten(2)
+    b = torch.stack([link.B for link in links]).float().flatten(2)
     gram = (b.mT @ b) * (a @ a.mT)  # (n, r, r): NaN/Inf in A or B reach it
     return gram.sum((1, 2)).clamp_min(0).sqrt()
 

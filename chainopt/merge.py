@@ -44,7 +44,9 @@ __all__ = ["exact_sum", "merge_", "merged_bias", "merged_weight"]
 def exact_sum(target: Tensor, part: Link | BiasDelta) -> Tensor:
     """``target + residual + update`` in at least float32, as a new whole tensor.
 
-    ``update`` is ``s·B·A`` (transposed for a ``fan_in_fan_out`` link) or the bias delta.
+    ``update`` is ``s·B·A`` (transposed for a ``fan_in_fan_out`` link) or the bias delta. A
+    convolution's factors ``(r, in, *k)``, ``(out, r, 1, …)`` are matrices flattened after their
+    first dimension, and ``B·A`` is the kernel's update flattened the same way.
     """
     dt = torch.promote_types(target.dtype, torch.float32)
     exact = full_tensor(target.detach()).to(dt, copy=True)
@@ -55,8 +57,8 @@ def exact_sum(target: Tensor, part: Link | BiasDelta) -> Tensor:
         # accumulated into the copy: no separate (out, in) update tensor
         if part.fan_in_fan_out:
             exact.addmm_(a.T, b.T, alpha=part.scale)  # (in, r) @ (r, out)
-        else:
-            exact.addmm_(b, a, alpha=part.scale)  # (out, r) @ (r, in)
+        else:  # (out, r) @ (r, in); a kernel (out, in, *k) as (out, in·∏k)
+            exact.view(exact.shape[0], -1).addmm_(b.flatten(1), a.flatten(1), alpha=part.scale)
     else:
         exact.add_(full_tensor(part.delta.detach()).to(dt))
     return exact
@@ -91,6 +93,7 @@ def merge_(record: ModuleRecord) -> None:
             and part.merge_residual is None
             and target.dtype == part.lora_A.dtype == torch.float32
             and not is_sharded(target)
+            and part.lora_A.dim() == 2
         ):
             a, b = part.lora_A, part.lora_B  # in place, no temporary
             if part.fan_in_fan_out:

@@ -40,6 +40,13 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from ._build import build_chain, drop_params, rebind
+from ._liveness import TrainingWatch
+from ._peft_layers import (
+    AWAITING,
+    PeftLink,
+    install_whole_chain_save,
+    remove_whole_chain_save,
+)
 from ._validate import type_name
 from ._wrapper import WrappedOptimizer
 from .advice import DtypeWatch
@@ -88,11 +95,18 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             other frozen parameters leave, each module's factors join the group that held its
             weight (the first group if none did), hyperparameters are kept.
         target_modules: which ``nn.Linear`` (or transformers ``Conv1D``) modules to adapt:
-            PEFT-style name suffixes (``"q_proj"``), a compiled regex (full match on the
-            qualified name), a callable ``(name, module) -> bool``, or ``"all-linear"``.
-        rank: rank ``r`` of each link, or a list: link ``i`` has rank ``rank[i]`` and the last
-            entry repeats (rank step-down, e.g. ``[8, 4]``; not under DDP).
-        alpha: LoRA alpha; the scale of a link of rank ``r`` is ``s = alpha / r``.
+            PEFT-style name suffixes (``"q_proj"``; a list, set or any iterable of them), a
+            compiled regex (full match on the qualified name), a callable
+            ``(name, module) -> bool``, or ``"all-linear"``. Omit it for a model that holds
+            PEFT LoRA layers (a ``PeftModel``): the chain then trains PEFT's own layers of the
+            active adapter, with their rank, alpha, dropout and rsLoRA scaling, and
+            ``peft_model.save_pretrained`` writes the whole chain as one adapter (see
+            :mod:`chainopt._peft_layers`); required otherwise.
+        rank: rank ``r`` of each link (default 8), or a list: link ``i`` has rank ``rank[i]``
+            and the last entry repeats (rank step-down, e.g. ``[8, 4]``; not under DDP). Not
+            with PEFT layers (the ``LoraConfig``'s).
+        alpha: LoRA alpha (default 16); the scale of a link of rank ``r`` is
+            ``s = alpha / r``. Not with PEFT layers.
         knot_every: tie a knot after optimizer steps N, 2N, … Give one schedule: this,
             ``knots``, or ``num_links`` with ``total_steps``.
         knots: tie a knot after these optimizer step counts.
@@ -113,7 +127,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         keep_history: keep float32 copies of every merged link in host memory
             (``opt.history``), so the chain can be exported exactly as one adapter from the
             optimizer alone; costs one link's factors of CPU memory per knot, none on an
-            accelerator. Off by default (PEFT's memory); without it
+            accelerator. Off by default (PEFT's memory; always on for a chain of PEFT layers,
+            whose ``save_pretrained`` writes every link); without it
             :func:`~chainopt.export_peft_adapter` takes the original base model instead. Update
             norms are recorded either way.
         non_finite: what a knot does with a link that must not be merged (NaN/Inf, or an
@@ -147,9 +162,9 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         model: nn.Module,
         optimizer: OptimizerSpec,
         *,
-        target_modules: ModuleSpec,
-        rank: int | Sequence[int] = 8,
-        alpha: float = 16.0,
+        target_modules: ModuleSpec | None = None,
+        rank: int | Sequence[int] | None = None,
+        alpha: float | None = None,
         knot_every: int | None = None,
         knots: Sequence[int] | None = None,
         num_links: int | None = None,
@@ -176,6 +191,15 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         self.optimizer_steps = 0
         self._knot_hooks: dict[int, KnotHook] = OrderedDict()
         self.chain = build_chain(model, optimizer, config, master_weights)
+        self._watch = TrainingWatch(
+            lambda: [(r.name, r.link.lora_A, r.link.lora_B) for r in self.chain.records]
+        )
+        peft = self._peft_links()
+        saves = callable(getattr(model, "save_pretrained", None))
+        if peft and hasattr(model, "peft_config") and saves:
+            install_whole_chain_save(
+                model, peft[0][1].adapter, lambda: (self._peft_links(), self.chain.history)
+            )
         self._arm()
         self._dtypes = DtypeWatch(self.chain.records)
         self._param_names = {id(p): n for n, p in model.named_parameters()}
@@ -242,10 +266,25 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         """Count an optimizer step the wrapped optimizer took outside :meth:`step` (an engine
         that steps it itself, such as DeepSpeed's), and tie a knot if one is due."""
         self._require_chain()
+        awaiting = self.model.__dict__.get(AWAITING)
+        if awaiting is not None:
+            raise RuntimeError(
+                f"load_adapter({awaiting!r}) loaded a chain's own save, which the chained adapter "
+                "takes from the chain's state: load the optimizer's state_dict saved with it "
+                "(a Trainer checkpoint's optimizer.pt; Trainer's resume_from_checkpoint does) "
+                "before stepping. To use the saved adapter elsewhere, load it onto the original "
+                "base model: PeftModel.from_pretrained(base, path)"
+            )
         self.optimizer_steps += 1
         merged_save_pending(self.model, clear=True)  # a later state_dict is of a later state
+        engine = any(getattr(c, "steps_factors", False) for c in self.chain.contexts.values())
+        if not engine:  # an engine (DeepSpeed) keeps the factors' gradients in copies of its own
+            self._watch.on_step()
         if self.schedule.is_due(self.optimizer_steps):
+            if not engine:
+                self._watch.before_knot(self.knots_tied + 1)
             self.tie_knot()
+            self._watch.after_knot()
         self._arm()
 
     def accept_dtypes(self) -> None:
@@ -276,6 +315,9 @@ class ChainLoRAOptimizer(WrappedOptimizer):
     def _require_chain(self) -> None:
         if not self.chain.records:
             raise RuntimeError("merge_and_unload() was called: this optimizer has no chain left")
+
+    def _peft_links(self) -> list[tuple[str, PeftLink]]:
+        return [(r.name, r.link) for r in self.chain.records if isinstance(r.link, PeftLink)]
 
     def _arm(self) -> None:
         # Gradients for init="gradient" are gathered on the step just before a knot.
@@ -360,6 +402,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         """
         factors = self.factors()
         merge_and_unload(self.model)
+        remove_whole_chain_save(self.model)
         drop_params(self.chain.optimizer, factors)
         self.chain.records = []
         self.chain.link_init.remove()
@@ -403,6 +446,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             state_dict, self.chain, self.param_groups, _STATE_VERSION, self.model
         )
         restore(self.chain, self.model, checked)
+        self.model.__dict__.pop(AWAITING, None)
         self.optimizer_steps = checked.optimizer_steps
         self._arm()
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 import torch
 from torch import nn
@@ -44,9 +44,9 @@ __all__ = [
     "shared_parameters",
 ]
 
-ModuleSpec: TypeAlias = str | Sequence[str] | re.Pattern[str] | Callable[[str, nn.Module], bool]
-"""Names as PEFT takes them (suffixes), a compiled regex (``fullmatch`` on the name), a predicate
-``(name, module) -> bool``, or ``"all-linear"``."""
+ModuleSpec: TypeAlias = str | Iterable[str] | re.Pattern[str] | Callable[[str, nn.Module], bool]
+"""Names as PEFT takes them (suffixes; a list, set or any iterable of them), a compiled regex
+(``fullmatch`` on the name), a predicate ``(name, module) -> bool``, or ``"all-linear"``."""
 
 ALL_LINEAR = "all-linear"
 """PEFT's shortcut: every ``nn.Linear`` / ``Conv1D`` except the output layer and any module whose
@@ -62,9 +62,9 @@ def is_linear_like(module: nn.Module) -> bool:
 def matcher(spec: ModuleSpec, argument: str) -> Callable[[str, nn.Module], bool]:
     """Turn ``spec`` into a predicate over ``(qualified_name, module)``.
 
-    A string ``"q_proj"`` matches ``q_proj`` and any name ending in ``.q_proj``; a list matches
-    any of its strings; a compiled regex must ``fullmatch`` the qualified name. ``"all-linear"``
-    needs the model and is resolved by :func:`select_modules`.
+    A string ``"q_proj"`` matches ``q_proj`` and any name ending in ``.q_proj``; a list (a set,
+    any iterable) matches any of its strings; a compiled regex must ``fullmatch`` the qualified
+    name. ``"all-linear"`` needs the model and is resolved by :func:`select_modules`.
 
     Args:
         spec: the user's specification.
@@ -79,6 +79,8 @@ def matcher(spec: ModuleSpec, argument: str) -> Callable[[str, nn.Module], bool]
         return lambda name, _m: pattern.fullmatch(name) is not None
     if isinstance(spec, str):
         spec = [spec]
+    if not callable(spec) and isinstance(spec, Iterable):
+        spec = cast(list[str], _strings(spec))  # checked next
     if isinstance(spec, Sequence) and all(isinstance(s, str) for s in spec):
         suffixes = tuple(spec)
         if not suffixes or any(not s for s in suffixes):
@@ -88,7 +90,7 @@ def matcher(spec: ModuleSpec, argument: str) -> Callable[[str, nn.Module], bool]
     if callable(spec):
         return spec
     raise TypeError(
-        f"{argument} must be a str, a sequence of str, a compiled regex or a callable "
+        f"{argument} must be a str, an iterable of str, a compiled regex or a callable "
         f"(name, module) -> bool, got {type(spec).__name__}: {spec!r}"
     )
 
@@ -99,9 +101,17 @@ def describe_spec(spec: ModuleSpec) -> str | list[str]:
         return f"re:{spec.pattern}"
     if isinstance(spec, str):
         return spec if spec == ALL_LINEAR else [spec]
-    if isinstance(spec, Sequence):
-        return list(spec)
+    if not callable(spec) and isinstance(spec, Iterable):
+        return [str(s) for s in _strings(spec)]
     return f"callable:{getattr(spec, '__qualname__', type(spec).__name__)}"
+
+
+def _strings(spec: Iterable[object]) -> list[object]:
+    """An iterable's items as a list; a set's sorted (a set has no order to keep)."""
+    items = list(spec)
+    if isinstance(spec, (set, frozenset)) and all(isinstance(s, str) for s in items):
+        return sorted(items, key=str)
+    return items
 
 
 def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
