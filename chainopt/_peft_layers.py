@@ -422,6 +422,9 @@ def install_whole_chain_save(peft_model: nn.Module, adapter: str, source: ChainS
             original_save(save_directory, *args, state_dict=state, **kwargs)
         finally:
             model.peft_config[adapter] = saved
+        from .export import mark_merged_save  # (a cycle at import time)
+
+        mark_merged_save(model)  # the next opt.state_dict() carries the merged base weights
         selected = kwargs.get("selected_adapters") or list(model.peft_config)
         out = Path(save_directory) if adapter == "default" else Path(save_directory) / adapter
         if adapter in selected and out.is_dir():
