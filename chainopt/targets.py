@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeAlias, cast
 
@@ -37,11 +38,13 @@ __all__ = [
     "choose_trainable",
     "describe_spec",
     "is_linear_like",
+    "left_out_weights",
     "linear_names",
     "matcher",
     "output_layers",
     "select_modules",
     "shared_parameters",
+    "warn_left_out",
 ]
 
 ModuleSpec: TypeAlias = str | Iterable[str] | re.Pattern[str] | Callable[[str, nn.Module], bool]
@@ -168,6 +171,45 @@ def select_modules(
     return [(name, mod) for name, mod in _named(model.named_modules()) if match(name, mod)]
 
 
+def left_out_weights(model: nn.Module, exclude: Iterable[nn.Module] = ()) -> list[tuple[str, int]]:
+    """Matrix weights ``"all-linear"`` leaves out: ``(name, elements)`` of every parameter of two
+    or more dimensions held by a module that is not a Linear/Conv1D, an embedding, a
+    convolution or a norm (fused 3-D mixture-of-experts weights, routers kept as bare
+    parameters), in model order."""
+    skip = {id(m) for m in exclude}
+    plain = (nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd, nn.LayerNorm, nn.GroupNorm)
+    out = []
+    for name, module in _named(model.named_modules()):
+        if is_linear_like(module) or isinstance(module, plain) or id(module) in skip:
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() >= 2 and p.is_floating_point():
+                out.append((f"{name}.{pname}", p.numel()))
+    return out
+
+
+def warn_left_out(model: nn.Module, exclude: Iterable[nn.Module] = ()) -> None:
+    """Warn when ``"all-linear"`` leaves matrix weights frozen (see :func:`left_out_weights`)."""
+    left = left_out_weights(model, exclude)
+    if not left:
+        return
+    from .advice import ChainLoRAWarning  # (advice imports the records, which import this)
+
+    total = sum(p.numel() for p in model.parameters())
+    share = sum(n for _, n in left) / max(total, 1)
+    names = [n for n, _ in left]
+    warnings.warn(
+        f"target_modules='{ALL_LINEAR}' adapts nn.Linear and Conv1D layers only; it leaves "
+        f"{len(left)} matrix weights, {share:.0%} of the model's parameters, frozen: "
+        f"{names[:4]}{' …' if len(names) > 4 else ''} (fused mixture-of-experts weights and "
+        "routers kept as bare parameters). chainopt does not chain fused 3-D expert weights "
+        "yet; pass trainable_modules=[...] to train such modules as they are, or name the "
+        "Linear layers you want in target_modules to silence this",
+        ChainLoRAWarning,
+        stacklevel=4,
+    )
+
+
 def linear_names(model: nn.Module, most: int = 5) -> list[str]:
     """A few names of modules a link can adapt, for error messages."""
     return [n for n, m in _named(model.named_modules()) if is_linear_like(m)][:most]
@@ -204,6 +246,8 @@ def choose_targets(
     above the module's smaller dimension, ``lora_bias`` with no bias, a trainable target.
     """
     found = select_modules(model, spec, "target_modules", exclude=[m for _, m in trainable])
+    if isinstance(spec, str) and spec == ALL_LINEAR:
+        warn_left_out(model, [m for _, m in trainable])
     if not found:
         raise ValueError(
             f"target_modules={describe_spec(spec)!r} matches no module of the model; modules "

@@ -300,16 +300,16 @@ def _tiny_mixtral() -> nn.Module:
     return MixtralForCausalLM(cfg).eval()
 
 
-def test_knots_on_peft_target_parameters_experts_are_exact_per_expert() -> None:
+def test_knots_on_a_peft_target_parameter_are_exact() -> None:
+    """A 2-D parameter targeted through PEFT's target_parameters (Mixtral's router)."""
     config = LoraConfig(
-        r=2, lora_alpha=4, target_modules=["q_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-    )  # fmt: skip
+        r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["mlp.gate.weight"]
+    )
     model = get_peft_model(_tiny_mixtral(), config)
     opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=10)
     layers = _lora_layers(model)
     wrappers = {n: m for n, m in layers.items() if type(m).__name__ == "ParamWrapper"}
-    assert len(wrappers) == 2 and len(opt.adapted_modules()) == 3
+    assert len(wrappers) == 1 and len(opt.adapted_modules()) == 2
     _randomize_links(model)
     expected = {n: m.get_param() + m.get_delta_weight("default") for n, m in wrappers.items()}
     before = _logits(model)
@@ -318,6 +318,20 @@ def test_knots_on_peft_target_parameters_experts_are_exact_per_expert() -> None:
     for n, m in wrappers.items():
         torch.testing.assert_close(m.get_param(), expected[n], rtol=0, atol=1e-6)
         assert not m.lora_B["default"].weight.any()
+
+
+def test_peft_target_parameters_over_fused_3d_experts_are_refused_clearly() -> None:
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )  # fmt: skip
+    model = get_peft_model(_tiny_mixtral(), config)
+    before = snapshot(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"experts.*fused 3-D experts.*target_parameters"):
+        ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=10)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 # --- DoRA ---
