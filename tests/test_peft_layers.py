@@ -367,3 +367,42 @@ def test_a_knot_on_a_dora_linear_keeps_the_function(
     # the magnitude trains on through knots, as it is
     assert magnitude.requires_grad and all(p is not magnitude for p in opt.factors())
     assert any(p is magnitude for g in opt.param_groups for p in g["params"])
+
+
+# --- 4-bit ---
+
+
+def test_a_4bit_peft_model_ties_exact_knots_through_host_masters() -> None:
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+    from test_quantized import _models, _quantize
+
+    _, quantized = _models()
+    quantized.is_loaded_in_4bit = True  # as from_pretrained marks a 4-bit model: PEFT's bnb layers
+    model = get_peft_model(quantized, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
+    layer = model.base_model.model[0]
+    assert type(layer).__name__ == "Linear4bit"  # PEFT's bitsandbytes LoRA layer
+    start = bnbf.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state)
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=3, seed=2
+    )
+    record = opt.chain.records[0]
+    assert record.quant is not None and record.quant.master is not None
+    assert record.quant.master.device.type == "cpu"
+    assert torch.equal(record.quant.master, start)
+    for step in range(6):  # knots after steps 3 and 6
+        x = torch.randn(16, 64, generator=torch.Generator().manual_seed(step))
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.knots_tied == 2
+    # the master is M0 + the merged links, the 4-bit weight quantize(M): rounded once
+    links = opt.history.links(record.name)
+    total = sum(link.scale * link.B.double() @ link.A.double() for link in links)
+    torch.testing.assert_close(
+        record.quant.master.double(), start.double() + total, rtol=1e-6, atol=1e-6
+    )
+    weight = layer.base_layer.weight
+    assert torch.equal(weight.data, _quantize(record.quant.master, layer.base_layer))
+    assert not layer.lora_B["default"].weight.any()  # restarted after step 6
+    assert weight is layer.base_layer.weight  # requantized in place
