@@ -523,7 +523,7 @@ class PeftBuilder:
 
 def peft_trainable(model: nn.Module) -> list[str]:
     """What PEFT trains besides the factors, as module names (kept trainable as they are):
-    DoRA magnitudes, and the active copies of ``modules_to_save`` / trainable tokens."""
+    DoRA magnitudes, and the active copies of ``modules_to_save`` (and of trainable tokens)."""
     out = []
     for name, module in model.named_modules():
         if is_peft_lora_layer(module):

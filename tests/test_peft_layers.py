@@ -406,3 +406,34 @@ def test_a_4bit_peft_model_ties_exact_knots_through_host_masters() -> None:
     assert torch.equal(weight.data, _quantize(record.quant.master, layer.base_layer))
     assert not layer.lora_B["default"].weight.any()  # restarted after step 6
     assert weight is layer.base_layer.weight  # requantized in place
+
+
+def test_peft_modules_to_save_train_as_they_are_and_save_with_the_chain(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    def base() -> nn.Module:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0,
+        )  # fmt: skip
+        return LlamaForSequenceClassification(cfg).eval()
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    model = get_peft_model(base(), config)  # PEFT adds the "score" head to modules_to_save
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    head = model.base_model.model.score.modules_to_save["default"].weight
+    assert head.requires_grad and any(p is head for g in opt.param_groups for p in g["params"])
+    head_before = head.detach().clone()
+    labels = torch.tensor([0, 2])
+    model.train()
+    for _ in range(3):
+        model(input_ids=IDS, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    assert opt.knots_tied == 1 and not torch.equal(head, head_before)  # it trained, never reset
+    trained = _logits(model)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(base(), tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
