@@ -15,7 +15,7 @@ a bitsandbytes ``Linear4bit`` (NF4, double quantization, compute dtype ``--dtype
 fine-tuning is left out (4-bit weights take no gradient), PEFT's LoRA wraps the same 4-bit
 layers, and chainopt's float32 host masters are reported apart from the model's bytes.
 
-    python bench/compare.py                 # full run (see bench/README.md for its output)
+    python bench/compare.py                 # full run (see docs/benchmarks.md for its output)
     python bench/compare.py --quant 4bit    # the same on an NF4 base (QLoRA)
     python bench/compare.py --quick         # tiny config, a few steps: a smoke test
     python bench/compare.py --peft-chain    # also a chained PeftModel against the same unchained

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chainopt_bench.environment import configure, machine_info
 from chainopt_bench.output import markdown_table, save_json
 
-from chainopt.init import a_from_gradient
+from chainopt import a_from_gradient
 
 SHAPES = {
     "SmolLM2 q/o (576×576)": (576, 576),

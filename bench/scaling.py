@@ -6,7 +6,7 @@ point the variants (full fine-tuning, PEFT LoRA, chainopt, chainopt with a knot 
 are built from one base model and stepped in rotation, as in ``compare.py``. Prints one table
 per sweep and draws ``scaling.png`` (step time, peak memory and knot cost against size).
 
-    python bench/scaling.py               # full sweep (see bench/README.md)
+    python bench/scaling.py               # full sweep (see docs/benchmarks.md)
     python bench/scaling.py --quick       # two tiny points per sweep: a smoke test
     python bench/scaling.py --hiddens 256 512 1024 --seqs 128 512 --targets qv
 """

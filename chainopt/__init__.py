@@ -14,29 +14,26 @@ Example:
     0
 """
 
-from .adapter import AdapterReport, export_peft_adapter
 from .advice import ChainLoRAWarning
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ChainConfig, NonFinitePolicy
 from .export import adapted_modules, merge_and_unload, merged_state_dict, save_merged
 from .guard import NonFiniteUpdateError
 from .history import ChainHistory, KnotRecord, LinkFactors
-from .init import InitPolicy
+from .init import InitPolicy, a_from_gradient
 from .integrations.hf_save import (
     ParametrizedCheckpointWarning,
     guard_save_pretrained,
-    prepare_hf_model,
     saving_for_resume,
 )
 from .lora import BiasDelta, LoRAParametrization
-from .optimizer import ChainLoRAOptimizer, KnotHook, OptimizerSpec, on_wrap
+from .optimizer import ChainLoRAOptimizer, KnotHook, OptimizerSpec
+from .peft_export import AdapterReport, export_peft_adapter
 from .reset import ResetPolicy
 from .schedule import KnotSchedule
 from .summary import ChainSummary, ModuleSummary
 from .targets import ModuleSpec
 from .warmup import KnotWarmup
-
-on_wrap(prepare_hf_model)  # save_pretrained writes the merged model; a 4-bit model may train
 
 __all__ = [
     "AdapterReport",
@@ -60,6 +57,7 @@ __all__ = [
     "OptimizerSpec",
     "ParametrizedCheckpointWarning",
     "ResetPolicy",
+    "a_from_gradient",
     "adapted_modules",
     "export_peft_adapter",
     "guard_save_pretrained",

@@ -28,16 +28,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ._marks import LINK_NAME, PARAMETER_ORDER
 from ._surgery import (
     install_forward,
-    lora_conv1d_forward,
-    lora_linear_forward,
     parameter_order,
     remove_parametrizations,
     restore_parameter_order,
 )
-from .lora import BiasDelta, LoRAParametrization
-from .quantized import LINK_NAME, detach_quantized, quantized_weight
+from .lora import BiasDelta, LoRAParametrization, lora_conv1d_forward, lora_linear_forward
+from .quantized import detach_quantized, quantized_weight
 
 __all__ = [
     "attach",
@@ -52,8 +51,6 @@ __all__ = [
     "residual_dtype",
     "stock_forward",
 ]
-
-_ORDER = "_chainopt_parameter_order"  # instance attribute: the module's parameter order before
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -165,7 +162,7 @@ def attach(
     weight = cast(Tensor, module.weight)
     conv1d = is_conv1d(module)
     in_features, out_features = weight.shape if conv1d else weight.shape[::-1]
-    module.__dict__[_ORDER] = parameter_order(module)
+    module.__dict__[PARAMETER_ORDER] = parameter_order(module)
     link = LoRAParametrization(
         out_features,
         in_features,
@@ -210,6 +207,6 @@ def detach(module: nn.Module) -> None:
         remove_parametrizations(
             module, lambda p: isinstance(p, (LoRAParametrization, BiasDelta)), forward
         )
-    order = module.__dict__.pop(_ORDER, None)
+    order = module.__dict__.pop(PARAMETER_ORDER, None)
     if order is not None:
         restore_parameter_order(module, order)

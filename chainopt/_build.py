@@ -11,7 +11,12 @@
    from a factory, and refuse one that would not step them (:func:`verify_steps_factors`);
 5. guard the model's ``load_state_dict`` (:mod:`chainopt._load_guard`);
 6. resolve the policies once (reset, non-finite, init) and assemble the ``Chain``, with the
-   wrapped optimizer's own knot context (schedule-free) first.
+   wrapped optimizer's own knot context (schedule-free) first;
+7. a Hugging Face model (one with ``save_pretrained``) saves the merged model from then on, and
+   a quantized one may be trained by the ``Trainer``
+   (:func:`chainopt.integrations.hf_save.prepare_hf_model`).
+
+Every mark this leaves on the model is listed in :mod:`chainopt._marks`.
 
 If anything raises, the links are removed and ``requires_grad`` flags restored. The optimizer
 holds the ``Chain`` and nothing that aliases its parts. :func:`rebind` is the one later
@@ -42,12 +47,13 @@ from ._dtensor import is_sharded, shard_like
 from ._layers import builder_for
 from ._load_guard import guard_loads
 from ._record import LinkSpec, ModuleRecord
+from ._schedule_free import resolve_iterates
 from ._validate import type_name
 from .advice import warn_frozen_head, warn_rounding_knots
 from .config import ChainConfig
 from .history import ChainHistory
 from .init import resolve_init
-from .iterates import resolve_iterates
+from .integrations.hf_save import prepare_hf_model
 from .knot import Chain, resolve_non_finite
 from .quantized import resolve_master_weights
 from .reset import FreshState, resolve_reset
@@ -110,6 +116,7 @@ def build_chain(
     if own is not None:
         chain.add_context(own)  # entered first, around the registered ones
     warn_frozen_head(model, config.modules, config.trainable)
+    prepare_hf_model(model)  # a model with save_pretrained saves merged; a 4-bit HF one may train
     return chain
 
 

@@ -47,10 +47,12 @@ from ._attach import (
     residual_dtype,
     stock_forward,
 )
+from ._marks import LINK_NAME
 from ._peft_layers import PeftBuilder
+from ._quant_backends import backend_for
 from ._record import LinkSpec, ModuleRecord, RecordBuilder
 from .lora import BiasDelta, LoRAParametrization
-from .quantized import LINK_NAME, attach_quantized, quantized_backend, quantized_weight
+from .quantized import attach_quantized, quantized_weight
 
 __all__ = [
     "BUILDERS",
@@ -76,7 +78,7 @@ class DenseBuilder:
     def claims(self, module: nn.Module) -> bool:
         """A dense Linear or Conv1D (not a 4-bit layer)."""
         linear = isinstance(module, nn.Linear) or is_conv1d(module)
-        return linear and quantized_backend(module) is None
+        return linear and backend_for(module) is None
 
     def attach(
         self,
@@ -124,7 +126,7 @@ class QuantizedBuilder:
 
     def claims(self, module: nn.Module) -> bool:
         """A layer with a supported 4-bit weight."""
-        return quantized_backend(module) is not None
+        return backend_for(module) is not None
 
     def attach(
         self,
@@ -135,7 +137,7 @@ class QuantizedBuilder:
         master: Tensor | None = None,
     ) -> ModuleRecord:
         """A master from ``master`` (the original float weight) or the dequantized weight."""
-        backend = quantized_backend(module)
+        backend = backend_for(module)
         if backend is None:  # pragma: no cover - claims() checked it
             raise TypeError(f"{name!r} has no 4-bit weight")
         attach_quantized(

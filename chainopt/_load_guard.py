@@ -30,9 +30,10 @@ from torch import Tensor, nn
 
 from ._attach import plist_of
 from ._layers import find_adapted
+from ._marks import LOAD_GUARD
+from ._quant_backends import backend_for
 from ._record import Link
 from .lora import BiasDelta
-from .quantized import quantized_backend
 
 __all__ = ["accept_plain_keys", "check_incoming_state", "guard_loads"]
 
@@ -119,7 +120,7 @@ def _prepare_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *a
     problems = check_incoming_state(module, state_dict, prefix)
     if not problems:  # 4-bit weights their own modules cannot load (adapted or not)
         for name, layer in _quantized_layers(module):
-            backend = quantized_backend(layer)
+            backend = backend_for(layer)
             if backend is not None:
                 backend.load_(
                     layer, state_dict, f"{prefix}{name}.weight" if name else f"{prefix}weight"
@@ -132,14 +133,11 @@ def _prepare_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *a
 
 
 def _quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if quantized_backend(m) is not None]
-
-
-_GUARDED = "_chainopt_load_guard"
+    return [(n, m) for n, m in model.named_modules() if backend_for(m) is not None]
 
 
 def guard_loads(model: nn.Module) -> None:
     """Make ``model.load_state_dict`` check a chained model's keys whole before loading any."""
-    if not model.__dict__.get(_GUARDED):
-        model.register_load_state_dict_pre_hook(_prepare_load)  # type: ignore[no-untyped-call]
-        model.__dict__[_GUARDED] = True
+    if LOAD_GUARD not in model.__dict__:  # the handle: unloading removes the hook (_marks)
+        handle = model.register_load_state_dict_pre_hook(_prepare_load)  # type: ignore[no-untyped-call]
+        model.__dict__[LOAD_GUARD] = handle

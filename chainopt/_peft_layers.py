@@ -37,9 +37,10 @@ kinds not listed above (multi-head attention, fused 3-D experts).
 ``chainopt`` never imports ``peft`` itself: a model holds PEFT layers only if ``peft`` was
 imported, so :func:`peft_lora_layers` looks in ``sys.modules``.
 
-Marks left on PEFT's layers (each removed by :func:`unmark`): ``layer.__dict__[MARK]`` (the
-link); on the ``PeftModel``: instance ``save_pretrained`` and ``load_adapter`` (see
-:func:`install_whole_chain_save`).
+Marks (listed in :mod:`chainopt._marks`): on each chained PEFT layer ``layer.__dict__[MARK]``
+(the link) and, for a half-precision base, a ``chainopt_merge_residual`` buffer (removed by
+:meth:`PeftBuilder.detach`); on the ``PeftModel``, instance ``save_pretrained`` and
+``load_adapter`` (:func:`install_whole_chain_save`; removed by ``chainopt._marks.unmark``).
 
 Example:
     >>> import torch
@@ -68,21 +69,34 @@ import torch
 from torch import Tensor, nn
 
 from ._attach import residual_dtype
+from ._marks import PEFT_AWAITING, PEFT_LINK, is_chainopt
+from ._quant_backends import backend_for
 from ._record import LinkSpec, ModuleRecord
 from .guard import NonFiniteUpdateError
 from .history import ChainHistory, LinkFactors
-from .quantized import QuantizedWeight, quantized_backend
+from .quantized import QuantizedWeight
 
 __all__ = [
+    "AWAITING",
     "MARK",
+    "RESIDUAL",
+    "SIDECAR",
+    "PeftBuilder",
     "PeftLink",
     "active_adapter",
+    "choose_peft_layers",
     "has_peft_layers",
+    "install_whole_chain_save",
+    "is_peft_lora_layer",
+    "link_of",
+    "peft_config_of",
     "peft_layer_problem",
     "peft_lora_layers",
+    "peft_trainable",
+    "whole_chain_tensors",
 ]
 
-MARK = "_chainopt_peft_link"  # instance attribute of a chained PEFT layer: its PeftLink
+MARK = PEFT_LINK  # instance attribute of a chained PEFT layer: its PeftLink
 
 _KINDS = ("Linear", "Linear4bit", "Embedding", "ParamWrapper", "Conv1d", "Conv2d", "Conv3d")
 
@@ -167,7 +181,7 @@ def peft_layer_problem(name: str, layer: nn.Module, config: Any = None) -> str |
             f"{where}: chainopt chains PEFT's Linear, Embedding, Conv1d/2d/3d and 2-D "
             f"target_parameters layers, not {kind}"
         )
-    if kind == "Linear4bit" and quantized_backend(lay.get_base_layer()) is None:
+    if kind == "Linear4bit" and backend_for(lay.get_base_layer()) is None:
         return f"{where}: its 4-bit base layer is of a kind chainopt cannot requantize"
     if kind.startswith("Conv"):
         conv = lay.get_base_layer()
@@ -340,9 +354,7 @@ def unmark(layer: nn.Module) -> None:
 # --- the user's own save: the whole chain as one adapter ---
 
 SIDECAR = "chainopt_chain.json"  # written next to a whole-chain adapter by save_pretrained
-_SAVE = "_chainopt_original_save_pretrained"
-_LOAD = "_chainopt_original_load_adapter"
-AWAITING = "_chainopt_awaiting_chain_state"  # PeftModel.__dict__: load_adapter skipped a chain save
+AWAITING = PEFT_AWAITING  # PeftModel.__dict__: load_adapter skipped a chain's own save
 
 ChainSource = Callable[[], tuple[list[tuple[str, PeftLink]], ChainHistory]]
 """Returns the chained PEFT layers ``(name, link)`` and the chain's history, live."""
@@ -402,9 +414,11 @@ def install_whole_chain_save(peft_model: nn.Module, adapter: str, source: ChainS
     :func:`install_whole_chain_save`'s ``load_adapter`` (the HF Trainer's resume).
     """
     model = cast(Any, peft_model)
-    if _SAVE in model.__dict__:
-        return
-    original_save = model.save_pretrained
+    for method in ("save_pretrained", "load_adapter"):  # the merged save is not a PEFT save
+        installed = model.__dict__.get(method)
+        if installed is not None and is_chainopt(installed):
+            del model.__dict__[method]
+    original_save = model.save_pretrained  # PeftModel's own
     original_load = model.load_adapter
 
     def save_pretrained(save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
@@ -440,16 +454,8 @@ def install_whole_chain_save(peft_model: nn.Module, adapter: str, source: ChainS
             return None
         return original_load(model_id, adapter_name, *args, **kwargs)
 
-    model.__dict__[_SAVE] = original_save
-    model.__dict__[_LOAD] = original_load
     model.__dict__["save_pretrained"] = save_pretrained
     model.__dict__["load_adapter"] = load_adapter
-
-
-def remove_whole_chain_save(peft_model: nn.Module) -> None:
-    """Remove what :func:`install_whole_chain_save` put on ``peft_model``."""
-    for attr in ("save_pretrained", "load_adapter", _SAVE, _LOAD, AWAITING):
-        peft_model.__dict__.pop(attr, None)
 
 
 # --- the builder: PEFT's layers as records (see chainopt._record) ---
@@ -482,7 +488,7 @@ class PeftBuilder:
         """Record the link of ``module``'s active adapter (its factors as PEFT made them)."""
         adapter = cast(str, active_adapter(module))
         base = cast(Any, module).get_base_layer()
-        backend = quantized_backend(base)
+        backend = backend_for(base)
         quant = None
         if backend is not None:
             host = None

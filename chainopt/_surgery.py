@@ -1,5 +1,8 @@
 """Every use of torch internals, and the class surgery that installs the adapted forward.
 
+The forwards themselves (the link's math) are in :mod:`chainopt.lora`; here is only how they are
+put on a module and taken off.
+
 chainopt keeps to public torch API everywhere else. What public API cannot do is here, each use
 commented with why, and each covered by ``tests/test_surgery.py``, which fails loudly if a torch
 upgrade changes what it relies on:
@@ -30,10 +33,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from types import MethodType
-from typing import Any, cast
+from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.optim import Optimizer
@@ -41,16 +43,13 @@ from torch.optim import Optimizer
 __all__ = [
     "SHARED_OPTIMIZER_ATTRIBUTES",
     "foreach_copy_",
-    "foreach_norm",
     "foreach_zero_",
     "in_parametrize_cache",
     "init_optimizer_bookkeeping",
     "install_forward",
     "install_instance_forward",
-    "lora_conv1d_forward",
-    "lora_linear_forward",
-    "lora_quantized_forward",
     "parameter_order",
+    "remove_forward_hooks",
     "remove_instance_forward",
     "remove_parametrizations",
     "restore_parameter_order",
@@ -106,86 +105,6 @@ def foreach_zero_(tensors: Sequence[Tensor]) -> None:
     torch._foreach_zero_(list(tensors))
 
 
-def foreach_norm(tensors: Sequence[Tensor], ord: float = 2.0) -> list[Tensor]:
-    """The ``ord``-norm of every tensor (0-d tensors), batched."""
-    return list(torch._foreach_norm(list(tensors), ord))
-
-
-# --- the factorised forwards -------------------------------------------------------------------
-
-
-def _single_link(self: nn.Module) -> Any:
-    """The module's weight ParametrizationList if chainopt's link is alone on it, else None."""
-    plist = cast(Any, self).parametrizations["weight"]
-    if len(plist) != 1 or in_parametrize_cache():
-        return None
-    return plist
-
-
-def lora_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
-    """Forward of an adapted Linear: ``x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ`` without building ``W + s·B·A``.
-
-    Falls back to ``F.linear(x, self.weight, self.bias)`` (the materialised weight) inside
-    ``parametrize.cached()`` or with another parametrization stacked on the weight.
-    """
-    plist = _single_link(self)
-    if plist is None:
-        return F.linear(x, self.weight, self.bias)
-    link = plist[0]
-    a, b = link.lora_A, link.lora_B
-    autocast = torch.is_autocast_enabled(x.device.type)
-    if autocast or not (x.dtype == a.dtype == b.dtype):
-        out = F.linear(x, plist.original, self.bias)
-        h = x if x.dtype == a.dtype or autocast else x.to(a.dtype)
-        # (..., in) @ (in, r) -> (..., r) @ (r, out) -> (..., out)
-        lora = F.linear(F.linear(h, a), b) * link.scale
-        result: Tensor = out + lora.to(out.dtype)
-        return result
-    # One dtype, no autocast: accumulate s·(x·Aᵀ)·Bᵀ into the base output inside one GEMM, with
-    # no (rows, out) temporary for the product, the scale or the sum (4% faster than the
-    # three-op form on all-linear Llama on CPU, identical losses).
-    x2 = x.reshape(-1, x.shape[-1])
-    z = F.linear(x2, a)  # (rows, in) @ (in, r) -> (rows, r)
-    out = F.linear(x2, plist.original, self.bias)  # (rows, out), fresh; linear saves no output
-    out.addmm_(z, b.t(), alpha=link.scale)  # (rows, r) @ (r, out)
-    return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def lora_conv1d_forward(self: nn.Module, x: Tensor) -> Tensor:
-    """Forward of an adapted transformers ``Conv1D`` (weight ``(in, out)``): ``x·W + b + LoRA``."""
-    plist = _single_link(self)
-    module = cast(Any, self)
-    if plist is None:
-        base = cast(Any, parametrize.type_before_parametrizations(self))
-        generic: Tensor = base.forward(self, x)
-        return generic
-    link = plist[0]
-    a, b = link.lora_A, link.lora_B
-    x2 = x.reshape(-1, x.shape[-1])
-    out = torch.addmm(module.bias, x2, plist.original)  # (rows, in) @ (in, out)
-    autocast = torch.is_autocast_enabled(x.device.type)
-    if autocast or not (x.dtype == a.dtype == b.dtype):
-        h = x2 if x2.dtype == a.dtype or autocast else x2.to(a.dtype)
-        lora = F.linear(F.linear(h, a), b) * link.scale
-        out = out + lora.to(out.dtype)
-    else:
-        out.addmm_(F.linear(x2, a), b.t(), alpha=link.scale)
-    return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def lora_quantized_forward(self: nn.Module, x: Tensor) -> Tensor:
-    """Forward of an adapted quantized layer: its own forward, plus ``s·(x·Aᵀ)·Bᵀ``.
-
-    Nothing is dequantized here beyond what the quantized layer's forward does itself.
-    """
-    link = cast(Any, self)._modules["chainopt_link"]
-    out = cast(Tensor, type(self).forward(self, x))  # the quantized layer's own forward
-    a, b = link.lora_A, link.lora_B
-    h = x if x.dtype == a.dtype or torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
-    lora: Tensor = F.linear(F.linear(h, a), b) * link.scale  # (..., in) -> (..., r) -> (..., out)
-    return out + lora.to(out.dtype)
-
-
 # --- class surgery -----------------------------------------------------------------------------
 
 
@@ -198,6 +117,20 @@ def install_instance_forward(module: nn.Module, forward: Callable[..., Tensor]) 
 def remove_instance_forward(module: nn.Module) -> None:
     """Undo :func:`install_instance_forward`."""
     module.__dict__.pop("forward", None)
+
+
+def remove_forward_hooks(module: nn.Module, is_ours: Callable[[object], bool]) -> None:
+    """Remove the forward hooks of ``module`` for which ``is_ours(hook)`` holds.
+
+    Without the handles that registered them (a model unloaded by the function
+    ``merge_and_unload``, whose optimizer is gone) there is no public way to list them;
+    ``module._forward_hooks`` is the registry ``register_forward_hook`` fills.
+    """
+    hooks = module._forward_hooks
+    for key in [k for k, hook in hooks.items() if is_ours(hook)]:
+        del hooks[key]
+        module._forward_hooks_with_kwargs.pop(key, None)
+        module._forward_hooks_always_called.pop(key, None)
 
 
 def install_forward(module: nn.Module, forward: Callable[..., Tensor]) -> None:

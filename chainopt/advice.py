@@ -28,13 +28,7 @@ from torch import Tensor, nn
 
 from ._record import ModuleRecord
 
-__all__ = [
-    "ChainLoRAWarning",
-    "DtypeWatch",
-    "warn_frozen_head",
-    "warn_frozen_parameters",
-    "warn_rounding_knots",
-]
+__all__ = ["ChainLoRAWarning"]  # the public names (chainopt re-exports them); the rest is internal
 
 _TASK_MODEL = re.compile(r"For\w*(Classification|QuestionAnswering|MultipleChoice)$")
 

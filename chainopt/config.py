@@ -45,7 +45,10 @@ from .reset import ResetPolicy
 from .schedule import KnotSchedule
 from .targets import ModuleSpec, choose_targets, choose_trainable, describe_spec
 
-__all__ = ["CONFIG_ARGUMENTS", "FACTOR_DTYPES", "ChainConfig", "NonFinitePolicy"]
+__all__ = [
+    "ChainConfig",
+    "NonFinitePolicy",
+]  # the public names (chainopt re-exports them); the rest is internal
 
 NonFinitePolicy: TypeAlias = Literal["raise", "skip"]
 """At a knot, a link that must not be merged (NaN/Inf, or an overflow of the weight's dtype) either

@@ -29,24 +29,21 @@ from torch import Tensor, nn
 
 from ._attach import parametrization_count
 from ._layers import find_adapted
+from ._marks import MERGED_SAVE as _MERGED_SAVE
+from ._marks import unmark
 from ._peft_layers import PeftLink
+from ._quant_backends import backend_for
 from ._record import ModuleRecord
 from ._validate import type_name
 from .guard import NonFiniteUpdateError, check_links
 from .merge import merge_, merged_bias, merged_weight
-from .quantized import quantized_backend
 
 __all__ = [
     "adapted_modules",
-    "chain_tensors",
-    "mark_merged_save",
     "merge_and_unload",
-    "merged_save_pending",
     "merged_state_dict",
     "save_merged",
-]
-
-_MERGED_SAVE = "_chainopt_merged_save"  # instance flag: a save dropped the chain's own tensors
+]  # the public names (chainopt re-exports them); the rest is internal
 
 
 class _HasModel(Protocol):
@@ -92,6 +89,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             r.link.lora_B.zero_()  # a link that stays in the module (PEFT's) must add nothing
         r.unload()
+    unmark(model)  # the load guard, save_pretrained, ...: see chainopt._marks
     return model
 
 
@@ -167,7 +165,7 @@ def merged_state_dict(
             claim(keys[0], keys, {f"{prefix}bias": bias})
     if not keep_quantized:  # the quantized layers the chain does not adapt: dequantized too
         for name, module in model.named_modules():
-            backend = quantized_backend(module)
+            backend = backend_for(module)
             if backend is None or id(module) in adapted:
                 continue
             prefix = f"{name}." if name else ""

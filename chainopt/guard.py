@@ -46,7 +46,9 @@ from .history import LinkFactors
 from .lora import BiasDelta
 from .merge import exact_sum
 
-__all__ = ["LinkCheck", "NonFiniteUpdateError", "check_links", "pending_links"]
+__all__ = [
+    "NonFiniteUpdateError"
+]  # the public names (chainopt re-exports them); the rest is internal
 
 _FACTORS = "NaN/Inf in lora_A/lora_B, or an update that overflows float32"
 

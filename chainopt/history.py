@@ -11,7 +11,7 @@ Example:
     >>> from chainopt.history import ChainHistory, LinkFactors
     >>> h = ChainHistory(keep_factors=True)
     >>> a, b = torch.randn(2, 6), torch.randn(4, 2)
-    >>> _ = h.append(step=10, links={"fc": LinkFactors(a, b, 0.5)}, norms={"fc": 1.0})
+    >>> h.add(h.make_record(step=10, links={"fc": LinkFactors(a, b, 0.5)}, norms={"fc": 1.0}))
     >>> B, A = h.stacked("fc")
     >>> torch.allclose(B @ A, 0.5 * b @ a)
     True
@@ -26,7 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ChainHistory", "KnotRecord", "LinkFactors", "parse_history"]
+__all__ = [
+    "ChainHistory",
+    "KnotRecord",
+    "LinkFactors",
+]  # the public names (chainopt re-exports them); the rest is internal
 
 
 @dataclass(frozen=True)
@@ -74,18 +78,6 @@ class ChainHistory:
     def __len__(self) -> int:
         return len(self.knots)
 
-    def append(
-        self,
-        step: int,
-        links: Mapping[str, LinkFactors],
-        norms: Mapping[str, float],
-        skipped: tuple[str, ...] = (),
-    ) -> KnotRecord:
-        """Record a knot (:meth:`make_record`, then :meth:`add`)."""
-        record = self.make_record(step, links, norms, skipped)
-        self.add(record)
-        return record
-
     def make_record(
         self,
         step: int,
@@ -109,9 +101,9 @@ class ChainHistory:
         """The merged links of module ``name``, oldest first.
 
         Raises:
-            RuntimeError: factors were not kept.
+            RuntimeError: knots were tied and their factors not kept.
         """
-        if not self.keep_factors:
+        if not self.keep_factors and self.knots:
             raise RuntimeError("this chain keeps no factors (keep_history=False)")
         return [k.links[name] for k in self.knots if name in k.links]
 
@@ -170,15 +162,6 @@ class ChainHistory:
                 for k in self.knots
             ],
         }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Replace the history with a saved one; all or nothing.
-
-        Raises:
-            ValueError: ``state`` is not what :meth:`state_dict` saves (nothing is changed).
-        """
-        keep, knots = parse_history(state)
-        self.keep_factors, self.knots = keep, knots
 
 
 def parse_history(state: object) -> tuple[bool, list[KnotRecord]]:

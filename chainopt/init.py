@@ -39,19 +39,34 @@ from ._validate import is_distributed
 from .advice import ChainLoRAWarning
 
 __all__ = [
-    "GradientInit",
     "InitPolicy",
-    "LinkInit",
     "a_from_gradient",
-    "resolve_init",
-]
+]  # the public names (chainopt re-exports them); the rest is internal
 
 InitPolicy: TypeAlias = Literal["kaiming", "gradient"]
 """How a new link's A is chosen (see :mod:`chainopt.init`)."""
 
 
 def a_from_gradient(gradient: Tensor, rank: int) -> Tensor:
-    """``(rank, in)``: the top right singular vectors of ``gradient``, rows of norm ``1/√3``."""
+    """The A that ``init="gradient"`` gives a new link for a summed weight gradient.
+
+    The top ``rank`` right singular vectors of ``gradient`` (a seeded randomized SVD, see
+    :func:`chainopt._lowrank.top_right_singular_vectors`), rows scaled to Kaiming's expected row
+    norm ``1/√3``; zero rows where ``gradient`` has fewer singular vectors than ``rank``.
+
+    Args:
+        gradient: ``(out, in)``, the weight's gradient summed over the step before a knot.
+        rank: the new link's rank.
+
+    Returns:
+        ``(rank, in)`` float32.
+
+    Example:
+        >>> import torch
+        >>> a = a_from_gradient(torch.eye(4, 6), rank=2)
+        >>> tuple(a.shape), [round(n, 4) for n in a.norm(dim=1).tolist()]
+        ((2, 6), [0.5774, 0.5774])
+    """
     a = top_right_singular_vectors(gradient.float(), rank)
     if a.shape[0] < rank:  # fewer singular vectors than the rank: pad with zeros
         a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])

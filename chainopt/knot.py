@@ -50,16 +50,16 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from ._record import ModuleRecord
+from ._schedule_free import KnotContext
 from .config import ChainConfig, NonFinitePolicy
 from .guard import LinkCheck, NonFiniteUpdateError, check_links, pending_links
 from .history import ChainHistory, KnotRecord
 from .init import LinkInit
-from .iterates import KnotContext
 from .lora import restart_links
 from .merge import merge_
 from .reset import StateReset
 
-__all__ = ["Chain", "OnBadLinks", "resolve_non_finite", "tie_knot"]
+__all__: list[str] = []  # the public names (chainopt re-exports them); the rest is internal
 
 OnBadLinks = Callable[[LinkCheck, str], None]
 """Called with the check and ``"knot N (optimizer step S)"`` when some links must not merge."""
@@ -123,7 +123,7 @@ class Chain:
         drop_state: the full reset, for dropped links.
         on_bad: the ``non_finite=`` policy.
         link_init: the ``init=`` policy.
-        contexts: entered around every knot (:data:`chainopt.iterates.KnotContext`), in the
+        contexts: entered around every knot (:data:`chainopt._schedule_free.KnotContext`), in the
             order added (:meth:`add_context`): the wrapped optimizer's own (schedule-free) first.
         knots_tied: knots tied so far.
         pending: a knot that raised half-way, finished by the next :func:`tie_knot`.
@@ -227,6 +227,6 @@ def _restart(chain: Chain, attempt: _Attempt) -> None:
     for link in links:
         link.resize_(attempt.rank)
     restart_links(links, chain.generator, attempt.new_a)
-    for r in chain.records:
+    for r in attempt.bad:  # a merged link's bias delta was zeroed right after its merge
         if r.delta is not None:
             r.delta.reset_parameters()

@@ -2,9 +2,10 @@
 
 A :class:`LoRAParametrization` registered on a module's ``weight`` through
 ``torch.nn.utils.parametrize`` makes every reader of ``module.weight`` see ``W + s·B·A``. The
-adapted module's forward never builds that matrix (see :mod:`chainopt._attach`). A knot merges the
-link into ``W`` and restarts it in place with :func:`restart_links`: A Kaiming-uniform (or given),
-B zero, so the function is unchanged and the Parameter objects stay the same.
+adapted modules' forwards here (:func:`lora_linear_forward`, :func:`lora_conv1d_forward`,
+:func:`lora_quantized_forward`) compute ``x·Wᵀ + s·(x·Aᵀ)·Bᵀ`` and never build that matrix. A knot
+merges the link into ``W`` and restarts it in place with :func:`restart_links`: A Kaiming-uniform
+(or given), B zero, so the function is unchanged and the Parameter objects stay the same.
 
 Example:
     >>> import torch
@@ -21,12 +22,17 @@ from collections.abc import Sequence
 from typing import Any, Protocol, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ._dtensor import copy_full_, is_sharded
-from ._surgery import foreach_copy_, foreach_zero_, set_shape_
+from ._surgery import foreach_copy_, foreach_zero_, in_parametrize_cache, set_shape_
 
-__all__ = ["BiasDelta", "Factors", "LoRAParametrization", "restart_links"]
+__all__ = [
+    "BiasDelta",
+    "LoRAParametrization",
+]  # the public names (chainopt re-exports them); the rest is internal
 
 
 class Factors(Protocol):
@@ -252,6 +258,84 @@ class BiasDelta(nn.Module):
 
     def forward(self, bias: Tensor) -> Tensor:
         return bias + self.delta.to(bias.dtype)
+
+
+# --- the factorised forwards of an adapted module ----------------------------------------------
+
+
+def _single_link(self: nn.Module) -> Any:
+    """The module's weight ParametrizationList if chainopt's link is alone on it, else None."""
+    plist = cast(Any, self).parametrizations["weight"]
+    if len(plist) != 1 or in_parametrize_cache():
+        return None
+    return plist
+
+
+def lora_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    """Forward of an adapted Linear: ``x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ`` without building ``W + s·B·A``.
+
+    Falls back to ``F.linear(x, self.weight, self.bias)`` (the materialised weight) inside
+    ``parametrize.cached()`` or with another parametrization stacked on the weight.
+    """
+    plist = _single_link(self)
+    if plist is None:
+        return F.linear(x, self.weight, self.bias)
+    link = plist[0]
+    a, b = link.lora_A, link.lora_B
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast or not (x.dtype == a.dtype == b.dtype):
+        out = F.linear(x, plist.original, self.bias)
+        h = x if x.dtype == a.dtype or autocast else x.to(a.dtype)
+        # (..., in) @ (in, r) -> (..., r) @ (r, out) -> (..., out)
+        lora = F.linear(F.linear(h, a), b) * link.scale
+        result: Tensor = out + lora.to(out.dtype)
+        return result
+    # One dtype, no autocast: accumulate s·(x·Aᵀ)·Bᵀ into the base output inside one GEMM, with
+    # no (rows, out) temporary for the product, the scale or the sum (4% faster than the
+    # three-op form on all-linear Llama on CPU, identical losses).
+    x2 = x.reshape(-1, x.shape[-1])
+    z = F.linear(x2, a)  # (rows, in) @ (in, r) -> (rows, r)
+    out = F.linear(x2, plist.original, self.bias)  # (rows, out), fresh; linear saves no output
+    out.addmm_(z, b.t(), alpha=link.scale)  # (rows, r) @ (r, out)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def lora_conv1d_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """Forward of an adapted transformers ``Conv1D`` (weight ``(in, out)``): ``x·W + b + LoRA``."""
+    plist = _single_link(self)
+    module = cast(Any, self)
+    if plist is None:
+        base = cast(Any, parametrize.type_before_parametrizations(self))
+        generic: Tensor = base.forward(self, x)
+        return generic
+    link = plist[0]
+    a, b = link.lora_A, link.lora_B
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.addmm(module.bias, x2, plist.original)  # (rows, in) @ (in, out)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast or not (x.dtype == a.dtype == b.dtype):
+        h = x2 if x2.dtype == a.dtype or autocast else x2.to(a.dtype)
+        lora = F.linear(F.linear(h, a), b) * link.scale
+        out = out + lora.to(out.dtype)
+    else:
+        out.addmm_(F.linear(x2, a), b.t(), alpha=link.scale)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def lora_quantized_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """Forward of an adapted quantized layer: its own forward, plus ``s·(x·Aᵀ)·Bᵀ``.
+
+    Nothing is dequantized here beyond what the quantized layer's forward does itself.
+    """
+    link = cast(Any, self)._modules["chainopt_link"]
+    out = cast(Tensor, type(self).forward(self, x))  # the quantized layer's own forward
+    a, b = link.lora_A, link.lora_B
+    h = x if x.dtype == a.dtype or torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
+    lora: Tensor = F.linear(F.linear(h, a), b) * link.scale  # (..., in) -> (..., r) -> (..., out)
+    return out + lora.to(out.dtype)
+
+
+# --- restarting links ---------------------------------------------------------------------------
 
 
 @torch.no_grad()

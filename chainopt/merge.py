@@ -38,7 +38,7 @@ from ._dtensor import copy_full_, full_tensor, is_sharded
 from ._record import Link, ModuleRecord
 from .lora import BiasDelta
 
-__all__ = ["exact_sum", "merge_", "merged_bias", "merged_weight"]
+__all__: list[str] = []  # the public names (chainopt re-exports them); the rest is internal
 
 
 def exact_sum(target: Tensor, part: Link | BiasDelta) -> Tensor:

@@ -45,8 +45,9 @@ from ._peft_layers import (
     AWAITING,
     PeftLink,
     install_whole_chain_save,
-    remove_whole_chain_save,
 )
+from ._saved_state import chain_entry, check_saved_state, restore
+from ._schedule_free import KnotContext
 from ._validate import type_name
 from ._wrapper import WrappedOptimizer
 from .advice import DtypeWatch
@@ -54,15 +55,13 @@ from .config import CONFIG_ARGUMENTS, ChainConfig, NonFinitePolicy
 from .export import chain_tensors, merge_and_unload, merged_save_pending
 from .history import ChainHistory, KnotRecord
 from .init import InitPolicy
-from .iterates import KnotContext
 from .knot import tie_knot
-from .optimizer_state import chain_entry, check_saved_state, restore
 from .quantized import QuantizedMaster
 from .reset import ResetPolicy
 from .summary import ChainSummary, summarize
 from .targets import ModuleSpec
 
-__all__ = ["ChainLoRAOptimizer", "KnotHook", "OptimizerSpec", "on_wrap"]
+__all__ = ["ChainLoRAOptimizer", "KnotHook", "OptimizerSpec"]
 
 OptimizerSpec: TypeAlias = Optimizer | Callable[[list[nn.Parameter]], Optimizer]
 """An optimizer built over the model's parameters, or a factory ``params -> Optimizer``."""
@@ -70,14 +69,7 @@ OptimizerSpec: TypeAlias = Optimizer | Callable[[list[nn.Parameter]], Optimizer]
 KnotHook: TypeAlias = Callable[["ChainLoRAOptimizer", KnotRecord], None]
 """Called after each knot with the optimizer and the knot's :class:`~chainopt.KnotRecord`."""
 
-_WRAP_HOOKS: list[Callable[[nn.Module], object]] = []
 _STATE_VERSION = 2
-
-
-def on_wrap(hook: Callable[[nn.Module], object]) -> None:
-    """Call ``hook(model)`` whenever a ChainLoRAOptimizer has wrapped a model (integrations)."""
-    if hook not in _WRAP_HOOKS:
-        _WRAP_HOOKS.append(hook)
 
 
 class ChainLoRAOptimizer(WrappedOptimizer):
@@ -204,8 +196,6 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         self._dtypes = DtypeWatch(self.chain.records)
         self._param_names = {id(p): n for n, p in model.named_parameters()}
         super().__init__(self.chain.optimizer)
-        for hook in _WRAP_HOOKS:
-            hook(model)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients through the wrapped optimizer.
@@ -402,7 +392,6 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         """
         factors = self.factors()
         merge_and_unload(self.model)
-        remove_whole_chain_save(self.model)
         drop_params(self.chain.optimizer, factors)
         self.chain.records = []
         self.chain.link_init.remove()

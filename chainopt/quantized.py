@@ -15,7 +15,7 @@ parametrized), and the layer's forward becomes its own forward plus ``s·(x·A�
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> quantized_backend(nn.Linear(4, 4)) is None  # a dense layer
+    >>> quantized_weight(nn.Linear(4, 4)) is None  # not an adapted 4-bit layer
     True
 """
 
@@ -28,33 +28,17 @@ import torch
 from torch import Tensor, nn
 
 from ._dtensor import full_tensor
-from ._quant_backends import Backend, backend_for, unsupported_quantization
-from ._surgery import install_instance_forward, lora_quantized_forward, remove_instance_forward
-from .lora import Factors, LoRAParametrization
+from ._marks import LINK_NAME
+from ._marks import QUANTIZED as _STATE
+from ._quant_backends import Backend, backend_for
+from ._surgery import install_instance_forward, remove_instance_forward
+from .lora import Factors, LoRAParametrization, lora_quantized_forward
 
-__all__ = [
-    "LINK_NAME",
-    "QuantizedMaster",
-    "QuantizedWeight",
-    "attach_quantized",
-    "detach_quantized",
-    "quantized_backend",
-    "quantized_weight",
-    "resolve_master_weights",
-    "unsupported_quantization",
-]
+__all__: list[str] = []  # the public names (chainopt re-exports them); the rest is internal
 
 QuantizedMaster: TypeAlias = Literal["host", "none"]
 """``"host"``: a float32 master copy in host memory makes knots exact; ``"none"``: dequantize,
 add and requantize in place (no extra memory, quantization error compounds)."""
-
-LINK_NAME = "chainopt_link"
-_STATE = "_chainopt_quantized"  # instance attribute: the module's QuantizedWeight
-
-
-def quantized_backend(module: nn.Module) -> Backend | None:
-    """The backend of ``module``'s 4-bit weight, or ``None`` for a dense module."""
-    return backend_for(module)
 
 
 class QuantizedWeight:
@@ -194,7 +178,7 @@ def resolve_master_weights(
     out: dict[str, Tensor] = {}
     for name in names:
         module = model.get_submodule(name)
-        if quantized_backend(module) is None:
+        if backend_for(module) is None:
             continue
         key = f"{name}.weight"
         tensor = state.get(key)

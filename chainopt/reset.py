@@ -34,7 +34,7 @@ from typing import Any, Literal, TypeAlias
 import torch
 from torch import Tensor
 
-__all__ = ["FreshState", "ResetPolicy", "StateReset", "resolve_reset"]
+__all__ = ["ResetPolicy"]  # the public names (chainopt re-exports them); the rest is internal
 
 ResetPolicy: TypeAlias = Literal["full", "none", "prune", "moments"]
 """What a knot does to the factors' optimizer state (see :mod:`chainopt.reset`)."""

@@ -25,7 +25,10 @@ from ._dtensor import full_tensor
 from .history import LinkFactors
 from .knot import Chain
 
-__all__ = ["ChainSummary", "ModuleSummary", "summarize"]
+__all__ = [
+    "ChainSummary",
+    "ModuleSummary",
+]  # the public names (chainopt re-exports them); the rest is internal
 
 
 @dataclass(frozen=True)

@@ -28,24 +28,10 @@ from torch import nn
 from ._attach import parametrization_count
 from ._dtensor import is_sharded
 from ._layers import builder_for
+from ._quant_backends import unsupported_quantization
 from ._validate import type_name
-from .quantized import unsupported_quantization
 
-__all__ = [
-    "ALL_LINEAR",
-    "ModuleSpec",
-    "choose_targets",
-    "choose_trainable",
-    "describe_spec",
-    "is_linear_like",
-    "left_out_weights",
-    "linear_names",
-    "matcher",
-    "output_layers",
-    "select_modules",
-    "shared_parameters",
-    "warn_left_out",
-]
+__all__ = ["ModuleSpec"]  # the public names (chainopt re-exports them); the rest is internal
 
 ModuleSpec: TypeAlias = str | Iterable[str] | re.Pattern[str] | Callable[[str, nn.Module], bool]
 """Names as PEFT takes them (suffixes; a list, set or any iterable of them), a compiled regex

@@ -12,6 +12,12 @@ Run::
     python examples/llama_classify.py --quick          # CI-sized: about a minute or two on 2 cores
     python examples/llama_classify.py --task winowhy   # a longer run
     python examples/llama_classify.py --model HuggingFaceTB/SmolLM2-360M-Instruct  # online
+
+``--model tiny-opt`` runs the same loop on OPT, the architecture of the COLA paper's main results:
+no pretrained OPT ships in any package, so offline it builds a small OPT from ``OPTConfig``
+(random weights, the SmolLM2 tokenizer's vocabulary) and the run shows the mechanics (knots on
+schedule, the loss across knots, export); online, ``--model facebook/opt-125m --task strategyqa``
+fine-tunes the real model.
 """
 
 from __future__ import annotations

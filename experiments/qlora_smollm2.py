@@ -55,7 +55,7 @@ from qlora_knots import quant_step
 
 import chainopt
 from chainopt import ChainLoRAOptimizer
-from chainopt.quantized import quantized_backend
+from chainopt._quant_backends import backend_for as quantized_backend
 
 METHODS = {
     "lora": ("LoRA (QLoRA)", "host"),

@@ -17,7 +17,6 @@ import importlib.util
 import os
 import re
 import socket
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -28,6 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from spawn import spawn
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer
@@ -106,17 +106,8 @@ def _free_port() -> int:
 
 
 def _spawn(fn: Callable[..., None], world: int, *args: Any, timeout: float = 240.0) -> None:
-    """Run ``fn(rank, world, port, *args)`` on ``world`` forked processes; fail, not hang."""
-    port = _free_port()
-    ctx = mp.start_processes(
-        fn, args=(world, port, *args), nprocs=world, join=False, start_method="fork"
-    )
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"DeepSpeed workers did not finish within {timeout:.0f}s")
+    """Run ``fn(rank, world, port, *args)`` on ``world`` forked processes (:func:`spawn.spawn`)."""
+    spawn(fn, world, world, _free_port(), *args, timeout=timeout, what="DeepSpeed workers")
 
 
 def _init(rank: int, world: int, port: int, out: str) -> Any:

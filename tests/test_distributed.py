@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from spawn import spawn
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer
@@ -84,14 +84,8 @@ def _whole(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _spawn(fn: Callable[..., None], *args: Any, timeout: float = 120.0) -> None:
-    """Run ``fn(rank, *args)`` on ``WORLD`` forked processes; fail (not hang) on a deadlock."""
-    ctx = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="fork")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"distributed workers did not finish within {timeout:.0f}s")
+    """Run ``fn(rank, *args)`` on ``WORLD`` forked processes (:func:`spawn.spawn`)."""
+    spawn(fn, WORLD, *args, timeout=timeout, what="distributed workers")
 
 
 def _init(rank: int, out: str, backend: str = "gloo") -> None:

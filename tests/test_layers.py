@@ -16,9 +16,9 @@ from torch import Tensor, nn
 import chainopt._layers as layers
 from chainopt import ChainLoRAOptimizer, merge_and_unload, merged_state_dict
 from chainopt._attach import attach, lora_parametrization
+from chainopt._quant_backends import backend_for
 from chainopt._record import LinkSpec, ModuleRecord
 from chainopt.lora import LoRAParametrization
-from chainopt.quantized import quantized_backend
 
 
 class ToyLinear(nn.Module):
@@ -116,7 +116,7 @@ def test_a_new_layer_kind_is_one_builder() -> None:
 
 def test_each_builder_finds_only_what_it_attached() -> None:
     lin = nn.Linear(4, 3)
-    assert layers.builder_for(lin) is layers.BUILDERS[2] and quantized_backend(lin) is None
+    assert layers.builder_for(lin) is layers.BUILDERS[2] and backend_for(lin) is None
     assert layers.find_adapted(nn.Sequential(lin)) == []
     link = attach(lin, rank=2, alpha=2.0)
     [record] = layers.find_adapted(nn.Sequential(lin))

@@ -437,3 +437,24 @@ def test_peft_modules_to_save_train_as_they_are_and_save_with_the_chain(tmp_path
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(base(), tmp_path).eval()
     torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_leaves_peft_layers_computing_the_chain_and_no_marks() -> None:
+    model = _peft_llama(use_rslora=True)
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    assert "save_pretrained" in vars(model) and "load_adapter" in vars(model)
+    _train(model, opt, 3)  # a knot, and a link under way
+    trained = _logits(model)
+    out = opt.merge_and_unload()
+    assert out is model
+    torch.testing.assert_close(_logits(model), trained, rtol=1e-5, atol=1e-5)
+    assert [
+        k for k in vars(model) if "chainopt" in k or k in ("save_pretrained", "load_adapter")
+    ] == []
+    for layer in _lora_layers(model).values():
+        assert [k for k in vars(layer) if "chainopt" in k] == [] and "chainopt" not in str(
+            list(layer.state_dict())
+        )
+        assert not layer.lora_B["default"].weight.any()
+    plain = model.merge_and_unload()  # PEFT's own: the plain model
+    torch.testing.assert_close(_logits(plain), trained, rtol=1e-5, atol=1e-5)

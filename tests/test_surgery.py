@@ -17,6 +17,7 @@ from chainopt._surgery import (
     in_parametrize_cache,
     init_optimizer_bookkeeping,
     parameter_order,
+    remove_forward_hooks,
     restore_parameter_order,
     set_shape_,
 )
@@ -98,6 +99,16 @@ def test_parametrize_gives_each_module_its_own_class_that_a_deepcopy_shares() ->
     assert type(copy.deepcopy(lin)) is type(lin)
 
 
-@pytest.mark.parametrize("name", ["_foreach_copy_", "_foreach_zero_", "_foreach_norm"])
+@pytest.mark.parametrize("name", ["_foreach_copy_", "_foreach_zero_"])
 def test_foreach_ops_exist(name: str) -> None:
     assert callable(getattr(torch, name))
+
+
+def test_remove_forward_hooks_removes_only_the_chosen_hooks() -> None:
+    lin = nn.Linear(2, 2)
+    seen: list[str] = []
+    lin.register_forward_hook(lambda m, a, o: seen.append("theirs"))
+    mine = lin.register_forward_hook(lambda m, a, o: seen.append("mine"), with_kwargs=True)
+    remove_forward_hooks(lin, lambda hook: hook is lin._forward_hooks[mine.id])
+    lin(torch.zeros(1, 2))
+    assert seen == ["theirs"] and mine.id not in lin._forward_hooks_with_kwargs

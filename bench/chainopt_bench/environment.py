@@ -58,7 +58,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="torch intra-op threads (default 1; 0: all CPU cores). On a shared machine one "
-        "thread gives far steadier step times: see bench/README.md",
+        "thread gives far steadier step times: see docs/benchmarks.md",
     )
 
 

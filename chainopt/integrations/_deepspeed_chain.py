@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..iterates import resolve_iterates
+from .._schedule_free import resolve_iterates
 from ..optimizer import ChainLoRAOptimizer
 from ._deepspeed_layouts import _deepspeed, _Layout, _layout, _shape, _shaped_like, _UnfusedLayout
 

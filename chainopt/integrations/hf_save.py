@@ -31,6 +31,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._marks import CLEARED_IS_QUANTIZED
+from .._marks import RESUME_SAVES as _RESUME_SAVES
 from ..export import adapted_modules, mark_merged_save, merged_state_dict
 
 __all__ = [
@@ -41,7 +43,6 @@ __all__ = [
     "saving_for_resume",
 ]
 
-_RESUME_SAVES = "_chainopt_resume_saves"  # instance attribute: saving_for_resume depth
 _PARAMETRIZED = ".parametrizations."
 
 
@@ -190,6 +191,7 @@ def accept_as_adapted(model: nn.Module) -> None:
     """
     if getattr(model, "hf_quantizer", None) is not None and getattr(model, "is_quantized", False):
         model.__dict__["is_quantized"] = False
+        model.__dict__[CLEARED_IS_QUANTIZED] = True  # unloading puts it back (chainopt._marks)
 
 
 def prepare_hf_model(model: nn.Module) -> None:

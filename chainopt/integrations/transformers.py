@@ -63,7 +63,6 @@ except ImportError as err:
 from ..advice import ChainLoRAWarning
 from ..optimizer import ChainLoRAOptimizer
 from ..targets import ModuleSpec
-from .hf_save import guard_save_pretrained
 
 __all__ = ["ChainLoRACallback", "create_chain_optimizer"]
 
@@ -128,9 +127,7 @@ def create_chain_optimizer(
         optimizer: Optimizer = optimizer_cls([g for g in groups if g["params"]], **kwargs)
         return optimizer
 
-    opt = ChainLoRAOptimizer(model, build, target_modules=target_modules, **chain_kwargs)
-    guard_save_pretrained(model)
-    return opt
+    return ChainLoRAOptimizer(model, build, target_modules=target_modules, **chain_kwargs)
 
 
 def _decay_ids(model: nn.Module) -> set[int]:
@@ -153,12 +150,12 @@ class ChainLoRACallback(TrainerCallback):
     """Trainer callback: the Trainer trains the chain, and ends at the best checkpoint's state.
 
     At ``on_train_begin`` it checks that the Trainer's optimizer is a
-    :class:`~chainopt.ChainLoRAOptimizer` (possibly inside Accelerate's ``AcceleratedOptimizer``)
-    and that the model's ``save_pretrained`` writes the merged model
+    :class:`~chainopt.ChainLoRAOptimizer` (possibly inside Accelerate's ``AcceleratedOptimizer``);
+    the model's ``save_pretrained`` writes the merged model since the chain was built
     (:func:`chainopt.integrations.hf_save.guard_save_pretrained`). With
     ``load_best_model_at_end``, ``on_train_end`` loads the best checkpoint's optimizer state
     into the chain, matching the model the Trainer loaded (the chain's own tensors, step and
-    knot counts, generator, history: what :func:`chainopt.adapter.export_peft_adapter` reads).
+    knot counts, generator, history: what :func:`chainopt.export_peft_adapter` reads).
     A resume from a checkpoint that holds no optimizer state (``save_only_model=True``) warns
     (:class:`~chainopt.ChainLoRAWarning`): the chain then restarts its schedule from the saved
     merged weights. Training and resuming need no callback.
@@ -191,8 +188,6 @@ class ChainLoRACallback(TrainerCallback):
                 ChainLoRAWarning,
                 stacklevel=2,
             )
-        if model is not None:
-            guard_save_pretrained(model)
 
     def on_train_end(
         self,

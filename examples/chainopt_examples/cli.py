@@ -1,4 +1,4 @@
-"""The flags of the LoRA-vs-COLA example scripts, ``llama_classify.py`` and ``opt_classify.py``.
+"""The flags of the LoRA-vs-COLA example script, ``llama_classify.py``.
 
 Example:
     >>> import argparse

@@ -15,9 +15,8 @@ from models import mlp, tiny_llama, tiny_opt
 from safetensors.torch import load_file
 from torch import nn
 
-from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError
+from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError, export_peft_adapter
 from chainopt._attach import lora_parametrization
-from chainopt.adapter import export_peft_adapter
 
 IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(9))
 

@@ -16,7 +16,7 @@ Example:
     >>> import tempfile, torch
     >>> from torch import nn
     >>> from chainopt import ChainLoRAOptimizer
-    >>> from chainopt.adapter import export_peft_adapter
+    >>> from chainopt import export_peft_adapter
     >>> model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
     >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
     ...                          target_modules=["0"], rank=2, knot_every=1, keep_history=True)
@@ -47,16 +47,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._attach import bias_delta, is_conv1d, lora_parametrization, original
+from ._attach import is_conv1d, original, plist_of
 from ._dtensor import full_tensor
-from ._layers import find_adapted, record_of
+from ._layers import find_adapted
 from ._lowrank import compress, factorise
+from ._quant_backends import backend_for
+from ._record import ModuleRecord
 from ._validate import type_name
 from .guard import NonFiniteUpdateError, check_links
 from .history import ChainHistory, LinkFactors
 from .merge import merged_bias, merged_weight
 from .optimizer import ChainLoRAOptimizer
-from .quantized import quantized_backend, quantized_weight
+from .quantized import quantized_weight
 from .targets import is_linear_like, select_modules
 
 __all__ = ["AdapterReport", "export_peft_adapter"]
@@ -174,8 +176,9 @@ def export_peft_adapter(
     lora_bias = chain.config.lora_bias
     model = chain.model
     names = list(chain.config.modules)
+    records = {r.name: r for r in chain.chain.records}  # none once unloaded
     if not unloaded:
-        check = check_links(find_adapted(model))
+        check = check_links(chain.chain.records)
         if check.bad:
             raise NonFiniteUpdateError(f"refusing to export the adapter: {check.describe()}")
     originals = (
@@ -190,15 +193,15 @@ def export_peft_adapter(
 
     sketched: dict[str, float] = {}
     if originals is None:
-        stacks = {
-            name: _stack(model, name, history.links(name) if len(history) else []) for name in names
-        }
+        stacks = {name: _stack(records[name], history) for name in names}
     else:
         stacks = {}
         for name in names:
             module = model.get_submodule(name)
-            delta = _current_weight(model, name) - _out_in(module, originals[f"{name}.weight"])
-            stacks[name], sketched[name] = factorise(delta, _chain_rank(chain, name))
+            delta = _current_weight(module, records.get(name)) - _out_in(
+                module, originals[f"{name}.weight"]
+            )
+            stacks[name], sketched[name] = factorise(delta, _chain_rank(chain, records.get(name)))
     r = rank if rank is not None else max([b.shape[1] for b, _a in stacks.values()] + [1])
 
     tensors: dict[str, Tensor] = {}
@@ -215,9 +218,10 @@ def export_peft_adapter(
         tensors[f"{key}.lora_B.weight"] = _pad(b, r, dim=1)  # (out, r)
         if lora_bias:
             tensors[f"{key}.lora_B.bias"] = (
-                _bias_update(model, name, history)
+                _bias_update(records[name], history)
                 if originals is None
-                else _current_bias(model, name) - _host(originals[f"{name}.bias"])
+                else _current_bias(model, name, records.get(name))
+                - _host(originals[f"{name}.bias"])
             )
     bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
     if bad:
@@ -260,34 +264,27 @@ def export_peft_adapter(
     return AdapterReport(out_dir, r, chain_ranks, errors, overall)
 
 
-def _stack(model: nn.Module, name: str, links: list[LinkFactors]) -> tuple[Tensor, Tensor]:
+def _stack(record: ModuleRecord, history: ChainHistory) -> tuple[Tensor, Tensor]:
     """``(B, A)``, ``(out, R)`` and ``(R, in)`` in float32 on the CPU, scales folded into B.
 
-    The merged links and, while the module is still adapted, its pending link (left out while
+    The merged links (:meth:`~chainopt.ChainHistory.stacked`) and the pending one (left out while
     ``B`` is still zero: it adds nothing).
     """
-    module = _module(model, name)
-    links = list(links)
-    link = lora_parametrization(module)
-    if link is not None and bool(link.lora_B.detach().any()):
-        links.append(
-            LinkFactors(link.lora_A.detach().float(), link.lora_B.detach().float(), link.scale)
-        )
-    if not links:
-        out_features, in_features = _out_in(module, _weight(module)).shape
-        return torch.zeros(out_features, 0), torch.zeros(0, in_features)
-    b = torch.cat([_host(lf.B) * lf.scale for lf in links], dim=1)  # (out, R)
-    a = torch.cat([_host(lf.A) for lf in links], dim=0)  # (R, in)
-    return b, a
+    link = record.link
+    pending = None
+    if bool(link.lora_B.detach().any()):
+        pending = LinkFactors(_host(link.lora_A), _host(link.lora_B), link.scale)
+    stacked = history.stacked(record.name, pending)
+    if stacked is None:
+        return torch.zeros(link.out_features, 0), torch.zeros(0, link.in_features)
+    return stacked
 
 
-def _bias_update(model: nn.Module, name: str, history: ChainHistory) -> Tensor:
+def _bias_update(record: ModuleRecord, history: ChainHistory) -> Tensor:
     """Σ merged bias deltas (from the history) + the pending one, float32 on the CPU."""
-    module = _module(model, name)
-    delta = bias_delta(module)
-    merged = history.bias_sum(name) if len(history) else None
-    out_features = _out_in(module, _weight(module)).shape[0]
-    pending = torch.zeros(out_features) if delta is None else _host(delta.delta)
+    merged = history.bias_sum(record.name)
+    delta = record.delta
+    pending = torch.zeros(record.link.out_features) if delta is None else _host(delta.delta)
     return pending + (0 if merged is None else merged.cpu())
 
 
@@ -306,7 +303,7 @@ def _base_tensors(
             )
         state = base.state_dict()  # references, no copies
         for name in names:  # a quantized base: its weights dequantized, as PEFT computes them
-            if quantized_backend(base.get_submodule(name)) is not None:
+            if backend_for(base.get_submodule(name)) is not None:
                 state[f"{name}.weight"] = _weight(base.get_submodule(name))
     else:  # a Mapping: export_peft_adapter checked the type
         state = dict(base)
@@ -348,10 +345,10 @@ def _weight(module: nn.Module) -> Tensor:
     quant = quantized_weight(module)
     if quant is not None:
         return quant.dense()
-    backend = quantized_backend(module)
+    backend = backend_for(module)
     if backend is not None:  # unloaded, or the quantized base itself
         return backend.dequantize(module)
-    if lora_parametrization(module) is not None:
+    if plist_of(module, "weight") is not None:  # the dense kind's link
         return original(module)
     weight = module.weight
     if not isinstance(weight, Tensor):  # pragma: no cover - Linear and Conv1D have one
@@ -365,33 +362,32 @@ def _out_in(module: nn.Module, weight: Tensor) -> Tensor:
     return w.T if is_conv1d(module) else w
 
 
-def _current_weight(model: nn.Module, name: str) -> Tensor:
-    """The module's weight now, pending link included, ``(out, in)`` in float32 on the CPU."""
-    module = _module(model, name)
-    if lora_parametrization(module) is None:  # after merge_and_unload
+def _current_weight(module: nn.Module, record: ModuleRecord | None) -> Tensor:
+    """The module's weight now, pending link included, ``(out, in)`` in float32 on the CPU
+    (``record`` is ``None`` after ``merge_and_unload``)."""
+    if record is None:
         return _out_in(module, _weight(module))
-    return _out_in(module, merged_weight(record_of(name, module), torch.float32))
+    return _out_in(module, merged_weight(record, torch.float32))
 
 
-def _current_bias(model: nn.Module, name: str) -> Tensor:
+def _current_bias(model: nn.Module, name: str, record: ModuleRecord | None) -> Tensor:
     """The module's bias now, pending delta included, in float32 on the CPU."""
-    module = _module(model, name)
-    plain = module.bias
-    if bias_delta(module) is None and isinstance(plain, Tensor):
+    plain = _module(model, name).bias
+    if (record is None or record.delta is None) and isinstance(plain, Tensor):
         return _host(plain)
-    bias = merged_bias(record_of(name, module), torch.float32)
+    bias = None if record is None else merged_bias(record, torch.float32)
     if bias is None:  # pragma: no cover - lora_bias exports only modules with a bias
         raise ValueError(f"{name!r} has no bias")
     return bias.cpu()
 
 
-def _chain_rank(chain: ChainLoRAOptimizer, name: str) -> int:
+def _chain_rank(chain: ChainLoRAOptimizer, record: ModuleRecord | None) -> int:
     """``Σ rᵢ`` over the merged links, and the pending one unless it is still zero.
 
-    The most rank module ``name``'s ``W − W₀`` can have (what its history would stack).
+    The most rank the module's ``W − W₀`` can have (what its history would stack); ``record``
+    is ``None`` after ``merge_and_unload``, which merged the last link.
     """
-    link = lora_parametrization(chain.model.get_submodule(name))
-    pending = link is None or bool(link.lora_B.detach().any())  # unloaded: its link was merged
+    pending = record is None or bool(record.link.lora_B.detach().any())
     return sum(chain.link_rank(i) for i in range(chain.knots_tied + int(pending)))
 
 

@@ -1,0 +1,131 @@
+"""Every mark chainopt leaves on a user's model, in one list, and how unloading removes each.
+
+An unloaded model is the plain model: :func:`chainopt.merge_and_unload` (and the optimizer's
+method) removes every mark below, so that ``torch.save(model)``, ``copy.deepcopy`` and the
+model's own methods see nothing of chainopt.
+
+On each adapted module (put by its layer kind's builder, :mod:`chainopt._layers`; removed by the
+record's ``unload()``, :func:`chainopt._attach.detach`):
+
+========================================  ===============================  ====================
+mark                                      put by                           removed by
+========================================  ===============================  ====================
+``torch.nn.utils.parametrize`` class      ``_attach.attach`` (dense)       ``_attach.detach``
+swap, ``parametrizations``, and the
+factorised forward on that class
+``__dict__[PARAMETER_ORDER]``             ``_attach.attach`` (dense)       ``_attach.detach``
+child ``LINK_NAME``, ``__dict__           ``quantized.attach_quantized``   ``detach_quantized``
+[QUANTIZED]``, an instance ``forward``    (4-bit)
+a forward hook (``init="gradient"``)      ``init.GradientInit``            :func:`unmark`
+``__dict__[PEFT_LINK]`` (the link), a     ``_peft_layers.PeftBuilder``     ``PeftBuilder.detach``
+``chainopt_merge_residual`` buffer        (a PEFT LoRA layer; the buffer
+                                          for a half-precision base)
+========================================  ===============================  ====================
+
+On the model itself (removed by :func:`unmark`, which ``merge_and_unload`` calls last):
+
+========================================  ===============================================
+mark                                      put by
+========================================  ===============================================
+a ``load_state_dict`` pre-hook, its       ``_load_guard.guard_loads`` (construction)
+handle in ``__dict__[LOAD_GUARD]``
+an instance ``save_pretrained``           ``integrations.hf_save.guard_save_pretrained``
+                                          (construction, a model with ``save_pretrained``)
+``__dict__["is_quantized"] = False``,     ``integrations.hf_save.accept_as_adapted``
+``__dict__[CLEARED_IS_QUANTIZED]``        (construction, a quantized HF model); unloading
+                                          puts ``is_quantized = True`` back
+``__dict__[MERGED_SAVE]``                 ``export.mark_merged_save`` (a merged save)
+``__dict__[RESUME_SAVES]``                ``integrations.hf_save.saving_for_resume`` (only
+                                          inside the block; also removed on leaving it)
+an instance ``save_pretrained`` (the      ``_peft_layers.install_whole_chain_save`` (a
+whole chain) and ``load_adapter``,        ``PeftModel``, instead of the merged save)
+``__dict__[PEFT_AWAITING]``
+========================================  ===============================================
+
+The Lightning callback's ``load_state_dict`` pre-hook is the callback's, removed by the
+callback itself (``chainopt.integrations.lightning``).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from chainopt import ChainLoRAOptimizer, merge_and_unload
+    >>> model = nn.Sequential(nn.Linear(4, 4))
+    >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+    ...                          target_modules=["0"], rank=2, knot_every=1)
+    >>> LOAD_GUARD in model.__dict__
+    True
+    >>> _ = merge_and_unload(model)
+    >>> [k for k in vars(model) if "chainopt" in k], type(model[0]) is nn.Linear
+    ([], True)
+"""
+
+from __future__ import annotations
+
+from types import MethodType
+
+from torch import nn
+
+from ._surgery import remove_forward_hooks
+
+__all__ = [
+    "CLEARED_IS_QUANTIZED",
+    "LINK_NAME",
+    "LOAD_GUARD",
+    "MERGED_SAVE",
+    "PARAMETER_ORDER",
+    "PEFT_AWAITING",
+    "PEFT_LINK",
+    "QUANTIZED",
+    "RESUME_SAVES",
+    "is_chainopt",
+    "unmark",
+]
+
+PARAMETER_ORDER = "_chainopt_parameter_order"
+"""Instance attribute of a dense adapted module: its parameters' order before the link."""
+QUANTIZED = "_chainopt_quantized"
+"""Instance attribute of an adapted 4-bit layer: its ``QuantizedWeight`` (backend, master)."""
+LINK_NAME = "chainopt_link"
+"""The child module holding a 4-bit layer's link."""
+LOAD_GUARD = "_chainopt_load_guard"
+"""Instance attribute of a chained model: the handle of its ``load_state_dict`` pre-hook."""
+MERGED_SAVE = "_chainopt_merged_save"
+"""Instance flag: a save wrote merged weights without the chain's own tensors."""
+RESUME_SAVES = "_chainopt_resume_saves"
+"""Instance attribute: how deep ``saving_for_resume`` blocks are nested."""
+PEFT_LINK = "_chainopt_peft_link"
+"""Instance attribute of a chained PEFT LoRA layer: its ``PeftLink``."""
+PEFT_AWAITING = "_chainopt_awaiting_chain_state"
+"""Instance attribute of a chained ``PeftModel``: ``load_adapter`` skipped a chain's own save
+(the chain's state dict must be loaded before the next step)."""
+CLEARED_IS_QUANTIZED = "_chainopt_cleared_is_quantized"
+"""Instance flag: chainopt set the HF model's ``is_quantized`` to ``False`` (Trainer's consent)."""
+
+
+def is_chainopt(obj: object) -> bool:
+    """Whether ``obj`` (a function, a bound method, a hook object) is chainopt's own."""
+    target = obj.__func__ if isinstance(obj, MethodType) else obj
+    module = getattr(target, "__module__", None) or type(target).__module__
+    return module == "chainopt" or module.startswith("chainopt.")
+
+
+def unmark(model: nn.Module) -> None:
+    """Remove the marks chainopt put on ``model`` itself and its modules' ``init`` hooks.
+
+    Call it once no module carries a link any more (the links go with each record's
+    ``unload()``). Marks that are not there are skipped.
+    """
+    guard = model.__dict__.pop(LOAD_GUARD, None)
+    if guard is not None and callable(getattr(guard, "remove", None)):
+        guard.remove()
+    for method in ("save_pretrained", "load_adapter"):
+        installed = model.__dict__.get(method)
+        if installed is not None and is_chainopt(installed):
+            del model.__dict__[method]  # the class's method again
+    if model.__dict__.pop(CLEARED_IS_QUANTIZED, False):
+        model.__dict__["is_quantized"] = True
+    model.__dict__.pop(MERGED_SAVE, None)
+    model.__dict__.pop(RESUME_SAVES, None)
+    model.__dict__.pop(PEFT_AWAITING, None)
+    for module in model.modules():
+        remove_forward_hooks(module, is_chainopt)
