@@ -162,7 +162,7 @@ def test_the_users_own_save_pretrained_writes_the_whole_chain(tmp_path: Path) ->
 
 def test_a_chained_peft_model_resumes_bitwise(tmp_path: Path) -> None:
     def build() -> tuple[nn.Module, ChainLoRAOptimizer]:
-        model = _peft_llama(use_rslora=True)
+        model = _peft_llama(use_rslora=True, rank_pattern={"v_proj": 2})
         opt = ChainLoRAOptimizer(
             model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2, seed=1
         )
@@ -458,3 +458,82 @@ def test_merge_and_unload_leaves_peft_layers_computing_the_chain_and_no_marks() 
         assert not layer.lora_B["default"].weight.any()
     plain = model.merge_and_unload()  # PEFT's own: the plain model
     torch.testing.assert_close(_logits(plain), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bfloat16_peft_model_keeps_the_exact_sum_through_a_merge_residual(tmp_path: Path) -> None:
+    """Knots into a bf16 base: ``W + residual`` is ``W₀ + Σ sᵢ·Bᵢ·Aᵢ`` in float32, and the
+    residual resumes with the model's state dict."""
+
+    def build() -> tuple[nn.Module, ChainLoRAOptimizer]:
+        model = get_peft_model(
+            tiny_llama().to(torch.bfloat16),
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
+        )
+        opt = ChainLoRAOptimizer(
+            model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2, seed=4
+        )
+        return model, opt
+
+    model, opt = build()
+    layers = _lora_layers(model)
+    name, layer = next(iter(layers.items()))
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT's float32 adapter
+    start = layer.base_layer.weight.detach().float().clone()
+    residual = layer.chainopt_merge_residual
+    assert residual.dtype == torch.bfloat16 and not residual.any()
+    _train(model, opt, 4)  # two knots
+    links = opt.history.links(name)
+    total = sum(link.scale * link.B.double() @ link.A.double() for link in links)
+    exact = layer.base_layer.weight.double() + residual.double()
+    torch.testing.assert_close(exact, start.double() + total, rtol=0, atol=2e-6)
+    assert residual.any()  # rounding to bf16 dropped something, kept here
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    model2, opt2 = build()
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    assert torch.equal(_lora_layers(model2)[name].chainopt_merge_residual, residual)
+
+
+@given(
+    vocab=st.integers(2, 12),
+    dim=st.integers(1, 8),
+    channels=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    rank=st.integers(1, 4),
+    rslora=st.booleans(),
+)
+def test_a_knot_on_peft_embedding_and_conv_layers_keeps_the_function(
+    vocab: int,
+    dim: int,
+    channels: tuple[int, int],
+    kernel: int,
+    stride: int,
+    rank: int,
+    rslora: bool,
+) -> None:
+    torch.manual_seed(0)
+    net = nn.ModuleDict(
+        {
+            "emb": nn.Embedding(vocab, dim),
+            "conv": nn.Conv2d(channels[0], channels[1], kernel, stride=stride, padding=kernel // 2),
+        }
+    )
+    model = get_peft_model(
+        net, LoraConfig(r=rank, lora_alpha=2.0, target_modules=["emb", "conv"], use_rslora=rslora)
+    )
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    ids, x = torch.randint(0, vocab, (2, 5)), torch.randn(2, channels[0], 5, 6)
+    emb, conv = model.base_model.model["emb"], model.base_model.model["conv"]
+    with torch.no_grad():
+        before = emb(ids), conv(x)
+        opt.tie_knot()
+        after = emb(ids), conv(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert not emb.lora_embedding_B["default"].any() or not emb.lora_embedding_A["default"].any()
+    assert not conv.lora_B["default"].weight.any()
