@@ -537,3 +537,21 @@ def test_a_knot_on_peft_embedding_and_conv_layers_keeps_the_function(
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     assert not emb.lora_embedding_B["default"].any() or not emb.lora_embedding_A["default"].any()
     assert not conv.lora_B["default"].weight.any()
+
+
+def test_export_peft_adapter_of_a_chained_peft_model_is_its_whole_chain_save(
+    tmp_path: Path,
+) -> None:
+    from chainopt import export_peft_adapter
+
+    model = _peft_llama(use_rslora=True)
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 3)
+    trained = _logits(model)
+    report = export_peft_adapter(opt, tmp_path)
+    assert report.rank == 8 and report.relative_error == 0.0
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rank= and base="):
+        export_peft_adapter(opt, tmp_path / "other", rank=2)
+    assert not (tmp_path / "other").exists()
