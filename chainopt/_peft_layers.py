@@ -21,6 +21,10 @@ the delta PEFT's ``get_delta_weight`` computes (what a knot merges):
   ``s·B₂·A₂`` reshaped to the kernel (``A₂``, ``B₂``: flattened after dimension 0).
 - ``ParamWrapper`` over a 2-D parameter (``target_parameters``): as ``Linear``, into the
   parameter itself.
+- ``ParamWrapper`` over fused 3-D experts ``(E, out, in)`` (or ``(E, in, out)``,
+  transformers 5's Mixtral, Qwen3-MoE, …): ``lora_A[a].weight (r·E, in)`` expert by expert,
+  ``lora_B[a].weight (out, r·E)`` interleaved (column ``j·E + e``); delta ``s·Bₑ·Aₑ`` into
+  expert ``e``'s slice (:meth:`PeftLink.expert_factors`).
 
 with ``s = scaling[a]`` (``alpha / r``, or ``alpha / √r`` with ``use_rslora``). Dropout acts on
 the input of the LoRA branch only, so it does not enter the delta. DoRA (``use_dora=True``) on a
@@ -32,7 +36,7 @@ Refused, with the reason: several active adapters, a merged or disabled adapter,
 other than DoRA, ``lora_bias=True``, initialisations that rewrite the base weight (PiSSA,
 OLoRA, CorDA, LoftQ, ...: a save could not be loaded onto the original base), convolutions
 whose LoRA branch is not the merged convolution (groups, dilation, padding mode), and layer
-kinds not listed above (multi-head attention, fused 3-D experts).
+kinds not listed above (multi-head attention, 8-bit layers).
 
 ``chainopt`` never imports ``peft`` itself: a model holds PEFT layers only if ``peft`` was
 imported, so :func:`peft_lora_layers` looks in ``sys.modules``.
@@ -192,12 +196,6 @@ def peft_layer_problem(name: str, layer: nn.Module, config: Any = None) -> str |
                 "convolution of the merged weight (PEFT builds it with groups=1, no dilation, "
                 "zero padding), so no knot can keep the function"
             )
-    if kind == "ParamWrapper" and lay.num_experts != 1:
-        return (
-            f"{where}: PEFT's target_parameters over fused 3-D experts ({lay.num_experts} "
-            "experts) cannot be chained yet; target the experts with chainopt itself or leave "
-            "them out of target_parameters"
-        )
     if (
         kind == "Linear"
         and type(lay.get_base_layer()).__name__ != "Linear"
@@ -278,6 +276,12 @@ class PeftLink:
         self.in_features = int(self.lora_A[0].numel())
         self.out_features = int(self.lora_B.shape[0])
         self.fan_in_fan_out = kind == "Embedding" or bool(getattr(lay, "fan_in_fan_out", False))
+        # PEFT's fused experts (a 3-D parameter): E experts in one pair of factors, A (r·E, in)
+        # expert by expert, B (out, r·E) interleaved; a parameter (E, in, out) holds each
+        # expert transposed (PEFT's "not swapped" layout).
+        self.experts = int(getattr(lay, "num_experts", 1)) if kind == "ParamWrapper" else 1
+        if self.experts > 1:
+            self.fan_in_fan_out = not lay._did_swap_in_out_features
         self.weight: Tensor = (
             lay.get_param() if kind == "ParamWrapper" else lay.get_base_layer().weight
         )
@@ -303,8 +307,24 @@ class PeftLink:
             raise ValueError(f"{type(layer).__name__} has no active adapter with factors")
         return cls(layer, adapter, residual_dtype=residual_dtype)
 
+    def expert_factors(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """Fused experts: ``(Bₑ)`` ``(E, out, r)`` and ``(Aₑ)`` ``(E, r, in)``, as PEFT's
+        ``get_delta_weight`` reads them (copies in ``dtype``)."""
+        e = self.experts
+        a = self.lora_A.detach().to(dtype).reshape(e, -1, self.in_features)  # (E, r, in)
+        b = self.lora_B.detach().to(dtype).reshape(self.out_features, -1, e)  # (out, r, E)
+        return b.permute(2, 0, 1), a
+
     def delta(self) -> Tensor:
-        """``s·B·A`` in float32, in the weight's layout (transposed with ``fan_in_fan_out``)."""
+        """``s·B·A`` in float32, in the weight's layout (transposed with ``fan_in_fan_out``).
+
+        Fused experts: ``s·Bₑ·Aₑ`` for each expert ``e``, stacked ``(E, out, in)`` (or
+        ``(E, in, out)``, each transposed, with ``fan_in_fan_out``).
+        """
+        if self.experts > 1:
+            b_e, a_e = self.expert_factors()
+            update = torch.bmm(b_e, a_e).mul_(self.scale)  # (E, out, r) @ (E, r, in)
+            return update.mT if self.fan_in_fan_out else update
         # (out, r) @ (r, in) -> (out, in); a convolution's (out, r) @ (r, in·∏k) -> its kernel
         b, a = self.lora_B.detach().float().flatten(1), self.lora_A.detach().float().flatten(1)
         update = (b @ a).mul_(self.scale)
@@ -385,19 +405,26 @@ def whole_chain_tensors(
         pending = LinkFactors(
             link.lora_A.detach().float().cpu(), link.lora_B.detach().float().cpu(), link.scale
         )
-        stacked = history.stacked(name, pending)
-        assert stacked is not None  # the pending link is always there
-        stacks[name] = stacked
+        chained = [*history.links(name), pending]
+        e = link.experts  # fused experts: stack each expert's factors (PEFT's layout), E = 1 else
+        # B (out, r, E, …) and A (E, r, in, …) per link -> (out, Σr, E, …) and (E, Σr, in, …);
+        # "…": a convolution's kernel dimensions (E = 1 there)
+        b = torch.cat(
+            [(f.B * f.scale).reshape(f.B.shape[0], -1, e, *f.B.shape[2:]) for f in chained], dim=1
+        )
+        a = torch.cat([f.A.reshape(e, -1, *f.A.shape[1:]) for f in chained], dim=1)
+        stacks[name] = b, a
     rank = max([b.shape[1] for b, _ in stacks.values()] + [1])
     tensors: dict[str, Tensor] = {}
     for name, link in links:
         b, a = stacks[name]
-        a_full = a.new_zeros(rank, a.shape[1])
-        a_full[: a.shape[0]] = a  # (R, in)
-        b_full = b.new_zeros(b.shape[0], rank)
-        b_full[:, : b.shape[1]] = b  # (out, R)
-        tensors[_key(name, link, "A")] = a_full.contiguous()
-        tensors[_key(name, link, "B")] = b_full.contiguous()
+        e = link.experts
+        a_full = a.new_zeros(e, rank, *a.shape[2:])
+        a_full[:, : a.shape[1]] = a  # (E, R, in, …)
+        b_full = b.new_zeros(b.shape[0], rank, e, *b.shape[3:])
+        b_full[:, : b.shape[1]] = b  # (out, R, E, …)
+        tensors[_key(name, link, "A")] = a_full.reshape(e * rank, *a.shape[2:]).contiguous()
+        tensors[_key(name, link, "B")] = b_full.reshape(b.shape[0], rank * e, *b.shape[3:])
     bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
     if bad:
         raise NonFiniteUpdateError(f"refusing to save the chain's adapter: non-finite {bad[:3]}")

@@ -188,9 +188,10 @@ def warn_left_out(model: nn.Module, exclude: Iterable[nn.Module] = ()) -> None:
         f"target_modules='{ALL_LINEAR}' adapts nn.Linear and Conv1D layers only; it leaves "
         f"{len(left)} matrix weights, {share:.0%} of the model's parameters, frozen: "
         f"{names[:4]}{' …' if len(names) > 4 else ''} (fused mixture-of-experts weights and "
-        "routers kept as bare parameters). chainopt does not chain fused 3-D expert weights "
-        "yet; pass trainable_modules=[...] to train such modules as they are, or name the "
-        "Linear layers you want in target_modules to silence this",
+        "routers kept as bare parameters). To chain them, build a PeftModel with "
+        "LoraConfig(target_parameters=[...]) (PEFT's own 'all-linear' adds them) and pass it "
+        "without target_modules: chainopt chains PEFT's fused-experts layers expert by expert; "
+        "or name the Linear layers you want in target_modules to silence this",
         ChainLoRAWarning,
         stacklevel=4,
     )

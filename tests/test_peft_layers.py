@@ -320,18 +320,57 @@ def test_knots_on_a_peft_target_parameter_are_exact() -> None:
         assert not m.lora_B["default"].weight.any()
 
 
-def test_peft_target_parameters_over_fused_3d_experts_are_refused_clearly() -> None:
+def test_knots_on_peft_fused_experts_are_exact_per_expert_and_save_the_whole_chain(
+    tmp_path: Path,
+) -> None:
+    """transformers 5 stores Mixtral's experts as 3-D Parameters; PEFT's target_parameters
+    adapts them with one pair of factors for all experts."""
     config = LoraConfig(
         r=2, lora_alpha=4, target_modules=["q_proj"],
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
     )  # fmt: skip
     model = get_peft_model(_tiny_mixtral(), config)
-    before = snapshot(model)
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match=r"experts.*fused 3-D experts.*target_parameters"):
-        ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=10)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=10)
+    layers = _lora_layers(model)
+    wrappers = {n: m for n, m in layers.items() if type(m).__name__ == "ParamWrapper"}
+    assert len(wrappers) == 2 and len(opt.adapted_modules()) == 3
+    _randomize_links(model)
+    expected = {n: m.get_param() + m.get_delta_weight("default") for n, m in wrappers.items()}
+    delta_norms = {n: float(m.get_delta_weight("default").norm()) for n, m in wrappers.items()}
+    before = _logits(model)
+    opt.tie_knot()
+    torch.testing.assert_close(_logits(model), before, rtol=1e-5, atol=1e-5)
+    for n, m in wrappers.items():  # each expert's s·Bₑ·Aₑ went into its own slice
+        torch.testing.assert_close(m.get_param(), expected[n], rtol=0, atol=1e-6)
+        assert not m.lora_B["default"].weight.any()
+    norms = opt.history.knots[0].norms
+    for n in wrappers:  # the guard's norm: all experts' updates together
+        assert norms[n] == pytest.approx(delta_norms[n], rel=1e-4)
+    _randomize_links(model)  # a second link under way
+    trained = _logits(model)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(_tiny_mixtral(), tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_a_chain_of_peft_embedding_and_conv_layers_saves_the_whole_chain(tmp_path: Path) -> None:
+    def base() -> nn.Module:
+        torch.manual_seed(0)
+        return _EmbConv()
+
+    model = get_peft_model(base(), LoraConfig(r=2, lora_alpha=4, target_modules=["emb", "conv"]))
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    ids = torch.randint(0, 20, (3, 7))
+    for _ in range(5):  # two knots, a link under way
+        model(ids).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        trained = model(ids)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(base(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids), trained, rtol=1e-5, atol=1e-5)
 
 
 # --- DoRA ---
