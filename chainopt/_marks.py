@@ -39,7 +39,8 @@ an instance ``save_pretrained``           ``integrations.hf_save.guard_save_pret
                                           inside the block; also removed on leaving it)
 an instance ``save_pretrained`` (the      ``_peft_layers.install_whole_chain_save`` (a
 whole chain) and ``load_adapter``,        ``PeftModel``, instead of the merged save)
-``__dict__[PEFT_AWAITING]``
+``__dict__[PEFT_AWAITING]``; or an
+instance ``save_lora_adapter``            (a diffusers model with injected PEFT layers)
 ========================================  ===============================================
 
 The Lightning callback's ``load_state_dict`` pre-hook is the callback's, removed by the
@@ -118,7 +119,7 @@ def unmark(model: nn.Module) -> None:
     guard = model.__dict__.pop(LOAD_GUARD, None)
     if guard is not None and callable(getattr(guard, "remove", None)):
         guard.remove()
-    for method in ("save_pretrained", "load_adapter"):
+    for method in ("save_pretrained", "load_adapter", "save_lora_adapter"):
         installed = model.__dict__.get(method)
         if installed is not None and is_chainopt(installed):
             del model.__dict__[method]  # the class's method again

@@ -88,6 +88,7 @@ __all__ = [
     "PeftBuilder",
     "PeftLink",
     "active_adapter",
+    "chain_config",
     "choose_peft_layers",
     "has_peft_layers",
     "install_whole_chain_save",
@@ -431,15 +432,40 @@ def whole_chain_tensors(
     return tensors, rank
 
 
-def install_whole_chain_save(peft_model: nn.Module, adapter: str, source: ChainSource) -> None:
-    """Make ``peft_model.save_pretrained`` write the whole chain as one adapter of rank Σr.
+def chain_config(config: Any, rank: int) -> Any:
+    """A copy of the adapter's ``LoraConfig`` for the whole chain: ``r = lora_alpha = rank``
+    (scale 1: the links' scales are folded into B), ``use_rslora=False``, no patterns."""
+    config = copy.deepcopy(config)
+    config.r, config.lora_alpha, config.use_rslora = rank, rank, False
+    config.rank_pattern, config.alpha_pattern = {}, {}
+    return config
 
-    ``PeftModel.from_pretrained(original_base, dir)`` then computes the trained function (to
-    float32 rounding). The adapter's config is the user's with ``r = lora_alpha = R`` (scale 1;
-    the links' scales are folded into B), ``use_rslora=False`` and no rank or alpha patterns. A
-    sidecar ``chainopt_chain.json`` marks the directory as a chain's save, for
-    :func:`install_whole_chain_save`'s ``load_adapter`` (the HF Trainer's resume).
+
+def install_whole_chain_save(model: nn.Module, adapter: str, source: ChainSource) -> bool:
+    """Make the model's own adapter save write the whole chain as one adapter of rank Σr.
+
+    On a ``PeftModel``: ``save_pretrained`` (and ``load_adapter``, see below). On a diffusers
+    model with injected layers (``unet.add_adapter(...)``): ``save_lora_adapter``, which
+    diffusers' ``load_lora_adapter`` reads back. Loaded onto the original base, the adapter
+    computes the trained function (to float32 rounding); its config is :func:`chain_config`'s.
+    A ``PeftModel`` save also writes a sidecar ``chainopt_chain.json``: ``load_adapter`` of such
+    a directory into the chained adapter (the HF Trainer's resume) loads nothing and the chain
+    waits for its own state dict (the checkpoint's ``optimizer.pt``).
+
+    Returns:
+        Whether a save was installed (``False``: a model with neither method).
     """
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(model, peft.PeftModel):
+        _install_peft_model_save(model, adapter, source)
+        return True
+    if callable(getattr(model, "save_lora_adapter", None)) and hasattr(model, "peft_config"):
+        _install_diffusers_save(model, adapter, source)
+        return True
+    return False
+
+
+def _install_peft_model_save(peft_model: nn.Module, adapter: str, source: ChainSource) -> None:
     model = cast(Any, peft_model)
     for method in ("save_pretrained", "load_adapter"):  # the merged save is not a PEFT save
         installed = model.__dict__.get(method)
@@ -454,11 +480,8 @@ def install_whole_chain_save(peft_model: nn.Module, adapter: str, source: ChainS
         given = kwargs.pop("state_dict", None)
         state = dict(given if given is not None else model.state_dict())
         state.update(tensors)
-        config = copy.deepcopy(model.peft_config[adapter])
-        config.r, config.lora_alpha, config.use_rslora = rank, rank, False
-        config.rank_pattern, config.alpha_pattern = {}, {}
         saved = model.peft_config[adapter]
-        model.peft_config[adapter] = config
+        model.peft_config[adapter] = chain_config(saved, rank)
         try:
             original_save(save_directory, *args, state_dict=state, **kwargs)
         finally:
@@ -483,6 +506,64 @@ def install_whole_chain_save(peft_model: nn.Module, adapter: str, source: ChainS
 
     model.__dict__["save_pretrained"] = save_pretrained
     model.__dict__["load_adapter"] = load_adapter
+
+
+def _install_diffusers_save(injected: nn.Module, adapter: str, source: ChainSource) -> None:
+    """diffusers' ``save_lora_adapter`` with the whole chain: the same file, keys and metadata
+    diffusers writes (PEFT's ``get_peft_model_state_dict`` over the chain's tensors)."""
+    model = cast(Any, injected)
+    installed = model.__dict__.get("save_pretrained")  # the merged save knows no PEFT layers
+    if installed is not None and is_chainopt(installed):
+        del model.__dict__["save_pretrained"]
+    original = model.save_lora_adapter
+
+    def save_lora_adapter(
+        save_directory: str | os.PathLike[str],
+        adapter_name: str = "default",
+        upcast_before_saving: bool = False,
+        safe_serialization: bool = True,
+        weight_name: str | None = None,
+    ) -> None:
+        if adapter_name != adapter:
+            original(save_directory, adapter_name, upcast_before_saving, safe_serialization,
+                     weight_name)  # fmt: skip
+            return
+        from diffusers.loaders.lora_base import (
+            LORA_ADAPTER_METADATA_KEY,
+            LORA_WEIGHT_NAME,
+            LORA_WEIGHT_NAME_SAFE,
+        )
+        from peft.utils import get_peft_model_state_dict
+
+        links, history = source()
+        tensors, rank = whole_chain_tensors(links, history)
+        state = dict(model.state_dict())
+        state.update(tensors)
+        saved = model.peft_config[adapter]
+        config = chain_config(saved, rank)
+        model.peft_config[adapter] = config
+        try:
+            layers = get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter)
+        finally:
+            model.peft_config[adapter] = saved
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory must be a directory, got the file {save_directory}")
+        os.makedirs(save_directory, exist_ok=True)
+        layers = {k: v.detach().cpu().float().contiguous() for k, v in layers.items()}
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            meta = {k: list(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+            metadata = {
+                "format": "pt",
+                LORA_ADAPTER_METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True),
+            }
+            save_file(layers, str(Path(save_directory, weight_name or LORA_WEIGHT_NAME_SAFE)),
+                      metadata=metadata)  # fmt: skip
+        else:
+            torch.save(layers, Path(save_directory, weight_name or LORA_WEIGHT_NAME))
+
+    model.__dict__["save_lora_adapter"] = save_lora_adapter
 
 
 # --- the builder: PEFT's layers as records (see chainopt._record) ---

@@ -187,8 +187,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             lambda: [(r.name, r.link.lora_A, r.link.lora_B) for r in self.chain.records]
         )
         peft = self._peft_links()
-        saves = callable(getattr(model, "save_pretrained", None))
-        if peft and hasattr(model, "peft_config") and saves:
+        if peft:  # the model's own adapter save writes the whole chain
             install_whole_chain_save(
                 model, peft[0][1].adapter, lambda: (self._peft_links(), self.chain.history)
             )

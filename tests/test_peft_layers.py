@@ -594,3 +594,49 @@ def test_export_peft_adapter_of_a_chained_peft_model_is_its_whole_chain_save(
     with pytest.raises(ValueError, match="rank= and base="):
         export_peft_adapter(opt, tmp_path / "other", rank=2)
     assert not (tmp_path / "other").exists()
+
+
+# --- diffusers: PEFT layers injected into a UNet ---
+
+
+def _tiny_unet() -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+        attention_head_dim=2, norm_num_groups=4,
+    ).eval()  # fmt: skip
+
+
+def test_a_diffusers_unet_with_injected_lora_chains_and_saves_the_whole_chain(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("diffusers")
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], use_rslora=True
+    )
+    unet = _tiny_unet()
+    unet.add_adapter(config)
+    opt = ChainLoRAOptimizer(unet, torch.optim.AdamW(unet.parameters(), lr=1e-2), knot_every=2)
+    assert len(opt.adapted_modules()) == 32  # every to_q, to_k, to_v, to_out.0
+    x, t, h = torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.randn(2, 3, 8)
+    unet.train()
+    for _ in range(5):  # two knots, a link under way
+        unet(x, t, h).sample.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    unet.eval()
+    with torch.no_grad():
+        trained = unet(x, t, h).sample
+        before = snapshot(unet)
+        opt.tie_knot()  # a knot keeps the function
+        torch.testing.assert_close(unet(x, t, h).sample, trained, rtol=1e-5, atol=1e-5)
+    assert any(not torch.equal(v, unet.state_dict()[k]) for k, v in before.items())
+    unet.save_lora_adapter(tmp_path)  # diffusers' own save: the whole chain
+    fresh = _tiny_unet()
+    fresh.load_lora_adapter(str(tmp_path), prefix=None, use_safetensors=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, t, h).sample, trained, rtol=1e-5, atol=1e-5)
