@@ -379,6 +379,9 @@ AWAITING = PEFT_AWAITING  # PeftModel.__dict__: load_adapter skipped a chain's o
 
 ChainSource = Callable[[], tuple[list[tuple[str, PeftLink]], ChainHistory]]
 """Returns the chained PEFT layers ``(name, link)`` and the chain's history, live."""
+ChainRestore = Callable[[dict[str, Any]], None]
+"""Loads a chain's state dict (``ChainLoRAOptimizer.load_state_dict``)."""
+OPTIMIZER_FILE = "optimizer.pt"  # where the HF Trainer saves the optimizer's (the chain's) state
 
 
 def _key(name: str, link: PeftLink, part: str) -> str:
@@ -441,7 +444,9 @@ def chain_config(config: Any, rank: int) -> Any:
     return config
 
 
-def install_whole_chain_save(model: nn.Module, adapter: str, source: ChainSource) -> bool:
+def install_whole_chain_save(
+    model: nn.Module, adapter: str, source: ChainSource, restore: ChainRestore | None = None
+) -> bool:
     """Make the model's own adapter save write the whole chain as one adapter of rank Σr.
 
     On a ``PeftModel``: ``save_pretrained`` (and ``load_adapter``, see below). On a diffusers
@@ -449,15 +454,17 @@ def install_whole_chain_save(model: nn.Module, adapter: str, source: ChainSource
     diffusers' ``load_lora_adapter`` reads back. Loaded onto the original base, the adapter
     computes the trained function (to float32 rounding); its config is :func:`chain_config`'s.
     A ``PeftModel`` save also writes a sidecar ``chainopt_chain.json``: ``load_adapter`` of such
-    a directory into the chained adapter (the HF Trainer's resume) loads nothing and the chain
-    waits for its own state dict (the checkpoint's ``optimizer.pt``).
+    a directory into the chained adapter (the HF Trainer's resume and ``load_best_model_at_end``)
+    brings the chain back to the state saved beside it (a Trainer checkpoint's ``optimizer.pt``,
+    through ``restore``); without one it loads nothing and the chain refuses to step until its
+    state dict is loaded.
 
     Returns:
         Whether a save was installed (``False``: a model with neither method).
     """
     peft = sys.modules.get("peft")
     if peft is not None and isinstance(model, peft.PeftModel):
-        _install_peft_model_save(model, adapter, source)
+        _install_peft_model_save(model, adapter, source, restore)
         return True
     if callable(getattr(model, "save_lora_adapter", None)) and hasattr(model, "peft_config"):
         _install_diffusers_save(model, adapter, source)
@@ -465,7 +472,9 @@ def install_whole_chain_save(model: nn.Module, adapter: str, source: ChainSource
     return False
 
 
-def _install_peft_model_save(peft_model: nn.Module, adapter: str, source: ChainSource) -> None:
+def _install_peft_model_save(
+    peft_model: nn.Module, adapter: str, source: ChainSource, restore: ChainRestore | None
+) -> None:
     model = cast(Any, peft_model)
     for method in ("save_pretrained", "load_adapter"):  # the merged save is not a PEFT save
         installed = model.__dict__.get(method)
@@ -496,11 +505,16 @@ def _install_peft_model_save(peft_model: nn.Module, adapter: str, source: ChainS
             (out / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
 
     def load_adapter(model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
-        if adapter_name == adapter and (Path(str(model_id)) / SIDECAR).is_file():
-            # A chain's own save, loaded back into the chained adapter (Trainer's resume): the
-            # live link has PEFT's rank, not Σr; the chain's state dict brings back the merged
-            # weights and the link. Nothing is loaded here; the chain refuses to step until then.
-            model.__dict__[AWAITING] = str(model_id)
+        where = Path(str(model_id))
+        if adapter_name == adapter and (where / SIDECAR).is_file():
+            # A chain's own save, loaded back into the chained adapter (Trainer's resume, its
+            # best model): the live link has PEFT's rank, not Σr; the chain's state dict brings
+            # back the merged weights and the link, all of it. Without one, nothing is loaded
+            # and the chain refuses to step until its state dict is.
+            if restore is not None and (where / OPTIMIZER_FILE).is_file():
+                restore(torch.load(where / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+            else:
+                model.__dict__[AWAITING] = str(model_id)
             return None
         return original_load(model_id, adapter_name, *args, **kwargs)
 

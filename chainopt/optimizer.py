@@ -189,7 +189,10 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         peft = self._peft_links()
         if peft:  # the model's own adapter save writes the whole chain
             install_whole_chain_save(
-                model, peft[0][1].adapter, lambda: (self._peft_links(), self.chain.history)
+                model,
+                peft[0][1].adapter,
+                lambda: (self._peft_links(), self.chain.history),
+                self.load_state_dict,
             )
         self._arm()
         self._dtypes = DtypeWatch(self.chain.records)

@@ -640,3 +640,23 @@ def test_a_diffusers_unet_with_injected_lora_chains_and_saves_the_whole_chain(
     fresh.load_lora_adapter(str(tmp_path), prefix=None, use_safetensors=True)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, t, h).sample, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_load_adapter_of_a_chain_checkpoint_brings_the_chain_back_to_it(tmp_path: Path) -> None:
+    """What the HF Trainer does for resume_from_checkpoint and load_best_model_at_end:
+    load_adapter(checkpoint) with the chain's state in the checkpoint's optimizer.pt."""
+    model = _peft_llama(use_rslora=True)
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 3)
+    at_3 = _logits(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    torch.save(opt.state_dict(), tmp_path / "ckpt" / "optimizer.pt")
+    model.save_pretrained(tmp_path / "bare")  # no optimizer.pt beside it
+    _train(model, opt, 3)
+    assert not torch.equal(_logits(model), at_3)
+    model.load_adapter(str(tmp_path / "ckpt"), "default")
+    assert torch.equal(_logits(model), at_3) and opt.optimizer_steps == 3
+    _train(model, opt, 1)  # and it trains on
+    model.load_adapter(str(tmp_path / "bare"), "default")  # nothing to restore the chain from
+    with pytest.raises(RuntimeError, match="optimizer's state_dict"):
+        _train(model, opt, 1)
