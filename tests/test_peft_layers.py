@@ -660,3 +660,39 @@ def test_load_adapter_of_a_chain_checkpoint_brings_the_chain_back_to_it(tmp_path
     model.load_adapter(str(tmp_path / "bare"), "default")  # nothing to restore the chain from
     with pytest.raises(RuntimeError, match="optimizer's state_dict"):
         _train(model, opt, 1)
+
+
+@pytest.mark.parametrize(
+    ("prepare", "match"),
+    [
+        (lambda m: m.base_model.model.model.layers[0].self_attn.q_proj.merge(), "is merged"),
+        (
+            lambda m: (
+                m.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))
+                or m.base_model.set_adapter(["default", "other"])
+            ),
+            "several active adapters",
+        ),
+        (lambda m: None, r"init_lora_weights='pissa'"),
+        (lambda m: None, r"LoRA variant|lora_bias"),
+    ],
+    ids=["merged", "two-active", "pissa", "lora-bias"],
+)
+def test_peft_setups_a_chain_cannot_keep_exact_are_refused_before_anything_changes(
+    prepare: Any, match: str
+) -> None:
+    config: dict[str, Any] = {}
+    if "pissa" in match:
+        config["init_lora_weights"] = "pissa"
+    if "lora_bias" in match:
+        config["lora_bias"] = True
+    model = _peft_llama(**config)
+    prepare(model)
+    before = snapshot(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=match):
+        ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=2)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    after = snapshot(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any("chainopt" in k for m in model.modules() for k in vars(m))
