@@ -254,23 +254,13 @@ class PeftLink:
     lora_A: nn.Parameter
     lora_B: nn.Parameter
 
-    def __init__(
-        self,
-        layer: nn.Module,
-        adapter: str,
-        *,
-        residual_dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, layer: nn.Module, adapter: str) -> None:
         lay = cast(Any, layer)
         kind = _kind(layer)
-        a, b = _factor_dicts(layer)
-        if kind == "Embedding":
-            self.lora_A, self.lora_B = a[adapter], b[adapter]
-        else:
-            self.lora_A, self.lora_B = a[adapter].weight, b[adapter].weight
         self.layer = layer
         self.adapter = adapter
         self.kind = kind
+        self.refresh()
         self.scale = float(lay.scaling[adapter])
         self.rank = int(self.lora_A.shape[0])
         self.ranks = frozenset({self.rank})
@@ -283,21 +273,27 @@ class PeftLink:
         self.experts = int(getattr(lay, "num_experts", 1)) if kind == "ParamWrapper" else 1
         if self.experts > 1:
             self.fan_in_fan_out = not lay._did_swap_in_out_features
-        self.weight: Tensor = (
-            lay.get_param() if kind == "ParamWrapper" else lay.get_base_layer().weight
-        )
-        dora = lay.lora_magnitude_vector  # a ModuleDict: no .get
-        magnitude = dora[adapter] if adapter in dora else None  # noqa: SIM401
-        self.magnitude: nn.Parameter | None = None if magnitude is None else magnitude.weight
-        self.merge_residual = (
-            None
-            if residual_dtype is None
-            else torch.zeros(self.weight.shape, dtype=residual_dtype, device=self.weight.device)
-        )
+        self.merge_residual = None  # the builder's buffer, for a half-precision weight
         self.quant: QuantizedWeight | None = None
 
+    def refresh(self) -> None:
+        """Look PEFT's Parameters up again (``lora_A``, ``lora_B``, the weight, DoRA's
+        magnitude): FSDP2's ``fully_shard`` replaces them by sharded ones."""
+        lay = cast(Any, self.layer)
+        a, b = _factor_dicts(self.layer)
+        if self.kind == "Embedding":
+            self.lora_A, self.lora_B = a[self.adapter], b[self.adapter]
+        else:
+            self.lora_A, self.lora_B = a[self.adapter].weight, b[self.adapter].weight
+        self.weight: Tensor = (
+            lay.get_param() if self.kind == "ParamWrapper" else lay.get_base_layer().weight
+        )
+        dora = lay.lora_magnitude_vector  # a ModuleDict: no .get
+        magnitude = dora[self.adapter] if self.adapter in dora else None  # noqa: SIM401
+        self.magnitude: nn.Parameter | None = None if magnitude is None else magnitude.weight
+
     @classmethod
-    def of(cls, layer: nn.Module, residual_dtype: torch.dtype | None = None) -> PeftLink:
+    def of(cls, layer: nn.Module) -> PeftLink:
         """The link of ``layer``'s active adapter.
 
         Raises:
@@ -306,7 +302,7 @@ class PeftLink:
         adapter = active_adapter(layer)
         if adapter is None:
             raise ValueError(f"{type(layer).__name__} has no active adapter with factors")
-        return cls(layer, adapter, residual_dtype=residual_dtype)
+        return cls(layer, adapter)
 
     def expert_factors(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """Fused experts: ``(Bₑ)`` ``(E, out, r)`` and ``(Aₑ)`` ``(E, r, in)``, as PEFT's
@@ -635,6 +631,7 @@ class PeftBuilder:
         link = link_of(module)
         if link is None:
             return None
+        link.refresh()  # the Parameters as they are now (FSDP2)
         link.merge_residual = module._buffers.get(RESIDUAL)
         base = cast(Any, module).get_base_layer()
         bias = getattr(base, "bias", None) if link.kind != "ParamWrapper" else None
