@@ -14,6 +14,11 @@ Example:
     0
 """
 
+from ._hf_save import (
+    ParametrizedCheckpointWarning,
+    guard_save_pretrained,
+    saving_for_resume,
+)
 from .advice import ChainLoRAWarning
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ChainConfig, NonFinitePolicy
@@ -21,11 +26,6 @@ from .export import adapted_modules, merge_and_unload, merged_state_dict, save_m
 from .guard import NonFiniteUpdateError
 from .history import ChainHistory, KnotRecord, LinkFactors
 from .init import InitPolicy, a_from_gradient
-from .integrations.hf_save import (
-    ParametrizedCheckpointWarning,
-    guard_save_pretrained,
-    saving_for_resume,
-)
 from .lora import BiasDelta, LoRAParametrization
 from .optimizer import ChainLoRAOptimizer, KnotHook, OptimizerSpec
 from .peft_export import AdapterReport, export_peft_adapter

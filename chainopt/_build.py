@@ -1,6 +1,6 @@
 """Building a chain: ``(model, optimizer, config)`` in, the :class:`~chainopt.knot.Chain` out.
 
-:func:`build_chain` is the whole construction, top to bottom, all of it or none:
+:func:`build_chain` is the whole construction, top to bottom:
 
 1. refuse an optimizer over foreign parameters (:func:`check_optimizer`) and resolve the 4-bit
    targets' masters;
@@ -14,13 +14,14 @@
    wrapped optimizer's own knot context (schedule-free) first;
 7. a Hugging Face model (one with ``save_pretrained``) saves the merged model from then on, and
    a quantized one may be trained by the ``Trainer``
-   (:func:`chainopt.integrations.hf_save.prepare_hf_model`).
+   (:func:`chainopt._hf_save.prepare_hf_model`).
 
 Every mark this leaves on the model is listed in :mod:`chainopt._marks`.
 
-If anything raises, the links are removed and ``requires_grad`` flags restored. The optimizer
-holds the ``Chain`` and nothing that aliases its parts. :func:`rebind` is the one later
-rebuild: FSDP2's ``fully_shard`` replaced Parameters, so the records are looked up again.
+If anything in steps 1 to 5 raises, the links are removed and ``requires_grad`` flags restored:
+the model is as it was. The optimizer holds the ``Chain`` and nothing that aliases its parts.
+:func:`rebind` is the one later rebuild: FSDP2's ``fully_shard`` replaced Parameters, so the
+records are looked up again (``chain.records`` is assigned, never edited in place).
 
 Example:
     >>> import torch
@@ -44,6 +45,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._dtensor import is_sharded, shard_like
+from ._hf_save import prepare_hf_model
 from ._layers import builder_for
 from ._load_guard import guard_loads
 from ._record import LinkSpec, ModuleRecord
@@ -53,7 +55,6 @@ from .advice import warn_frozen_head, warn_rounding_knots
 from .config import ChainConfig
 from .history import ChainHistory
 from .init import resolve_init
-from .integrations.hf_save import prepare_hf_model
 from .knot import Chain, resolve_non_finite
 from .quantized import resolve_master_weights
 from .reset import FreshState, resolve_reset

@@ -29,13 +29,13 @@ mark                                      put by
 ========================================  ===============================================
 a ``load_state_dict`` pre-hook, its       ``_load_guard.guard_loads`` (construction)
 handle in ``__dict__[LOAD_GUARD]``
-an instance ``save_pretrained``           ``integrations.hf_save.guard_save_pretrained``
+an instance ``save_pretrained``           ``_hf_save.guard_save_pretrained``
                                           (construction, a model with ``save_pretrained``)
-``__dict__["is_quantized"] = False``,     ``integrations.hf_save.accept_as_adapted``
+``__dict__["is_quantized"] = False``,     ``_hf_save.accept_as_adapted``
 ``__dict__[CLEARED_IS_QUANTIZED]``        (construction, a quantized HF model); unloading
                                           puts ``is_quantized = True`` back
 ``__dict__[MERGED_SAVE]``                 ``export.mark_merged_save`` (a merged save)
-``__dict__[RESUME_SAVES]``                ``integrations.hf_save.saving_for_resume`` (only
+``__dict__[RESUME_SAVES]``                ``_hf_save.saving_for_resume`` (only
                                           inside the block; also removed on leaving it)
 an instance ``save_pretrained`` (the      ``_peft_layers.install_whole_chain_save`` (a
 whole chain) and ``load_adapter``,        ``PeftModel``, instead of the merged save)

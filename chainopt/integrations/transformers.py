@@ -6,7 +6,7 @@ wraps it in Accelerate's ``AcceleratedOptimizer``, steps it once per *optimizer*
 ``gradient_accumulation_steps > 1`` too: knots count optimizer steps, not micro-batches).
 ``trainer.save_model()`` and every checkpoint's ``model.safetensors`` hold the merged model
 (plain keys: stock ``from_pretrained`` loads the fine-tuned model; see
-:mod:`chainopt.integrations.hf_save`), and a checkpoint's ``optimizer.pt`` the wrapped optimizer's
+:mod:`chainopt._hf_save`), and a checkpoint's ``optimizer.pt`` the wrapped optimizer's
 state plus the chain's counters, generator, history and own tensors (frozen originals, factors,
 residuals), so ``resume_from_checkpoint`` continues bitwise. ``optimizers=(opt, None)`` lets the
 Trainer build its LR scheduler from ``args`` over the chain's param groups.
@@ -88,7 +88,7 @@ def create_chain_optimizer(
     ``adam_beta1/2``, ``adam_epsilon``, ``optim_args``); the trainable parameters (factors, and
     ``trainable_modules``) are split as ``Trainer.create_optimizer`` splits them: weight decay
     ``args.weight_decay``, none for biases (bias deltas included) and norms. The model's
-    ``save_pretrained`` writes the merged model (:mod:`chainopt.integrations.hf_save`).
+    ``save_pretrained`` writes the merged model (:mod:`chainopt._hf_save`).
 
     Pass the result as ``Trainer(..., optimizers=(opt, None))``: the Trainer then builds its LR
     scheduler from ``args`` over it.
@@ -152,7 +152,7 @@ class ChainLoRACallback(TrainerCallback):
     At ``on_train_begin`` it checks that the Trainer's optimizer is a
     :class:`~chainopt.ChainLoRAOptimizer` (possibly inside Accelerate's ``AcceleratedOptimizer``);
     the model's ``save_pretrained`` writes the merged model since the chain was built
-    (:func:`chainopt.integrations.hf_save.guard_save_pretrained`). With
+    (:func:`chainopt._hf_save.guard_save_pretrained`). With
     ``load_best_model_at_end``, ``on_train_end`` loads the best checkpoint's optimizer state
     into the chain, matching the model the Trainer loaded (the chain's own tensors, step and
     knot counts, generator, history: what :func:`chainopt.export_peft_adapter` reads).

@@ -31,9 +31,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .._marks import CLEARED_IS_QUANTIZED
-from .._marks import RESUME_SAVES as _RESUME_SAVES
-from ..export import adapted_modules, mark_merged_save, merged_state_dict
+from ._marks import CLEARED_IS_QUANTIZED
+from ._marks import RESUME_SAVES as _RESUME_SAVES
+from .export import adapted_modules, mark_merged_save, merged_state_dict
 
 __all__ = [
     "ParametrizedCheckpointWarning",
