@@ -5,8 +5,11 @@ injected layers) is chained through them: PEFT keeps its forward, its dropout, i
 scaling and its per-module rank and alpha (``rank_pattern``/``alpha_pattern``); chainopt trains
 PEFT's own factors of the active adapter and, at each knot, merges each layer's
 ``s·B·A`` into ``base_layer.weight`` exactly (one float32 sum; the merge residual for half
-precision), restarts the link (A from the chain's ``init=``, B zero) and resets its optimizer
-state. The first link is PEFT's, as ``get_peft_model`` initialised it.
+precision; a float32 host master for a bitsandbytes 4-bit base), restarts the link (A
+Kaiming-uniform from the chain's generator, B zero) and resets its optimizer state. The first
+link is PEFT's, as ``get_peft_model`` initialised it. The model's own adapter save
+(``PeftModel.save_pretrained``, diffusers' ``save_lora_adapter``) writes the whole chain as one
+adapter of rank Σr (:func:`install_whole_chain_save`).
 
 What each PEFT layer kind holds (PEFT 0.21, ``peft/tuners/lora/layer.py``), adapter ``a``, and
 the delta PEFT's ``get_delta_weight`` computes (what a knot merges):
@@ -44,7 +47,8 @@ imported, so :func:`peft_lora_layers` looks in ``sys.modules``.
 Marks (listed in :mod:`chainopt._marks`): on each chained PEFT layer ``layer.__dict__[MARK]``
 (the link) and, for a half-precision base, a ``chainopt_merge_residual`` buffer (removed by
 :meth:`PeftBuilder.detach`); on the ``PeftModel``, instance ``save_pretrained`` and
-``load_adapter`` (:func:`install_whole_chain_save`; removed by ``chainopt._marks.unmark``).
+``load_adapter``, on a diffusers model ``save_lora_adapter`` (:func:`install_whole_chain_save`;
+removed by ``chainopt._marks.unmark``).
 
 Example:
     >>> import torch
