@@ -696,3 +696,21 @@ def test_peft_setups_a_chain_cannot_keep_exact_are_refused_before_anything_chang
     after = snapshot(model)
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert not any("chainopt" in k for m in model.modules() for k in vars(m))
+
+
+def test_peft_loraplus_optimizer_keeps_its_groups_under_the_chain() -> None:
+    """LoRA+ (PEFT's create_loraplus_optimizer: B at a higher LR) wrapped as it is."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    model = _peft_llama()
+    base = create_loraplus_optimizer(
+        model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0, weight_decay=0.0
+    )
+    groups = [(g["lr"], {id(p) for p in g["params"]}) for g in base.param_groups]
+    opt = ChainLoRAOptimizer(model, base, knot_every=2)
+    assert [(g["lr"], {id(p) for p in g["params"]}) for g in opt.param_groups] == groups
+    b_group = next(g for g in opt.param_groups if g["lr"] == pytest.approx(16e-3))
+    layers = _lora_layers(model).values()
+    assert {id(m.lora_B["default"].weight) for m in layers} == {id(p) for p in b_group["params"]}
+    _train(model, opt, 2)
+    assert opt.knots_tied == 1
