@@ -40,7 +40,8 @@ an instance ``save_pretrained``           ``_hf_save.guard_save_pretrained``
 an instance ``save_pretrained`` (the      ``_peft_layers.install_whole_chain_save`` (a
 whole chain) and ``load_adapter``,        ``PeftModel``, instead of the merged save)
 ``__dict__[PEFT_AWAITING]``; or an
-instance ``save_lora_adapter``            (a diffusers model with injected PEFT layers)
+instance ``save_lora_adapter``            (a diffusers model with injected PEFT layers);
+(both with ``__dict__[PEFT_SAVE]``)
 ========================================  ===============================================
 
 The Lightning callback's ``load_state_dict`` pre-hook is the callback's, removed by the
@@ -76,6 +77,7 @@ __all__ = [
     "PARAMETER_ORDER",
     "PEFT_AWAITING",
     "PEFT_LINK",
+    "PEFT_SAVE",
     "QUANTIZED",
     "RESUME_SAVES",
     "is_chainopt",
@@ -96,6 +98,8 @@ RESUME_SAVES = "_chainopt_resume_saves"
 """Instance attribute: how deep ``saving_for_resume`` blocks are nested."""
 PEFT_LINK = "_chainopt_peft_link"
 """Instance attribute of a chained PEFT LoRA layer: its ``PeftLink``."""
+PEFT_SAVE = "_chainopt_peft_save"
+"""Instance attribute of a model whose own adapter save writes the chain: its ``ChainSave``."""
 PEFT_AWAITING = "_chainopt_awaiting_chain_state"
 """Instance attribute of a chained ``PeftModel``: ``load_adapter`` skipped a chain's own save
 (the chain's state dict must be loaded before the next step)."""
@@ -128,5 +132,6 @@ def unmark(model: nn.Module) -> None:
     model.__dict__.pop(MERGED_SAVE, None)
     model.__dict__.pop(RESUME_SAVES, None)
     model.__dict__.pop(PEFT_AWAITING, None)
+    model.__dict__.pop(PEFT_SAVE, None)
     for module in model.modules():
         remove_forward_hooks(module, is_chainopt)

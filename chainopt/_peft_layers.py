@@ -70,14 +70,16 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import MethodType
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from ._attach import residual_dtype
-from ._marks import PEFT_AWAITING, PEFT_LINK, is_chainopt
+from ._marks import PEFT_AWAITING, PEFT_LINK, PEFT_SAVE, is_chainopt
 from ._quant_backends import backend_for
 from ._record import LinkSpec, ModuleRecord
 from .guard import NonFiniteUpdateError
@@ -377,8 +379,6 @@ def unmark(layer: nn.Module) -> None:
 SIDECAR = "chainopt_chain.json"  # written next to a whole-chain adapter by save_pretrained
 AWAITING = PEFT_AWAITING  # PeftModel.__dict__: load_adapter skipped a chain's own save
 
-ChainSource = Callable[[], tuple[list[tuple[str, PeftLink]], ChainHistory]]
-"""Returns the chained PEFT layers ``(name, link)`` and the chain's history, live."""
 ChainRestore = Callable[[dict[str, Any]], None]
 """Loads a chain's state dict (``ChainLoRAOptimizer.load_state_dict``)."""
 OPTIMIZER_FILE = "optimizer.pt"  # where the HF Trainer saves the optimizer's (the chain's) state
@@ -444,9 +444,30 @@ def chain_config(config: Any, rank: int) -> Any:
     return config
 
 
-def install_whole_chain_save(
-    model: nn.Module, adapter: str, source: ChainSource, restore: ChainRestore | None = None
-) -> bool:
+@dataclass
+class ChainSave:
+    """What a model's whole-chain save needs, kept on the model (``__dict__[PEFT_SAVE]``), so
+    that ``copy.deepcopy`` of the model (or of the optimizer, which copies its model) saves the
+    copy's chain: the links are found on the model itself, the history and the optimizer's
+    ``load_state_dict`` are copied along.
+
+    Attributes:
+        adapter: the chained adapter's name.
+        history: the chain's history (its merged links).
+        restore: the optimizer's ``load_state_dict`` (``None``: nothing to restore into).
+    """
+
+    adapter: str
+    history: ChainHistory
+    restore: ChainRestore | None = None
+
+
+def chained_links(model: nn.Module) -> list[tuple[str, PeftLink]]:
+    """``(name, link)`` of every chained PEFT layer of ``model``, in model order."""
+    return [(n, link) for n, m in model.named_modules() if (link := link_of(m)) is not None]
+
+
+def install_whole_chain_save(model: nn.Module, save: ChainSave) -> bool:
     """Make the model's own adapter save write the whole chain as one adapter of rank Σr.
 
     On a ``PeftModel``: ``save_pretrained`` (and ``load_adapter``, see below). On a diffusers
@@ -456,128 +477,131 @@ def install_whole_chain_save(
     A ``PeftModel`` save also writes a sidecar ``chainopt_chain.json``: ``load_adapter`` of such
     a directory into the chained adapter (the HF Trainer's resume and ``load_best_model_at_end``)
     brings the chain back to the state saved beside it (a Trainer checkpoint's ``optimizer.pt``,
-    through ``restore``); without one it loads nothing and the chain refuses to step until its
-    state dict is loaded.
+    through ``save.restore``); without one it loads nothing and the chain refuses to step until
+    its state dict is loaded. The methods are bound to the model (a deep copy rebinds them).
 
     Returns:
         Whether a save was installed (``False``: a model with neither method).
     """
     peft = sys.modules.get("peft")
     if peft is not None and isinstance(model, peft.PeftModel):
-        _install_peft_model_save(model, adapter, source, restore)
-        return True
-    if callable(getattr(model, "save_lora_adapter", None)) and hasattr(model, "peft_config"):
-        _install_diffusers_save(model, adapter, source)
-        return True
-    return False
-
-
-def _install_peft_model_save(
-    peft_model: nn.Module, adapter: str, source: ChainSource, restore: ChainRestore | None
-) -> None:
-    model = cast(Any, peft_model)
-    for method in ("save_pretrained", "load_adapter"):  # the merged save is not a PEFT save
+        methods: dict[str, Callable[..., Any]] = {
+            "save_pretrained": _save_pretrained,
+            "load_adapter": _load_adapter,
+        }
+        drop = ("save_pretrained", "load_adapter")  # chainopt's merged save is not a PEFT save
+    elif callable(getattr(model, "save_lora_adapter", None)) and hasattr(model, "peft_config"):
+        methods = {"save_lora_adapter": _save_lora_adapter}
+        drop = ("save_pretrained", "save_lora_adapter")  # the merged save knows no PEFT layers
+    else:
+        return False
+    for method in drop:
         installed = model.__dict__.get(method)
         if installed is not None and is_chainopt(installed):
             del model.__dict__[method]
-    original_save = model.save_pretrained  # PeftModel's own
-    original_load = model.load_adapter
-
-    def save_pretrained(save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
-        links, history = source()
-        tensors, rank = whole_chain_tensors(links, history)
-        given = kwargs.pop("state_dict", None)
-        state = dict(given if given is not None else model.state_dict())
-        state.update(tensors)
-        saved = model.peft_config[adapter]
-        model.peft_config[adapter] = chain_config(saved, rank)
-        try:
-            original_save(save_directory, *args, state_dict=state, **kwargs)
-        finally:
-            model.peft_config[adapter] = saved
-        from .export import mark_merged_save  # (a cycle at import time)
-
-        mark_merged_save(model)  # the next opt.state_dict() carries the merged base weights
-        selected = kwargs.get("selected_adapters") or list(model.peft_config)
-        out = Path(save_directory) if adapter == "default" else Path(save_directory) / adapter
-        if adapter in selected and out.is_dir():
-            sidecar = {"adapter": adapter, "rank": rank, "knots": len(history)}
-            (out / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
-
-    def load_adapter(model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
-        where = Path(str(model_id))
-        if adapter_name == adapter and (where / SIDECAR).is_file():
-            # A chain's own save, loaded back into the chained adapter (Trainer's resume, its
-            # best model): the live link has PEFT's rank, not Σr; the chain's state dict brings
-            # back the merged weights and the link, all of it. Without one, nothing is loaded
-            # and the chain refuses to step until its state dict is.
-            if restore is not None and (where / OPTIMIZER_FILE).is_file():
-                restore(torch.load(where / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
-            else:
-                model.__dict__[AWAITING] = str(model_id)
-            return None
-        return original_load(model_id, adapter_name, *args, **kwargs)
-
-    model.__dict__["save_pretrained"] = save_pretrained
-    model.__dict__["load_adapter"] = load_adapter
+    model.__dict__[PEFT_SAVE] = save
+    for name, function in methods.items():
+        model.__dict__[name] = MethodType(function, model)
+    return True
 
 
-def _install_diffusers_save(injected: nn.Module, adapter: str, source: ChainSource) -> None:
+def _whole_chain(model: Any) -> tuple[ChainSave, dict[str, Tensor], int]:
+    save: ChainSave = model.__dict__[PEFT_SAVE]
+    tensors, rank = whole_chain_tensors(chained_links(model), save.history)
+    return save, tensors, rank
+
+
+def _save_pretrained(
+    self: Any, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any
+) -> None:
+    """``PeftModel.save_pretrained`` writing the whole chain (see
+    :func:`install_whole_chain_save`)."""
+    save, tensors, rank = _whole_chain(self)
+    given = kwargs.pop("state_dict", None)
+    state = dict(given if given is not None else self.state_dict())
+    state.update(tensors)
+    saved = self.peft_config[save.adapter]
+    self.peft_config[save.adapter] = chain_config(saved, rank)
+    try:
+        type(self).save_pretrained(self, save_directory, *args, state_dict=state, **kwargs)
+    finally:
+        self.peft_config[save.adapter] = saved
+    from .export import mark_merged_save  # (a cycle at import time)
+
+    mark_merged_save(self)  # the next opt.state_dict() carries the merged base weights
+    selected = kwargs.get("selected_adapters") or list(self.peft_config)
+    out = Path(save_directory)
+    out = out if save.adapter == "default" else out / save.adapter
+    if save.adapter in selected and out.is_dir():
+        sidecar = {"adapter": save.adapter, "rank": rank, "knots": len(save.history)}
+        (out / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+
+
+def _load_adapter(self: Any, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+    """``PeftModel.load_adapter``; a chain's own save into the chained adapter brings the chain
+    back instead (see :func:`install_whole_chain_save`)."""
+    save: ChainSave = self.__dict__[PEFT_SAVE]
+    where = Path(str(model_id))
+    if adapter_name != save.adapter or not (where / SIDECAR).is_file():
+        return type(self).load_adapter(self, model_id, adapter_name, *args, **kwargs)
+    # The live link has PEFT's rank, not Σr: the chain's state dict brings back the merged
+    # weights and the link, all of it. Without one, nothing is loaded and the chain refuses to
+    # step until its state dict is.
+    if save.restore is not None and (where / OPTIMIZER_FILE).is_file():
+        save.restore(torch.load(where / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+    else:
+        self.__dict__[AWAITING] = str(model_id)
+    return None
+
+
+def _save_lora_adapter(
+    self: Any,
+    save_directory: str | os.PathLike[str],
+    adapter_name: str = "default",
+    upcast_before_saving: bool = False,
+    safe_serialization: bool = True,
+    weight_name: str | None = None,
+) -> None:
     """diffusers' ``save_lora_adapter`` with the whole chain: the same file, keys and metadata
     diffusers writes (PEFT's ``get_peft_model_state_dict`` over the chain's tensors)."""
-    model = cast(Any, injected)
-    installed = model.__dict__.get("save_pretrained")  # the merged save knows no PEFT layers
-    if installed is not None and is_chainopt(installed):
-        del model.__dict__["save_pretrained"]
-    original = model.save_lora_adapter
+    save: ChainSave = self.__dict__[PEFT_SAVE]
+    if adapter_name != save.adapter:
+        type(self).save_lora_adapter(self, save_directory, adapter_name, upcast_before_saving,
+                                     safe_serialization, weight_name)  # fmt: skip
+        return
+    from diffusers.loaders.lora_base import (
+        LORA_ADAPTER_METADATA_KEY,
+        LORA_WEIGHT_NAME,
+        LORA_WEIGHT_NAME_SAFE,
+    )
+    from peft.utils import get_peft_model_state_dict
 
-    def save_lora_adapter(
-        save_directory: str | os.PathLike[str],
-        adapter_name: str = "default",
-        upcast_before_saving: bool = False,
-        safe_serialization: bool = True,
-        weight_name: str | None = None,
-    ) -> None:
-        if adapter_name != adapter:
-            original(save_directory, adapter_name, upcast_before_saving, safe_serialization,
-                     weight_name)  # fmt: skip
-            return
-        from diffusers.loaders.lora_base import (
-            LORA_ADAPTER_METADATA_KEY,
-            LORA_WEIGHT_NAME,
-            LORA_WEIGHT_NAME_SAFE,
-        )
-        from peft.utils import get_peft_model_state_dict
+    _, tensors, rank = _whole_chain(self)
+    state = dict(self.state_dict())
+    state.update(tensors)
+    saved = self.peft_config[save.adapter]
+    config = chain_config(saved, rank)
+    self.peft_config[save.adapter] = config
+    try:
+        layers = get_peft_model_state_dict(self, state_dict=state, adapter_name=save.adapter)
+    finally:
+        self.peft_config[save.adapter] = saved
+    if os.path.isfile(save_directory):
+        raise ValueError(f"save_directory must be a directory, got the file {save_directory}")
+    os.makedirs(save_directory, exist_ok=True)
+    layers = {k: v.detach().cpu().float().contiguous() for k, v in layers.items()}
+    if safe_serialization:
+        from safetensors.torch import save_file
 
-        links, history = source()
-        tensors, rank = whole_chain_tensors(links, history)
-        state = dict(model.state_dict())
-        state.update(tensors)
-        saved = model.peft_config[adapter]
-        config = chain_config(saved, rank)
-        model.peft_config[adapter] = config
-        try:
-            layers = get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter)
-        finally:
-            model.peft_config[adapter] = saved
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory must be a directory, got the file {save_directory}")
-        os.makedirs(save_directory, exist_ok=True)
-        layers = {k: v.detach().cpu().float().contiguous() for k, v in layers.items()}
-        if safe_serialization:
-            from safetensors.torch import save_file
-
-            meta = {k: list(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
-            metadata = {
-                "format": "pt",
-                LORA_ADAPTER_METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True),
-            }
-            save_file(layers, str(Path(save_directory, weight_name or LORA_WEIGHT_NAME_SAFE)),
-                      metadata=metadata)  # fmt: skip
-        else:
-            torch.save(layers, Path(save_directory, weight_name or LORA_WEIGHT_NAME))
-
-    model.__dict__["save_lora_adapter"] = save_lora_adapter
+        meta = {k: list(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+        metadata = {
+            "format": "pt",
+            LORA_ADAPTER_METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True),
+        }
+        save_file(layers, str(Path(save_directory, weight_name or LORA_WEIGHT_NAME_SAFE)),
+                  metadata=metadata)  # fmt: skip
+    else:
+        torch.save(layers, Path(save_directory, weight_name or LORA_WEIGHT_NAME))
 
 
 # --- the builder: PEFT's layers as records (see chainopt._record) ---

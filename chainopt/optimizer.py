@@ -43,6 +43,7 @@ from ._build import build_chain, drop_params, rebind
 from ._liveness import TrainingWatch
 from ._peft_layers import (
     AWAITING,
+    ChainSave,
     PeftLink,
     install_whole_chain_save,
 )
@@ -188,12 +189,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         )
         peft = self._peft_links()
         if peft:  # the model's own adapter save writes the whole chain
-            install_whole_chain_save(
-                model,
-                peft[0][1].adapter,
-                lambda: (self._peft_links(), self.chain.history),
-                self.load_state_dict,
-            )
+            save = ChainSave(peft[0][1].adapter, self.chain.history, self.load_state_dict)
+            install_whole_chain_save(model, save)
         self._arm()
         self._dtypes = DtypeWatch(self.chain.records)
         self._param_names = {id(p): n for n, p in model.named_parameters()}

@@ -714,3 +714,21 @@ def test_peft_loraplus_optimizer_keeps_its_groups_under_the_chain() -> None:
     assert {id(m.lora_B["default"].weight) for m in layers} == {id(p) for p in b_group["params"]}
     _train(model, opt, 2)
     assert opt.knots_tied == 1
+
+
+def test_a_deep_copy_of_a_chained_peft_model_saves_its_own_chain(tmp_path: Path) -> None:
+    import copy
+
+    model = _peft_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 3)
+    twin_opt = copy.deepcopy(opt)
+    twin = twin_opt.model
+    _train(twin, twin_opt, 3)  # the copy trains on; the original stays at step 3
+    at_3, twin_logits = _logits(model), _logits(twin)
+    assert not torch.equal(at_3, twin_logits)
+    twin.save_pretrained(tmp_path / "twin")
+    model.save_pretrained(tmp_path / "original")
+    for path, expected in ((tmp_path / "twin", twin_logits), (tmp_path / "original", at_3)):
+        reloaded = PeftModel.from_pretrained(tiny_llama(), path).eval()
+        torch.testing.assert_close(_logits(reloaded), expected, rtol=1e-5, atol=1e-5)
