@@ -732,3 +732,34 @@ def test_a_deep_copy_of_a_chained_peft_model_saves_its_own_chain(tmp_path: Path)
     for path, expected in ((tmp_path / "twin", twin_logits), (tmp_path / "original", at_3)):
         reloaded = PeftModel.from_pretrained(tiny_llama(), path).eval()
         torch.testing.assert_close(_logits(reloaded), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_non_finite_peft_link_is_refused_before_any_weight_changes() -> None:
+    from chainopt import NonFiniteUpdateError
+
+    model = _peft_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=10)
+    _randomize_links(model)
+    layers = _lora_layers(model)
+    bad = next(iter(layers.values()))
+    with torch.no_grad():
+        bad.lora_B["default"].weight[0, 0] = float("nan")
+    before = snapshot(model)
+    with pytest.raises(NonFiniteUpdateError, match="non-finite"):
+        opt.tie_knot()
+    after = snapshot(model)
+    assert all(torch.equal(after[k], v) or k.endswith("lora_B.default.weight") for k, v in
+               before.items())  # fmt: skip
+    assert all(torch.equal(m.base_layer.weight, before[f"{n}.base_layer.weight"])
+               for n, m in layers.items())  # fmt: skip
+
+
+def test_chain_summary_of_a_peft_chain_reports_each_layers_stacked_rank() -> None:
+    model = _peft_llama(rank_pattern={"v_proj": 2})
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 5)  # two knots, a third link under way
+    summary = opt.chain_summary()
+    assert summary.links == 3 and len(summary.knot_steps) == 2
+    ranks = {n.rsplit(".", 1)[-1]: m.effective_rank for n, m in summary.modules.items()}
+    assert ranks == {"q_proj": 12, "v_proj": 6}  # Σ of PEFT's per-module ranks
+    assert all(len(m.update_norms) == 2 for m in summary.modules.values())
