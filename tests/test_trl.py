@@ -140,9 +140,11 @@ def test_sft_trainer_over_a_chained_peft_model_saves_the_whole_chain_and_resumes
 
     # resume from the checkpoint after step 3 (one knot tied, a link under way): bitwise
     model2, opt2 = _chained_peft_llama()
+    from chainopt.integrations.transformers import ChainLoRACallback
+
     trainer2 = trl.SFTTrainer(
         model=model2, args=args, train_dataset=_texts(), processing_class=_tokenizer(),
-        optimizers=(opt2, None),
+        optimizers=(opt2, None), callbacks=[ChainLoRACallback()],
     )  # fmt: skip
     trainer2.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
     assert (opt2.optimizer_steps, opt2.knots_tied) == (6, 3)
