@@ -763,3 +763,29 @@ def test_chain_summary_of_a_peft_chain_reports_each_layers_stacked_rank() -> Non
     ranks = {n.rsplit(".", 1)[-1]: m.effective_rank for n, m in summary.modules.items()}
     assert ranks == {"q_proj": 12, "v_proj": 6}  # Σ of PEFT's per-module ranks
     assert all(len(m.update_norms) == 2 for m in summary.modules.values())
+
+
+def test_a_peft_chain_over_gpt2_conv1d_layers_knots_and_saves(tmp_path: Path) -> None:
+    """PEFT's Linear over transformers' Conv1D (fan_in_fan_out: the weight is (in, out))."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def base() -> nn.Module:
+        torch.manual_seed(0)
+        cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+        return GPT2LMHeadModel(cfg).eval()
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    model = get_peft_model(base(), config)
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    (layer,) = _lora_layers(model).values()
+    _randomize_links(model)
+    expected = layer.base_layer.weight + layer.get_delta_weight("default")
+    before = _logits(model)
+    opt.tie_knot()
+    torch.testing.assert_close(_logits(model), before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.base_layer.weight, expected, rtol=0, atol=1e-6)
+    _train(model, opt, 3)
+    trained = _logits(model)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(base(), tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
