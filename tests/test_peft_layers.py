@@ -789,3 +789,13 @@ def test_a_peft_chain_over_gpt2_conv1d_layers_knots_and_saves(tmp_path: Path) ->
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(base(), tmp_path).eval()
     torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dora_chain_trains_and_its_save_reloads_to_the_trained_function(tmp_path: Path) -> None:
+    model = _peft_llama(use_dora=True, lora_dropout=0.1)
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 5)  # two knots, a third link under way
+    trained = _logits(model)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
