@@ -270,7 +270,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         if not engine:  # an engine (DeepSpeed) keeps the factors' gradients in copies of its own
             self._watch.on_step()
         if self.schedule.is_due(self.optimizer_steps):
-            if not engine:
+            if not engine and self._holds_factors():  # else the knot says what is wrong
                 self._watch.before_knot(self.knots_tied + 1)
             self.tie_knot()
             self._watch.after_knot()
@@ -304,6 +304,12 @@ class ChainLoRAOptimizer(WrappedOptimizer):
     def _require_chain(self) -> None:
         if not self.chain.records:
             raise RuntimeError("merge_and_unload() was called: this optimizer has no chain left")
+
+    def _holds_factors(self) -> bool:
+        """Whether the wrapped optimizer still steps the factors themselves (not an engine's
+        copies): only then is a link that got no gradient a link that trained nothing."""
+        held = {id(p) for g in self._base.param_groups for p in g["params"]}
+        return all(id(p) in held for p in self.factors())
 
     def _peft_links(self) -> list[tuple[str, PeftLink]]:
         return [(r.name, r.link) for r in self.chain.records if isinstance(r.link, PeftLink)]
