@@ -37,7 +37,7 @@ an instance ``save_pretrained``           ``_hf_save.guard_save_pretrained``
 ``__dict__[MERGED_SAVE]``                 ``export.mark_merged_save`` (a merged save)
 ``__dict__[RESUME_SAVES]``                ``_hf_save.saving_for_resume`` (only
                                           inside the block; also removed on leaving it)
-an instance ``save_pretrained`` (the      ``_peft_layers.install_whole_chain_save`` (a
+an instance ``save_pretrained`` (the      ``_peft_save.install_whole_chain_save`` (a
 whole chain) and ``load_adapter``,        ``PeftModel``, instead of the merged save)
 ``__dict__[PEFT_AWAITING]``; or an
 instance ``save_lora_adapter``            (a diffusers model with injected PEFT layers);

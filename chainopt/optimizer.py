@@ -41,12 +41,8 @@ from torch.utils.hooks import RemovableHandle
 
 from ._build import build_chain, drop_params, rebind
 from ._liveness import TrainingWatch
-from ._peft_layers import (
-    AWAITING,
-    ChainSave,
-    PeftLink,
-    install_whole_chain_save,
-)
+from ._peft_layers import PeftLink
+from ._peft_save import AWAITING, ChainSave, install_whole_chain_save
 from ._saved_state import chain_entry, check_saved_state, restore
 from ._schedule_free import KnotContext
 from ._validate import type_name

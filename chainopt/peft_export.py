@@ -51,7 +51,8 @@ from ._attach import is_conv1d, original, plist_of
 from ._dtensor import full_tensor
 from ._layers import find_adapted
 from ._lowrank import compress, factorise
-from ._peft_layers import PeftLink, whole_chain_tensors
+from ._peft_layers import PeftLink
+from ._peft_save import whole_chain_tensors
 from ._quant_backends import backend_for
 from ._record import ModuleRecord
 from ._validate import type_name
