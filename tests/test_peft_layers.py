@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from models import snapshot, tiny_llama
 from torch import nn
 
@@ -799,3 +800,76 @@ def test_a_dora_chain_trains_and_its_save_reloads_to_the_trained_function(tmp_pa
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
     torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
+
+
+# --- the chain as a state machine: steps, knots, resumes; the saved adapter is the update ---
+
+
+class PeftChainMachine(RuleBasedStateMachine):
+    """A chained PeftModel over one Linear under any order of steps, knots and resumes: the
+    whole-chain adapter (what save_pretrained writes) on the original weight always gives the
+    model's current weight plus its pending link, and a resume continues bitwise."""
+
+    IN, OUT = 6, 5
+
+    @initialize(
+        rank=st.integers(1, 4),
+        alpha=st.sampled_from([1.0, 8.0]),
+        rslora=st.booleans(),
+        every=st.integers(1, 4),
+        seed=st.integers(0, 100),
+    )
+    def setup(self, rank: int, alpha: float, rslora: bool, every: int, seed: int) -> None:
+        self.spec = (rank, alpha, rslora, every, seed)
+        self.model, self.opt = self._build()
+        (self.layer,) = _lora_layers(self.model).values()
+        self.w0 = self.layer.base_layer.weight.detach().clone()
+        self.data = torch.Generator().manual_seed(seed)
+
+    def _build(self) -> tuple[nn.Module, ChainLoRAOptimizer]:
+        rank, alpha, rslora, every, seed = self.spec
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(self.IN, self.OUT))
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"], use_rslora=rslora)
+        model = get_peft_model(net, config)
+        opt = ChainLoRAOptimizer(
+            model, torch.optim.AdamW(model.parameters(), lr=0.05), knot_every=every, seed=seed
+        )
+        return model, opt
+
+    @rule()
+    def step(self) -> None:
+        x = torch.randn(8, self.IN, generator=self.data)
+        self.model(x).square().mean().backward()
+        self.opt.step()
+        self.opt.zero_grad()
+
+    @rule()
+    def knot(self) -> None:
+        self.opt.tie_knot()
+
+    @rule()
+    def resume(self) -> None:
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict()}
+        model, opt = self._build()
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        for key, value in self.model.state_dict().items():
+            assert torch.equal(model.state_dict()[key], value), key
+        self.model, self.opt = model, opt
+        (self.layer,) = _lora_layers(model).values()
+
+    @invariant()
+    def the_saved_adapter_is_the_whole_update(self) -> None:
+        from chainopt._peft_save import chained_links, whole_chain_tensors
+
+        tensors, _ = whole_chain_tensors(chained_links(self.model), self.opt.history)
+        a = tensors["base_model.model.0.lora_A.default.weight"].double()
+        b = tensors["base_model.model.0.lora_B.default.weight"].double()
+        layer = self.layer
+        live = layer.base_layer.weight.double() + layer.get_delta_weight("default").double()
+        torch.testing.assert_close(self.w0.double() + b @ a, live, rtol=1e-5, atol=1e-5)
+
+
+TestPeftChainMachine = PeftChainMachine.TestCase
+TestPeftChainMachine.settings = settings(max_examples=15, stateful_step_count=8, deadline=None)
