@@ -40,7 +40,8 @@ an instance ``save_pretrained``           ``_hf_save.guard_save_pretrained``
 an instance ``save_pretrained`` (the      ``_peft_save.install_whole_chain_save`` (a
 whole chain) and ``load_adapter``,        ``PeftModel``, instead of the merged save)
 ``__dict__[PEFT_AWAITING]``; or an
-instance ``save_lora_adapter``            (a diffusers model with injected PEFT layers);
+instance ``save_lora_adapter`` and a     (a diffusers model with injected PEFT layers);
+refusing ``save_pretrained``
 (both with ``__dict__[PEFT_SAVE]``)
 ========================================  ===============================================
 

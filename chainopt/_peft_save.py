@@ -171,8 +171,8 @@ def install_whole_chain_save(model: nn.Module, save: ChainSave) -> bool:
         }
         drop = ("save_pretrained", "load_adapter")  # chainopt's merged save is not a PEFT save
     elif callable(getattr(model, "save_lora_adapter", None)) and hasattr(model, "peft_config"):
-        methods = {"save_lora_adapter": _save_lora_adapter}
-        drop = ("save_pretrained", "save_lora_adapter")  # the merged save knows no PEFT layers
+        methods = {"save_lora_adapter": _save_lora_adapter, "save_pretrained": _refuse_save}
+        drop = ("save_pretrained", "save_lora_adapter")
     else:
         return False
     for method in drop:
@@ -232,6 +232,19 @@ def _load_adapter(self: Any, model_id: Any, adapter_name: str, *args: Any, **kwa
     else:
         self.__dict__[AWAITING] = str(model_id)
     return None
+
+
+def _refuse_save(self: Any, *args: Any, **kwargs: Any) -> None:
+    """A diffusers model with injected PEFT layers: ``save_pretrained`` would write PEFT's
+    ``base_layer``/``lora_*`` keys (the link under way apart from the merged ones), which
+    ``from_pretrained`` does not load: refused, nothing written."""
+    raise ValueError(
+        f"{type(self).__name__}.save_pretrained on a chained model with injected PEFT layers "
+        "would write PEFT's base_layer/lora keys, which from_pretrained does not load; nothing "
+        "was written. Save the chain as an adapter with save_lora_adapter(dir) (the whole "
+        "chain, for load_lora_adapter on the original model), or merge it first: "
+        "opt.merge_and_unload(), then diffusers' fuse_lora()/unload_lora() and save_pretrained"
+    )
 
 
 def _save_lora_adapter(

@@ -636,6 +636,9 @@ def test_a_diffusers_unet_with_injected_lora_chains_and_saves_the_whole_chain(
         opt.tie_knot()  # a knot keeps the function
         torch.testing.assert_close(unet(x, t, h).sample, trained, rtol=1e-5, atol=1e-5)
     assert any(not torch.equal(v, unet.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="save_lora_adapter"):
+        unet.save_pretrained(tmp_path / "model")  # PEFT's keys, which from_pretrained skips
+    assert not (tmp_path / "model").exists()
     unet.save_lora_adapter(tmp_path)  # diffusers' own save: the whole chain
     fresh = _tiny_unet()
     fresh.load_lora_adapter(str(tmp_path), prefix=None, use_safetensors=True)
