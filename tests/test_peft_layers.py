@@ -479,7 +479,9 @@ def test_peft_modules_to_save_train_as_they_are_and_save_with_the_chain(tmp_path
     torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
 
 
-def test_merge_and_unload_leaves_peft_layers_computing_the_chain_and_no_marks() -> None:
+def test_merge_and_unload_leaves_peft_layers_computing_the_chain_and_no_marks(
+    tmp_path: Path,
+) -> None:
     model = _peft_llama(use_rslora=True)
     opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
     assert "save_pretrained" in vars(model) and "load_adapter" in vars(model)
@@ -498,6 +500,11 @@ def test_merge_and_unload_leaves_peft_layers_computing_the_chain_and_no_marks() 
         assert not layer.lora_B["default"].weight.any()
     plain = model.merge_and_unload()  # PEFT's own: the plain model
     torch.testing.assert_close(_logits(plain), trained, rtol=1e-5, atol=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    plain.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(loaded), trained, rtol=1e-5, atol=1e-5)
 
 
 def test_a_bfloat16_peft_model_keeps_the_exact_sum_through_a_merge_residual(tmp_path: Path) -> None:
