@@ -52,19 +52,20 @@ class TrainingWatch:
 
     def on_step(self) -> None:
         """After an optimizer step: until a factor has had a gradient in this link, check that
-        none is frozen and whether one has a gradient now.
+        not every factor is frozen and whether one has a gradient now. (Freezing some on purpose,
+        A for LoRA-FA say, is fine.)
 
         Raises:
-            RuntimeError: a factor no longer requires grad.
+            RuntimeError: no factor requires grad any more.
         """
         if self._seen:
             return
         links = self._links()
-        frozen = [n for n, a, b in links if not (a.requires_grad and b.requires_grad)]
-        if frozen:
+        if links and not any(a.requires_grad or b.requires_grad for _n, a, b in links):
+            names = [n for n, _a, _b in links]
             raise RuntimeError(
-                f"the chain's factors of {frozen[:3]}{' …' if len(frozen) > 3 else ''} no longer "
-                "require grad: something froze them after the chain was built (PEFT's "
+                f"none of the chain's factors ({names[:3]}{' …' if len(names) > 3 else ''}) "
+                "requires grad any more: something froze them after the chain was built (PEFT's "
                 "get_peft_model does, e.g. through a trainer's peft_config), so nothing trains "
                 f"and every knot would merge nothing. {_FIX}"
             )

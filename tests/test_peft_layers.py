@@ -225,6 +225,16 @@ def test_a_chain_that_peft_froze_raises_at_the_knot_naming_peft_config() -> None
         _train(wrapped, opt, 2)
 
 
+def test_freezing_some_factors_on_purpose_is_not_refused() -> None:
+    """LoRA-FA freezes every A and trains B: the chain trains, so it knots."""
+    model = _peft_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    for layer in _lora_layers(model).values():
+        layer.lora_A["default"].weight.requires_grad_(False)
+    _train(model, opt, 4)
+    assert opt.knots_tied == 2
+
+
 def test_a_chain_whose_factors_get_no_gradient_raises_at_the_knot() -> None:
     model = _peft_llama()
     opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
