@@ -18,6 +18,7 @@ layers, and chainopt's float32 host masters are reported apart from the model's 
     python bench/compare.py                 # full run (see docs/benchmarks.md for its output)
     python bench/compare.py --quant 4bit    # the same on an NF4 base (QLoRA)
     python bench/compare.py --quick         # tiny config, a few steps: a smoke test
+    python bench/compare.py --peft-chain    # also a chained PeftModel against the same unchained
     python bench/compare.py --modes eager --models llama --targets all --steps 30
 """
 
@@ -101,6 +102,11 @@ def build_parser(doc: str | None = __doc__) -> argparse.ArgumentParser:
         choices=["default", "on", "off"],
         help="chainopt's keep_history (default: the library's default, off)",
     )
+    p.add_argument(
+        "--peft-chain",
+        action="store_true",
+        help="also time the PEFT LoRA model chained (chainopt over PEFT's own layers)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
     p.add_argument(
         "--dtype",
@@ -161,7 +167,7 @@ def run_group(args: argparse.Namespace, arch: str, mode: str) -> dict[str, Any]:
         quant=args.quant,
     )
     batches = make_batches(spec, seed=args.seed + 1, device=args.device)
-    kinds = ["peft", "chain", "chain_knot"]
+    kinds = ["peft", "chain", "chain_knot"] + (["peft_chain"] if args.peft_chain else [])
     if not args.no_floor:
         kinds.insert(0, "floor")
     if not (args.no_full or args.quant != "none"):  # 4-bit weights take no gradient

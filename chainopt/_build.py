@@ -204,6 +204,9 @@ def _wrap(
 def regroup(optimizer: Optimizer, records: Sequence[ModuleRecord], keep: Sequence[Tensor]) -> None:
     """Rewrite ``optimizer``'s groups in place: the factors join their weight's group.
 
+    A factor the optimizer already holds (PEFT's own factors, with LoRA+'s separate groups for
+    B, say) stays in its group.
+
     Frozen parameters leave (with any state); ``keep`` stays. Each group's ``params`` list is
     edited in place, so an optimizer that holds on to that list (LBFGS) sees the change.
     """
@@ -213,13 +216,18 @@ def regroup(optimizer: Optimizer, records: Sequence[ModuleRecord], keep: Sequenc
         for p in group["params"]:
             home.setdefault(id(p), i)
     joins: list[list[Tensor]] = [[] for _ in optimizer.param_groups]
+    held: set[int] = set()
     for r in records:
-        joins[home.get(id(r.weight), 0)].extend(r.factors())
+        for factor in r.factors():
+            if id(factor) in home:
+                held.add(id(factor))
+            else:
+                joins[home.get(id(r.weight), 0)].append(factor)
     for group, extra in zip(optimizer.param_groups, joins, strict=True):
         for p in group["params"]:
-            if id(p) not in kept:
+            if id(p) not in kept | held:
                 optimizer.state.pop(p, None)
-        group["params"][:] = [p for p in group["params"] if id(p) in kept] + extra
+        group["params"][:] = [p for p in group["params"] if id(p) in kept | held] + extra
 
 
 def verify_steps_factors(

@@ -3,6 +3,8 @@
 - :class:`DenseBuilder`: ``nn.Linear`` and transformers ``Conv1D``: the link parametrizes the
   weight (:func:`chainopt._attach.attach`).
 - :class:`QuantizedBuilder`: 4-bit layers (:mod:`chainopt.quantized`): a child link, a master.
+- :class:`~chainopt._peft_layers.PeftBuilder`: PEFT's own LoRA layers (a ``PeftModel``): the
+  link is a view of PEFT's factors (:mod:`chainopt._peft_layers`).
 
 :data:`BUILDERS` lists them; :func:`find_adapted` and :func:`record_of` find the records of a
 model that carries links. A new layer kind is a new builder added to :data:`BUILDERS` (see
@@ -11,7 +13,8 @@ model that carries links. A new layer kind is a new builder added to :data:`BUIL
 Marks left on a user's module here (each removed by :func:`~chainopt._attach.detach`): a
 ``torch.nn.utils.parametrize`` class swap with the factorised forward on that class (dense),
 ``module.__dict__["_chainopt_parameter_order"]`` (dense), a child ``chainopt_link`` with
-``module.__dict__["_chainopt_quantized"]`` and an instance ``forward`` (4-bit).
+``module.__dict__["_chainopt_quantized"]`` and an instance ``forward`` (4-bit); PEFT layers:
+see :mod:`chainopt._peft_layers`.
 
 Example:
     >>> from torch import nn
@@ -19,7 +22,7 @@ Example:
     >>> lin = nn.Linear(8, 4)
     >>> link = attach(lin, rank=2, alpha=4.0)
     >>> record = record_of("fc", lin)
-    >>> record.link is link, record.builder is BUILDERS[1]
+    >>> record.link is link, record.builder is BUILDERS[2]
     (True, True)
     >>> detach(lin)
     >>> type(lin) is nn.Linear
@@ -45,6 +48,7 @@ from ._attach import (
     stock_forward,
 )
 from ._marks import LINK_NAME
+from ._peft_layers import PeftBuilder
 from ._quant_backends import backend_for
 from ._record import LinkSpec, ModuleRecord, RecordBuilder
 from .lora import BiasDelta, LoRAParametrization
@@ -166,8 +170,9 @@ class QuantizedBuilder:
         detach(module)
 
 
-BUILDERS: tuple[RecordBuilder, ...] = (QuantizedBuilder(), DenseBuilder())
-"""Every layer kind, the first that claims or finds a module wins (4-bit before dense)."""
+BUILDERS: tuple[RecordBuilder, ...] = (PeftBuilder(), QuantizedBuilder(), DenseBuilder())
+"""Every layer kind, the first that claims or finds a module wins (PEFT's own layers, then 4-bit,
+then dense)."""
 
 
 def builder_for(module: nn.Module) -> RecordBuilder | None:

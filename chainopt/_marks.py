@@ -17,6 +17,9 @@ factorised forward on that class
 child ``LINK_NAME``, ``__dict__           ``quantized.attach_quantized``   ``detach_quantized``
 [QUANTIZED]``, an instance ``forward``    (4-bit)
 a forward hook (``init="gradient"``)      ``init.GradientInit``            :func:`unmark`
+``__dict__[PEFT_LINK]`` (the link), a     ``_peft_layers.PeftBuilder``     ``PeftBuilder.detach``
+``chainopt_merge_residual`` buffer        (a PEFT LoRA layer; the buffer
+                                          for a half-precision base)
 ========================================  ===============================  ====================
 
 On the model itself (removed by :func:`unmark`, which ``merge_and_unload`` calls last):
@@ -45,6 +48,12 @@ a ``state_dict`` post-hook, its handle    ``_hf_save.guard_state_dict_saves``
 in ``__dict__[STATE_DICT_HOOK]``          (construction)
 ``__dict__[MERGED_SAVES]``                ``_hf_save.saving_merged`` (only
                                           inside the block; also removed on leaving it)
+an instance ``save_pretrained`` (the      ``_peft_save.install_whole_chain_save`` (a
+whole chain) and ``load_adapter``,        ``PeftModel``, instead of the merged save)
+``__dict__[PEFT_AWAITING]``; or an
+instance ``save_lora_adapter`` and a     (a diffusers model with injected PEFT layers);
+refusing ``save_pretrained``
+(both with ``__dict__[PEFT_SAVE]``)
 ========================================  ===============================================
 
 The Lightning callback's ``load_state_dict`` pre-hook is the callback's, removed by the
@@ -82,6 +91,9 @@ __all__ = [
     "MERGED_SAVES",
     "OWN_STATE",
     "PARAMETER_ORDER",
+    "PEFT_AWAITING",
+    "PEFT_LINK",
+    "PEFT_SAVE",
     "PLAIN_LOAD",
     "QUANTIZED",
     "RESUME_SAVES",
@@ -118,6 +130,13 @@ STATE_DICT_HOOK = "_chainopt_state_dict_hook"
 """Instance attribute of a chained model: the handle of its ``state_dict`` post-hook."""
 MERGED_SAVES = "_chainopt_merged_saves"
 """Instance attribute: how deep ``saving_merged`` blocks are nested."""
+PEFT_LINK = "_chainopt_peft_link"
+"""Instance attribute of a chained PEFT LoRA layer: its ``PeftLink``."""
+PEFT_SAVE = "_chainopt_peft_save"
+"""Instance attribute of a model whose own adapter save writes the chain: its ``ChainSave``."""
+PEFT_AWAITING = "_chainopt_awaiting_chain_state"
+"""Instance attribute of a chained ``PeftModel``: ``load_adapter`` skipped a chain's own save
+(the chain's state dict must be loaded before the next step)."""
 CLEARED_IS_QUANTIZED = "_chainopt_cleared_is_quantized"
 """Instance flag: chainopt set the HF model's ``is_quantized`` to ``False`` (Trainer's consent)."""
 
@@ -139,9 +158,10 @@ def unmark(model: nn.Module) -> None:
         handle = model.__dict__.pop(key, None)
         if handle is not None and callable(getattr(handle, "remove", None)):
             handle.remove()
-    save = model.__dict__.get("save_pretrained")
-    if save is not None and is_chainopt(save):
-        del model.__dict__["save_pretrained"]  # the class's save_pretrained again
+    for method in ("save_pretrained", "load_adapter", "save_lora_adapter"):
+        installed = model.__dict__.get(method)
+        if installed is not None and is_chainopt(installed):
+            del model.__dict__[method]  # the class's method again
     if model.__dict__.pop(CLEARED_IS_QUANTIZED, False):
         model.__dict__["is_quantized"] = True
     model.__dict__.pop(MERGED_SAVE, None)
@@ -150,5 +170,7 @@ def unmark(model: nn.Module) -> None:
     model.__dict__.pop(LOADING, None)
     model.__dict__.pop(RESUME_SAVES, None)
     model.__dict__.pop(MERGED_SAVES, None)
+    model.__dict__.pop(PEFT_AWAITING, None)
+    model.__dict__.pop(PEFT_SAVE, None)
     for module in model.modules():
         remove_forward_hooks(module, is_chainopt)

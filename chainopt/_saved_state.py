@@ -245,9 +245,12 @@ def _check_base(
     shapes: dict[int, tuple[int, ...]] = {}
     for r in chain.records:
         # The link's logical sizes, not the tensors' shapes: an engine may hold a partition.
+        # A link of one fixed rank (a PEFT layer's, rank_pattern) keeps its own.
         link = r.link
-        shapes[id(link.lora_A)] = (rank, link.in_features)
-        shapes[id(link.lora_B)] = (link.out_features, rank)
+        own = rank if rank in getattr(link, "ranks", (rank,)) else getattr(link, "rank", rank)
+        if link.lora_A.dim() == 2:
+            shapes[id(link.lora_A)] = (own, link.in_features)
+            shapes[id(link.lora_B)] = (link.out_features, own)
     by_index = {
         i: (g, p)
         for g, (saved, group) in enumerate(zip(groups, current, strict=True))

@@ -24,19 +24,26 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, TypeAlias, get_args
+from typing import Any, Literal, TypeAlias, cast, get_args
 
 import torch
 from torch import nn
 
 from ._dtensor import is_sharded
 from ._layers import find_adapted
+from ._peft_layers import (
+    active_adapter,
+    choose_peft_layers,
+    peft_config_of,
+    peft_lora_layers,
+    peft_trainable,
+)
 from ._validate import FLOAT_DTYPES, PARALLEL_WRAPPERS, is_distributed, is_int, type_name
 from .init import InitPolicy
 from .quantized import QuantizedMaster
 from .reset import ResetPolicy
 from .schedule import KnotSchedule
-from .targets import ModuleSpec, choose_targets, choose_trainable
+from .targets import ModuleSpec, choose_targets, choose_trainable, describe_spec
 
 __all__ = [
     "ChainConfig",
@@ -157,9 +164,9 @@ class ChainConfig:
         cls,
         model: nn.Module,
         *,
-        target_modules: ModuleSpec,
-        rank: int | Sequence[int] = 8,
-        alpha: float = 16.0,
+        target_modules: ModuleSpec | None = None,
+        rank: int | Sequence[int] | None = None,
+        alpha: float | None = None,
         knot_every: int | None = None,
         knots: Sequence[int] | None = None,
         num_links: int | None = None,
@@ -187,6 +194,18 @@ class ChainConfig:
                 DDP or FSDP), a weight shared with another module.
         """
         check_model(model)
+        peft = _peft_choice(model, target_modules, rank, alpha, lora_bias, factor_dtype, init)
+        if peft is not None:
+            rank, alpha, keep_history = peft.rank, peft.alpha, True
+        elif target_modules is None:
+            raise TypeError(
+                "target_modules is required: name the modules to adapt (PEFT-style suffixes such "
+                "as ['q_proj', 'v_proj'], a regex, a callable or 'all-linear'); it may be "
+                "omitted only for a model that holds PEFT LoRA layers (a PeftModel), whose "
+                "layers are then chained"
+            )
+        rank = _DEFAULT_RANK if rank is None else rank
+        alpha = _DEFAULT_ALPHA if alpha is None else alpha
         ranks = _ranks(rank)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise ValueError(f"alpha must be a positive number, got {alpha!r}")
@@ -222,7 +241,12 @@ class ChainConfig:
         if not 0 <= prune_ratio < 1:
             raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio!r}")
         trainable = choose_trainable(model, trainable_modules)
-        targets = choose_targets(model, target_modules, max(ranks), lora_bias, trainable)
+        if peft is not None:
+            targets, kept = peft.layers, tuple(peft.trainable)
+        else:
+            assert target_modules is not None  # refused above
+            targets = choose_targets(model, target_modules, max(ranks), lora_bias, trainable)
+            kept = ()
         return cls(
             modules=tuple(n for n, _ in targets),
             ranks=ranks,
@@ -238,7 +262,7 @@ class ChainConfig:
             prune_ratio=float(prune_ratio),
             init=init,
             non_finite=non_finite,
-            trainable=tuple(n for n, _ in trainable),
+            trainable=tuple(dict.fromkeys([*(n for n, _ in trainable), *kept])),
             quantized_master=quantized_master,
         )
 
@@ -283,6 +307,71 @@ def check_model(model: object) -> None:
             f"model is already wrapped by a ChainLoRAOptimizer (chainopt links on "
             f"{[r.name for r in wrapped][:4]}); build one ChainLoRAOptimizer per model"
         )
+
+
+_DEFAULT_RANK, _DEFAULT_ALPHA = 8, 16.0  # rank and alpha when not given (a plain model)
+
+
+@dataclass(frozen=True)
+class _PeftChoice:
+    """What a model holding PEFT LoRA layers gives a chain: the layers, and PEFT's rank (of the
+    first layer; each layer keeps its own) and alpha (for the config; the scales are PEFT's)."""
+
+    layers: list[tuple[str, nn.Module]]
+    rank: int
+    alpha: float
+    trainable: list[str]
+
+
+def _peft_choice(
+    model: nn.Module,
+    target_modules: object,
+    rank: object,
+    alpha: object,
+    lora_bias: object,
+    factor_dtype: object,
+    init: object,
+) -> _PeftChoice | None:
+    """``None`` for a model without PEFT LoRA layers; else the layers to chain, checked.
+
+    A model holding PEFT's LoRA layers is chained through them (:mod:`chainopt._peft_layers`):
+    ``target_modules`` would nest links inside PEFT's ``lora_A``/``lora_B``/``base_layer``,
+    and the rank, alpha and factor dtype are the ``LoraConfig``'s.
+    """
+    layers = peft_lora_layers(model)
+    if not layers:
+        return None
+    if target_modules is not None:
+        raise ValueError(
+            f"target_modules={describe_spec(cast(ModuleSpec, target_modules))!r} on a model that "
+            "holds PEFT LoRA "
+            f"layers ({len(layers)}, e.g. {layers[0][0]!r}): omit target_modules and chainopt "
+            "chains PEFT's own layers of the active adapter (their rank, alpha, dropout and "
+            "rsLoRA scaling from the LoraConfig); target_modules would put chainopt links inside "
+            "PEFT's lora_A, lora_B and base_layer. To chain other modules, build the chain on "
+            "the model without PEFT"
+        )
+    given = {"rank": rank, "alpha": alpha, "factor_dtype": factor_dtype}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given or lora_bias is not False or init == "gradient":
+        what = given or ({"lora_bias": lora_bias} if lora_bias is not False else {"init": init})
+        raise ValueError(
+            f"{', '.join(f'{k}={v!r}' for k, v in what.items())} on a model that holds PEFT "
+            "LoRA layers: a chain of PEFT's layers takes rank, alpha and the factors' dtype "
+            "from the LoraConfig (r, lora_alpha, rank_pattern, alpha_pattern, use_rslora), "
+            "has no bias deltas (LoraConfig's lora_bias is not supported either) and starts new "
+            "links with init='kaiming'; set them in the LoraConfig or omit them"
+        )
+    layers = choose_peft_layers(model, _lora_config(model, layers))
+    first = cast(Any, layers[0][1])
+    adapter = active_adapter(first)
+    return _PeftChoice(
+        layers, int(first.r[adapter]), float(first.lora_alpha[adapter]), peft_trainable(model)
+    )
+
+
+def _lora_config(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> Any:
+    return peft_config_of(model, layers[0][1])
 
 
 def _ranks(rank: int | Sequence[int]) -> tuple[int, ...]:

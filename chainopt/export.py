@@ -32,6 +32,7 @@ from ._attach import parametrization_count
 from ._layers import find_adapted
 from ._marks import MERGED_SAVE as _MERGED_SAVE
 from ._marks import OWN_STATE, unmark
+from ._peft_layers import PeftLink
 from ._quant_backends import backend_for
 from ._record import ModuleRecord
 from ._validate import type_name
@@ -74,7 +75,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
     Works on any model carrying chainopt links, a ``copy.deepcopy`` of a wrapped model included.
     The modules become plain ``nn.Linear`` (or ``Conv1D``) again, keep their Parameter objects and
-    their parameters' registration order.
+    their parameters' registration order. PEFT's own layers (a chained ``PeftModel``) stay
+    PEFT's, their B zero: the model computes the merged function, and PEFT's
+    ``merge_and_unload()`` then gives the plain model.
 
     Returns:
         ``model`` itself.
@@ -85,6 +88,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """
     for r in _checked(model, "merge (no weight was changed)"):
         merge_(r)
+        with torch.no_grad():
+            r.link.lora_B.zero_()  # a link that stays in the module (PEFT's) must add nothing
         r.unload()
     unmark(model)  # the load guard, save_pretrained, ...: see chainopt._marks
     return model
@@ -255,6 +260,9 @@ def chain_tensors(model: nn.Module) -> dict[str, Tensor]:
     owned: list[str] = []
     for r in find_adapted(model):
         base = f"{r.name}." if r.name else ""
+        if isinstance(r.link, PeftLink):  # a PEFT layer: its base layer and factors
+            owned.append(base)
+            continue
         owned.append(f"{base}{r.link_prefix}")
         owned.append(f"{base}parametrizations." if r.quant is None else f"{base}weight")
     if not owned:

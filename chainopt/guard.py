@@ -88,10 +88,22 @@ def pending_links(records: Sequence[ModuleRecord]) -> dict[str, LinkFactors]:
     return out
 
 
-def _gram_norms(links: list[LinkFactors]) -> Tensor:
-    """``‖Bᵢ·Aᵢ‖_F`` (unscaled) of same-shaped links, in float32, as one ``(n,)`` tensor."""
-    a = torch.stack([link.A for link in links]).float()  # (n, r, in)
-    b = torch.stack([link.B for link in links]).float()  # (n, out, r)
+def _gram_norms(links: list[LinkFactors], experts: int = 1) -> Tensor:
+    """``‖Bᵢ·Aᵢ‖_F`` (unscaled) of same-shaped links, in float32, as one ``(n,)`` tensor.
+
+    With ``experts > 1`` the factors are PEFT's fused-experts layout (A ``(r·E, in)`` expert by
+    expert, B ``(out, r·E)`` interleaved) and the norm is that of all ``Bₑ·Aₑ`` together.
+    """
+    if experts > 1:
+        a = torch.stack([link.A for link in links]).float()  # (n, r·E, in)
+        b = torch.stack([link.B for link in links]).float()  # (n, out, r·E)
+        a = a.view(a.shape[0], experts, -1, a.shape[-1])  # (n, E, r, in)
+        b = b.view(b.shape[0], b.shape[1], -1, experts).permute(0, 3, 1, 2)  # (n, E, out, r)
+        gram = (b.mT @ b) * (a @ a.mT)  # (n, E, r, r)
+        return gram.sum((1, 2, 3)).clamp_min(0).sqrt()
+    # (n, r, in) and (n, out, r); a convolution's (r, in, *k), (out, r, 1, …) flattened
+    a = torch.stack([link.A for link in links]).float().flatten(2)
+    b = torch.stack([link.B for link in links]).float().flatten(2)
     gram = (b.mT @ b) * (a @ a.mT)  # (n, r, r): NaN/Inf in A or B reach it
     return gram.sum((1, 2)).clamp_min(0).sqrt()
 
@@ -126,13 +138,15 @@ def check_links(
     if not records:
         return LinkCheck({}, {})
     names = [r.name for r in records]
+    experts = {r.name: getattr(r.link, "experts", 1) for r in records}  # fused experts' links
     # 1. ‖s·B·A‖ per link, grouped by shape, and max|·| of everything a merge adds together.
     shapes: dict[tuple[Any, ...], list[str]] = {}
     for n in names:
         link = links[n]
-        shapes.setdefault((link.A.device, link.A.shape, link.B.shape, link.A.dtype), []).append(n)
+        key = (link.A.device, link.A.shape, link.B.shape, link.A.dtype, experts[n])
+        shapes.setdefault(key, []).append(n)
     order = [n for same in shapes.values() for n in same]
-    parts = [_gram_norms([links[n] for n in same]) for same in shapes.values()]
+    parts = [_gram_norms([links[n] for n in same], key[-1]) for key, same in shapes.items()]
     targets: list[Tensor] = []
     merges: list[tuple[ModuleRecord, Link | BiasDelta, Tensor, list[int]]] = []
     for r in records:

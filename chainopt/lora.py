@@ -368,7 +368,8 @@ def restart_links(
         parts = torch.split(flat, sizes)
         by_device: dict[torch.device, list[int]] = {}
         for k, i in enumerate(drawn):
-            bound = 1.0 / math.sqrt(links[i].lora_A.shape[1])  # kaiming_uniform_(a=sqrt(5))
+            # kaiming_uniform_(a=sqrt(5)); fan-in: a row of A (a convolution's in·∏kernel)
+            bound = 1.0 / math.sqrt(links[i].lora_A[0].numel())
             parts[k].uniform_(-bound, bound, generator=generator)
             by_device.setdefault(links[i].lora_A.device, []).append(k)
         for device, ks in by_device.items():

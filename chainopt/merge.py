@@ -44,19 +44,23 @@ __all__: list[str] = []  # the public names (chainopt re-exports them); the rest
 def exact_sum(target: Tensor, part: Link | BiasDelta) -> Tensor:
     """``target + residual + update`` in at least float32, as a new whole tensor.
 
-    ``update`` is ``s·B·A`` (transposed for a ``fan_in_fan_out`` link) or the bias delta.
+    ``update`` is ``s·B·A`` (transposed for a ``fan_in_fan_out`` link) or the bias delta. A
+    convolution's factors ``(r, in, *k)``, ``(out, r, 1, …)`` are matrices flattened after their
+    first dimension, and ``B·A`` is the kernel's update flattened the same way.
     """
     dt = torch.promote_types(target.dtype, torch.float32)
     exact = full_tensor(target.detach()).to(dt, copy=True)
     if part.merge_residual is not None:
         exact.add_(full_tensor(part.merge_residual).to(dt))
-    if not isinstance(part, BiasDelta):  # a link
+    if not isinstance(part, BiasDelta) and getattr(part, "experts", 1) > 1:
+        exact.add_(part.delta().to(dt))  # fused experts: each expert's s·Bₑ·Aₑ (one float32 sum)
+    elif not isinstance(part, BiasDelta):  # a link
         a, b = full_tensor(part.lora_A.detach()).to(dt), full_tensor(part.lora_B.detach()).to(dt)
         # accumulated into the copy: no separate (out, in) update tensor
         if part.fan_in_fan_out:
             exact.addmm_(a.T, b.T, alpha=part.scale)  # (in, r) @ (r, out)
-        else:
-            exact.addmm_(b, a, alpha=part.scale)  # (out, r) @ (r, in)
+        else:  # (out, r) @ (r, in); a kernel (out, in, *k) as (out, in·∏k)
+            exact.view(exact.shape[0], -1).addmm_(b.flatten(1), a.flatten(1), alpha=part.scale)
     else:
         exact.add_(full_tensor(part.delta.detach()).to(dt))
     return exact
@@ -116,6 +120,8 @@ def merge_(record: ModuleRecord) -> None:
             and part.merge_residual is None
             and target.dtype == part.lora_A.dtype == torch.float32
             and not is_sharded(target)
+            and part.lora_A.dim() == 2
+            and getattr(part, "experts", 1) == 1
         ):
             a, b = part.lora_A, part.lora_B  # in place, no temporary
             if part.fan_in_fan_out:

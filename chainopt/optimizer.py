@@ -40,7 +40,10 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from ._build import build_chain, drop_params, rebind
+from ._liveness import TrainingWatch
 from ._load_guard import state_restored
+from ._peft_layers import PeftLink
+from ._peft_save import AWAITING, ChainSave, install_whole_chain_save
 from ._saved_state import chain_entry, check_saved_state, restore
 from ._schedule_free import KnotContext
 from ._validate import type_name
@@ -82,12 +85,19 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             other frozen parameters leave, each module's factors join the group that held its
             weight (the first group if none did), hyperparameters are kept.
         target_modules: which ``nn.Linear`` (or transformers ``Conv1D``) modules to adapt:
-            PEFT-style name suffixes (``"q_proj"``), a compiled regex (full match on the
-            qualified name), a callable ``(name, module) -> bool``, or ``"all-linear"`` (every
-            Linear but the output layer and a task model's fresh head, as PEFT takes them).
-        rank: rank ``r`` of each link, or a list: link ``i`` has rank ``rank[i]`` and the last
-            entry repeats (rank step-down, e.g. ``[8, 4]``; not under DDP).
-        alpha: LoRA alpha; the scale of a link of rank ``r`` is ``s = alpha / r``.
+            PEFT-style name suffixes (``"q_proj"``; a list, set or any iterable of them), a
+            compiled regex (full match on the qualified name), a callable
+            ``(name, module) -> bool``, or ``"all-linear"`` (every Linear but the output
+            layer and a task model's fresh head, as PEFT takes them). Omit it for a model that holds
+            PEFT LoRA layers (a ``PeftModel``): the chain then trains PEFT's own layers of the
+            active adapter, with their rank, alpha, dropout and rsLoRA scaling, and
+            ``peft_model.save_pretrained`` writes the whole chain as one adapter (see
+            :mod:`chainopt._peft_layers`); required otherwise.
+        rank: rank ``r`` of each link (default 8), or a list: link ``i`` has rank ``rank[i]``
+            and the last entry repeats (rank step-down, e.g. ``[8, 4]``; not under DDP). Not
+            with PEFT layers (the ``LoraConfig``'s).
+        alpha: LoRA alpha (default 16); the scale of a link of rank ``r`` is
+            ``s = alpha / r``. Not with PEFT layers.
         knot_every: tie a knot after optimizer steps N, 2N, … Give one schedule: this,
             ``knots``, or ``num_links`` with ``total_steps``.
         knots: tie a knot after these optimizer step counts.
@@ -109,7 +119,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         keep_history: keep float32 copies of every merged link in host memory
             (``opt.history``), so the chain can be exported exactly as one adapter from the
             optimizer alone; costs one link's factors of CPU memory per knot, none on an
-            accelerator. Off by default (PEFT's memory); without it
+            accelerator. Off by default (PEFT's memory; always on for a chain of PEFT layers,
+            whose ``save_pretrained`` writes every link); without it
             :func:`~chainopt.export_peft_adapter` takes the original base model instead. Update
             norms are recorded either way.
         non_finite: what a knot does with a link that must not be merged (NaN/Inf, or an
@@ -143,9 +154,9 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         model: nn.Module,
         optimizer: OptimizerSpec,
         *,
-        target_modules: ModuleSpec,
-        rank: int | Sequence[int] = 8,
-        alpha: float = 16.0,
+        target_modules: ModuleSpec | None = None,
+        rank: int | Sequence[int] | None = None,
+        alpha: float | None = None,
         knot_every: int | None = None,
         knots: Sequence[int] | None = None,
         num_links: int | None = None,
@@ -172,6 +183,13 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         self.optimizer_steps = 0
         self._knot_hooks: dict[int, KnotHook] = OrderedDict()
         self.chain = build_chain(model, optimizer, config, master_weights)
+        self._watch = TrainingWatch(
+            lambda: [(r.name, r.link.lora_A, r.link.lora_B) for r in self.chain.records]
+        )
+        peft = self._peft_links()
+        if peft:  # the model's own adapter save writes the whole chain
+            save = ChainSave(peft[0][1].adapter, self.chain.history, self.load_state_dict)
+            install_whole_chain_save(model, save)
         self._arm()
         self._dtypes = DtypeWatch(self.chain.records)
         self._param_names = {id(p): n for n, p in model.named_parameters()}
@@ -236,14 +254,29 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         """Count an optimizer step the wrapped optimizer took outside :meth:`step` (an engine
         that steps it itself, such as DeepSpeed's), and tie a knot if one is due."""
         self._require_chain(full=self.schedule.is_due(self.optimizer_steps + 1))
+        awaiting = self.model.__dict__.get(AWAITING)
+        if awaiting is not None:
+            raise RuntimeError(
+                f"load_adapter({awaiting!r}) loaded a chain's own save, which the chained adapter "
+                "takes from the chain's state: load the optimizer's state_dict saved with it "
+                "(a Trainer checkpoint's optimizer.pt; Trainer's resume_from_checkpoint does) "
+                "before stepping. To use the saved adapter elsewhere, load it onto the original "
+                "base model: PeftModel.from_pretrained(base, path)"
+            )
         self.optimizer_steps += 1
         merged_save_pending(self.model, clear=True)  # a later state_dict is of a later state
         for r in self.chain.records:  # masters restored with a state: only the next model load
             if r.quant is not None:  # of that state's weights may keep them
                 r.quant.restored = False
         state_restored(self.model, False)
+        engine = any(getattr(c, "steps_factors", False) for c in self.chain.contexts.values())
+        if not engine:  # an engine (DeepSpeed) keeps the factors' gradients in copies of its own
+            self._watch.on_step()
         if self.schedule.is_due(self.optimizer_steps):
+            if not engine and self._holds_factors():  # else the knot says what is wrong
+                self._watch.before_knot(self.knots_tied + 1)
             self.tie_knot()
+            self._watch.after_knot()
         self._arm()
 
     def accept_dtypes(self) -> None:
@@ -291,6 +324,15 @@ class ChainLoRAOptimizer(WrappedOptimizer):
                 "optimizer cannot step, tie a knot or merge again (nothing was changed). Build a "
                 "new ChainLoRAOptimizer on the model to train on"
             )
+
+    def _holds_factors(self) -> bool:
+        """Whether the wrapped optimizer still steps the factors themselves (not an engine's
+        copies): only then is a link that got no gradient a link that trained nothing."""
+        held = {id(p) for g in self._base.param_groups for p in g["params"]}
+        return all(id(p) in held for p in self.factors())
+
+    def _peft_links(self) -> list[tuple[str, PeftLink]]:
+        return [(r.name, r.link) for r in self.chain.records if isinstance(r.link, PeftLink)]
 
     def _arm(self) -> None:
         # Gradients for init="gradient" are gathered on the step just before a knot.
@@ -422,6 +464,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             state_dict, self.chain, self.param_groups, _STATE_VERSION, self.model
         )
         restore(self.chain, self.model, checked)
+        self.model.__dict__.pop(AWAITING, None)
         self.optimizer_steps = checked.optimizer_steps
         self._arm()
 

@@ -40,10 +40,10 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +54,8 @@ from ._dtensor import full_tensor
 from ._layers import find_adapted
 from ._load_guard import loaded_plain_weights
 from ._lowrank import compress, factorise
+from ._peft_layers import PeftLink
+from ._peft_save import whole_chain_tensors
 from ._quant_backends import backend_for
 from ._record import ModuleRecord
 from ._validate import type_name
@@ -103,6 +105,32 @@ class AdapterReport:
         return max(self.relative_errors.values(), default=0.0)
 
 
+def _export_peft_chain(
+    chain: ChainLoRAOptimizer,
+    path: Path,
+    links: Sequence[tuple[str, PeftLink]],
+    rank: int | None,
+    base: object,
+) -> AdapterReport:
+    """A chain of PEFT's own layers: the ``PeftModel``'s ``save_pretrained`` (the whole chain,
+    exact), with the model's own ``LoraConfig`` and keys."""
+    if rank is not None or base is not None:
+        raise ValueError(
+            "rank= and base= are not taken for a chain of PEFT's own layers: its links are all "
+            "kept, and peft_model.save_pretrained(path) (what this calls) writes them exactly"
+        )
+    if "save_pretrained" not in vars(chain.model):
+        raise ValueError(
+            "this chain's PEFT layers are not in a PeftModel (no save_pretrained writing the "
+            "chain): wrap the model with peft.get_peft_model before chaining to save it as an "
+            "adapter, or deploy the merged model with chainopt.save_merged"
+        )
+    _tensors, padded = whole_chain_tensors(list(links), chain.history)
+    cast(Any, chain.model).save_pretrained(path)
+    ranks = {name: (len(chain.history.links(name)) + 1) * link.rank for name, link in links}
+    return AdapterReport(path, padded, ranks, dict.fromkeys(ranks, 0.0), 0.0)
+
+
 def export_peft_adapter(
     chain: ChainLoRAOptimizer,
     path: str | os.PathLike[str],
@@ -124,6 +152,10 @@ def export_peft_adapter(
     ``ΔW = W − W₀`` then has rank at most the chain's ``Σ rᵢ`` and is factorised through a
     randomized range finder and an SVD of its ``(Σ rᵢ + 8)``-column sketch (``O(out·in·Σ rᵢ)``),
     exact to float32 rounding (the report gives what is left).
+
+    A chain of PEFT's own layers (a chained ``PeftModel``) is written by the model's
+    ``save_pretrained``, which writes the whole chain exactly with the model's ``LoraConfig``
+    (see :mod:`chainopt._peft_layers`); ``rank`` and ``base`` are refused there.
 
     Args:
         chain: the optimizer.
@@ -163,6 +195,9 @@ def export_peft_adapter(
         raise TypeError(
             f"base_model_name_or_path must be a str or None, got {base_model_name_or_path!r}"
         )
+    peft = [(r.name, r.link) for r in chain.chain.records if isinstance(r.link, PeftLink)]
+    if peft:  # a chained PeftModel: its own save_pretrained writes the whole chain
+        return _export_peft_chain(chain, Path(path), peft, rank, base)
     history = chain.history
     chained = chain.chain.records  # none once unloaded by the optimizer; stale behind its back
     unloaded = not chained or not all(r.attached() for r in chained)

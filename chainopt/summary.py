@@ -38,7 +38,7 @@ class ModuleSummary:
     Attributes:
         update_norms: ``‖s·B·A‖_F`` merged at each knot (``None`` where the link was dropped).
         effective_rank: rank of ``Σ sᵢ·Bᵢ·Aᵢ`` over the merged links and the pending one
-            (``None`` without ``keep_history``).
+            (``None`` without ``keep_history``, and for fused experts: one rank per expert).
     """
 
     update_norms: tuple[float | None, ...]
@@ -80,7 +80,7 @@ def summarize(chain: Chain, steps: int) -> ChainSummary:
     modules: dict[str, ModuleSummary] = {}
     for r in chain.records:
         effective = None
-        if chain.history.keep_factors:
+        if chain.history.keep_factors and getattr(r.link, "experts", 1) == 1:
             pending = LinkFactors(
                 full_tensor(r.link.lora_A.detach()).float(),
                 full_tensor(r.link.lora_B.detach()).float(),

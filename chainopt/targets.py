@@ -18,8 +18,9 @@ Example:
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 import torch
 from torch import nn
@@ -32,9 +33,9 @@ from ._validate import type_name
 
 __all__ = ["ModuleSpec"]  # the public names (chainopt re-exports them); the rest is internal
 
-ModuleSpec: TypeAlias = str | Sequence[str] | re.Pattern[str] | Callable[[str, nn.Module], bool]
-"""Names as PEFT takes them (suffixes), a compiled regex (``fullmatch`` on the name), a predicate
-``(name, module) -> bool``, or ``"all-linear"``."""
+ModuleSpec: TypeAlias = str | Iterable[str] | re.Pattern[str] | Callable[[str, nn.Module], bool]
+"""Names as PEFT takes them (suffixes; a list, set or any iterable of them), a compiled regex
+(``fullmatch`` on the name), a predicate ``(name, module) -> bool``, or ``"all-linear"``."""
 
 ALL_LINEAR = "all-linear"
 """PEFT's shortcut: every ``nn.Linear`` / ``Conv1D`` except the output layer, a task model's head
@@ -52,9 +53,9 @@ def is_linear_like(module: nn.Module) -> bool:
 def matcher(spec: ModuleSpec, argument: str) -> Callable[[str, nn.Module], bool]:
     """Turn ``spec`` into a predicate over ``(qualified_name, module)``.
 
-    A string ``"q_proj"`` matches ``q_proj`` and any name ending in ``.q_proj``; a list matches
-    any of its strings; a compiled regex must ``fullmatch`` the qualified name. ``"all-linear"``
-    needs the model and is resolved by :func:`select_modules`.
+    A string ``"q_proj"`` matches ``q_proj`` and any name ending in ``.q_proj``; a list (a set,
+    any iterable) matches any of its strings; a compiled regex must ``fullmatch`` the qualified
+    name. ``"all-linear"`` needs the model and is resolved by :func:`select_modules`.
 
     Args:
         spec: the user's specification.
@@ -69,6 +70,8 @@ def matcher(spec: ModuleSpec, argument: str) -> Callable[[str, nn.Module], bool]
         return lambda name, _m: pattern.fullmatch(name) is not None
     if isinstance(spec, str):
         spec = [spec]
+    if not callable(spec) and isinstance(spec, Iterable):
+        spec = cast(list[str], _strings(spec))  # checked next
     if isinstance(spec, Sequence) and all(isinstance(s, str) for s in spec):
         suffixes = tuple(spec)
         if not suffixes or any(not s for s in suffixes):
@@ -78,7 +81,7 @@ def matcher(spec: ModuleSpec, argument: str) -> Callable[[str, nn.Module], bool]
     if callable(spec):
         return spec
     raise TypeError(
-        f"{argument} must be a str, a sequence of str, a compiled regex or a callable "
+        f"{argument} must be a str, an iterable of str, a compiled regex or a callable "
         f"(name, module) -> bool, got {type(spec).__name__}: {spec!r}"
     )
 
@@ -89,9 +92,17 @@ def describe_spec(spec: ModuleSpec) -> str | list[str]:
         return f"re:{spec.pattern}"
     if isinstance(spec, str):
         return spec if spec == ALL_LINEAR else [spec]
-    if isinstance(spec, Sequence):
-        return list(spec)
+    if not callable(spec) and isinstance(spec, Iterable):
+        return [str(s) for s in _strings(spec)]
     return f"callable:{getattr(spec, '__qualname__', type(spec).__name__)}"
+
+
+def _strings(spec: Iterable[object]) -> list[object]:
+    """An iterable's items as a list; a set's sorted (a set has no order to keep)."""
+    items = list(spec)
+    if isinstance(spec, (set, frozenset)) and all(isinstance(s, str) for s in items):
+        return sorted(items, key=str)
+    return items
 
 
 def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
@@ -171,6 +182,46 @@ def select_modules(
     return [(name, mod) for name, mod in _named(model.named_modules()) if match(name, mod)]
 
 
+def left_out_weights(model: nn.Module, exclude: Iterable[nn.Module] = ()) -> list[tuple[str, int]]:
+    """Matrix weights ``"all-linear"`` leaves out: ``(name, elements)`` of every parameter of two
+    or more dimensions held by a module that is not a Linear/Conv1D, an embedding, a
+    convolution or a norm (fused 3-D mixture-of-experts weights, routers kept as bare
+    parameters), in model order."""
+    skip = {id(m) for m in exclude}
+    plain = (nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd, nn.LayerNorm, nn.GroupNorm)
+    out = []
+    for name, module in _named(model.named_modules()):
+        if is_linear_like(module) or isinstance(module, plain) or id(module) in skip:
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() >= 2 and p.is_floating_point():
+                out.append((f"{name}.{pname}", p.numel()))
+    return out
+
+
+def warn_left_out(model: nn.Module, exclude: Iterable[nn.Module] = ()) -> None:
+    """Warn when ``"all-linear"`` leaves matrix weights frozen (see :func:`left_out_weights`)."""
+    left = left_out_weights(model, exclude)
+    if not left:
+        return
+    from .advice import ChainLoRAWarning  # (advice imports the records, which import this)
+
+    total = sum(p.numel() for p in model.parameters())
+    share = sum(n for _, n in left) / max(total, 1)
+    names = [n for n, _ in left]
+    warnings.warn(
+        f"target_modules='{ALL_LINEAR}' adapts nn.Linear and Conv1D layers only; it leaves "
+        f"{len(left)} matrix weights, {share:.0%} of the model's parameters, frozen: "
+        f"{names[:4]}{' …' if len(names) > 4 else ''} (fused mixture-of-experts weights and "
+        "routers kept as bare parameters). To chain them, build a PeftModel with "
+        "LoraConfig(target_parameters=[...]) (PEFT's own 'all-linear' adds them) and pass it "
+        "without target_modules: chainopt chains PEFT's fused-experts layers expert by expert; "
+        "or name the Linear layers you want in target_modules to silence this",
+        ChainLoRAWarning,
+        stacklevel=4,
+    )
+
+
 def linear_names(model: nn.Module, most: int = 5) -> list[str]:
     """A few names of modules a link can adapt, for error messages."""
     return [n for n, m in _named(model.named_modules()) if is_linear_like(m)][:most]
@@ -207,6 +258,8 @@ def choose_targets(
     above the module's smaller dimension, ``lora_bias`` with no bias, a trainable target.
     """
     found = select_modules(model, spec, "target_modules", exclude=[m for _, m in trainable])
+    if isinstance(spec, str) and spec == ALL_LINEAR:
+        warn_left_out(model, [m for _, m in trainable])
     if not found:
         raise ValueError(
             f"target_modules={describe_spec(spec)!r} matches no module of the model; modules "

@@ -15,7 +15,8 @@ Example:
     >>> sched = KnotWarmup(torch.optim.lr_scheduler.ConstantLR(opt, 1.0), opt, warmup_steps=2)
     >>> lrs = []
     >>> for _ in range(6):
-    ...     opt.step(); sched.step(); lrs.append(opt.param_groups[0]["lr"])
+    ...     model(torch.ones(1, 4)).sum().backward()
+    ...     opt.step(); sched.step(); opt.zero_grad(); lrs.append(opt.param_groups[0]["lr"])
     >>> lrs  # the knot after step 4 restarts the warm-up
     [1.0, 1.0, 1.0, 0.5, 1.0, 1.0]
 """

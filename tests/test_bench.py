@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, out: Path, *extra: str) -> dict[str, Any]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "bench" / script), "--quick", "--out", str(out), *extra]
     proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -117,7 +117,7 @@ def test_quick_benchmark_memory_and_counters_match_peft(
 
 
 def test_quick_scaling_times_the_knots_and_matches_peft_memory(tmp_path: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "bench" / "scaling.py"), "--quick", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -138,3 +138,18 @@ def test_quick_gradient_init_finds_the_svds_subspace(tmp_path: Path) -> None:
     assert {(c["rank"], c["tokens"]) for c in cases} == {(1, 64), (8, 64), (1, 1024), (8, 1024)}
     for c in cases:  # what chainopt's A captures of the exact top-r energy (timings: not here)
         assert 0.998 < c["captured"] < 1 + 1e-5, c
+
+
+def test_quick_benchmark_times_a_chained_peft_model_against_the_same_unchained(
+    tmp_path: Path,
+) -> None:
+    result = _run(
+        "compare.py", tmp_path, "--peft-chain", "--modes", "eager", "--models", "llama",
+        "--targets", "qv", "--no-full",
+    )  # fmt: skip
+    (group,) = result["groups"]
+    rows = {r["kind"]: r for r in group["rows"]}
+    chained, peft = rows["peft_chain"], rows["peft"]
+    assert chained["trainable"] == peft["trainable"]  # the same PEFT factors, nothing added
+    assert chained["opt_state_bytes"] == peft["opt_state_bytes"]
+    assert chained["wall_ms_x"] is not None and chained["paired_wall"] is not None

@@ -116,12 +116,12 @@ def test_a_new_layer_kind_is_one_builder() -> None:
 
 def test_each_builder_finds_only_what_it_attached() -> None:
     lin = nn.Linear(4, 3)
-    assert layers.builder_for(lin) is layers.BUILDERS[1] and backend_for(lin) is None
+    assert layers.builder_for(lin) is layers.BUILDERS[2] and backend_for(lin) is None
     assert layers.find_adapted(nn.Sequential(lin)) == []
     link = attach(lin, rank=2, alpha=2.0)
     [record] = layers.find_adapted(nn.Sequential(lin))
-    assert (record.name, record.link, record.builder) == ("0", link, layers.BUILDERS[1])
-    assert layers.BUILDERS[0].find("0", lin) is None  # the 4-bit kind does not claim it
+    assert (record.name, record.link, record.builder) == ("0", link, layers.BUILDERS[2])
+    assert layers.BUILDERS[1].find("0", lin) is None  # the 4-bit kind does not claim it
     record.unload()
     assert lora_parametrization(lin) is None and type(lin) is nn.Linear
     with pytest.raises(ValueError, match="carries no chainopt link"):

@@ -186,3 +186,35 @@ def test_all_linear_leaves_a_task_models_fresh_head_out_and_a_rank_error_names_i
             target_modules=lambda n, m: isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D",
             rank=4, knot_every=2,
         )  # fmt: skip
+
+
+def test_all_linear_on_a_mixture_of_experts_warns_naming_the_fused_experts_it_leaves_out() -> None:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from chainopt import ChainLoRAWarning
+
+    cfg = MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=32,
+    )  # fmt: skip
+    model = MixtralForCausalLM(cfg)
+    with pytest.warns(ChainLoRAWarning, match=r"experts\.gate_up_proj.*experts\.down_proj"):
+        ChainLoRAOptimizer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules="all-linear",
+            knot_every=2,
+        )  # fmt: skip
+
+
+def test_all_linear_on_a_dense_model_does_not_warn() -> None:
+    import warnings
+
+    from chainopt import ChainLoRAWarning
+
+    model = tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ChainLoRAWarning)
+        ChainLoRAOptimizer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules="all-linear",
+            knot_every=2,
+        )  # fmt: skip

@@ -89,3 +89,86 @@ def test_sft_trainer_ties_knots_and_its_final_save_reloads_as_the_fine_tuned_mod
     )
     assert not info["missing_keys"] and not info["unexpected_keys"]
     torch.testing.assert_close(_logits(loaded.eval(), ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def _sft_config(tmp_path: Path, **kwargs: Any) -> Any:
+    options: dict[str, Any] = dict(
+        output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=4,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+        disable_tqdm=True, max_length=16, seed=1, bf16=False,
+    )  # fmt: skip
+    options.update(kwargs)
+    return trl.SFTConfig(**options)
+
+
+def _chained_peft_llama() -> tuple[torch.nn.Module, ChainLoRAOptimizer]:
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama()
+    base.config.pad_token_id = 0
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(base, config)
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2, seed=1
+    )
+    return model, opt
+
+
+def test_sft_trainer_over_a_chained_peft_model_saves_the_whole_chain_and_resumes(
+    tmp_path: Path,
+) -> None:
+    """The documented TRL path for PEFT users: build the PeftModel, chain it, no peft_config."""
+    from peft import PeftModel
+
+    model, opt = _chained_peft_llama()
+    args = _sft_config(tmp_path, save_strategy="steps", save_steps=3)
+    trainer = trl.SFTTrainer(
+        model=model, args=args, train_dataset=_texts(), processing_class=_tokenizer(),
+        optimizers=(opt, None),
+    )  # fmt: skip
+    trainer.train()
+    assert opt.optimizer_steps == 6 and opt.knots_tied == 3
+    ids = torch.randint(4, 64, (2, 10), generator=torch.Generator().manual_seed(5))
+    expected = _logits(model.eval(), ids)
+    assert not torch.allclose(_logits(tiny_llama(), ids), expected, atol=1e-3)  # it trained
+
+    trainer.save_model(str(tmp_path / "final"))  # the user's own save: the whole chain
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "final").eval()
+    torch.testing.assert_close(_logits(reloaded, ids), expected, rtol=1e-5, atol=1e-5)
+
+    # resume from the checkpoint after step 3 (one knot tied, a link under way): bitwise
+    model2, opt2 = _chained_peft_llama()
+    from chainopt.integrations.transformers import ChainLoRACallback
+
+    trainer2 = trl.SFTTrainer(
+        model=model2, args=args, train_dataset=_texts(), processing_class=_tokenizer(),
+        optimizers=(opt2, None), callbacks=[ChainLoRACallback()],
+    )  # fmt: skip
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    assert (opt2.optimizer_steps, opt2.knots_tied) == (6, 3)
+    torch.testing.assert_close(_logits(model2.eval(), ids), expected, rtol=0, atol=0)
+
+
+def test_sft_trainer_with_peft_config_over_a_chain_refuses_to_train_nothing(
+    tmp_path: Path,
+) -> None:
+    """SFTTrainer(peft_config=...) wraps the chained model with get_peft_model, which freezes
+    every chain factor: the first step raises, naming peft_config, instead of a silent run."""
+    from peft import LoraConfig
+
+    model = tiny_llama()
+    model.config.pad_token_id = 0
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), target_modules=["q_proj"],
+        knot_every=2,
+    )  # fmt: skip
+    trainer = trl.SFTTrainer(
+        model=model, args=_sft_config(tmp_path), train_dataset=_texts(),
+        processing_class=_tokenizer(), optimizers=(opt, None),
+        peft_config=LoraConfig(r=2, target_modules=["v_proj"], task_type="CAUSAL_LM"),
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="peft_config"):
+        trainer.train()
+    assert opt.knots_tied == 0

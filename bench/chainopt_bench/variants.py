@@ -81,7 +81,8 @@ class Variant:
 
     Attributes:
         name: The label in the tables.
-        kind: ``full``, ``peft``, ``chain``, ``chain_knot`` or ``floor``.
+        kind: ``full``, ``peft``, ``chain``, ``chain_knot``, ``peft_chain`` (chainopt over
+            PEFT's own layers) or ``floor``.
         targets: ``"qv"`` or ``"all"`` (``None`` for full fine-tuning and the floor).
         model: This variant's copy of the base model.
         opt: Its optimizer (``None`` for the floor: nothing to train).
@@ -324,6 +325,21 @@ def make_chain(
     return Variant(label, "chain", targets, model, opt, chain=opt)
 
 
+def make_peft_chain(base: nn.Module, arch: str, targets: str, lora: LoraSpec) -> Variant:
+    """The PEFT LoRA model of :func:`make_peft`, chained: chainopt over PEFT's own layers
+    (``target_modules`` omitted), no knot in the timed window; its ratio against ``peft`` is
+    what chaining a PeftModel costs per step."""
+    peft = make_peft(base, arch, targets, lora)
+    opt = chainopt.ChainLoRAOptimizer(
+        peft.model,
+        torch.optim.AdamW([p for p in peft.model.parameters() if p.requires_grad], lr=lora.lr),
+        knots=[NO_KNOT],
+        exact_merge=lora.exact_merge,
+    )
+    label = f"chainopt over PEFT {TARGET_LABEL[targets]}"
+    return Variant(label, "peft_chain", targets, peft.model, opt, chain=opt)
+
+
 def make_variants(
     base: nn.Module,
     arch: str,
@@ -344,4 +360,6 @@ def make_variants(
             out.append(make_chain(base, arch, t, lora, None))
         if "chain_knot" in kinds:
             out.append(make_chain(base, arch, t, lora, lora.knot_every))
+        if "peft_chain" in kinds:
+            out.append(make_peft_chain(base, arch, t, lora))
     return out

@@ -1,0 +1,297 @@
+"""The model's own adapter save writes the whole chain: a chained ``PeftModel``'s
+``save_pretrained`` and a diffusers model's ``save_lora_adapter``.
+
+A chain of PEFT's own layers (:mod:`chainopt._peft_layers`) merges each link into the base
+weights, so PEFT's save alone would write only the link under way. The methods installed here
+write every link instead, as one adapter of rank Σr in PEFT's own format (PEFT's own save and
+``get_peft_model_state_dict`` do the writing, over the chain's tensors): each layer's factors
+become ``B = [s₁B₁ … sₖBₖ]`` and ``A = [A₁; …; Aₖ]``, zero-padded to the largest ``Σ rᵢ = R``,
+and the config is the user's with ``r = lora_alpha = R`` (scale 1), ``use_rslora=False`` and no
+patterns. Loaded onto the original base model the adapter computes the trained function, to
+float32 rounding. The methods are bound to the model and read their state from it
+(:class:`ChainSave`), so a deep copy saves its own chain.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from peft import LoraConfig, get_peft_model
+    >>> from chainopt import ChainLoRAOptimizer
+    >>> model = get_peft_model(nn.Sequential(nn.Linear(6, 4)),
+    ...                        LoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+    >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+    ...                          knot_every=5)
+    >>> _ = opt.tie_knot()
+    >>> tensors, rank = whole_chain_tensors(chained_links(model), opt.history)
+    >>> rank, sorted(tensors)[0]
+    (4, 'base_model.model.0.lora_A.default.weight')
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import MethodType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._marks import PEFT_AWAITING, PEFT_SAVE, is_chainopt
+from ._peft_layers import PeftLink, link_of
+from .guard import NonFiniteUpdateError
+from .history import ChainHistory, LinkFactors
+
+__all__ = [
+    "AWAITING",
+    "SIDECAR",
+    "ChainSave",
+    "chain_config",
+    "chained_links",
+    "install_whole_chain_save",
+    "whole_chain_tensors",
+]
+
+SIDECAR = "chainopt_chain.json"  # written next to a whole-chain adapter by save_pretrained
+AWAITING = PEFT_AWAITING  # PeftModel.__dict__: load_adapter skipped a chain's own save
+
+ChainRestore = Callable[[dict[str, Any]], None]
+"""Loads a chain's state dict (``ChainLoRAOptimizer.load_state_dict``)."""
+OPTIMIZER_FILE = "optimizer.pt"  # where the HF Trainer saves the optimizer's (the chain's) state
+
+
+def _key(name: str, link: PeftLink, part: str) -> str:
+    if link.kind == "Embedding":
+        return f"{name}.lora_embedding_{part}.{link.adapter}"
+    return f"{name}.lora_{part}.{link.adapter}.weight"
+
+
+def whole_chain_tensors(
+    links: list[tuple[str, PeftLink]], history: ChainHistory
+) -> tuple[dict[str, Tensor], int]:
+    """PEFT state-dict entries (live keys, adapter name in them) writing the whole chain.
+
+    Each layer's factors become ``B = [s₁B₁ … sₖBₖ]`` and ``A = [A₁; …; Aₖ]`` over the merged
+    links and the pending one (scales folded into B), zero-padded to the largest ``Σ rᵢ``.
+
+    Returns:
+        The tensors (float32, host) and the rank ``R`` they are padded to (scale 1 = ``R / R``).
+
+    Raises:
+        NonFiniteUpdateError: a factor is NaN/Inf (nothing is written).
+    """
+    stacks: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, link in links:
+        pending = LinkFactors(
+            link.lora_A.detach().float().cpu(), link.lora_B.detach().float().cpu(), link.scale
+        )
+        chained = [*history.links(name), pending]
+        e = link.experts  # fused experts: stack each expert's factors (PEFT's layout), E = 1 else
+        # B (out, r, E, …) and A (E, r, in, …) per link -> (out, Σr, E, …) and (E, Σr, in, …);
+        # "…": a convolution's kernel dimensions (E = 1 there)
+        b = torch.cat(
+            [(f.B * f.scale).reshape(f.B.shape[0], -1, e, *f.B.shape[2:]) for f in chained], dim=1
+        )
+        a = torch.cat([f.A.reshape(e, -1, *f.A.shape[1:]) for f in chained], dim=1)
+        stacks[name] = b, a
+    rank = max([b.shape[1] for b, _ in stacks.values()] + [1])
+    tensors: dict[str, Tensor] = {}
+    for name, link in links:
+        b, a = stacks[name]
+        e = link.experts
+        a_full = a.new_zeros(e, rank, *a.shape[2:])
+        a_full[:, : a.shape[1]] = a  # (E, R, in, …)
+        b_full = b.new_zeros(b.shape[0], rank, e, *b.shape[3:])
+        b_full[:, : b.shape[1]] = b  # (out, R, E, …)
+        tensors[_key(name, link, "A")] = a_full.reshape(e * rank, *a.shape[2:]).contiguous()
+        tensors[_key(name, link, "B")] = b_full.reshape(b.shape[0], rank * e, *b.shape[3:])
+    bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteUpdateError(f"refusing to save the chain's adapter: non-finite {bad[:3]}")
+    return tensors, rank
+
+
+def chain_config(config: Any, rank: int) -> Any:
+    """A copy of the adapter's ``LoraConfig`` for the whole chain: ``r = lora_alpha = rank``
+    (scale 1: the links' scales are folded into B), ``use_rslora=False``, no patterns."""
+    config = copy.deepcopy(config)
+    config.r, config.lora_alpha, config.use_rslora = rank, rank, False
+    config.rank_pattern, config.alpha_pattern = {}, {}
+    return config
+
+
+@dataclass
+class ChainSave:
+    """What a model's whole-chain save needs, kept on the model (``__dict__[PEFT_SAVE]``), so
+    that ``copy.deepcopy`` of the model (or of the optimizer, which copies its model) saves the
+    copy's chain: the links are found on the model itself, the history and the optimizer's
+    ``load_state_dict`` are copied along.
+
+    Attributes:
+        adapter: the chained adapter's name.
+        history: the chain's history (its merged links).
+        restore: the optimizer's ``load_state_dict`` (``None``: nothing to restore into).
+    """
+
+    adapter: str
+    history: ChainHistory
+    restore: ChainRestore | None = None
+
+
+def chained_links(model: nn.Module) -> list[tuple[str, PeftLink]]:
+    """``(name, link)`` of every chained PEFT layer of ``model``, in model order."""
+    return [(n, link) for n, m in model.named_modules() if (link := link_of(m)) is not None]
+
+
+def install_whole_chain_save(model: nn.Module, save: ChainSave) -> bool:
+    """Make the model's own adapter save write the whole chain as one adapter of rank Σr.
+
+    On a ``PeftModel``: ``save_pretrained`` (and ``load_adapter``, see below). On a diffusers
+    model with injected layers (``unet.add_adapter(...)``): ``save_lora_adapter``, which
+    diffusers' ``load_lora_adapter`` reads back. Loaded onto the original base, the adapter
+    computes the trained function (to float32 rounding); its config is :func:`chain_config`'s.
+    A ``PeftModel`` save also writes a sidecar ``chainopt_chain.json``: ``load_adapter`` of such
+    a directory into the chained adapter (the HF Trainer's resume and ``load_best_model_at_end``)
+    brings the chain back to the state saved beside it (a Trainer checkpoint's ``optimizer.pt``,
+    through ``save.restore``); without one it loads nothing and the chain refuses to step until
+    its state dict is loaded. The methods are bound to the model (a deep copy rebinds them).
+
+    Returns:
+        Whether a save was installed (``False``: a model with neither method).
+    """
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(model, peft.PeftModel):
+        methods: dict[str, Callable[..., Any]] = {
+            "save_pretrained": _save_pretrained,
+            "load_adapter": _load_adapter,
+        }
+        drop = ("save_pretrained", "load_adapter")  # chainopt's merged save is not a PEFT save
+    elif callable(getattr(model, "save_lora_adapter", None)) and hasattr(model, "peft_config"):
+        methods = {"save_lora_adapter": _save_lora_adapter, "save_pretrained": _refuse_save}
+        drop = ("save_pretrained", "save_lora_adapter")
+    else:
+        return False
+    for method in drop:
+        installed = model.__dict__.get(method)
+        if installed is not None and is_chainopt(installed):
+            del model.__dict__[method]
+    model.__dict__[PEFT_SAVE] = save
+    for name, function in methods.items():
+        model.__dict__[name] = MethodType(function, model)
+    return True
+
+
+def _whole_chain(model: Any) -> tuple[ChainSave, dict[str, Tensor], int]:
+    save: ChainSave = model.__dict__[PEFT_SAVE]
+    tensors, rank = whole_chain_tensors(chained_links(model), save.history)
+    return save, tensors, rank
+
+
+def _save_pretrained(
+    self: Any, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any
+) -> None:
+    """``PeftModel.save_pretrained`` writing the whole chain (see
+    :func:`install_whole_chain_save`)."""
+    save, tensors, rank = _whole_chain(self)
+    given = kwargs.pop("state_dict", None)
+    state = dict(given if given is not None else self.state_dict())
+    state.update(tensors)
+    saved = self.peft_config[save.adapter]
+    self.peft_config[save.adapter] = chain_config(saved, rank)
+    try:
+        type(self).save_pretrained(self, save_directory, *args, state_dict=state, **kwargs)
+    finally:
+        self.peft_config[save.adapter] = saved
+    from .export import mark_merged_save  # (a cycle at import time)
+
+    mark_merged_save(self)  # the next opt.state_dict() carries the merged base weights
+    selected = kwargs.get("selected_adapters") or list(self.peft_config)
+    out = Path(save_directory)
+    out = out if save.adapter == "default" else out / save.adapter
+    if save.adapter in selected and out.is_dir():
+        sidecar = {"adapter": save.adapter, "rank": rank, "knots": len(save.history)}
+        (out / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+
+
+def _load_adapter(self: Any, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+    """``PeftModel.load_adapter``; a chain's own save into the chained adapter brings the chain
+    back instead (see :func:`install_whole_chain_save`)."""
+    save: ChainSave = self.__dict__[PEFT_SAVE]
+    where = Path(str(model_id))
+    if adapter_name != save.adapter or not (where / SIDECAR).is_file():
+        return type(self).load_adapter(self, model_id, adapter_name, *args, **kwargs)
+    # The live link has PEFT's rank, not Σr: the chain's state dict brings back the merged
+    # weights and the link, all of it. Without one, nothing is loaded and the chain refuses to
+    # step until its state dict is.
+    if save.restore is not None and (where / OPTIMIZER_FILE).is_file():
+        save.restore(torch.load(where / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+    else:
+        self.__dict__[AWAITING] = str(model_id)
+    return None
+
+
+def _refuse_save(self: Any, *args: Any, **kwargs: Any) -> None:
+    """A diffusers model with injected PEFT layers: ``save_pretrained`` would write PEFT's
+    ``base_layer``/``lora_*`` keys (the link under way apart from the merged ones), which
+    ``from_pretrained`` does not load: refused, nothing written."""
+    raise ValueError(
+        f"{type(self).__name__}.save_pretrained on a chained model with injected PEFT layers "
+        "would write PEFT's base_layer/lora keys, which from_pretrained does not load; nothing "
+        "was written. Save the chain as an adapter with save_lora_adapter(dir) (the whole "
+        "chain, for load_lora_adapter on the original model), or merge it first: "
+        "opt.merge_and_unload(), then diffusers' fuse_lora()/unload_lora() and save_pretrained"
+    )
+
+
+def _save_lora_adapter(
+    self: Any,
+    save_directory: str | os.PathLike[str],
+    adapter_name: str = "default",
+    upcast_before_saving: bool = False,
+    safe_serialization: bool = True,
+    weight_name: str | None = None,
+) -> None:
+    """diffusers' ``save_lora_adapter`` with the whole chain: the same file, keys and metadata
+    diffusers writes (PEFT's ``get_peft_model_state_dict`` over the chain's tensors)."""
+    save: ChainSave = self.__dict__[PEFT_SAVE]
+    if adapter_name != save.adapter:
+        type(self).save_lora_adapter(self, save_directory, adapter_name, upcast_before_saving,
+                                     safe_serialization, weight_name)  # fmt: skip
+        return
+    from diffusers.loaders.lora_base import (
+        LORA_ADAPTER_METADATA_KEY,
+        LORA_WEIGHT_NAME,
+        LORA_WEIGHT_NAME_SAFE,
+    )
+    from peft.utils import get_peft_model_state_dict
+
+    _, tensors, rank = _whole_chain(self)
+    state = dict(self.state_dict())
+    state.update(tensors)
+    saved = self.peft_config[save.adapter]
+    config = chain_config(saved, rank)
+    self.peft_config[save.adapter] = config
+    try:
+        layers = get_peft_model_state_dict(self, state_dict=state, adapter_name=save.adapter)
+    finally:
+        self.peft_config[save.adapter] = saved
+    if os.path.isfile(save_directory):
+        raise ValueError(f"save_directory must be a directory, got the file {save_directory}")
+    os.makedirs(save_directory, exist_ok=True)
+    layers = {k: v.detach().cpu().float().contiguous() for k, v in layers.items()}
+    if safe_serialization:
+        from safetensors.torch import save_file
+
+        meta = {k: list(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+        metadata = {
+            "format": "pt",
+            LORA_ADAPTER_METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True),
+        }
+        save_file(layers, str(Path(save_directory, weight_name or LORA_WEIGHT_NAME_SAFE)),
+                  metadata=metadata)  # fmt: skip
+    else:
+        torch.save(layers, Path(save_directory, weight_name or LORA_WEIGHT_NAME))

@@ -1,0 +1,895 @@
+"""Chaining PEFT's own LoRA layers: a PeftModel (or injected layers) given with no target_modules.
+
+Real peft throughout: Linear (dropout, rsLoRA, rank/alpha patterns), Embedding, Conv2d,
+``target_parameters`` experts of a transformers-5 MoE, DoRA; knots keep the function and merge
+each link's delta into the base layer exactly; the user's own ``save_pretrained`` writes the whole
+chain; the paths where PEFT would leave a chain untrained raise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from models import snapshot, tiny_llama
+from torch import nn
+
+from chainopt import ChainLoRAOptimizer
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4], [8, 6, 2, 14, 3, 9, 1, 5]])
+
+
+def _peft_llama(**config: Any) -> nn.Module:
+    kwargs: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    kwargs.update(config)
+    return get_peft_model(tiny_llama(), LoraConfig(**kwargs))
+
+
+def _lora_layers(model: nn.Module) -> dict[str, Any]:
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _train(model: nn.Module, opt: ChainLoRAOptimizer, steps: int) -> None:
+    model.train()
+    for _ in range(steps):
+        out = model(input_ids=IDS, labels=IDS)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def _randomize_links(model: nn.Module) -> None:
+    with torch.no_grad():
+        for layer in _lora_layers(model).values():
+            for factors in (layer.lora_B, layer.lora_embedding_B, layer.lora_A):
+                for p in factors.parameters() if isinstance(factors, nn.Module) else []:
+                    p.normal_(0, 0.3)
+
+
+# --- construction: the active adapter's layers, PEFT's own factors and init ---
+
+
+def test_a_peft_model_without_target_modules_chains_the_active_adapters_layers() -> None:
+    model = _peft_llama(
+        lora_dropout=0.1, use_rslora=True, rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 3}
+    )
+    layers = _lora_layers(model)
+    a_before = {n: m.lora_A["default"].weight.detach().clone() for n, m in layers.items()}
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=3)
+    assert [n for n, _ in opt.adapted_modules()] == list(layers)
+    factors = {id(p) for g in opt.param_groups for p in g["params"]}
+    for m in layers.values():  # PEFT's own factors are what the optimizer trains
+        assert {id(m.lora_A["default"].weight), id(m.lora_B["default"].weight)} <= factors
+    assert len(factors) == 2 * len(layers)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    for n, m in layers.items():  # the first link keeps PEFT's own init
+        assert torch.equal(m.lora_A["default"].weight, a_before[n])
+    v = next(m for n, m in layers.items() if n.endswith("v_proj"))
+    assert v.r["default"] == 2 and v.scaling["default"] == pytest.approx(3 / 2**0.5)
+
+
+def test_a_knot_merges_each_peft_link_exactly_and_restarts_it() -> None:
+    model = _peft_llama(lora_dropout=0.1, use_rslora=True, rank_pattern={"q_proj": 2})
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=100, seed=3
+    )
+    _train(model, opt, 2)
+    assert opt.state  # the factors have optimizer state
+    layers = _lora_layers(model)
+    weights = {n: m.base_layer.weight for n, m in layers.items()}
+    expected = {}
+    for n, m in layers.items():  # W + s·B·A, one float32 sum
+        a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
+        expected[n] = torch.addmm(m.base_layer.weight, b, a, alpha=m.scaling["default"])
+        torch.testing.assert_close(
+            expected[n], m.base_layer.weight + m.get_delta_weight("default"), rtol=0, atol=1e-6
+        )
+    a_before = {n: m.lora_A["default"].weight.detach().clone() for n, m in layers.items()}
+    before = _logits(model)
+    opt.tie_knot()
+    torch.testing.assert_close(_logits(model), before, rtol=1e-5, atol=1e-5)
+    for n, m in layers.items():
+        assert m.base_layer.weight is weights[n]  # Parameter identity kept
+        assert torch.equal(m.base_layer.weight, expected[n])
+        assert not m.lora_B["default"].weight.any()
+        assert not torch.equal(m.lora_A["default"].weight, a_before[n])  # chainopt's init=
+        assert m.lora_A["default"].weight.shape == a_before[n].shape  # PEFT's rank kept
+    assert not any(opt.state[p] for p in opt.factors())  # reset="full"
+    assert opt.knots_tied == 1
+
+
+@given(
+    shape=st.tuples(st.integers(1, 12), st.integers(1, 12)),
+    rank=st.integers(1, 6),
+    alpha=st.sampled_from([1.0, 3.0, 16.0]),
+    rslora=st.booleans(),
+    bias=st.booleans(),
+)
+def test_a_knot_on_a_peft_linear_keeps_the_function(
+    shape: tuple[int, int], rank: int, alpha: float, rslora: bool, bias: bool
+) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(shape[0], shape[1], bias=bias), nn.Tanh())
+    model = get_peft_model(
+        net, LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"], use_rslora=rslora)
+    )
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=10)
+    _randomize_links(model)
+    x = torch.randn(5, shape[0])
+    with torch.no_grad():
+        before = model(x)
+    opt.tie_knot()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+# --- the user's own save, resume ---
+
+
+def test_the_users_own_save_pretrained_writes_the_whole_chain(tmp_path: Path) -> None:
+    model = _peft_llama(lora_dropout=0.1, use_rslora=True, rank_pattern={"v_proj": 2})
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2, seed=1
+    )
+    _train(model, opt, 5)  # 2 knots, a third link under way
+    assert opt.knots_tied == 2
+    trained = _logits(model)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    # 3 links of rank 4 (q_proj) or 2 (v_proj, zero-padded); PEFT's scale is 1: folded into B
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (12, 12, False)
+    assert config["rank_pattern"] == {} and config["lora_dropout"] == 0.1
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(model), trained, rtol=0, atol=0)  # the save changed nothing
+
+
+def test_a_chained_peft_model_resumes_bitwise(tmp_path: Path) -> None:
+    def build() -> tuple[nn.Module, ChainLoRAOptimizer]:
+        model = _peft_llama(use_rslora=True, rank_pattern={"v_proj": 2})
+        opt = ChainLoRAOptimizer(
+            model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2, seed=1
+        )
+        return model, opt
+
+    model, opt = build()
+    _train(model, opt, 3)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    _train(model, opt, 3)
+    model2, opt2 = build()
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    _train(model2, opt2, 3)
+    assert opt2.knots_tied == opt.knots_tied == 3
+    for k, v in snapshot(model).items():
+        assert torch.equal(model2.state_dict()[k], v), k
+
+
+# --- refusals that name PEFT ---
+
+
+def test_target_modules_on_a_peft_model_is_refused_naming_peft() -> None:
+    model = _peft_llama()
+    before = snapshot(model)
+    for spec in (["q_proj"], "all-linear"):
+        with pytest.raises(ValueError, match=r"PEFT.*omit target_modules"):
+            ChainLoRAOptimizer(
+                model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules=spec,
+                knot_every=2,
+            )  # fmt: skip
+    after = snapshot(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+
+
+def test_a_plain_model_without_target_modules_is_refused() -> None:
+    model = tiny_llama()
+    with pytest.raises((TypeError, ValueError), match="target_modules"):
+        ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=2)
+
+
+def test_rank_and_alpha_come_from_peft() -> None:
+    model = _peft_llama()
+    with pytest.raises(ValueError, match=r"rank.*LoraConfig"):
+        ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), rank=2, knot_every=2)
+
+
+def test_a_chain_that_peft_froze_raises_at_the_knot_naming_peft_config() -> None:
+    # What SFTTrainer(model, peft_config=..., optimizers=(chain, None)) does: get_peft_model over
+    # a chained model freezes every chain factor.
+    model = tiny_llama()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), target_modules=["q_proj"],
+        knot_every=2,
+    )  # fmt: skip
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["v_proj"]))
+    assert not any(p.requires_grad for p in opt.factors())
+    with pytest.raises(RuntimeError, match="peft_config"):
+        _train(wrapped, opt, 2)
+
+
+def test_freezing_some_factors_on_purpose_is_not_refused() -> None:
+    """LoRA-FA freezes every A and trains B: the chain trains, so it knots."""
+    model = _peft_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    for layer in _lora_layers(model).values():
+        layer.lora_A["default"].weight.requires_grad_(False)
+    _train(model, opt, 4)
+    assert opt.knots_tied == 2
+
+
+def test_a_chain_whose_factors_get_no_gradient_raises_at_the_knot() -> None:
+    model = _peft_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    weights = {n: m.base_layer.weight.detach().clone() for n, m in _lora_layers(model).items()}
+    with pytest.raises(RuntimeError, match="no factor of the chain received a gradient"):
+        for _ in range(2):  # a loop that never calls backward on the chained model
+            opt.step()
+            opt.zero_grad()
+    for n, m in _lora_layers(model).items():
+        assert torch.equal(m.base_layer.weight, weights[n])
+
+
+def test_target_modules_accepts_a_set() -> None:
+    model = tiny_llama()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules={"q_proj", "v_proj"},
+        knot_every=2,
+    )  # fmt: skip
+    assert len(opt.adapted_modules()) == 4
+
+
+# --- other layer kinds ---
+
+
+class _EmbConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.conv = nn.Conv2d(6, 5, kernel_size=3, padding=1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)  # (batch, seq, 6)
+        h = h.transpose(1, 2).unsqueeze(-1).expand(-1, -1, -1, 4)  # (batch, 6, seq, 4)
+        return self.head(self.conv(h).mean(dim=(2, 3)))
+
+
+def test_knots_on_peft_embedding_and_conv2d_layers_keep_the_function_exactly() -> None:
+    model = get_peft_model(
+        _EmbConv(), LoraConfig(r=2, lora_alpha=4, target_modules=["emb", "conv"])
+    )
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=10)
+    layers = _lora_layers(model)
+    assert set(layers) == {"base_model.model.emb", "base_model.model.conv"}
+    with torch.no_grad():
+        for m in layers.values():
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.3)
+    expected = {n: m.base_layer.weight + m.get_delta_weight("default") for n, m in layers.items()}
+    ids = torch.randint(0, 20, (3, 7))
+    with torch.no_grad():
+        before = model(ids)
+    opt.tie_knot()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-5)
+    for n, m in layers.items():
+        torch.testing.assert_close(m.base_layer.weight, expected[n], rtol=0, atol=1e-6)
+    emb, conv = layers["base_model.model.emb"], layers["base_model.model.conv"]
+    # a new link computes nothing yet, and still trains
+    assert not (emb.lora_embedding_B["default"] @ emb.lora_embedding_A["default"]).any()
+    assert not conv.lora_B["default"].weight.any()
+
+
+def _tiny_mixtral() -> nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=32,
+    )  # fmt: skip
+    return MixtralForCausalLM(cfg).eval()
+
+
+def test_knots_on_a_peft_target_parameter_are_exact() -> None:
+    """A 2-D parameter targeted through PEFT's target_parameters (Mixtral's router)."""
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["mlp.gate.weight"]
+    )
+    model = get_peft_model(_tiny_mixtral(), config)
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=10)
+    layers = _lora_layers(model)
+    wrappers = {n: m for n, m in layers.items() if type(m).__name__ == "ParamWrapper"}
+    assert len(wrappers) == 1 and len(opt.adapted_modules()) == 2
+    _randomize_links(model)
+    expected = {n: m.get_param() + m.get_delta_weight("default") for n, m in wrappers.items()}
+    before = _logits(model)
+    opt.tie_knot()
+    torch.testing.assert_close(_logits(model), before, rtol=1e-5, atol=1e-5)
+    for n, m in wrappers.items():
+        torch.testing.assert_close(m.get_param(), expected[n], rtol=0, atol=1e-6)
+        assert not m.lora_B["default"].weight.any()
+
+
+def test_knots_on_peft_fused_experts_are_exact_per_expert_and_save_the_whole_chain(
+    tmp_path: Path,
+) -> None:
+    """transformers 5 stores Mixtral's experts as 3-D Parameters; PEFT's target_parameters
+    adapts them with one pair of factors for all experts."""
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )  # fmt: skip
+    model = get_peft_model(_tiny_mixtral(), config)
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=10)
+    layers = _lora_layers(model)
+    wrappers = {n: m for n, m in layers.items() if type(m).__name__ == "ParamWrapper"}
+    assert len(wrappers) == 2 and len(opt.adapted_modules()) == 3
+    _randomize_links(model)
+    expected = {n: m.get_param() + m.get_delta_weight("default") for n, m in wrappers.items()}
+    delta_norms = {n: float(m.get_delta_weight("default").norm()) for n, m in wrappers.items()}
+    before = _logits(model)
+    opt.tie_knot()
+    torch.testing.assert_close(_logits(model), before, rtol=1e-5, atol=1e-5)
+    for n, m in wrappers.items():  # each expert's s·Bₑ·Aₑ went into its own slice
+        torch.testing.assert_close(m.get_param(), expected[n], rtol=0, atol=1e-6)
+        assert not m.lora_B["default"].weight.any()
+    norms = opt.history.knots[0].norms
+    for n in wrappers:  # the guard's norm: all experts' updates together
+        assert norms[n] == pytest.approx(delta_norms[n], rel=1e-4)
+    _randomize_links(model)  # a second link under way
+    trained = _logits(model)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(_tiny_mixtral(), tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_a_chain_of_peft_embedding_and_conv_layers_saves_the_whole_chain(tmp_path: Path) -> None:
+    def base() -> nn.Module:
+        torch.manual_seed(0)
+        return _EmbConv()
+
+    model = get_peft_model(base(), LoraConfig(r=2, lora_alpha=4, target_modules=["emb", "conv"]))
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    ids = torch.randint(0, 20, (3, 7))
+    for _ in range(5):  # two knots, a link under way
+        model(ids).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        trained = model(ids)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(base(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids), trained, rtol=1e-5, atol=1e-5)
+
+
+# --- DoRA ---
+
+
+@given(
+    shape=st.tuples(st.integers(1, 10), st.integers(1, 10)),
+    rank=st.integers(1, 4),
+    alpha=st.sampled_from([1.0, 4.0]),
+)
+def test_a_knot_on_a_dora_linear_keeps_the_function(
+    shape: tuple[int, int], rank: int, alpha: float
+) -> None:
+    """DoRA computes ``m ⊙ V x / ‖V‖_row`` with ``V = W + s·B·A``: merging ``s·B·A`` into ``W``
+    (so ``V`` is the new ``W``) and keeping ``m`` computes the same, with ``B = 0`` after."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(shape[0], shape[1]))
+    model = get_peft_model(
+        net, LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"], use_dora=True)
+    )
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=10)
+    _randomize_links(model)
+    layer = next(iter(_lora_layers(model).values()))
+    magnitude = layer.lora_magnitude_vector["default"].weight
+    m_before = magnitude.detach().clone()
+    x = torch.randn(4, shape[0])
+    with torch.no_grad():
+        before = model(x)
+    opt.tie_knot()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(magnitude, m_before)
+    # the magnitude trains on through knots, as it is
+    assert magnitude.requires_grad and all(p is not magnitude for p in opt.factors())
+    assert any(p is magnitude for g in opt.param_groups for p in g["params"])
+
+
+# --- 4-bit ---
+
+
+def test_a_4bit_peft_model_ties_exact_knots_through_host_masters() -> None:
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+    from test_quantized import _models, _quantize
+
+    _, quantized = _models()
+    quantized.is_loaded_in_4bit = True  # as from_pretrained marks a 4-bit model: PEFT's bnb layers
+    model = get_peft_model(quantized, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
+    layer = model.base_model.model[0]
+    assert type(layer).__name__ == "Linear4bit"  # PEFT's bitsandbytes LoRA layer
+    start = bnbf.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state)
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=3, seed=2
+    )
+    record = opt.chain.records[0]
+    assert record.quant is not None and record.quant.master is not None
+    assert record.quant.master.device.type == "cpu"
+    assert torch.equal(record.quant.master, start)
+    for step in range(6):  # knots after steps 3 and 6
+        x = torch.randn(16, 64, generator=torch.Generator().manual_seed(step))
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.knots_tied == 2
+    # the master is M0 + the merged links, the 4-bit weight quantize(M): rounded once
+    links = opt.history.links(record.name)
+    total = sum(link.scale * link.B.double() @ link.A.double() for link in links)
+    torch.testing.assert_close(
+        record.quant.master.double(), start.double() + total, rtol=1e-6, atol=1e-6
+    )
+    weight = layer.base_layer.weight
+    assert torch.equal(weight.data, _quantize(record.quant.master, layer.base_layer))
+    assert not layer.lora_B["default"].weight.any()  # restarted after step 6
+    assert weight is layer.base_layer.weight  # requantized in place
+
+
+def test_peft_modules_to_save_train_as_they_are_and_save_with_the_chain(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    def base() -> nn.Module:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0,
+        )  # fmt: skip
+        return LlamaForSequenceClassification(cfg).eval()
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    model = get_peft_model(base(), config)  # PEFT adds the "score" head to modules_to_save
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    head = model.base_model.model.score.modules_to_save["default"].weight
+    assert head.requires_grad and any(p is head for g in opt.param_groups for p in g["params"])
+    head_before = head.detach().clone()
+    labels = torch.tensor([0, 2])
+    model.train()
+    for _ in range(3):
+        model(input_ids=IDS, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    assert opt.knots_tied == 1 and not torch.equal(head, head_before)  # it trained, never reset
+    trained = _logits(model)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(base(), tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_leaves_peft_layers_computing_the_chain_and_no_marks(
+    tmp_path: Path,
+) -> None:
+    model = _peft_llama(use_rslora=True)
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    assert "save_pretrained" in vars(model) and "load_adapter" in vars(model)
+    _train(model, opt, 3)  # a knot, and a link under way
+    trained = _logits(model)
+    out = opt.merge_and_unload()
+    assert out is model
+    torch.testing.assert_close(_logits(model), trained, rtol=1e-5, atol=1e-5)
+    assert [
+        k for k in vars(model) if "chainopt" in k or k in ("save_pretrained", "load_adapter")
+    ] == []
+    for layer in _lora_layers(model).values():
+        assert [k for k in vars(layer) if "chainopt" in k] == [] and "chainopt" not in str(
+            list(layer.state_dict())
+        )
+        assert not layer.lora_B["default"].weight.any()
+    plain = model.merge_and_unload()  # PEFT's own: the plain model
+    torch.testing.assert_close(_logits(plain), trained, rtol=1e-5, atol=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    plain.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(loaded), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bfloat16_peft_model_keeps_the_exact_sum_through_a_merge_residual(tmp_path: Path) -> None:
+    """Knots into a bf16 base: ``W + residual`` is ``W₀ + Σ sᵢ·Bᵢ·Aᵢ`` in float32, and the
+    residual resumes with the model's state dict."""
+
+    def build() -> tuple[nn.Module, ChainLoRAOptimizer]:
+        model = get_peft_model(
+            tiny_llama().to(torch.bfloat16),
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
+        )
+        opt = ChainLoRAOptimizer(
+            model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2, seed=4
+        )
+        return model, opt
+
+    model, opt = build()
+    layers = _lora_layers(model)
+    name, layer = next(iter(layers.items()))
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT's float32 adapter
+    start = layer.base_layer.weight.detach().float().clone()
+    residual = layer.chainopt_merge_residual
+    assert residual.dtype == torch.bfloat16 and not residual.any()
+    _train(model, opt, 4)  # two knots
+    links = opt.history.links(name)
+    total = sum(link.scale * link.B.double() @ link.A.double() for link in links)
+    exact = layer.base_layer.weight.double() + residual.double()
+    torch.testing.assert_close(exact, start.double() + total, rtol=0, atol=2e-6)
+    assert residual.any()  # rounding to bf16 dropped something, kept here
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    model2, opt2 = build()
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    assert torch.equal(_lora_layers(model2)[name].chainopt_merge_residual, residual)
+
+
+@given(
+    vocab=st.integers(2, 12),
+    dim=st.integers(1, 8),
+    channels=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    rank=st.integers(1, 4),
+    rslora=st.booleans(),
+)
+def test_a_knot_on_peft_embedding_and_conv_layers_keeps_the_function(
+    vocab: int,
+    dim: int,
+    channels: tuple[int, int],
+    kernel: int,
+    stride: int,
+    rank: int,
+    rslora: bool,
+) -> None:
+    torch.manual_seed(0)
+    net = nn.ModuleDict(
+        {
+            "emb": nn.Embedding(vocab, dim),
+            "conv": nn.Conv2d(channels[0], channels[1], kernel, stride=stride, padding=kernel // 2),
+        }
+    )
+    model = get_peft_model(
+        net, LoraConfig(r=rank, lora_alpha=2.0, target_modules=["emb", "conv"], use_rslora=rslora)
+    )
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    ids, x = torch.randint(0, vocab, (2, 5)), torch.randn(2, channels[0], 5, 6)
+    emb, conv = model.base_model.model["emb"], model.base_model.model["conv"]
+    with torch.no_grad():
+        before = emb(ids), conv(x)
+        opt.tie_knot()
+        after = emb(ids), conv(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert not emb.lora_embedding_B["default"].any() or not emb.lora_embedding_A["default"].any()
+    assert not conv.lora_B["default"].weight.any()
+
+
+def test_export_peft_adapter_of_a_chained_peft_model_is_its_whole_chain_save(
+    tmp_path: Path,
+) -> None:
+    from chainopt import export_peft_adapter
+
+    model = _peft_llama(use_rslora=True)
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 3)
+    trained = _logits(model)
+    report = export_peft_adapter(opt, tmp_path)
+    assert report.rank == 8 and report.relative_error == 0.0
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rank= and base="):
+        export_peft_adapter(opt, tmp_path / "other", rank=2)
+    assert not (tmp_path / "other").exists()
+
+
+# --- diffusers: PEFT layers injected into a UNet ---
+
+
+def _tiny_unet() -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+        attention_head_dim=2, norm_num_groups=4,
+    ).eval()  # fmt: skip
+
+
+def test_a_diffusers_unet_with_injected_lora_chains_and_saves_the_whole_chain(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("diffusers")
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], use_rslora=True
+    )
+    unet = _tiny_unet()
+    unet.add_adapter(config)
+    opt = ChainLoRAOptimizer(unet, torch.optim.AdamW(unet.parameters(), lr=1e-2), knot_every=2)
+    assert len(opt.adapted_modules()) == 32  # every to_q, to_k, to_v, to_out.0
+    x, t, h = torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.randn(2, 3, 8)
+    unet.train()
+    for _ in range(5):  # two knots, a link under way
+        unet(x, t, h).sample.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    unet.eval()
+    with torch.no_grad():
+        trained = unet(x, t, h).sample
+        before = snapshot(unet)
+        opt.tie_knot()  # a knot keeps the function
+        torch.testing.assert_close(unet(x, t, h).sample, trained, rtol=1e-5, atol=1e-5)
+    assert any(not torch.equal(v, unet.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="save_lora_adapter"):
+        unet.save_pretrained(tmp_path / "model")  # PEFT's keys, which from_pretrained skips
+    assert not (tmp_path / "model").exists()
+    unet.save_lora_adapter(tmp_path)  # diffusers' own save: the whole chain
+    fresh = _tiny_unet()
+    fresh.load_lora_adapter(str(tmp_path), prefix=None, use_safetensors=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, t, h).sample, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_load_adapter_of_a_chain_checkpoint_brings_the_chain_back_to_it(tmp_path: Path) -> None:
+    """What the HF Trainer does for resume_from_checkpoint and load_best_model_at_end:
+    load_adapter(checkpoint) with the chain's state in the checkpoint's optimizer.pt."""
+    model = _peft_llama(use_rslora=True)
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 3)
+    at_3 = _logits(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    torch.save(opt.state_dict(), tmp_path / "ckpt" / "optimizer.pt")
+    model.save_pretrained(tmp_path / "bare")  # no optimizer.pt beside it
+    _train(model, opt, 3)
+    assert not torch.equal(_logits(model), at_3)
+    model.load_adapter(str(tmp_path / "ckpt"), "default")
+    assert torch.equal(_logits(model), at_3) and opt.optimizer_steps == 3
+    _train(model, opt, 1)  # and it trains on
+    model.load_adapter(str(tmp_path / "bare"), "default")  # nothing to restore the chain from
+    with pytest.raises(RuntimeError, match="optimizer's state_dict"):
+        _train(model, opt, 1)
+
+
+@pytest.mark.parametrize(
+    ("prepare", "match"),
+    [
+        (lambda m: m.base_model.model.model.layers[0].self_attn.q_proj.merge(), "is merged"),
+        (
+            lambda m: (
+                m.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))
+                or m.base_model.set_adapter(["default", "other"])
+            ),
+            "several active adapters",
+        ),
+        (lambda m: None, r"init_lora_weights='pissa'"),
+        (lambda m: None, r"LoRA variant|lora_bias"),
+    ],
+    ids=["merged", "two-active", "pissa", "lora-bias"],
+)
+def test_peft_setups_a_chain_cannot_keep_exact_are_refused_before_anything_changes(
+    prepare: Any, match: str
+) -> None:
+    config: dict[str, Any] = {}
+    if "pissa" in match:
+        config["init_lora_weights"] = "pissa"
+    if "lora_bias" in match:
+        config["lora_bias"] = True
+    model = _peft_llama(**config)
+    prepare(model)
+    before = snapshot(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=match):
+        ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=2)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    after = snapshot(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any("chainopt" in k for m in model.modules() for k in vars(m))
+
+
+def test_peft_loraplus_optimizer_keeps_its_groups_under_the_chain() -> None:
+    """LoRA+ (PEFT's create_loraplus_optimizer: B at a higher LR) wrapped as it is."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    model = _peft_llama()
+    base = create_loraplus_optimizer(
+        model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0, weight_decay=0.0
+    )
+    groups = [(g["lr"], {id(p) for p in g["params"]}) for g in base.param_groups]
+    opt = ChainLoRAOptimizer(model, base, knot_every=2)
+    assert [(g["lr"], {id(p) for p in g["params"]}) for g in opt.param_groups] == groups
+    b_group = next(g for g in opt.param_groups if g["lr"] == pytest.approx(16e-3))
+    layers = _lora_layers(model).values()
+    assert {id(m.lora_B["default"].weight) for m in layers} == {id(p) for p in b_group["params"]}
+    _train(model, opt, 2)
+    assert opt.knots_tied == 1
+
+
+def test_a_deep_copy_of_a_chained_peft_model_saves_its_own_chain(tmp_path: Path) -> None:
+    import copy
+
+    model = _peft_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 3)
+    twin_opt = copy.deepcopy(opt)
+    twin = twin_opt.model
+    _train(twin, twin_opt, 3)  # the copy trains on; the original stays at step 3
+    at_3, twin_logits = _logits(model), _logits(twin)
+    assert not torch.equal(at_3, twin_logits)
+    twin.save_pretrained(tmp_path / "twin")
+    model.save_pretrained(tmp_path / "original")
+    for path, expected in ((tmp_path / "twin", twin_logits), (tmp_path / "original", at_3)):
+        reloaded = PeftModel.from_pretrained(tiny_llama(), path).eval()
+        torch.testing.assert_close(_logits(reloaded), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_non_finite_peft_link_is_refused_before_any_weight_changes() -> None:
+    from chainopt import NonFiniteUpdateError
+
+    model = _peft_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=10)
+    _randomize_links(model)
+    layers = _lora_layers(model)
+    bad = next(iter(layers.values()))
+    with torch.no_grad():
+        bad.lora_B["default"].weight[0, 0] = float("nan")
+    before = snapshot(model)
+    with pytest.raises(NonFiniteUpdateError, match="non-finite"):
+        opt.tie_knot()
+    after = snapshot(model)
+    assert all(torch.equal(after[k], v) or k.endswith("lora_B.default.weight") for k, v in
+               before.items())  # fmt: skip
+    assert all(torch.equal(m.base_layer.weight, before[f"{n}.base_layer.weight"])
+               for n, m in layers.items())  # fmt: skip
+
+
+def test_chain_summary_of_a_peft_chain_reports_each_layers_stacked_rank() -> None:
+    model = _peft_llama(rank_pattern={"v_proj": 2})
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 5)  # two knots, a third link under way
+    summary = opt.chain_summary()
+    assert summary.links == 3 and len(summary.knot_steps) == 2
+    ranks = {n.rsplit(".", 1)[-1]: m.effective_rank for n, m in summary.modules.items()}
+    assert ranks == {"q_proj": 12, "v_proj": 6}  # Σ of PEFT's per-module ranks
+    assert all(len(m.update_norms) == 2 for m in summary.modules.values())
+
+
+def test_a_peft_chain_over_gpt2_conv1d_layers_knots_and_saves(tmp_path: Path) -> None:
+    """PEFT's Linear over transformers' Conv1D (fan_in_fan_out: the weight is (in, out))."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def base() -> nn.Module:
+        torch.manual_seed(0)
+        cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+        return GPT2LMHeadModel(cfg).eval()
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    model = get_peft_model(base(), config)
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    (layer,) = _lora_layers(model).values()
+    _randomize_links(model)
+    expected = layer.base_layer.weight + layer.get_delta_weight("default")
+    before = _logits(model)
+    opt.tie_knot()
+    torch.testing.assert_close(_logits(model), before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.base_layer.weight, expected, rtol=0, atol=1e-6)
+    _train(model, opt, 3)
+    trained = _logits(model)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(base(), tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dora_chain_trains_and_its_save_reloads_to_the_trained_function(tmp_path: Path) -> None:
+    model = _peft_llama(use_dora=True, lora_dropout=0.1)
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 5)  # two knots, a third link under way
+    trained = _logits(model)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
+
+
+# --- the chain as a state machine: steps, knots, resumes; the saved adapter is the update ---
+
+
+class PeftChainMachine(RuleBasedStateMachine):
+    """A chained PeftModel over one Linear under any order of steps, knots and resumes: the
+    whole-chain adapter (what save_pretrained writes) on the original weight always gives the
+    model's current weight plus its pending link, and a resume continues bitwise."""
+
+    IN, OUT = 6, 5
+
+    @initialize(
+        rank=st.integers(1, 4),
+        alpha=st.sampled_from([1.0, 8.0]),
+        rslora=st.booleans(),
+        every=st.integers(1, 4),
+        seed=st.integers(0, 100),
+    )
+    def setup(self, rank: int, alpha: float, rslora: bool, every: int, seed: int) -> None:
+        self.spec = (rank, alpha, rslora, every, seed)
+        self.model, self.opt = self._build()
+        (self.layer,) = _lora_layers(self.model).values()
+        self.w0 = self.layer.base_layer.weight.detach().clone()
+        self.data = torch.Generator().manual_seed(seed)
+
+    def _build(self) -> tuple[nn.Module, ChainLoRAOptimizer]:
+        rank, alpha, rslora, every, seed = self.spec
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(self.IN, self.OUT))
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"], use_rslora=rslora)
+        model = get_peft_model(net, config)
+        opt = ChainLoRAOptimizer(
+            model, torch.optim.AdamW(model.parameters(), lr=0.05), knot_every=every, seed=seed
+        )
+        return model, opt
+
+    @rule()
+    def step(self) -> None:
+        x = torch.randn(8, self.IN, generator=self.data)
+        self.model(x).square().mean().backward()
+        self.opt.step()
+        self.opt.zero_grad()
+
+    @rule()
+    def knot(self) -> None:
+        self.opt.tie_knot()
+
+    @rule()
+    def resume(self) -> None:
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict()}
+        model, opt = self._build()
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        for key, value in self.model.state_dict().items():
+            assert torch.equal(model.state_dict()[key], value), key
+        self.model, self.opt = model, opt
+        (self.layer,) = _lora_layers(model).values()
+
+    @invariant()
+    def the_saved_adapter_is_the_whole_update(self) -> None:
+        from chainopt._peft_save import chained_links, whole_chain_tensors
+
+        tensors, _ = whole_chain_tensors(chained_links(self.model), self.opt.history)
+        a = tensors["base_model.model.0.lora_A.default.weight"].double()
+        b = tensors["base_model.model.0.lora_B.default.weight"].double()
+        layer = self.layer
+        live = layer.base_layer.weight.double() + layer.get_delta_weight("default").double()
+        torch.testing.assert_close(self.w0.double() + b @ a, live, rtol=1e-5, atol=1e-5)
+
+
+TestPeftChainMachine = PeftChainMachine.TestCase
+TestPeftChainMachine.settings = settings(max_examples=15, stateful_step_count=8, deadline=None)
