@@ -123,7 +123,7 @@ def analyse(out: Path) -> dict[str, Any] | None:
         steps = [r["step"] for r in rows if "loss" in r]
         evals = [(r["step"], r["eval"]) for r in rows if "eval" in r]
         running.append({"key": p.stem, "step": max(steps, default=0),
-                        "eval": evals[-1] if evals else None})  # fmt: skip
+                        "eval": evals[-1] if evals else None, "evals": evals})  # fmt: skip
     warm = {r["seed"]: r for k, r in runs.items() if k.startswith("warm__")}
     return {
         "out": out,
@@ -276,6 +276,18 @@ def plots(a: dict[str, Any] | None, img: Path, prefix: str = "pretrain") -> list
         (line,) = ax.plot(xs, ys, style, lw=1.3, label=f"{n} (LR {r['lr']:g})")
         for k in arm.knots(d.steps):
             ax.axvline(k, color=line.get_color(), ls=":", lw=0.7)
+    for r in a["running"]:  # unfinished runs of seed 0: thin, marked as running
+        arm_name, lr_text, seed_text = r["key"].split("__")
+        if seed_text != f"s{s0}" or len(r["evals"]) < 2:
+            continue
+        arm = pt.arm_by_name(arm_name, d)
+        xs, ys = zip(*[(s, v) for s, v in r["evals"] if s > 0], strict=True)
+        label = f"{arm_name} (LR {lr_text[2:]}, running: step {r['step']})"
+        (line,) = ax.plot(xs, ys, "-" if arm.link_steps else "--", lw=0.9, label=label)
+        for k in arm.knots(d.steps):
+            if k <= r["step"]:
+                ax.axvline(k, color=line.get_color(), ls=":", lw=0.7)
+        out_runs.append((arm_name, {"evals": r["evals"], "key": r["key"]}, arm))
     ax.set_xlabel("step after the warm start")
     ax.set_ylabel("held-out loss (nats/byte)")
     ax.set_title(f"seed {s0}; knots dotted")
