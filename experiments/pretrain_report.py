@@ -310,6 +310,7 @@ def plots(a: dict[str, Any] | None, img: Path, prefix: str = "pretrain") -> list
             ax.plot(p["diffs"], [i] * len(p["diffs"]), "k.", ms=6)
         ax.axvline(0, color="k", lw=0.8)
         ax.set_yticks(range(len(names)), names)
+        ax.invert_yaxis()  # the plan's order, top down
         ax.set_xlabel(f"held-out loss − LoRA r{d.rank}'s (same seed; < 0: better than LoRA)")
         ax.set_title(f"bars: mean; dots: seeds (LoRA r{d.rank} seeds: {len(lo)})")
         fig.tight_layout()
