@@ -124,6 +124,19 @@ def analyse(out: Path) -> dict[str, Any] | None:
         evals = [(r["step"], r["eval"]) for r in rows if "eval" in r]
         running.append({"key": p.stem, "step": max(steps, default=0),
                         "eval": evals[-1] if evals else None, "evals": evals})  # fmt: skip
+        # a chain in progress against the finished LoRA r of its seed: knots so far, paired
+        # (LoRA r at the chain's LR and seed, whether or not that LR is the chosen one)
+        name, lr_text, seed_text = p.stem.split("__")
+        arm = pt.arm_by_name(name, d)
+        seed = int(seed_text[1:])
+        ref = runs.get(pt.run_key(pt.lora_arm(d.rank), float(lr_text[2:]), seed))
+        if arm.link_steps and ref is not None and name in arms:
+            running[-1]["paired"] = [
+                (st, v - e) for st, v in evals for s2, e in ref["evals"] if s2 == st
+            ]
+            if seed == s0:
+                costs = knot_costs(out, p.stem, ref["key"], d)
+                arms[name].setdefault("knot_costs_running", costs)
     warm = {r["seed"]: r for k, r in runs.items() if k.startswith("warm__")}
     return {
         "out": out,
@@ -207,6 +220,8 @@ def markdown(a: dict[str, Any] | None) -> str:
                      f"| {gf} | {gl} |")  # fmt: skip
     lines.append("")
     knots = {n: r["knot_costs"] for n, r in a["arms"].items() if r.get("knot_costs")}
+    knots |= {f"{n} (running)": r["knot_costs_running"] for n, r in a["arms"].items()
+              if r.get("knot_costs_running") and not r.get("knot_costs")}  # fmt: skip
     if knots:
         lines += [
             f"What a knot costs (seed {d.seeds[0]}; chain − LoRA r{d.rank}, same batches; train = "
@@ -245,11 +260,14 @@ def markdown(a: dict[str, Any] | None) -> str:
             )
         lines.append("")
     if a["running"]:
-        lines += ["Running or interrupted:", "", "| run | steps done | last held-out |",
-                  "|---|---|---|"]  # fmt: skip
+        lines += ["Running or interrupted (paired: held-out loss − that of LoRA r at the same "
+                  "LR, seed and step, where it has finished):", "",
+                  "| run | steps done | last held-out | paired, by step |",
+                  "|---|---|---|---|"]  # fmt: skip
         for r in a["running"]:
             ev = f"{_f(r['eval'][1])} at {r['eval'][0]}" if r["eval"] else "—"
-            lines.append(f"| {r['key']} | {r['step']} / {d.steps} | {ev} |")
+            pair = ", ".join(f"{st}: {_f(x, sign=True)}" for st, x in r.get("paired", []) if st)
+            lines.append(f"| {r['key']} | {r['step']} / {d.steps} | {ev} | {pair or '—'} |")
         lines.append("")
     return "\n".join(lines)
 
