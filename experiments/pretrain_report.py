@@ -286,6 +286,10 @@ def plots(a: dict[str, Any] | None, img: Path, prefix: str = "pretrain") -> list
     img.mkdir(parents=True, exist_ok=True)
     paths = []
     out_runs = [(n, r["seeds"][s0], r["arm"]) for n, r in a["arms"].items() if s0 in r["seeds"]]
+    for n, r in a["arms"].items():  # an arm whose LR is not chosen yet: its finished grid runs
+        if r.get("lr") is None:
+            for lr in r["grid"]:
+                out_runs.append((n, a["runs"][pt.run_key(r["arm"], lr, s0)], r["arm"]))
     # 1. held-out loss curves, seed 0, knots dotted
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
     for n, r, arm in out_runs:
@@ -335,13 +339,19 @@ def plots(a: dict[str, Any] | None, img: Path, prefix: str = "pretrain") -> list
         paths.append(img / f"{prefix}_gap.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
+
     # 3. training-loss difference to LoRA r around the knots (moving average of 50 steps)
-    lo_key = lo[s0]["key"] if s0 in lo else None
-    chains = [(n, r, arm) for n, r, arm in out_runs if arm.link_steps and lo_key]
+    def lora_key(r: dict[str, Any]) -> str | None:  # LoRA r of the chain's seed and LR
+        key = r["key"].split("__")
+        k = f"lora{d.rank}__{key[1]}__{key[2]}"
+        return k if k in a["runs"] else None
+
+    chains = [(n, r, arm) for n, r, arm in out_runs if arm.link_steps and lora_key(r)]
     if chains:
-        base = {x["step"]: x["loss"] for x in pt.curve_rows(a["out"], lo_key) if "loss" in x}
         fig, ax = plt.subplots(figsize=(7.5, 4.0))
         for n, r, arm in chains:
+            rows = pt.curve_rows(a["out"], lora_key(r))  # type: ignore[arg-type]
+            base = {x["step"]: x["loss"] for x in rows if "loss" in x}
             mine = {x["step"]: x["loss"] for x in pt.curve_rows(a["out"], r["key"]) if "loss" in x}
             steps = sorted(s for s in mine if s in base)
             diffs = [mine[s] - base[s] for s in steps]
