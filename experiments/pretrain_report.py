@@ -117,6 +117,12 @@ def analyse(out: Path) -> dict[str, Any] | None:
                     row["gap"][ref_name] = {**mean_ci(ratios), "ratios": ratios}
         if arm.link_steps and s0 in mine and s0 in lo:
             row["knot_costs"] = knot_costs(out, mine[s0]["key"], lo[s0]["key"], d)
+        elif arm.link_steps and row.get("lr") is None:  # LR not chosen yet: a grid point
+            for x in row["grid"]:  # against LoRA r at the same LR, where it has finished
+                ref = runs.get(pt.run_key(pt.lora_arm(d.rank), x, s0))
+                if ref is not None and "knot_costs" not in row:
+                    key = pt.run_key(arm, x, s0)
+                    row["knot_costs"] = knot_costs(out, key, ref["key"], d)
     running = []
     for p in sorted((out / "curves").glob("*.jsonl")):
         rows = read_jsonl(p)
