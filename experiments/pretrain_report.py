@@ -117,13 +117,32 @@ def analyse(out: Path) -> dict[str, Any] | None:
                     row["gap"][ref_name] = {**mean_ci(ratios), "ratios": ratios}
         if arm.link_steps and s0 in mine and s0 in lo:
             row["knot_costs"] = knot_costs(out, mine[s0]["key"], lo[s0]["key"], d)
+        elif arm.link_steps and row.get("lr") is None:  # LR not chosen yet: a grid point
+            for x in row["grid"]:  # against LoRA r at the same LR, where it has finished
+                ref = runs.get(pt.run_key(pt.lora_arm(d.rank), x, s0))
+                if ref is not None and "knot_costs" not in row:
+                    key = pt.run_key(arm, x, s0)
+                    row["knot_costs"] = knot_costs(out, key, ref["key"], d)
     running = []
     for p in sorted((out / "curves").glob("*.jsonl")):
         rows = read_jsonl(p)
         steps = [r["step"] for r in rows if "loss" in r]
         evals = [(r["step"], r["eval"]) for r in rows if "eval" in r]
         running.append({"key": p.stem, "step": max(steps, default=0),
-                        "eval": evals[-1] if evals else None})  # fmt: skip
+                        "eval": evals[-1] if evals else None, "evals": evals})  # fmt: skip
+        # a chain in progress against the finished LoRA r of its seed: knots so far, paired
+        # (LoRA r at the chain's LR and seed, whether or not that LR is the chosen one)
+        name, lr_text, seed_text = p.stem.split("__")
+        arm = pt.arm_by_name(name, d)
+        seed = int(seed_text[1:])
+        ref = runs.get(pt.run_key(pt.lora_arm(d.rank), float(lr_text[2:]), seed))
+        if arm.link_steps and ref is not None and name in arms:
+            running[-1]["paired"] = [
+                (st, v - e) for st, v in evals for s2, e in ref["evals"] if s2 == st
+            ]
+            if seed == s0:
+                costs = knot_costs(out, p.stem, ref["key"], d)
+                arms[name].setdefault("knot_costs_running", costs)
     warm = {r["seed"]: r for k, r in runs.items() if k.startswith("warm__")}
     return {
         "out": out,
@@ -207,6 +226,8 @@ def markdown(a: dict[str, Any] | None) -> str:
                      f"| {gf} | {gl} |")  # fmt: skip
     lines.append("")
     knots = {n: r["knot_costs"] for n, r in a["arms"].items() if r.get("knot_costs")}
+    knots |= {f"{n} (running)": r["knot_costs_running"] for n, r in a["arms"].items()
+              if r.get("knot_costs_running") and not r.get("knot_costs")}  # fmt: skip
     if knots:
         lines += [
             f"What a knot costs (seed {d.seeds[0]}; chain − LoRA r{d.rank}, same batches; train = "
@@ -245,11 +266,14 @@ def markdown(a: dict[str, Any] | None) -> str:
             )
         lines.append("")
     if a["running"]:
-        lines += ["Running or interrupted:", "", "| run | steps done | last held-out |",
-                  "|---|---|---|"]  # fmt: skip
+        lines += ["Running or interrupted (paired: held-out loss − that of LoRA r at the same "
+                  "LR, seed and step, where it has finished):", "",
+                  "| run | steps done | last held-out | paired, by step |",
+                  "|---|---|---|---|"]  # fmt: skip
         for r in a["running"]:
             ev = f"{_f(r['eval'][1])} at {r['eval'][0]}" if r["eval"] else "—"
-            lines.append(f"| {r['key']} | {r['step']} / {d.steps} | {ev} |")
+            pair = ", ".join(f"{st}: {_f(x, sign=True)}" for st, x in r.get("paired", []) if st)
+            lines.append(f"| {r['key']} | {r['step']} / {d.steps} | {ev} | {pair or '—'} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -268,6 +292,10 @@ def plots(a: dict[str, Any] | None, img: Path, prefix: str = "pretrain") -> list
     img.mkdir(parents=True, exist_ok=True)
     paths = []
     out_runs = [(n, r["seeds"][s0], r["arm"]) for n, r in a["arms"].items() if s0 in r["seeds"]]
+    for n, r in a["arms"].items():  # an arm whose LR is not chosen yet: its finished grid runs
+        if r.get("lr") is None:
+            for lr in r["grid"]:
+                out_runs.append((n, a["runs"][pt.run_key(r["arm"], lr, s0)], r["arm"]))
     # 1. held-out loss curves, seed 0, knots dotted
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
     for n, r, arm in out_runs:
@@ -276,6 +304,18 @@ def plots(a: dict[str, Any] | None, img: Path, prefix: str = "pretrain") -> list
         (line,) = ax.plot(xs, ys, style, lw=1.3, label=f"{n} (LR {r['lr']:g})")
         for k in arm.knots(d.steps):
             ax.axvline(k, color=line.get_color(), ls=":", lw=0.7)
+    for r in a["running"]:  # unfinished runs of seed 0: thin, marked as running
+        arm_name, lr_text, seed_text = r["key"].split("__")
+        if seed_text != f"s{s0}" or len(r["evals"]) < 2:
+            continue
+        arm = pt.arm_by_name(arm_name, d)
+        xs, ys = zip(*[(s, v) for s, v in r["evals"] if s > 0], strict=True)
+        label = f"{arm_name} (LR {lr_text[2:]}, running: step {r['step']})"
+        (line,) = ax.plot(xs, ys, "-" if arm.link_steps else "--", lw=0.9, label=label)
+        for k in arm.knots(d.steps):
+            if k <= r["step"]:
+                ax.axvline(k, color=line.get_color(), ls=":", lw=0.7)
+        out_runs.append((arm_name, {"evals": r["evals"], "key": r["key"]}, arm))
     ax.set_xlabel("step after the warm start")
     ax.set_ylabel("held-out loss (nats/byte)")
     ax.set_title(f"seed {s0}; knots dotted")
@@ -298,19 +338,26 @@ def plots(a: dict[str, Any] | None, img: Path, prefix: str = "pretrain") -> list
             ax.plot(p["diffs"], [i] * len(p["diffs"]), "k.", ms=6)
         ax.axvline(0, color="k", lw=0.8)
         ax.set_yticks(range(len(names)), names)
+        ax.invert_yaxis()  # the plan's order, top down
         ax.set_xlabel(f"held-out loss − LoRA r{d.rank}'s (same seed; < 0: better than LoRA)")
         ax.set_title(f"bars: mean; dots: seeds (LoRA r{d.rank} seeds: {len(lo)})")
         fig.tight_layout()
         paths.append(img / f"{prefix}_gap.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
+
     # 3. training-loss difference to LoRA r around the knots (moving average of 50 steps)
-    lo_key = lo[s0]["key"] if s0 in lo else None
-    chains = [(n, r, arm) for n, r, arm in out_runs if arm.link_steps and lo_key]
+    def lora_key(r: dict[str, Any]) -> str | None:  # LoRA r of the chain's seed and LR
+        key = r["key"].split("__")
+        k = f"lora{d.rank}__{key[1]}__{key[2]}"
+        return k if k in a["runs"] else None
+
+    chains = [(n, r, arm) for n, r, arm in out_runs if arm.link_steps and lora_key(r)]
     if chains:
-        base = {x["step"]: x["loss"] for x in pt.curve_rows(a["out"], lo_key) if "loss" in x}
         fig, ax = plt.subplots(figsize=(7.5, 4.0))
         for n, r, arm in chains:
+            rows = pt.curve_rows(a["out"], lora_key(r))  # type: ignore[arg-type]
+            base = {x["step"]: x["loss"] for x in rows if "loss" in x}
             mine = {x["step"]: x["loss"] for x in pt.curve_rows(a["out"], r["key"]) if "loss" in x}
             steps = sorted(s for s in mine if s in base)
             diffs = [mine[s] - base[s] for s in steps]

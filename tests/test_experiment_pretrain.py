@@ -122,12 +122,19 @@ def test_another_design_is_refused(uninterrupted: Path, tmp_path: Path) -> None:
 
 def test_report_builds_from_partial_results(uninterrupted: Path, tmp_path: Path) -> None:
     out = tmp_path / "partial"
-    assert _run(out, "--max-runs", "2") == 0  # two LoRA grid points, then the driver stops
-    assert _run(out, "--stop-after-steps", "5") == 3  # and one arm left half-way
+    assert _run(out, "--max-runs", "1") == 0  # LoRA r at the first grid LR, then it stops
+    # the grid chain at that LR, killed two steps after its knot (checkpoint at the knot)
+    assert _run(out, "--stop-after-steps", str(D.grid_link + 2)) == 3
     a = ptr.analyse(out)
     text = ptr.markdown(a)
     assert "**Gate:** not finished." in text and "Running or interrupted" in text
     assert "not finished" in text and f"| lora{D.rank} |" in text
+    # the chain in progress against the finished LoRA: identical up to its knot, then not
+    (running,) = a["running"]
+    paired = dict(running["paired"])
+    assert all(paired[s] == 0.0 for s in paired if s <= D.grid_link)
+    assert paired[D.grid_link + D.after_knot[0]] != 0.0
+    assert f"| chain{D.grid_link}_prune (running) | {D.grid_link} | +0.0000 |" in text
     full = ptr.analyse(uninterrupted)
     text = ptr.markdown(full)
     assert "**Gate (seed 0):**" in text and "What a knot costs" in text
