@@ -43,7 +43,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ._layers import find_adapted
-from ._marks import CLEARED_IS_QUANTIZED
+from ._marks import CLEARED_IS_QUANTIZED, nested
 from ._marks import MERGED_SAVES as _MERGED_SAVES
 from ._marks import OWN_STATE as _OWN_STATE
 from ._marks import RESUME_SAVES as _RESUME_SAVES
@@ -130,15 +130,8 @@ def saving_for_resume(model: nn.Module) -> Iterator[None]:
         ...     pass  # model.save_pretrained(checkpoint_dir) writes parametrized keys here
     """
     _require_module(model)
-    depth = model.__dict__.get(_RESUME_SAVES, 0)
-    model.__dict__[_RESUME_SAVES] = depth + 1
-    try:
+    with nested(model, _RESUME_SAVES):
         yield
-    finally:
-        if depth:
-            model.__dict__[_RESUME_SAVES] = depth
-        else:
-            model.__dict__.pop(_RESUME_SAVES, None)
 
 
 @contextmanager
@@ -180,15 +173,8 @@ def saving_merged(model: nn.Module) -> Iterator[None]:
         ['0.bias', '0.weight']
     """
     _require_module(model)
-    depth = model.__dict__.get(_MERGED_SAVES, 0)
-    model.__dict__[_MERGED_SAVES] = depth + 1
-    try:
+    with nested(model, _MERGED_SAVES):
         yield
-    finally:
-        if depth:
-            model.__dict__[_MERGED_SAVES] = depth
-        else:
-            model.__dict__.pop(_MERGED_SAVES, None)
 
 
 def guard_state_dict_saves(model: nn.Module) -> None:

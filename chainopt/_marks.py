@@ -75,6 +75,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import MethodType
 
 from torch import nn
@@ -100,6 +102,7 @@ __all__ = [
     "STATE_DICT_HOOK",
     "STATE_RESTORED",
     "is_chainopt",
+    "nested",
     "unmark",
 ]
 
@@ -174,3 +177,19 @@ def unmark(model: nn.Module) -> None:
     model.__dict__.pop(PEFT_SAVE, None)
     for module in model.modules():
         remove_forward_hooks(module, is_chainopt)
+
+
+@contextmanager
+def nested(model: nn.Module, key: str) -> Iterator[None]:
+    """Count the instance attribute ``key`` of ``model`` up for the block; blocks nest, and the
+    attribute goes when the outermost block ends (``RESUME_SAVES``, ``MERGED_SAVES``,
+    ``OWN_STATE``)."""
+    depth = model.__dict__.get(key, 0)
+    model.__dict__[key] = depth + 1
+    try:
+        yield
+    finally:
+        if depth:
+            model.__dict__[key] = depth
+        else:
+            model.__dict__.pop(key, None)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ._attach import parametrization_count
 from ._layers import find_adapted
 from ._marks import MERGED_SAVE as _MERGED_SAVE
-from ._marks import OWN_STATE, unmark
+from ._marks import OWN_STATE, nested, unmark
 from ._peft_layers import PeftLink
 from ._quant_backends import backend_for
 from ._record import ModuleRecord
@@ -278,15 +278,8 @@ def chain_tensors(model: nn.Module) -> dict[str, Tensor]:
 def own_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """``model.state_dict()`` with the chain's own keys, also where a deploy save is on the stack
     (whose state-dict hook would give merged keys: :mod:`chainopt._hf_save`)."""
-    depth = model.__dict__.get(OWN_STATE, 0)
-    model.__dict__[OWN_STATE] = depth + 1
-    try:
+    with nested(model, OWN_STATE):
         return dict(model.state_dict())
-    finally:
-        if depth:
-            model.__dict__[OWN_STATE] = depth
-        else:
-            model.__dict__.pop(OWN_STATE, None)
 
 
 def mark_merged_save(model: nn.Module) -> None:
