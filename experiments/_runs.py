@@ -38,9 +38,12 @@ __all__ = [
     "mean_std",
     "read_jsonl",
     "run_metadata",
+    "run_stamp",
     "seed_everything",
+    "utc_now",
     "write_json",
     "write_json_atomic",
+    "write_text_atomic",
 ]
 
 #: Root of the chainopt repository (the parent of ``experiments/``).
@@ -163,10 +166,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
         path: The file to write (its folder is created).
         payload: What to write.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=float) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=1, default=float) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -349,3 +349,36 @@ def pack_curves(out: Path) -> Path:
     if not any((out / "curves").iterdir()):
         (out / "curves").rmdir()
     return archive
+
+
+def utc_now() -> str:
+    """The current date and time as results record it (``"2026-12-05 21:40 UTC"``)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def run_stamp() -> dict[str, str]:
+    """The commit, date and machine a finished run records beside its numbers.
+
+    Returns:
+        ``git_commit``, ``date_utc`` and ``machine`` (architecture, CPUs, torch and its threads).
+    """
+    return {
+        "git_commit": git_commit(),
+        "date_utc": utc_now(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s)",
+    }
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` through a per-process temporary file and a rename (never half a file;
+    several drivers may write into one folder).
+
+    Args:
+        path: The file to write (its folder is created).
+        text: What to write.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

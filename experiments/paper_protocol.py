@@ -34,20 +34,27 @@ import dataclasses
 import fcntl
 import json
 import math
-import os
-import platform
 import random
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from _runs import REPO_ROOT, claim, finished, git_commit, mean_std, with_overrides
+from _runs import (
+    REPO_ROOT,
+    claim,
+    finished,
+    mean_std,
+    run_stamp,
+    with_overrides,
+    write_json_atomic,
+    write_text_atomic,
+)
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -164,18 +171,6 @@ TINY = Design(
     gate_ceiling=1.0,
     model="tiny",
 )
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically; the temporary name is per process (drivers share folders)."""
-    _write_text(path, json.dumps(payload, indent=1) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def run_key(task: str, method: str, lr: float, seed: int) -> str:
@@ -396,7 +391,7 @@ class Context:
             else:
                 self.model()
                 data = prepare_task(task, self.d, self._tok)
-                _write_json(path, data)
+                write_json_atomic(path, data)
         if data["design"] != self.d.to_json():
             raise SystemExit(f"{path} was prepared for another design; use another --out")
         return data
@@ -619,12 +614,9 @@ def train_run(
         "train_seconds": round(seconds, 1),
         "device": ctx.device.type
         + (f" ({torch.cuda.get_device_name(ctx.device)})" if ctx.device.type == "cuda" else ""),
-        "git_commit": git_commit(),
-        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s)",
+        **run_stamp(),
     }
-    _write_json(result_path, result)
+    write_json_atomic(result_path, result)
     ckpt.unlink(missing_ok=True)
     if ctx.verbose:
         print(
@@ -941,8 +933,8 @@ def build_report(out: Path, d: Design, plots: bool = True) -> str:
         _plot_curves(runs, d, kept or list(d.tasks), out / "val_curves.png")
         if pooled_rows:
             _plot_paired(pooled_rows, out / "paired_differences.png")
-    _write_text(out / "report.md", text)
-    _write_json(out / "decision.json", {"gate": g, "decision": dec})
+    write_text_atomic(out / "report.md", text)
+    write_json_atomic(out / "decision.json", {"gate": g, "decision": dec})
     return text
 
 
@@ -1147,7 +1139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.command == "estimate":
         est = estimate(ctx)
-        _write_json(out / f"estimate_{device.type}.json", est)
+        write_json_atomic(out / f"estimate_{device.type}.json", est)
         print(json.dumps(est, indent=1), flush=True)
         return
     if args.command == "run":

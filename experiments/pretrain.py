@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 # this checkout's chainopt and experiments helpers, whatever the working directory
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from _runs import REPO_ROOT, claim, git_commit, read_jsonl, write_json_atomic  # noqa: E402
+from _runs import REPO_ROOT, claim, git_commit, read_jsonl, utc_now, write_json_atomic  # noqa: E402
 
 from chainopt import ChainLoRAOptimizer, KnotWarmup, load_checkpoint, save_checkpoint  # noqa: E402
 
@@ -487,7 +487,7 @@ def warm_start(ctx: Context, seed: int) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in model.parameters()),
         "seconds": round(seconds, 2),
         "git_commit": git_commit(),
-        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date_utc": utc_now(),
         **_machine(ctx),
     }
     write_json_atomic(path, result)
@@ -667,7 +667,7 @@ def train_arm(ctx: Context, arm: Arm, lr: float, seed: int, stage: str) -> dict[
             "resumed": resumed,
         },
         "git_commit": git_commit(),
-        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date_utc": utc_now(),
         **_machine(ctx),
     }
     # a small, compressed copy of the curve for git; the plain one is dropped
@@ -926,7 +926,7 @@ def estimate(ctx: Context) -> dict[str, Any]:
         ),
         "hours_plan_chain_ahead": round(sum(hours.values()), 2),
         "data": ctx.data().info,
-        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date_utc": utc_now(),
     }
 
 

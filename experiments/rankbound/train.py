@@ -10,18 +10,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from _runs import REPO_ROOT, git_commit, write_json_atomic
+from _runs import REPO_ROOT, run_stamp, write_json_atomic
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -310,10 +308,7 @@ def train_run(ctx: Context, method: Method, lr: float, seed: int, phase: str) ->
             "resumed": bool(resumed_from),
         },
         "probe": data["probe_info"],
-        "git_commit": git_commit(),
-        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s)",
+        **run_stamp(),
     }
     write_json_atomic(result_path, result)
     ckpt.unlink(missing_ok=True)
