@@ -50,6 +50,8 @@ from chainopt_bench.rotation import run_alternating
 from chainopt_bench.timing import iqr_ms, mean_ms, median_ms, paired_ratio
 from chainopt_bench.variants import LoraSpec, Variant, make_variants
 
+KNOT_KINDS = ("chain_knot", "peft_chain_knot")  # variants that tie knots (timed one by one)
+
 
 def build_parser(doc: str | None = __doc__) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
@@ -167,7 +169,8 @@ def run_group(args: argparse.Namespace, arch: str, mode: str) -> dict[str, Any]:
         quant=args.quant,
     )
     batches = make_batches(spec, seed=args.seed + 1, device=args.device)
-    kinds = ["peft", "chain", "chain_knot"] + (["peft_chain"] if args.peft_chain else [])
+    kinds = ["peft", "chain", "chain_knot"]
+    kinds += ["peft_chain", "peft_chain_knot"] if args.peft_chain else []
     if not args.no_floor:
         kinds.insert(0, "floor")
     if not (args.no_full or args.quant != "none"):  # 4-bit weights take no gradient
@@ -242,7 +245,7 @@ def run_group(args: argparse.Namespace, arch: str, mode: str) -> dict[str, Any]:
             transient_bytes=mem["transient"],
             knot_transient_bytes=None,
         )
-        if v.kind == "chain_knot" and mode == "eager" and v.device.type == "cpu":
+        if v.kind in KNOT_KINDS and mode == "eager" and v.device.type == "cpu":
             assert v.chain is not None
             row["knot_transient_bytes"] = transient_peak_bytes(v.chain.tie_knot, "cpu")
     _add_ratios(rows)
@@ -264,6 +267,7 @@ def run_group(args: argparse.Namespace, arch: str, mode: str) -> dict[str, Any]:
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
     peft = {r["targets"]: r for r in rows if r["kind"] == "peft"}
     chain = {r["targets"]: r for r in rows if r["kind"] == "chain"}
+    peft_chain = {r["targets"]: r for r in rows if r["kind"] == "peft_chain"}
     floor = next((r for r in rows if r["kind"] == "floor"), None)
     for r in rows:
         ref = peft.get(r["targets"]) if r["targets"] else None
@@ -279,8 +283,8 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
             r["paired_wall_floor"] = paired_ratio(r["step_times"], floor["step_times"])
         else:
             r["paired_wall_floor"] = None
-        own = chain.get(r["targets"])
-        if r["kind"] == "chain_knot" and own is not None:
+        own = (peft_chain if r["kind"] == "peft_chain_knot" else chain).get(r["targets"])
+        if r["kind"] in KNOT_KINDS and own is not None:
             r["knot_frac_wall"] = r["knot_ms"] / own["wall_ms"]
             r["knot_frac_cpu"] = r["knot_cpu_ms"] / own["cpu_ms"]
 
@@ -338,7 +342,7 @@ def format_group(rows: list[dict[str, Any]], mode: str, quant: str = "none") -> 
             line.append(str(r["compiles_after_warmup"]))
         table.append(line)
     out = [markdown_table(headers, table)]
-    knots = [r for r in rows if r["kind"] == "chain_knot"]
+    knots = [r for r in rows if r["kind"] in KNOT_KINDS]
     if knots:
         kh = [
             "variant",

@@ -82,7 +82,7 @@ class Variant:
     Attributes:
         name: The label in the tables.
         kind: ``full``, ``peft``, ``chain``, ``chain_knot``, ``peft_chain`` (chainopt over
-            PEFT's own layers) or ``floor``.
+            PEFT's own layers), ``peft_chain_knot`` (the same tying knots) or ``floor``.
         targets: ``"qv"`` or ``"all"`` (``None`` for full fine-tuning and the floor).
         model: This variant's copy of the base model.
         opt: Its optimizer (``None`` for the floor: nothing to train).
@@ -325,10 +325,13 @@ def make_chain(
     return Variant(label, "chain", targets, model, opt, chain=opt)
 
 
-def make_peft_chain(base: nn.Module, arch: str, targets: str, lora: LoraSpec) -> Variant:
+def make_peft_chain(
+    base: nn.Module, arch: str, targets: str, lora: LoraSpec, knot_every: int | None = None
+) -> Variant:
     """The PEFT LoRA model of :func:`make_peft`, chained: chainopt over PEFT's own layers
     (``target_modules`` omitted), no knot in the timed window; its ratio against ``peft`` is
-    what chaining a PeftModel costs per step."""
+    what chaining a PeftModel costs per step. With ``knot_every``, a knot after every K steps
+    (kind ``peft_chain_knot``): what a knot on PEFT's layers costs."""
     peft = make_peft(base, arch, targets, lora)
     opt = chainopt.ChainLoRAOptimizer(
         peft.model,
@@ -337,6 +340,9 @@ def make_peft_chain(base: nn.Module, arch: str, targets: str, lora: LoraSpec) ->
         exact_merge=lora.exact_merge,
     )
     label = f"chainopt over PEFT {TARGET_LABEL[targets]}"
+    if knot_every:
+        label, kind = f"{label} knot/{knot_every}", "peft_chain_knot"
+        return Variant(label, kind, targets, peft.model, opt, opt, knot_every)
     return Variant(label, "peft_chain", targets, peft.model, opt, chain=opt)
 
 
@@ -362,4 +368,6 @@ def make_variants(
             out.append(make_chain(base, arch, t, lora, lora.knot_every))
         if "peft_chain" in kinds:
             out.append(make_peft_chain(base, arch, t, lora))
+        if "peft_chain_knot" in kinds:
+            out.append(make_peft_chain(base, arch, t, lora, lora.knot_every))
     return out
