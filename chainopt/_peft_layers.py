@@ -272,6 +272,8 @@ class PeftLink:
         magnitude): FSDP2's ``fully_shard`` replaces them by sharded ones."""
         lay = cast(Any, self.layer)
         a, b = _factor_dicts(self.layer)
+        if self.adapter not in a:  # PEFT deleted the adapter: merge_problem() says so
+            return
         if self.kind == "Embedding":
             self.lora_A, self.lora_B = a[self.adapter], b[self.adapter]
         else:
@@ -319,6 +321,29 @@ class PeftLink:
         if self.lora_A.dim() > 2:
             return update.view(self.weight.shape)
         return update.T if self.fan_in_fan_out else update
+
+    def merge_problem(self) -> str | None:
+        """Why merging this link now would change the model's function, or ``None``: PEFT
+        deleted the adapter, merged it into the base weight (``merge_adapter``,
+        ``merge_and_unload``), made another adapter active (``set_adapter``) or disabled the
+        adapters (``disable_adapter()``): PEFT's forward then does not add ``s·B·A``."""
+        lay = cast(Any, self.layer)
+        adapter = self.adapter
+        if adapter not in _factor_dicts(self.layer)[0]:
+            return f"PEFT deleted its adapter {adapter!r} (delete_adapter)"
+        if adapter in getattr(lay, "merged_adapters", ()):
+            return (
+                f"PEFT merged its adapter {adapter!r} into the base weight (merge_adapter or "
+                "merge_and_unload): call unmerge_adapter() first"
+            )
+        if bool(getattr(lay, "disable_adapters", False)):
+            return "PEFT's adapters are disabled (inside disable_adapter())"
+        if adapter not in list(lay.active_adapters):
+            return (
+                f"its adapter {adapter!r} is not PEFT's active adapter "
+                f"{list(lay.active_adapters)} (set_adapter): call set_adapter({adapter!r}) first"
+            )
+        return None
 
     def resize_(self, rank: int) -> None:
         """Nothing: a chained PEFT layer keeps the rank PEFT gave it (``rank_pattern``), whatever

@@ -13,7 +13,8 @@ The protocol:
   ``out_features``, ``fan_in_fan_out`` (the weight is stored ``(in, out)``), a
   ``merge_residual`` (``None``, or a buffer shaped like the weight; assignable), ``delta()``
   (``s·B·A`` as a dense float32 tensor in the weight's layout), ``resize_(rank)`` (same
-  Parameters, new shapes) and ``check_factors(a, b)`` (why saved factors do not fit, or
+  Parameters, new shapes), ``check_factors(a, b)`` (why saved factors do not fit, or
+  ``None``) and ``merge_problem()`` (why a merge now would change the function, or
   ``None``). A knot restarts links through ``lora_A``/``lora_B`` alone
   (:func:`chainopt.lora.restart_links`): A drawn or given, B zero.
 - a **record** (:class:`ModuleRecord`) gives ``name``, ``module``, ``link``, ``delta`` (a
@@ -97,6 +98,11 @@ class Link(Factors, Protocol):
 
     def check_factors(self, a: object, b: object) -> str | None:
         """Why factors ``a``, ``b`` cannot be loaded into this link, or ``None``."""
+        ...
+
+    def merge_problem(self) -> str | None:
+        """Why merging ``s·B·A`` into the weight now would change the model's function (the
+        module's forward does not add it at the moment), or ``None``."""
         ...
 
 

@@ -37,7 +37,7 @@ from ._quant_backends import backend_for
 from ._record import ModuleRecord
 from ._validate import type_name
 from .guard import NonFiniteUpdateError, check_links
-from .merge import merge_, merged_bias, merged_weight
+from .merge import merge_, merged_bias, merged_weight, require_mergeable
 
 __all__ = [
     "adapted_modules",
@@ -64,6 +64,7 @@ def _checked(model: object, what: str) -> list[ModuleRecord]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type_name(model)}")
     records = find_adapted(model)
+    require_mergeable(records, what)
     check = check_links(records)
     if check.bad:
         raise NonFiniteUpdateError(f"refusing to {what}: {check.describe()}")
@@ -85,6 +86,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         NonFiniteUpdateError: a link holds NaN/Inf or would overflow its weight; nothing changed.
+        RuntimeError: a module's forward does not add its link now (PEFT merged, disabled or
+            switched its adapter); nothing changed.
     """
     for r in _checked(model, "merge (no weight was changed)"):
         merge_(r)

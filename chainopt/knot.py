@@ -56,7 +56,7 @@ from .guard import LinkCheck, NonFiniteUpdateError, check_links, pending_links
 from .history import ChainHistory, KnotRecord
 from .init import LinkInit
 from .lora import restart_links
-from .merge import merge_
+from .merge import merge_, require_mergeable
 from .reset import StateReset
 
 __all__: list[str] = []  # the public names (chainopt re-exports them); the rest is internal
@@ -164,6 +164,7 @@ def tie_knot(chain: Chain, step: int) -> KnotRecord:
         NonFiniteUpdateError: a link must not be merged and ``non_finite="raise"``; nothing
             was changed.
     """
+    require_mergeable(chain.records, f"tie knot {chain.knots_tied + 1}")
     with ExitStack() as contexts:
         for context in list(chain.contexts.values()):  # schedule-free's eval mode, ZeRO-3, ...
             contexts.enter_context(context(chain))

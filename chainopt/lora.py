@@ -184,6 +184,11 @@ class LoRAParametrization(nn.Module):
             )
         return None
 
+    def merge_problem(self) -> str | None:
+        """``None``: the parametrized weight always adds ``s·B·A`` (see
+        :class:`chainopt._record.Link`)."""
+        return None
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],

@@ -31,8 +31,10 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._dtensor import copy_full_, full_tensor, is_sharded
 from ._record import Link, ModuleRecord
@@ -103,13 +105,57 @@ def _residual(exact: Tensor, rounded: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(back == rounded, dropped, nudged)
 
 
+def require_mergeable(
+    records: Sequence[ModuleRecord], what: str, model: nn.Module | None = None
+) -> None:
+    """Raise unless merging every record's link now keeps the model's function.
+
+    A link whose module's forward does not add ``s·B·A`` at the moment (PEFT merged, disabled,
+    deleted or switched away from its adapter: :meth:`~chainopt._record.Link.merge_problem`), or
+    whose module is no longer part of ``model`` (replaced, or unloaded by PEFT's ``unload()``),
+    must not be merged: the merge would add an update the model does not compute.
+
+    Args:
+        records: the records about to be merged (or read as merged).
+        what: what was about to happen, for the message ("tie a knot", ...).
+        model: the model the records must still be part of (``None``: not checked).
+
+    Raises:
+        RuntimeError: naming each such module and why; nothing was changed.
+    """
+    problems = [(r.name, why) for r in records if (why := r.link.merge_problem()) is not None]
+    if model is not None:
+        live = {id(m) for m in model.modules()}
+        problems += [
+            (r.name, "it is no longer part of the model (replaced, or unloaded by PEFT's unload())")
+            for r in records
+            if id(r.module) not in live
+        ]
+    if problems:
+        by_why: dict[str, list[str]] = {}
+        for name, why in problems:
+            by_why.setdefault(why, []).append(name)
+        listed = "; ".join(
+            f"{names[:3]}{f' and {len(names) - 3} more' if len(names) > 3 else ''}: {why}"
+            for why, names in by_why.items()
+        )
+        raise RuntimeError(
+            f"cannot {what}: merging the chain's links now would change the model's function. "
+            f"{listed}. Nothing was changed"
+        )
+
+
 @torch.no_grad()
 def merge_(record: ModuleRecord) -> None:
     """Fold the module's pending ``s·B·A`` (and bias delta) into the frozen originals, in place.
 
     The factors are left as they are; restart them afterwards. A quantized layer's link goes
     into its master, and the 4-bit weight becomes ``quantize(master)`` (:mod:`chainopt.quantized`).
+
+    Raises:
+        RuntimeError: the module's forward does not add the link now (:func:`require_mergeable`).
     """
+    require_mergeable([record], "merge the link")
     if record.quant is not None:
         record.quant.merge_(record.link)
     for part, target in record.parts():
@@ -140,7 +186,11 @@ def merged_weight(record: ModuleRecord, dtype: torch.dtype | None = None) -> Ten
         record: the adapted module.
         dtype: the result's dtype (default: the weight's). ``torch.float32`` keeps what rounding
             into a half-precision weight would drop.
+
+    Raises:
+        RuntimeError: the module's forward does not add the link now (:func:`require_mergeable`).
     """
+    require_mergeable([record], "read the merged weight")
     if record.quant is not None:  # float32 (the master's) unless asked otherwise
         return record.quant.merged(record.link).to(dtype or torch.float32)
     return exact_sum(record.weight, record.link).to(dtype or record.weight.dtype)

@@ -54,6 +54,7 @@ from .export import chain_tensors, merge_and_unload, merged_save_pending
 from .history import ChainHistory, KnotRecord
 from .init import InitPolicy
 from .knot import tie_knot
+from .merge import require_mergeable
 from .quantized import QuantizedMaster
 from .reset import ResetPolicy
 from .summary import ChainSummary, summarize
@@ -310,7 +311,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
 
         Every call reads each link's ``unloaded`` mark (what chainopt's unloading sets); ``full``
         (before a knot) also checks that each module still holds its link (what removing
-        parametrizations by other means undoes).
+        parametrizations by other means undoes), is still part of the model, and adds its link
+        now (:func:`chainopt.merge.require_mergeable`: PEFT merged, disabled or switched adapters).
         """
         records = self.chain.records
         if not records:
@@ -324,6 +326,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
                 "optimizer cannot step, tie a knot or merge again (nothing was changed). Build a "
                 "new ChainLoRAOptimizer on the model to train on"
             )
+        if full:
+            require_mergeable(records, "tie a knot", self.model)
 
     def _holds_factors(self) -> bool:
         """Whether the wrapped optimizer still steps the factors themselves (not an engine's

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from strategies import LinearCase, linear_cases, tolerance
 from torch import nn
 
+from chainopt import ChainLoRAOptimizer
 from chainopt._attach import attach, bias_delta
 from chainopt._layers import record_of
 from chainopt.merge import merge_, merged_bias, merged_weight
@@ -160,3 +161,24 @@ def test_a_knot_of_a_zero_link_leaves_a_half_precision_weight_bitwise_as_it_is(
         merge_(record)  # B is zero: nothing to merge
         assert torch.equal(record.weight, weight)
         assert torch.equal(residual, kept)
+
+
+def test_a_knot_refuses_a_module_that_left_the_model() -> None:
+    """A chained module replaced in the model (``model[0] = new``): its link is no longer part of
+    the model's function, so a knot must not merge it (nor anything else: all or nothing)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules=["0", "2"], rank=2,
+        knot_every=100,
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in opt.factors():
+            p.normal_()
+    old = model[0]
+    model[0] = nn.Linear(6, 6)
+    kept = model[2].weight.detach().clone(), old.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"'0'\]: it is no longer part of the model"):
+        opt.tie_knot()
+    assert torch.equal(model[2].weight, kept[0]) and torch.equal(old.weight, kept[1])
+    assert opt.knots_tied == 0

@@ -893,3 +893,100 @@ class PeftChainMachine(RuleBasedStateMachine):
 
 TestPeftChainMachine = PeftChainMachine.TestCase
 TestPeftChainMachine.settings = settings(max_examples=15, stateful_step_count=8, deadline=None)
+
+
+# --- PEFT's own adapter switches between knots: a knot while the adapter is not in the forward ---
+
+
+def _peft_merge(model: Any) -> Any:
+    model.merge_adapter()
+    return model.unmerge_adapter
+
+
+def _peft_merge_and_unload(model: Any) -> Any:
+    model.merge_and_unload()
+    return None
+
+
+def _peft_unload(model: Any) -> Any:
+    model.unload()
+    return None
+
+
+def _peft_other_adapter(model: Any) -> Any:
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    model.set_adapter("other")
+    return lambda: model.set_adapter("default")
+
+
+def _peft_delete_adapter(model: Any) -> Any:
+    model.base_model.delete_adapter("default")
+    return None
+
+
+_SWITCHES = {
+    "merge_adapter": (_peft_merge, "merged its adapter"),
+    "merge_and_unload": (_peft_merge_and_unload, "merged its adapter"),
+    "unload": (_peft_unload, "no longer part of the model"),
+    "set_adapter": (_peft_other_adapter, "not PEFT's active adapter"),
+    "delete_adapter": (_peft_delete_adapter, "deleted its adapter"),
+}
+
+
+@pytest.mark.parametrize("switch", sorted(_SWITCHES))
+def test_a_knot_refuses_while_peft_has_taken_the_adapter_out_of_the_forward(switch: str) -> None:
+    """PEFT's merge_adapter (TRL merges around generation), merge_and_unload, unload,
+    set_adapter and delete_adapter leave a forward that does not add the chain's link: a knot
+    then would add an update the model does not compute (before this check: the function moved by
+    0.02-0.03, silently). It raises, naming PEFT's call, and changes nothing; put back, the
+    knot is exact."""
+    model = _peft_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=100)
+    _randomize_links(model)
+    layers = _lora_layers(model)
+    put_back = _SWITCHES[switch][0](model)
+    state = snapshot(model)
+    factors = [f.detach().clone() for f in opt.factors()]
+    with pytest.raises(RuntimeError, match=_SWITCHES[switch][1]):
+        opt.tie_knot()
+    after = snapshot(model)
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    assert all(torch.equal(f, g) for f, g in zip(opt.factors(), factors, strict=True))
+    assert opt.knots_tied == 0
+    for name, layer in layers.items():  # the layers PEFT took out keep their factors too
+        assert switch == "delete_adapter" or layer.lora_B["default"].weight.any(), name
+    if put_back is not None:
+        put_back()
+        before = _logits(model)
+        opt.tie_knot()
+        torch.testing.assert_close(_logits(model), before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_knot_inside_peft_disable_adapter_refuses() -> None:
+    """Inside ``disable_adapter()`` (DPO's reference pass) the model computes the base alone: a
+    knot there would move that function (and every later reference pass) by the link."""
+    model = _peft_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=100)
+    _randomize_links(model)
+    with model.disable_adapter():
+        base = _logits(model)
+        with pytest.raises(RuntimeError, match="disabled"):
+            opt.tie_knot()
+        torch.testing.assert_close(_logits(model), base, rtol=0, atol=0)
+
+
+def test_merges_and_exports_refuse_while_peft_merged_the_adapter() -> None:
+    """chainopt's own merges read ``W + s·B·A``: with PEFT's merge in W already, that would
+    count the link twice."""
+    import chainopt
+
+    model = _peft_llama()
+    ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=100)
+    _randomize_links(model)
+    model.merge_adapter()
+    state = snapshot(model)
+    for call in (chainopt.merged_state_dict, chainopt.merge_and_unload):
+        with pytest.raises(RuntimeError, match="merged its adapter"):
+            call(model)
+    after = snapshot(model)
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
