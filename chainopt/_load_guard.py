@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ._attach import plist_of
 from ._layers import find_adapted
 from ._marks import LOAD_GUARD, LOAD_SETTLE, LOADING, PLAIN_LOAD, STATE_RESTORED
+from ._peft_save import foreign_factors_problem
 from ._quant_backends import backend_for
 from ._record import Link, ModuleRecord
 from .lora import BiasDelta
@@ -208,6 +209,8 @@ def _prepare_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *a
     plain = accept_plain_keys(module, state_dict, prefix)
     dense, problems = _quantize_dense_weights(module, state_dict, prefix)
     problems += check_incoming_state(module, state_dict, prefix)
+    foreign = foreign_factors_problem(module, state_dict, prefix)
+    problems += [foreign] if foreign is not None else []
     if not problems:  # 4-bit weights this load writes: their masters follow after it
         module.__dict__[LOADING] = (
             plain,

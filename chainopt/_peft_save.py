@@ -32,6 +32,7 @@ import copy
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +223,18 @@ def _load_adapter(self: Any, model_id: Any, adapter_name: str, *args: Any, **kwa
     back instead (see :func:`install_whole_chain_save`)."""
     save: ChainSave = self.__dict__[PEFT_SAVE]
     where = Path(str(model_id))
+    if adapter_name != save.adapter and len(save.history) > 0:
+        from .advice import ChainLoRAWarning  # (advice imports the records)
+
+        warnings.warn(
+            f"load_adapter({str(model_id)!r}, {adapter_name!r}): this PeftModel's base weights "
+            f"hold the {len(save.history)} merged link(s) of the chained adapter "
+            f"{save.adapter!r}, so {adapter_name!r} will run on the chain's merged model, not on "
+            "the original base it was trained on. To use it as trained, load it onto the "
+            "original base: PeftModel.from_pretrained(base, path)",
+            ChainLoRAWarning,
+            stacklevel=2,
+        )
     if adapter_name != save.adapter or not (where / SIDECAR).is_file():
         return type(self).load_adapter(self, model_id, adapter_name, *args, **kwargs)
     # The live link has PEFT's rank, not Σr: the chain's state dict brings back the merged
@@ -231,6 +244,34 @@ def _load_adapter(self: Any, model_id: Any, adapter_name: str, *args: Any, **kwa
         save.restore(torch.load(where / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
     else:
         self.__dict__[AWAITING] = str(model_id)
+    return None
+
+
+def foreign_factors_problem(model: nn.Module, state_dict: Any, prefix: str = "") -> str | None:
+    """Why loading ``state_dict`` into a chained ``PeftModel`` would not give the model it
+    describes, or ``None``.
+
+    After a knot the base weights hold the chain's merged links. A state dict that sets the
+    chained adapter's factors without the base weights under them (``load_adapter`` of an
+    adapter saved elsewhere, ``set_peft_model_state_dict``, a partial ``load_state_dict``) was
+    made for some other base (the original one, as PEFT's adapters are): loaded, the model would
+    compute the merged links plus that adapter. A chain's own save (with its sidecar) is brought
+    back by ``load_adapter`` through the chain's state instead (:func:`_load_adapter`)."""
+    save = model.__dict__.get(PEFT_SAVE)
+    if not isinstance(save, ChainSave) or len(save.history) == 0:
+        return None  # no knot yet: the base is the original one, the load is exact
+    for name, link in chained_links(model):
+        keys = [f"{prefix}{_key(name, link, part)}" for part in ("A", "B")]
+        base = f"{prefix}{name}.base_layer."
+        if any(k in state_dict for k in keys) and not any(k.startswith(base) for k in state_dict):
+            return (
+                f"it sets the factors of the chained adapter {save.adapter!r} ({keys[0]!r}, ...) "
+                f"without the base weights under them, but the base weights hold the chain's "
+                f"{len(save.history)} merged link(s): the model would compute those links plus "
+                "the loaded adapter, not the adapter. Load an adapter saved elsewhere onto the "
+                "original base (PeftModel.from_pretrained(base, path)), or into another adapter "
+                "name; a chain's own save_pretrained directory loads back through load_adapter"
+            )
     return None
 
 

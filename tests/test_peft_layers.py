@@ -990,3 +990,54 @@ def test_merges_and_exports_refuse_while_peft_merged_the_adapter() -> None:
             call(model)
     after = snapshot(model)
     assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+# --- an adapter saved elsewhere, loaded into a live chain ---
+
+
+def _foreign_adapter(tmp_path: Path) -> tuple[Path, torch.Tensor]:
+    """A PEFT adapter trained on the original base (B random), saved; and its logits."""
+    other = _peft_llama()
+    _randomize_links(other)
+    other.save_pretrained(tmp_path / "other")
+    return tmp_path / "other", _logits(other.eval())
+
+
+def test_an_adapter_saved_elsewhere_loads_exactly_into_a_chain_before_any_knot(
+    tmp_path: Path,
+) -> None:
+    where, logits = _foreign_adapter(tmp_path)
+    model = _peft_llama()
+    ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=100)
+    model.load_adapter(where, adapter_name="default")
+    torch.testing.assert_close(_logits(model.eval()), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_saved_elsewhere_is_refused_into_the_chained_adapter_after_a_knot(
+    tmp_path: Path,
+) -> None:
+    """After a knot the base holds the merged link: loading only an adapter's factors would
+    compute links + adapter (0.03-0.08 off its logits, silently, before this check)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from chainopt import ChainLoRAWarning
+
+    where, _ = _foreign_adapter(tmp_path)
+    model = _peft_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=100)
+    _randomize_links(model)
+    opt.tie_knot()
+    _randomize_links(model)
+    state = snapshot(model)
+    other = PeftModel.from_pretrained(tiny_llama(), where)
+    for load in (
+        lambda: model.load_adapter(where, adapter_name="default"),
+        lambda: set_peft_model_state_dict(model, get_peft_model_state_dict(other)),
+    ):
+        with pytest.raises(ValueError, match="merged link"):
+            load()
+        after = snapshot(model)
+        assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    # under another name it loads, with a warning that it runs on the chain's merged base
+    with pytest.warns(ChainLoRAWarning, match="merged link"):
+        model.load_adapter(where, adapter_name="other")
