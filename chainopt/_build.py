@@ -45,10 +45,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._dtensor import is_sharded, shard_like
+from ._experts import ParameterBuilder
 from ._hf_save import prepare_hf_model
 from ._layers import builder_for
 from ._load_guard import guard_loads
-from ._record import LinkSpec, ModuleRecord
+from ._record import LinkSpec, ModuleRecord, RecordBuilder
 from ._schedule_free import resolve_iterates
 from ._validate import type_name
 from .advice import warn_frozen_head, warn_rounding_knots
@@ -94,7 +95,8 @@ def build_chain(
             or bad ``master_weights``. Nothing is changed then.
     """
     check_optimizer(optimizer, model)
-    masters = resolve_master_weights(master_weights, model, config.modules)
+    layers = [n for n in config.modules if n not in config.parameters]
+    masters = resolve_master_weights(master_weights, model, layers)
     generator = torch.Generator().manual_seed(config.seed)
     keep = [p for name in config.trainable for p in model.get_submodule(name).parameters()]
     keep = list({id(p): p for p in keep}.values())
@@ -141,15 +143,23 @@ def adapt_modules(
 ) -> list[ModuleRecord]:
     """Attach the first link to every module of ``config.modules``; all of them or none.
 
-    Each module goes to the builder of its kind (:data:`chainopt._layers.BUILDERS`); a quantized
-    layer's master starts from ``masters[name]`` if given (see :mod:`chainopt.quantized`).
+    Each module goes to the builder of its kind (:data:`chainopt._layers.BUILDERS`), each
+    parameter of ``config.parameters`` (``"<module>.<param>"``) to a
+    :class:`~chainopt._experts.ParameterBuilder`; a quantized layer's master starts from
+    ``masters[name]`` if given (see :mod:`chainopt.quantized`).
     """
     spec = link_spec(config)
     records: list[ModuleRecord] = []
+    parameters = set(config.parameters)
     try:
         for name in config.modules:
-            module = model.get_submodule(name)
-            builder = builder_for(module)
+            builder: RecordBuilder | None
+            if name in parameters:
+                owner, _, param = name.rpartition(".")
+                module, builder = model.get_submodule(owner), ParameterBuilder(param)
+            else:
+                module = model.get_submodule(name)
+                builder = builder_for(module)
             if builder is None:  # pragma: no cover - the config checked it
                 raise TypeError(f"{name!r} is a {type_name(module)}, which no builder adapts")
             records.append(builder.attach(name, module, spec, generator, (masters or {}).get(name)))

@@ -5,6 +5,9 @@
 - :class:`QuantizedBuilder`: 4-bit layers (:mod:`chainopt.quantized`): a child link, a master.
 - :class:`~chainopt._peft_layers.PeftBuilder`: PEFT's own LoRA layers (a ``PeftModel``): the
   link is a view of PEFT's factors (:mod:`chainopt._peft_layers`).
+- :class:`~chainopt._experts.ParameterBuilder`: a bare 2-D or 3-D parameter (fused
+  mixture-of-experts weights, routers; ``target_parameters``), one builder per parameter name,
+  so not in :data:`BUILDERS`: :func:`find_adapted` walks each module's parametrized tensors.
 
 :data:`BUILDERS` lists them; :func:`find_adapted` and :func:`record_of` find the records of a
 model that carries links. A new layer kind is a new builder added to :data:`BUILDERS` (see
@@ -47,6 +50,7 @@ from ._attach import (
     residual_dtype,
     stock_forward,
 )
+from ._experts import parameter_records
 from ._marks import LINK_NAME
 from ._peft_layers import PeftBuilder
 from ._quant_backends import backend_for
@@ -181,12 +185,14 @@ def builder_for(module: nn.Module) -> RecordBuilder | None:
 
 
 def find_adapted(model: nn.Module) -> list[ModuleRecord]:
-    """Every module of ``model`` that carries a chainopt link, in ``named_modules`` order."""
+    """Every record of ``model``, in ``named_modules`` order: a module's own (a layer's link),
+    then one per adapted parameter of it (:mod:`chainopt._experts`)."""
     out = []
     for n, m in model.named_modules():
         record = next((r for b in BUILDERS if (r := b.find(n, m)) is not None), None)
         if record is not None:
             out.append(record)
+        out.extend(parameter_records(n, m))  # links on bare parameters (target_parameters)
     return out
 
 

@@ -67,7 +67,7 @@ def check_incoming_state(
     }
     own_format = tuple(layers)
     for r in find_adapted(model):
-        base = f"{prefix}{r.name}." if r.name else prefix
+        base = f"{prefix}{r.module_name}." if r.module_name else prefix
         a_key, b_key = f"{base}{r.link_prefix}lora_A", f"{base}{r.link_prefix}lora_B"
         factor_keys |= {a_key, b_key}
         if a_key in state_dict or b_key in state_dict:
@@ -141,11 +141,11 @@ def accept_plain_keys(
     """
     replaced, complete = False, True
     for r in find_adapted(model):
-        base = f"{prefix}{r.name}." if r.name else prefix
+        base = f"{prefix}{r.module_name}." if r.module_name else prefix
         complete = complete and f"{base}{r.link_prefix}lora_B" in state_dict
         if r.quant is not None:
             replaced = _restart_quantized_link(r, state_dict, base) or replaced
-        parts: list[tuple[str, Link | BiasDelta]] = [("weight", r.link)]
+        parts: list[tuple[str, Link | BiasDelta]] = [(r.param, r.link)]
         if r.delta is not None:
             parts.append(("bias", r.delta))
         for kind, part in parts:

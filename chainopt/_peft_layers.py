@@ -70,6 +70,7 @@ import torch
 from torch import Tensor, nn
 
 from ._attach import residual_dtype
+from ._experts import expert_delta, split_experts
 from ._marks import PEFT_LINK
 from ._quant_backends import backend_for
 from ._record import LinkSpec, ModuleRecord
@@ -300,10 +301,9 @@ class PeftLink:
     def expert_factors(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """Fused experts: ``(Bₑ)`` ``(E, out, r)`` and ``(Aₑ)`` ``(E, r, in)``, as PEFT's
         ``get_delta_weight`` reads them (copies in ``dtype``)."""
-        e = self.experts
-        a = self.lora_A.detach().to(dtype).reshape(e, -1, self.in_features)  # (E, r, in)
-        b = self.lora_B.detach().to(dtype).reshape(self.out_features, -1, e)  # (out, r, E)
-        return b.permute(2, 0, 1), a
+        return split_experts(
+            self.lora_A.detach().to(dtype), self.lora_B.detach().to(dtype), self.experts
+        )
 
     def delta(self) -> Tensor:
         """``s·B·A`` in float32, in the weight's layout (transposed with ``fan_in_fan_out``).
@@ -312,9 +312,9 @@ class PeftLink:
         ``(E, in, out)``, each transposed, with ``fan_in_fan_out``).
         """
         if self.experts > 1:
-            b_e, a_e = self.expert_factors()
-            update = torch.bmm(b_e, a_e).mul_(self.scale)  # (E, out, r) @ (E, r, in)
-            return update.mT if self.fan_in_fan_out else update
+            return expert_delta(
+                self.lora_A, self.lora_B, self.experts, self.scale, self.fan_in_fan_out
+            )
         # (out, r) @ (r, in) -> (out, in); a convolution's (out, r) @ (r, in·∏k) -> its kernel
         b, a = self.lora_B.detach().float().flatten(1), self.lora_A.detach().float().flatten(1)
         update = (b @ a).mul_(self.scale)

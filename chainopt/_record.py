@@ -17,7 +17,10 @@ The protocol:
   ``None``) and ``merge_problem()`` (why a merge now would change the function, or
   ``None``). A knot restarts links through ``lora_A``/``lora_B`` alone
   (:func:`chainopt.lora.restart_links`): A drawn or given, B zero.
-- a **record** (:class:`ModuleRecord`) gives ``name``, ``module``, ``link``, ``delta`` (a
+- a **record** (:class:`ModuleRecord`) gives ``name`` (the module's qualified name, or
+  ``"<module>.<param>"`` for a link on a bare parameter, whose module is then ``owner``;
+  ``module_name`` is the module's either way), ``param`` (the tensor the link adapts:
+  ``"weight"``, or the parameter's name), ``module``, ``link``, ``delta`` (a
   :class:`~chainopt.lora.BiasDelta` or ``None``), ``weight`` and ``bias`` (the frozen tensors,
   the Parameter objects), ``quant`` (a 4-bit layer's :class:`~chainopt.quantized.QuantizedWeight`
   or ``None``), ``link_prefix`` (where the link's tensors sit under the module's state-dict
@@ -27,14 +30,22 @@ The protocol:
 - a **builder** (:class:`RecordBuilder`) knows one layer kind: ``claims(module)``,
   ``attach(name, module, spec, generator, master)`` (register a link, return the record),
   ``find(name, module)`` (the record of a module it adapted, or ``None``) and ``detach(module)``.
+  A builder may be bound to one tensor of the module
+  (:class:`~chainopt._experts.ParameterBuilder`: a module holds several adapted parameters,
+  one record each; ``detach`` removes that parameter's link only).
+
+The record names are what ``config.modules``, ``adapted_modules()``, the history, the summary
+and the saved chain state are keyed by: a module's qualified name, or ``"<module>.<param>"``
+for a parameter link (``target_parameters``).
 
 To support a new layer kind, write a link class that has the attributes above (or reuse
 :class:`~chainopt.lora.LoRAParametrization`) and a builder, and add the builder to
 :data:`chainopt._layers.BUILDERS`. Nothing in the knot, the guard, the merges or the exports
 changes.
 
-The builders live in :mod:`chainopt._layers`, which also finds the records of a model
-(:func:`~chainopt._layers.find_adapted`).
+The builders live in :mod:`chainopt._layers` and :mod:`chainopt._experts`;
+:func:`~chainopt._layers.find_adapted` finds the records of a model (each module's record,
+then its parameters' records).
 
 Example:
     >>> import torch
@@ -169,6 +180,9 @@ class ModuleRecord:
         quant: a quantized layer's weight and master (:mod:`chainopt.quantized`), or ``None``.
         link_prefix: where the link's tensors sit under the module's state-dict prefix.
         builder: the :class:`RecordBuilder` of the module's kind.
+        param: the module's tensor the link adapts (``"weight"`` for a layer).
+        owner: the module's qualified name when the record is named after a parameter
+            (``"<module>.<param>"``, :mod:`chainopt._experts`); ``None``: ``name`` is the module's.
     """
 
     name: str
@@ -180,6 +194,13 @@ class ModuleRecord:
     quant: QuantizedWeight | None
     link_prefix: str
     builder: RecordBuilder
+    param: str = "weight"
+    owner: str | None = None
+
+    @property
+    def module_name(self) -> str:
+        """The module's qualified name: where its state-dict keys sit."""
+        return self.name if self.owner is None else self.owner
 
     def refreshed(self) -> ModuleRecord:
         """The same module looked up again (after FSDP2 replaced its Parameters)."""

@@ -43,7 +43,14 @@ from .init import InitPolicy
 from .quantized import QuantizedMaster
 from .reset import ResetPolicy
 from .schedule import KnotSchedule
-from .targets import ModuleSpec, choose_targets, choose_trainable, describe_spec
+from .targets import (
+    ModuleSpec,
+    choose_parameters,
+    choose_targets,
+    choose_trainable,
+    describe_spec,
+    select_parameters,
+)
 
 __all__ = [
     "ChainConfig",
@@ -70,7 +77,8 @@ class ChainConfig:
     """What a chain was built with.
 
     Attributes:
-        modules: qualified names of the adapted modules, in model order.
+        modules: the records' names, in model order: the qualified name of each adapted
+            module, and ``"<module>.<param>"`` of each adapted parameter (after its module's).
         ranks: rank of each link; the last repeats (rank step-down).
         alpha: LoRA alpha; link ``i`` has scale ``alpha / ranks[i]``.
         knot_every: the interval schedule, or ``None``.
@@ -88,6 +96,8 @@ class ChainConfig:
         non_finite: what a knot does with a link that must not be merged.
         trainable: qualified names of modules trained as they are (``trainable_modules``).
         quantized_master: how knots merge into 4-bit weights (see :mod:`chainopt.quantized`).
+        parameters: the entries of ``modules`` that are bare parameters
+            (``target_parameters``), named ``"<module>.<param>"``.
     """
 
     modules: tuple[str, ...]
@@ -106,6 +116,7 @@ class ChainConfig:
     non_finite: NonFinitePolicy = "raise"
     trainable: tuple[str, ...] = ()
     quantized_master: QuantizedMaster = "host"
+    parameters: tuple[str, ...] = ()
 
     def link_rank(self, link: int) -> int:
         """Rank of link ``link`` (0-based): ``ranks[link]``, the last entry repeating.
@@ -138,7 +149,7 @@ class ChainConfig:
         """
         try:
             kw = {f.name: data[f.name] for f in fields(cls) if f.name in data}
-            for key in ("modules", "ranks", "knots", "trainable"):
+            for key in ("modules", "ranks", "knots", "trainable", "parameters"):
                 if key in kw:
                     kw[key] = tuple(kw[key])
             dtype = kw.get("factor_dtype")
@@ -165,6 +176,7 @@ class ChainConfig:
         model: nn.Module,
         *,
         target_modules: ModuleSpec | None = None,
+        target_parameters: ModuleSpec | None = None,
         rank: int | Sequence[int] | None = None,
         alpha: float | None = None,
         knot_every: int | None = None,
@@ -196,13 +208,20 @@ class ChainConfig:
         check_model(model)
         peft = _peft_choice(model, target_modules, rank, alpha, lora_bias, factor_dtype, init)
         if peft is not None:
+            if target_parameters is not None:
+                raise ValueError(
+                    f"target_parameters={describe_spec(target_parameters)!r} on a model that "
+                    "holds PEFT LoRA layers: chainopt chains PEFT's own layers there; put the "
+                    "parameters in the LoraConfig's target_parameters instead"
+                )
             rank, alpha, keep_history = peft.rank, peft.alpha, True
-        elif target_modules is None:
+        elif target_modules is None and target_parameters is None:
             raise TypeError(
                 "target_modules is required: name the modules to adapt (PEFT-style suffixes such "
-                "as ['q_proj', 'v_proj'], a regex, a callable or 'all-linear'); it may be "
-                "omitted only for a model that holds PEFT LoRA layers (a PeftModel), whose "
-                "layers are then chained"
+                "as ['q_proj', 'v_proj'], a regex, a callable or 'all-linear'), or the bare "
+                "parameters with target_parameters (fused experts: ['experts.gate_up_proj']); "
+                "it may be omitted only for a model that holds PEFT LoRA layers (a PeftModel), "
+                "whose layers are then chained"
             )
         rank = _DEFAULT_RANK if rank is None else rank
         alpha = _DEFAULT_ALPHA if alpha is None else alpha
@@ -240,15 +259,38 @@ class ChainConfig:
             raise TypeError(f"prune_ratio must be a number in [0, 1), got {prune_ratio!r}")
         if not 0 <= prune_ratio < 1:
             raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio!r}")
+        if init == "gradient" and target_parameters is not None:
+            raise ValueError(
+                "init='gradient' with target_parameters: a parameter link has no layer output "
+                "to take the gradient's singular vectors from; use init='kaiming'"
+            )
         trainable = choose_trainable(model, trainable_modules)
+        params: list[tuple[str, str, nn.Module]] = []
         if peft is not None:
             targets, kept = peft.layers, tuple(peft.trainable)
         else:
-            assert target_modules is not None  # refused above
-            targets = choose_targets(model, target_modules, max(ranks), lora_bias, trainable)
+            covered = (
+                []
+                if target_parameters is None
+                else [n for n, *_ in select_parameters(model, target_parameters)]
+            )
+            targets = (
+                []
+                if target_modules is None
+                else choose_targets(
+                    model, target_modules, max(ranks), lora_bias, trainable, covered
+                )
+            )
+            if target_parameters is not None:
+                if lora_bias and not targets:
+                    raise ValueError(
+                        "lora_bias=True but target_parameters adapts no bias (only "
+                        "target_modules' layers get bias deltas)"
+                    )
+                params = choose_parameters(model, target_parameters, max(ranks), targets, trainable)
             kept = ()
         return cls(
-            modules=tuple(n for n, _ in targets),
+            modules=_model_order(model, targets, params),
             ranks=ranks,
             alpha=float(alpha),
             knot_every=schedule.knot_every,
@@ -264,7 +306,23 @@ class ChainConfig:
             non_finite=non_finite,
             trainable=tuple(dict.fromkeys([*(n for n, _ in trainable), *kept])),
             quantized_master=quantized_master,
+            parameters=tuple(n for n, _p, _m in params),
         )
+
+
+def _model_order(
+    model: nn.Module, targets: list[tuple[str, nn.Module]], params: list[tuple[str, str, nn.Module]]
+) -> tuple[str, ...]:
+    """The record names in model order: each module's own, then its parameters' (in the
+    module's parameter order), as :func:`~chainopt._layers.find_adapted` finds them."""
+    if not params:
+        return tuple(n for n, _ in targets)
+    index = {id(m): i for i, (_n, m) in enumerate(model.named_modules())}
+    keyed = [((index[id(m)], -1), n) for n, m in targets]
+    for n, pname, m in params:
+        order = [p for p, _ in m.named_parameters(recurse=False)]
+        keyed.append(((index[id(m)], order.index(pname) if pname in order else len(order)), n))
+    return tuple(n for _k, n in sorted(keyed, key=lambda kv: kv[0]))
 
 
 CONFIG_ARGUMENTS: tuple[str, ...] = tuple(

@@ -142,21 +142,22 @@ def merged_state_dict(
         return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
     for r in records:
-        prefix = f"{r.name}." if r.name else ""
+        prefix = f"{r.module_name}." if r.module_name else ""
+        param = r.param  # "weight", or a bare parameter's name (target_parameters)
         if r.quant is not None:
             weight = merged_weight(r, torch.float32)
             keys = [k for k in state if k == f"{prefix}weight"
                     or k.startswith((f"{prefix}weight.", f"{prefix}{r.link_prefix}"))]  # fmt: skip
         else:
             # With another parametrization stacked after ours, only the whole stack is the weight.
-            stacked = parametrization_count(r.module) > 1
-            weight = getattr(r.module, "weight").detach().clone() if stacked else merged_weight(r)  # noqa: B009
-            own = (f"{prefix}parametrizations.weight.", f"{prefix}{r.link_prefix}")
-            keys = [k for k in state if k == f"{prefix}weight" or k.startswith(own)]
+            stacked = parametrization_count(r.module, param) > 1
+            weight = getattr(r.module, param).detach().clone() if stacked else merged_weight(r)
+            own = (f"{prefix}parametrizations.{param}.", f"{prefix}{r.link_prefix}")
+            keys = [k for k in state if k == f"{prefix}{param}" or k.startswith(own)]
         if not bool(torch.isfinite(weight).all()):
             raise NonFiniteUpdateError(f"refusing to export {r.name!r}: its weight is not finite")
         if r.quant is None:
-            entries = {f"{prefix}weight": weight}
+            entries = {f"{prefix}{param}": weight}
         elif keep_quantized:
             entries = {
                 prefix + k: v for k, v in r.quant.backend.serialize(r.module, weight).items()
@@ -262,12 +263,15 @@ def chain_tensors(model: nn.Module) -> dict[str, Tensor]:
     """
     owned: list[str] = []
     for r in find_adapted(model):
-        base = f"{r.name}." if r.name else ""
+        base = f"{r.module_name}." if r.module_name else ""
         if isinstance(r.link, PeftLink):  # a PEFT layer: its base layer and factors
             owned.append(base)
             continue
         owned.append(f"{base}{r.link_prefix}")
-        owned.append(f"{base}parametrizations." if r.quant is None else f"{base}weight")
+        if r.quant is not None:
+            owned.append(f"{base}weight")
+        else:  # a layer's weight (and bias delta); a bare parameter's own tensor only
+            owned.append(f"{base}parametrizations." + ("" if r.owner is None else f"{r.param}."))
     if not owned:
         return {}
     if getattr(model, "hf_quantizer", None) is None:  # a merged save writes every 4-bit layer

@@ -54,7 +54,7 @@ def exact_sum(target: Tensor, part: Link | BiasDelta) -> Tensor:
     exact = full_tensor(target.detach()).to(dt, copy=True)
     if part.merge_residual is not None:
         exact.add_(full_tensor(part.merge_residual).to(dt))
-    if not isinstance(part, BiasDelta) and getattr(part, "experts", 1) > 1:
+    if not isinstance(part, BiasDelta) and target.dim() == 3 and part.lora_A.dim() == 2:
         exact.add_(part.delta().to(dt))  # fused experts: each expert's s·Bₑ·Aₑ (one float32 sum)
     elif not isinstance(part, BiasDelta):  # a link
         a, b = full_tensor(part.lora_A.detach()).to(dt), full_tensor(part.lora_B.detach()).to(dt)
@@ -167,7 +167,7 @@ def merge_(record: ModuleRecord) -> None:
             and target.dtype == part.lora_A.dtype == torch.float32
             and not is_sharded(target)
             and part.lora_A.dim() == 2
-            and getattr(part, "experts", 1) == 1
+            and target.dim() == 2  # not fused experts (3-D), not a kernel
         ):
             a, b = part.lora_A, part.lora_B  # in place, no temporary
             if part.fan_in_fan_out:

@@ -93,7 +93,19 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             PEFT LoRA layers (a ``PeftModel``): the chain then trains PEFT's own layers of the
             active adapter, with their rank, alpha, dropout and rsLoRA scaling, and
             ``peft_model.save_pretrained`` writes the whole chain as one adapter (see
-            :mod:`chainopt._peft_layers`); required otherwise.
+            :mod:`chainopt._peft_layers`); required otherwise, unless ``target_parameters``
+            is given.
+        target_parameters: bare 2-D or 3-D parameters to adapt, as PEFT's option of that
+            name: fused mixture-of-experts weights (transformers 5's Mixtral, Qwen3-MoE, OLMoE,
+            GPT-OSS: ``["experts.gate_up_proj", "experts.down_proj"]``) and routers kept as a
+            bare ``weight`` (``"mlp.gate.weight"``). Suffixes of qualified parameter names (a
+            list, set or iterable of them), a compiled regex or a callable
+            ``(name, parameter) -> bool``. A 3-D parameter ``(E, out, in)`` (``(E, in, out)``
+            when its module has ``is_transposed = True``) gets a rank-``r`` link per expert in
+            PEFT's layout and knots merge each expert exactly; its module's forward computes
+            ``W + Δ`` once per call. With or without ``target_modules``; not on a module that
+            also adapts, and not with ``init="gradient"``. The records are named
+            ``"<module>.<param>"`` (see :mod:`chainopt._experts`).
         rank: rank ``r`` of each link (default 8), or a list: link ``i`` has rank ``rank[i]``
             and the last entry repeats (rank step-down, e.g. ``[8, 4]``; not under DDP). Not
             with PEFT layers (the ``LoraConfig``'s).
@@ -156,6 +168,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         optimizer: OptimizerSpec,
         *,
         target_modules: ModuleSpec | None = None,
+        target_parameters: ModuleSpec | None = None,
         rank: int | Sequence[int] | None = None,
         alpha: float | None = None,
         knot_every: int | None = None,

@@ -180,7 +180,8 @@ def export_peft_adapter(
             ``merge_and_unload()`` was called or a plain checkpoint loaded, and no ``base`` was
             given (or it lacks a weight, or holds one of another shape); PEFT would refuse to
             load the adapter into the model's architecture (Mamba's ``out_proj``, say: see
-            :func:`_check_peft_loads`). Nothing is written then.
+            :func:`_check_peft_loads`); a chain with ``target_parameters`` (not written yet:
+            deploy it merged). Nothing is written then.
         ImportError: ``safetensors`` is not installed.
     """
     if not isinstance(chain, ChainLoRAOptimizer):
@@ -194,6 +195,13 @@ def export_peft_adapter(
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
         raise TypeError(
             f"base_model_name_or_path must be a str or None, got {base_model_name_or_path!r}"
+        )
+    if chain.config.parameters:
+        raise ValueError(
+            f"export_peft_adapter does not write chains with target_parameters (here "
+            f"{list(chain.config.parameters)[:3]}) yet: deploy the merged model with "
+            "chainopt.save_merged(opt, path), chainopt.merged_state_dict(model) or "
+            "chainopt.merge_and_unload(model); nothing was written"
         )
     peft = [(r.name, r.link) for r in chain.chain.records if isinstance(r.link, PeftLink)]
     if peft:  # a chained PeftModel: its own save_pretrained writes the whole chain

@@ -24,12 +24,14 @@ from typing import TypeAlias, cast
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._attach import parametrization_count
 from ._dtensor import is_sharded
+from ._experts import parameter_features
 from ._layers import builder_for
 from ._quant_backends import unsupported_quantization
-from ._validate import type_name
+from ._validate import FLOAT_DTYPES, type_name
 
 __all__ = ["ModuleSpec"]  # the public names (chainopt re-exports them); the rest is internal
 
@@ -182,26 +184,40 @@ def select_modules(
     return [(name, mod) for name, mod in _named(model.named_modules()) if match(name, mod)]
 
 
-def left_out_weights(model: nn.Module, exclude: Iterable[nn.Module] = ()) -> list[tuple[str, int]]:
+def left_out_weights(
+    model: nn.Module, exclude: Iterable[nn.Module] = (), covered: Iterable[str] = ()
+) -> list[tuple[str, int]]:
     """Matrix weights ``"all-linear"`` leaves out: ``(name, elements)`` of every parameter of two
     or more dimensions held by a module that is not a Linear/Conv1D, an embedding, a
     convolution or a norm (fused 3-D mixture-of-experts weights, routers kept as bare
-    parameters), in model order."""
+    parameters), in model order; none of ``covered`` (qualified names ``target_parameters``
+    adapts)."""
     skip = {id(m) for m in exclude}
+    done = set(covered)
     plain = (nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd, nn.LayerNorm, nn.GroupNorm)
     out = []
     for name, module in _named(model.named_modules()):
         if is_linear_like(module) or isinstance(module, plain) or id(module) in skip:
             continue
         for pname, p in module.named_parameters(recurse=False):
-            if p.dim() >= 2 and p.is_floating_point():
-                out.append((f"{name}.{pname}", p.numel()))
+            full = f"{name}.{pname}"
+            if p.dim() >= 2 and p.is_floating_point() and full not in done:
+                out.append((full, p.numel()))
     return out
 
 
-def warn_left_out(model: nn.Module, exclude: Iterable[nn.Module] = ()) -> None:
-    """Warn when ``"all-linear"`` leaves matrix weights frozen (see :func:`left_out_weights`)."""
-    left = left_out_weights(model, exclude)
+def _suffixes(names: list[str]) -> list[str]:
+    """Short ``target_parameters`` suffixes for qualified names (``module.param``, the last two
+    parts: ``"experts.gate_up_proj"``), each once, in order."""
+    return list(dict.fromkeys(".".join(n.split(".")[-2:]) for n in names))
+
+
+def warn_left_out(
+    model: nn.Module, exclude: Iterable[nn.Module] = (), covered: Iterable[str] = ()
+) -> None:
+    """Warn when ``"all-linear"`` leaves matrix weights frozen (see :func:`left_out_weights`);
+    the parameters ``target_parameters`` adapts (``covered``) are not left out."""
+    left = left_out_weights(model, exclude, covered)
     if not left:
         return
     from .advice import ChainLoRAWarning  # (advice imports the records, which import this)
@@ -213,10 +229,11 @@ def warn_left_out(model: nn.Module, exclude: Iterable[nn.Module] = ()) -> None:
         f"target_modules='{ALL_LINEAR}' adapts nn.Linear and Conv1D layers only; it leaves "
         f"{len(left)} matrix weights, {share:.0%} of the model's parameters, frozen: "
         f"{names[:4]}{' …' if len(names) > 4 else ''} (fused mixture-of-experts weights and "
-        "routers kept as bare parameters). To chain them, build a PeftModel with "
-        "LoraConfig(target_parameters=[...]) (PEFT's own 'all-linear' adds them) and pass it "
-        "without target_modules: chainopt chains PEFT's fused-experts layers expert by expert; "
-        "or name the Linear layers you want in target_modules to silence this",
+        "routers kept as bare parameters). To chain them, add "
+        f"target_parameters={_suffixes(names)!r} (chainopt links them expert by expert, as "
+        "PEFT's target_parameters); or build a PeftModel with LoraConfig(target_parameters="
+        "[...]) (PEFT's own 'all-linear' adds them) and pass it without target_modules; or "
+        "name the Linear layers you want in target_modules to silence this",
         ChainLoRAWarning,
         stacklevel=4,
     )
@@ -250,16 +267,19 @@ def choose_targets(
     rank: int,
     lora_bias: bool,
     trainable: list[tuple[str, nn.Module]],
+    covered: Iterable[str] = (),
 ) -> list[tuple[str, nn.Module]]:
     """The modules ``target_modules`` names, each checked to take a link of ``rank``.
 
     Refused: no match, a module that is not a Linear/Conv1D (or a supported 4-bit one), an
     already parametrized one, a weight tied to or sharing memory with another tensor, a rank
     above the module's smaller dimension, ``lora_bias`` with no bias, a trainable target.
+    ``"all-linear"`` warns about the matrix weights it leaves out, but those in ``covered``
+    (the parameters ``target_parameters`` adapts).
     """
     found = select_modules(model, spec, "target_modules", exclude=[m for _, m in trainable])
     if isinstance(spec, str) and spec == ALL_LINEAR:
-        warn_left_out(model, [m for _, m in trainable])
+        warn_left_out(model, [m for _, m in trainable], covered)
     if not found:
         raise ValueError(
             f"target_modules={describe_spec(spec)!r} matches no module of the model; modules "
@@ -376,3 +396,106 @@ def _check_trainable_against_targets(
                     "its frozen weight would train outside the chain; name the submodules to "
                     "train instead"
                 )
+
+
+# --- target_parameters: links on bare 2-D / 3-D parameters (chainopt._experts) ---
+
+
+def select_parameters(
+    model: nn.Module, spec: ModuleSpec
+) -> list[tuple[str, str, nn.Module, torch.Tensor]]:
+    """``(qualified name, parameter name, module, tensor)`` of every parameter ``spec`` matches.
+
+    Names match as for modules (suffixes of the qualified parameter name, ``"experts.down_proj"``;
+    a compiled regex by ``fullmatch``; a callable ``(name, parameter) -> bool``), over each
+    module's own tensors, parametrized ones included, in model order.
+    """
+    match = matcher(spec, "target_parameters")
+    out = []
+    for name, module in [("", model), *_named(model.named_modules())]:
+        tensors: dict[str, torch.Tensor] = dict(module.named_parameters(recurse=False))
+        if parametrize.is_parametrized(module):
+            for pname in cast(nn.ModuleDict, module.parametrizations):
+                tensors.setdefault(pname, cast(torch.Tensor, getattr(module, pname)))
+        for pname, tensor in tensors.items():
+            full = f"{name}.{pname}" if name else pname
+            if match(full, cast(nn.Module, tensor)):
+                out.append((full, pname, module, tensor))
+    return out
+
+
+def choose_parameters(
+    model: nn.Module,
+    spec: ModuleSpec,
+    rank: int,
+    targets: list[tuple[str, nn.Module]],
+    trainable: list[tuple[str, nn.Module]],
+) -> list[tuple[str, str, nn.Module]]:
+    """The parameters ``target_parameters`` names, each checked to take a link of ``rank``.
+
+    Returns ``(qualified name, parameter name, module)``. Refused (nothing is changed): no
+    match; a tensor that is not a floating (float32/64, bfloat16, float16) 2-D or 3-D plain
+    ``Parameter`` (a bias, a 4-bit or other wrapped tensor); one already parametrized; one of
+    a module ``target_modules`` adapts or ``trainable_modules`` trains; one tied to or sharing
+    memory with another tensor; a rank above an expert's smaller dimension.
+    """
+    what = f"target_parameters={describe_spec(spec)!r}"
+    found = select_parameters(model, spec)
+    if not found:
+        candidates = [n for n, _, _, t in select_parameters(model, lambda _n, _t: True)
+                      if t.dim() in (2, 3)][:5]  # fmt: skip
+        raise ValueError(
+            f"{what} matches no parameter of the model; give suffixes of qualified parameter "
+            f"names such as {candidates}"
+        )
+    adapted = {id(m) for _, m in targets}
+    trained = {id(m) for _, t in trainable for m in t.modules()}
+    shared = shared_parameters(model)
+    storages = _storages(model)
+    out = []
+    for full, pname, module, tensor in found:
+        where = f"{what} matches {full!r}"
+        if parametrize.is_parametrized(module, pname):
+            raise ValueError(
+                f"{where}, which is already parametrized; chainopt's link must be registered first"
+            )
+        if not isinstance(tensor, nn.Parameter) or not _plain_storage(tensor):
+            raise TypeError(
+                f"{where}, a {type_name(tensor)} ({type_name(tensor.data)} data); chainopt links "
+                "plain float Parameters only (not 4-bit, quantized or wrapped tensors)"
+            )
+        if tensor.dtype not in FLOAT_DTYPES or tensor.dim() not in (2, 3):
+            raise ValueError(
+                f"{where}, a {tensor.dtype} tensor of shape {tuple(tensor.shape)}; chainopt links "
+                "2-D (out, in) and 3-D fused-experts (E, out, in) parameters of dtype float32, "
+                "float64, bfloat16 or float16"
+            )
+        if id(module) in adapted:
+            raise ValueError(
+                f"{where}, a parameter of a module target_modules adapts: leave one of them out"
+            )
+        if id(module) in trained:
+            raise ValueError(
+                f"{where}, a parameter of a module trainable_modules trains whole: leave one of "
+                "them out"
+            )
+        if id(tensor) in shared:
+            others = [n for n in shared[id(tensor)] if n != full]
+            raise ValueError(
+                f"{where}, which is shared with {others} (tied): a knot would merge the link "
+                "into both and change the model; leave it out of target_parameters"
+            )
+        overlap = _overlapping(tensor, storages)
+        if overlap:
+            raise ValueError(
+                f"{where}, which shares memory with {overlap[:3]}: a knot writes into it in "
+                "place and would change them too; leave it out of target_parameters"
+            )
+        _experts, n_in, n_out, _t = parameter_features(module, tensor)
+        if rank > min(n_in, n_out):
+            raise ValueError(
+                f"rank must be a positive int no larger than min(in_features, out_features)="
+                f"{min(n_in, n_out)} of each expert of {full!r}, got {rank}"
+            )
+        out.append((full, pname, module))
+    return out
