@@ -20,6 +20,11 @@ a forward hook (``init="gradient"``)      ``init.GradientInit``            :func
 ``__dict__[PEFT_LINK]`` (the link), a     ``_peft_layers.PeftBuilder``     ``PeftBuilder.detach``
 ``chainopt_merge_residual`` buffer        (a PEFT LoRA layer; the buffer
                                           for a half-precision base)
+``parametrize`` class swap with           ``_experts.ParameterBuilder``    ``ParameterBuilder
+``parametrizations.<param>``, the         (``target_parameters``; one      .detach`` (per
+forward run inside                        per parameter)                   parameter; the
+``parametrize.cached()`` on that class,                                    forward and order
+``__dict__[PARAMETER_ORDER]``                                              with the last one)
 ========================================  ===============================  ====================
 
 On the model itself (removed by :func:`unmark`, which ``merge_and_unload`` calls last):

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._experts import ParameterLink
 from ._load_guard import check_incoming_state, state_restored
 from ._validate import is_int, type_name
 from .history import KnotRecord, parse_history
@@ -248,6 +249,8 @@ def _check_base(
         # A link of one fixed rank (a PEFT layer's, rank_pattern) keeps its own.
         link = r.link
         own = rank if rank in getattr(link, "ranks", (rank,)) else getattr(link, "rank", rank)
+        if isinstance(link, ParameterLink):  # fused experts: a rank-r link per expert
+            own *= link.experts
         if link.lora_A.dim() == 2:
             shapes[id(link.lora_A)] = (own, link.in_features)
             shapes[id(link.lora_B)] = (link.out_features, own)

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ._dtensor import copy_full_, full_tensor, is_sharded
+from ._experts import split_experts
 from ._record import Link, ModuleRecord
 from .lora import BiasDelta
 
@@ -46,7 +47,8 @@ __all__: list[str] = []  # the public names (chainopt re-exports them); the rest
 def exact_sum(target: Tensor, part: Link | BiasDelta) -> Tensor:
     """``target + residual + update`` in at least float32, as a new whole tensor.
 
-    ``update`` is ``s·B·A`` (transposed for a ``fan_in_fan_out`` link) or the bias delta. A
+    ``update`` is ``s·B·A`` (transposed for a ``fan_in_fan_out`` link; each expert's
+    ``s·Bₑ·Aₑ`` in its slice of a fused-experts ``(E, ·, ·)`` weight) or the bias delta. A
     convolution's factors ``(r, in, *k)``, ``(out, r, 1, …)`` are matrices flattened after their
     first dimension, and ``B·A`` is the kernel's update flattened the same way.
     """
@@ -55,7 +57,13 @@ def exact_sum(target: Tensor, part: Link | BiasDelta) -> Tensor:
     if part.merge_residual is not None:
         exact.add_(full_tensor(part.merge_residual).to(dt))
     if not isinstance(part, BiasDelta) and target.dim() == 3 and part.lora_A.dim() == 2:
-        exact.add_(part.delta().to(dt))  # fused experts: each expert's s·Bₑ·Aₑ (one float32 sum)
+        # fused experts: each expert's s·Bₑ·Aₑ accumulated into its slice of the copy
+        a, b = full_tensor(part.lora_A.detach()).to(dt), full_tensor(part.lora_B.detach()).to(dt)
+        b_e, a_e = split_experts(a, b, getattr(part, "experts", 1))  # (E, out, r), (E, r, in)
+        if part.fan_in_fan_out:  # stored (E, in, out): (E, in, r) @ (E, r, out)
+            exact.baddbmm_(a_e.mT, b_e.mT, alpha=part.scale)
+        else:
+            exact.baddbmm_(b_e, a_e, alpha=part.scale)
     elif not isinstance(part, BiasDelta):  # a link
         a, b = full_tensor(part.lora_A.detach()).to(dt), full_tensor(part.lora_B.detach()).to(dt)
         # accumulated into the copy: no separate (out, in) update tensor

@@ -459,7 +459,7 @@ def choose_parameters(
             raise ValueError(
                 f"{where}, which is already parametrized; chainopt's link must be registered first"
             )
-        if not isinstance(tensor, nn.Parameter) or not _plain_storage(tensor):
+        if type(tensor) is not nn.Parameter or not _plain_storage(tensor):
             raise TypeError(
                 f"{where}, a {type_name(tensor)} ({type_name(tensor.data)} data); chainopt links "
                 "plain float Parameters only (not 4-bit, quantized or wrapped tensors)"
