@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from ._atomic import write_atomically
 from ._attach import is_conv1d, original, plist_of
 from ._dtensor import full_tensor
+from ._experts import split_experts
 from ._layers import find_adapted
 from ._load_guard import loaded_plain_weights
 from ._lowrank import compress, factorise
@@ -153,6 +154,13 @@ def export_peft_adapter(
     randomized range finder and an SVD of its ``(Σ rᵢ + 8)``-column sketch (``O(out·in·Σ rᵢ)``),
     exact to float32 rounding (the report gives what is left).
 
+    Parameters adapted with ``target_parameters`` (fused mixture-of-experts weights, routers)
+    are written as PEFT's ``target_parameters``: each expert's links stacked (rank ``Σ rᵢ`` per
+    expert) in PEFT's ``ParamWrapper`` layout, ``lora_A`` ``(r·E, in)`` and ``lora_B``
+    ``(out, r·E)`` interleaved, under the keys PEFT's own injection gives them (it nests the
+    wrappers of a module's parameters); ``rank=k`` compresses each expert on its own. This
+    needs peft and a Hugging Face model (rebuilt on the meta device to ask PEFT).
+
     A chain of PEFT's own layers (a chained ``PeftModel``) is written by the model's
     ``save_pretrained``, which writes the whole chain exactly with the model's ``LoraConfig``
     (see :mod:`chainopt._peft_layers`); ``rank`` and ``base`` are refused there.
@@ -180,8 +188,9 @@ def export_peft_adapter(
             ``merge_and_unload()`` was called or a plain checkpoint loaded, and no ``base`` was
             given (or it lacks a weight, or holds one of another shape); PEFT would refuse to
             load the adapter into the model's architecture (Mamba's ``out_proj``, say: see
-            :func:`_check_peft_loads`); a chain with ``target_parameters`` (not written yet:
-            deploy it merged). Nothing is written then.
+            :func:`_check_peft_loads`); a chain with ``target_parameters`` on a model that is
+            not a Hugging Face one (or without peft), or with ``lora_bias=True``. Nothing is
+            written then.
         ImportError: ``safetensors`` is not installed.
     """
     if not isinstance(chain, ChainLoRAOptimizer):
@@ -196,12 +205,12 @@ def export_peft_adapter(
         raise TypeError(
             f"base_model_name_or_path must be a str or None, got {base_model_name_or_path!r}"
         )
-    if chain.config.parameters:
+    if chain.config.parameters and chain.config.lora_bias:
         raise ValueError(
-            f"export_peft_adapter does not write chains with target_parameters (here "
-            f"{list(chain.config.parameters)[:3]}) yet: deploy the merged model with "
-            "chainopt.save_merged(opt, path), chainopt.merged_state_dict(model) or "
-            "chainopt.merge_and_unload(model); nothing was written"
+            "export_peft_adapter does not write bias deltas (lora_bias=True) beside "
+            f"target_parameters (here {list(chain.config.parameters)[:3]}): PEFT's parameter "
+            "wrappers carry no bias; deploy the merged model with chainopt.save_merged(opt, "
+            "path) instead; nothing was written"
         )
     peft = [(r.name, r.link) for r in chain.chain.records if isinstance(r.link, PeftLink)]
     if peft:  # a chained PeftModel: its own save_pretrained writes the whole chain
@@ -232,14 +241,18 @@ def export_peft_adapter(
         )
     lora_bias = chain.config.lora_bias
     model = chain.model
-    names = list(chain.config.modules)
+    params = set(chain.config.parameters)  # "<module>.<param>" (target_parameters)
+    names = [n for n in chain.config.modules if n not in params]
+    param_names = [n for n in chain.config.modules if n in params]
     records = {r.name: r for r in chained if r.attached()}  # none once unloaded
     if not unloaded:
         check = check_links(chain.chain.records)
         if check.bad:
             raise NonFiniteUpdateError(f"refusing to export the adapter: {check.describe()}")
     originals = (
-        None if from_history or base is None else _base_tensors(base, model, names, lora_bias)
+        None
+        if from_history or base is None
+        else _base_tensors(base, model, names, lora_bias, param_names)
     )
     try:
         from safetensors.torch import save as safetensors_bytes
@@ -259,7 +272,20 @@ def export_peft_adapter(
                 module, originals[f"{name}.weight"]
             )
             stacks[name], sketched[name] = factorise(delta, _chain_rank(chain, records.get(name)))
-    r = rank if rank is not None else max([b.shape[1] for b, _a in stacks.values()] + [1])
+    experts: dict[str, list[tuple[Tensor, Tensor]]] = {}  # per expert (B, A) of each parameter
+    for name in param_names:
+        if originals is None:
+            experts[name] = _expert_stacks(records[name], history)
+            continue
+        deltas = _current_parameter(model, name, records.get(name)) - _experts_out_in(
+            model, name, originals[name]
+        )
+        found = [factorise(d, _chain_rank(chain, records.get(name))) for d in deltas]
+        experts[name] = [pair for pair, _left in found]
+        sketched[name] = sum(left for _pair, left in found)
+    widths = [b.shape[1] for b, _a in stacks.values()]
+    widths += [b.shape[1] for pairs in experts.values() for b, _a in pairs]
+    r = rank if rank is not None else max([*widths, 1])
 
     tensors: dict[str, Tensor] = {}
     errors: dict[str, float] = {}
@@ -280,7 +306,24 @@ def export_peft_adapter(
                 else _current_bias(model, name, records.get(name))
                 - _host(originals[f"{name}.bias"])
             )
+    experts_tensors: dict[str, tuple[Tensor, Tensor]] = {}  # name -> PEFT's (A, B)
+    for name, pairs in experts.items():
+        left, norm = 0.0, 0.0
+        a_parts, b_parts = [], []
+        for b, a in pairs:
+            b, a, left_e, norm_e = compress(b, a, r)
+            missed = sketched.get(name, 0.0) / len(pairs)  # the range finder's, spread evenly
+            left, norm = left + left_e + missed, norm + norm_e + missed
+            a_parts.append(_pad(a, r, dim=0))  # (r, in)
+            b_parts.append(_pad(b, r, dim=1))  # (out, r)
+        errors[name] = math.sqrt(left / norm) if norm > 0 else 0.0
+        left_total, norm_total = left_total + left, norm_total + norm
+        # PEFT's ParamWrapper layout: A (r·E, in) expert by expert, B (out, r·E) interleaved
+        a_full = torch.stack(a_parts).reshape(-1, a_parts[0].shape[1])
+        b_full = torch.stack(b_parts, dim=-1).reshape(b_parts[0].shape[0], -1)
+        experts_tensors[name] = a_full.contiguous(), b_full.contiguous()
     bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    bad += [n for n, ab in experts_tensors.items() if not all(bool(t.isfinite().all()) for t in ab)]
     if bad:
         raise NonFiniteUpdateError(f"refusing to export the adapter: non-finite {bad[:3]}")
     to_save = _modules_to_save(chain)
@@ -295,7 +338,8 @@ def export_peft_adapter(
         "revision": None,
         "r": r,
         "lora_alpha": r,  # PEFT's scale alpha / r = 1: the chain's scales are folded into B
-        "target_modules": _target_modules(model, names),
+        "target_modules": _target_modules(model, names) if names else None,
+        "target_parameters": param_names or None,
         "rank_pattern": {},
         "alpha_pattern": {},
         "lora_dropout": 0.0,
@@ -312,7 +356,12 @@ def export_peft_adapter(
     if lora_bias:
         config["lora_bias"] = True  # PEFT >= 0.14: lora_B carries a bias
 
-    _check_peft_loads(model, config)
+    skeleton = _check_peft_loads(model, config)
+    if experts_tensors:
+        for name, key in _parameter_keys(model, skeleton, param_names).items():
+            a_full, b_full = experts_tensors[name]
+            tensors[f"{_PREFIX}{key}.lora_A.weight"] = a_full
+            tensors[f"{_PREFIX}{key}.lora_B.weight"] = b_full
     out_dir = Path(path)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Like every file chainopt writes: atomically, 0600 until complete, an old file's mode kept.
@@ -322,6 +371,7 @@ def export_peft_adapter(
     write_atomically(out_dir / CONFIG_NAME, lambda f: f.write(text))
     overall = math.sqrt(left_total / norm_total) if norm_total > 0 else 0.0
     chain_ranks = {name: b.shape[1] for name, (b, _a) in stacks.items()}
+    chain_ranks |= {name: max(b.shape[1] for b, _a in pairs) for name, pairs in experts.items()}
     return AdapterReport(out_dir, r, chain_ranks, errors, overall)
 
 
@@ -332,7 +382,7 @@ _PEFT_REFUSED = {
 }
 
 
-def _check_peft_loads(model: nn.Module, config: Mapping[str, Any]) -> None:
+def _check_peft_loads(model: nn.Module, config: Mapping[str, Any]) -> nn.Module | None:
     """Raise ``ValueError`` if PEFT would refuse to load an adapter of ``config`` into ``model``.
 
     With peft installed this runs PEFT's own injection (``inject_adapter_in_model``, every check
@@ -341,12 +391,16 @@ def _check_peft_loads(model: nn.Module, config: Mapping[str, Any]) -> None:
     and the model is untouched. Without peft, or where no such instance can be built (a model
     that is not a Hugging Face one, a class that takes more than its config), PEFT's per-family
     rules (``_PEFT_REFUSED``) are applied by name.
+
+    Returns:
+        The meta-device instance with PEFT's layers injected (``None`` where none was built):
+        where PEFT put each ``target_parameters`` wrapper.
     """
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         _check_peft_rules(model, config)
-        return
+        return None
     fields = set(inspect.signature(LoraConfig).parameters)
     try:
         lora = LoraConfig(**{k: v for k, v in config.items() if k in fields})
@@ -357,7 +411,7 @@ def _check_peft_loads(model: nn.Module, config: Mapping[str, Any]) -> None:
     skeleton = _meta_instance(model)
     if skeleton is None:
         _check_peft_rules(model, config)
-        return
+        return None
     try:
         inject_adapter_in_model(lora, skeleton)
     except (ValueError, TypeError, KeyError, NotImplementedError) as err:
@@ -366,6 +420,7 @@ def _check_peft_loads(model: nn.Module, config: Mapping[str, Any]) -> None:
             "written; leave those modules out of target_modules, or deploy the merged model "
             "with chainopt.save_merged(opt, path))"
         ) from err
+    return skeleton
 
 
 def _meta_instance(model: nn.Module) -> nn.Module | None:
@@ -385,7 +440,7 @@ def _check_peft_rules(model: nn.Module, config: Mapping[str, Any]) -> None:
     """PEFT's per-family target rules (``_PEFT_REFUSED``), by name."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for types, refused in _PEFT_REFUSED.items():
-        bad = sorted(set(config["target_modules"]) & refused)
+        bad = sorted(set(config["target_modules"] or ()) & refused)
         if model_type in types and bad:
             raise ValueError(
                 f"PEFT refuses LoRA on {bad} of a {model_type!r} model, so it would not load "
@@ -423,8 +478,10 @@ def _base_tensors(
     model: nn.Module,
     names: list[str],
     lora_bias: bool,
+    param_names: Sequence[str] = (),
 ) -> dict[str, Tensor]:
-    """The original weights (and biases) of the adapted modules by plain key, checked."""
+    """The original weights (and biases) of the adapted modules, and the original adapted
+    parameters (``target_parameters``, under their own names), by plain key, checked."""
     if isinstance(base, nn.Module):
         if base is model or find_adapted(base):
             raise ValueError(
@@ -454,7 +511,90 @@ def _base_tensors(
                     f"base[{key!r}] has shape {tuple(tensor.shape)}, the model's is {shape}"
                 )
             out[key] = tensor  # converted one module at a time: no copy of the whole base
+    for name in param_names:
+        tensor, shape = state.get(name), tuple(_parameter(model, name).shape)
+        if not isinstance(tensor, Tensor):
+            raise ValueError(f"base has no tensor {name!r} (plain keys, as from_pretrained)")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"base[{name!r}] has shape {tuple(tensor.shape)}, the model's is {shape}"
+            )
+        out[name] = tensor
     return out
+
+
+# --- target_parameters: one (B, A) per expert, PEFT's ParamWrapper layout (chainopt._experts) ---
+
+
+def _expert_stacks(record: ModuleRecord, history: ChainHistory) -> list[tuple[Tensor, Tensor]]:
+    """Per expert ``(Bₑ, Aₑ)``, ``(out, Σ rᵢ)`` and ``(Σ rᵢ, in)`` float32 on the CPU, scales
+    folded into B: the merged links of a parameter link and the pending one (if not zero)."""
+    link = record.link
+    e = getattr(link, "experts", 1)
+    links = list(history.links(record.name))
+    if bool(link.lora_B.detach().any()):
+        links.append(LinkFactors(_host(link.lora_A), _host(link.lora_B), link.scale))
+    if not links:
+        return [(torch.zeros(link.out_features, 0), torch.zeros(0, link.in_features))] * e
+    split = [(*split_experts(f.A.float(), f.B.float(), e), f.scale) for f in links]
+    return [
+        (
+            torch.cat([b_e[i] * scale for b_e, _a, scale in split], dim=1),  # (out, Σr)
+            torch.cat([a_e[i] for _b, a_e, _s in split], dim=0),  # (Σr, in)
+        )
+        for i in range(e)
+    ]
+
+
+def _parameter(model: nn.Module, name: str) -> Tensor:
+    """The adapted parameter ``"<module>.<param>"`` (its frozen original while linked)."""
+    owner, _, param = name.rpartition(".")
+    module = model.get_submodule(owner)
+    plist = plist_of(module, param)
+    return cast(Tensor, plist.original if plist is not None else getattr(module, param))
+
+
+def _experts_out_in(model: nn.Module, name: str, tensor: Tensor) -> Tensor:
+    """A parameter as ``(E, out, in)`` float32 on the CPU (a 2-D one as ``(1, out, in)``; one
+    stored ``(E, in, out)``, ``is_transposed``, transposed per expert)."""
+    t = _host(tensor)
+    if t.dim() == 2:
+        return t.unsqueeze(0)
+    module = model.get_submodule(name.rpartition(".")[0])
+    return t.mT if getattr(module, "is_transposed", False) else t
+
+
+def _current_parameter(model: nn.Module, name: str, record: ModuleRecord | None) -> Tensor:
+    """The parameter now, pending link included, as ``(E, out, in)`` (see above)."""
+    now = _parameter(model, name) if record is None else merged_weight(record, torch.float32)
+    return _experts_out_in(model, name, now)
+
+
+def _parameter_keys(
+    model: nn.Module, skeleton: nn.Module | None, names: Sequence[str]
+) -> dict[str, str]:
+    """Where PEFT puts each parameter's wrapper (``"<module>[.base_layer…]"``: PEFT nests the
+    wrappers of a module's parameters), found on the meta-device model PEFT injected.
+
+    Raises:
+        ValueError: no such model could be built (not a Hugging Face model, or peft missing).
+    """
+    if skeleton is None:
+        raise ValueError(
+            "export_peft_adapter writes target_parameters only for a Hugging Face model with "
+            f"peft installed (PEFT nests a module's parameter wrappers; chainopt reads where "
+            f"from PEFT itself), not a {type_name(model)}: deploy the merged model with "
+            "chainopt.save_merged(opt, path); nothing was written"
+        )
+    keys: dict[str, str] = {}
+    for wrapper_name, wrapper in skeleton.named_modules():
+        param = getattr(wrapper, "parameter_name", None)
+        if type(wrapper).__name__ == "ParamWrapper" and isinstance(param, str):
+            keys[f"{wrapper_name.replace('.base_layer', '')}.{param}"] = wrapper_name
+    missing = [n for n in names if n not in keys]
+    if missing:  # pragma: no cover - PEFT matched the full names in the config itself
+        raise ValueError(f"PEFT put no parameter wrapper on {missing[:3]}; nothing was written")
+    return {n: keys[n] for n in names}
 
 
 def _host(tensor: Tensor) -> Tensor:

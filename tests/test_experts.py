@@ -381,17 +381,127 @@ def test_unloading_one_parameter_keeps_the_other_linked_and_cached() -> None:
     assert [n for n, _ in experts.named_parameters()] == ["gate_up_proj", "down_proj"]
 
 
-def test_export_peft_adapter_refuses_a_chain_with_target_parameters(tmp_path: Any) -> None:
+def _trained_mixtral(keep_history: bool) -> tuple[nn.Module, ChainLoRAOptimizer, torch.Tensor]:
+    model = _tiny_mixtral()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), target_modules=["q_proj"],
+        target_parameters=[GATE_UP, DOWN, "mlp.gate.weight"], rank=[3, 2], knot_every=2,
+        keep_history=keep_history,
+    )  # fmt: skip
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    for _ in range(5):  # two knots, a pending link
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt, ids
+
+
+@pytest.mark.parametrize("keep_history", [True, False])
+def test_the_exported_peft_adapter_loads_to_the_chains_function(
+    tmp_path: Any, keep_history: bool
+) -> None:
+    """From the history, or from the original weights (``base=``): PEFT's ``target_parameters``
+    with each expert's links stacked, rank Σr (3 + 2 + 2 = 7)."""
+    import json
+
+    from peft import PeftModel
+
     from chainopt import export_peft_adapter
 
-    model = Toy()
+    original = _states(_tiny_mixtral())
+    model, opt, ids = _trained_mixtral(keep_history)
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+    report = export_peft_adapter(opt, tmp_path, base=None if keep_history else original)
+    assert report.rank == 7 and report.relative_error < 1e-6
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_parameters"] == [
+        "model.layers.0.mlp.gate.weight", f"{EXPERTS}.gate_up_proj", f"{EXPERTS}.down_proj",
+    ]  # fmt: skip
+    loaded = PeftModel.from_pretrained(_tiny_mixtral(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+    small = export_peft_adapter(
+        opt, tmp_path / "small", rank=2, base=None if keep_history else original
+    )
+    assert small.rank == 2 and 0 < small.relative_error < 1
+
+
+def test_gpt_oss_transposed_experts_merge_and_export_exactly(tmp_path: Any) -> None:
+    """GPT-OSS stores its experts ``(E, in, out)`` (``is_transposed``): PEFT's layout rule."""
+    from peft import PeftModel
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from chainopt import export_peft_adapter
+
+    cfg = GptOssConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=32, head_dim=8,
+        layer_types=["full_attention"],
+    )  # fmt: skip
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return GptOssForCausalLM(cfg)
+
+    model = build()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+        target_parameters=[GATE_UP, DOWN], rank=2, knot_every=2, keep_history=True,
+    )  # fmt: skip
+    up = opt.chain.records[0].link
+    assert up.fan_in_fan_out and (up.in_features, up.out_features) == (16, 48)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+    export_peft_adapter(opt, tmp_path)
+    loaded = PeftModel.from_pretrained(build(), tmp_path)
+    merge_and_unload(model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_export_peft_adapter_refuses_what_it_cannot_write(tmp_path: Any) -> None:
+    from chainopt import export_peft_adapter
+
+    model = Toy()  # not a Hugging Face model: where PEFT nests the wrappers is unknown
     opt = ChainLoRAOptimizer(
         model, torch.optim.SGD(model.parameters(), lr=0.1), target_parameters=["experts.w"],
         rank=2, knot_every=5, keep_history=True,
     )  # fmt: skip
-    with pytest.raises(ValueError, match=r"target_parameters.*save_merged"):
+    with pytest.raises(ValueError, match=r"Hugging Face model.*save_merged"):
         export_peft_adapter(opt, tmp_path / "adapter")
+    model = Toy()
+    model.head = nn.Linear(2, 2)
+    biased = ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules=["head"],
+        target_parameters=["experts.w"], rank=2, knot_every=5, lora_bias=True,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"lora_bias=True.*target_parameters"):
+        export_peft_adapter(biased, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_save_merged_and_save_pretrained_reload_with_from_pretrained(tmp_path: Any) -> None:
+    from transformers import MixtralForCausalLM
+
+    from chainopt import save_merged
+
+    model, opt, ids = _trained_mixtral(False)
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+    save_merged(opt, tmp_path / "merged")
+    model.save_pretrained(tmp_path / "own")  # the model's own save writes the merged model too
+    for where in ("merged", "own"):
+        plain = MixtralForCausalLM.from_pretrained(tmp_path / where)
+        with torch.no_grad():
+            torch.testing.assert_close(plain(input_ids=ids).logits, trained, rtol=0, atol=1e-6)
 
 
 # --- "all-linear" ------------------------------------------------------------------------------
