@@ -676,3 +676,37 @@ def test_a_deep_copy_of_the_chained_model_keeps_its_links() -> None:
     merge_and_unload(clone)
     assert type(clone.experts) is ToyExperts
     assert parametrize.is_parametrized(model.experts)
+
+
+def test_a_second_chain_on_the_same_model_is_refused() -> None:
+    model = Toy()
+    ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), target_parameters=["experts.w"],
+        rank=2, knot_every=5,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"already wrapped by a ChainLoRAOptimizer.*experts\.w"):
+        ChainLoRAOptimizer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), target_parameters=["router.weight"],
+            rank=2, knot_every=5,
+        )  # fmt: skip
+
+
+def test_factors_that_do_not_fit_the_experts_are_refused_before_anything_loads() -> None:
+    model = Toy(e=3, out=5, inp=6)
+    ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), target_parameters=["experts.w"],
+        rank=[2, 1], knot_every=5,
+    )  # fmt: skip
+    before = _states(model)
+    state = _states(model)
+    state["experts.parametrizations.w.0.lora_A"] = torch.zeros(2, 6)  # rank 2 of one expert only
+    state["experts.parametrizations.w.0.lora_B"] = torch.zeros(5, 2)
+    with pytest.raises(ValueError, match=r"do not fit a link over 3 expert\(s\) of \(5, 6\)"):
+        model.load_state_dict(state)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    state["experts.parametrizations.w.0.lora_A"] = torch.ones(3, 6)  # rank 1 for each expert: fits
+    state["experts.parametrizations.w.0.lora_B"] = torch.ones(5, 3)
+    model.load_state_dict(state)
+    link = model.experts.parametrizations.w[0]
+    assert (link.rank, link.scale) == (1, 16.0)
