@@ -53,7 +53,9 @@ class _HasModel(Protocol):
 
 
 def adapted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(qualified_name, module)`` for every module of ``model`` that carries a chainopt link."""
+    """``(name, module)`` for every chainopt link of ``model``: a layer's qualified name, or
+    ``"<module>.<param>"`` with the module holding it for a parameter link
+    (``target_parameters``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type_name(model)}")
     return [(r.name, r.module) for r in find_adapted(model)]

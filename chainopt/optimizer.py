@@ -235,7 +235,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         return [p for r in self.chain.records for p in r.factors()]
 
     def adapted_modules(self) -> list[tuple[str, nn.Module]]:
-        """``(qualified_name, module)`` of the adapted modules, in model order."""
+        """``(name, module)`` of the chain's links, in model order: a layer's qualified name,
+        or ``"<module>.<param>"`` with the module holding it (``target_parameters``)."""
         return [(r.name, r.module) for r in self.chain.records]
 
     def link_rank(self, link: int) -> int:
