@@ -710,3 +710,40 @@ def test_factors_that_do_not_fit_the_experts_are_refused_before_anything_loads()
     model.load_state_dict(state)
     link = model.experts.parametrizations.w[0]
     assert (link.rank, link.scale) == (1, 16.0)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+def test_other_moe_families_train_knot_and_merge(family: str) -> None:
+    """Qwen3-MoE and OLMoE store their experts as Mixtral does; the router is a bare weight."""
+    import transformers
+
+    kinds = {
+        "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"moe_intermediate_size": 24}),
+        "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {"pad_token_id": 0, "eos_token_id": 1}),
+    }
+    config_name, class_name, extra = kinds[family]
+    cfg = getattr(transformers, config_name)(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2,
+        head_dim=8, max_position_embeddings=32, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = getattr(transformers, class_name)(cfg)
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), target_modules="all-linear",
+        target_parameters=[GATE_UP, DOWN, "mlp.gate.weight"], rank=2, knot_every=2,
+    )  # fmt: skip
+    assert len(opt.config.parameters) == 3
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    start = model.get_submodule(EXPERTS).parametrizations.down_proj.original.detach().clone()
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(model.get_submodule(EXPERTS).parametrizations.down_proj.original, start)
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+    merge_and_unload(model)
+    assert not parametrize.is_parametrized(model.get_submodule(EXPERTS))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
