@@ -747,3 +747,61 @@ def test_other_moe_families_train_knot_and_merge(family: str) -> None:
     assert not parametrize.is_parametrized(model.get_submodule(EXPERTS))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+
+
+class _Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    def __init__(self, n: int = 24) -> None:
+        self.ids = torch.randint(0, 64, (n, 10), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _mixtral_trainer(out: Any) -> tuple[nn.Module, ChainLoRAOptimizer, Any]:
+    from transformers import Trainer, TrainingArguments
+
+    from chainopt.integrations.transformers import ChainLoRACallback, create_chain_optimizer
+
+    args = TrainingArguments(
+        output_dir=str(out), report_to="none", use_cpu=True, disable_tqdm=True, max_steps=6,
+        per_device_train_batch_size=2, save_strategy="steps", save_steps=4, logging_steps=1,
+        seed=1, learning_rate=1e-2,
+    )  # fmt: skip
+    model = _tiny_mixtral()
+    opt = create_chain_optimizer(
+        model, args, target_parameters=[GATE_UP, DOWN, "mlp.gate.weight"], rank=2, knot_every=3,
+        seed=5,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model, args=args, train_dataset=_Tokens(), optimizers=(opt, None),
+        callbacks=[ChainLoRACallback()],
+    )  # fmt: skip
+    return model, opt, trainer
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5: activation_checkpointing
+def test_the_trainer_saves_the_merged_model_and_resumes_mid_link_bitwise(tmp_path: Any) -> None:
+    from transformers import MixtralForCausalLM
+
+    model, opt, trainer = _mixtral_trainer(tmp_path / "straight")
+    trainer.train()
+    assert opt.optimizer_steps == 6 and opt.knots_tied == 2
+    ids = _Tokens().ids[:2]
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+    trainer.save_model(str(tmp_path / "final"))
+    loaded, info = MixtralForCausalLM.from_pretrained(tmp_path / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+
+    resumed_model, resumed, trainer2 = _mixtral_trainer(tmp_path / "resumed")
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-4"))
+    assert resumed.optimizer_steps == 6 and resumed.knots_tied == 2
+    a, b = model.state_dict(), resumed_model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

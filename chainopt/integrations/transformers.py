@@ -79,7 +79,11 @@ _OWN_GROUPS = ("params", "model", "optimizer_dict")
 
 
 def create_chain_optimizer(
-    model: nn.Module, args: TrainingArguments, *, target_modules: ModuleSpec, **chain_kwargs: Any
+    model: nn.Module,
+    args: TrainingArguments,
+    *,
+    target_modules: ModuleSpec | None = None,
+    **chain_kwargs: Any,
 ) -> ChainLoRAOptimizer:
     """The optimizer ``Trainer`` would build from ``args``, wrapped in a chain.
 
@@ -96,9 +100,10 @@ def create_chain_optimizer(
     Args:
         model: the model to adapt.
         args: the Trainer's arguments.
-        target_modules: as for :class:`~chainopt.ChainLoRAOptimizer`.
+        target_modules: as for :class:`~chainopt.ChainLoRAOptimizer` (omitted: a
+            ``PeftModel``'s own layers, or ``target_parameters`` alone).
         **chain_kwargs: the other :class:`~chainopt.ChainLoRAOptimizer` arguments (``rank``,
-            ``alpha``, a schedule, ``seed``, …).
+            ``alpha``, a schedule, ``seed``, ``target_parameters``, …).
 
     Returns:
         The chain optimizer.
