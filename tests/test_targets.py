@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 import torch
@@ -199,11 +200,36 @@ def test_all_linear_on_a_mixture_of_experts_warns_naming_the_fused_experts_it_le
         num_experts_per_tok=2, max_position_embeddings=32,
     )  # fmt: skip
     model = MixtralForCausalLM(cfg)
-    with pytest.warns(ChainLoRAWarning, match=r"experts\.gate_up_proj.*experts\.down_proj"):
+    advice = r"experts\.gate_up_proj.*experts\.down_proj.*add target_parameters=\[.*PeftModel"
+    with pytest.warns(ChainLoRAWarning, match=advice):
         ChainLoRAOptimizer(
             model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules="all-linear",
             knot_every=2,
         )  # fmt: skip
+
+
+def test_select_parameters_matches_suffixes_of_qualified_parameter_names() -> None:
+    from torch.nn.utils import parametrize
+
+    from chainopt.targets import select_parameters
+
+    model = nn.Sequential()
+    model.add_module("experts", nn.Module())
+    model.experts.gate_up = nn.Parameter(torch.zeros(2, 4, 3))
+    model.experts.down = nn.Parameter(torch.zeros(2, 3, 4))
+    model.add_module("head", nn.Linear(3, 2))
+    parametrize.register_parametrization(model.head, "weight", nn.Identity())
+
+    def names(spec: Any) -> list[str]:
+        return [name for name, *_ in select_parameters(model, spec)]
+
+    assert names("gate_up") == ["experts.gate_up"]
+    assert names(["experts.down", "head.weight"]) == ["experts.down", "head.weight"]
+    assert names(re.compile(r"experts\..*")) == ["experts.gate_up", "experts.down"]
+    assert names(lambda _n, p: p.dim() == 3) == ["experts.gate_up", "experts.down"]
+    assert names("proj") == []  # a suffix is a whole name part
+    [(_name, param, module, _tensor)] = select_parameters(model, "head.weight")
+    assert (param, module) == ("weight", model.head)  # a parametrized tensor is found too
 
 
 def test_all_linear_on_a_dense_model_does_not_warn() -> None:
