@@ -147,3 +147,20 @@ def test_every_argument_reaches_the_config() -> None:
         prune_ratio=0.5, init="gradient", non_finite="skip", trainable=("2",),
         quantized_master="none",
     )  # fmt: skip
+
+
+def test_parameter_targets_are_records_in_model_order_and_round_trip() -> None:
+    """``target_parameters`` adds ``"<module>.<param>"`` records after their module's own."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Module())
+    model[1].w = nn.Parameter(torch.randn(3, 4, 4))
+    model[1].v = nn.Parameter(torch.randn(4, 4))
+    config = ChainConfig.from_kwargs(
+        model, target_modules=["0"], target_parameters=["v", "1.w"], rank=2, knot_every=5
+    )
+    assert config.modules == ("0", "1.w", "1.v")  # the module's parameter order
+    assert config.parameters == ("1.w", "1.v")
+    assert ChainConfig.from_dict(config.to_dict()) == config
+    saved = config.to_dict() | {"parameters": ["1.w"]}
+    assert config.differences(saved) == {"parameters": (["1.w"], ["1.w", "1.v"])}
+    older = {k: v for k, v in config.to_dict().items() if k != "parameters"}
+    assert ChainConfig.from_dict(older).parameters == ()  # saves before target_parameters
