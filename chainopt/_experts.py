@@ -240,6 +240,11 @@ class ParameterLink(nn.Module):
             )
         return None
 
+    def merge_problem(self) -> str | None:
+        """``None``: the parametrized parameter always adds ``Δ`` (see
+        :class:`chainopt._record.Link`)."""
+        return None
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
