@@ -2,8 +2,9 @@
 
 transformers 5 stores the experts of Mixtral, Qwen3-MoE, OLMoE, GPT-OSS as fused 3-D
 ``nn.Parameter``\\ s of an experts module (Mixtral: ``gate_up_proj`` ``(E, 2F, H)`` and
-``down_proj`` ``(E, H, F)``), whose forward loops over the experts and reads
-``self.gate_up_proj[e]``; the router keeps a bare 2-D ``weight``. No ``nn.Linear`` holds them,
+``down_proj`` ``(E, H, F)``), whose forward reads them whole (transformers' default
+``grouped_mm``) or one expert at a time (``"eager"``: ``self.gate_up_proj[e]``); the router
+keeps a bare 2-D ``weight``. No ``nn.Linear`` holds them,
 so ``target_modules`` cannot name them; ``target_parameters`` (as PEFT's option of that name)
 does. A :class:`ParameterLink` is registered on the parameter through
 ``torch.nn.utils.parametrize``, so every reader of ``module.<param>`` sees ``W + Δ``:
@@ -22,10 +23,14 @@ history, state dicts, unloading and exports see it like any other link. One reco
 parameter, named ``"<module name>.<parameter name>"`` (a module may hold two);
 :func:`parameter_records` finds them.
 
-The experts module's forward indexes the parameter once per expert: without a cache,
-``parametrize`` would compute the whole ``W + Δ`` each time. The module's forward therefore
-runs inside ``torch.nn.utils.parametrize.cached()`` (as PEFT's ``ParamWrapper`` does), so
-``W + Δ`` is computed once per forward and gradients reach the factors through it.
+An eager experts forward indexes the parameter once per expert: without a cache,
+``parametrize`` would compute the whole ``W + Δ`` each time (4 times a forward for 4 experts;
+a training step of a small Mixtral took twice as long). The module's forward therefore runs
+inside ``torch.nn.utils.parametrize.cached()`` (as PEFT's ``ParamWrapper`` does), so ``W + Δ``
+is computed once per forward and gradients reach the factors through it. The cached forward
+sits on the module's own class that ``parametrize`` made (as the dense layers' factorised
+forward does), so a ``copy.deepcopy`` of the module shares it and unloading drops it with the
+class.
 
 Marks (listed in :mod:`chainopt._marks`, removed by :meth:`ParameterBuilder.detach`): the
 ``parametrize`` class swap with ``parametrizations.<param>``, the cached forward on that class,
