@@ -24,8 +24,8 @@ parameter, named ``"<module name>.<parameter name>"`` (a module may hold two);
 :func:`parameter_records` finds them.
 
 An eager experts forward indexes the parameter once per expert: without a cache,
-``parametrize`` would compute the whole ``W + Δ`` each time (4 times a forward for 4 experts;
-a training step of a small Mixtral took twice as long). The module's forward therefore runs
+``parametrize`` would compute the whole ``W + Δ`` each time (once per expert hit,
+``tests/test_experts.py`` counts it). The module's forward therefore runs
 inside ``torch.nn.utils.parametrize.cached()`` (as PEFT's ``ParamWrapper`` does), so ``W + Δ``
 is computed once per forward and gradients reach the factors through it. The cached forward
 sits on the module's own class that ``parametrize`` made (as the dense layers' factorised
