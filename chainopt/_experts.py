@@ -71,9 +71,8 @@ from ._surgery import (
     parameter_order,
     remove_parametrizations,
     restore_parameter_order,
-    set_shape_,
 )
-from .lora import restart_links
+from .lora import LinkModule, restart_links
 
 __all__ = [
     "ParameterBuilder",
@@ -125,7 +124,7 @@ def parameter_features(module: nn.Module, param: Tensor) -> tuple[int, int, int,
     return (e, first, second, True) if transposed else (e, second, first, False)
 
 
-class ParameterLink(nn.Module):
+class ParameterLink(LinkModule):
     """One link of the chain on a bare 2-D or 3-D parameter: ``W ↦ W + Δ``.
 
     For ``E`` experts (a 3-D parameter), ``Δ`` holds ``s·Bₑ·Aₑ`` in expert ``e``'s slice,
@@ -207,70 +206,6 @@ class ParameterLink(nn.Module):
             )
         # (out, r) @ (r, in) -> (out, in)
         return (self.lora_B.detach().float() @ self.lora_A.detach().float()).mul_(self.scale)
-
-    def resize_(self, rank: int) -> None:
-        """Change each expert's rank in place (same Parameter objects, new shapes; ``Δ = 0``).
-
-        Raises:
-            ValueError: ``rank`` is not one of :attr:`ranks`.
-        """
-        if rank == self.rank:
-            return
-        if rank not in self.ranks:
-            raise ValueError(
-                f"rank must be one of this link's ranks {sorted(self.ranks)}, got {rank}"
-            )
-        set_shape_(self.lora_A, (rank * self.experts, self.in_features))
-        set_shape_(self.lora_B, (self.out_features, rank * self.experts))
-        self.rank = rank
-        self.scale = self.alpha / rank
-
-    def check_factors(self, a: object, b: object) -> str | None:
-        """Why ``a``, ``b`` cannot be loaded: they must be floating 2-D tensors with data of
-        shapes ``(r·E, in)`` and ``(out, r·E)``, ``r`` one of :attr:`ranks`; else ``None``."""
-        for name, t in (("lora_A", a), ("lora_B", b)):
-            if not isinstance(t, Tensor):
-                return f"{name} is a {type(t).__name__}, not a tensor"
-            if t.is_meta or not t.is_floating_point() or t.dim() != 2:
-                what = f"{t.dtype} {tuple(t.shape)}{' on meta' if t.is_meta else ''}"
-                return f"{name} must be a floating 2-D tensor with data, got {what}"
-        a, b = cast(Tensor, a), cast(Tensor, b)
-        rank, e = a.shape[0] // self.experts, self.experts
-        expected = ((rank * e, self.in_features), (self.out_features, rank * e))
-        if (tuple(a.shape), tuple(b.shape)) != expected or rank not in self.ranks:
-            return (
-                f"factors of shapes {tuple(a.shape)} and {tuple(b.shape)} do not fit a link over "
-                f"{e} expert(s) of ({self.out_features}, {self.in_features}) of rank in "
-                f"{sorted(self.ranks)} (A (r·{e}, in), B (out, r·{e}))"
-            )
-        return None
-
-    def merge_problem(self) -> str | None:
-        """``None``: the parametrized parameter always adds ``Δ`` (see
-        :class:`chainopt._record.Link`)."""
-        return None
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # A checkpoint of a later link of a rank step-down: resize first, to a rank that fits.
-        a, b = state_dict.get(prefix + "lora_A"), state_dict.get(prefix + "lora_B")
-        if a is not None or b is not None:
-            why = self.check_factors(a, b)
-            if why is not None:
-                error_msgs.append(f"{prefix[:-1] or 'link'}: {why}")
-                return
-            self.resize_(cast(Tensor, a).shape[0] // self.experts)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def forward(self, weight: Tensor) -> Tensor:
         """``W + Δ`` in the parameter's dtype (differentiable in the factors)."""

@@ -58,7 +58,112 @@ class Factors(Protocol):
         ...
 
 
-class LoRAParametrization(nn.Module):
+class LinkModule(nn.Module):
+    """What every link module shares: its factors' shapes, rank step-down and loading.
+
+    A link holds ``E`` stacked matrices in one pair of factors (PEFT's fused-experts layout:
+    ``lora_A`` ``(r·E, in)``, ``lora_B`` ``(out, r·E)``); ``E`` is 1 for a layer's link
+    (:class:`LoRAParametrization`) and the number of experts for a fused 3-D parameter
+    (:class:`chainopt._experts.ParameterLink`). Subclasses set the attributes below in their
+    ``__init__`` and define ``delta()`` and ``forward``.
+
+    Attributes:
+        lora_A: ``(rank·E, in)``.
+        lora_B: ``(out, rank·E)``.
+        experts: ``E``.
+        rank: the current rank (of each expert's link).
+        alpha: LoRA alpha; ``scale = alpha / rank``.
+        ranks: the ranks this link may take (a rank step-down resizes it at knots and on load).
+        in_features: columns of each ``B·A``.
+        out_features: rows of each ``B·A``.
+    """
+
+    experts: int = 1
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+    rank: int
+    alpha: float
+    scale: float
+    ranks: frozenset[int]
+    in_features: int
+    out_features: int
+
+    def resize_(self, rank: int) -> None:
+        """Change the link's rank in place (same Parameter objects, new shapes; B·A becomes 0).
+
+        The scale becomes ``alpha / rank``. References held by optimizers and schedulers stay
+        valid, but any optimizer state and gradient of the factors must be dropped by the caller.
+
+        Raises:
+            ValueError: ``rank`` is not one of :attr:`ranks`.
+        """
+        if rank == self.rank:
+            return
+        if rank not in self.ranks:
+            raise ValueError(
+                f"rank must be one of this link's ranks {sorted(self.ranks)}, got {rank}"
+            )
+        set_shape_(self.lora_A, (rank * self.experts, self.in_features))
+        set_shape_(self.lora_B, (self.out_features, rank * self.experts))
+        self.rank = rank
+        self.scale = self.alpha / rank
+
+    def check_factors(self, a: object, b: object) -> str | None:
+        """Why factors ``a``, ``b`` (e.g. from a state dict) cannot be loaded, or ``None``.
+
+        They must be floating 2-D tensors, not on the meta device, of shapes ``(r·E, in)`` and
+        ``(out, r·E)`` with ``r`` one of :attr:`ranks`.
+        """
+        for name, t in (("lora_A", a), ("lora_B", b)):
+            if not isinstance(t, Tensor):
+                return f"{name} is a {type(t).__name__}, not a tensor"
+            if t.is_meta or not t.is_floating_point() or t.dim() != 2:
+                what = f"{t.dtype} {tuple(t.shape)}{' on meta' if t.is_meta else ''}"
+                return f"{name} must be a floating 2-D tensor with data, got {what}"
+        a, b = cast(Tensor, a), cast(Tensor, b)
+        e = self.experts
+        rank = a.shape[0] // e
+        expected = ((rank * e, self.in_features), (self.out_features, rank * e))
+        if (tuple(a.shape), tuple(b.shape)) != expected or rank not in self.ranks:
+            over = f"{e} expert(s) of " if e > 1 else ""
+            layout = f" (A (r·{e}, in), B (out, r·{e}))" if e > 1 else ""
+            return (
+                f"factors of shapes {tuple(a.shape)} and {tuple(b.shape)} do not fit a link over "
+                f"{over}({self.out_features}, {self.in_features}) of rank in "
+                f"{sorted(self.ranks)}{layout}"
+            )
+        return None
+
+    def merge_problem(self) -> str | None:
+        """``None``: the parametrized tensor always adds the link (see
+        :class:`chainopt._record.Link`)."""
+        return None
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A checkpoint taken in a later link of a rank step-down holds factors of another rank:
+        # resize first, but only to a rank this link may take and to shapes that fit.
+        a, b = state_dict.get(prefix + "lora_A"), state_dict.get(prefix + "lora_B")
+        if a is not None or b is not None:
+            why = self.check_factors(a, b)
+            if why is not None:
+                error_msgs.append(f"{prefix[:-1] or 'link'}: {why}")
+                return
+            self.resize_(cast(Tensor, a).shape[0] // self.experts)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class LoRAParametrization(LinkModule):
     """One link of the chain on a weight of shape ``(out, in)``: ``W ↦ W + s·B·A``.
 
     With ``fan_in_fan_out`` the weight is stored ``(in, out)`` (transformers' ``Conv1D``, as
@@ -141,76 +246,6 @@ class LoRAParametrization(nn.Module):
         state gives the same factors on every device and process (see :func:`restart_links`).
         """
         restart_links([self], generator, [init_A])
-
-    def resize_(self, rank: int) -> None:
-        """Change the link's rank in place (same Parameter objects, new shapes; B·A becomes 0).
-
-        The scale becomes ``alpha / rank``. References held by optimizers and schedulers stay
-        valid, but any optimizer state and gradient of the factors must be dropped by the caller.
-
-        Raises:
-            ValueError: ``rank`` is not one of :attr:`ranks`.
-        """
-        if rank == self.rank:
-            return
-        if rank not in self.ranks:
-            raise ValueError(
-                f"rank must be one of this link's ranks {sorted(self.ranks)}, got {rank}"
-            )
-        set_shape_(self.lora_A, (rank, self.in_features))
-        set_shape_(self.lora_B, (self.out_features, rank))
-        self.rank = rank
-        self.scale = self.alpha / rank
-
-    def check_factors(self, a: object, b: object) -> str | None:
-        """Why factors ``a``, ``b`` (e.g. from a state dict) cannot be loaded, or ``None``.
-
-        They must be floating 2-D tensors, not on the meta device, of shapes ``(r, in)`` and
-        ``(out, r)`` with ``r`` one of :attr:`ranks`.
-        """
-        for name, t in (("lora_A", a), ("lora_B", b)):
-            if not isinstance(t, Tensor):
-                return f"{name} is a {type(t).__name__}, not a tensor"
-            if t.is_meta or not t.is_floating_point() or t.dim() != 2:
-                what = f"{t.dtype} {tuple(t.shape)}{' on meta' if t.is_meta else ''}"
-                return f"{name} must be a floating 2-D tensor with data, got {what}"
-        a, b = cast(Tensor, a), cast(Tensor, b)
-        rank = a.shape[0]
-        expected = ((rank, self.in_features), (self.out_features, rank))
-        if (tuple(a.shape), tuple(b.shape)) != expected or rank not in self.ranks:
-            return (
-                f"factors of shapes {tuple(a.shape)} and {tuple(b.shape)} do not fit a link over "
-                f"({self.out_features}, {self.in_features}) of rank in {sorted(self.ranks)}"
-            )
-        return None
-
-    def merge_problem(self) -> str | None:
-        """``None``: the parametrized weight always adds ``s·B·A`` (see
-        :class:`chainopt._record.Link`)."""
-        return None
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # A checkpoint taken in a later link of a rank step-down holds factors of another rank:
-        # resize first, but only to a rank this link may take and to shapes that fit.
-        a, b = state_dict.get(prefix + "lora_A"), state_dict.get(prefix + "lora_B")
-        if a is not None or b is not None:
-            why = self.check_factors(a, b)
-            if why is not None:
-                error_msgs.append(f"{prefix[:-1] or 'link'}: {why}")
-                return
-            self.resize_(cast(Tensor, a).shape[0])
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def forward(self, weight: Tensor) -> Tensor:
         """Generic path: the materialised ``W + s·B·A`` (used by readers of ``.weight``)."""
