@@ -253,7 +253,6 @@ class PeftLink:
         self.kind = kind
         self.unloaded = False  # set when chainopt's unloading takes the link off its layer
         self.refresh()
-        self.scale = float(lay.scaling[adapter])
         self.rank = int(self.lora_A.shape[0])
         self.ranks = frozenset({self.rank})
         self.in_features = int(self.lora_A[0].numel())
@@ -267,6 +266,13 @@ class PeftLink:
             self.fan_in_fan_out = not lay._did_swap_in_out_features
         self.merge_residual = None  # the builder's buffer, for a half-precision weight
         self.quant: QuantizedWeight | None = None
+
+    @property
+    def scale(self) -> float:
+        """PEFT's ``scaling[adapter]`` as it is now (``alpha / r``, ``alpha / √r`` with rsLoRA;
+        ``set_scale``/``scale_layer`` and diffusers' ``set_adapters(weights=...)`` change it):
+        what PEFT's forward multiplies the link by, so what a knot merges."""
+        return float(cast(Any, self.layer).scaling[self.adapter])
 
     def refresh(self) -> None:
         """Look PEFT's Parameters up again (``lora_A``, ``lora_B``, the weight, DoRA's

@@ -1041,3 +1041,16 @@ def test_an_adapter_saved_elsewhere_is_refused_into_the_chained_adapter_after_a_
     # under another name it loads, with a warning that it runs on the chain's merged base
     with pytest.warns(ChainLoRAWarning, match="merged link"):
         model.load_adapter(where, adapter_name="other")
+
+
+def test_a_knot_merges_with_the_scale_peft_uses_now() -> None:
+    """PEFT's ``set_scale`` (diffusers' ``set_adapters(weights=...)``, ``scale_layer``) changes
+    ``scaling[adapter]`` after the chain was built: the knot merges what the forward adds."""
+    model = _peft_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=100)
+    _randomize_links(model)
+    for layer in _lora_layers(model).values():
+        layer.set_scale("default", 0.5)
+    before = _logits(model)
+    opt.tie_knot()
+    torch.testing.assert_close(_logits(model), before, rtol=1e-5, atol=1e-5)
