@@ -1054,3 +1054,22 @@ def test_a_knot_merges_with_the_scale_peft_uses_now() -> None:
     before = _logits(model)
     opt.tie_knot()
     torch.testing.assert_close(_logits(model), before, rtol=1e-5, atol=1e-5)
+
+
+def test_the_chains_own_save_serves_through_auto_peft_model(tmp_path: Path) -> None:
+    """A chained PeftModel over a base loaded from a directory: its ``save_pretrained`` names that
+    base, and ``AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`` (the serving path that
+    reads the base from the adapter's config) loads the trained function."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import LlamaForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 5)  # two knots, a link under way
+    trained = _logits(model)
+    model.save_pretrained(tmp_path / "adapter")
+    served = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    assert served.peft_config["default"].r == 12  # three links of rank 4
+    torch.testing.assert_close(_logits(served), trained, rtol=1e-5, atol=1e-5)
