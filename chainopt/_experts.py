@@ -225,7 +225,8 @@ class ParameterLink(LinkModule):
 def cached_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """Forward of a module with parameter links: its own, inside ``parametrize.cached()``, so
     each ``W + Δ`` is computed once per forward however often the forward reads it."""
-    base = cast(Any, parametrize.type_before_parametrizations(self))
+    base: Any = parametrize.type_before_parametrizations(self)  # no typing.cast: under
+    # torch.compile its result has no source, and transformers' experts forward breaks the graph
     with parametrize.cached():
         return base.forward(self, *args, **kwargs)
 
