@@ -683,6 +683,7 @@ def test_a_regex_a_set_and_a_callable_select_parameters() -> None:
     for spec in (
         re.compile(r".*experts\.(gate_up|down)_proj"),
         {DOWN, GATE_UP},
+        (name for name in (GATE_UP, DOWN)),  # read more than once: taken as its list
         lambda name, p: p.dim() == 3,
     ):
         model = _tiny_mixtral()
