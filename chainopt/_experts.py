@@ -30,7 +30,8 @@ inside ``torch.nn.utils.parametrize.cached()`` (as PEFT's ``ParamWrapper`` does)
 is computed once per forward and gradients reach the factors through it. The cached forward
 sits on the module's own class that ``parametrize`` made (as the dense layers' factorised
 forward does), so a ``copy.deepcopy`` of the module shares it and unloading drops it with the
-class.
+class; it calls the class after that one in the module's MRO (FSDP2's ``fully_shard`` of the
+experts module puts a class of its own first), and ``torch.compile(fullgraph=True)`` traces it.
 
 Marks (listed in :mod:`chainopt._marks`, removed by :meth:`ParameterBuilder.detach`): the
 ``parametrize`` class swap with ``parametrizations.<param>``, the cached forward on that class,
@@ -225,7 +226,13 @@ class ParameterLink(LinkModule):
 def cached_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """Forward of a module with parameter links: its own, inside ``parametrize.cached()``, so
     each ``W + Δ`` is computed once per forward however often the forward reads it."""
-    base = cast(Any, parametrize.type_before_parametrizations(self))
+    # The module's own class comes after the class parametrize made (the one holding this
+    # forward), wherever that is: FSDP2's fully_shard puts a class of its own first. No
+    # typing.cast: under torch.compile a class returned by a call has no source, and
+    # transformers' experts forward breaks the graph.
+    mro = type(self).__mro__
+    i = max(i for i, cls in enumerate(mro) if getattr(cls, "forward", None) is cached_forward)
+    base: Any = mro[i + 1]
     with parametrize.cached():
         return base.forward(self, *args, **kwargs)
 

@@ -9,12 +9,13 @@ inside the module. Everything a layer kind does differently is in its :class:`Re
 The protocol:
 
 - a **link** (:class:`Link`; :class:`~chainopt.lora.LoRAParametrization` is one) has Parameters
-  ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)``, a float ``scale`` (``s``), ``in_features``,
-  ``out_features``, ``fan_in_fan_out`` (the weight is stored ``(in, out)``), a
-  ``merge_residual`` (``None``, or a buffer shaped like the weight; assignable), ``delta()``
-  (``s·B·A`` as a dense float32 tensor in the weight's layout), ``resize_(rank)`` (same
-  Parameters, new shapes), ``check_factors(a, b)`` (why saved factors do not fit, or
-  ``None``) and ``merge_problem()`` (why a merge now would change the function, or
+  ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)`` (``(r·E, in)`` and ``(out, r·E)`` for
+  ``experts`` ``E`` > 1, fused experts in PEFT's layout: :mod:`chainopt._experts`), a float
+  ``scale`` (``s``), ``in_features``, ``out_features``, ``fan_in_fan_out`` (the weight is
+  stored ``(in, out)``), a ``merge_residual`` (``None``, or a buffer shaped like the weight;
+  assignable), ``delta()`` (``s·B·A`` as a dense float32 tensor in the weight's layout),
+  ``resize_(rank)`` (same Parameters, new shapes), ``check_factors(a, b)`` (why saved factors
+  do not fit, or ``None``) and ``merge_problem()`` (why a merge now would change the function, or
   ``None``). A knot restarts links through ``lora_A``/``lora_B`` alone
   (:func:`chainopt.lora.restart_links`): A drawn or given, B zero.
 - a **record** (:class:`ModuleRecord`) gives ``name`` (the module's qualified name, or
@@ -83,6 +84,11 @@ class Link(Factors, Protocol):
 
     merge_residual: Tensor | None
     unloaded: bool
+
+    @property
+    def experts(self) -> int:
+        """``E``: matrices stacked in the factors (fused experts; 1 for a layer)."""
+        ...
 
     @property
     def in_features(self) -> int:

@@ -200,23 +200,33 @@ def _check_masters(saved: object, chain: Chain) -> dict[str, Tensor]:
 
 
 def _check_history(knots: list[KnotRecord], chain: Chain) -> None:
-    """Every saved link factor fits its module: ``A`` is ``(r, in)``, ``B`` is ``(out, r)``, a
-    bias delta ``(out,)``, all with data (an export stacks them into the adapter)."""
-    sizes = {r.name: (r.link.out_features, r.link.in_features) for r in chain.records}
+    """Every saved link factor fits its module: ``A`` is ``(r·E, in)``, ``B`` is ``(out, r·E)``
+    (``E`` experts stacked, 1 for a layer), a bias delta ``(out,)``, all with data (an export
+    stacks them into the adapter, expert by expert)."""
+    sizes = {
+        r.name: (r.link.out_features, r.link.in_features, r.link.experts) for r in chain.records
+    }
     for i, knot in enumerate(knots):
         for name, f in knot.links.items():
             where = f"state_dict['chainopt']['history'] knot {i}, module {name!r}"
             if name not in sizes:
                 raise ValueError(f"{where}: no such adapted module in this chain")
-            out, inp = sizes[name]
+            out, inp, e = sizes[name]
             tensors = [t for t in (f.A, f.B, f.bias) if t is not None]
             if any(t.is_meta for t in tensors):
                 raise ValueError(f"{where}: a factor is on the meta device (no data)")
             rank = f.A.shape[0]
-            if tuple(f.A.shape) != (rank, inp) or tuple(f.B.shape) != (out, rank) or rank < 1:
+            if (
+                tuple(f.A.shape) != (rank, inp)
+                or tuple(f.B.shape) != (out, rank)
+                or rank < 1
+                or rank % e
+            ):
+                r = "r" if e == 1 else f"r·{e}"
+                over = "" if e == 1 else f" for each of {e} experts"
                 raise ValueError(
                     f"{where}: factors A {tuple(f.A.shape)} and B {tuple(f.B.shape)} do not fit "
-                    f"a ({out}, {inp}) weight: A must be (r, {inp}) and B ({out}, r)"
+                    f"a ({out}, {inp}) weight{over}: A must be ({r}, {inp}) and B ({out}, {r})"
                 )
             if f.bias is not None and tuple(f.bias.shape) != (out,):
                 raise ValueError(

@@ -49,6 +49,7 @@ from .targets import (
     choose_targets,
     choose_trainable,
     describe_spec,
+    readable_twice,
     select_parameters,
 )
 
@@ -206,6 +207,9 @@ class ChainConfig:
                 DDP or FSDP), a weight shared with another module.
         """
         check_model(model)
+        target_modules, target_parameters, trainable_modules = (
+            readable_twice(spec) for spec in (target_modules, target_parameters, trainable_modules)
+        )
         peft = _peft_choice(model, target_modules, rank, alpha, lora_bias, factor_dtype, init)
         if peft is not None:
             if target_parameters is not None:

@@ -88,6 +88,17 @@ def matcher(spec: ModuleSpec, argument: str) -> Callable[[str, nn.Module], bool]
     )
 
 
+def readable_twice(spec: ModuleSpec | None) -> ModuleSpec | None:
+    """``spec`` in a form that can be read more than once: an iterable of names (a generator,
+    ``map``, ``iter(...)``: read once only) as a list; anything else as it is. The arguments are
+    read several times (to match, to check, to name them in an error)."""
+    if spec is None or isinstance(spec, (str, re.Pattern)) or callable(spec):
+        return spec
+    if isinstance(spec, Iterable):
+        return cast(list[str], _strings(spec))  # a set's sorted; types checked by matcher
+    return spec
+
+
 def describe_spec(spec: ModuleSpec) -> str | list[str]:
     """A serialisable description of ``spec`` (for configs and error messages)."""
     if isinstance(spec, re.Pattern):

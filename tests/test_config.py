@@ -164,3 +164,19 @@ def test_parameter_targets_are_records_in_model_order_and_round_trip() -> None:
     assert config.differences(saved) == {"parameters": (["1.w"], ["1.w", "1.v"])}
     older = {k: v for k, v in config.to_dict().items() if k != "parameters"}
     assert ChainConfig.from_dict(older).parameters == ()  # saves before target_parameters
+
+
+def test_a_generator_of_names_is_read_once_and_gives_the_config_a_list_gives() -> None:
+    """The specs are read several times (to match, to check, to name them in an error): a
+    one-shot iterable (a generator, ``map``, ``iter``) counts as the list of its names."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Module())
+    model[2].w = nn.Parameter(torch.randn(3, 4, 4))
+    lists = {"target_modules": ["0"], "target_parameters": ["2.w"], "trainable_modules": ["1"]}
+    expected = ChainConfig.from_kwargs(model, rank=2, knot_every=5, **lists)
+    once = {k: (name for name in v) for k, v in lists.items()}
+    assert ChainConfig.from_kwargs(model, rank=2, knot_every=5, **once) == expected
+    assert expected.parameters == ("2.w",) and expected.trainable == ("1",)
+    with pytest.raises(ValueError, match=r"target_parameters=\['nope'\] matches no parameter"):
+        ChainConfig.from_kwargs(model, target_parameters=iter(["nope"]), knot_every=5)
+    with pytest.raises(ValueError, match=r"target_modules=\['nope'\] matches no module"):
+        ChainConfig.from_kwargs(model, target_modules=map(str, ["nope"]), knot_every=5)

@@ -300,6 +300,74 @@ def test_fsdp2_knots_on_sharded_weights(tmp_path: Path, device: str, dtype: torc
                 torch.testing.assert_close(final[0][k], v, rtol=2e-2, atol=2e-2, msg=k)
 
 
+class _FusedExperts(nn.Module):
+    """Three experts ``(6, IN)`` in one 3-D parameter, read one at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 6, IN) / IN**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x @ self.w[0].T
+        for w in self.w[1:]:
+            out = out + x @ w.T
+        return out
+
+
+class _MoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.experts = _FusedExperts()
+        self.head = nn.Linear(6, OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(torch.tanh(self.experts(x)))
+        return out
+
+
+def _moe_chain() -> tuple[nn.Module, Any]:
+    model = _MoE()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), target_parameters=["experts.w"],
+        trainable_modules=["head"], rank=2, knot_every=2, seed=7,
+    )  # fmt: skip
+    return model, opt
+
+
+@_in_group
+def _fsdp_experts_worker(rank: int, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model, opt = _moe_chain()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    fully_shard(model.experts, mesh=mesh)  # FSDP2's class over parametrize's
+    fully_shard(model, mesh=mesh)
+    opt.rebind_parameters()
+    _train(model, opt, range(STEPS), rank)
+    assert opt.knots_tied == STEPS // 2
+    torch.save(_whole(model), f"{out}/experts{rank}.pt")
+
+
+@_fsdp_support
+def test_fsdp2_shards_an_experts_module_with_a_parameter_link(tmp_path: Path) -> None:
+    """The cached forward finds the module's own forward under FSDP2's class (it called
+    ``FSDPModule.forward``: an AttributeError)."""
+    import torch.distributed.fsdp  # imported once here, not in each forked worker
+
+    model, opt = _moe_chain()
+    _train(model, opt, range(STEPS))
+    single = _whole(model)
+
+    _spawn(_fsdp_experts_worker, str(tmp_path), timeout=180)
+    final = [torch.load(tmp_path / f"experts{r}.pt", weights_only=True) for r in range(WORLD)]
+    _assert_same(final[0], final[1], "rank 0 vs rank 1")
+    assert final[0].keys() == single.keys()
+    for k, v in single.items():
+        torch.testing.assert_close(final[0][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
 # --- one rank goes bad: the verdict is agreed ---
 
 

@@ -198,6 +198,36 @@ def _routing(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     return index, torch.full((tokens, 2), 0.5)
 
 
+def test_a_chained_mixtral_compiles_to_one_graph_and_a_knot_causes_no_recompile() -> None:
+    """The cached forward is traceable: torch.compile(fullgraph=True) takes the experts' forward
+    (transformers' dispatching wrapper) inside ``parametrize.cached()``."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = _tiny_mixtral()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+        target_parameters=[GATE_UP, DOWN, "mlp.gate.weight"], rank=2, knot_every=2,
+    )  # fmt: skip
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits)
+    for _ in range(2):  # the second step ties a knot
+        compiled(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    graphs = counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        compiled(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.knots_tied == 2
+    assert counters["stats"]["unique_graphs"] == graphs
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 # --- training ----------------------------------------------------------------------------------
 
 
@@ -653,6 +683,7 @@ def test_a_regex_a_set_and_a_callable_select_parameters() -> None:
     for spec in (
         re.compile(r".*experts\.(gate_up|down)_proj"),
         {DOWN, GATE_UP},
+        (name for name in (GATE_UP, DOWN)),  # read more than once: taken as its list
         lambda name, p: p.dim() == 3,
     ):
         model = _tiny_mixtral()

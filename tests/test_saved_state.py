@@ -127,3 +127,33 @@ def test_a_rank_step_down_checkpoint_still_loads_into_a_fresh_chain() -> None:
     fresh_model.load_state_dict(model.state_dict())
     fresh_opt.load_state_dict(opt.state_dict())
     assert lora_parametrization(fresh_model[0]).rank == 1  # type: ignore[union-attr]
+
+
+def test_a_history_that_does_not_split_into_the_experts_is_refused_and_nothing_is_loaded() -> None:
+    """A fused-experts link's history holds ``A (r·E, in)``, ``B (out, r·E)``: factors whose rank
+    is not a whole number per expert were loaded and failed later, in the export's split."""
+
+    def chained() -> ChainLoRAOptimizer:
+        torch.manual_seed(0)
+        model = nn.Module()
+        model.w = nn.Parameter(torch.randn(4, 5, 6))  # 4 experts of (out=5, in=6)
+        return ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                  target_parameters=["w"], rank=2, knot_every=1,
+                                  keep_history=True)  # fmt: skip
+
+    source = chained()
+    with torch.no_grad():
+        source.chain.records[0].link.lora_B.normal_()
+    source.tie_knot()
+    saved = copy.deepcopy(source.state_dict())
+    link = _entry(saved)["history"]["knots"][0]["links"]["w"]
+    assert tuple(link["A"].shape) == (8, 6) and tuple(link["B"].shape) == (5, 8)
+    link.update(A=link["A"][:3].clone(), B=link["B"][:, :3].clone())  # 3 rows over 4 experts
+    opt = chained()
+    before = snapshot(opt.model)
+    with pytest.raises(ValueError, match=r"history.*for each of 4 experts: A must be \(r·4, 6\)"):
+        opt.load_state_dict(saved)
+    assert len(opt.history) == 0 and opt.knots_tied == 0
+    assert all(torch.equal(before[k], v) for k, v in snapshot(opt.model).items())
+    opt.load_state_dict(copy.deepcopy(source.state_dict()))  # the whole history loads
+    assert len(opt.history) == 1
