@@ -135,14 +135,17 @@ def accept_plain_keys(
     after the load). Edits ``state_dict`` in place.
 
     Returns:
-        ``True`` when a plain tensor replaced a module's chain state (the chain's history then no
-        longer describes ``W - W₀``), ``False`` when ``state_dict`` holds every adapted module's
-        own link keys, ``None`` otherwise (a partial load).
+        ``True`` when a plain tensor replaced a module's chain state, or a partial load replaces
+        a frozen tensor under a link (a weight, a bias under a delta, a merge residual): the
+        chain's history then no longer describes ``W - W₀``. ``False`` when ``state_dict`` holds
+        every adapted module's own link keys, ``None`` otherwise (a partial load of factors or
+        of tensors outside the links).
     """
-    replaced, complete = False, True
+    factor_keys, frozen_keys = _chain_keys(model, prefix)
+    complete = all(b in state_dict for b in factor_keys)
+    replaced = not complete and any(k in state_dict for k in frozen_keys)
     for r in find_adapted(model):
         base = f"{prefix}{r.module_name}." if r.module_name else prefix
-        complete = complete and f"{base}{r.link_prefix}lora_B" in state_dict
         if r.quant is not None:
             replaced = _restart_quantized_link(r, state_dict, base) or replaced
         parts: list[tuple[str, Link | BiasDelta]] = [(r.param, r.link)]
@@ -170,6 +173,27 @@ def accept_plain_keys(
                     f"{stem}0.merge_residual", torch.zeros_like(part.merge_residual)
                 )
     return True if replaced else (False if complete else None)
+
+
+def _chain_keys(model: nn.Module, prefix: str) -> tuple[list[str], list[str]]:
+    """The keys (under ``prefix``) of each link's ``lora_B`` and of the frozen tensors under the
+    links (weights, biases under deltas, merge residuals), found by identity: any layer kind's
+    own key names (PEFT's ``lora_B.<adapter>.weight`` and ``base_layer.weight`` included)."""
+    records = find_adapted(model)
+    b_ids = {id(r.link.lora_B) for r in records}
+    frozen: list[Tensor | None] = []
+    for r in records:
+        frozen += [r.weight, r.link.merge_residual]
+        if r.delta is not None:
+            frozen += [r.bias, r.delta.merge_residual]
+    frozen_ids = {id(t) for t in frozen if t is not None}
+    named = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
+    factor_keys = sorted({prefix + k for k, t in named if id(t) in b_ids})
+    frozen_keys = sorted({prefix + k for k, t in named if id(t) in frozen_ids})
+    return factor_keys, frozen_keys
 
 
 def _restart_quantized_link(r: ModuleRecord, state_dict: dict[str, Any], base: str) -> bool:

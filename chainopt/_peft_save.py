@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._marks import PEFT_AWAITING, PEFT_SAVE, is_chainopt
+from ._marks import PEFT_AWAITING, PEFT_SAVE, PLAIN_LOAD, is_chainopt
 from ._peft_layers import PeftLink, link_of
 from .guard import NonFiniteUpdateError
 from .history import ChainHistory, LinkFactors
@@ -187,7 +187,19 @@ def install_whole_chain_save(model: nn.Module, save: ChainSave) -> bool:
 
 
 def _whole_chain(model: Any) -> tuple[ChainSave, dict[str, Tensor], int]:
+    """The whole chain's tensors; refused after a load replaced the base weights under the links
+    without the chain's optimizer state (``chainopt._load_guard.loaded_plain_weights``): the
+    history then no longer describes ``W - W₀``, and the adapter would be another model."""
     save: ChainSave = model.__dict__[PEFT_SAVE]
+    if model.__dict__.get(PLAIN_LOAD):
+        raise ValueError(
+            "refusing to save the chained adapter: a load replaced the chained model's base "
+            "weights without the chain's optimizer state (a model-only load_state_dict, or one "
+            "with a step between), so opt.history no longer describes their update over the "
+            "original base, and the adapter would compute another model; nothing was written. "
+            "Load the optimizer state saved with those weights (opt.load_state_dict, or "
+            "chainopt.load_checkpoint), or deploy the merged model with chainopt.save_merged"
+        )
     tensors, rank = whole_chain_tensors(chained_links(model), save.history)
     return save, tensors, rank
 
