@@ -142,6 +142,16 @@ class ChainSave:
     history: ChainHistory
     restore: ChainRestore | None = None
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> ChainSave:
+        """The copy's history, and ``restore`` bound to the copied optimizer when the optimizer
+        is being copied too (``copy.deepcopy(opt)``); ``None`` for a copy of the model alone,
+        which has no optimizer (deep-copying the bound method copied the optimizer from inside
+        the half-built model copy, and raised ``AttributeError``)."""
+        owner = getattr(self.restore, "__self__", None)
+        twin = memo.get(id(owner)) if owner is not None else None
+        restore = getattr(twin, self.restore.__name__) if twin is not None else None  # type: ignore[union-attr]
+        return ChainSave(self.adapter, copy.deepcopy(self.history, memo), restore)
+
 
 def chained_links(model: nn.Module) -> list[tuple[str, PeftLink]]:
     """``(name, link)`` of every chained PEFT layer of ``model``, in model order."""
