@@ -284,3 +284,47 @@ def test_a_chained_peft_model_loading_an_earlier_state_saves_only_with_its_optim
     model.save_pretrained(tmp_path / "a")
     served = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a").eval()
     torch.testing.assert_close(_logits(served), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_an_assigning_load_is_refused_before_anything_changes(peft: bool) -> None:
+    """``load_state_dict(sd, assign=True)`` replaced the chain's Parameters by the state dict's
+    tensors: the optimizer kept stepping the old ones (3 steps moved the model by 0.0), then the
+    knot refused with a message about DeepSpeed. Refused now, naming ``assign``."""
+    model, opt = _peft_chain() if peft else (tiny_llama(), None)
+    opt = opt if opt is not None else _chain(model)
+    _train(model, opt, 2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {n: p for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="assign=True"):
+        model.load_state_dict(state, assign=True)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    before = _logits(model)
+    _train(model, opt, 1)
+    assert not torch.equal(_logits(model), before)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_load_into_a_module_of_the_chain_is_refused_whole(strict: bool) -> None:
+    """``model.model.load_state_dict(backbone)`` bypassed the chained model's load guard: with
+    ``strict=False`` the adapted layers' plain weights were skipped silently (logits 0.53 from
+    the backbone loaded), with ``strict=True`` torch raised after loading every other layer.
+    Refused now before anything loads; the way the message gives loads it exactly."""
+    model, other = tiny_llama(), tiny_llama(seed=1)
+    opt = _chain(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    backbone = other.model.state_dict()
+    with pytest.raises(ValueError, match="a module of a chained model"):
+        model.model.load_state_dict(backbone, strict=strict)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    q_proj = model.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="a module of a chained model"):
+        q_proj.load_state_dict(other.model.layers[0].self_attn.q_proj.state_dict(), strict=False)
+    model.model.load_state_dict({"norm.weight": backbone["norm.weight"]}, strict=False)  # no link
+    model.lm_head.load_state_dict(other.lm_head.state_dict())
+    model.load_state_dict({f"model.{k}": v for k, v in backbone.items()}, strict=False)
+    torch.testing.assert_close(_logits(model), _logits(other), rtol=1e-6, atol=1e-6)
+    assert chainopt._load_guard.loaded_plain_weights(model)
+    _train(model, opt, 1)
+    chainopt.merge_and_unload(model)
+    assert not [m for m in model.modules() if m._load_state_dict_pre_hooks]
