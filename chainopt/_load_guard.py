@@ -3,6 +3,8 @@
 :func:`guard_loads` registers one ``load_state_dict`` pre-hook on the chained model (a mark
 listed with the others in :mod:`chainopt._record`). Before torch loads anything the hook
 
+0. refuses ``load_state_dict(..., assign=True)``, which would replace the Parameters the
+   optimizer holds (``ValueError``, nothing loaded),
 1. takes a plain checkpoint's keys (``….weight``, as ``from_pretrained`` writes) as the frozen
    originals, the link restarting at zero (:func:`accept_plain_keys`), and
 2. checks the whole state dict against the model (:func:`check_incoming_state`): factors of a
@@ -28,6 +30,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -35,7 +38,14 @@ from torch import Tensor, nn
 
 from ._attach import plist_of
 from ._layers import find_adapted
-from ._marks import LOAD_GUARD, LOAD_SETTLE, LOADING, PLAIN_LOAD, STATE_RESTORED
+from ._marks import (
+    INNER_LOAD_GUARDS,
+    LOAD_GUARD,
+    LOAD_SETTLE,
+    LOADING,
+    PLAIN_LOAD,
+    STATE_RESTORED,
+)
 from ._peft_save import foreign_factors_problem
 from ._quant_backends import backend_for
 from ._record import Link, ModuleRecord
@@ -135,14 +145,17 @@ def accept_plain_keys(
     after the load). Edits ``state_dict`` in place.
 
     Returns:
-        ``True`` when a plain tensor replaced a module's chain state (the chain's history then no
-        longer describes ``W - W₀``), ``False`` when ``state_dict`` holds every adapted module's
-        own link keys, ``None`` otherwise (a partial load).
+        ``True`` when a plain tensor replaced a module's chain state, or a partial load replaces
+        a frozen tensor under a link (a weight, a bias under a delta, a merge residual): the
+        chain's history then no longer describes ``W - W₀``. ``False`` when ``state_dict`` holds
+        every adapted module's own link keys, ``None`` otherwise (a partial load of factors or
+        of tensors outside the links).
     """
-    replaced, complete = False, True
+    factor_keys, frozen_keys = _chain_keys(model, prefix)
+    complete = all(b in state_dict for b in factor_keys)
+    replaced = not complete and any(k in state_dict for k in frozen_keys)
     for r in find_adapted(model):
         base = f"{prefix}{r.module_name}." if r.module_name else prefix
-        complete = complete and f"{base}{r.link_prefix}lora_B" in state_dict
         if r.quant is not None:
             replaced = _restart_quantized_link(r, state_dict, base) or replaced
         parts: list[tuple[str, Link | BiasDelta]] = [(r.param, r.link)]
@@ -172,6 +185,27 @@ def accept_plain_keys(
     return True if replaced else (False if complete else None)
 
 
+def _chain_keys(model: nn.Module, prefix: str) -> tuple[list[str], list[str]]:
+    """The keys (under ``prefix``) of each link's ``lora_B`` and of the frozen tensors under the
+    links (weights, biases under deltas, merge residuals), found by identity: any layer kind's
+    own key names (PEFT's ``lora_B.<adapter>.weight`` and ``base_layer.weight`` included)."""
+    records = find_adapted(model)
+    b_ids = {id(r.link.lora_B) for r in records}
+    frozen: list[Tensor | None] = []
+    for r in records:
+        frozen += [r.weight, r.link.merge_residual]
+        if r.delta is not None:
+            frozen += [r.bias, r.delta.merge_residual]
+    frozen_ids = {id(t) for t in frozen if t is not None}
+    named = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
+    factor_keys = sorted({prefix + k for k, t in named if id(t) in b_ids})
+    frozen_keys = sorted({prefix + k for k, t in named if id(t) in frozen_ids})
+    return factor_keys, frozen_keys
+
+
 def _restart_quantized_link(r: ModuleRecord, state_dict: dict[str, Any], base: str) -> bool:
     """A quantized layer's weight without its link's keys: the link restarts at zero (A as it
     is, B zero), as for a plain weight; the master follows the weight after the load."""
@@ -199,6 +233,14 @@ def _prepare_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *a
     """``load_state_dict`` pre-hook of a chained model: take plain keys, and check everything
     before anything is loaded."""
     module.__dict__.pop(LOADING, None)
+    metadata = args[0] if args and isinstance(args[0], Mapping) else {}
+    if metadata.get("assign_to_params_buffers"):
+        raise ValueError(
+            "load_state_dict(..., assign=True) into a chained model would replace its "
+            "Parameters (the frozen weights and the factors) by the state dict's tensors, which "
+            "the optimizer does not hold: its steps would train nothing and the next knot would "
+            "refuse; nothing was loaded. Load without assign (the tensors are copied in place)"
+        )
     restarted = {
         id(r.module)
         for r in find_adapted(module)
@@ -312,3 +354,38 @@ def guard_loads(model: nn.Module) -> None:
     if LOAD_SETTLE not in model.__dict__:
         settle = model.register_load_state_dict_post_hook(_finish_load)  # type: ignore[no-untyped-call]
         model.__dict__[LOAD_SETTLE] = settle
+    if INNER_LOAD_GUARDS not in model.__dict__:  # every module from a link up, the model apart
+        names = {r.module_name for r in find_adapted(model)}
+        parts = [n.split(".") for n in names if n]
+        inner = {".".join(p[: i + 1]) for p in parts for i in range(len(p))}
+        model.__dict__[INNER_LOAD_GUARDS] = [
+            model.get_submodule(name).register_load_state_dict_pre_hook(  # type: ignore[no-untyped-call]
+                partial(_refuse_inner_load, name)
+            )
+            for name in sorted(inner)
+        ]
+
+
+def _refuse_inner_load(
+    path: str, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """``load_state_dict`` pre-hook of a module of a chained model that holds links: a load
+    into this module alone (not part of the model's own load, whose hook checks it) that
+    writes a linked module is refused, nothing loaded. Torch would load it without the chain's
+    checks: a plain ``….weight`` for a linked layer is an unexpected key (skipped silently with
+    ``strict=False``; with ``strict=True`` the error comes after the rest was loaded), and its
+    frozen weights would change without marking the chain's history stale."""
+    if prefix:
+        return
+    linked = [r.module_name for r in find_adapted(module)]
+    touched = sorted(
+        k for k in state_dict if any(not n or k == n or k.startswith(f"{n}.") for n in linked)
+    )
+    if touched:
+        raise ValueError(
+            f"load_state_dict into {path!r}, a module of a chained model, would write the "
+            f"chained modules under it ({touched[:3]}) without the chain's checks; nothing was "
+            "loaded. Load into the chained model itself, with the keys under their full names "
+            f"(model.load_state_dict({{'{path}.' + k: v for k, v in state.items()}}, "
+            "strict=False))"
+        )

@@ -36,6 +36,9 @@ a ``load_state_dict`` pre-hook, its       ``_load_guard.guard_loads`` (construct
 handle in ``__dict__[LOAD_GUARD]``
 a ``load_state_dict`` post-hook, its      ``_load_guard.guard_loads`` (construction)
 handle in ``__dict__[LOAD_SETTLE]``
+a ``load_state_dict`` pre-hook on each    ``_load_guard.guard_loads`` (construction)
+module down to each link, their handles
+in ``__dict__[INNER_LOAD_GUARDS]``
 ``__dict__[PLAIN_LOAD]``                  the post-hook (a load replaced the chain's
                                           tensors without its optimizer state)
 ``__dict__[STATE_RESTORED]``              ``_load_guard.state_restored`` (an optimizer
@@ -90,6 +93,7 @@ from ._surgery import remove_forward_hooks
 
 __all__ = [
     "CLEARED_IS_QUANTIZED",
+    "INNER_LOAD_GUARDS",
     "LINK_NAME",
     "LOADING",
     "LOAD_GUARD",
@@ -121,6 +125,9 @@ LOAD_GUARD = "_chainopt_load_guard"
 """Instance attribute of a chained model: the handle of its ``load_state_dict`` pre-hook."""
 LOAD_SETTLE = "_chainopt_load_settle"
 """Instance attribute of a chained model: the handle of its ``load_state_dict`` post-hook."""
+INNER_LOAD_GUARDS = "_chainopt_inner_load_guards"
+"""Instance attribute of a chained model: the handles of the ``load_state_dict`` pre-hooks on
+its submodules that hold links (a load into one of them alone is refused)."""
 PLAIN_LOAD = "_chainopt_plain_load"
 """Instance flag: a plain (merged) checkpoint was loaded into the chain (its history is stale)."""
 STATE_RESTORED = "_chainopt_state_restored"
@@ -166,6 +173,8 @@ def unmark(model: nn.Module) -> None:
         handle = model.__dict__.pop(key, None)
         if handle is not None and callable(getattr(handle, "remove", None)):
             handle.remove()
+    for handle in model.__dict__.pop(INNER_LOAD_GUARDS, ()):
+        handle.remove()
     for method in ("save_pretrained", "load_adapter", "save_lora_adapter"):
         installed = model.__dict__.get(method)
         if installed is not None and is_chainopt(installed):

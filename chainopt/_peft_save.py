@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._marks import PEFT_AWAITING, PEFT_SAVE, is_chainopt
+from ._marks import PEFT_AWAITING, PEFT_SAVE, PLAIN_LOAD, is_chainopt
 from ._peft_layers import PeftLink, link_of
 from .guard import NonFiniteUpdateError
 from .history import ChainHistory, LinkFactors
@@ -142,6 +142,16 @@ class ChainSave:
     history: ChainHistory
     restore: ChainRestore | None = None
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> ChainSave:
+        """The copy's history, and ``restore`` bound to the copied optimizer when the optimizer
+        is being copied too (``copy.deepcopy(opt)``); ``None`` for a copy of the model alone,
+        which has no optimizer (deep-copying the bound method copied the optimizer from inside
+        the half-built model copy, and raised ``AttributeError``)."""
+        owner = getattr(self.restore, "__self__", None)
+        twin = memo.get(id(owner)) if owner is not None else None
+        restore = getattr(twin, self.restore.__name__) if twin is not None else None  # type: ignore[union-attr]
+        return ChainSave(self.adapter, copy.deepcopy(self.history, memo), restore)
+
 
 def chained_links(model: nn.Module) -> list[tuple[str, PeftLink]]:
     """``(name, link)`` of every chained PEFT layer of ``model``, in model order."""
@@ -187,7 +197,19 @@ def install_whole_chain_save(model: nn.Module, save: ChainSave) -> bool:
 
 
 def _whole_chain(model: Any) -> tuple[ChainSave, dict[str, Tensor], int]:
+    """The whole chain's tensors; refused after a load replaced the base weights under the links
+    without the chain's optimizer state (``chainopt._load_guard.loaded_plain_weights``): the
+    history then no longer describes ``W - W₀``, and the adapter would be another model."""
     save: ChainSave = model.__dict__[PEFT_SAVE]
+    if model.__dict__.get(PLAIN_LOAD):
+        raise ValueError(
+            "refusing to save the chained adapter: a load replaced the chained model's base "
+            "weights without the chain's optimizer state (a model-only load_state_dict, or one "
+            "with a step between), so opt.history no longer describes their update over the "
+            "original base, and the adapter would compute another model; nothing was written. "
+            "Load the optimizer state saved with those weights (opt.load_state_dict, or "
+            "chainopt.load_checkpoint), or deploy the merged model with chainopt.save_merged"
+        )
     tensors, rank = whole_chain_tensors(chained_links(model), save.history)
     return save, tensors, rank
 

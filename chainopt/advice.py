@@ -3,8 +3,8 @@
 - a task head (a classifier on a ``…ForSequenceClassification`` model) left frozen: it keeps its
   random initialisation unless it is in ``trainable_modules`` (PEFT's ``modules_to_save``);
 - ``add_param_group`` with parameters that do not require gradients: they are never trained;
-- the factors or merge residuals changed dtype after wrapping (``model.to(torch.bfloat16)``):
-  the factors train in that dtype and knots lose the residual's exactness.
+- and, raised instead of warned (:class:`DtypeWatch`): the weights, factors or merge residuals
+  changed dtype after wrapping (``model.to(torch.bfloat16)``), which would make knots inexact.
 
 All are :class:`ChainLoRAWarning`, so one filter silences them.
 
@@ -80,7 +80,9 @@ def warn_frozen_parameters(params: Iterable[Tensor]) -> None:
 
 
 class DtypeWatch:
-    """The factors' and residuals' dtypes as the chain was built; warns once if they change.
+    """The weights', factors' and residuals' dtypes as the chain was built (or as
+    :meth:`~chainopt.ChainLoRAOptimizer.accept_dtypes` took them); :meth:`check` raises if they
+    changed.
 
     Args:
         records: the adapted modules.
@@ -88,26 +90,31 @@ class DtypeWatch:
 
     def __init__(self, records: Sequence[ModuleRecord]) -> None:
         self._expected = {r.name: self._dtypes(r) for r in records}
-        self._warned = False
 
     @staticmethod
-    def _dtypes(r: ModuleRecord) -> tuple[torch.dtype, torch.dtype | None]:
+    def _dtypes(r: ModuleRecord) -> tuple[torch.dtype, torch.dtype, torch.dtype | None]:
         residual = r.link.merge_residual
-        return r.link.lora_A.dtype, None if residual is None else residual.dtype
+        return r.weight.dtype, r.link.lora_A.dtype, None if residual is None else residual.dtype
 
     def check(self, records: Sequence[ModuleRecord]) -> None:
-        """Warn (once) if a factor or residual dtype is not what it was built with."""
-        if self._warned:
-            return
+        """Raise if a weight, factor or residual dtype is not what the chain was built with.
+
+        ``model.to(dtype)`` after wrapping casts them: a float32 chain cast to bfloat16 then has
+        no merge residual, and every knot rounds the weight (30 knots of a 64-wide layer lost
+        5.7 times the cast-once floor, ``tests/test_advice.py``).
+
+        Raises:
+            RuntimeError: a dtype changed; nothing was changed.
+        """
         for r in records:
             built, now = self._expected.get(r.name), self._dtypes(r)
             if built is not None and now != built:
-                self._warned = True
-                _warn(
-                    f"the factors / merge residual of {r.name!r} are {now[0]} / {now[1]}, built "
-                    f"as {built[0]} / {built[1]}: model.to(dtype) after wrapping casts them, so "
-                    "the factors train in that dtype and knots are no longer exact; cast the "
-                    "model before building the ChainLoRAOptimizer (factor_dtype= sets the "
-                    "factors' dtype)"
+                raise RuntimeError(
+                    f"the weight / factors / merge residual of {r.name!r} are {now[0]} / "
+                    f"{now[1]} / {now[2]}, built as {built[0]} / {built[1]} / {built[2]}: "
+                    "model.to(dtype) (or .half(), .bfloat16(), ...) after wrapping cast them, "
+                    "so knots would no longer be exact (a cast to half precision leaves no "
+                    "merge residual: every knot rounds the weight); nothing was changed. Cast "
+                    "the model before building the ChainLoRAOptimizer (factor_dtype= sets the "
+                    "factors' dtype), or call opt.accept_dtypes() to train on in these dtypes"
                 )
-                return

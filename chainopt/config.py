@@ -367,7 +367,11 @@ def check_model(model: object) -> None:
     if wrapped:
         raise ValueError(
             f"model is already wrapped by a ChainLoRAOptimizer (chainopt links on "
-            f"{[r.name for r in wrapped][:4]}); build one ChainLoRAOptimizer per model"
+            f"{[r.name for r in wrapped][:4]}; a copy.deepcopy of a wrapped model carries "
+            "them too); build one ChainLoRAOptimizer per model. To train a copy, copy the "
+            "optimizer: copy.deepcopy(opt) copies its model along (opt_copy.model); or unload "
+            "the links first (chainopt.merge_and_unload(model) merges them) and chain the plain "
+            "model"
         )
 
 

@@ -35,7 +35,7 @@ from ._marks import OWN_STATE, nested, unmark
 from ._peft_layers import PeftLink
 from ._quant_backends import backend_for
 from ._record import ModuleRecord
-from ._validate import type_name
+from ._validate import FLOAT_DTYPES, type_name
 from .guard import NonFiniteUpdateError, check_links
 from .merge import merge_, merged_bias, merged_weight, require_mergeable
 
@@ -116,16 +116,16 @@ def merged_state_dict(
     are passed through unchanged, in order.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, ``quantized_dtype`` not a floating dtype or
+        TypeError: ``model`` is not an ``nn.Module``, ``quantized_dtype`` not float32, float64,
+            bfloat16 or float16 (float8 would silently lose a few percent of each weight), or
             ``keep_quantized`` not a bool.
         NonFiniteUpdateError: a merged weight or bias would not be finite.
     """
     records = _checked(model, "export the merged weights")
-    if quantized_dtype is not None and not (
-        isinstance(quantized_dtype, torch.dtype) and quantized_dtype.is_floating_point
-    ):
-        raise TypeError(
-            f"quantized_dtype must be a floating torch.dtype or None, got {quantized_dtype!r}"
+    if quantized_dtype is not None and quantized_dtype not in FLOAT_DTYPES:
+        raise TypeError(  # float8: 2.7 % (e4m3) to 5.4 % (e5m2) of a merged NF4 weight lost
+            "quantized_dtype must be None or a floating torch.dtype the model can compute in "
+            f"({', '.join(map(str, FLOAT_DTYPES))}), got {quantized_dtype!r}"
         )
     if not isinstance(keep_quantized, bool):
         raise TypeError(f"keep_quantized must be a bool, got {keep_quantized!r}")

@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -355,6 +356,8 @@ def export_peft_adapter(
     }
     if lora_bias:
         config["lora_bias"] = True  # PEFT >= 0.14: lora_B carries a bias
+    if _tied(model, to_save):  # PEFT keeps the saved copies of tied modules tied (>= 0.18)
+        config["ensure_weight_tying"] = True
 
     skeleton = _check_peft_loads(model, config)
     if experts_tensors:
@@ -403,7 +406,9 @@ def _check_peft_loads(model: nn.Module, config: Mapping[str, Any]) -> nn.Module 
         return None
     fields = set(inspect.signature(LoraConfig).parameters)
     try:
-        lora = LoraConfig(**{k: v for k, v in config.items() if k in fields})
+        # copies: PEFT edits its config's lists (ensure_weight_tying drops tied modules from
+        # modules_to_save), which would change what is written
+        lora = LoraConfig(**{k: copy.deepcopy(v) for k, v in config.items() if k in fields})
     except (ValueError, TypeError) as err:
         raise ValueError(
             f"PEFT refuses this adapter's config: {err} (nothing was written)"
@@ -672,10 +677,14 @@ def _pad(t: Tensor, r: int, dim: int) -> Tensor:
 
 
 def _modules_to_save(chain: ChainLoRAOptimizer) -> list[str]:
-    """Modules whose own parameters train as they are (``trainable_modules``), outermost only."""
+    """Modules whose own parameters train as they are (``trainable_modules``), outermost only.
+
+    Every module holding such a parameter counts, a tied one included (an ``lm_head`` sharing
+    the trained embedding's weight): PEFT gives each saved module its own copy, so a tied
+    partner left out would keep the original weight on the base model."""
     factors = {id(p) for p in chain.factors()}
     owners: set[str] = set()
-    for name, p in chain.model.named_parameters():
+    for name, p in chain.model.named_parameters(remove_duplicate=False):
         if p.requires_grad and id(p) not in factors:
             owner = name.rpartition(".")[0]
             if not owner:
@@ -685,6 +694,12 @@ def _modules_to_save(chain: ChainLoRAOptimizer) -> list[str]:
                 )
             owners.add(owner)
     return sorted(o for o in owners if not any(o.startswith(f"{other}.") for other in owners))
+
+
+def _tied(model: nn.Module, owners: list[str]) -> bool:
+    """Whether two of the modules ``owners`` hold one Parameter (tied weights)."""
+    held = [id(p) for o in owners for p in model.get_submodule(o).parameters()]
+    return len(held) != len(set(held))
 
 
 def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:

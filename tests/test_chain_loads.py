@@ -203,3 +203,128 @@ def test_loading_the_chain_own_keys_keeps_the_history_only_with_its_optimizer_st
     torch.testing.assert_close(_logits(model), expected, rtol=0, atol=0)
     export_peft_adapter(opt, tmp_path / "a")
     torch.testing.assert_close(_served(tmp_path / "a"), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("part", ["one module, factors and weight", "one weight only"])
+def test_a_partial_load_of_frozen_weights_makes_the_export_need_base(
+    tmp_path: Path, part: str
+) -> None:
+    """``load_state_dict(..., strict=False)`` of some of the chain's own keys from an earlier
+    state (or just a frozen weight) replaces weights the history describes: the export must not
+    write the history over the original base (it was 0.066 and 0.84 away on an MLP)."""
+    pytest.importorskip("peft")
+    model = tiny_llama()
+    opt = _chain(model)
+    _train(model, opt, 2)
+    early = {k: v.clone() for k, v in model.state_dict().items()}
+    _train(model, opt, 2)  # a knot after step 3
+    stem = "model.layers.0.self_attn.q_proj."
+    keys = [k for k in early if k.startswith(stem)]
+    if part == "one weight only":
+        keys = [f"{stem}parametrizations.weight.original"]
+    model.load_state_dict({k: early[k] for k in keys}, strict=False)
+    with pytest.raises(ValueError, match="plain \\(merged\\) checkpoint"):
+        export_peft_adapter(opt, tmp_path / "stale")
+    assert not (tmp_path / "stale").exists()
+    export_peft_adapter(opt, tmp_path / "exact", base=tiny_llama())  # W - W0, factorised
+    torch.testing.assert_close(_served(tmp_path / "exact"), _logits(model), rtol=1e-4, atol=1e-4)
+
+
+def test_a_partial_load_of_factors_only_keeps_the_history() -> None:
+    """One module's factors loaded into the link under way leave the weights the history
+    describes: no mark."""
+    pytest.importorskip("peft")
+    model = tiny_llama()
+    opt = _chain(model)
+    _train(model, opt, 4)
+    stem = "model.layers.0.self_attn.q_proj.parametrizations.weight.0.lora_"
+    factors = {k: torch.randn_like(v) for k, v in model.state_dict().items() if stem in k}
+    assert len(factors) == 2
+    model.load_state_dict(factors, strict=False)
+    assert not chainopt._load_guard.loaded_plain_weights(model)
+
+
+def _peft_chain() -> tuple[nn.Module, ChainLoRAOptimizer]:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=3, seed=5
+    )
+    return model, opt
+
+
+@pytest.mark.parametrize("order", ["model only", "optimizer first", "model first"])
+def test_a_chained_peft_model_loading_an_earlier_state_saves_only_with_its_optimizer_state(
+    tmp_path: Path, order: str
+) -> None:
+    """A chained PeftModel's own earlier state dict, loaded model-only after a knot, put base
+    weights under the adapter that the history no longer describes: ``save_pretrained`` wrote
+    an adapter 0.093 away (MLP) from the model. Now it refuses, nothing written; with the
+    optimizer state saved beside the model state it writes the model exactly."""
+    from peft import PeftModel
+
+    model, opt = _peft_chain()
+    _train(model, opt, 2)
+    model_state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_state = copy.deepcopy(opt.state_dict())
+    expected = _logits(model)
+    _train(model, opt, 2)  # a knot after step 3
+    if order == "optimizer first":
+        opt.load_state_dict(opt_state)
+    model.load_state_dict(model_state)
+    if order == "model first":
+        opt.load_state_dict(opt_state)
+    torch.testing.assert_close(_logits(model), expected, rtol=0, atol=0)
+    if order == "model only":
+        with pytest.raises(ValueError, match="no longer describes"):
+            model.save_pretrained(tmp_path / "a")
+        assert not (tmp_path / "a").exists()
+        return
+    model.save_pretrained(tmp_path / "a")
+    served = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a").eval()
+    torch.testing.assert_close(_logits(served), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_an_assigning_load_is_refused_before_anything_changes(peft: bool) -> None:
+    """``load_state_dict(sd, assign=True)`` replaced the chain's Parameters by the state dict's
+    tensors: the optimizer kept stepping the old ones (3 steps moved the model by 0.0), then the
+    knot refused with a message about DeepSpeed. Refused now, naming ``assign``."""
+    model, opt = _peft_chain() if peft else (tiny_llama(), None)
+    opt = opt if opt is not None else _chain(model)
+    _train(model, opt, 2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {n: p for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="assign=True"):
+        model.load_state_dict(state, assign=True)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    before = _logits(model)
+    _train(model, opt, 1)
+    assert not torch.equal(_logits(model), before)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_load_into_a_module_of_the_chain_is_refused_whole(strict: bool) -> None:
+    """``model.model.load_state_dict(backbone)`` bypassed the chained model's load guard: with
+    ``strict=False`` the adapted layers' plain weights were skipped silently (logits 0.53 from
+    the backbone loaded), with ``strict=True`` torch raised after loading every other layer.
+    Refused now before anything loads; the way the message gives loads it exactly."""
+    model, other = tiny_llama(), tiny_llama(seed=1)
+    opt = _chain(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    backbone = other.model.state_dict()
+    with pytest.raises(ValueError, match="a module of a chained model"):
+        model.model.load_state_dict(backbone, strict=strict)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    q_proj = model.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="a module of a chained model"):
+        q_proj.load_state_dict(other.model.layers[0].self_attn.q_proj.state_dict(), strict=False)
+    model.model.load_state_dict({"norm.weight": backbone["norm.weight"]}, strict=False)  # no link
+    model.lm_head.load_state_dict(other.lm_head.state_dict())
+    model.load_state_dict({f"model.{k}": v for k, v in backbone.items()}, strict=False)
+    torch.testing.assert_close(_logits(model), _logits(other), rtol=1e-6, atol=1e-6)
+    assert chainopt._load_guard.loaded_plain_weights(model)
+    _train(model, opt, 1)
+    chainopt.merge_and_unload(model)
+    assert not [m for m in model.modules() if m._load_state_dict_pre_hooks]

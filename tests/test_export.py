@@ -167,9 +167,10 @@ def test_a_non_module_is_a_type_error(call: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"quantized_dtype": 3}, "quantized_dtype must be a floating torch.dtype"),
-        ({"quantized_dtype": torch.int8}, "quantized_dtype must be a floating torch.dtype"),
-        ({"quantized_dtype": "bfloat16"}, "quantized_dtype must be a floating torch.dtype"),
+        ({"quantized_dtype": 3}, "quantized_dtype must be None or a floating"),
+        ({"quantized_dtype": torch.int8}, "quantized_dtype must be None or a floating"),
+        ({"quantized_dtype": torch.float8_e4m3fn}, "quantized_dtype must be None or a floating"),
+        ({"quantized_dtype": "bfloat16"}, "quantized_dtype must be None or a floating"),
         ({"keep_quantized": "yes"}, "keep_quantized must be a bool"),
     ],
 )

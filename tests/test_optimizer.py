@@ -403,6 +403,33 @@ def test_a_model_is_wrapped_once() -> None:
         ChainLoRAOptimizer(mlp(), opt, target_modules=["0"], knot_every=1)
 
 
+def test_a_deep_copy_of_a_wrapped_model_is_refused_with_the_two_ways_to_chain_a_copy() -> None:
+    """``copy.deepcopy(model)`` carries the links: a second chain on it is refused, and the
+    message names the two ways that work, each checked here."""
+    import copy
+
+    import chainopt
+
+    opt = _wrap()
+    x = torch.randn(4, 12, generator=torch.Generator().manual_seed(0))
+    opt.model(x).square().mean().backward()
+    opt.step()
+    copied = copy.deepcopy(opt.model)
+    before = snapshot(copied)
+    with pytest.raises(ValueError, match=r"deepcopy of a wrapped model.*copy\.deepcopy\(opt\)"):
+        _wrap(copied)
+    assert all(torch.equal(v, copied.state_dict()[k]) for k, v in before.items())
+    twin = copy.deepcopy(opt)  # the first way: the copy's own chain
+    twin.model(x).square().mean().backward()
+    twin.step()
+    with torch.no_grad():
+        expected = opt.model(x)
+    chainopt.merge_and_unload(copied)  # the second way: unload, then chain the plain model
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), expected, rtol=1e-6, atol=1e-6)
+    _wrap(copied).step()
+
+
 def test_a_model_already_in_ddp_is_refused_with_advice(tmp_path: Any) -> None:
     import torch.distributed as dist
 

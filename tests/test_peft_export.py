@@ -485,3 +485,27 @@ def test_a_model_class_the_check_cannot_rebuild_is_checked_by_peft_rules_only(
     export_peft_adapter(opt, tmp_path / "out")
     loaded = _peft(tiny_llama(), tmp_path / "out")
     assert (tmp_path / "out" / "adapter_model.safetensors").exists() and loaded is not None
+
+
+@pytest.mark.parametrize("trained", ["transformer.wte", "lm_head"])
+def test_a_trained_tied_embedding_is_saved_with_its_tied_head(tmp_path: Path, trained: str) -> None:
+    """``trainable_modules=["wte"]`` on a GPT-2 with tied embeddings: the adapter saved only
+    ``wte`` as ``modules_to_save``, PEFT gave it its own copy, and the ``lm_head`` kept the
+    original weight on the base: logits 1.37 away, no error. Every module holding the trained
+    Parameter is saved now (with ``ensure_weight_tying``), and the adapter is the model."""
+    pytest.importorskip("peft")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2() -> nn.Module:
+        torch.manual_seed(0)
+        cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+        return GPT2LMHeadModel(cfg).eval()
+
+    model = gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    opt = _train_lm(model, 5, target_modules=["c_attn"], trainable_modules=[trained])
+    export_peft_adapter(opt, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["lm_head", "transformer.wte"]
+    served = _peft(gpt2(), tmp_path)
+    torch.testing.assert_close(_logits(served), _logits(model), rtol=1e-5, atol=1e-5)

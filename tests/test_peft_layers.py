@@ -755,6 +755,33 @@ def test_a_deep_copy_of_a_chained_peft_model_saves_its_own_chain(tmp_path: Path)
         torch.testing.assert_close(_logits(reloaded), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_deep_copy_of_a_chained_peft_model_alone_saves_and_unloads(tmp_path: Path) -> None:
+    """``copy.deepcopy(model)`` without the optimizer raised ``AttributeError`` (the model held
+    the optimizer's bound ``load_state_dict``, whose copy ran on the half-built model copy).
+    The copy now has the chain's history and no optimizer: it saves the chain exactly,
+    unloads, and takes a new chain, while the original trains on."""
+    import copy
+
+    import chainopt
+
+    model = _peft_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 3)
+    twin = copy.deepcopy(model)
+    at_3 = _logits(model)
+    torch.testing.assert_close(_logits(twin), at_3, rtol=0, atol=0)
+    twin.save_pretrained(tmp_path / "twin")
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "twin").eval()
+    torch.testing.assert_close(_logits(reloaded), at_3, rtol=1e-5, atol=1e-5)
+    _train(model, opt, 2)  # the original goes on: the copy shares nothing with it
+    torch.testing.assert_close(_logits(twin), at_3, rtol=0, atol=0)
+    chainopt.merge_and_unload(twin)
+    torch.testing.assert_close(_logits(twin), at_3, rtol=1e-5, atol=1e-5)
+    twin_opt = ChainLoRAOptimizer(twin, torch.optim.AdamW(twin.parameters(), lr=1e-2), knot_every=2)
+    _train(twin, twin_opt, 2)
+    assert twin_opt.knots_tied == 1
+
+
 def test_a_non_finite_peft_link_is_refused_before_any_weight_changes() -> None:
     from chainopt import NonFiniteUpdateError
 
