@@ -180,24 +180,11 @@ class ParameterLink(LinkModule):
             out_features, in_features = (second, first) if transposed else (first, second)
         else:
             e, (out_features, in_features), transposed = 1, shape, False
-        self.unloaded = False
         self.shape = shape
-        self.experts = e
-        self.rank = rank
-        self.alpha = float(alpha)
-        self.scale = float(alpha) / rank
-        self.ranks = frozenset(ranks or (rank,)) | {rank}
-        self.in_features = in_features
-        self.out_features = out_features
-        self.fan_in_fan_out = transposed
-        self.lora_A = nn.Parameter(torch.zeros(rank * e, in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank * e, dtype=dtype, device=device))
-        residual = (
-            None
-            if residual_dtype is None
-            else torch.zeros(shape, dtype=residual_dtype, device=device)
-        )
-        self.register_buffer("merge_residual", residual)
+        self._setup(
+            out_features, in_features, rank, alpha, experts=e, fan_in_fan_out=transposed,
+            ranks=ranks, dtype=dtype, device=device, residual=(shape, residual_dtype),
+        )  # fmt: skip
 
     def delta(self) -> Tensor:
         """``Δ`` in float32, shaped like the parameter."""

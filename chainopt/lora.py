@@ -88,6 +88,40 @@ class LinkModule(nn.Module):
     in_features: int
     out_features: int
 
+    def _setup(
+        self,
+        out_features: int,
+        in_features: int,
+        rank: int,
+        alpha: float,
+        *,
+        experts: int,
+        fan_in_fan_out: bool,
+        ranks: Sequence[int] | None,
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+        residual: tuple[tuple[int, ...], torch.dtype | None],
+    ) -> None:
+        """Set the attributes above, zero factors, and the merge residual buffer (``residual``:
+        its shape and dtype; dtype ``None``: no buffer)."""
+        self.unloaded = False
+        self.experts = experts
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scale = float(alpha) / rank
+        self.fan_in_fan_out = fan_in_fan_out
+        self.ranks = frozenset(ranks or (rank,)) | {rank}
+        self.in_features = in_features
+        self.out_features = out_features
+        rows = rank * experts
+        self.lora_A = nn.Parameter(torch.zeros(rows, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rows, dtype=dtype, device=device))
+        shape, residual_dtype = residual
+        buffer = None
+        if residual_dtype is not None:
+            buffer = torch.zeros(shape, dtype=residual_dtype, device=device)
+        self.register_buffer("merge_residual", buffer)
+
     def resize_(self, rank: int) -> None:
         """Change the link's rank in place (same Parameter objects, new shapes; B·A becomes 0).
 
@@ -213,23 +247,11 @@ class LoRAParametrization(LinkModule):
         ranks: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        self.unloaded = False
-        self.rank = rank
-        self.alpha = float(alpha)
-        self.scale = float(alpha) / rank
-        self.fan_in_fan_out = fan_in_fan_out
-        self.ranks = frozenset(ranks or (rank,)) | {rank}
-        self.in_features = in_features
-        self.out_features = out_features
-        self.lora_A = nn.Parameter(torch.zeros(rank, in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
         shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
-        residual = (
-            None
-            if residual_dtype is None
-            else torch.zeros(shape, dtype=residual_dtype, device=device)
-        )
-        self.register_buffer("merge_residual", residual)
+        self._setup(
+            out_features, in_features, rank, alpha, experts=1, fan_in_fan_out=fan_in_fan_out,
+            ranks=ranks, dtype=dtype, device=device, residual=(shape, residual_dtype),
+        )  # fmt: skip
 
     def delta(self) -> Tensor:
         """Return ``s·B·A`` in float32, shape ``(out, in)`` (transposed with ``fan_in_fan_out``)."""
