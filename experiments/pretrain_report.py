@@ -363,7 +363,8 @@ def plots(a: dict[str, Any] | None, img: Path, prefix: str = "pretrain") -> list
             diffs = [mine[s] - base[s] for s in steps]
             k = 50
             smooth = [statistics.fmean(diffs[max(0, i - k + 1) : i + 1]) for i in range(len(diffs))]
-            (line,) = ax.plot(steps, smooth, lw=1.1, label=n)
+            lr = r["key"].split("__")[1][2:]  # the run key's "lr<value>"
+            (line,) = ax.plot(steps, smooth, lw=1.1, label=f"{n} (LR {lr})")
             for kn in arm.knots(d.steps):
                 ax.axvline(kn, color=line.get_color(), ls=":", lw=0.7)
         ax.axhline(0, color="k", lw=0.8)
