@@ -115,6 +115,12 @@ def merged_state_dict(
     plus the pending link (what a 4-bit checkpoint of the fine-tuned model holds). Other entries
     are passed through unchanged, in order.
 
+    PEFT's own layers (a chained ``PeftModel``) keep PEFT's keys as they are: each base layer
+    holds every finished link, the factors the one under way, and DoRA's magnitude and the base
+    bias are there, so the result loads into a ``PeftModel`` of the same ``LoraConfig`` to the
+    trained function (what PEFT's own state dict is). The plain fine-tuned model is PEFT's
+    ``merge_and_unload()`` after :func:`merge_and_unload`.
+
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``quantized_dtype`` not float32, float64,
             bfloat16 or float16 (float8 would silently lose a few percent of each weight), or
@@ -144,6 +150,8 @@ def merged_state_dict(
         return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
     for r in records:
+        if isinstance(r.link, PeftLink):  # PEFT's own keys, as they are (see the docstring)
+            continue
         prefix = f"{r.module_name}." if r.module_name else ""
         param = r.param  # "weight", or a bare parameter's name (target_parameters)
         if r.quant is not None:
