@@ -138,7 +138,7 @@ def check_links(
     if not records:
         return LinkCheck({}, {})
     names = [r.name for r in records]
-    experts = {r.name: getattr(r.link, "experts", 1) for r in records}  # fused experts' links
+    experts = {r.name: r.link.experts for r in records}  # fused experts' links
     # 1. ‖s·B·A‖ per link, grouped by shape, and max|·| of everything a merge adds together.
     shapes: dict[tuple[Any, ...], list[str]] = {}
     for n in names:

@@ -59,7 +59,7 @@ def exact_sum(target: Tensor, part: Link | BiasDelta) -> Tensor:
     if not isinstance(part, BiasDelta) and target.dim() == 3 and part.lora_A.dim() == 2:
         # fused experts: each expert's s·Bₑ·Aₑ accumulated into its slice of the copy
         a, b = full_tensor(part.lora_A.detach()).to(dt), full_tensor(part.lora_B.detach()).to(dt)
-        b_e, a_e = split_experts(a, b, getattr(part, "experts", 1))  # (E, out, r), (E, r, in)
+        b_e, a_e = split_experts(a, b, part.experts)  # (E, out, r), (E, r, in)
         if part.fan_in_fan_out:  # stored (E, in, out): (E, in, r) @ (E, r, out)
             exact.baddbmm_(a_e.mT, b_e.mT, alpha=part.scale)
         else:

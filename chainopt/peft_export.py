@@ -535,7 +535,7 @@ def _expert_stacks(record: ModuleRecord, history: ChainHistory) -> list[tuple[Te
     """Per expert ``(Bₑ, Aₑ)``, ``(out, Σ rᵢ)`` and ``(Σ rᵢ, in)`` float32 on the CPU, scales
     folded into B: the merged links of a parameter link and the pending one (if not zero)."""
     link = record.link
-    e = getattr(link, "experts", 1)
+    e = link.experts
     links = list(history.links(record.name))
     if bool(link.lora_B.detach().any()):
         links.append(LinkFactors(_host(link.lora_A), _host(link.lora_B), link.scale))

@@ -80,7 +80,7 @@ def summarize(chain: Chain, steps: int) -> ChainSummary:
     modules: dict[str, ModuleSummary] = {}
     for r in chain.records:
         effective = None
-        if chain.history.keep_factors and getattr(r.link, "experts", 1) == 1:
+        if chain.history.keep_factors and r.link.experts == 1:
             pending = LinkFactors(
                 full_tensor(r.link.lora_A.detach()).float(),
                 full_tensor(r.link.lora_B.detach()).float(),
