@@ -49,7 +49,7 @@ an instance ``save_pretrained``           ``_hf_save.guard_save_pretrained``
 ``__dict__["is_quantized"] = False``,     ``_hf_save.accept_as_adapted``
 ``__dict__[CLEARED_IS_QUANTIZED]``        (construction, a quantized HF model); unloading
                                           puts ``is_quantized = True`` back
-``__dict__[MERGED_SAVE]``                 ``export.mark_merged_save`` (a merged save)
+``__dict__[MERGED_SAVE]``                 ``mark_merged_save`` (a merged save)
 ``__dict__[RESUME_SAVES]``                ``_hf_save.saving_for_resume`` (only
                                           inside the block; also removed on leaving it)
 a ``state_dict`` post-hook, its handle    ``_hf_save.guard_state_dict_saves``
@@ -111,6 +111,8 @@ __all__ = [
     "STATE_DICT_HOOK",
     "STATE_RESTORED",
     "is_chainopt",
+    "mark_merged_save",
+    "merged_save_pending",
     "nested",
     "unmark",
 ]
@@ -207,3 +209,21 @@ def nested(model: nn.Module, key: str) -> Iterator[None]:
             model.__dict__[key] = depth
         else:
             model.__dict__.pop(key, None)
+
+
+def mark_merged_save(model: nn.Module) -> None:
+    """Record that a save of ``model`` wrote merged weights without the chain's own tensors.
+
+    The next :meth:`~chainopt.ChainLoRAOptimizer.state_dict` before another optimizer step
+    carries :func:`chainopt.export.chain_tensors`, so that a checkpoint made of the two (the HF
+    ``Trainer``'s) resumes the link bitwise.
+    """
+    model.__dict__[MERGED_SAVE] = True
+
+
+def merged_save_pending(model: nn.Module, clear: bool = False) -> bool:
+    """Whether a merged save happened since the last optimizer step (``clear`` forgets it)."""
+    pending = bool(model.__dict__.get(MERGED_SAVE))
+    if clear:
+        model.__dict__.pop(MERGED_SAVE, None)
+    return pending

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._marks import PEFT_AWAITING, PEFT_SAVE, PLAIN_LOAD, is_chainopt
+from ._marks import PEFT_AWAITING, PEFT_SAVE, PLAIN_LOAD, is_chainopt, mark_merged_save
 from ._peft_layers import PeftLink, link_of
 from .guard import NonFiniteUpdateError
 from .history import ChainHistory, LinkFactors
@@ -229,8 +229,6 @@ def _save_pretrained(
         type(self).save_pretrained(self, save_directory, *args, state_dict=state, **kwargs)
     finally:
         self.peft_config[save.adapter] = saved
-    from .export import mark_merged_save  # (a cycle at import time)
-
     mark_merged_save(self)  # the next opt.state_dict() carries the merged base weights
     selected = kwargs.get("selected_adapters") or list(self.peft_config)
     out = Path(save_directory)
