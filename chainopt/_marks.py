@@ -67,6 +67,13 @@ refusing ``save_pretrained``
 The Lightning callback's ``load_state_dict`` pre-hook is the callback's, removed by the
 callback itself (``chainopt.integrations.lightning``).
 
+Left by ``merge_and_unload`` itself, and kept by :func:`unmark` (they say what the weights hold
+now, whatever chain comes next): ``__dict__[BASE_MERGED]`` on the model (and on a ``PeftModel``'s
+base model); on a model whose own adapter save wrote the chain (``PEFT_SAVE`` above) an instance
+``save_pretrained`` (``PeftModel``) or ``save_lora_adapter`` (diffusers) that refuses, from
+``_peft_save.refuse_adapter_saves``: PEFT's own would write the zero link, not the fine-tuned
+model.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -78,12 +85,14 @@ Example:
     True
     >>> _ = merge_and_unload(model)
     >>> [k for k in vars(model) if "chainopt" in k], type(model[0]) is nn.Linear
-    ([], True)
+    (['_chainopt_base_merged'], True)
+    >>> merged_rank(model, "0") is None  # merged behind the optimizer's back: rank not known
+    True
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from types import MethodType
 
@@ -92,6 +101,7 @@ from torch import nn
 from ._surgery import remove_forward_hooks
 
 __all__ = [
+    "BASE_MERGED",
     "CLEARED_IS_QUANTIZED",
     "INNER_LOAD_GUARDS",
     "LINK_NAME",
@@ -110,8 +120,11 @@ __all__ = [
     "RESUME_SAVES",
     "STATE_DICT_HOOK",
     "STATE_RESTORED",
+    "base_merged",
     "is_chainopt",
+    "mark_base_merged",
     "mark_merged_save",
+    "merged_rank",
     "merged_save_pending",
     "nested",
     "unmark",
@@ -154,6 +167,13 @@ PEFT_SAVE = "_chainopt_peft_save"
 PEFT_AWAITING = "_chainopt_awaiting_chain_state"
 """Instance attribute of a chained ``PeftModel``: ``load_adapter`` skipped a chain's own save
 (the chain's state dict must be loaded before the next step)."""
+BASE_MERGED = "_chainopt_base_merged"
+"""Instance attribute (module name -> rank merged, see :func:`mark_base_merged`) of a model whose
+weights hold links that :func:`chainopt.merge_and_unload` merged
+(on the model it was given, and on a ``PeftModel``'s base model too). It outlives unloading
+(:func:`unmark` keeps it): the weights are no longer those of the base the model's name stands
+for, so an adapter over them (PEFT's own save after the chain is gone, a later chain's save or
+``export_peft_adapter``) would compute another model on that base (:func:`base_merged`)."""
 CLEARED_IS_QUANTIZED = "_chainopt_cleared_is_quantized"
 """Instance flag: chainopt set the HF model's ``is_quantized`` to ``False`` (Trainer's consent)."""
 
@@ -227,3 +247,32 @@ def merged_save_pending(model: nn.Module, clear: bool = False) -> bool:
     if clear:
         model.__dict__.pop(MERGED_SAVE, None)
     return pending
+
+
+def mark_base_merged(model: nn.Module, ranks: Mapping[str, int | None]) -> None:
+    """Record that ``model``'s weights now hold a merged chain: per adapted module (its name in
+    ``model``) the rank merged into it, added to what earlier chains merged (``None``: not
+    known, as after :func:`chainopt.merge_and_unload` behind the optimizer's back)."""
+    merged: dict[str, int | None] = model.__dict__.setdefault(BASE_MERGED, {})
+    for name, rank in ranks.items():
+        before = merged.get(name, 0)
+        merged[name] = None if before is None or rank is None else before + rank
+
+
+def base_merged(model: nn.Module) -> bool:
+    """Whether ``model`` or any module in it carries :data:`BASE_MERGED`: its weights hold a chain
+    that was merged and unloaded, so they are not its named base's."""
+    return any(BASE_MERGED in m.__dict__ for m in model.modules())
+
+
+def merged_rank(model: nn.Module, name: str) -> int | None:
+    """The rank earlier chains merged into ``model``'s module ``name`` (0: none); ``None`` when it
+    is not known (a chain merged behind the optimizer's back, or into a module inside ``model``
+    under other names)."""
+    marks = [m for m in model.modules() if BASE_MERGED in m.__dict__]
+    if not marks:
+        return 0
+    if marks != [model]:
+        return None
+    rank: int | None = model.__dict__[BASE_MERGED].get(name, 0)
+    return rank

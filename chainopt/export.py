@@ -21,13 +21,16 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
 from ._attach import parametrization_count
 from ._layers import find_adapted
-from ._marks import OWN_STATE, nested, unmark
+from ._marks import OWN_STATE, PEFT_SAVE, mark_base_merged, nested, unmark
 from ._peft_layers import PeftLink
+from ._peft_save import refuse_adapter_saves
 from ._quant_backends import backend_for
 from ._record import ModuleRecord
 from ._validate import FLOAT_DTYPES, type_name
@@ -81,12 +84,30 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         RuntimeError: a module's forward does not add its link now (PEFT merged, disabled or
             switched its adapter); nothing changed.
     """
-    for r in _checked(model, "merge (no weight was changed)"):
+    return unload_merged(model, None)
+
+
+def unload_merged(model: nn.Module, ranks: Mapping[str, int] | None) -> nn.Module:
+    """:func:`merge_and_unload`, recording what was merged (``ranks``: the rank each module's
+    chain merged, as the optimizer knows it; ``None``: not known) so that later adapters over
+    these weights can tell (:func:`chainopt._marks.mark_base_merged`)."""
+    records = _checked(model, "merge (no weight was changed)")
+    adapter_save = PEFT_SAVE in model.__dict__  # a PeftModel's save_pretrained wrote the chain
+    for r in records:
         merge_(r)
         with torch.no_grad():
             r.link.lora_B.zero_()  # a link that stays in the module (PEFT's) must add nothing
         r.unload()
     unmark(model)  # the load guard, save_pretrained, ...: see chainopt._marks
+    if records:  # the weights now hold the chain: adapters over them are not over the base
+        mark_base_merged(
+            model, {r.name: None if ranks is None else ranks.get(r.name) for r in records}
+        )
+        inner = getattr(model, "get_base_model", None)  # PEFT's merge_and_unload() returns it
+        if callable(inner) and isinstance(base := inner(), nn.Module) and base is not model:
+            mark_base_merged(base, {})
+        if adapter_save:
+            refuse_adapter_saves(model)
     return model
 
 

@@ -51,7 +51,7 @@ from ._validate import type_name
 from ._wrapper import WrappedOptimizer, own_instance_patches
 from .advice import DtypeWatch
 from .config import CONFIG_ARGUMENTS, ChainConfig, NonFinitePolicy
-from .export import chain_tensors, merge_and_unload
+from .export import chain_tensors, unload_merged
 from .history import ChainHistory, KnotRecord
 from .init import InitPolicy
 from .knot import tie_knot
@@ -445,7 +445,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             NonFiniteUpdateError: a link must not be merged; nothing was changed.
         """
         factors = self.factors()
-        merge_and_unload(self.model)
+        rank = sum(self.link_rank(i) for i in range(self.knots_tied + 1))  # the pending link too
+        unload_merged(self.model, {r.name: rank for r in self.chain.records})
         drop_params(self.chain.optimizer, factors)
         self.chain.records = []
         self.chain.link_init.remove()
