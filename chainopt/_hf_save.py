@@ -399,6 +399,13 @@ def save_merged(
     Stock ``AutoModel*.from_pretrained(path)`` loads it with no missing or unexpected keys. The
     model in memory is not changed and can keep training.
 
+    A ``PeftModel`` saves through its own ``save_pretrained``: on a chained one that writes the
+    whole chain as one adapter for the original base (and refuses once the chain was merged
+    and unloaded, see ``docs/integrations.md``); the plain fine-tuned model is
+    ``peft_model.merge_and_unload()`` after ``opt.merge_and_unload()``. A model with PEFT layers
+    injected (``unet.add_adapter(...)``) is refused: its keys are PEFT's, which
+    ``from_pretrained`` does not load.
+
     Args:
         chain: the :class:`~chainopt.ChainLoRAOptimizer` (its ``model`` is saved) or the model.
         path: the directory to write.
@@ -413,6 +420,8 @@ def save_merged(
     Raises:
         TypeError: the model has no ``save_pretrained`` (not a Hugging Face ``PreTrainedModel``;
             save ``merged_state_dict(model)`` yourself), or ``state_dict`` was given.
+        ValueError: a model with PEFT layers injected, or a ``PeftModel`` whose own save
+            refuses; nothing is written.
         NonFiniteUpdateError: a merged weight would not be finite; nothing is written.
 
     Example:
@@ -436,6 +445,18 @@ def save_merged(
         )
     if "state_dict" in save_kwargs:
         raise TypeError("save_merged writes merged_state_dict(model); do not pass state_dict")
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(model, peft.PeftModel):  # the adapter, as PEFT writes it
+        model.save_pretrained(path, **save_kwargs)  # the instance's: chainopt's whole chain
+        return Path(path)
+    if _peft_layers(model):
+        raise ValueError(
+            f"save_merged cannot write this {type_name(model)} as a plain checkpoint: it holds "
+            "PEFT layers injected into it, whose base_layer/lora keys from_pretrained does not "
+            "load; nothing was written. Save the chain as an adapter with "
+            "save_lora_adapter(dir) before opt.merge_and_unload(), or merge it into the model: "
+            "opt.merge_and_unload(), then diffusers' fuse_lora()/unload_lora() and save_pretrained"
+        )
     save = getattr(type(model), "save_pretrained", None)
     if not callable(save):
         raise TypeError(
@@ -449,3 +470,10 @@ def save_merged(
     with merged_save(model):  # checks every merge first: nothing is written if one fails
         save(model, path, **save_kwargs)
     return Path(path)
+
+
+def _peft_layers(model: nn.Module) -> bool:
+    """Whether ``model`` holds PEFT tuner layers (injected adapters)."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    layer = getattr(tuners, "BaseTunerLayer", None)
+    return layer is not None and any(isinstance(m, layer) for m in model.modules())

@@ -735,6 +735,43 @@ def test_a_unet_whose_chain_was_merged_and_unloaded_refuses_its_adapter_save(
     assert not (tmp_path / "adapter").exists()
 
 
+def test_save_merged_of_a_chained_peft_model_is_its_whole_chain_save(tmp_path: Path) -> None:
+    """chainopt.save_merged(peft_model) went through PeftModel's class save with a state dict,
+    which kept the link under way only: an adapter 0.25 away from the trained model. It is the
+    model's own save now (the whole chain), and refuses once the chain was merged and unloaded."""
+    import chainopt
+
+    model = _peft_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 3)
+    trained = _logits(model)
+    assert chainopt.save_merged(opt, tmp_path / "chain") == tmp_path / "chain"
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "chain").eval()
+    torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
+    opt.merge_and_unload()
+    with pytest.raises(ValueError, match="nothing was written"):
+        chainopt.save_merged(model, tmp_path / "after")
+    assert not (tmp_path / "after").exists()
+
+
+def test_save_merged_refuses_a_model_with_injected_peft_layers(tmp_path: Path) -> None:
+    """A UNet with injected (chained) PEFT layers: save_merged wrote PEFT's base_layer/lora keys,
+    and from_pretrained gave a UNet with fresh attention weights (NaN out). Refused, chained or
+    unloaded, with nothing written."""
+    pytest.importorskip("diffusers")
+    import chainopt
+
+    unet = _tiny_unet()
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v"]))
+    opt = ChainLoRAOptimizer(unet, torch.optim.AdamW(unet.parameters(), lr=1e-2), knot_every=2)
+    for unloaded in (False, True):
+        if unloaded:
+            opt.merge_and_unload()
+        with pytest.raises(ValueError, match=r"PEFT layers injected.*nothing was written"):
+            chainopt.save_merged(unet, tmp_path / "merged")
+        assert not (tmp_path / "merged").exists()
+
+
 def test_load_adapter_of_a_chain_checkpoint_brings_the_chain_back_to_it(tmp_path: Path) -> None:
     """What the HF Trainer does for resume_from_checkpoint and load_best_model_at_end:
     load_adapter(checkpoint) with the chain's state in the checkpoint's optimizer.pt."""
