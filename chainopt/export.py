@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ._attach import parametrization_count
+from ._dtensor import is_sharded
 from ._layers import find_adapted
 from ._marks import OWN_STATE, PEFT_SAVE, mark_base_merged, nested, unmark
 from ._peft_layers import PeftLink
@@ -83,6 +84,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         NonFiniteUpdateError: a link holds NaN/Inf or would overflow its weight; nothing changed.
         RuntimeError: a module's forward does not add its link now (PEFT merged, disabled or
             switched its adapter); nothing changed.
+        ValueError: an adapted module is sharded by FSDP2; nothing changed.
     """
     return unload_merged(model, None)
 
@@ -92,6 +94,14 @@ def unload_merged(model: nn.Module, ranks: Mapping[str, int] | None) -> nn.Modul
     chain merged, as the optimizer knows it; ``None``: not known) so that later adapters over
     these weights can tell (:func:`chainopt._marks.mark_base_merged`)."""
     records = _checked(model, "merge (no weight was changed)")
+    sharded = [r.name for r in records if is_sharded(r.weight)]
+    if sharded:
+        raise ValueError(
+            f"refusing to merge and unload FSDP2-sharded modules ({sharded[:3]}): FSDP2 keeps "
+            "the Parameters under the chain's names, and a plain module would break its "
+            "forward; no weight was changed. Save with chainopt.save_checkpoint (it gathers), "
+            "load the file into an unsharded copy of the model and unload there"
+        )
     adapter_save = PEFT_SAVE in model.__dict__  # a PeftModel's save_pretrained wrote the chain
     for r in records:
         merge_(r)
