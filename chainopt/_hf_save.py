@@ -50,6 +50,7 @@ from ._marks import MERGED_SAVES as _MERGED_SAVES
 from ._marks import OWN_STATE as _OWN_STATE
 from ._marks import RESUME_SAVES as _RESUME_SAVES
 from ._marks import STATE_DICT_HOOK as _HOOK
+from ._peft_layers import has_peft_layers
 from ._validate import type_name
 from .advice import ChainLoRAWarning
 from .export import adapted_modules, merged_state_dict, own_state_dict
@@ -449,7 +450,7 @@ def save_merged(
     if peft is not None and isinstance(model, peft.PeftModel):  # the adapter, as PEFT writes it
         model.save_pretrained(path, **save_kwargs)  # the instance's: chainopt's whole chain
         return Path(path)
-    if _peft_layers(model):
+    if has_peft_layers(model):
         raise ValueError(
             f"save_merged cannot write this {type_name(model)} as a plain checkpoint: it holds "
             "PEFT layers injected into it, whose base_layer/lora keys from_pretrained does not "
@@ -470,10 +471,3 @@ def save_merged(
     with merged_save(model):  # checks every merge first: nothing is written if one fails
         save(model, path, **save_kwargs)
     return Path(path)
-
-
-def _peft_layers(model: nn.Module) -> bool:
-    """Whether ``model`` holds PEFT tuner layers (injected adapters)."""
-    tuners = sys.modules.get("peft.tuners.tuners_utils")
-    layer = getattr(tuners, "BaseTunerLayer", None)
-    return layer is not None and any(isinstance(m, layer) for m in model.modules())

@@ -57,7 +57,7 @@ from ._layers import find_adapted
 from ._load_guard import loaded_plain_weights
 from ._lowrank import compress, factorise
 from ._marks import base_merged
-from ._peft_layers import PeftLink
+from ._peft_layers import PeftLink, is_peft_lora_layer
 from ._peft_save import whole_chain_tensors
 from ._quant_backends import backend_for
 from ._record import ModuleRecord
@@ -221,6 +221,14 @@ def export_peft_adapter(
     history = chain.history
     chained = chain.chain.records  # none once unloaded by the optimizer; stale behind its back
     unloaded = not chained or not all(r.attached() for r in chained)
+    if unloaded and _was_peft_chain(chain):
+        raise ValueError(
+            "this chain's links were PEFT's own LoRA layers, and merge_and_unload() merged them "
+            "into the base layers (their B is zero now), so there is no adapter left to export; "
+            "nothing was written. Export before opt.merge_and_unload() (the PeftModel's own "
+            "save_pretrained writes the whole chain), or save the plain fine-tuned model: "
+            "peft_model.merge_and_unload().save_pretrained(dir)"
+        )
     # The history holds every merged link unless it was off while knots were tied.
     # A plain (merged) checkpoint loaded into the chain since: the history is not W - W0.
     stale = not unloaded and loaded_plain_weights(chain.model)
@@ -668,6 +676,12 @@ def _current_bias(model: nn.Module, name: str, record: ModuleRecord | None) -> T
     if bias is None:  # pragma: no cover - lora_bias exports only modules with a bias
         raise ValueError(f"{name!r} has no bias")
     return bias.cpu()
+
+
+def _was_peft_chain(chain: ChainLoRAOptimizer) -> bool:
+    """Whether the chain's modules are PEFT LoRA layers (a chained ``PeftModel``, unloaded)."""
+    names = dict(chain.model.named_modules())
+    return any(is_peft_lora_layer(names[n]) for n in chain.config.modules if n in names)
 
 
 def _chain_rank(chain: ChainLoRAOptimizer, name: str, record: ModuleRecord | None) -> int | None:

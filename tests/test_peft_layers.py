@@ -752,6 +752,10 @@ def test_save_merged_of_a_chained_peft_model_is_its_whole_chain_save(tmp_path: P
     with pytest.raises(ValueError, match="nothing was written"):
         chainopt.save_merged(model, tmp_path / "after")
     assert not (tmp_path / "after").exists()
+    for base in (None, tiny_llama()):  # base= raised an AttributeError; without, it asked for it
+        with pytest.raises(ValueError, match=r"PEFT's own LoRA layers.*nothing was written"):
+            chainopt.export_peft_adapter(opt, tmp_path / "export", base=base)
+    assert not (tmp_path / "export").exists()
 
 
 def test_save_merged_refuses_a_model_with_injected_peft_layers(tmp_path: Path) -> None:
