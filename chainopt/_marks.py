@@ -41,8 +41,8 @@ module down to each link, their handles
 in ``__dict__[INNER_LOAD_GUARDS]``
 ``__dict__[PLAIN_LOAD]``                  the post-hook (a load replaced the chain's
                                           tensors without its optimizer state)
-``__dict__[STATE_RESTORED]``              ``_load_guard.state_restored`` (an optimizer
-                                          state loaded; gone at the next step)
+``__dict__[STATE_RESTORED]``,             ``_load_guard.state_restored`` (an optimizer
+``__dict__[EXPECTED_WEIGHTS]``            state loaded; gone at the next step)
 ``__dict__[LOADING]``                     the pre-hook (only during a load)
 an instance ``save_pretrained``           ``_hf_save.guard_save_pretrained``
                                           (construction, a model with ``save_pretrained``)
@@ -103,6 +103,7 @@ from ._surgery import remove_forward_hooks
 __all__ = [
     "BASE_MERGED",
     "CLEARED_IS_QUANTIZED",
+    "EXPECTED_WEIGHTS",
     "INNER_LOAD_GUARDS",
     "LINK_NAME",
     "LOADING",
@@ -146,6 +147,10 @@ its submodules that hold links (a load into one of them alone is refused)."""
 PLAIN_LOAD = "_chainopt_plain_load"
 """Instance flag: a plain (merged) checkpoint was loaded into the chain (its history is stale)."""
 STATE_RESTORED = "_chainopt_state_restored"
+EXPECTED_WEIGHTS = "_chainopt_expected_weights"
+"""Instance attribute, from an optimizer-state load to the next step: the fingerprint of the
+frozen weights that state was saved with (:mod:`chainopt._fingerprint`), which a model load
+that follows must match."""
 """Instance flag: the chain's optimizer state was just loaded (a model load may complete it)."""
 LOADING = "_chainopt_loading"
 """Instance attribute, only during a ``load_state_dict``: what the post-hook settles."""
@@ -206,6 +211,7 @@ def unmark(model: nn.Module) -> None:
     model.__dict__.pop(MERGED_SAVE, None)
     model.__dict__.pop(PLAIN_LOAD, None)
     model.__dict__.pop(STATE_RESTORED, None)
+    model.__dict__.pop(EXPECTED_WEIGHTS, None)
     model.__dict__.pop(LOADING, None)
     model.__dict__.pop(RESUME_SAVES, None)
     model.__dict__.pop(MERGED_SAVES, None)

@@ -245,10 +245,11 @@ def export_peft_adapter(
             "before this optimizer was built: opt.history holds this chain's links only, and "
             "an adapter of them would compute another model on the original base"
             if earlier
-            else "a load replaced the chained model's weights without the chain's optimizer "
-            "state (a plain (merged) checkpoint: a Trainer's load_best_model_at_end or resume "
-            "without optimizer.pt; or a model-only load): opt.history no longer describes its "
-            "update W - W0"
+            else "the model's frozen weights are not those opt.history was saved with: a load "
+            "replaced them without the chain's optimizer state (a plain (merged) checkpoint: a "
+            "Trainer's load_best_model_at_end or resume without optimizer.pt; or a model-only "
+            "load), or the optimizer state loaded is another run's (or was loaded without its "
+            "model's weights), so opt.history no longer describes the update W - W0"
             if stale
             else f"this chain was built with keep_history=False and has tied {len(history)} "
             "knot(s): the merged links' factors were not kept"
