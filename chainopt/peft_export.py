@@ -233,7 +233,9 @@ def export_peft_adapter(
     # A plain (merged) checkpoint loaded into the chain since: the history is not W - W0.
     stale = not unloaded and loaded_plain_weights(chain.model)
     # An earlier chain merged and unloaded into these weights: the history starts from them.
-    earlier = not unloaded and base_merged(chain.model)
+    earlier = not unloaded and (
+        base_merged(chain.model) or any(v != 0 for v in chain.chain.merged_before.values())
+    )
     from_history = (
         not unloaded and not stale and not earlier and (history.keep_factors or not len(history))
     )

@@ -282,6 +282,34 @@ def test_a_chain_on_weights_an_earlier_chain_merged_needs_the_base_and_then_is_e
     torch.testing.assert_close(_logits(loaded), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_resumed_second_chain_still_knows_the_first_one_under_its_weights(
+    tmp_path: Path,
+) -> None:
+    """The second chain's state, resumed in a fresh process (a fresh model from the original
+    base, then the model's and the optimizer's state), carries what the first chain merged: the
+    export asks for ``base=`` and writes both chains exactly, as before the resume."""
+    import copy
+
+    model = tiny_llama()
+    _train_lm(model, 3).merge_and_unload()
+    second = _train_lm(model, 3)
+    model_state = copy.deepcopy(model.state_dict())
+    opt_state = copy.deepcopy(second.state_dict())
+    expected = _logits(model.eval())
+
+    fresh = tiny_llama()
+    resumed = _train_lm(fresh, 0)
+    fresh.load_state_dict(model_state)
+    resumed.load_state_dict(opt_state)
+    torch.testing.assert_close(_logits(fresh.eval()), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"earlier chain .* Pass base="):
+        export_peft_adapter(resumed, tmp_path / "out")
+    report = export_peft_adapter(resumed, tmp_path / "out", base=tiny_llama().state_dict())
+    assert report.rank == 16 and report.relative_error < 1e-6
+    torch.testing.assert_close(_logits(_peft(tiny_llama(), tmp_path / "out")), expected,
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
 def test_compressed_from_base_equals_compressed_from_history(tmp_path: Path) -> None:
     model = tiny_llama()
     opt = _train_lm(model, 7)  # three knots and a pending link: chain rank 16

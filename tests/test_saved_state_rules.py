@@ -162,6 +162,19 @@ def test_a_state_saved_without_a_fingerprint_still_loads_and_exports_from_histor
     assert not loaded_plain_weights(fresh)
 
 
+@pytest.mark.parametrize(
+    "merged", [[1], {"nope": 2}, {"0": -1}, {"0": 2.5}, {"0": True}],
+    ids=["list", "unknown module", "negative", "float", "bool"],
+)  # fmt: skip
+def test_a_malformed_merged_before_is_refused_before_anything_loads(merged: Any) -> None:
+    _, source = _trained(OPTIMIZERS["AdamW"])
+    saved = copy.deepcopy(source.state_dict())
+    assert saved["chainopt"]["merged_before"] == {"0": 0, "2": 0}  # what a state carries now
+    saved["chainopt"]["merged_before"] = merged
+    model, opt = _trained(OPTIMIZERS["AdamW"], steps=2)
+    _assert_refused_and_unchanged(opt, model, saved, "merged_before")
+
+
 @pytest.mark.parametrize("case", ["meta A", "meta B", "meta bias", "inner size", "outer size"])
 def test_history_factors_that_do_not_fit_their_module_are_refused(case: str) -> None:
     _, source = _trained(OPTIMIZERS["AdamW"], lora_bias=True)
