@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from ._build import build_chain, drop_params, rebind
+from ._build import Undo, build_chain, drop_params, rebind
 from ._liveness import TrainingWatch
 from ._load_guard import state_restored
 from ._peft_layers import PeftLink
@@ -196,18 +196,23 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         self.schedule = config.schedule()
         self.optimizer_steps = 0
         self._knot_hooks: dict[int, KnotHook] = OrderedDict()
-        self.chain = build_chain(model, optimizer, config, master_weights)
-        self._watch = TrainingWatch(
-            lambda: [(r.name, r.link.lora_A, r.link.lora_B) for r in self.chain.records]
-        )
-        peft = self._peft_links()
-        if peft:  # the model's own adapter save writes the whole chain
-            save = ChainSave(peft[0][1].adapter, self.chain.history, self.load_state_dict)
-            install_whole_chain_save(model, save)
-        self._arm()
-        self._dtypes = DtypeWatch(self.chain.records)
-        self._param_names = {id(p): n for n, p in model.named_parameters()}
-        super().__init__(self.chain.optimizer)
+        undo = Undo(model, optimizer)  # whatever raises from here on leaves both as they were
+        try:
+            self.chain = build_chain(model, optimizer, config, master_weights, undo)
+            self._watch = TrainingWatch(
+                lambda: [(r.name, r.link.lora_A, r.link.lora_B) for r in self.chain.records]
+            )
+            peft = self._peft_links()
+            if peft:  # the model's own adapter save writes the whole chain
+                save = ChainSave(peft[0][1].adapter, self.chain.history, self.load_state_dict)
+                install_whole_chain_save(model, save)
+            self._arm()
+            self._dtypes = DtypeWatch(self.chain.records)
+            self._param_names = {id(p): n for n, p in model.named_parameters()}
+            super().__init__(self.chain.optimizer)
+        except BaseException:
+            undo()
+            raise
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients through the wrapped optimizer.
