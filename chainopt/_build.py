@@ -291,7 +291,12 @@ def _wrap(
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     records: list[ModuleRecord] = []
     try:
+        before = {id(m) for m in model.modules()}
         records = adapt_modules(model, config, generator, masters)
+        for r in records:  # the link's modules train or evaluate as the module holding them
+            for m in r.module.modules():
+                if id(m) not in before:
+                    m.training = r.module.training
         factors = [p for r in records for p in r.factors()]
         trainable = {id(p) for p in factors} | {id(p) for p in keep}
         for p in model.parameters():
@@ -320,10 +325,13 @@ def regroup(optimizer: Optimizer, records: Sequence[ModuleRecord], keep: Sequenc
     """Rewrite ``optimizer``'s groups in place: the factors join their weight's group.
 
     A factor the optimizer already holds (PEFT's own factors, with LoRA+'s separate groups for
-    B, say) stays in its group.
+    B, say) stays in its group; one whose weight is in no group joins the first group.
 
-    Frozen parameters leave (with any state); ``keep`` stays. Each group's ``params`` list is
-    edited in place, so an optimizer that holds on to that list (LBFGS) sees the change.
+    Frozen parameters leave (with any state); ``keep`` stays, and a parameter of ``keep`` the
+    optimizer does not hold (a module frozen before and left out of the optimizer, named in
+    ``trainable_modules``) joins the first group: it would get gradients and never a step.
+    Each group's ``params`` list is edited in place, so an optimizer that holds on to that list
+    (LBFGS) sees the change.
     """
     kept = {id(p) for p in keep}
     home: dict[int, int] = {}
@@ -331,6 +339,8 @@ def regroup(optimizer: Optimizer, records: Sequence[ModuleRecord], keep: Sequenc
         for p in group["params"]:
             home.setdefault(id(p), i)
     joins: list[list[Tensor]] = [[] for _ in optimizer.param_groups]
+    if joins:
+        joins[0] += [p for p in keep if id(p) not in home]
     held: set[int] = set()
     for r in records:
         for factor in r.factors():

@@ -235,6 +235,19 @@ class ChainConfig:
         if not math.isfinite(alpha):
             raise ValueError(f"alpha must be finite, got {alpha!r}")
         schedule = _schedule(knot_every, knots, num_links, total_steps, steps_per_epoch)
+        if schedule.knots is not None and len(ranks) > len(schedule.knots) + 1:
+            links = len(schedule.knots) + 1
+            which = (
+                f"{links} links (knots after steps {list(schedule.knots)}, then the last link "
+                "until merge_and_unload)"
+                if schedule.knots
+                else "1 link (no knot: plain LoRA until merge_and_unload)"
+            )
+            raise ValueError(
+                f"rank={list(ranks)} gives {len(ranks)} link ranks, but the schedule has "
+                f"{which}: the ranks after the first {links} would never be used; give at most "
+                f"{links}"
+            )
         for name, value in (("lora_bias", lora_bias), ("keep_history", keep_history)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
@@ -467,7 +480,11 @@ def _schedule(
 ) -> KnotSchedule:
     if num_links is None and total_steps is None:
         if steps_per_epoch is not None:
-            raise ValueError("steps_per_epoch goes with num_links and total_steps")
+            raise ValueError(
+                "steps_per_epoch goes with num_links and total_steps (it puts their knots on "
+                "epoch ends), not with knot_every or knots; got "
+                f"steps_per_epoch={steps_per_epoch!r}"
+            )
         return KnotSchedule(knot_every=knot_every, knots=knots)
     if knot_every is not None or knots is not None:
         raise ValueError(

@@ -149,36 +149,44 @@ def merged_state_dict(
         dtype = quantized_dtype or getattr(module, "compute_dtype", None)
         return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
+    names: dict[int, list[str]] = {}  # a module registered at several places: each name
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
     for r in records:
         if isinstance(r.link, PeftLink):  # PEFT's own keys, as they are (see the docstring)
             continue
-        prefix = f"{r.module_name}." if r.module_name else ""
         param = r.param  # "weight", or a bare parameter's name (target_parameters)
         if r.quant is not None:
             weight = merged_weight(r, torch.float32)
-            keys = [k for k in state if k == f"{prefix}weight"
-                    or k.startswith((f"{prefix}weight.", f"{prefix}{r.link_prefix}"))]  # fmt: skip
         else:
             # With another parametrization stacked after ours, only the whole stack is the weight.
             stacked = parametrization_count(r.module, param) > 1
             weight = getattr(r.module, param).detach().clone() if stacked else merged_weight(r)
-            own = (f"{prefix}parametrizations.{param}.", f"{prefix}{r.link_prefix}")
-            keys = [k for k in state if k == f"{prefix}{param}" or k.startswith(own)]
         if not bool(torch.isfinite(weight).all()):
             raise NonFiniteUpdateError(f"refusing to export {r.name!r}: its weight is not finite")
-        if r.quant is None:
-            entries = {f"{prefix}{param}": weight}
-        elif keep_quantized:
-            entries = {
-                prefix + k: v for k, v in r.quant.backend.serialize(r.module, weight).items()
-            }
-        else:
-            entries = {f"{prefix}weight": weight.to(dense_dtype(r.module))}
-        claim(keys[0], keys, entries)
         bias = merged_bias(r) if r.delta is not None else None
-        if bias is not None:
-            keys = [k for k in state if k.startswith(f"{prefix}parametrizations.bias.")]
-            claim(keys[0], keys, {f"{prefix}bias": bias})
+        for module_name in dict.fromkeys(names.get(id(r.module), [r.module_name])):
+            prefix = f"{module_name}." if module_name else ""
+            if r.quant is not None:
+                own = (f"{prefix}weight.", f"{prefix}{r.link_prefix}")
+                keys = [k for k in state if k == f"{prefix}weight" or k.startswith(own)]
+            else:
+                own = (f"{prefix}parametrizations.{param}.", f"{prefix}{r.link_prefix}")
+                keys = [k for k in state if k == f"{prefix}{param}" or k.startswith(own)]
+            if not keys:  # a name the state dict does not reach (a registration it skips)
+                continue
+            if r.quant is None:
+                entries = {f"{prefix}{param}": weight}
+            elif keep_quantized:
+                entries = {
+                    prefix + k: v for k, v in r.quant.backend.serialize(r.module, weight).items()
+                }
+            else:
+                entries = {f"{prefix}weight": weight.to(dense_dtype(r.module))}
+            claim(keys[0], keys, entries)
+            if bias is not None:
+                keys = [k for k in state if k.startswith(f"{prefix}parametrizations.bias.")]
+                claim(keys[0], keys, {f"{prefix}bias": bias})
     if not keep_quantized:  # the quantized layers the chain does not adapt: dequantized too
         for name, module in model.named_modules():
             backend = backend_for(module)

@@ -84,9 +84,13 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         optimizer: an optimizer built over ``model.parameters()``, or a callable
             ``params -> Optimizer``. An instance's param groups are rewritten: adapted weights and
             other frozen parameters leave, each module's factors join the group that held its
-            weight (the first group if none did), hyperparameters are kept.
+            weight (the first group if none did), the parameters of ``trainable_modules`` stay
+            in their groups (or join the first group if the optimizer did not hold them), and
+            hyperparameters are kept. A factory is called once with the factors and the
+            ``trainable_modules`` parameters.
         target_modules: which ``nn.Linear`` (or transformers ``Conv1D``) modules to adapt:
-            PEFT-style name suffixes (``"q_proj"``; a list, set or any iterable of them), a
+            PEFT-style name suffixes (``"q_proj"``; a list, set or any iterable of them, each
+            matching at least one module; a str is a suffix, not a regex), a
             compiled regex (full match on the qualified name), a callable
             ``(name, module) -> bool``, or ``"all-linear"`` (every Linear but the output
             layer and a task model's fresh head, as PEFT takes them). Omit it for a model that holds
@@ -94,7 +98,9 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             active adapter, with their rank, alpha, dropout and rsLoRA scaling, and
             ``peft_model.save_pretrained`` writes the whole chain as one adapter (see
             :mod:`chainopt._peft_layers`); required otherwise, unless ``target_parameters``
-            is given.
+            is given. Entries may repeat or overlap: each module is adapted once, and a module
+            the model holds at two places (``nn.Sequential(lin, act, lin)``) once, under its
+            first name (``model.named_modules()``'s), whichever name matched it.
         target_parameters: bare 2-D or 3-D parameters to adapt, as PEFT's option of that
             name: fused mixture-of-experts weights (transformers 5's Mixtral, Qwen3-MoE, OLMoE,
             GPT-OSS: ``["experts.gate_up_proj", "experts.down_proj"]``) and routers kept as a
@@ -107,8 +113,9 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             also adapts, and not with ``init="gradient"``. The records are named
             ``"<module>.<param>"`` (see :mod:`chainopt._experts`).
         rank: rank ``r`` of each link (default 8), or a list: link ``i`` has rank ``rank[i]``
-            and the last entry repeats (rank step-down, e.g. ``[8, 4]``; not under DDP). Not
-            with PEFT layers (the ``LoraConfig``'s).
+            and the last entry repeats (rank step-down, e.g. ``[8, 4]``; not under DDP), with
+            no more entries than a ``knots`` or ``num_links`` schedule has links. Not with PEFT
+            layers (the ``LoraConfig``'s).
         alpha: LoRA alpha (default 16); the scale of a link of rank ``r`` is
             ``s = alpha / r``. Not with PEFT layers.
         knot_every: tie a knot after optimizer steps N, 2N, … Give one schedule: this,

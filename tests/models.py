@@ -119,7 +119,8 @@ def assert_same(before: object, after: object, where: str = "") -> None:
     """``before == after``, tensors compared exactly (dtype, shape and values)."""
     if isinstance(before, torch.Tensor):
         assert isinstance(after, torch.Tensor) and before.dtype == after.dtype, where
-        assert before.shape == after.shape and torch.equal(before, after), where
+        assert before.shape == after.shape and before.device == after.device, where
+        assert before.is_meta or torch.equal(before, after), where  # (meta: no values)
     elif isinstance(before, dict):
         assert isinstance(after, dict) and list(before) == list(after), (where, before, after)
         for k in before:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import inspect
+import math
+import re
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
-from models import mlp, requires_grad_map, snapshot
+from hypothesis import given
+from hypothesis import strategies as st
+from models import assert_same, fingerprint, mlp, requires_grad_map, snapshot
 from torch import nn
 
 from chainopt import ChainConfig, ChainLoRAOptimizer
@@ -24,14 +29,25 @@ def _untouched(model: nn.Module, before: dict[str, torch.Tensor], grads: dict[st
 
 
 def _refused(model: nn.Module, err: type[Exception], match: str, **kwargs: Any) -> None:
-    before, grads = snapshot(model), requires_grad_map(model)
+    """Construction raises ``err`` matching ``match``, and model and optimizer (which holds
+    state) are exactly as before (:func:`models.fingerprint`: parameters, flags, hooks,
+    instance attributes, state dict, groups, state)."""
     base = torch.optim.AdamW(model.parameters())
-    groups = [list(g["params"]) for g in base.param_groups]
+    stepped = [p for p in model.parameters() if p.is_floating_point() and not p.is_meta]
+    for p in stepped:
+        p.grad = torch.ones_like(p)
+    try:
+        base.step()
+    except (NotImplementedError, RuntimeError):  # no Adam for float8 weights: no state then
+        base.state.clear()
+    base.zero_grad()
+    before, grads = snapshot(model), requires_grad_map(model)
+    whole = fingerprint(model, base)
     kwargs = {"rank": 2, "knot_every": 3, **kwargs}
     with pytest.raises(err, match=match):
         ChainLoRAOptimizer(model, base, **kwargs)
     _untouched(model, before, grads)
-    assert [list(g["params"]) for g in base.param_groups] == groups
+    assert_same(whole, fingerprint(model, base))
 
 
 @pytest.mark.parametrize(
@@ -180,3 +196,129 @@ def test_a_generator_of_names_is_read_once_and_gives_the_config_a_list_gives() -
         ChainConfig.from_kwargs(model, target_parameters=iter(["nope"]), knot_every=5)
     with pytest.raises(ValueError, match=r"target_modules=\['nope'\] matches no module"):
         ChainConfig.from_kwargs(model, target_modules=map(str, ["nope"]), knot_every=5)
+
+
+# --- every bad value of every argument, refused naming both, nothing changed ---
+
+_NOT_INTS = st.one_of(
+    st.booleans(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=3),
+    st.builds(np.int64, st.integers(1, 4)),
+    st.just(None),
+)
+_NOT_BOOLS = st.one_of(st.integers(), st.text(max_size=3), st.none(), st.just(np.True_))
+_NOT_POLICIES = st.one_of(st.text(max_size=8), st.none(), st.integers(), st.just(["full"]))
+_NO_MODULE = st.lists(st.text("xyz", min_size=1, max_size=4), min_size=1, max_size=3)
+BAD_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    "rank": st.one_of(
+        _NOT_INTS.filter(lambda v: v is not None),
+        st.integers(max_value=0),
+        st.integers(13, 10**9),
+        st.just([]),
+        st.lists(st.integers(-3, 0), min_size=1, max_size=3),
+        st.lists(st.integers(1, 4), min_size=1, max_size=2).map(lambda r: [*r, True]),
+    ),
+    "alpha": st.one_of(
+        st.booleans(),
+        st.floats(max_value=0.0),
+        st.just(math.nan),
+        st.just(math.inf),
+        st.text(max_size=3),
+        st.builds(np.float32, st.floats(1, 4)),
+    ),
+    "knot_every": st.one_of(_NOT_INTS.filter(lambda v: v is not None), st.integers(max_value=0)),
+    "knots": st.one_of(
+        st.just([]),
+        st.lists(st.integers(max_value=0), min_size=1, max_size=3),
+        st.lists(st.integers(1, 9), min_size=2, max_size=4).filter(lambda k: k != sorted(set(k))),
+        st.lists(st.floats(1, 9), min_size=1, max_size=3),
+        st.text(max_size=3),
+    ),
+    "seed": st.one_of(_NOT_INTS, st.integers(min_value=2**64), st.integers(max_value=-(2**63) - 1)),
+    "lora_bias": _NOT_BOOLS,
+    "keep_history": _NOT_BOOLS,
+    "exact_merge": st.one_of(st.integers(), st.text(max_size=3), st.floats()),
+    "non_finite": _NOT_POLICIES,
+    "reset": _NOT_POLICIES,
+    "init": _NOT_POLICIES,
+    "quantized_master": _NOT_POLICIES,
+    "prune_ratio": st.one_of(
+        st.floats(min_value=1.0),
+        st.floats(max_value=0.0, exclude_max=True),
+        st.just(math.nan),
+        st.booleans(),
+        st.text(max_size=3),
+    ),
+    "factor_dtype": st.one_of(
+        st.sampled_from([torch.int64, torch.bool, torch.complex64, torch.float8_e5m2]),
+        st.text(max_size=8),
+        st.integers(),
+    ),
+    "target_modules": st.one_of(
+        st.just([]),
+        st.just([""]),
+        st.integers(),
+        st.binary(max_size=3),
+        _NO_MODULE,
+        _NO_MODULE.map(lambda names: ["0", *names]),
+    ),
+    "trainable_modules": st.one_of(
+        st.just([]), st.integers(), _NO_MODULE, _NO_MODULE.map(lambda names: ["4", *names])
+    ),
+}
+
+
+def _names_the_value(message: str, value: object) -> bool:
+    """The message shows ``value`` (or, for a list of names, one of its entries)."""
+    if repr(value) in message:
+        return True
+    return isinstance(value, list) and any(repr(v) in message for v in value)
+
+
+@given(data=st.data(), argument=st.sampled_from(sorted(BAD_VALUES)))
+def test_every_bad_value_is_refused_naming_argument_and_value_and_nothing_changes(
+    data: st.DataObject, argument: str
+) -> None:
+    value = data.draw(BAD_VALUES[argument], label=argument)
+    model = mlp()
+    base = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    base.step()
+    base.zero_grad()
+    before = fingerprint(model, base)
+    kwargs: dict[str, Any] = {"target_modules": ["0"], "rank": 2, "knot_every": 3}
+    if argument == "knots":
+        kwargs["knot_every"] = None
+    kwargs[argument] = value
+    with pytest.raises((TypeError, ValueError)) as raised:
+        ChainLoRAOptimizer(model, base, **kwargs)
+    message = str(raised.value)
+    assert argument in message, message
+    assert _names_the_value(message, value), message
+    assert_same(before, fingerprint(model, base))
+
+
+@pytest.mark.parametrize(
+    ("schedule", "rank", "links"),
+    [({"knots": [5]}, [8, 4, 2], 2), ({"num_links": 2, "total_steps": 10}, [4, 2, 1], 2),
+     ({"num_links": 1, "total_steps": 10}, [4, 2], 1)],
+)  # fmt: skip
+def test_a_rank_list_longer_than_the_schedules_links_is_refused(
+    schedule: dict[str, Any], rank: list[int], links: int
+) -> None:
+    """Ranks past the last link would never be used: a list one longer than the chain has
+    links was taken silently."""
+    match = rf"{re.escape(f'rank={rank}')}.* schedule has {links} link"
+    _refused(mlp(), ValueError, match, target_modules=["0"], rank=rank, knot_every=None,
+             **schedule)  # fmt: skip
+    enough = ChainConfig.from_kwargs(mlp(), target_modules=["0"], rank=rank[:links], **schedule)
+    assert enough.ranks == tuple(rank[:links])
+    endless = ChainConfig.from_kwargs(mlp(), target_modules=["0"], rank=rank, knot_every=2)
+    assert endless.ranks == tuple(rank)  # knot_every: as many links as the run has
+
+
+def test_steps_per_epoch_without_num_links_names_its_value() -> None:
+    _refused(mlp(), ValueError, "steps_per_epoch goes with num_links .*got steps_per_epoch=7",
+             target_modules=["0"], steps_per_epoch=7)  # fmt: skip
