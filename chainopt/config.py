@@ -99,6 +99,19 @@ class ChainConfig:
         quantized_master: how knots merge into 4-bit weights (see :mod:`chainopt.quantized`).
         parameters: the entries of ``modules`` that are bare parameters
             (``target_parameters``), named ``"<module>.<param>"``.
+
+    Build one with :meth:`from_kwargs` (every check) rather than directly; a chain's is
+    ``opt.config``.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> config = ChainConfig.from_kwargs(model, target_modules=["0", "2"], rank=2,
+        ...                                  num_links=3, total_steps=30)
+        >>> config.modules, config.knots, config.alpha
+        (('0', '2'), (10, 20), 16.0)
+        >>> ChainConfig.from_dict(config.to_dict()) == config
+        True
     """
 
     modules: tuple[str, ...]

@@ -55,7 +55,27 @@ class _HasModel(Protocol):
 def adapted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` for every chainopt link of ``model``: a layer's qualified name, or
     ``"<module>.<param>"`` with the module holding it for a parameter link
-    (``target_parameters``)."""
+    (``target_parameters``).
+
+    Args:
+        model: any model (a ``copy.deepcopy`` of a chained one included).
+
+    Returns:
+        The links in model order; empty for a model chainopt never adapted or unloaded.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer, adapted_modules
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0", "2"], rank=2, knot_every=1)
+        >>> [(name, module is model[int(name)]) for name, module in adapted_modules(model)]
+        [('0', True), ('2', True)]
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type_name(model)}")
     return [(r.name, r.module) for r in find_adapted(model)]
@@ -82,6 +102,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     PEFT's, their B zero: the model computes the merged function, and PEFT's
     ``merge_and_unload()`` then gives the plain model.
 
+    Every mark chainopt left on the model goes (:mod:`chainopt._marks`); a new
+    :class:`~chainopt.ChainLoRAOptimizer` may then chain it again.
+
+    Args:
+        model: the chained model.
+
     Returns:
         ``model`` itself.
 
@@ -90,6 +116,24 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         NonFiniteUpdateError: a link holds NaN/Inf or would overflow its weight; nothing changed.
         RuntimeError: a module's forward does not add its link now (PEFT merged, disabled or
             switched its adapter); nothing changed.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer, merge_and_unload
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0"], rank=2, knot_every=1)
+        >>> x = torch.randn(2, 4)
+        >>> with torch.no_grad():
+        ...     _ = opt.factors()[1].normal_()  # a trained B, say
+        ...     out = model(x)
+        >>> weight = model[0].parametrizations.weight.original
+        >>> plain = merge_and_unload(model)
+        >>> type(plain[0]) is nn.Linear, plain[0].weight is weight
+        (True, True)
+        >>> torch.allclose(plain(x), out, atol=1e-6)
+        True
     """
     for r in _checked(model, "merge (no weight was changed)"):
         merge_(r)
@@ -121,11 +165,33 @@ def merged_state_dict(
     trained function (what PEFT's own state dict is). The plain fine-tuned model is PEFT's
     ``merge_and_unload()`` after :func:`merge_and_unload`.
 
+    Args:
+        model: the chained model (a plain one gives its own state dict).
+        quantized_dtype: dtype of the dense weights 4-bit layers become.
+        keep_quantized: keep 4-bit layers in their library's own format.
+
+    Returns:
+        The state dict, on the model's devices.
+
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``quantized_dtype`` not float32, float64,
             bfloat16 or float16 (float8 would silently lose a few percent of each weight), or
             ``keep_quantized`` not a bool.
         NonFiniteUpdateError: a merged weight or bias would not be finite.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer, merged_state_dict
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0"], rank=2, knot_every=1)
+        >>> list(model.state_dict())[:2]
+        ['0.bias', '0.parametrizations.weight.original']
+        >>> state = merged_state_dict(model)
+        >>> sorted(state)
+        ['0.bias', '0.weight']
+        >>> _ = nn.Sequential(nn.Linear(4, 4)).load_state_dict(state)  # strict: plain keys
     """
     records = _checked(model, "export the merged weights")
     if quantized_dtype is not None and quantized_dtype not in FLOAT_DTYPES:

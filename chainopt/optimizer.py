@@ -166,7 +166,25 @@ class ChainLoRAOptimizer(WrappedOptimizer):
     Raises:
         TypeError: a wrong type for an argument, or a matched module that cannot be adapted.
         ValueError: no matching module, a bad value, a foreign parameter in the optimizer, a
-            model already wrapped (by chainopt, DDP or FSDP), a tied weight. Nothing is changed.
+            model already wrapped (by chainopt, DDP or FSDP), a tied weight. Nothing is changed:
+            model and optimizer are as they were (parameters, ``requires_grad``, hooks,
+            attributes, param groups and state), whatever raised.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> base = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        >>> opt = ChainLoRAOptimizer(model, base, target_modules=["0"], rank=4, alpha=8,
+        ...                          knot_every=100)
+        >>> opt  # doctest: +ELLIPSIS
+        ChainLoRAOptimizer(AdamW, modules=1, rank=[4], alpha=8, KnotSchedule(knot_every=100), ...)
+        >>> [tuple(p.shape) for p in opt.param_groups[0]["params"]]  # only the factors train
+        [(4, 8), (8, 4)]
+        >>> ChainLoRAOptimizer(nn.Sequential(nn.Linear(8, 8)), torch.optim.SGD, knot_every=5,
+        ...                    target_modules=["0", "q_proj"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: target_modules entry 'q_proj' matches no module of the model ...: remove it
     """
 
     def __init__(

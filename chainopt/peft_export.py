@@ -93,6 +93,23 @@ class AdapterReport:
         relative_errors: per module, ``‖ΔW − B'A'‖_F / ‖ΔW‖_F`` left by compression (0 when
             exact, and for a module whose update is 0).
         relative_error: the same over all modules together.
+
+    Example:
+        >>> import tempfile
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer
+        >>> from chainopt import export_peft_adapter
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0", "2"], rank=2, knot_every=1)
+        >>> with torch.no_grad():  # trained B's, say (a new link's B is 0 and adds no rank)
+        ...     _ = [link.lora_B.normal_() for link in (model[0].parametrizations.weight[0],
+        ...                                             model[2].parametrizations.weight[0])]
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     report = export_peft_adapter(opt, d)
+        >>> report.rank, report.chain_ranks, report.relative_error
+        (2, {'0': 2, '2': 2}, 0.0)
     """
 
     path: Path
@@ -193,6 +210,27 @@ def export_peft_adapter(
             not a Hugging Face one (or without peft), or with ``lora_bias=True``. Nothing is
             written then.
         ImportError: ``safetensors`` is not installed.
+
+    Example:
+        >>> import os, tempfile
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0"], rank=2, knot_every=1,
+        ...                          keep_history=True)
+        >>> def train():  # a trained B, say (a new link's B is 0 and adds no rank)
+        ...     with torch.no_grad():
+        ...         _ = model[0].parametrizations.weight[0].lora_B.normal_()
+        >>> train()
+        >>> _ = opt.tie_knot()
+        >>> train()  # one merged link and one pending: rank 2 + 2
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     report = export_peft_adapter(opt, d)
+        ...     files = sorted(os.listdir(d))
+        >>> files, report.rank
+        (['adapter_config.json', 'adapter_model.safetensors'], 4)
     """
     if not isinstance(chain, ChainLoRAOptimizer):
         raise TypeError(f"chain must be a ChainLoRAOptimizer, got {type_name(chain)}")

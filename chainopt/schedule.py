@@ -34,6 +34,14 @@ class KnotSchedule:
     Raises:
         ValueError: both or neither given, a non-positive interval, or a knot list that is empty,
             non-positive, not strictly increasing or not made of ints.
+
+    Example:
+        >>> KnotSchedule(knot_every=4).is_due(8), KnotSchedule(knots=[3, 10]).is_due(8)
+        (True, False)
+        >>> KnotSchedule(knots=[10, 3])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: knots must be a non-empty, strictly increasing list ..., got [10, 3]
     """
 
     def __init__(self, knot_every: int | None = None, knots: Sequence[int] | None = None) -> None:
