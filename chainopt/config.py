@@ -38,7 +38,14 @@ from ._peft_layers import (
     peft_lora_layers,
     peft_trainable,
 )
-from ._validate import FLOAT_DTYPES, PARALLEL_WRAPPERS, is_distributed, is_int, type_name
+from ._validate import (
+    FLOAT_DTYPES,
+    PARALLEL_WRAPPERS,
+    is_distributed,
+    is_int,
+    not_python_number,
+    type_name,
+)
 from .init import InitPolicy
 from .quantized import QuantizedMaster
 from .reset import ResetPolicy
@@ -244,7 +251,9 @@ class ChainConfig:
         alpha = _DEFAULT_ALPHA if alpha is None else alpha
         ranks = _ranks(rank)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+            raise ValueError(
+                f"alpha must be a positive number, got {alpha!r}{not_python_number(alpha)}"
+            )
         if not math.isfinite(alpha):
             raise ValueError(f"alpha must be finite, got {alpha!r}")
         schedule = _schedule(knot_every, knots, num_links, total_steps, steps_per_epoch)
@@ -265,7 +274,7 @@ class ChainConfig:
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
         if not is_int(seed):
-            raise TypeError(f"seed must be an int, got {seed!r}")
+            raise TypeError(f"seed must be an int, got {seed!r}{not_python_number(seed)}")
         if not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
             raise ValueError(f"seed must be in [-2**63, 2**64 - 1] (a 64-bit seed), got {seed!r}")
         if factor_dtype is not None and factor_dtype not in FACTOR_DTYPES:
@@ -286,7 +295,10 @@ class ChainConfig:
             if not isinstance(choice, str) or choice not in get_args(options):
                 raise ValueError(f"{arg} must be one of {get_args(options)}, got {choice!r}")
         if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)):
-            raise TypeError(f"prune_ratio must be a number in [0, 1), got {prune_ratio!r}")
+            raise TypeError(
+                f"prune_ratio must be a number in [0, 1), got {prune_ratio!r}"
+                f"{not_python_number(prune_ratio)}"
+            )
         if not 0 <= prune_ratio < 1:
             raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio!r}")
         if init == "gradient" and target_parameters is not None:
@@ -473,7 +485,7 @@ def _ranks(rank: int | Sequence[int]) -> tuple[int, ...]:
     if isinstance(rank, str) or not all(is_int(r) and r > 0 for r in ranks):  # type: ignore[operator]
         raise ValueError(
             f"rank must be a positive int (or a non-empty list of them, a rank per link), "
-            f"got {rank!r}"
+            f"got {rank!r}{not_python_number(rank)}"
         )
     checked = tuple(int(r) for r in ranks)  # type: ignore[call-overload]
     if len(set(checked)) > 1 and is_distributed():

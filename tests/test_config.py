@@ -28,7 +28,12 @@ def _untouched(model: nn.Module, before: dict[str, torch.Tensor], grads: dict[st
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def _refused(model: nn.Module, err: type[Exception], match: str, **kwargs: Any) -> None:
+def _refused(
+    model: nn.Module,
+    err: type[Exception] | tuple[type[Exception], ...],
+    match: str,
+    **kwargs: Any,
+) -> None:
     """Construction raises ``err`` matching ``match``, and model and optimizer (which holds
     state) are exactly as before (:func:`models.fingerprint`: parameters, flags, hooks,
     instance attributes, state dict, groups, state)."""
@@ -322,3 +327,26 @@ def test_a_rank_list_longer_than_the_schedules_links_is_refused(
 def test_steps_per_epoch_without_num_links_names_its_value() -> None:
     _refused(mlp(), ValueError, "steps_per_epoch goes with num_links .*got steps_per_epoch=7",
              target_modules=["0"], steps_per_epoch=7)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rank": np.int64(4)}, r"got np.int64\(4\) \(np.int64\(4\) is a numpy.int64, not a "
+                                r"Python int: pass int\(...\)\)"),
+        ({"rank": [4, np.int32(2)]}, r"np.int32\(2\) is a numpy.int32, not a Python int"),
+        ({"alpha": np.float32(4.0)}, r"alpha .* is a numpy.float32, not a Python float"),
+        ({"knot_every": torch.tensor(3)}, r"knot_every .* is a torch.Tensor, not a Python int"),
+        ({"knot_every": None, "knots": np.array([2, 5])},
+         r"knots .*got array\(\[2, 5\]\) \(a numpy.ndarray, not a list: pass .tolist\(\)\)"),
+        ({"seed": np.int64(1)}, r"seed must be an int, got np.int64\(1\) .* not a Python int"),
+        ({"prune_ratio": np.float64(2.0)}, r"prune_ratio must be in \[0, 1\), got"),
+    ],
+)  # fmt: skip
+def test_numpy_and_tensor_numbers_are_refused_saying_what_to_pass(
+    kwargs: dict[str, Any], match: str
+) -> None:
+    """A numpy or tensor scalar (a sweep's ``np.arange``) is not taken for an int or float
+    (the config is saved and must load with ``weights_only``); the message said only "must be
+    a positive int, got np.int64(4)", which a numpy int looks like."""
+    _refused(mlp(), (TypeError, ValueError), match, target_modules=["0"], **kwargs)
