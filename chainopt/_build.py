@@ -324,8 +324,11 @@ def _wrap(
 def regroup(optimizer: Optimizer, records: Sequence[ModuleRecord], keep: Sequence[Tensor]) -> None:
     """Rewrite ``optimizer``'s groups in place: the factors join their weight's group.
 
-    A factor the optimizer already holds (PEFT's own factors, with LoRA+'s separate groups for
-    B, say) stays in its group; one whose weight is in no group joins the first group.
+    A and B join the group that held the module's weight, the bias delta the group that held
+    its bias (a no-weight-decay group for biases, as the ``Trainer`` builds, stays free of decay
+    for the delta too); one whose tensor is in no group joins the weight's group, else the
+    first group. A factor the optimizer already holds (PEFT's own factors, with LoRA+'s
+    separate groups for B, say) stays in its group.
 
     Frozen parameters leave (with any state); ``keep`` stays, and a parameter of ``keep`` the
     optimizer does not hold (a module frozen before and left out of the optimizer, named in
@@ -343,11 +346,15 @@ def regroup(optimizer: Optimizer, records: Sequence[ModuleRecord], keep: Sequenc
         joins[0] += [p for p in keep if id(p) not in home]
     held: set[int] = set()
     for r in records:
+        weights = home.get(id(r.weight), 0)
+        biases = home.get(id(r.bias), weights) if r.bias is not None else weights
         for factor in r.factors():
             if id(factor) in home:
                 held.add(id(factor))
+            elif r.delta is not None and factor is r.delta.delta:
+                joins[biases].append(factor)
             else:
-                joins[home.get(id(r.weight), 0)].append(factor)
+                joins[weights].append(factor)
     for group, extra in zip(optimizer.param_groups, joins, strict=True):
         for p in group["params"]:
             if id(p) not in kept | held:

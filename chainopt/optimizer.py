@@ -83,8 +83,9 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         model: the model to adapt (not yet wrapped in DistributedDataParallel).
         optimizer: an optimizer built over ``model.parameters()``, or a callable
             ``params -> Optimizer``. An instance's param groups are rewritten: adapted weights and
-            other frozen parameters leave, each module's factors join the group that held its
-            weight (the first group if none did), the parameters of ``trainable_modules`` stay
+            other frozen parameters leave, each module's A and B join the group that held its
+            weight (the first group if none did) and its bias delta (``lora_bias``) the group
+            that held its bias (else the weight's), the parameters of ``trainable_modules`` stay
             in their groups (or join the first group if the optimizer did not hold them), and
             hyperparameters are kept. A factory is called once with the factors and the
             ``trainable_modules`` parameters.

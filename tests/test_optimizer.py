@@ -702,3 +702,21 @@ def test_a_model_whose_chain_was_unloaded_takes_a_new_chain(unload: str) -> None
         torch.testing.assert_close(model(x), out, rtol=0, atol=0)  # a new link adds nothing
     _train(model, second, 4)
     assert second.knots_tied == 2 and [n for n, _ in second.adapted_modules()] == ["0", "2"]
+
+
+def test_a_bias_delta_joins_the_group_of_its_bias_and_a_and_b_that_of_the_weight() -> None:
+    """The ``Trainer``'s groups: weights with weight decay, biases without. The bias delta
+    joined the weights' group and so was decayed, unlike the bias it adds to."""
+    model = mlp()
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    base = torch.optim.AdamW([{"params": weights, "weight_decay": 0.1},
+                              {"params": biases, "weight_decay": 0.0}], lr=1e-3)  # fmt: skip
+    opt = ChainLoRAOptimizer(model, base, target_modules=["0", "2"], lora_bias=True, rank=2,
+                             knot_every=2)  # fmt: skip
+    decayed, free = ({id(p) for p in g["params"]} for g in opt.param_groups)
+    for name in ("0", "2"):
+        record = next(r for r in opt.chain.records if r.name == name)
+        assert {id(record.link.lora_A), id(record.link.lora_B)} <= decayed
+        assert record.delta is not None and id(record.delta.delta) in free
+    assert len(decayed) == 4 and len(free) == 2  # frozen weights and biases left
