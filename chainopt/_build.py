@@ -99,11 +99,24 @@ def build_chain(
         TypeError: ``optimizer`` is neither an optimizer nor a callable, or a factory returned
             no ``torch.optim.Optimizer``.
         ValueError: an optimizer over foreign parameters, one that would not step the factors,
-            or bad ``master_weights``. Nothing is changed then (see :class:`Undo`).
+            or bad ``master_weights`` (or any with no 4-bit target, or with
+            ``quantized_master="none"``). Nothing is changed then (see :class:`Undo`).
     """
     check_optimizer(optimizer, model)
     layers = [n for n in config.modules if n not in config.parameters]
     masters = resolve_master_weights(master_weights, model, layers)
+    if master_weights is not None and not masters:
+        raise ValueError(
+            f"master_weights (a {type_name(master_weights)}) starts the host masters of 4-bit "
+            f"targets, but none of {list(layers)[:4]} is a 4-bit layer (bitsandbytes "
+            "Linear4bit, torchao NF4); omit it"
+        )
+    if masters and config.quantized_master == "none":
+        raise ValueError(
+            'master_weights with quantized_master="none": that keeps no master to start from '
+            'the original weights; use quantized_master="host" (the default) or omit '
+            "master_weights"
+        )
     own = undo is None
     undo = Undo(model, optimizer) if undo is None else undo
     try:

@@ -162,7 +162,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             quantization error compounds at every knot). See :mod:`chainopt.quantized`.
         master_weights: the original float weights of 4-bit targets (the unquantized model or
             its plain-key state dict) to start the masters from; default: the dequantized
-            weights.
+            weights. Refused without a 4-bit target and with ``quantized_master="none"``.
 
     Raises:
         TypeError: a wrong type for an argument, or a matched module that cannot be adapted.
