@@ -43,7 +43,6 @@ __all__ = [
     "adapted_modules",
     "merge_and_unload",
     "merged_state_dict",
-    "own_state_dict",
     "save_merged",
 ]  # the public names (chainopt re-exports them); the rest is internal
 
