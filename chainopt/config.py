@@ -254,8 +254,8 @@ class ChainConfig:
             raise ValueError(
                 f"alpha must be a positive number, got {alpha!r}{not_python_number(alpha)}"
             )
-        if not math.isfinite(alpha):
-            raise ValueError(f"alpha must be finite, got {alpha!r}")
+        if not (isinstance(alpha, float) or alpha < 2**1023) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be finite, got {alpha!r}")  # (10**400: no float)
         schedule = _schedule(knot_every, knots, num_links, total_steps, steps_per_epoch)
         if schedule.knots is not None and len(ranks) > len(schedule.knots) + 1:
             links = len(schedule.knots) + 1
@@ -509,6 +509,11 @@ def _schedule(
                 "steps_per_epoch goes with num_links and total_steps (it puts their knots on "
                 "epoch ends), not with knot_every or knots; got "
                 f"steps_per_epoch={steps_per_epoch!r}"
+            )
+        if knot_every is None and knots is None:
+            raise ValueError(
+                "give exactly one of knot_every and knots, or num_links with total_steps: a "
+                "chain needs a knot schedule, got knot_every=None, knots=None, num_links=None"
             )
         return KnotSchedule(knot_every=knot_every, knots=knots)
     if knot_every is not None or knots is not None:

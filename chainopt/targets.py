@@ -134,9 +134,11 @@ def unmatched(spec: ModuleSpec, names: Sequence[str]) -> list[str]:
     return [e for e in entries if not any(n == e or n.endswith(f".{e}") for n in names)]
 
 
-def did_you_mean(entry: str, names: Sequence[str]) -> str:
+def did_you_mean(entry: str, names: Sequence[str], in_list: bool = False) -> str:
     """A hint for a name that matches nothing: the closest suffixes of ``names``, the
     ``"all-linear"`` shortcut, or that a str is a suffix and not a regex (PEFT's reading)."""
+    if entry == ALL_LINEAR and not in_list:
+        return ""
     if re.sub(r"[\s_]", "-", entry.strip().lower()) in (ALL_LINEAR, f"{ALL_LINEAR}s"):
         return f"; did you mean the string '{ALL_LINEAR}' itself (not inside a list)?"
     if any(c in entry for c in "*+?|()[]{}^$\\"):
@@ -152,7 +154,7 @@ def did_you_mean(entry: str, names: Sequence[str]) -> str:
 def _hint(spec: ModuleSpec, names: Sequence[str]) -> str:
     """:func:`did_you_mean` for a single name, or a list's first entry that matches nothing."""
     missing = [spec] if isinstance(spec, str) else unmatched(spec, names)
-    return did_you_mean(missing[0], names) if missing else ""
+    return did_you_mean(missing[0], names, not isinstance(spec, str)) if missing else ""
 
 
 def _refuse_unmatched(
@@ -162,7 +164,8 @@ def _refuse_unmatched(
     if missing:
         raise ValueError(
             f"{argument} entry {missing[0]!r} matches no {what} of the model (the other entries "
-            f"match {others} {what}{'s' if others != 1 else ''}){did_you_mean(missing[0], names)}"
+            f"match {others} {what}{'s' if others != 1 else ''})"
+            f"{did_you_mean(missing[0], names, in_list=True)}"
             "; a name that matches nothing is a typo or a name from another model: remove it"
         )
 
@@ -363,6 +366,11 @@ def choose_targets(
     names = [alias for _first, alias, _m in _aliases(model)]
     if not found:
         hint = _hint(spec, names)
+        if is_linear_like(model):
+            hint += (
+                f"; the model itself is a {type_name(model)}, and the root is never adapted: "
+                "wrap it (nn.Sequential(model)) and name it '0'"
+            )
         raise ValueError(
             f"target_modules={describe_spec(spec)!r} matches no module of the model{hint}; "
             f"modules a link can adapt include {linear_names(model)}"

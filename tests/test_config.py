@@ -350,3 +350,26 @@ def test_numpy_and_tensor_numbers_are_refused_saying_what_to_pass(
     (the config is saved and must load with ``weights_only``); the message said only "must be
     a positive int, got np.int64(4)", which a numpy int looks like."""
     _refused(mlp(), (TypeError, ValueError), match, target_modules=["0"], **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "err", "match"),
+    [
+        ({"alpha": 10**400}, ValueError, r"alpha must be finite, got 1000"),
+        ({"knot_every": None}, ValueError,
+         r"exactly one of knot_every and knots, or num_links with total_steps: a chain needs"),
+        ({"target_modules": "all-linear", "model": nn.Linear(4, 4)}, ValueError,
+         r"the model itself is a Linear, and the root is never adapted: wrap it"),
+        ({"target_modules": "all-linear", "model": nn.Sequential(nn.Embedding(3, 3))}, ValueError,
+         r"^target_modules='all-linear' matches no module of the model; modules a link"),
+    ],
+)  # fmt: skip
+def test_edge_values_raise_a_value_error_that_says_what_to_do(
+    kwargs: dict[str, Any], err: type[Exception], match: str
+) -> None:
+    """``alpha=10**400`` raised ``OverflowError`` (``math.isfinite`` of an int too large for a
+    float); no schedule at all named only ``knot_every`` and ``knots``; a bare ``nn.Linear`` as
+    the model was told that no module matched, and ``"all-linear"`` that matched nothing was
+    asked whether it meant ``"all-linear"``."""
+    model = kwargs.pop("model", None) or mlp()
+    _refused(model, err, match, **{"target_modules": ["0"], **kwargs})
