@@ -150,6 +150,27 @@ def _export_peft_chain(
     return AdapterReport(path, padded, ranks, dict.fromkeys(ranks, 0.0), 0.0)
 
 
+def _refuse_aliased(chain: ChainLoRAOptimizer) -> None:
+    """Refuse a chain on a module the model holds at several places (``Sequential(lin, act,
+    lin)``): PEFT injects its layer at one of them, so the served adapter would change only
+    that one and compute another function."""
+    config = chain.config  # (the records are gone once the optimizer unloaded them)
+    owners = [n.rpartition(".")[0] if n in config.parameters else n for n in config.modules]
+    modules = dict(chain.model.named_modules())
+    held = [modules[n] for n in owners if n in modules]
+    places: dict[int, list[str]] = {}
+    for name, module in chain.model.named_modules(remove_duplicate=False):
+        places.setdefault(id(module), []).append(name)
+    aliased = [places[id(m)] for m in held if len(places.get(id(m), ())) > 1]
+    if aliased:
+        raise ValueError(
+            f"the chain adapts a module the model holds at several places ({aliased[0]}): PEFT "
+            "would put its LoRA layer at one of them only, so the adapter would compute another "
+            "function; deploy the merged model (chainopt.save_merged or merged_state_dict) "
+            "instead; nothing was written"
+        )
+
+
 def export_peft_adapter(
     chain: ChainLoRAOptimizer,
     path: str | os.PathLike[str],
@@ -207,7 +228,8 @@ def export_peft_adapter(
             given (or it lacks a weight, or holds one of another shape); PEFT would refuse to
             load the adapter into the model's architecture (Mamba's ``out_proj``, say: see
             :func:`_check_peft_loads`); a chain with ``target_parameters`` on a model that is
-            not a Hugging Face one (or without peft), or with ``lora_bias=True``. Nothing is
+            not a Hugging Face one (or without peft), or with ``lora_bias=True``; an adapted
+            module the model holds at several places (PEFT would adapt one). Nothing is
             written then.
         ImportError: ``safetensors`` is not installed.
 
@@ -251,6 +273,7 @@ def export_peft_adapter(
             "wrappers carry no bias; deploy the merged model with chainopt.save_merged(opt, "
             "path) instead; nothing was written"
         )
+    _refuse_aliased(chain)
     peft = [(r.name, r.link) for r in chain.chain.records if isinstance(r.link, PeftLink)]
     if peft:  # a chained PeftModel: its own save_pretrained writes the whole chain
         return _export_peft_chain(chain, Path(path), peft, rank, base)
