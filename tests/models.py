@@ -66,13 +66,20 @@ def _hook_dicts(module: nn.Module) -> dict[str, list[int]]:
     return {k: list(v) for k, v in vars(module).items() if "hook" in k and isinstance(v, dict)}
 
 
+def _tensor_hooks(t: torch.Tensor) -> list[int]:
+    """How many hooks of each kind a tensor carries (backward, post-accumulate-grad)."""
+    kinds = ("_backward_hooks", "_post_accumulate_grad_hooks")
+    return [len(getattr(t, k, None) or ()) for k in kinds]
+
+
 def fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Everything a refused construction must leave as it was, in a comparable form.
 
     Per module (every registration, shared ones included): its class, training flag, instance
     attributes (by identity), hook dicts (forward, backward, state-dict and load-state-dict,
     with and without kwargs) and parametrizations; per parameter (by name): identity,
-    ``requires_grad``, registration order; the state dict's keys in order and values. Per
+    ``requires_grad``, registration order, instance attributes and tensor hooks; torch's global
+    module hooks; the state dict's keys in order and values. Per
     optimizer: each group's parameters (by identity) and hyperparameters, the state of each
     parameter (values), its instance attributes and its hooks.
     """
@@ -95,8 +102,20 @@ def fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
         )
         for name, m in model.named_modules(remove_duplicate=False)
     }
-    params = [(n, id(p), p.requires_grad) for n, p in model.named_parameters()]
-    out: dict = {"modules": modules, "params": params, "state_dict": snapshot(model)}
+    params = [
+        (n, id(p), p.requires_grad, sorted(vars(p)), _tensor_hooks(p))
+        for n, p in model.named_parameters()
+    ]
+    from torch.nn.modules import module as torch_module
+
+    global_hooks = [len(v) for k, v in vars(torch_module).items() if k.startswith("_global_")
+                    and k.endswith("hooks") and isinstance(v, dict)]  # fmt: skip
+    out: dict = {
+        "modules": modules,
+        "params": params,
+        "state_dict": snapshot(model),
+        "global_hooks": global_hooks,
+    }
     if optimizer is not None:
         out["groups"] = [
             ([id(p) for p in g["params"]], {k: v for k, v in g.items() if k != "params"})

@@ -165,3 +165,39 @@ def test_a_failure_after_the_chain_is_built_undoes_every_mark(
                            trainable_modules=["score"], init="gradient")  # fmt: skip
     assert_same(before, fingerprint(model, base))
     assert "save_pretrained" not in vars(model)
+
+
+_CHANGES = {
+    "forward hook": lambda m, o: m[0].register_forward_hook(lambda *a: None),
+    "forward pre-hook": lambda m, o: m.register_forward_pre_hook(lambda *a: None),
+    "backward hook": lambda m, o: m[2].register_full_backward_hook(lambda *a: None),
+    "state_dict hook": lambda m, o: m._register_state_dict_hook(lambda *a: None),
+    "load pre-hook": lambda m, o: m._register_load_state_dict_pre_hook(lambda *a: None),
+    "load post-hook": lambda m, o: m.register_load_state_dict_post_hook(lambda *a: None),
+    "model attribute": lambda m, o: setattr(m, "_chainopt_mark", 1),
+    "module attribute": lambda m, o: setattr(m[0], "note", "x"),
+    "requires_grad": lambda m, o: m[0].bias.requires_grad_(False),
+    "value": lambda m, o: m[2].weight.data.add_(1),
+    "identity": lambda m, o: setattr(m[0], "bias", nn.Parameter(m[0].bias.detach().clone())),
+    "parametrization": lambda m, o: nn.utils.parametrize.register_parametrization(
+        m[0], "weight", nn.Identity()
+    ),
+    "mode": lambda m, o: m[1].eval(),
+    "tensor hook": lambda m, o: m[0].weight.register_hook(lambda g: g),
+    "group params": lambda m, o: o.param_groups[0]["params"].pop(),
+    "group lr": lambda m, o: o.param_groups[0].update(lr=9.0),
+    "state": lambda m, o: o.state.pop(m[0].weight),
+    "state value": lambda m, o: o.state[m[0].weight]["exp_avg"].add_(1),
+}
+
+
+@pytest.mark.parametrize("change", sorted(_CHANGES))
+def test_the_fingerprint_sees_every_change_a_construction_might_leave(change: str) -> None:
+    """The refusal tests compare fingerprints: each kind of change must show in one."""
+    model = mlp()
+    base = _stepped(model)
+    before = fingerprint(model, base)
+    assert_same(before, fingerprint(model, base))
+    _CHANGES[change](model, base)
+    with pytest.raises(AssertionError):
+        assert_same(before, fingerprint(model, base))
