@@ -240,6 +240,11 @@ BAD_VALUES: dict[str, st.SearchStrategy[Any]] = {
         st.lists(st.floats(1, 9), min_size=1, max_size=3),
         st.text(max_size=3),
     ),
+    "num_links": st.one_of(_NOT_INTS.filter(lambda v: v is not None), st.integers(max_value=0)),
+    "total_steps": st.one_of(_NOT_INTS.filter(lambda v: v is not None), st.integers(max_value=1)),
+    "steps_per_epoch": st.one_of(
+        _NOT_INTS.filter(lambda v: v is not None), st.integers(max_value=0)
+    ),
     "seed": st.one_of(_NOT_INTS, st.integers(min_value=2**64), st.integers(max_value=-(2**63) - 1)),
     "lora_bias": _NOT_BOOLS,
     "keep_history": _NOT_BOOLS,
@@ -296,6 +301,8 @@ def test_every_bad_value_is_refused_naming_argument_and_value_and_nothing_change
     kwargs: dict[str, Any] = {"target_modules": ["0"], "rank": 2, "knot_every": 3}
     if argument == "knots":
         kwargs["knot_every"] = None
+    if argument in ("num_links", "total_steps", "steps_per_epoch"):
+        kwargs.update(knot_every=None, num_links=2, total_steps=10)
     kwargs[argument] = value
     with pytest.raises((TypeError, ValueError)) as raised:
         ChainLoRAOptimizer(model, base, **kwargs)

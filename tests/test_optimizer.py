@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -720,3 +721,19 @@ def test_a_bias_delta_joins_the_group_of_its_bias_and_a_and_b_that_of_the_weight
         assert {id(record.link.lora_A), id(record.link.lora_B)} <= decayed
         assert record.delta is not None and id(record.delta.delta) in free
     assert len(decayed) == 4 and len(free) == 2  # frozen weights and biases left
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [functools.partial(torch.optim.AdamW, lr=1e-2), torch.optim.AdamW,
+     lambda params: torch.optim.SGD(params, lr=0.1)],
+)  # fmt: skip
+def test_a_factory_of_any_callable_form_steps_exactly_the_factors(factory: Any) -> None:
+    model = mlp()
+    opt = ChainLoRAOptimizer(model, factory, target_modules=["0"], trainable_modules=["4"],
+                             rank=2, knot_every=2)  # fmt: skip
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert held == [*opt.factors(), *model[4].parameters()]
+    b = opt.factors()[1].detach().clone()
+    _train(model, opt, 1)
+    assert not torch.equal(opt.factors()[1], b)

@@ -515,7 +515,7 @@ def test_a_trained_tied_embedding_is_saved_with_its_tied_head(tmp_path: Path, tr
 def test_a_chain_on_a_module_held_at_two_places_is_not_exported(tmp_path: Path) -> None:
     """PEFT puts its LoRA layer at one of the module's places (``"0"`` of ``Sequential(lin,
     act, lin)``): the adapter served by ``PeftModel.from_pretrained`` applied the chain to the
-    first use only and computed another function (0.5 off on this model), without a word."""
+    first use only and computed another function, without a word."""
     torch.manual_seed(0)
     lin = nn.Linear(8, 8)
     model = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(8, 2))
