@@ -24,6 +24,7 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from itertools import pairwise
 from typing import Any, Literal, TypeAlias, cast, get_args
 
 import torch
@@ -138,6 +139,76 @@ class ChainConfig:
     trainable: tuple[str, ...] = ()
     quantized_master: QuantizedMaster = "host"
     parameters: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Refuse a config no construction makes (a hand-built one, or a corrupt save).
+
+        Raises:
+            TypeError: a field of the wrong type.
+            ValueError: a field's value is out of range.
+        """
+        for name in ("modules", "trainable", "parameters"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(n, str) for n in value):
+                raise TypeError(f"ChainConfig.{name} must be a tuple of str, got {value!r}")
+        if not set(self.parameters) <= set(self.modules):
+            raise ValueError(
+                f"ChainConfig.parameters must be entries of modules, got {self.parameters!r}"
+            )
+        if not (
+            isinstance(self.ranks, tuple)
+            and self.ranks
+            and all(is_int(r) and r > 0 for r in self.ranks)
+        ):
+            raise ValueError(
+                f"ChainConfig.ranks must be a tuple of positive ints, got {self.ranks!r}"
+            )
+        alpha = self.alpha
+        if not isinstance(alpha, float) or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"ChainConfig.alpha must be a positive finite float, got {alpha!r}")
+        if self.knot_every is not None and (not is_int(self.knot_every) or self.knot_every <= 0):
+            raise ValueError(
+                f"ChainConfig.knot_every must be None or a positive int, got {self.knot_every!r}"
+            )
+        knots = self.knots
+        if (
+            not isinstance(knots, tuple)
+            or not all(is_int(k) and k > 0 for k in knots)
+            or any(b <= a for a, b in pairwise(knots))
+            or (self.knot_every is not None and knots)
+        ):
+            raise ValueError(
+                "ChainConfig.knots must be a strictly increasing tuple of positive ints (empty "
+                f"with knot_every), got {knots!r} with knot_every={self.knot_every!r}"
+            )
+        for name in ("lora_bias", "keep_history"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"ChainConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not (self.exact_merge is None or isinstance(self.exact_merge, bool)):
+            raise TypeError(
+                f"ChainConfig.exact_merge must be None or a bool, got {self.exact_merge!r}"
+            )
+        if not is_int(self.seed) or not _SEED_RANGE[0] <= self.seed <= _SEED_RANGE[1]:
+            raise ValueError(f"ChainConfig.seed must be a 64-bit int, got {self.seed!r}")
+        if self.factor_dtype is not None and self.factor_dtype not in FACTOR_DTYPES:
+            raise TypeError(
+                f"ChainConfig.factor_dtype must be None or one of {[str(d) for d in FACTOR_DTYPES]}"
+                f", got {self.factor_dtype!r}"
+            )
+        for name, options in (
+            ("reset", ResetPolicy), ("init", InitPolicy), ("non_finite", NonFinitePolicy),
+            ("quantized_master", QuantizedMaster),
+        ):  # fmt: skip
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in get_args(
+                options
+            ):
+                raise ValueError(
+                    f"ChainConfig.{name} must be one of {get_args(options)}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        ratio = self.prune_ratio
+        if not isinstance(ratio, float) or not 0 <= ratio < 1:
+            raise ValueError(f"ChainConfig.prune_ratio must be a float in [0, 1), got {ratio!r}")
 
     def link_rank(self, link: int) -> int:
         """Rank of link ``link`` (0-based): ``ranks[link]``, the last entry repeating.

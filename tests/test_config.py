@@ -380,3 +380,27 @@ def test_edge_values_raise_a_value_error_that_says_what_to_do(
     asked whether it meant ``"all-linear"``."""
     model = kwargs.pop("model", None) or mlp()
     _refused(model, err, match, **{"target_modules": ["0"], **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "err"),
+    [("ranks", (0,), ValueError), ("ranks", (), ValueError), ("alpha", math.nan, ValueError),
+     ("alpha", 4, ValueError), ("knot_every", 0, ValueError), ("knots", (3, 3), ValueError),
+     ("modules", ["0"], TypeError), ("parameters", ("x.w",), ValueError),
+     ("lora_bias", 1, TypeError), ("exact_merge", 0, TypeError), ("seed", 2**64, ValueError),
+     ("factor_dtype", torch.int8, TypeError), ("reset", "FULL", ValueError),
+     ("prune_ratio", 1.0, ValueError)],
+)  # fmt: skip
+def test_a_hand_built_or_corrupt_config_is_refused_naming_the_field(
+    field: str, value: object, err: type[Exception]
+) -> None:
+    """``ChainConfig`` is public and ``from_dict`` reads saves: neither checked any field, so a
+    config no construction makes (rank 0, NaN alpha) was taken."""
+    good = ChainConfig.from_kwargs(mlp(), target_modules=["0"], rank=2, knot_every=3)
+    kwargs = {f: getattr(good, f) for f in good.__dataclass_fields__}
+    with pytest.raises(err, match=rf"ChainConfig\.{field} must be"):
+        ChainConfig(**{**kwargs, field: value})
+    saved = good.to_dict() | {field: list(value) if isinstance(value, tuple) else value}
+    if field not in ("factor_dtype", "modules"):  # (saved as a string; as a list)
+        with pytest.raises((TypeError, ValueError), match=rf"ChainConfig\.{field}|not a saved"):
+            ChainConfig.from_dict(saved)
