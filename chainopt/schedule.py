@@ -115,7 +115,27 @@ class KnotSchedule:
 
     @classmethod
     def from_steps(cls, knots: Sequence[int]) -> KnotSchedule:
-        """Knots after exactly these (already checked) steps; none at all for an empty list."""
+        """Knots after exactly these steps; none at all for an empty list.
+
+        Raises:
+            ValueError: ``knots`` is not a list (or tuple, range) of strictly increasing positive
+                ints.
+
+        Example:
+            >>> KnotSchedule.from_steps([]).is_due(5), KnotSchedule.from_steps([5]).is_due(5)
+            (False, True)
+        """
+        ks = list(knots) if isinstance(knots, Sequence) and not isinstance(knots, str) else None
+        if (
+            ks is None
+            or not all(_is_int(k) and k > 0 for k in ks)
+            or any(b <= a for a, b in pairwise(ks))
+        ):
+            raise ValueError(
+                f"knots must be a strictly increasing list of positive ints, got {knots!r}"
+                f"{_not_python(knots)}"
+            )
+        knots = tuple(ks)
         schedule = cls.__new__(cls)
         schedule.knot_every, schedule.knots = None, tuple(knots)
         schedule._knot_set = frozenset(knots)
