@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._experts import ParameterLink
+from ._fingerprint import Fingerprint, check_fingerprint, fingerprint
 from ._load_guard import check_incoming_state, state_restored
 from ._validate import is_int, type_name
 from .history import KnotRecord, parse_history
@@ -53,6 +54,7 @@ class CheckedState:
     history: tuple[bool, list[KnotRecord]]
     model: dict[str, Tensor]
     masters: dict[str, Tensor]
+    weights: Fingerprint | None = None
 
 
 def chain_entry(chain: Chain, optimizer_steps: int, version: int) -> dict[str, Any]:
@@ -70,6 +72,7 @@ def chain_entry(chain: Chain, optimizer_steps: int, version: int) -> dict[str, A
     }
     if masters:  # 4-bit targets: the float32 masters are the chain's state
         entry["masters"] = masters
+    entry["weights"] = fingerprint(chain.records)  # what the history describes (a load checks)
     return entry
 
 
@@ -86,7 +89,9 @@ def restore(chain: Chain, model: nn.Module, checked: CheckedState) -> None:
     chain.generator.set_state(checked.generator)
     chain.history.keep_factors, chain.history.knots = checked.history
     chain.pending = None
-    state_restored(model)  # the history describes the model again (and a model load may follow)
+    # the history describes the model again if its weights are those saved with the state (a
+    # model load may follow: it is checked against the same fingerprint)
+    state_restored(model, weights=checked.weights, records=chain.records)
 
 
 def check_saved_state(
@@ -165,7 +170,9 @@ def check_saved_state(
     base = {k: v for k, v in state_dict.items() if k != "chainopt"}
     _check_base(base, chain, param_groups, int(knots))  # type: ignore[arg-type]
     masters = _check_masters(entry.get("masters", {}), chain)
-    return CheckedState(base, int(steps), int(knots), generator.cpu(), history, tensors, masters)  # type: ignore[arg-type]
+    weights = check_fingerprint(entry.get("weights"), chain.records)
+    return CheckedState(base, int(steps), int(knots), generator.cpu(), history, tensors, masters,  # type: ignore[arg-type]
+                        weights)  # fmt: skip
 
 
 def _check_masters(saved: object, chain: Chain) -> dict[str, Tensor]:
