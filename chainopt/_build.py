@@ -18,8 +18,11 @@
 
 Every mark this leaves on the model is listed in :mod:`chainopt._marks`.
 
-If anything in steps 1 to 5 raises, the links are removed and ``requires_grad`` flags restored:
-the model is as it was. The optimizer holds the ``Chain`` and nothing that aliases its parts.
+If anything raises (a factory, a check, a warning turned into an error, a later step of the
+optimizer's own construction that holds an :class:`Undo`), the construction is undone: the links
+are removed, every hook and instance attribute it added goes, ``requires_grad`` flags and the
+wrapped optimizer's param groups and state are restored: model and optimizer are as they were.
+The optimizer holds the ``Chain`` and nothing that aliases its parts.
 :func:`rebind` is the one later rebuild: FSDP2's ``fully_shard`` replaced Parameters, so the
 records are looked up again (``chain.records`` is assigned, never edited in place).
 
@@ -62,6 +65,7 @@ from .quantized import resolve_master_weights
 from .reset import FreshState, resolve_reset
 
 __all__ = [
+    "Undo",
     "adapt_modules",
     "build_chain",
     "check_optimizer",
@@ -78,6 +82,7 @@ def build_chain(
     optimizer: Optimizer | Callable[[list[nn.Parameter]], Optimizer],
     config: ChainConfig,
     master_weights: nn.Module | Mapping[str, Tensor] | None = None,
+    undo: Undo | None = None,
 ) -> Chain:
     """Adapt ``model`` as ``config`` says and return the chain a knot works on.
 
@@ -88,20 +93,53 @@ def build_chain(
         config: the chain's config.
         master_weights: the original float weights of 4-bit targets (see
             :func:`~chainopt.quantized.resolve_master_weights`).
+        undo: the caller's :class:`Undo`, taken before this call, when the caller has more to
+            do that may fail (it then calls it); by default one of this call's own.
 
     Raises:
         TypeError: ``optimizer`` is neither an optimizer nor a callable, or a factory returned
             no ``torch.optim.Optimizer``.
         ValueError: an optimizer over foreign parameters, one that would not step the factors,
-            or bad ``master_weights``. Nothing is changed then.
+            or bad ``master_weights`` (or any with no 4-bit target, or with
+            ``quantized_master="none"``). Nothing is changed then (see :class:`Undo`).
     """
     check_optimizer(optimizer, model)
     layers = [n for n in config.modules if n not in config.parameters]
     masters = resolve_master_weights(master_weights, model, layers)
+    if master_weights is not None and not masters:
+        raise ValueError(
+            f"master_weights (a {type_name(master_weights)}) starts the host masters of 4-bit "
+            f"targets, but none of {list(layers)[:4]} is a 4-bit layer (bitsandbytes "
+            "Linear4bit, torchao NF4); omit it"
+        )
+    if masters and config.quantized_master == "none":
+        raise ValueError(
+            'master_weights with quantized_master="none": that keeps no master to start from '
+            'the original weights; use quantized_master="host" (the default) or omit '
+            "master_weights"
+        )
+    own = undo is None
+    undo = Undo(model, optimizer) if undo is None else undo
+    try:
+        return _build(model, optimizer, config, masters, undo)
+    except BaseException:
+        if own:
+            undo()
+        raise
+
+
+def _build(
+    model: nn.Module,
+    optimizer: Optimizer | Callable[[list[nn.Parameter]], Optimizer],
+    config: ChainConfig,
+    masters: Mapping[str, Tensor] | None,
+    undo: Undo,
+) -> Chain:
     generator = torch.Generator().manual_seed(config.seed)
     keep = [p for name in config.trainable for p in model.get_submodule(name).parameters()]
     keep = list({id(p): p for p in keep}.values())
     records, base = _wrap(model, optimizer, config, generator, keep, masters)
+    undo.records = records
     if any(r.quant is not None and r.quant.master is None for r in records):
         warn_rounding_knots()  # quantized_master="none"
     fresh = FreshState(base.state, [p for r in records for p in r.factors()])
@@ -117,12 +155,92 @@ def build_chain(
         link_init=resolve_init(config.init, [(r.name, r.module) for r in records]),
         merged_before={r.name: merged_rank(model, r.name) for r in records},
     )
-    own = resolve_iterates(base)
-    if own is not None:
-        chain.add_context(own)  # entered first, around the registered ones
+    iterates = resolve_iterates(base)
+    if iterates is not None:
+        chain.add_context(iterates)  # entered first, around the registered ones
     warn_frozen_head(model, config.modules, config.trainable)
     prepare_hf_model(model)  # a model with save_pretrained saves merged; a 4-bit HF one may train
     return chain
+
+
+class Undo:
+    """What building a chain may change, taken before it changes anything; calling it puts all
+    of it back.
+
+    A call unloads the links built so far (:attr:`records`); then, on the model and every module
+    it held, removes each hook added since (forward, backward, ``state_dict`` and
+    ``load_state_dict`` hooks alike: every hook dict in the module's ``__dict__``) and each
+    instance attribute added since, and puts back each one replaced; restores every parameter's
+    ``requires_grad``; and puts back the wrapped optimizer's param groups (each ``params`` list
+    edited in place, as :func:`regroup` edits it) and state. A second call does nothing.
+
+    Args:
+        model: the model about to be chained.
+        optimizer: the optimizer about to be wrapped (a factory has nothing to restore).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> base = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> undo = Undo(model, base)
+        >>> handle = model.register_forward_hook(lambda *args: None)
+        >>> _ = model[0].weight.requires_grad_(False)
+        >>> base.param_groups[0]["params"].clear()
+        >>> undo()
+        >>> hooks, params = len(model._forward_hooks), len(base.param_groups[0]["params"])
+        >>> hooks, model[0].weight.requires_grad, params
+        (0, True, 2)
+    """
+
+    def __init__(self, model: nn.Module, optimizer: object) -> None:
+        self.records: list[ModuleRecord] = []
+        self._done = False
+        self._modules = [
+            (m, dict(vars(m)), {k: list(v) for k, v in vars(m).items() if _is_hooks(k, v)})
+            for m in model.modules()
+        ]
+        self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self._optimizer = optimizer if isinstance(optimizer, Optimizer) else None
+        self._groups: list[tuple[dict[str, Any], list[Tensor], dict[str, Any]]] = []
+        self._state: dict[Any, Any] = {}
+        if self._optimizer is not None:
+            self._groups = [(g, list(g["params"]), dict(g)) for g in self._optimizer.param_groups]
+            self._state = dict(self._optimizer.state)
+
+    def __call__(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        for r in self.records:
+            r.unload()
+        for module, attributes, hooks in self._modules:
+            current = vars(module)
+            for key, value in list(current.items()):
+                if _is_hooks(key, value):
+                    for hook_id in [h for h in value if h not in hooks.get(key, ())]:
+                        del value[hook_id]
+                if key not in attributes:
+                    del current[key]
+                elif value is not attributes[key]:
+                    current[key] = attributes[key]
+            for key in attributes.keys() - current.keys():
+                current[key] = attributes[key]
+        for p, flag in self._requires_grad:
+            p.requires_grad_(flag)
+        if self._optimizer is not None:
+            for group, params, entries in self._groups:
+                group["params"][:] = params
+                group.clear()
+                group.update(entries)
+            self._optimizer.param_groups[:] = [g for g, _p, _e in self._groups]
+            self._optimizer.state.clear()
+            self._optimizer.state.update(self._state)
+
+
+def _is_hooks(key: str, value: object) -> bool:
+    """A module's hook dict (``_forward_hooks``, ``_load_state_dict_pre_hooks``, ...)."""
+    return "hook" in key and isinstance(value, dict)
 
 
 def link_spec(config: ChainConfig) -> LinkSpec:
@@ -188,7 +306,12 @@ def _wrap(
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     records: list[ModuleRecord] = []
     try:
+        before = {id(m) for m in model.modules()}
         records = adapt_modules(model, config, generator, masters)
+        for r in records:  # the link's modules train or evaluate as the module holding them
+            for m in r.module.modules():
+                if id(m) not in before:
+                    m.training = r.module.training
         factors = [p for r in records for p in r.factors()]
         trainable = {id(p) for p in factors} | {id(p) for p in keep}
         for p in model.parameters():
@@ -216,11 +339,17 @@ def _wrap(
 def regroup(optimizer: Optimizer, records: Sequence[ModuleRecord], keep: Sequence[Tensor]) -> None:
     """Rewrite ``optimizer``'s groups in place: the factors join their weight's group.
 
-    A factor the optimizer already holds (PEFT's own factors, with LoRA+'s separate groups for
-    B, say) stays in its group.
+    A and B join the group that held the module's weight, the bias delta the group that held
+    its bias (a no-weight-decay group for biases, as the ``Trainer`` builds, stays free of decay
+    for the delta too); one whose tensor is in no group joins the weight's group, else the
+    first group. A factor the optimizer already holds (PEFT's own factors, with LoRA+'s
+    separate groups for B, say) stays in its group.
 
-    Frozen parameters leave (with any state); ``keep`` stays. Each group's ``params`` list is
-    edited in place, so an optimizer that holds on to that list (LBFGS) sees the change.
+    Frozen parameters leave (with any state); ``keep`` stays, and a parameter of ``keep`` the
+    optimizer does not hold (a module frozen before and left out of the optimizer, named in
+    ``trainable_modules``) joins the first group: it would get gradients and never a step.
+    Each group's ``params`` list is edited in place, so an optimizer that holds on to that list
+    (LBFGS) sees the change.
     """
     kept = {id(p) for p in keep}
     home: dict[int, int] = {}
@@ -228,13 +357,19 @@ def regroup(optimizer: Optimizer, records: Sequence[ModuleRecord], keep: Sequenc
         for p in group["params"]:
             home.setdefault(id(p), i)
     joins: list[list[Tensor]] = [[] for _ in optimizer.param_groups]
+    if joins:
+        joins[0] += [p for p in keep if id(p) not in home]
     held: set[int] = set()
     for r in records:
+        weights = home.get(id(r.weight), 0)
+        biases = home.get(id(r.bias), weights) if r.bias is not None else weights
         for factor in r.factors():
             if id(factor) in home:
                 held.add(id(factor))
+            elif r.delta is not None and factor is r.delta.delta:
+                joins[biases].append(factor)
             else:
-                joins[home.get(id(r.weight), 0)].append(factor)
+                joins[weights].append(factor)
     for group, extra in zip(optimizer.param_groups, joins, strict=True):
         for p in group["params"]:
             if id(p) not in kept | held:

@@ -89,7 +89,16 @@ _PARAMETRIZED = ".parametrizations."
 
 class ParametrizedCheckpointWarning(UserWarning):
     """``save_pretrained`` was given a state dict with chainopt's parametrized keys that is not
-    the model's own, and wrote it as given: ``from_pretrained`` ignores those keys."""
+    the model's own, and wrote it as given: ``from_pretrained`` ignores those keys.
+
+    Pass ``state_dict=chainopt.merged_state_dict(model)`` (plain keys, links merged) instead,
+    or save inside :func:`saving_for_resume` to write the chain's own keys on purpose.
+
+    Example:
+        >>> from chainopt import ChainLoRAWarning, ParametrizedCheckpointWarning
+        >>> issubclass(ParametrizedCheckpointWarning, UserWarning)
+        True
+    """
 
 
 def guard_save_pretrained(model: nn.Module) -> bool:

@@ -34,7 +34,25 @@ _TASK_MODEL = re.compile(r"For\w*(Classification|QuestionAnswering|MultipleChoic
 
 
 class ChainLoRAWarning(UserWarning):
-    """A likely mistake in how a chain is set up or used (see :mod:`chainopt.advice`)."""
+    """A likely mistake in how a chain is set up or used (see :mod:`chainopt.advice`).
+
+    A ``UserWarning``: filter it as any warning (``warnings.simplefilter("error",
+    ChainLoRAWarning)`` makes it an error; a construction it stops leaves the model as it was).
+
+    Example:
+        >>> import warnings
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer, ChainLoRAWarning
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0"], rank=2, knot_every=1)
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     opt.add_param_group({"params": [nn.Parameter(torch.zeros(2), requires_grad=False)]})
+        >>> [w.category.__name__ for w in seen]
+        ['ChainLoRAWarning']
+    """
 
 
 def _warn(message: str) -> None:

@@ -24,6 +24,7 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from itertools import pairwise
 from typing import Any, Literal, TypeAlias, cast, get_args
 
 import torch
@@ -38,7 +39,14 @@ from ._peft_layers import (
     peft_lora_layers,
     peft_trainable,
 )
-from ._validate import FLOAT_DTYPES, PARALLEL_WRAPPERS, is_distributed, is_int, type_name
+from ._validate import (
+    FLOAT_DTYPES,
+    PARALLEL_WRAPPERS,
+    is_distributed,
+    is_int,
+    not_python_number,
+    type_name,
+)
 from .init import InitPolicy
 from .quantized import QuantizedMaster
 from .reset import ResetPolicy
@@ -99,6 +107,19 @@ class ChainConfig:
         quantized_master: how knots merge into 4-bit weights (see :mod:`chainopt.quantized`).
         parameters: the entries of ``modules`` that are bare parameters
             (``target_parameters``), named ``"<module>.<param>"``.
+
+    Build one with :meth:`from_kwargs` (every check) rather than directly; a chain's is
+    ``opt.config``.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> config = ChainConfig.from_kwargs(model, target_modules=["0", "2"], rank=2,
+        ...                                  num_links=3, total_steps=30)
+        >>> config.modules, config.knots, config.alpha
+        (('0', '2'), (10, 20), 16.0)
+        >>> ChainConfig.from_dict(config.to_dict()) == config
+        True
     """
 
     modules: tuple[str, ...]
@@ -118,6 +139,76 @@ class ChainConfig:
     trainable: tuple[str, ...] = ()
     quantized_master: QuantizedMaster = "host"
     parameters: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Refuse a config no construction makes (a hand-built one, or a corrupt save).
+
+        Raises:
+            TypeError: a field of the wrong type.
+            ValueError: a field's value is out of range.
+        """
+        for name in ("modules", "trainable", "parameters"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(n, str) for n in value):
+                raise TypeError(f"ChainConfig.{name} must be a tuple of str, got {value!r}")
+        if not set(self.parameters) <= set(self.modules):
+            raise ValueError(
+                f"ChainConfig.parameters must be entries of modules, got {self.parameters!r}"
+            )
+        if not (
+            isinstance(self.ranks, tuple)
+            and self.ranks
+            and all(is_int(r) and r > 0 for r in self.ranks)
+        ):
+            raise ValueError(
+                f"ChainConfig.ranks must be a tuple of positive ints, got {self.ranks!r}"
+            )
+        alpha = self.alpha
+        if not isinstance(alpha, float) or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"ChainConfig.alpha must be a positive finite float, got {alpha!r}")
+        if self.knot_every is not None and (not is_int(self.knot_every) or self.knot_every <= 0):
+            raise ValueError(
+                f"ChainConfig.knot_every must be None or a positive int, got {self.knot_every!r}"
+            )
+        knots = self.knots
+        if (
+            not isinstance(knots, tuple)
+            or not all(is_int(k) and k > 0 for k in knots)
+            or any(b <= a for a, b in pairwise(knots))
+            or (self.knot_every is not None and knots)
+        ):
+            raise ValueError(
+                "ChainConfig.knots must be a strictly increasing tuple of positive ints (empty "
+                f"with knot_every), got {knots!r} with knot_every={self.knot_every!r}"
+            )
+        for name in ("lora_bias", "keep_history"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"ChainConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not (self.exact_merge is None or isinstance(self.exact_merge, bool)):
+            raise TypeError(
+                f"ChainConfig.exact_merge must be None or a bool, got {self.exact_merge!r}"
+            )
+        if not is_int(self.seed) or not _SEED_RANGE[0] <= self.seed <= _SEED_RANGE[1]:
+            raise ValueError(f"ChainConfig.seed must be a 64-bit int, got {self.seed!r}")
+        if self.factor_dtype is not None and self.factor_dtype not in FACTOR_DTYPES:
+            raise TypeError(
+                f"ChainConfig.factor_dtype must be None or one of {[str(d) for d in FACTOR_DTYPES]}"
+                f", got {self.factor_dtype!r}"
+            )
+        for name, options in (
+            ("reset", ResetPolicy), ("init", InitPolicy), ("non_finite", NonFinitePolicy),
+            ("quantized_master", QuantizedMaster),
+        ):  # fmt: skip
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in get_args(
+                options
+            ):
+                raise ValueError(
+                    f"ChainConfig.{name} must be one of {get_args(options)}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        ratio = self.prune_ratio
+        if not isinstance(ratio, float) or not 0 <= ratio < 1:
+            raise ValueError(f"ChainConfig.prune_ratio must be a float in [0, 1), got {ratio!r}")
 
     def link_rank(self, link: int) -> int:
         """Rank of link ``link`` (0-based): ``ranks[link]``, the last entry repeating.
@@ -231,15 +322,30 @@ class ChainConfig:
         alpha = _DEFAULT_ALPHA if alpha is None else alpha
         ranks = _ranks(rank)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-        if not math.isfinite(alpha):
-            raise ValueError(f"alpha must be finite, got {alpha!r}")
+            raise ValueError(
+                f"alpha must be a positive number, got {alpha!r}{not_python_number(alpha)}"
+            )
+        if not (isinstance(alpha, float) or alpha < 2**1023) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be finite, got {alpha!r}")  # (10**400: no float)
         schedule = _schedule(knot_every, knots, num_links, total_steps, steps_per_epoch)
+        if schedule.knots is not None and len(ranks) > len(schedule.knots) + 1:
+            links = len(schedule.knots) + 1
+            which = (
+                f"{links} links (knots after steps {list(schedule.knots)}, then the last link "
+                "until merge_and_unload)"
+                if schedule.knots
+                else "1 link (no knot: plain LoRA until merge_and_unload)"
+            )
+            raise ValueError(
+                f"rank={list(ranks)} gives {len(ranks)} link ranks, but the schedule has "
+                f"{which}: the ranks after the first {links} would never be used; give at most "
+                f"{links}"
+            )
         for name, value in (("lora_bias", lora_bias), ("keep_history", keep_history)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
         if not is_int(seed):
-            raise TypeError(f"seed must be an int, got {seed!r}")
+            raise TypeError(f"seed must be an int, got {seed!r}{not_python_number(seed)}")
         if not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
             raise ValueError(f"seed must be in [-2**63, 2**64 - 1] (a 64-bit seed), got {seed!r}")
         if factor_dtype is not None and factor_dtype not in FACTOR_DTYPES:
@@ -260,7 +366,10 @@ class ChainConfig:
             if not isinstance(choice, str) or choice not in get_args(options):
                 raise ValueError(f"{arg} must be one of {get_args(options)}, got {choice!r}")
         if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)):
-            raise TypeError(f"prune_ratio must be a number in [0, 1), got {prune_ratio!r}")
+            raise TypeError(
+                f"prune_ratio must be a number in [0, 1), got {prune_ratio!r}"
+                f"{not_python_number(prune_ratio)}"
+            )
         if not 0 <= prune_ratio < 1:
             raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio!r}")
         if init == "gradient" and target_parameters is not None:
@@ -447,7 +556,7 @@ def _ranks(rank: int | Sequence[int]) -> tuple[int, ...]:
     if isinstance(rank, str) or not all(is_int(r) and r > 0 for r in ranks):  # type: ignore[operator]
         raise ValueError(
             f"rank must be a positive int (or a non-empty list of them, a rank per link), "
-            f"got {rank!r}"
+            f"got {rank!r}{not_python_number(rank)}"
         )
     checked = tuple(int(r) for r in ranks)  # type: ignore[call-overload]
     if len(set(checked)) > 1 and is_distributed():
@@ -467,7 +576,16 @@ def _schedule(
 ) -> KnotSchedule:
     if num_links is None and total_steps is None:
         if steps_per_epoch is not None:
-            raise ValueError("steps_per_epoch goes with num_links and total_steps")
+            raise ValueError(
+                "steps_per_epoch goes with num_links and total_steps (it puts their knots on "
+                "epoch ends), not with knot_every or knots; got "
+                f"steps_per_epoch={steps_per_epoch!r}"
+            )
+        if knot_every is None and knots is None:
+            raise ValueError(
+                "give exactly one of knot_every and knots, or num_links with total_steps: a "
+                "chain needs a knot schedule, got knot_every=None, knots=None, num_links=None"
+            )
         return KnotSchedule(knot_every=knot_every, knots=knots)
     if knot_every is not None or knots is not None:
         raise ValueError(

@@ -42,14 +42,33 @@ __all__ = [
     "adapted_modules",
     "merge_and_unload",
     "merged_state_dict",
-    "own_state_dict",
 ]  # the public names (chainopt re-exports them); the rest is internal
 
 
 def adapted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` for every chainopt link of ``model``: a layer's qualified name, or
     ``"<module>.<param>"`` with the module holding it for a parameter link
-    (``target_parameters``)."""
+    (``target_parameters``).
+
+    Args:
+        model: any model (a ``copy.deepcopy`` of a chained one included).
+
+    Returns:
+        The links in model order; empty for a model chainopt never adapted or unloaded.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer, adapted_modules
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0", "2"], rank=2, knot_every=1)
+        >>> [(name, module is model[int(name)]) for name, module in adapted_modules(model)]
+        [('0', True), ('2', True)]
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type_name(model)}")
     return [(r.name, r.module) for r in find_adapted(model)]
@@ -76,6 +95,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     PEFT's, their B zero: the model computes the merged function, and PEFT's
     ``merge_and_unload()`` then gives the plain model.
 
+    The marks chainopt left on the model go (:mod:`chainopt._marks`; only the record that its
+    weights now hold a merged chain stays); a new :class:`~chainopt.ChainLoRAOptimizer` may then
+    chain it again.
+
+    Args:
+        model: the chained model.
+
     Returns:
         ``model`` itself.
 
@@ -85,6 +111,24 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         RuntimeError: a module's forward does not add its link now (PEFT merged, disabled or
             switched its adapter); nothing changed.
         ValueError: an adapted module is sharded by FSDP2; nothing changed.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer, merge_and_unload
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0"], rank=2, knot_every=1)
+        >>> x = torch.randn(2, 4)
+        >>> with torch.no_grad():
+        ...     _ = opt.factors()[1].normal_()  # a trained B, say
+        ...     out = model(x)
+        >>> weight = model[0].parametrizations.weight.original
+        >>> plain = merge_and_unload(model)
+        >>> type(plain[0]) is nn.Linear, plain[0].weight is weight
+        (True, True)
+        >>> torch.allclose(plain(x), out, atol=1e-6)
+        True
     """
     return unload_merged(model, None)
 
@@ -142,11 +186,33 @@ def merged_state_dict(
     trained function (what PEFT's own state dict is). The plain fine-tuned model is PEFT's
     ``merge_and_unload()`` after :func:`merge_and_unload`.
 
+    Args:
+        model: the chained model (a plain one gives its own state dict).
+        quantized_dtype: dtype of the dense weights 4-bit layers become.
+        keep_quantized: keep 4-bit layers in their library's own format.
+
+    Returns:
+        The state dict, on the model's devices.
+
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``quantized_dtype`` not float32, float64,
             bfloat16 or float16 (float8 would silently lose a few percent of each weight), or
             ``keep_quantized`` not a bool.
         NonFiniteUpdateError: a merged weight or bias would not be finite.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer, merged_state_dict
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0"], rank=2, knot_every=1)
+        >>> list(model.state_dict())[:2]
+        ['0.bias', '0.parametrizations.weight.original']
+        >>> state = merged_state_dict(model)
+        >>> sorted(state)
+        ['0.bias', '0.weight']
+        >>> _ = nn.Sequential(nn.Linear(4, 4)).load_state_dict(state)  # strict: plain keys
     """
     records = _checked(model, "export the merged weights")
     if quantized_dtype is not None and quantized_dtype not in FLOAT_DTYPES:
@@ -170,36 +236,44 @@ def merged_state_dict(
         dtype = quantized_dtype or getattr(module, "compute_dtype", None)
         return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
+    names: dict[int, list[str]] = {}  # a module registered at several places: each name
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
     for r in records:
         if isinstance(r.link, PeftLink):  # PEFT's own keys, as they are (see the docstring)
             continue
-        prefix = f"{r.module_name}." if r.module_name else ""
         param = r.param  # "weight", or a bare parameter's name (target_parameters)
         if r.quant is not None:
             weight = merged_weight(r, torch.float32)
-            keys = [k for k in state if k == f"{prefix}weight"
-                    or k.startswith((f"{prefix}weight.", f"{prefix}{r.link_prefix}"))]  # fmt: skip
         else:
             # With another parametrization stacked after ours, only the whole stack is the weight.
             stacked = parametrization_count(r.module, param) > 1
             weight = getattr(r.module, param).detach().clone() if stacked else merged_weight(r)
-            own = (f"{prefix}parametrizations.{param}.", f"{prefix}{r.link_prefix}")
-            keys = [k for k in state if k == f"{prefix}{param}" or k.startswith(own)]
         if not bool(torch.isfinite(weight).all()):
             raise NonFiniteUpdateError(f"refusing to export {r.name!r}: its weight is not finite")
-        if r.quant is None:
-            entries = {f"{prefix}{param}": weight}
-        elif keep_quantized:
-            entries = {
-                prefix + k: v for k, v in r.quant.backend.serialize(r.module, weight).items()
-            }
-        else:
-            entries = {f"{prefix}weight": weight.to(dense_dtype(r.module))}
-        claim(keys[0], keys, entries)
         bias = merged_bias(r) if r.delta is not None else None
-        if bias is not None:
-            keys = [k for k in state if k.startswith(f"{prefix}parametrizations.bias.")]
-            claim(keys[0], keys, {f"{prefix}bias": bias})
+        for module_name in dict.fromkeys(names.get(id(r.module), [r.module_name])):
+            prefix = f"{module_name}." if module_name else ""
+            if r.quant is not None:
+                own = (f"{prefix}weight.", f"{prefix}{r.link_prefix}")
+                keys = [k for k in state if k == f"{prefix}weight" or k.startswith(own)]
+            else:
+                own = (f"{prefix}parametrizations.{param}.", f"{prefix}{r.link_prefix}")
+                keys = [k for k in state if k == f"{prefix}{param}" or k.startswith(own)]
+            if not keys:  # a name the state dict does not reach (a registration it skips)
+                continue
+            if r.quant is None:
+                entries = {f"{prefix}{param}": weight}
+            elif keep_quantized:
+                entries = {
+                    prefix + k: v for k, v in r.quant.backend.serialize(r.module, weight).items()
+                }
+            else:
+                entries = {f"{prefix}weight": weight.to(dense_dtype(r.module))}
+            claim(keys[0], keys, entries)
+            if bias is not None:
+                keys = [k for k in state if k.startswith(f"{prefix}parametrizations.bias.")]
+                claim(keys[0], keys, {f"{prefix}bias": bias})
     if not keep_quantized:  # the quantized layers the chain does not adapt: dequantized too
         for name, module in model.named_modules():
             backend = backend_for(module)

@@ -54,7 +54,28 @@ _FACTORS = "NaN/Inf in lora_A/lora_B, or an update that overflows float32"
 
 
 class NonFiniteUpdateError(FloatingPointError):
-    """A link holds NaN/Inf, or merging it would overflow the weight's dtype; nothing changed."""
+    """A link holds NaN/Inf, or merging it would overflow the weight's dtype; nothing changed.
+
+    Raised by a knot (with ``non_finite="raise"``), :func:`~chainopt.merge_and_unload` and the
+    exports, before any weight is written. A ``FloatingPointError``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0"], rank=2, knot_every=1)
+        >>> with torch.no_grad():
+        ...     _ = opt.factors()[1].fill_(float("nan"))
+        >>> frozen = model[0].parametrizations.weight.original
+        >>> before = frozen.clone()
+        >>> try:
+        ...     _ = opt.tie_knot()
+        ... except NonFiniteUpdateError:
+        ...     print("refused; weight unchanged:", torch.equal(frozen, before))
+        refused; weight unchanged: True
+    """
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,26 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LinkFactors:
-    """One link of one module: ``scale·B·A`` and its bias delta (history keeps float32 copies)."""
+    """One link of one module: ``scale·B·A`` and its bias delta (history keeps float32 copies).
+
+    Attributes:
+        A: the link's ``(r, in)`` factor.
+        B: the link's ``(out, r)`` factor.
+        scale: ``alpha / r``.
+        bias: the bias delta merged with it (``None`` without ``lora_bias``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer
+        >>> model = nn.Sequential(nn.Linear(4, 3))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0"], rank=2, alpha=4, knot_every=1,
+        ...                          keep_history=True)
+        >>> link = opt.tie_knot().links["0"]
+        >>> tuple(link.B.shape), tuple(link.A.shape), link.scale, link.bias
+        ((3, 2), (2, 4), 2.0, None)
+    """
 
     A: Tensor
     B: Tensor
@@ -52,6 +71,19 @@ class KnotRecord:
         norms: ``‖s·B·A‖_F`` per module name.
         links: the merged factors per module name (empty when factors are not kept).
         skipped: modules whose link was dropped unmerged (non-finite, ``non_finite="skip"``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0"], rank=2, knot_every=1)
+        >>> model(torch.randn(2, 4)).sum().backward()
+        >>> opt.step()  # step 1 is a knot
+        >>> record = opt.history.knots[-1]
+        >>> record.step, list(record.norms), record.links, record.skipped
+        (1, ['0'], {}, ())
     """
 
     step: int
@@ -67,6 +99,20 @@ class ChainHistory:
         keep_factors: keep float32 copies of each merged link's factors on the CPU (what an
             exact adapter export of the chain reads; costs one link's factors of host memory
             per knot). Norms are always kept.
+
+    Raises:
+        TypeError: ``keep_factors`` is not a bool.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0"], rank=2, knot_every=1)
+        >>> _ = opt.tie_knot(), opt.tie_knot()
+        >>> [k.step for k in opt.history.knots], opt.history.keep_factors
+        ([0, 0], False)
     """
 
     def __init__(self, keep_factors: bool = False) -> None:

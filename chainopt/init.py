@@ -66,7 +66,20 @@ def a_from_gradient(gradient: Tensor, rank: int) -> Tensor:
         >>> a = a_from_gradient(torch.eye(4, 6), rank=2)
         >>> tuple(a.shape), [round(n, 4) for n in a.norm(dim=1).tolist()]
         ((2, 6), [0.5774, 0.5774])
+
+    Raises:
+        TypeError: ``gradient`` is not a floating 2-D tensor.
+        ValueError: ``rank`` is not a positive int, or ``gradient`` holds NaN/Inf.
     """
+    if not isinstance(gradient, Tensor) or gradient.dim() != 2:
+        got = tuple(gradient.shape) if isinstance(gradient, Tensor) else type(gradient).__name__
+        raise TypeError(f"gradient must be a 2-D (out, in) tensor, got {got}")
+    if not gradient.is_floating_point():
+        raise TypeError(f"gradient must be a floating tensor, got {gradient.dtype}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if not bool(torch.isfinite(gradient).all()):
+        raise ValueError("gradient holds NaN or Inf: it has no singular vectors to take")
     a = top_right_singular_vectors(gradient.float(), rank)
     if a.shape[0] < rank:  # fewer singular vectors than the rank: pad with zeros
         a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])

@@ -28,6 +28,7 @@ from torch.nn.utils import parametrize
 
 from ._dtensor import copy_full_, is_sharded
 from ._surgery import foreach_copy_, foreach_zero_, in_parametrize_cache, set_shape_
+from ._validate import is_int
 
 __all__ = [
     "BiasDelta",
@@ -103,7 +104,26 @@ class LinkModule(nn.Module):
         residual: tuple[tuple[int, ...], torch.dtype | None],
     ) -> None:
         """Set the attributes above, zero factors, and the merge residual buffer (``residual``:
-        its shape and dtype; dtype ``None``: no buffer)."""
+        its shape and dtype; dtype ``None``: no buffer).
+
+        Raises:
+            TypeError: a size, rank or alpha that is not a Python number, or a non-floating
+                ``dtype``.
+            ValueError: a non-positive size, rank or alpha, or NaN/Inf alpha.
+        """
+        for name, size in (("out_features", out_features), ("in_features", in_features)):
+            if not is_int(size) or size <= 0:
+                raise ValueError(f"{name} must be a positive int, got {size!r}")
+        for r in (rank, *(ranks or ())):  # (a rank above min(out, in) is only redundant)
+            if not is_int(r) or r <= 0:
+                what = "rank" if r is rank else f"each of ranks={list(ranks or ())!r}"
+                raise ValueError(f"{what} must be a positive int, got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise TypeError(f"alpha must be a positive number, got {alpha!r}")
+        if not (alpha > 0 and math.isfinite(alpha)):
+            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.unloaded = False
         self.experts = experts
         self.rank = rank
@@ -308,6 +328,10 @@ class BiasDelta(nn.Module):
         residual_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if not is_int(out_features) or out_features < 0:
+            raise ValueError(f"out_features must be a non-negative int, got {out_features!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.delta = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         residual = (
             None

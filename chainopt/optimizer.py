@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from ._build import build_chain, drop_params, rebind
+from ._build import Undo, build_chain, drop_params, rebind
 from ._liveness import TrainingWatch
 from ._load_guard import state_restored
 from ._marks import merged_save_pending
@@ -84,10 +84,15 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         model: the model to adapt (not yet wrapped in DistributedDataParallel).
         optimizer: an optimizer built over ``model.parameters()``, or a callable
             ``params -> Optimizer``. An instance's param groups are rewritten: adapted weights and
-            other frozen parameters leave, each module's factors join the group that held its
-            weight (the first group if none did), hyperparameters are kept.
+            other frozen parameters leave, each module's A and B join the group that held its
+            weight (the first group if none did) and its bias delta (``lora_bias``) the group
+            that held its bias (else the weight's), the parameters of ``trainable_modules`` stay
+            in their groups (or join the first group if the optimizer did not hold them), and
+            hyperparameters are kept. A factory is called once with the factors and the
+            ``trainable_modules`` parameters.
         target_modules: which ``nn.Linear`` (or transformers ``Conv1D``) modules to adapt:
-            PEFT-style name suffixes (``"q_proj"``; a list, set or any iterable of them), a
+            PEFT-style name suffixes (``"q_proj"``; a list, set or any iterable of them, each
+            matching at least one module; a str is a suffix, not a regex), a
             compiled regex (full match on the qualified name), a callable
             ``(name, module) -> bool``, or ``"all-linear"`` (every Linear but the output
             layer and a task model's fresh head, as PEFT takes them). Omit it for a model that holds
@@ -95,7 +100,9 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             active adapter, with their rank, alpha, dropout and rsLoRA scaling, and
             ``peft_model.save_pretrained`` writes the whole chain as one adapter (see
             :mod:`chainopt._peft_layers`); required otherwise, unless ``target_parameters``
-            is given.
+            is given. Entries may repeat or overlap: each module is adapted once, and a module
+            the model holds at two places (``nn.Sequential(lin, act, lin)``) once, under its
+            first name (``model.named_modules()``'s), whichever name matched it.
         target_parameters: bare 2-D or 3-D parameters to adapt, as PEFT's option of that
             name: fused mixture-of-experts weights (transformers 5's Mixtral, Qwen3-MoE, OLMoE,
             GPT-OSS: ``["experts.gate_up_proj", "experts.down_proj"]``) and routers kept as a
@@ -108,8 +115,9 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             also adapts, and not with ``init="gradient"``. The records are named
             ``"<module>.<param>"`` (see :mod:`chainopt._experts`).
         rank: rank ``r`` of each link (default 8), or a list: link ``i`` has rank ``rank[i]``
-            and the last entry repeats (rank step-down, e.g. ``[8, 4]``; not under DDP). Not
-            with PEFT layers (the ``LoraConfig``'s).
+            and the last entry repeats (rank step-down, e.g. ``[8, 4]``; not under DDP), with
+            no more entries than a ``knots`` or ``num_links`` schedule has links. Not with PEFT
+            layers (the ``LoraConfig``'s).
         alpha: LoRA alpha (default 16); the scale of a link of rank ``r`` is
             ``s = alpha / r``. Not with PEFT layers.
         knot_every: tie a knot after optimizer steps N, 2N, … Give one schedule: this,
@@ -155,12 +163,30 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             quantization error compounds at every knot). See :mod:`chainopt.quantized`.
         master_weights: the original float weights of 4-bit targets (the unquantized model or
             its plain-key state dict) to start the masters from; default: the dequantized
-            weights.
+            weights. Refused without a 4-bit target and with ``quantized_master="none"``.
 
     Raises:
         TypeError: a wrong type for an argument, or a matched module that cannot be adapted.
         ValueError: no matching module, a bad value, a foreign parameter in the optimizer, a
-            model already wrapped (by chainopt, DDP or FSDP), a tied weight. Nothing is changed.
+            model already wrapped (by chainopt, DDP or FSDP), a tied weight. Nothing is changed:
+            model and optimizer are as they were (parameters, ``requires_grad``, hooks,
+            attributes, param groups and state), whatever raised.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> base = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        >>> opt = ChainLoRAOptimizer(model, base, target_modules=["0"], rank=4, alpha=8,
+        ...                          knot_every=100)
+        >>> opt  # doctest: +ELLIPSIS
+        ChainLoRAOptimizer(AdamW, modules=1, rank=[4], alpha=8, KnotSchedule(knot_every=100), ...)
+        >>> [tuple(p.shape) for p in opt.param_groups[0]["params"]]  # only the factors train
+        [(4, 8), (8, 4)]
+        >>> ChainLoRAOptimizer(nn.Sequential(nn.Linear(8, 8)), torch.optim.SGD, knot_every=5,
+        ...                    target_modules=["0", "q_proj"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: target_modules entry 'q_proj' matches no module of the model ...: remove it
     """
 
     def __init__(
@@ -197,18 +223,23 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         self.schedule = config.schedule()
         self.optimizer_steps = 0
         self._knot_hooks: dict[int, KnotHook] = OrderedDict()
-        self.chain = build_chain(model, optimizer, config, master_weights)
-        self._watch = TrainingWatch(
-            lambda: [(r.name, r.link.lora_A, r.link.lora_B) for r in self.chain.records]
-        )
-        peft = self._peft_links()
-        if peft:  # the model's own adapter save writes the whole chain
-            save = ChainSave(peft[0][1].adapter, self.chain.history, self.load_state_dict)
-            install_whole_chain_save(model, save)
-        self._arm()
-        self._dtypes = DtypeWatch(self.chain.records)
-        self._param_names = {id(p): n for n, p in model.named_parameters()}
-        super().__init__(self.chain.optimizer)
+        undo = Undo(model, optimizer)  # whatever raises from here on leaves both as they were
+        try:
+            self.chain = build_chain(model, optimizer, config, master_weights, undo)
+            self._watch = TrainingWatch(
+                lambda: [(r.name, r.link.lora_A, r.link.lora_B) for r in self.chain.records]
+            )
+            peft = self._peft_links()
+            if peft:  # the model's own adapter save writes the whole chain
+                save = ChainSave(peft[0][1].adapter, self.chain.history, self.load_state_dict)
+                install_whole_chain_save(model, save)
+            self._arm()
+            self._dtypes = DtypeWatch(self.chain.records)
+            self._param_names = {id(p): n for n, p in model.named_parameters()}
+            super().__init__(self.chain.optimizer)
+        except BaseException:
+            undo()
+            raise
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients through the wrapped optimizer.

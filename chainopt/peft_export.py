@@ -94,6 +94,23 @@ class AdapterReport:
         relative_errors: per module, ``‖ΔW − B'A'‖_F / ‖ΔW‖_F`` left by compression (0 when
             exact, and for a module whose update is 0).
         relative_error: the same over all modules together.
+
+    Example:
+        >>> import tempfile
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer
+        >>> from chainopt import export_peft_adapter
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0", "2"], rank=2, knot_every=1)
+        >>> with torch.no_grad():  # trained B's, say (a new link's B is 0 and adds no rank)
+        ...     _ = [link.lora_B.normal_() for link in (model[0].parametrizations.weight[0],
+        ...                                             model[2].parametrizations.weight[0])]
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     report = export_peft_adapter(opt, d)
+        >>> report.rank, report.chain_ranks, report.relative_error
+        (2, {'0': 2, '2': 2}, 0.0)
     """
 
     path: Path
@@ -132,6 +149,27 @@ def _export_peft_chain(
     cast(Any, chain.model).save_pretrained(path)
     ranks = {name: (len(chain.history.links(name)) + 1) * link.rank for name, link in links}
     return AdapterReport(path, padded, ranks, dict.fromkeys(ranks, 0.0), 0.0)
+
+
+def _refuse_aliased(chain: ChainLoRAOptimizer) -> None:
+    """Refuse a chain on a module the model holds at several places (``Sequential(lin, act,
+    lin)``): PEFT injects its layer at one of them, so the served adapter would change only
+    that one and compute another function."""
+    config = chain.config  # (the records are gone once the optimizer unloaded them)
+    owners = [n.rpartition(".")[0] if n in config.parameters else n for n in config.modules]
+    modules = dict(chain.model.named_modules())
+    held = [modules[n] for n in owners if n in modules]
+    places: dict[int, list[str]] = {}
+    for name, module in chain.model.named_modules(remove_duplicate=False):
+        places.setdefault(id(module), []).append(name)
+    aliased = [places[id(m)] for m in held if len(places.get(id(m), ())) > 1]
+    if aliased:
+        raise ValueError(
+            f"the chain adapts a module the model holds at several places ({aliased[0]}): PEFT "
+            "would put its LoRA layer at one of them only, so the adapter would compute another "
+            "function; deploy the merged model (chainopt.save_merged or merged_state_dict) "
+            "instead; nothing was written"
+        )
 
 
 def export_peft_adapter(
@@ -192,9 +230,31 @@ def export_peft_adapter(
             given (or it lacks a weight, or holds one of another shape); PEFT would refuse to
             load the adapter into the model's architecture (Mamba's ``out_proj``, say: see
             :func:`_check_peft_loads`); a chain with ``target_parameters`` on a model that is
-            not a Hugging Face one (or without peft), or with ``lora_bias=True``. Nothing is
+            not a Hugging Face one (or without peft), or with ``lora_bias=True``; an adapted
+            module the model holds at several places (PEFT would adapt one). Nothing is
             written then.
         ImportError: ``safetensors`` is not installed.
+
+    Example:
+        >>> import os, tempfile
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0"], rank=2, knot_every=1,
+        ...                          keep_history=True)
+        >>> def train():  # a trained B, say (a new link's B is 0 and adds no rank)
+        ...     with torch.no_grad():
+        ...         _ = model[0].parametrizations.weight[0].lora_B.normal_()
+        >>> train()
+        >>> _ = opt.tie_knot()
+        >>> train()  # one merged link and one pending: rank 2 + 2
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     report = export_peft_adapter(opt, d)
+        ...     files = sorted(os.listdir(d))
+        >>> files, report.rank
+        (['adapter_config.json', 'adapter_model.safetensors'], 4)
     """
     if not isinstance(chain, ChainLoRAOptimizer):
         raise TypeError(f"chain must be a ChainLoRAOptimizer, got {type_name(chain)}")
@@ -215,6 +275,7 @@ def export_peft_adapter(
             "wrappers carry no bias; deploy the merged model with chainopt.save_merged(opt, "
             "path) instead; nothing was written"
         )
+    _refuse_aliased(chain)
     peft = [(r.name, r.link) for r in chain.chain.records if isinstance(r.link, PeftLink)]
     if peft:  # a chained PeftModel: its own save_pretrained writes the whole chain
         return _export_peft_chain(chain, Path(path), peft, rank, base)

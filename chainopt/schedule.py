@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from itertools import pairwise
 
 from ._validate import is_int as _is_int
+from ._validate import not_python_number as _not_python
 
 __all__ = ["KnotSchedule"]
 
@@ -34,6 +35,14 @@ class KnotSchedule:
     Raises:
         ValueError: both or neither given, a non-positive interval, or a knot list that is empty,
             non-positive, not strictly increasing or not made of ints.
+
+    Example:
+        >>> KnotSchedule(knot_every=4).is_due(8), KnotSchedule(knots=[3, 10]).is_due(8)
+        (True, False)
+        >>> KnotSchedule(knots=[10, 3])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: knots must be a non-empty, strictly increasing list ..., got [10, 3]
     """
 
     def __init__(self, knot_every: int | None = None, knots: Sequence[int] | None = None) -> None:
@@ -43,7 +52,9 @@ class KnotSchedule:
                 f"knot_every={knot_every!r}, knots={knots!r}"
             )
         if knot_every is not None and (not _is_int(knot_every) or knot_every <= 0):
-            raise ValueError(f"knot_every must be a positive int, got {knot_every!r}")
+            raise ValueError(
+                f"knot_every must be a positive int, got {knot_every!r}{_not_python(knot_every)}"
+            )
         if knots is not None:
             ks = list(knots) if isinstance(knots, Sequence) and not isinstance(knots, str) else None
             if (
@@ -54,7 +65,7 @@ class KnotSchedule:
             ):
                 raise ValueError(
                     f"knots must be a non-empty, strictly increasing list of positive ints, "
-                    f"got {knots!r}"
+                    f"got {knots!r}{_not_python(ks or knots)}"
                 )
             self.knots: tuple[int, ...] | None = tuple(ks)
             self._knot_set = frozenset(ks)
@@ -76,16 +87,22 @@ class KnotSchedule:
             ValueError: a non-positive argument, more links than steps (or epochs).
         """
         if not _is_int(num_links) or num_links <= 0:
-            raise ValueError(f"num_links must be a positive int, got {num_links!r}")
+            raise ValueError(
+                f"num_links must be a positive int, got {num_links!r}{_not_python(num_links)}"
+            )
         if not _is_int(total_steps) or total_steps < num_links:
             raise ValueError(
                 f"total_steps must be an int >= num_links={num_links}, got {total_steps!r}"
+                f"{_not_python(total_steps)}"
             )
         if steps_per_epoch is None:
             knots = [round(i * total_steps / num_links) for i in range(1, num_links)]
         else:
             if not _is_int(steps_per_epoch) or steps_per_epoch <= 0:
-                raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
+                raise ValueError(
+                    f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}"
+                    f"{_not_python(steps_per_epoch)}"
+                )
             epochs = -(-total_steps // steps_per_epoch)
             if epochs < num_links:
                 raise ValueError(
@@ -98,7 +115,27 @@ class KnotSchedule:
 
     @classmethod
     def from_steps(cls, knots: Sequence[int]) -> KnotSchedule:
-        """Knots after exactly these (already checked) steps; none at all for an empty list."""
+        """Knots after exactly these steps; none at all for an empty list.
+
+        Raises:
+            ValueError: ``knots`` is not a list (or tuple, range) of strictly increasing positive
+                ints.
+
+        Example:
+            >>> KnotSchedule.from_steps([]).is_due(5), KnotSchedule.from_steps([5]).is_due(5)
+            (False, True)
+        """
+        ks = list(knots) if isinstance(knots, Sequence) and not isinstance(knots, str) else None
+        if (
+            ks is None
+            or not all(_is_int(k) and k > 0 for k in ks)
+            or any(b <= a for a, b in pairwise(ks))
+        ):
+            raise ValueError(
+                f"knots must be a strictly increasing list of positive ints, got {knots!r}"
+                f"{_not_python(knots)}"
+            )
+        knots = tuple(ks)
         schedule = cls.__new__(cls)
         schedule.knot_every, schedule.knots = None, tuple(knots)
         schedule._knot_set = frozenset(knots)

@@ -39,6 +39,22 @@ class ModuleSummary:
         update_norms: ``‖s·B·A‖_F`` merged at each knot (``None`` where the link was dropped).
         effective_rank: rank of ``Σ sᵢ·Bᵢ·Aᵢ`` over the merged links and the pending one
             (``None`` without ``keep_history``, and for fused experts: one rank per expert).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 8))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0"], rank=2, knot_every=1,
+        ...                          keep_history=True)
+        >>> with torch.no_grad():
+        ...     _ = opt.factors()[1].normal_()  # a B that is not zero: the link adds something
+        >>> _ = opt.tie_knot()
+        >>> summary = opt.chain_summary().modules["0"]
+        >>> len(summary.update_norms), summary.update_norms[0] > 0, summary.effective_rank
+        (1, True, 2)
     """
 
     update_norms: tuple[float | None, ...]
@@ -56,6 +72,21 @@ class ChainSummary:
         knot_steps: the optimizer step after which each knot was tied.
         modules: per adapted module, its :class:`ModuleSummary`.
         master_bytes: host memory the float32 masters of 4-bit targets take (0 without any).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer
+        >>> model = nn.Sequential(nn.Linear(8, 8))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0"], rank=[4, 2], knot_every=2)
+        >>> for _ in range(2):
+        ...     model(torch.randn(2, 8)).sum().backward()
+        ...     opt.step()
+        ...     opt.zero_grad()
+        >>> summary = opt.chain_summary()
+        >>> summary.links, summary.steps, summary.ranks, summary.knot_steps, list(summary.modules)
+        (2, 2, (4, 2), (2,), ['0'])
     """
 
     links: int

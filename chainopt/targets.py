@@ -17,9 +17,10 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import re
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeAlias, cast
 
 import torch
@@ -67,33 +68,39 @@ def matcher(spec: ModuleSpec, argument: str) -> Callable[[str, nn.Module], bool]
         TypeError: ``spec`` is none of the accepted forms.
         ValueError: an empty list or an empty name.
     """
+    given = spec
     if isinstance(spec, re.Pattern):
         pattern = spec
         return lambda name, _m: pattern.fullmatch(name) is not None
     if isinstance(spec, str):
         spec = [spec]
-    if not callable(spec) and isinstance(spec, Iterable):
+    if not callable(spec) and isinstance(spec, Iterable) and not isinstance(spec, _BYTES):
         spec = cast(list[str], _strings(spec))  # checked next
     if isinstance(spec, Sequence) and all(isinstance(s, str) for s in spec):
         suffixes = tuple(spec)
         if not suffixes or any(not s for s in suffixes):
-            raise ValueError(f"{argument} must name at least one module suffix, got {spec!r}")
+            raise ValueError(
+                f"{argument} must give at least one name suffix, none of them empty, got {given!r}"
+            )
         dotted = tuple("." + s for s in suffixes)
         return lambda name, _m: name in suffixes or name.endswith(dotted)
     if callable(spec):
         return spec
     raise TypeError(
         f"{argument} must be a str, an iterable of str, a compiled regex or a callable "
-        f"(name, module) -> bool, got {type(spec).__name__}: {spec!r}"
+        f"(name, module) -> bool, got {type(given).__name__}: {given!r}"
     )
+
+
+_BYTES = (bytes, bytearray, memoryview)
 
 
 def readable_twice(spec: ModuleSpec | None) -> ModuleSpec | None:
     """``spec`` in a form that can be read more than once: an iterable of names (a generator,
     ``map``, ``iter(...)``: read once only) as a list; anything else as it is. The arguments are
     read several times (to match, to check, to name them in an error)."""
-    if spec is None or isinstance(spec, (str, re.Pattern)) or callable(spec):
-        return spec
+    if spec is None or isinstance(spec, (str, re.Pattern, *_BYTES)) or callable(spec):
+        return spec  # (bytes: refused by matcher as they are, not as a list of ints)
     if isinstance(spec, Iterable):
         return cast(list[str], _strings(spec))  # a set's sorted; types checked by matcher
     return spec
@@ -116,6 +123,51 @@ def _strings(spec: Iterable[object]) -> list[object]:
     if isinstance(spec, (set, frozenset)) and all(isinstance(s, str) for s in items):
         return sorted(items, key=str)
     return items
+
+
+def unmatched(spec: ModuleSpec, names: Sequence[str]) -> list[str]:
+    """The entries of a list of names ``spec`` that match none of ``names`` (as
+    :func:`matcher` matches), in order; none for a single name, a regex or a callable."""
+    if isinstance(spec, (str, re.Pattern)) or callable(spec) or not isinstance(spec, Iterable):
+        return []
+    entries = [e for e in _strings(spec) if isinstance(e, str)]
+    return [e for e in entries if not any(n == e or n.endswith(f".{e}") for n in names)]
+
+
+def did_you_mean(entry: str, names: Sequence[str], in_list: bool = False) -> str:
+    """A hint for a name that matches nothing: the closest suffixes of ``names``, the
+    ``"all-linear"`` shortcut, or that a str is a suffix and not a regex (PEFT's reading)."""
+    if entry == ALL_LINEAR and not in_list:
+        return ""
+    if re.sub(r"[\s_]", "-", entry.strip().lower()) in (ALL_LINEAR, f"{ALL_LINEAR}s"):
+        return f"; did you mean the string '{ALL_LINEAR}' itself (not inside a list)?"
+    if any(c in entry for c in "*+?|()[]{}^$\\"):
+        return (
+            f"; {entry!r} is read as a name suffix, not a regex (PEFT reads a str as one): pass "
+            f"re.compile({entry!r}) for a regex (matched in full against the qualified name)"
+        )
+    suffixes = {".".join(n.split(".")[-k:]) for n in names for k in (1, 2)}
+    close = difflib.get_close_matches(entry, sorted(suffixes), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+
+
+def _hint(spec: ModuleSpec, names: Sequence[str]) -> str:
+    """:func:`did_you_mean` for a single name, or a list's first entry that matches nothing."""
+    missing = [spec] if isinstance(spec, str) else unmatched(spec, names)
+    return did_you_mean(missing[0], names, not isinstance(spec, str)) if missing else ""
+
+
+def _refuse_unmatched(
+    argument: str, spec: ModuleSpec, names: Sequence[str], what: str, others: int
+) -> None:
+    missing = unmatched(spec, names)
+    if missing:
+        raise ValueError(
+            f"{argument} entry {missing[0]!r} matches no {what} of the model (the other entries "
+            f"match {others} {what}{'s' if others != 1 else ''})"
+            f"{did_you_mean(missing[0], names, in_list=True)}"
+            "; a name that matches nothing is a typo or a name from another model: remove it"
+        )
 
 
 def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
@@ -177,6 +229,8 @@ def select_modules(
     """Return ``(qualified_name, module)`` for every module of ``model`` that ``spec`` matches.
 
     The root module (name ``""``) is never matched. Order is ``model.named_modules()`` order.
+    A module registered under two names is matched by either and listed once, under its first
+    name (the one ``model.named_modules()`` gives).
     ``"all-linear"`` takes every Linear/Conv1D but the output layer, a task model's heads,
     modules whose weight is shared with another module, and ``exclude``.
     """
@@ -192,7 +246,21 @@ def select_modules(
             and id(getattr(mod, "weight", None)) not in shared
         ]
     match = matcher(spec, argument)
-    return [(name, mod) for name, mod in _named(model.named_modules()) if match(name, mod)]
+    found: dict[int, tuple[str, nn.Module]] = {}
+    for first, alias, mod in _aliases(model):
+        if id(mod) not in found and match(alias, mod):
+            found[id(mod)] = (first, mod)
+    return list(found.values())
+
+
+def _aliases(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
+    """``(first name, name, module)`` for every name of every module of ``model`` (the root and
+    parametrize's bookkeeping apart), in ``named_modules(remove_duplicate=False)`` order: a
+    module registered at two places (``nn.Sequential(lin, act, lin)``) is there under both
+    names, each with the first, the name ``named_modules()`` and ``state_dict`` give it."""
+    first = {id(m): n for n, m in _named(model.named_modules())}
+    for name, mod in _named(model.named_modules(remove_duplicate=False)):
+        yield first[id(mod)], name, mod
 
 
 def left_out_weights(
@@ -267,8 +335,11 @@ def choose_trainable(model: nn.Module, spec: ModuleSpec | None) -> list[tuple[st
     if spec is None:
         return []
     found = select_modules(model, spec, "trainable_modules")
+    names = [alias for _first, alias, _m in _aliases(model)]
     if not found:
-        raise ValueError(f"trainable_modules={describe_spec(spec)!r} matches no module")
+        hint = _hint(spec, names)
+        raise ValueError(f"trainable_modules={describe_spec(spec)!r} matches no module{hint}")
+    _refuse_unmatched("trainable_modules", spec, names, "module", len(found))
     return found
 
 
@@ -283,19 +354,28 @@ def choose_targets(
     """The modules ``target_modules`` names, each checked to take a link of ``rank``.
 
     Refused: no match, a module that is not a Linear/Conv1D (or a supported 4-bit one), an
-    already parametrized one, a weight tied to or sharing memory with another tensor, a rank
-    above the module's smaller dimension, ``lora_bias`` with no bias, a trainable target.
+    already parametrized one, one on the meta device, a weight tied to or sharing memory with
+    another tensor, a rank above the module's smaller dimension, ``lora_bias`` with no bias, a
+    trainable target; in a list of names, an entry that matches no module.
     ``"all-linear"`` warns about the matrix weights it leaves out, but those in ``covered``
     (the parameters ``target_parameters`` adapts).
     """
     found = select_modules(model, spec, "target_modules", exclude=[m for _, m in trainable])
     if isinstance(spec, str) and spec == ALL_LINEAR:
         warn_left_out(model, [m for _, m in trainable], covered)
+    names = [alias for _first, alias, _m in _aliases(model)]
     if not found:
+        hint = _hint(spec, names)
+        if is_linear_like(model):
+            hint += (
+                f"; the model itself is a {type_name(model)}, and the root is never adapted: "
+                "wrap it (nn.Sequential(model)) and name it '0'"
+            )
         raise ValueError(
-            f"target_modules={describe_spec(spec)!r} matches no module of the model; modules "
-            f"a link can adapt include {linear_names(model)}"
+            f"target_modules={describe_spec(spec)!r} matches no module of the model{hint}; "
+            f"modules a link can adapt include {linear_names(model)}"
         )
+    _refuse_unmatched("target_modules", spec, names, "module", len(found))
     shared = shared_parameters(model)
     storages = _storages(model)
     for name, module in found:
@@ -319,6 +399,8 @@ def choose_targets(
             )
         weight = module.weight
         assert isinstance(weight, torch.Tensor)
+        if any(t.is_meta for t in module.parameters(recurse=False)):
+            raise ValueError(f"target_modules matches {name!r}, {_META}")
         if id(weight) in shared:
             others = [n for n in shared[id(weight)] if n != f"{name}.weight"]
             raise ValueError(
@@ -355,6 +437,14 @@ def choose_targets(
         raise ValueError("lora_bias=True but none of the target modules has a bias")
     _check_trainable_against_targets(trainable, found)
     return found
+
+
+_META = (
+    "whose parameters are on the meta device (no data): the link's factors would be drawn "
+    "there, and model.to_empty() would then fill them with garbage and replace the Parameters "
+    "the optimizer holds; materialise the model first (model.to_empty(device=...) and load its "
+    "weights), then wrap it"
+)
 
 
 def _features(module: nn.Module) -> tuple[int, int]:
@@ -445,7 +535,8 @@ def choose_parameters(
     """The parameters ``target_parameters`` names, each checked to take a link of ``rank``.
 
     Returns ``(qualified name, parameter name, module)``. Refused (nothing is changed): no
-    match; a tensor that is not a floating (float32/64, bfloat16, float16) 2-D or 3-D plain
+    match, or an entry of a list of names that matches no parameter; one on the meta device; a
+    tensor that is not a floating (float32/64, bfloat16, float16) 2-D or 3-D plain
     ``Parameter`` (a bias, a 4-bit or other wrapped tensor); one already parametrized; one of
     a module ``target_modules`` adapts or ``trainable_modules`` trains; one tied to or sharing
     memory with another tensor; a rank above an expert's smaller dimension.
@@ -459,6 +550,8 @@ def choose_parameters(
             f"{what} matches no parameter of the model; give suffixes of qualified parameter "
             f"names such as {candidates}"
         )
+    every = [n for n, *_ in select_parameters(model, lambda _n, _t: True)]
+    _refuse_unmatched("target_parameters", spec, every, "parameter", len(found))
     adapted = {id(m) for _, m in targets}
     trained = {id(m) for _, t in trainable for m in t.modules()}
     shared = shared_parameters(model)
@@ -470,6 +563,8 @@ def choose_parameters(
             raise ValueError(
                 f"{where}, which is already parametrized; chainopt's link must be registered first"
             )
+        if tensor.is_meta:
+            raise ValueError(f"{where}, {_META}")
         if type(tensor) is not nn.Parameter or not _plain_storage(tensor):
             raise TypeError(
                 f"{where}, a {type_name(tensor)} ({type_name(tensor.data)} data); chainopt links "

@@ -70,6 +70,21 @@ class KnotWarmup:
             ``state_dict`` or ``load_state_dict``, or its ``step`` needs arguments
             (``ReduceLROnPlateau``'s ``step(metrics)``: :meth:`step` calls it with none).
         ValueError: ``warmup_steps`` is not a positive int.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=1.0),
+        ...                          target_modules=["0"], rank=2, knot_every=3)
+        >>> sched = KnotWarmup(torch.optim.lr_scheduler.ConstantLR(opt, 1.0), opt, warmup_steps=4)
+        >>> lrs = []
+        >>> for _ in range(5):
+        ...     model(torch.ones(1, 4)).sum().backward()
+        ...     opt.step(); sched.step(); opt.zero_grad(); lrs.append(opt.param_groups[0]["lr"])
+        >>> lrs  # the knot after step 3 restarts the warm-up over 4 steps
+        [1.0, 1.0, 0.25, 0.5, 0.75]
     """
 
     def __init__(

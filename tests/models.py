@@ -60,3 +60,93 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def requires_grad_map(model: nn.Module) -> dict[str, bool]:
     return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def _hook_dicts(module: nn.Module) -> dict[str, list[int]]:
+    return {k: list(v) for k, v in vars(module).items() if "hook" in k and isinstance(v, dict)}
+
+
+def _tensor_hooks(t: torch.Tensor) -> list[int]:
+    """How many hooks of each kind a tensor carries (backward, post-accumulate-grad)."""
+    kinds = ("_backward_hooks", "_post_accumulate_grad_hooks")
+    return [len(getattr(t, k, None) or ()) for k in kinds]
+
+
+def fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Everything a refused construction must leave as it was, in a comparable form.
+
+    Per module (every registration, shared ones included): its class, training flag, instance
+    attributes (by identity), hook dicts (forward, backward, state-dict and load-state-dict,
+    with and without kwargs) and parametrizations; per parameter (by name): identity,
+    ``requires_grad``, registration order, instance attributes and tensor hooks; torch's global
+    module hooks; the state dict's keys in order and values. Per
+    optimizer: each group's parameters (by identity) and hyperparameters, the state of each
+    parameter (values), its instance attributes and its hooks.
+    """
+    from torch.nn.utils import parametrize
+
+    modules = {
+        name: (
+            type(m),
+            m.training,
+            {
+                k: id(v)
+                for k, v in vars(m).items()
+                if k not in ("_parameters", "_buffers", "_modules")
+            },
+            _hook_dicts(m),
+            parametrize.is_parametrized(m),
+            list(m._parameters),
+            list(m._buffers),
+            list(m._modules),
+        )
+        for name, m in model.named_modules(remove_duplicate=False)
+    }
+    params = [
+        (n, id(p), p.requires_grad, sorted(vars(p)), _tensor_hooks(p))
+        for n, p in model.named_parameters()
+    ]
+    from torch.nn.modules import module as torch_module
+
+    global_hooks = [len(v) for k, v in vars(torch_module).items() if k.startswith("_global_")
+                    and k.endswith("hooks") and isinstance(v, dict)]  # fmt: skip
+    out: dict = {
+        "modules": modules,
+        "params": params,
+        "state_dict": snapshot(model),
+        "global_hooks": global_hooks,
+    }
+    if optimizer is not None:
+        out["groups"] = [
+            ([id(p) for p in g["params"]], {k: v for k, v in g.items() if k != "params"})
+            for g in optimizer.param_groups
+        ]
+        out["state"] = {
+            id(p): {
+                k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()
+            }
+            for p, s in optimizer.state.items()
+        }
+        out["optimizer"] = (
+            sorted(vars(optimizer)),
+            {k: list(v) for k, v in vars(optimizer).items() if "hook" in k and isinstance(v, dict)},
+        )
+    return out
+
+
+def assert_same(before: object, after: object, where: str = "") -> None:
+    """``before == after``, tensors compared exactly (dtype, shape and values)."""
+    if isinstance(before, torch.Tensor):
+        assert isinstance(after, torch.Tensor) and before.dtype == after.dtype, where
+        assert before.shape == after.shape and before.device == after.device, where
+        assert before.is_meta or torch.equal(before, after), where  # (meta: no values)
+    elif isinstance(before, dict):
+        assert isinstance(after, dict) and list(before) == list(after), (where, before, after)
+        for k in before:
+            assert_same(before[k], after[k], f"{where}[{k!r}]")
+    elif isinstance(before, (list, tuple)):
+        assert type(before) is type(after) and len(before) == len(after), (where, before, after)
+        for i, (b, a) in enumerate(zip(before, after, strict=True)):
+            assert_same(b, a, f"{where}[{i}]")
+    else:
+        assert before == after, (where, before, after)

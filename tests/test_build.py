@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
-from models import mlp, requires_grad_map, snapshot
+from models import assert_same, fingerprint, mlp, requires_grad_map, snapshot
 from torch import nn
 
-from chainopt import ChainLoRAOptimizer
+import chainopt.optimizer
+from chainopt import ChainLoRAOptimizer, ChainLoRAWarning
 from chainopt._attach import lora_parametrization
 
 
@@ -86,3 +89,115 @@ def test_an_lbfgs_instance_steps_the_factors_and_saves() -> None:
     assert float(closure()) < first  # it trained
     assert opt.knots_tied == 2 and not torch.equal(model[0].parametrizations.weight.original, w0)
     opt.load_state_dict(opt.state_dict())  # no KeyError for a stale parameter
+
+
+def _stepped(model: nn.Module) -> torch.optim.Optimizer:
+    """An Adam over ``model`` that has taken one step (so it holds state to lose)."""
+    base = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(3, 12)).sum().backward()
+    base.step()
+    return base
+
+
+def test_a_refused_optimizer_keeps_its_groups_and_state() -> None:
+    """The check that refuses an optimizer with a list of its own runs after the groups were
+    rewritten: the groups and the state the rewrite dropped come back (they did not)."""
+    model = mlp()
+    base = _stepped(model)
+    base.own_params = list(model.parameters())  # type: ignore[attr-defined]
+    before = fingerprint(model, base)
+    with pytest.raises(ValueError, match="keeps its own list of parameters"):
+        ChainLoRAOptimizer(model, base, target_modules=["0"], rank=2, knot_every=2)
+    assert_same(before, fingerprint(model, base))
+    assert len(base.state) == 6
+
+
+class TinyForSequenceClassification(nn.Module):
+    """What chainopt takes for a Hugging Face task model: a body and a fresh head."""
+
+    base_model_prefix = "body"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(12, 12), nn.Tanh())
+        self.score = nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(self.body(x))
+
+    def save_pretrained(self, path: str) -> None:  # a Hugging Face model's save
+        raise NotImplementedError
+
+
+def test_a_warning_raised_as_an_error_leaves_model_and_optimizer_as_they_were() -> None:
+    """With warnings as errors (pytest's ``filterwarnings = error``), the frozen-head warning,
+    raised after the links were attached and the groups rewritten, left the links, the load
+    guards and the rewritten optimizer behind."""
+    model = TinyForSequenceClassification()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = fingerprint(model, base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ChainLoRAWarning, match="head 'score'"):
+            ChainLoRAOptimizer(model, base, target_modules=["body.0"], rank=2, knot_every=2)
+    assert_same(before, fingerprint(model, base))
+    opt = ChainLoRAOptimizer(model, base, target_modules=["body.0"], rank=2, knot_every=2,
+                             trainable_modules=["score"])  # fmt: skip
+    assert [n for n, _ in opt.adapted_modules()] == ["body.0"]
+
+
+def test_a_failure_after_the_chain_is_built_undoes_every_mark(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever raises in the optimizer's own construction after the chain was built (here its
+    training watch) undoes the links, hooks, instance attributes (``save_pretrained``, the load
+    guards), ``requires_grad`` and the optimizer's groups."""
+    model = TinyForSequenceClassification()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = fingerprint(model, base)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("watch failed")
+
+    monkeypatch.setattr(chainopt.optimizer, "TrainingWatch", broken)
+    with pytest.raises(RuntimeError, match="watch failed"):
+        ChainLoRAOptimizer(model, base, target_modules=["body.0"], rank=2, knot_every=2,
+                           trainable_modules=["score"], init="gradient")  # fmt: skip
+    assert_same(before, fingerprint(model, base))
+    assert "save_pretrained" not in vars(model)
+
+
+_CHANGES = {
+    "forward hook": lambda m, o: m[0].register_forward_hook(lambda *a: None),
+    "forward pre-hook": lambda m, o: m.register_forward_pre_hook(lambda *a: None),
+    "backward hook": lambda m, o: m[2].register_full_backward_hook(lambda *a: None),
+    "state_dict hook": lambda m, o: m._register_state_dict_hook(lambda *a: None),
+    "load pre-hook": lambda m, o: m._register_load_state_dict_pre_hook(lambda *a: None),
+    "load post-hook": lambda m, o: m.register_load_state_dict_post_hook(lambda *a: None),
+    "model attribute": lambda m, o: setattr(m, "_chainopt_mark", 1),
+    "module attribute": lambda m, o: setattr(m[0], "note", "x"),
+    "requires_grad": lambda m, o: m[0].bias.requires_grad_(False),
+    "value": lambda m, o: m[2].weight.data.add_(1),
+    "identity": lambda m, o: setattr(m[0], "bias", nn.Parameter(m[0].bias.detach().clone())),
+    "parametrization": lambda m, o: nn.utils.parametrize.register_parametrization(
+        m[0], "weight", nn.Identity()
+    ),
+    "mode": lambda m, o: m[1].eval(),
+    "tensor hook": lambda m, o: m[0].weight.register_hook(lambda g: g),
+    "group params": lambda m, o: o.param_groups[0]["params"].pop(),
+    "group lr": lambda m, o: o.param_groups[0].update(lr=9.0),
+    "state": lambda m, o: o.state.pop(m[0].weight),
+    "state value": lambda m, o: o.state[m[0].weight]["exp_avg"].add_(1),
+}
+
+
+@pytest.mark.parametrize("change", sorted(_CHANGES))
+def test_the_fingerprint_sees_every_change_a_construction_might_leave(change: str) -> None:
+    """The refusal tests compare fingerprints: each kind of change must show in one."""
+    model = mlp()
+    base = _stepped(model)
+    before = fingerprint(model, base)
+    assert_same(before, fingerprint(model, base))
+    _CHANGES[change](model, base)
+    with pytest.raises(AssertionError):
+        assert_same(before, fingerprint(model, base))

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import inspect
+import math
+import re
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
-from models import mlp, requires_grad_map, snapshot
+from hypothesis import given
+from hypothesis import strategies as st
+from models import assert_same, fingerprint, mlp, requires_grad_map, snapshot
 from torch import nn
 
 from chainopt import ChainConfig, ChainLoRAOptimizer
@@ -23,15 +28,31 @@ def _untouched(model: nn.Module, before: dict[str, torch.Tensor], grads: dict[st
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def _refused(model: nn.Module, err: type[Exception], match: str, **kwargs: Any) -> None:
-    before, grads = snapshot(model), requires_grad_map(model)
+def _refused(
+    model: nn.Module,
+    err: type[Exception] | tuple[type[Exception], ...],
+    match: str,
+    **kwargs: Any,
+) -> None:
+    """Construction raises ``err`` matching ``match``, and model and optimizer (which holds
+    state) are exactly as before (:func:`models.fingerprint`: parameters, flags, hooks,
+    instance attributes, state dict, groups, state)."""
     base = torch.optim.AdamW(model.parameters())
-    groups = [list(g["params"]) for g in base.param_groups]
+    stepped = [p for p in model.parameters() if p.is_floating_point() and not p.is_meta]
+    for p in stepped:
+        p.grad = torch.ones_like(p)
+    try:
+        base.step()
+    except (NotImplementedError, RuntimeError):  # no Adam for float8 weights: no state then
+        base.state.clear()
+    base.zero_grad()
+    before, grads = snapshot(model), requires_grad_map(model)
+    whole = fingerprint(model, base)
     kwargs = {"rank": 2, "knot_every": 3, **kwargs}
     with pytest.raises(err, match=match):
         ChainLoRAOptimizer(model, base, **kwargs)
     _untouched(model, before, grads)
-    assert [list(g["params"]) for g in base.param_groups] == groups
+    assert_same(whole, fingerprint(model, base))
 
 
 @pytest.mark.parametrize(
@@ -180,3 +201,206 @@ def test_a_generator_of_names_is_read_once_and_gives_the_config_a_list_gives() -
         ChainConfig.from_kwargs(model, target_parameters=iter(["nope"]), knot_every=5)
     with pytest.raises(ValueError, match=r"target_modules=\['nope'\] matches no module"):
         ChainConfig.from_kwargs(model, target_modules=map(str, ["nope"]), knot_every=5)
+
+
+# --- every bad value of every argument, refused naming both, nothing changed ---
+
+_NOT_INTS = st.one_of(
+    st.booleans(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=3),
+    st.builds(np.int64, st.integers(1, 4)),
+    st.just(None),
+)
+_NOT_BOOLS = st.one_of(st.integers(), st.text(max_size=3), st.none(), st.just(np.True_))
+_NOT_POLICIES = st.one_of(st.text(max_size=8), st.none(), st.integers(), st.just(["full"]))
+_NO_MODULE = st.lists(st.text("xyz", min_size=1, max_size=4), min_size=1, max_size=3)
+BAD_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    "rank": st.one_of(
+        _NOT_INTS.filter(lambda v: v is not None),
+        st.integers(max_value=0),
+        st.integers(13, 10**9),
+        st.just([]),
+        st.lists(st.integers(-3, 0), min_size=1, max_size=3),
+        st.lists(st.integers(1, 4), min_size=1, max_size=2).map(lambda r: [*r, True]),
+    ),
+    "alpha": st.one_of(
+        st.booleans(),
+        st.floats(max_value=0.0),
+        st.just(math.nan),
+        st.just(math.inf),
+        st.text(max_size=3),
+        st.builds(np.float32, st.floats(1, 4)),
+    ),
+    "knot_every": st.one_of(_NOT_INTS.filter(lambda v: v is not None), st.integers(max_value=0)),
+    "knots": st.one_of(
+        st.just([]),
+        st.lists(st.integers(max_value=0), min_size=1, max_size=3),
+        st.lists(st.integers(1, 9), min_size=2, max_size=4).filter(lambda k: k != sorted(set(k))),
+        st.lists(st.floats(1, 9), min_size=1, max_size=3),
+        st.text(max_size=3),
+    ),
+    "num_links": st.one_of(_NOT_INTS.filter(lambda v: v is not None), st.integers(max_value=0)),
+    "total_steps": st.one_of(_NOT_INTS.filter(lambda v: v is not None), st.integers(max_value=1)),
+    "steps_per_epoch": st.one_of(
+        _NOT_INTS.filter(lambda v: v is not None), st.integers(max_value=0)
+    ),
+    "seed": st.one_of(_NOT_INTS, st.integers(min_value=2**64), st.integers(max_value=-(2**63) - 1)),
+    "lora_bias": _NOT_BOOLS,
+    "keep_history": _NOT_BOOLS,
+    "exact_merge": st.one_of(st.integers(), st.text(max_size=3), st.floats()),
+    "non_finite": _NOT_POLICIES,
+    "reset": _NOT_POLICIES,
+    "init": _NOT_POLICIES,
+    "quantized_master": _NOT_POLICIES,
+    "prune_ratio": st.one_of(
+        st.floats(min_value=1.0),
+        st.floats(max_value=0.0, exclude_max=True),
+        st.just(math.nan),
+        st.booleans(),
+        st.text(max_size=3),
+    ),
+    "factor_dtype": st.one_of(
+        st.sampled_from([torch.int64, torch.bool, torch.complex64, torch.float8_e5m2]),
+        st.text(max_size=8),
+        st.integers(),
+    ),
+    "target_modules": st.one_of(
+        st.just([]),
+        st.just([""]),
+        st.integers(),
+        st.binary(max_size=3),
+        _NO_MODULE,
+        _NO_MODULE.map(lambda names: ["0", *names]),
+    ),
+    "trainable_modules": st.one_of(
+        st.just([]), st.integers(), _NO_MODULE, _NO_MODULE.map(lambda names: ["4", *names])
+    ),
+}
+
+
+def _names_the_value(message: str, value: object) -> bool:
+    """The message shows ``value`` (or, for a list of names, one of its entries)."""
+    if repr(value) in message:
+        return True
+    return isinstance(value, list) and any(repr(v) in message for v in value)
+
+
+@given(data=st.data(), argument=st.sampled_from(sorted(BAD_VALUES)))
+def test_every_bad_value_is_refused_naming_argument_and_value_and_nothing_changes(
+    data: st.DataObject, argument: str
+) -> None:
+    value = data.draw(BAD_VALUES[argument], label=argument)
+    model = mlp()
+    base = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    base.step()
+    base.zero_grad()
+    before = fingerprint(model, base)
+    kwargs: dict[str, Any] = {"target_modules": ["0"], "rank": 2, "knot_every": 3}
+    if argument == "knots":
+        kwargs["knot_every"] = None
+    if argument in ("num_links", "total_steps", "steps_per_epoch"):
+        kwargs.update(knot_every=None, num_links=2, total_steps=10)
+    kwargs[argument] = value
+    with pytest.raises((TypeError, ValueError)) as raised:
+        ChainLoRAOptimizer(model, base, **kwargs)
+    message = str(raised.value)
+    assert argument in message, message
+    assert _names_the_value(message, value), message
+    assert_same(before, fingerprint(model, base))
+
+
+@pytest.mark.parametrize(
+    ("schedule", "rank", "links"),
+    [({"knots": [5]}, [8, 4, 2], 2), ({"num_links": 2, "total_steps": 10}, [4, 2, 1], 2),
+     ({"num_links": 1, "total_steps": 10}, [4, 2], 1)],
+)  # fmt: skip
+def test_a_rank_list_longer_than_the_schedules_links_is_refused(
+    schedule: dict[str, Any], rank: list[int], links: int
+) -> None:
+    """Ranks past the last link would never be used: a list one longer than the chain has
+    links was taken silently."""
+    match = rf"{re.escape(f'rank={rank}')}.* schedule has {links} link"
+    _refused(mlp(), ValueError, match, target_modules=["0"], rank=rank, knot_every=None,
+             **schedule)  # fmt: skip
+    enough = ChainConfig.from_kwargs(mlp(), target_modules=["0"], rank=rank[:links], **schedule)
+    assert enough.ranks == tuple(rank[:links])
+    endless = ChainConfig.from_kwargs(mlp(), target_modules=["0"], rank=rank, knot_every=2)
+    assert endless.ranks == tuple(rank)  # knot_every: as many links as the run has
+
+
+def test_steps_per_epoch_without_num_links_names_its_value() -> None:
+    _refused(mlp(), ValueError, "steps_per_epoch goes with num_links .*got steps_per_epoch=7",
+             target_modules=["0"], steps_per_epoch=7)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rank": np.int64(4)}, r"got np.int64\(4\) \(np.int64\(4\) is a numpy.int64, not a "
+                                r"Python int: pass int\(...\)\)"),
+        ({"rank": [4, np.int32(2)]}, r"np.int32\(2\) is a numpy.int32, not a Python int"),
+        ({"alpha": np.float32(4.0)}, r"alpha .* is a numpy.float32, not a Python float"),
+        ({"knot_every": torch.tensor(3)}, r"knot_every .* is a torch.Tensor, not a Python int"),
+        ({"knot_every": None, "knots": np.array([2, 5])},
+         r"knots .*got array\(\[2, 5\]\) \(a numpy.ndarray, not a list: pass .tolist\(\)\)"),
+        ({"seed": np.int64(1)}, r"seed must be an int, got np.int64\(1\) .* not a Python int"),
+        ({"prune_ratio": np.float64(2.0)}, r"prune_ratio must be in \[0, 1\), got"),
+    ],
+)  # fmt: skip
+def test_numpy_and_tensor_numbers_are_refused_saying_what_to_pass(
+    kwargs: dict[str, Any], match: str
+) -> None:
+    """A numpy or tensor scalar (a sweep's ``np.arange``) is not taken for an int or float
+    (the config is saved and must load with ``weights_only``); the message said only "must be
+    a positive int, got np.int64(4)", which a numpy int looks like."""
+    _refused(mlp(), (TypeError, ValueError), match, target_modules=["0"], **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "err", "match"),
+    [
+        ({"alpha": 10**400}, ValueError, r"alpha must be finite, got 1000"),
+        ({"knot_every": None}, ValueError,
+         r"exactly one of knot_every and knots, or num_links with total_steps: a chain needs"),
+        ({"target_modules": "all-linear", "model": nn.Linear(4, 4)}, ValueError,
+         r"the model itself is a Linear, and the root is never adapted: wrap it"),
+        ({"target_modules": "all-linear", "model": nn.Sequential(nn.Embedding(3, 3))}, ValueError,
+         r"^target_modules='all-linear' matches no module of the model; modules a link"),
+    ],
+)  # fmt: skip
+def test_edge_values_raise_a_value_error_that_says_what_to_do(
+    kwargs: dict[str, Any], err: type[Exception], match: str
+) -> None:
+    """``alpha=10**400`` raised ``OverflowError`` (``math.isfinite`` of an int too large for a
+    float); no schedule at all named only ``knot_every`` and ``knots``; a bare ``nn.Linear`` as
+    the model was told that no module matched, and ``"all-linear"`` that matched nothing was
+    asked whether it meant ``"all-linear"``."""
+    model = kwargs.pop("model", None) or mlp()
+    _refused(model, err, match, **{"target_modules": ["0"], **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "err"),
+    [("ranks", (0,), ValueError), ("ranks", (), ValueError), ("alpha", math.nan, ValueError),
+     ("alpha", 4, ValueError), ("knot_every", 0, ValueError), ("knots", (3, 3), ValueError),
+     ("modules", ["0"], TypeError), ("parameters", ("x.w",), ValueError),
+     ("lora_bias", 1, TypeError), ("exact_merge", 0, TypeError), ("seed", 2**64, ValueError),
+     ("factor_dtype", torch.int8, TypeError), ("reset", "FULL", ValueError),
+     ("prune_ratio", 1.0, ValueError)],
+)  # fmt: skip
+def test_a_hand_built_or_corrupt_config_is_refused_naming_the_field(
+    field: str, value: object, err: type[Exception]
+) -> None:
+    """``ChainConfig`` is public and ``from_dict`` reads saves: neither checked any field, so a
+    config no construction makes (rank 0, NaN alpha) was taken."""
+    good = ChainConfig.from_kwargs(mlp(), target_modules=["0"], rank=2, knot_every=3)
+    kwargs = {f: getattr(good, f) for f in good.__dataclass_fields__}
+    with pytest.raises(err, match=rf"ChainConfig\.{field} must be"):
+        ChainConfig(**{**kwargs, field: value})
+    saved = good.to_dict() | {field: list(value) if isinstance(value, tuple) else value}
+    if field not in ("factor_dtype", "modules"):  # (saved as a string; as a list)
+        with pytest.raises((TypeError, ValueError), match=rf"ChainConfig\.{field}|not a saved"):
+            ChainConfig.from_dict(saved)

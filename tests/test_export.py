@@ -182,3 +182,29 @@ def test_merged_state_dict_refuses_bad_options(kwargs: dict[str, Any], match: st
     )  # fmt: skip
     with pytest.raises(TypeError, match=match):
         merged_state_dict(model, **kwargs)
+
+
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_merged_state_dict_of_a_module_registered_twice_loads_strictly_into_the_plain_model(
+    lora_bias: bool,
+) -> None:
+    """The state dict holds such a module under both names; the second name's chain keys
+    (``2.parametrizations.weight.original``, factors) were passed through unmerged, so the
+    result did not load into the plain model."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 6)
+    model = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(6, 2))
+    plain = copy.deepcopy(model)
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             target_modules=["2"], rank=2, knot_every=2,
+                             lora_bias=lora_bias)  # fmt: skip
+    x, y = torch.randn(8, 6), torch.randn(8, 2)
+    for _ in range(3):  # a knot, then a pending link
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    merged = merged_state_dict(model)
+    assert sorted(merged) == sorted(plain.state_dict())
+    plain.load_state_dict(merged)  # strict
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-6)

@@ -124,3 +124,21 @@ def test_a_non_finite_gradient_falls_back_to_kaiming_with_a_warning() -> None:
         a = lora_parametrization(model[i]).lora_A
         assert torch.isfinite(a).all() and a.abs().max() > 0
     torch.testing.assert_close(model(x), before)
+
+
+@pytest.mark.parametrize(
+    ("gradient", "rank", "err", "match"),
+    [
+        (torch.randn(4, 4), 0, ValueError, "rank must be a positive int, got 0"),
+        (torch.randn(4, 4), 2.0, ValueError, "rank must be a positive int, got 2.0"),
+        (torch.randn(4), 2, TypeError, r"gradient must be a 2-D \(out, in\) tensor, got \(4,\)"),
+        (torch.ones(4, 4, dtype=torch.int64), 2, TypeError, "gradient must be a floating"),
+        (torch.full((4, 4), float("nan")), 2, ValueError, "gradient holds NaN or Inf"),
+    ],
+)
+def test_a_from_gradient_refuses_bad_input_naming_it(
+    gradient: torch.Tensor, rank: object, err: type[Exception], match: str
+) -> None:
+    """Public: rank 0 gave a (0, in) A, a 1-D gradient an unpacking error, NaN a LinAlgError."""
+    with pytest.raises(err, match=match):
+        a_from_gradient(gradient, rank)  # type: ignore[arg-type]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chainopt.lora import LoRAParametrization, restart_links
+from chainopt.lora import BiasDelta, LoRAParametrization, restart_links
 
 
 def test_reset_parameters_is_reproducible_from_a_generator() -> None:
@@ -54,3 +58,38 @@ def test_restart_links_equals_resetting_each_link_in_turn(
             init = torch.empty(link.lora_A.shape).uniform_(-bound, bound, generator=gen)
         assert torch.equal(link.lora_A, init.to(link.lora_A.dtype))
         assert not link.lora_B.any()
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "err", "match"),
+    [
+        ((4, 4, 0, 8.0), {}, ValueError, "rank must be a positive int, got 0"),
+        ((4, 4, True, 8.0), {}, ValueError, "rank must be a positive int, got True"),
+        ((4, 4, 2, 8.0), {"ranks": [2, -1]}, ValueError, r"each of ranks=\[2, -1\] .* got -1"),
+        ((4, 4, 2, 0.0), {}, ValueError, "alpha must be a positive finite number, got 0.0"),
+        ((4, 4, 2, math.inf), {}, ValueError, "alpha must be a positive finite number, got inf"),
+        ((4, 4, 2, "8"), {}, TypeError, "alpha must be a positive number, got '8'"),
+        ((0, 4, 1, 1.0), {}, ValueError, "out_features must be a positive int, got 0"),
+        ((4, 4.0, 1, 1.0), {}, ValueError, "in_features must be a positive int, got 4.0"),
+        ((4, 4, 2, 8.0), {"dtype": torch.int8}, TypeError, "dtype must be a floating"),
+    ],
+)
+def test_a_link_with_bad_arguments_is_refused_naming_them(
+    args: tuple[Any, ...], kwargs: dict[str, Any], err: type[Exception], match: str
+) -> None:
+    """``LoRAParametrization`` is public: rank 0 raised ZeroDivisionError, alpha 0/NaN/'8'
+    and a float size were taken or failed inside torch."""
+    with pytest.raises(err, match=match):
+        LoRAParametrization(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("size", "kwargs", "err"),
+    [(-1, {}, ValueError), (2.0, {}, ValueError), (3, {"dtype": torch.int64}, TypeError)],
+)
+def test_a_bias_delta_with_bad_arguments_is_refused(
+    size: Any, kwargs: dict[str, Any], err: type[Exception]
+) -> None:
+    with pytest.raises(err, match=r"out_features|dtype"):
+        BiasDelta(size, **kwargs)
+    assert BiasDelta(0).delta.shape == (0,)

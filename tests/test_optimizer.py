@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -10,10 +11,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from models import mlp, requires_grad_map, snapshot, tiny_llama, tiny_opt
+from models import assert_same, fingerprint, mlp, requires_grad_map, snapshot, tiny_llama, tiny_opt
 from strategies import schedules
 from torch import nn
 
+import chainopt
 from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError
 from chainopt._attach import lora_parametrization
 
@@ -633,3 +635,105 @@ def test_an_optimizer_whose_model_was_unloaded_refuses_before_changing_anything(
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(model(x), out)
     assert (opt.optimizer_steps, opt.knots_tied) == (steps, knots)
+
+
+# --- construction in odd but legal situations ---
+
+
+def test_trainable_modules_the_optimizer_left_out_join_the_first_group_and_train() -> None:
+    """A head frozen before and so left out of the optimizer, then named in
+    ``trainable_modules``, was set to require gradients but never stepped: silently untrained."""
+    model = mlp()
+    model[4].requires_grad_(False)
+    base = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    opt = ChainLoRAOptimizer(model, base, target_modules=["0"], trainable_modules=["4"],
+                             rank=2, knot_every=2)  # fmt: skip
+    [group] = opt.param_groups
+    assert {id(p) for p in model[4].parameters()} <= {id(p) for p in group["params"]}
+    head = model[4].weight.detach().clone()
+    _train(opt.model, opt, 3)
+    assert not torch.equal(model[4].weight, head)
+
+
+def test_a_model_in_eval_mode_stays_in_eval_mode_links_included() -> None:
+    """The link's own modules (parametrize's bookkeeping, the LoRA parametrization) were added
+    in training mode to a model in eval mode."""
+    model = mlp().eval()
+    ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                       target_modules=["0", "2"], rank=2, knot_every=2)  # fmt: skip
+    assert not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())
+
+
+def test_a_second_chain_on_a_model_is_refused_leaving_model_and_both_optimizers_alone() -> None:
+    model = mlp()
+    first = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters()),
+                               target_modules=["0"], rank=2, knot_every=2)  # fmt: skip
+    _train(model, first, 1)
+    second = torch.optim.AdamW(model.parameters())
+    before = (fingerprint(model, first), fingerprint(model, second))
+    with pytest.raises(ValueError, match="already wrapped by a ChainLoRAOptimizer"):
+        ChainLoRAOptimizer(model, second, target_modules=["2"], rank=2, knot_every=2)
+    with pytest.raises(ValueError, match="already a ChainLoRAOptimizer"):
+        ChainLoRAOptimizer(mlp(), first, target_modules=["2"], rank=2, knot_every=2)
+    assert_same(before, (fingerprint(model, first), fingerprint(model, second)))
+    _train(model, first, 3)  # the first chain goes on as before
+    assert first.knots_tied == 2
+
+
+@pytest.mark.parametrize("unload", ["method", "function"])
+def test_a_model_whose_chain_was_unloaded_takes_a_new_chain(unload: str) -> None:
+    model = mlp()
+    first = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters()),
+                               target_modules=["0"], rank=2, knot_every=2)  # fmt: skip
+    _train(model, first, 3)
+    if unload == "method":
+        first.merge_and_unload()
+    else:
+        chainopt.merge_and_unload(model)
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        out = model(x)
+    for p in model.parameters():  # unloading leaves everything frozen
+        p.requires_grad_(True)
+    second = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters()),
+                                target_modules=["0", "2"], rank=3, knot_every=2)  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), out, rtol=0, atol=0)  # a new link adds nothing
+    _train(model, second, 4)
+    assert second.knots_tied == 2 and [n for n, _ in second.adapted_modules()] == ["0", "2"]
+
+
+def test_a_bias_delta_joins_the_group_of_its_bias_and_a_and_b_that_of_the_weight() -> None:
+    """The ``Trainer``'s groups: weights with weight decay, biases without. The bias delta
+    joined the weights' group and so was decayed, unlike the bias it adds to."""
+    model = mlp()
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    base = torch.optim.AdamW([{"params": weights, "weight_decay": 0.1},
+                              {"params": biases, "weight_decay": 0.0}], lr=1e-3)  # fmt: skip
+    opt = ChainLoRAOptimizer(model, base, target_modules=["0", "2"], lora_bias=True, rank=2,
+                             knot_every=2)  # fmt: skip
+    decayed, free = ({id(p) for p in g["params"]} for g in opt.param_groups)
+    for name in ("0", "2"):
+        record = next(r for r in opt.chain.records if r.name == name)
+        assert {id(record.link.lora_A), id(record.link.lora_B)} <= decayed
+        assert record.delta is not None and id(record.delta.delta) in free
+    assert len(decayed) == 4 and len(free) == 2  # frozen weights and biases left
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [functools.partial(torch.optim.AdamW, lr=1e-2), torch.optim.AdamW,
+     lambda params: torch.optim.SGD(params, lr=0.1)],
+)  # fmt: skip
+def test_a_factory_of_any_callable_form_steps_exactly_the_factors(factory: Any) -> None:
+    model = mlp()
+    opt = ChainLoRAOptimizer(model, factory, target_modules=["0"], trainable_modules=["4"],
+                             rank=2, knot_every=2)  # fmt: skip
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert held == [*opt.factors(), *model[4].parameters()]
+    b = opt.factors()[1].detach().clone()
+    _train(model, opt, 1)
+    assert not torch.equal(opt.factors()[1], b)

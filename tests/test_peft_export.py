@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import sys
@@ -566,3 +567,24 @@ def test_a_trained_tied_embedding_is_saved_with_its_tied_head(tmp_path: Path, tr
     assert config["modules_to_save"] == ["lm_head", "transformer.wte"]
     served = _peft(gpt2(), tmp_path)
     torch.testing.assert_close(_logits(served), _logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_a_chain_on_a_module_held_at_two_places_is_not_exported(tmp_path: Path) -> None:
+    """PEFT puts its LoRA layer at one of the module's places (``"0"`` of ``Sequential(lin,
+    act, lin)``): the adapter served by ``PeftModel.from_pretrained`` applied the chain to the
+    first use only and computed another function, without a word."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8)
+    model = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(8, 2))
+    original = copy.deepcopy(model)
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             target_modules=["2"], rank=2, knot_every=2,
+                             keep_history=True)  # fmt: skip
+    with torch.no_grad():
+        lin.parametrizations.weight[0].lora_B.normal_()
+    for unload in (False, True):
+        if unload:
+            opt.merge_and_unload()
+        with pytest.raises(ValueError, match=r"holds at several places \(\['0', '2'\]\)"):
+            export_peft_adapter(opt, tmp_path / "adapter", base=original if unload else None)
+        assert not (tmp_path / "adapter").exists()

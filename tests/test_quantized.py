@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from models import assert_same, fingerprint
 from torch import nn
 
 import chainopt
@@ -258,3 +259,20 @@ def test_master_weights_without_data_or_finite_values_are_refused_at_constructio
     after = quantized.state_dict()
     assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert chainopt.adapted_modules(quantized) == []
+
+
+def test_master_weights_that_would_start_no_master_are_refused_before_anything_changes() -> None:
+    """``master_weights`` on a chain with no 4-bit target, or with ``quantized_master="none"``
+    (which keeps no master), was ignored without a word."""
+    dense, quantized = _models()
+    state = dense.state_dict()
+    for model, kwargs, match in (
+        (dense, {}, r"master_weights \(a \w+\) .* none of \['0', '2'\] is a 4-bit layer"),
+        (quantized, {"quantized_master": "none"}, 'master_weights with quantized_master="none"'),
+    ):
+        base = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        before = fingerprint(model, base)
+        with pytest.raises(ValueError, match=match):
+            ChainLoRAOptimizer(model, base, target_modules=["0", "2"], rank=4, knot_every=3,
+                               master_weights=state, **kwargs)  # fmt: skip
+        assert_same(before, fingerprint(model, base))

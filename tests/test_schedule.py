@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from hypothesis import given
@@ -71,3 +73,12 @@ def test_one_link_is_plain_lora_with_no_knot() -> None:
     )  # fmt: skip
     assert not any(opt.schedule.is_due(s) for s in range(1, 50))
     opt.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("knots", [[3, 1], [0], [2, 2], "12", [1.0], (k for k in [1])])
+def test_from_steps_refuses_what_the_constructor_refuses(knots: Any) -> None:
+    """``from_steps`` is public and took any list ("already checked"), ``[3, 1, -2]`` too."""
+    with pytest.raises(ValueError, match="knots must be a strictly increasing list"):
+        KnotSchedule.from_steps(knots)
+    assert KnotSchedule.from_steps(range(2, 9, 3)).knots == (2, 5, 8)
+    assert KnotSchedule.from_steps([]).knots == ()

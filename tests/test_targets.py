@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import tiny_llama
+from models import assert_same, fingerprint, mlp, tiny_llama
 from test_config import _refused
 from torch import nn
 
@@ -244,3 +244,74 @@ def test_all_linear_on_a_dense_model_does_not_warn() -> None:
             model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules="all-linear",
             knot_every=2,
         )  # fmt: skip
+
+
+# --- names that match nothing, and hints ---
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"target_modules": ["0", "q_proj"]}, r"target_modules entry 'q_proj' matches no module"),
+        ({"target_modules": {"0", "nope"}}, r"target_modules entry 'nope' matches no module"),
+        ({"target_modules": ["0"], "trainable_modules": ["4", "head"]},
+         r"trainable_modules entry 'head' matches no module"),
+        ({"target_parameters": ["0.weight", "2.wieght"]},
+         r"target_parameters entry '2.wieght' matches no parameter.*did you mean '2.weight'"),
+    ],
+)  # fmt: skip
+def test_an_entry_that_matches_nothing_is_refused_naming_it(
+    kwargs: dict[str, Any], match: str
+) -> None:
+    """One typo in a list of names was ignored as long as another entry matched: the chain
+    silently adapted (or trained) less than asked."""
+    _refused(mlp(), ValueError, match, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("all_linear", "did you mean the string 'all-linear'"),
+        (["all-linear"], "did you mean the string 'all-linear' itself"),
+        (r".*\.0", r"read as a name suffix, not a regex .*re\.compile"),
+        (["0", "q_porj"], "did you mean 'q_proj'"),
+    ],
+)
+def test_a_name_that_matches_nothing_gets_a_hint(spec: object, match: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Module())
+    model[1].q_proj = nn.Linear(4, 4)
+    _refused(model, ValueError, match, target_modules=spec)
+
+
+def test_bytes_are_refused_as_the_bytes_given() -> None:
+    """``b"0"`` was read as the list ``[48]`` and the message showed that list."""
+    _refused(mlp(), TypeError, r"target_modules must be .* got bytes: b'0'", target_modules=b"0")
+
+
+def test_either_name_of_a_module_registered_twice_matches_it_under_its_first_name() -> None:
+    """A module held at two places was matched by its first name only: its second name
+    ``"2"`` "matched no module"."""
+    for spec in (["2"], ["0"], ["0", "2"], re.compile("2")):
+        lin = nn.Linear(4, 4)
+        model = nn.Sequential(lin, nn.Tanh(), lin)
+        opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                 target_modules=spec, rank=2, knot_every=2)  # fmt: skip
+        assert opt.config.modules == ("0",), spec
+        assert [m for _, m in opt.adapted_modules()] == [lin]
+
+
+def test_a_model_on_the_meta_device_is_refused_before_anything_changes() -> None:
+    """A chain built on the meta device drew its factors there; ``to_empty()`` then filled A
+    and B with garbage (the model's function changed) and replaced the Parameters the
+    optimizer held (it stepped nothing)."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.Module())
+        model[1].w = nn.Parameter(torch.empty(2, 4, 4))
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = fingerprint(model, base)
+    for kwargs in ({"target_modules": ["0"]}, {"target_parameters": ["1.w"]}):
+        with pytest.raises(
+            ValueError, match=r"matches '[01][.w]*', whose parameters are on the meta"
+        ):
+            ChainLoRAOptimizer(model, base, rank=2, knot_every=2, **kwargs)
+        assert_same(before, fingerprint(model, base))
