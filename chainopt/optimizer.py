@@ -247,6 +247,12 @@ class ChainLoRAOptimizer(WrappedOptimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One step of the wrapped optimizer; then a knot if the schedule says one is due.
 
+        The knot schedule counts the calls of this method, as an LR scheduler counts its steps,
+        a call in which no parameter had a gradient included (torch's optimizers change nothing
+        then; if no factor got a gradient in a whole link, the knot raises rather than merge
+        nothing). A step a ``GradScaler`` skips for inf/NaN gradients is not counted: it does not
+        call an unfused step, and a fused one (``fused=True``) it calls skips itself.
+
         A knot that failed half-way (an exception inside it) and was not finished since (by
         :meth:`tie_knot` or :meth:`zero_grad`) is finished first; this step's gradients were then
         computed before it, so prefer ``zero_grad()`` or ``tie_knot()`` after catching the error.
@@ -254,9 +260,12 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         Raises:
             NonFiniteUpdateError: a knot is due and a link must not be merged (no weight changed).
             RuntimeError: a knot is due and the model was cast after wrapping (see
-                :meth:`accept_dtypes`), or its links were removed; nothing was changed.
+                :meth:`accept_dtypes`), or its links were removed; or a frozen weight under a
+                link requires grad again and the optimizer does not step it
+                (``model.requires_grad_(True)`` after wrapping). Nothing was changed.
         """
         self._require_chain(full=self.schedule.is_due(self.optimizer_steps + 1))
+        self._require_frozen_weights()
         if self.chain.pending is not None:
             self.tie_knot()
         if closure is None:
@@ -264,8 +273,47 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         else:
             with torch.enable_grad():
                 loss = self._base.step(closure)
+        if not self._stepped():
+            return loss
         self.count_step()
         return loss
+
+    def _stepped(self) -> bool:
+        """Whether the wrapped optimizer's step just now was taken: not when a ``GradScaler``
+        found inf/NaN gradients and a fused step (fused Adam, SGD) skipped itself. The scaler
+        sets ``found_inf`` for such a step; an unfused step it skips is never called. A skipped
+        step is not counted by the knot schedule either way."""
+        found_inf = self._base.__dict__.get("found_inf")
+        return not (isinstance(found_inf, Tensor) and bool(found_inf.detach().ne(0).any()))
+
+    def _require_frozen_weights(self) -> None:
+        """Refuse a step while a weight under a link requires grad and the optimizer does not
+        step it (``model.requires_grad_(True)`` after wrapping): it would never train, yet its
+        gradient would be computed every step, never cleared by ``zero_grad()`` and counted by
+        ``clip_grad_norm_(model.parameters(), ...)``, silently shrinking the factors' updates.
+        A weight added to the optimizer (``add_param_group``) trains as in any optimizer.
+        """
+        hot = [
+            (r.name, t)
+            for r in self.chain.records
+            for t in (r.weight, r.bias)
+            if isinstance(t, Tensor) and t.requires_grad
+        ]
+        if not hot:
+            return
+        held = {id(p) for g in self._base.param_groups for p in g["params"]}
+        loose = [name for name, t in hot if id(t) not in held]
+        if loose:
+            raise RuntimeError(
+                f"the frozen weight (or bias) under the link of {loose[0]!r} requires grad again "
+                f"({len(loose)} such tensors in all; model.requires_grad_(True) after the chain "
+                "was built?), but the optimizer does not step it: it would never train, while its "
+                "gradient would be computed every step, never cleared by zero_grad() and counted "
+                "by clip_grad_norm_(model.parameters(), ...). Nothing was changed. Freeze it again "
+                "(model.requires_grad_(False), then requires_grad_(True) on every parameter in "
+                "opt.param_groups), or add it to the optimizer with opt.add_param_group(...) to "
+                "train it directly"
+            )
 
     def count_step(self) -> None:
         """Count an optimizer step the wrapped optimizer took outside :meth:`step` (an engine

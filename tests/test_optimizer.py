@@ -252,6 +252,97 @@ def test_closure_is_passed_through() -> None:
     assert opt.optimizer_steps == 1
 
 
+def _scaled_run(base: Callable[[Any], torch.optim.Optimizer], inf_at: int) -> ChainLoRAOptimizer:
+    """Seven iterations under a GradScaler; the loss of iteration ``inf_at`` is inf."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ChainLoRAOptimizer(
+        model, base(model.parameters()), target_modules=["0", "2"], rank=2, knot_every=3
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(7):
+        loss = model(torch.randn(8, 12, generator=gen)).square().mean()
+        scaler.scale(loss * (float("inf") if i == inf_at else 1.0)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    return opt
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda fused: lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, fused=fused),
+        lambda fused: lambda p: torch.optim.Adam(p, lr=1e-2, fused=fused),
+    ],
+    ids=["sgd", "adam"],
+)
+def test_a_grad_scaler_over_a_fused_optimizer_unscales_and_its_skipped_step_ties_no_knot(
+    make: Callable[[bool], Callable[[Any], torch.optim.Optimizer]],
+) -> None:
+    """A fused step unscales and skips by itself, reading ``grad_scale``/``found_inf`` that the
+    scaler sets on the optimizer it is given: they must reach the wrapped one. Before, a fused
+    SGD stepped on gradients 256 times too large and on the inf ones (the model went inf), and
+    the skipped step was counted, so the knot came a step early."""
+    plain, fused = _scaled_run(make(False), inf_at=2), _scaled_run(make(True), inf_at=2)
+    for opt in (plain, fused):  # the inf step (the 3rd, a knot step) is skipped: 6 counted
+        assert (opt.optimizer_steps, [k.step for k in opt.history.knots]) == (6, [3, 6])
+    assert len(plain.history.knots) == len(fused.history.knots)
+    for (key, a), b in zip(
+        plain.model.state_dict().items(), fused.model.state_dict().values(), strict=True
+    ):
+        assert torch.isfinite(b).all(), key
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=key)
+    assert not hasattr(fused.optimizer, "found_inf")  # the scaler removed what it set
+
+
+def test_a_step_without_gradients_is_counted_like_an_lr_scheduler_step() -> None:
+    """What ``step()``'s docstring promises: counted, nothing changed (the knot's guard raises
+    if a whole link gets no gradient: ``test_peft_layers.py``)."""
+    opt = _wrap(knot_every=3)
+    _train(opt.model, opt, 1)
+    before = snapshot(opt.model)
+    opt.step()
+    assert opt.optimizer_steps == 2 and opt.knots_tied == 0
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(opt.model).items())
+    _train(opt.model, opt, 1)
+    assert [k.step for k in opt.history.knots] == [3]
+
+
+def test_a_frozen_weight_made_trainable_again_is_refused_before_the_step() -> None:
+    """``model.requires_grad_(True)`` after wrapping: the adapted weights are not in the
+    optimizer, so they would not train, yet their gradients piled up (``zero_grad()`` does not
+    clear them) and ``clip_grad_norm_(model.parameters())`` counted them: the factors' updates
+    shrank a little more each step, silently. Refused; re-frozen, it trains on; a weight the user
+    adds to the optimizer trains as in any optimizer."""
+    opt = _wrap(name="sgd_momentum", knot_every=2)
+    model = opt.model
+    _train(model, opt, 1)
+    model.requires_grad_(True)
+    model(torch.randn(8, 12)).square().mean().backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    before, state = snapshot(model), {k: dict(v) for k, v in opt.state.items()}
+    with pytest.raises(RuntimeError, match=r"'0'.*requires grad again.*4 such tensors"):
+        opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+    assert opt.optimizer_steps == 1 and len(opt.state) == len(state)
+    model.requires_grad_(False)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.requires_grad_(True)
+    opt.zero_grad()
+    _train(model, opt, 1)
+    assert (opt.optimizer_steps, opt.knots_tied) == (2, 1)
+    weight = model[2].parametrizations.weight.original
+    weight.requires_grad_(True)
+    opt.add_param_group({"params": [weight], "lr": 0.1})
+    opt.zero_grad()
+    w = weight.detach().clone()
+    _train(model, opt, 1)
+    assert not torch.equal(weight, w)
+
+
 def test_training_reduces_the_loss_across_knots_on_hf_models() -> None:
     for model in (tiny_llama(), tiny_opt()):
         opt = ChainLoRAOptimizer(
