@@ -104,6 +104,7 @@ class _Attempt:
     rank: int
     new_a: list[Tensor | None]
     generator_state: Tensor
+    shapes: dict[int, tuple[int, ...]]  # every factor's shape before the knot, by id
     merged: set[str] = field(default_factory=set)
 
 
@@ -179,8 +180,9 @@ def tie_knot(chain: Chain, step: int) -> KnotRecord:
                     r.delta.reset_parameters()
                 attempt.merged.add(r.name)
         _restart(chain, attempt)
-        chain.reset_state(chain.optimizer.state, chain.factors(attempt.good))
-        chain.drop_state(chain.optimizer.state, chain.factors(attempt.bad))
+        resized = [p for p in chain.factors() if tuple(p.shape) != attempt.shapes.get(id(p))]
+        chain.reset_state(chain.optimizer.state, chain.factors(attempt.good), resized)
+        chain.drop_state(chain.optimizer.state, chain.factors(attempt.bad), resized)
     chain.history.add(attempt.record)
     chain.knots_tied += 1
     chain.pending = None
@@ -218,7 +220,8 @@ def _inspect_and_record(chain: Chain, step: int) -> _Attempt:
     )
     rank = chain.config.link_rank(chain.knots_tied + 1)
     new_a = chain.link_init.initial_a([r.name for r in chain.records], rank)
-    return _Attempt(step, good, bad, record, rank, new_a, chain.generator.get_state())
+    shapes = {id(p): tuple(p.shape) for p in chain.factors()}
+    return _Attempt(step, good, bad, record, rank, new_a, chain.generator.get_state(), shapes)
 
 
 def _restart(chain: Chain, attempt: _Attempt) -> None:

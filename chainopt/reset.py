@@ -7,13 +7,16 @@
   smallest first moment (Adam's ``exp_avg``, SGD's ``momentum_buffer``: the first state tensor
   shaped like the parameter) is zeroed in *every* state tensor shaped like the parameter, with
   one mask; counters such as Adam's ``step`` are kept. One shared mask matters: pruning Adam's
-  second moment where the first survives divides by ``√0 + ε`` and diverges.
-- ``"moments"``: every state tensor shaped like the parameter is zeroed, counters (``step``) are
-  kept: optimizers whose early steps are special (RAdam's rectification warm-up, a bias
-  correction) do not start over.
+  second moment where the first survives divides by ``√0 + ε`` and diverges. State of another
+  shape (Adafactor's factored row and column variances) has no entry-wise mask and is kept.
+- ``"moments"``: every state tensor that is not a scalar (the moments, Adafactor's factored
+  variances among them) is zeroed, scalar counters (``step``) are kept: optimizers whose early
+  steps are special (RAdam's rectification warm-up, a bias correction) do not start over.
 
-A factor whose shape changed (rank step-down), and a link dropped because it was not finite,
-always lose their state. :func:`resolve_reset` turns a policy into the function a knot calls.
+A factor whose shape changed (rank step-down: the knot says which), and a link dropped because
+it was not finite, always lose their state; the state of any other factor keeps its entries and
+their shapes under ``"none"``, ``"prune"`` and ``"moments"`` (Adafactor's included).
+:func:`resolve_reset` turns a policy into the function a knot calls.
 
 Example:
     >>> import torch
@@ -27,7 +30,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Callable, Collection, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -39,8 +42,11 @@ __all__ = ["ResetPolicy"]  # the public names (chainopt re-exports them); the re
 ResetPolicy: TypeAlias = Literal["full", "none", "prune", "moments"]
 """What a knot does to the factors' optimizer state (see :mod:`chainopt.reset`)."""
 
-StateReset: TypeAlias = Callable[[MutableMapping[Any, dict[str, Any]], Sequence[Tensor]], None]
-"""``reset(state, params)``: apply a policy to ``state[p]`` of each of ``params``, in place."""
+StateReset: TypeAlias = Callable[
+    [MutableMapping[Any, dict[str, Any]], Sequence[Tensor], Collection[Tensor]], None
+]
+"""``reset(state, params, resized)``: apply a policy to ``state[p]`` of each of ``params``, in
+place; the state of those in ``resized`` (new shapes) is dropped whatever the policy."""
 
 
 class FreshState:
@@ -68,12 +74,17 @@ def _clone(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _shaped(entry: dict[str, Any]) -> list[Tensor]:
+    """The state tensors that are not scalars (moments, of the parameter's shape or not)."""
     return [v for v in entry.values() if isinstance(v, Tensor) and v.dim() > 0]
 
 
 @torch.no_grad()
-def _prune_(tensors: list[Tensor], ratio: float) -> None:
-    """Zero, in every tensor, the entries where the first one is among the smallest ``ratio``."""
+def _prune_(tensors: list[Tensor], ratio: float, shape: torch.Size) -> None:
+    """Zero, in every tensor of ``shape``, the entries where the first one is among the smallest
+    ``ratio`` (tensors of other shapes are kept)."""
+    tensors = [t for t in tensors if t.shape == shape]
+    if not tensors:
+        return
     k = int(ratio * tensors[0].numel())
     if k <= 0:
         return
@@ -88,42 +99,46 @@ def _prune_(tensors: list[Tensor], ratio: float) -> None:
 class _Reset:
     """A reset policy as a callable object (deep-copied with the optimizer, unlike a closure).
 
-    ``edit(tensors, prune_ratio)`` changes the state tensors shaped like a parameter in place;
-    ``None`` drops the state (the full reset).
+    ``edit(tensors, prune_ratio, shape)`` changes a parameter's non-scalar state tensors in place
+    (``shape``: the parameter's); ``None`` drops the state (the full reset).
     """
 
-    edit: Callable[[list[Tensor], float], None] | None
+    edit: Callable[[list[Tensor], float, torch.Size], None] | None
     prune_ratio: float
     fresh: FreshState | None
 
     def __call__(
-        self, state: MutableMapping[Any, dict[str, Any]], params: Sequence[Tensor]
+        self,
+        state: MutableMapping[Any, dict[str, Any]],
+        params: Sequence[Tensor],
+        resized: Collection[Tensor] = (),
     ) -> None:
+        new_shapes = {id(p) for p in resized}
         for p in params:
             entry = state.get(p)
             if entry is None:
                 continue
             shaped = _shaped(entry)
-            if self.edit is None or any(v.shape != p.shape for v in shaped):
+            if self.edit is None or id(p) in new_shapes:
                 del state[p]
                 if self.fresh is not None:
                     self.fresh.restore(state, p)
             elif shaped:
-                self.edit(shaped, self.prune_ratio)
+                self.edit(shaped, self.prune_ratio, p.shape)
 
 
-def _keep(tensors: list[Tensor], ratio: float) -> None:
+def _keep(tensors: list[Tensor], ratio: float, shape: torch.Size) -> None:
     """``reset="none"``: nothing changes."""
 
 
 @torch.no_grad()
-def _zero_(tensors: list[Tensor], ratio: float) -> None:
+def _zero_(tensors: list[Tensor], ratio: float, shape: torch.Size) -> None:
     """``reset="moments"``: every moment is zeroed; counters stay."""
     for t in tensors:
         t.zero_()
 
 
-_EDITS: dict[str, Callable[[list[Tensor], float], None] | None] = {
+_EDITS: dict[str, Callable[[list[Tensor], float, torch.Size], None] | None] = {
     "full": None,
     "none": _keep,
     "prune": _prune_,

@@ -91,6 +91,49 @@ def test_a_rank_change_always_drops_the_state() -> None:
     assert opt.state[link.lora_A]["exp_avg"].shape == (2, 12)
 
 
+def _adafactor_states(reset: str, knot_every: int, rank: object = 3) -> dict[str, dict]:
+    """Every factor's Adafactor state after two steps, by parameter name."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.Adafactor(model.parameters(), lr=1e-2), target_modules=["0", "2"],
+        rank=rank, knot_every=knot_every, reset=reset, lora_bias=True,
+    )  # fmt: skip
+    _train(model, opt, 2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: dict(opt.state[p]) for p in opt.factors() if p in opt.state}
+
+
+@pytest.mark.parametrize("reset", ["none", "moments", "prune"])
+def test_adafactor_s_factored_state_is_kept_or_zeroed_as_the_policy_says(reset: str) -> None:
+    """Adafactor keeps a matrix's second moment as a row and a column factor, never shaped like
+    the parameter. Before, that was taken for a rank change: every policy dropped the whole state
+    and its step counter, so ``"none"`` kept nothing and ``"moments"`` restarted the counters."""
+    unknotted, knotted = _adafactor_states(reset, 100), _adafactor_states(reset, 2)
+    assert sorted(knotted) == sorted(unknotted) and len(knotted) == 6  # A, B, bias delta x 2
+    matrices = 0
+    for name, state in knotted.items():
+        assert sorted(state) == sorted(unknotted[name]), name
+        assert torch.equal(state["step"], unknotted[name]["step"]) and float(state["step"]) == 2
+        for key, value in state.items():
+            if key == "step":
+                continue
+            if reset == "moments":
+                assert value.shape == unknotted[name][key].shape and not value.any(), (name, key)
+            elif reset == "none" or value.dim() == 2:  # prune: no mask fits a factored moment
+                assert torch.equal(value, unknotted[name][key]), (name, key)
+            else:  # a bias delta's full second moment, pruned
+                assert (value == 0).float().mean() >= 0.9 - 1 / value.numel(), (name, key)
+        matrices += "row_var" in state
+    assert matrices == 4
+
+
+def test_a_rank_change_drops_adafactor_s_state_under_any_policy() -> None:
+    states = _adafactor_states("none", 2, rank=[3, 2])
+    assert not any(n.endswith(("lora_A", "lora_B")) for n in states)  # resized, dropped
+    assert len(states) == 2  # the bias deltas keep theirs
+
+
 def test_state_built_at_construction_is_restored_by_a_full_reset() -> None:
     model = mlp()
     opt = ChainLoRAOptimizer(
