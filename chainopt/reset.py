@@ -5,13 +5,19 @@
 - ``"none"``: the state is kept as it is.
 - ``"prune"``: ReLoRA-style magnitude pruning: the ``prune_ratio`` fraction of entries with the
   smallest first moment (Adam's ``exp_avg``, SGD's ``momentum_buffer``: the first state tensor
-  shaped like the parameter) is zeroed in *every* state tensor shaped like the parameter, with
+  shaped like the parameter) is restarted in *every* state tensor shaped like the parameter, with
   one mask; counters such as Adam's ``step`` are kept. One shared mask matters: pruning Adam's
   second moment where the first survives divides by ``√0 + ε`` and diverges. State of another
   shape (Adafactor's factored row and column variances) has no entry-wise mask and is kept.
 - ``"moments"``: every state tensor that is not a scalar (the moments, Adafactor's factored
-  variances among them) is zeroed, scalar counters (``step``) are kept: optimizers whose early
+  variances among them) is restarted, scalar counters (``step``) are kept: optimizers whose early
   steps are special (RAdam's rectification warm-up, a bias correction) do not start over.
+
+To restart is to set where the optimizer itself starts that state (:class:`InitialState`):
+zero for the moments of Adam, SGD, RMSprop, Adafactor, but Rprop's step sizes go back to ``lr``
+(zero would freeze the factor for good) and Adagrad's sums to ``initial_accumulator_value``.
+State that is not the parameter's own (LBFGS keeps one flat history for all its parameters)
+is dropped by ``"prune"`` and ``"moments"``.
 
 A factor whose shape changed (rank step-down: the knot says which), and a link dropped because
 it was not finite, always lose their state; the state of any other factor keeps its entries and
@@ -30,12 +36,15 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, MutableMapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
+
+from ._scratch import initial_state
 
 __all__ = ["ResetPolicy"]  # the public names (chainopt re-exports them); the rest is internal
 
@@ -73,39 +82,108 @@ def _clone(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: v.clone() if isinstance(v, Tensor) else v for k, v in entry.items()}
 
 
-def _shaped(entry: dict[str, Any]) -> list[Tensor]:
-    """The state tensors that are not scalars (moments, of the parameter's shape or not)."""
-    return [v for v in entry.values() if isinstance(v, Tensor) and v.dim() > 0]
+Start: TypeAlias = Callable[[Tensor, dict[Any, Any]], Mapping[str, Any] | None]
+"""``start(p, seen)``: the state the optimizer starts ``p``'s state at (:class:`InitialState`),
+or ``None`` where it cannot tell (then moments restart at zero); ``seen`` caches within a knot."""
+
+
+class InitialState:
+    """Where ``optimizer`` starts a parameter's state: a scratch copy of it (the parameter's
+    group's current hyperparameters) stepped once with a zero gradient on a zero parameter of that
+    shape (:func:`chainopt._scratch.initial_state`). Zero for Adam's moments, ``lr`` for Rprop's
+    step sizes, ``initial_accumulator_value`` for Adagrad's sums.
+
+    Args:
+        optimizer: the optimizer that holds the parameters (read at each call).
+    """
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def __call__(self, p: Tensor, seen: dict[Any, Any]) -> Mapping[str, Any] | None:
+        """``p``'s starting state; ``seen`` keeps those of one knot (one scratch step per
+        group, shape and dtype)."""
+        for i, group in enumerate(self.optimizer.param_groups):
+            if any(q is p for q in group["params"]):
+                key = (i, tuple(p.shape), p.dtype, p.device)
+                if key not in seen:
+                    seen[key] = initial_state(self.optimizer, i, p)
+                return seen[key]  # type: ignore[no-any-return]
+        return None
+
+
+def _per_parameter(entry: dict[str, Any], shape: torch.Size) -> bool:
+    """Whether ``entry`` holds only counters and moments of this parameter: tensors of its shape,
+    or factored ones (Adafactor's ``(rows, 1)`` and ``(1, cols)``), or scalars. LBFGS' flat
+    history over all its parameters is not."""
+    for value in entry.values():
+        if isinstance(value, (list, tuple, dict)):
+            return False
+        if isinstance(value, Tensor) and value.dim() > 0:
+            fits = value.dim() == len(shape) and all(
+                v in (s, 1) for v, s in zip(value.shape, shape, strict=True)
+            )
+            if not fits:
+                return False
+    return True
+
+
+def _moments(entry: dict[str, Any]) -> list[tuple[str, Tensor]]:
+    """The state tensors that are not scalars (the moments), with their keys."""
+    return [(k, v) for k, v in entry.items() if isinstance(v, Tensor) and v.dim() > 0]
+
+
+def _start_of(key: str, t: Tensor, start: Mapping[str, Any] | None) -> Tensor | None:
+    """What the optimizer starts ``t`` (state ``key``) at, if it told: ``None`` is zero."""
+    value = None if start is None else start.get(key)
+    if isinstance(value, Tensor) and value.shape == t.shape:
+        return value.to(device=t.device, dtype=t.dtype)
+    return None
 
 
 @torch.no_grad()
-def _prune_(tensors: list[Tensor], ratio: float, shape: torch.Size) -> None:
-    """Zero, in every tensor of ``shape``, the entries where the first one is among the smallest
-    ``ratio`` (tensors of other shapes are kept)."""
-    tensors = [t for t in tensors if t.shape == shape]
-    if not tensors:
+def _prune_(
+    moments: list[tuple[str, Tensor]],
+    ratio: float,
+    shape: torch.Size,
+    start: Mapping[str, Any] | None,
+) -> None:
+    """Restart, in every moment of ``shape``, the entries where the first one is among the
+    smallest ``ratio`` (at zero, or where the optimizer starts that state); moments of other
+    shapes are kept."""
+    moments = [(k, t) for k, t in moments if t.shape == shape]
+    if not moments:
         return
-    k = int(ratio * tensors[0].numel())
+    k = int(ratio * moments[0][1].numel())
     if k <= 0:
         return
-    magnitude = tensors[0].detach().abs().float()
+    magnitude = moments[0][1].detach().abs().float()
     threshold = magnitude.flatten().kthvalue(k).values
     drop = magnitude <= threshold
-    for t in tensors:
-        t.masked_fill_(drop, 0)
+    for key, t in moments:
+        begin = _start_of(key, t, start)
+        if begin is None:
+            t.masked_fill_(drop, 0)
+        else:
+            t.copy_(torch.where(drop, begin, t))
 
 
 @dataclass(frozen=True)
 class _Reset:
     """A reset policy as a callable object (deep-copied with the optimizer, unlike a closure).
 
-    ``edit(tensors, prune_ratio, shape)`` changes a parameter's non-scalar state tensors in place
-    (``shape``: the parameter's); ``None`` drops the state (the full reset).
+    ``edit(moments, prune_ratio, shape, start)`` changes a parameter's non-scalar state tensors in
+    place (``shape``: the parameter's; ``start``: where the optimizer starts that state, or
+    ``None``); ``None`` drops the state (the full reset).
     """
 
-    edit: Callable[[list[Tensor], float, torch.Size], None] | None
+    edit: (
+        Callable[[list[tuple[str, Tensor]], float, torch.Size, Mapping[str, Any] | None], None]
+        | None
+    )
     prune_ratio: float
     fresh: FreshState | None
+    start: Start | None = None
 
     def __call__(
         self,
@@ -114,40 +192,64 @@ class _Reset:
         resized: Collection[Tensor] = (),
     ) -> None:
         new_shapes = {id(p) for p in resized}
+        seen: dict[Any, Any] = {}
         for p in params:
             entry = state.get(p)
-            if entry is None:
+            if entry is None or (self.edit is _keep and id(p) not in new_shapes):
                 continue
-            shaped = _shaped(entry)
-            if self.edit is None or id(p) in new_shapes:
+            if self.edit is None or id(p) in new_shapes or not _per_parameter(entry, p.shape):
                 del state[p]
                 if self.fresh is not None:
                     self.fresh.restore(state, p)
-            elif shaped:
-                self.edit(shaped, self.prune_ratio, p.shape)
+                continue
+            moments = _moments(entry)
+            if moments:
+                begin = self.start(p, seen) if self.start is not None else None
+                self.edit(moments, self.prune_ratio, p.shape, begin)
 
 
-def _keep(tensors: list[Tensor], ratio: float, shape: torch.Size) -> None:
+def _keep(
+    moments: list[tuple[str, Tensor]],
+    ratio: float,
+    shape: torch.Size,
+    start: Mapping[str, Any] | None,
+) -> None:
     """``reset="none"``: nothing changes."""
 
 
 @torch.no_grad()
-def _zero_(tensors: list[Tensor], ratio: float, shape: torch.Size) -> None:
-    """``reset="moments"``: every moment is zeroed; counters stay."""
-    for t in tensors:
-        t.zero_()
+def _restart_(
+    moments: list[tuple[str, Tensor]],
+    ratio: float,
+    shape: torch.Size,
+    start: Mapping[str, Any] | None,
+) -> None:
+    """``reset="moments"``: every moment restarts (at zero, or where the optimizer starts it);
+    counters stay."""
+    for key, t in moments:
+        begin = _start_of(key, t, start)
+        if begin is None:
+            t.zero_()
+        else:
+            t.copy_(begin)
 
 
-_EDITS: dict[str, Callable[[list[Tensor], float, torch.Size], None] | None] = {
+_EDITS: dict[
+    str,
+    Callable[[list[tuple[str, Tensor]], float, torch.Size, Mapping[str, Any] | None], None] | None,
+] = {
     "full": None,
     "none": _keep,
     "prune": _prune_,
-    "moments": _zero_,
+    "moments": _restart_,
 }
 
 
 def resolve_reset(
-    policy: ResetPolicy, prune_ratio: float = 0.9, fresh: FreshState | None = None
+    policy: ResetPolicy,
+    prune_ratio: float = 0.9,
+    fresh: FreshState | None = None,
+    start: Start | None = None,
 ) -> StateReset:
     """The function a knot calls for ``policy``.
 
@@ -155,10 +257,12 @@ def resolve_reset(
         policy: ``"full"``, ``"none"``, ``"prune"`` or ``"moments"``.
         prune_ratio: fraction of entries zeroed by ``"prune"``.
         fresh: construction-time state that ``"full"`` restores.
+        start: where the optimizer starts a parameter's state (``"moments"`` and ``"prune"``
+            restart there; zero without it).
 
     Raises:
         ValueError: an unknown policy.
     """
     if policy not in _EDITS:
         raise ValueError(f"reset must be one of {sorted(_EDITS)}, got {policy!r}")
-    return _Reset(_EDITS[policy], prune_ratio, fresh)
+    return _Reset(_EDITS[policy], prune_ratio, fresh, start)

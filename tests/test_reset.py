@@ -134,6 +134,42 @@ def test_a_rank_change_drops_adafactor_s_state_under_any_policy() -> None:
     assert len(states) == 2  # the bias deltas keep theirs
 
 
+@pytest.mark.parametrize("reset", ["moments", "prune"])
+def test_rprop_s_step_sizes_restart_at_lr_not_zero(reset: str) -> None:
+    """Rprop's ``step_size`` is shaped like the parameter but is no moment: zeroed at a knot
+    (before), each new B (zero) could never move again, so every later knot merged nothing."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.Rprop(model.parameters(), lr=0.01), target_modules=["0"], rank=2,
+        knot_every=2, reset=reset, prune_ratio=0.5,
+    )  # fmt: skip
+    _train(model, opt, 2)
+    b = lora_parametrization(model[0]).lora_B
+    state = opt.state[b]
+    assert float(state["step"]) == 2  # the counter is kept
+    if reset == "moments":
+        assert torch.equal(state["step_size"], torch.full_like(b, 0.01))
+        assert not state["prev"].any()
+    else:  # where the mask restarts an entry, its step size is lr again, never 0
+        assert (state["step_size"] > 0).all() and (state["step_size"] == 0.01).any()
+    _train(model, opt, 2)  # the next link trains and its knot merges something
+    assert opt.knots_tied == 2 and opt.history.knots[-1].norms["0"] > 0
+
+
+def test_adagrad_s_sums_restart_at_the_initial_accumulator_value() -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.Adagrad(model.parameters(), lr=0.1, initial_accumulator_value=0.5),
+        target_modules=["0"], rank=2, knot_every=2, reset="moments",
+    )  # fmt: skip
+    _train(model, opt, 2)
+    a = lora_parametrization(model[0]).lora_A
+    assert torch.equal(opt.state[a]["sum"], torch.full_like(a, 0.5))
+    assert float(opt.state[a]["step"]) == 2
+
+
 def test_state_built_at_construction_is_restored_by_a_full_reset() -> None:
     model = mlp()
     opt = ChainLoRAOptimizer(
