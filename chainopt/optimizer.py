@@ -262,10 +262,14 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             RuntimeError: a knot is due and the model was cast after wrapping (see
                 :meth:`accept_dtypes`), or its links were removed; or a frozen weight under a
                 link requires grad again and the optimizer does not step it
-                (``model.requires_grad_(True)`` after wrapping). Nothing was changed.
+                (``model.requires_grad_(True)`` after wrapping); or the model's factors are no
+                longer the Parameters the wrapped optimizer steps (``model.to("meta")`` replaced
+                them, or FSDP2 sharded them before :meth:`rebind_parameters`). Nothing was
+                changed.
         """
         self._require_chain(full=self.schedule.is_due(self.optimizer_steps + 1))
         self._require_frozen_weights()
+        self._require_held_factors()
         if self.chain.pending is not None:
             self.tie_knot()
         if closure is None:
@@ -285,6 +289,29 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         step is not counted by the knot schedule either way."""
         found_inf = self._base.__dict__.get("found_inf")
         return not (isinstance(found_inf, Tensor) and bool(found_inf.detach().ne(0).any()))
+
+    def _require_held_factors(self) -> None:
+        """Refuse a step while the model's factors are not the Parameters the wrapped optimizer
+        steps: it would train the old ones, which the model no longer uses, and nothing would
+        train. ``model.to(...)`` replaces Parameters where it cannot move them in place (to or
+        from the meta device, or under ``torch.__future__.set_overwrite_module_params_on_
+        conversion(True)``), as FSDP2's ``fully_shard`` does before :meth:`rebind_parameters`.
+        An engine that steps copies of the factors (DeepSpeed) counts its steps otherwise."""
+        if any(getattr(c, "steps_factors", False) for c in self.chain.contexts.values()):
+            return
+        if self._holds_factors():
+            return
+        held = {id(p) for g in self._base.param_groups for p in g["params"]}
+        stale = [r.name for r in self.chain.records if any(id(p) not in held for p in r.factors())]
+        raise RuntimeError(
+            f"the factors of {stale[0]!r} ({len(stale)} module(s) in all) are not the Parameters "
+            "the wrapped optimizer steps: the model's Parameters were replaced after the chain "
+            "was built (model.to(...) to or from the meta device, or with torch.__future__."
+            "set_overwrite_module_params_on_conversion(True); fully_shard without "
+            "opt.rebind_parameters()), so the optimizer would train copies the model no longer "
+            "uses. Nothing was changed. Move the model before building the ChainLoRAOptimizer, "
+            "or call opt.rebind_parameters() after sharding"
+        )
 
     def _require_frozen_weights(self) -> None:
         """Refuse a step while a weight under a link requires grad and the optimizer does not

@@ -343,6 +343,33 @@ def test_a_frozen_weight_made_trainable_again_is_refused_before_the_step() -> No
     assert not torch.equal(weight, w)
 
 
+@pytest.mark.parametrize("move", ["meta", "overwrite"])
+def test_a_model_whose_parameters_a_move_replaced_is_refused_before_the_step(move: str) -> None:
+    """``model.to("meta")`` (and any ``.to`` under torch's overwrite-on-conversion flag) gives the
+    model new Parameter objects: the optimizer trained the old ones, which the model no longer
+    uses, silently until a knot, whose error blamed DeepSpeed."""
+    opt = _wrap(knot_every=3)
+    _train(opt.model, opt, 1)
+    old = [p.detach().clone() for p in opt.param_groups[0]["params"]]
+    if move == "meta":
+        opt.model.to("meta")
+    else:
+        flag = torch.__future__.get_overwrite_module_params_on_conversion()
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            opt.model.float()  # already float32: nothing but new Parameter objects
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(flag)
+    for p in opt.factors():
+        p.grad = torch.ones_like(p)
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match=r"'0' \(2 module\(s\) in all\) are not the Param"):
+        opt.step()
+    assert opt.optimizer_steps == 1
+    assert all(torch.equal(p, o) for p, o in zip(opt.param_groups[0]["params"], old, strict=True))
+
+
 def test_training_reduces_the_loss_across_knots_on_hf_models() -> None:
     for model in (tiny_llama(), tiny_opt()):
         opt = ChainLoRAOptimizer(
