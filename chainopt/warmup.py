@@ -94,6 +94,8 @@ class KnotWarmup:
         """
         groups = self.optimizer.param_groups
         scaled = [g["lr"] for g in groups]
+        # a group added since (add_param_group) starts at its own rate, unscaled
+        self._unscaled += scaled[len(self._unscaled) :]
         for group, lr in zip(groups, self._unscaled, strict=True):
             group["lr"] = lr
         try:

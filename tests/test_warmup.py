@@ -87,3 +87,18 @@ def test_reduce_lr_on_plateau_gets_its_metric_and_reduces_the_unscaled_rate() ->
     with pytest.raises(TypeError, match="metrics"):
         sched.step()
     assert [g["lr"] for g in opt.param_groups] == lrs
+
+
+def test_a_param_group_added_later_is_warmed_up_from_its_own_rate() -> None:
+    """Before: ``zip(strict=True)`` raised after the old groups' rates were already unscaled."""
+    opt = _opt()
+    sched = KnotWarmup(torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5), opt, 2)
+    _train(opt.model, opt, 1)
+    sched.step()
+    head = torch.nn.Parameter(torch.zeros(3))
+    opt.add_param_group({"params": [head], "lr": 0.1})
+    for _ in range(4):  # the knot after step 5: the factor is then 1/2
+        _train(opt.model, opt, 1)
+        sched.step()
+    assert opt.knots_tied == 1
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5**5 * 0.5, 0.1 * 0.5**4 * 0.5])
