@@ -370,6 +370,51 @@ def test_a_model_whose_parameters_a_move_replaced_is_refused_before_the_step(mov
     assert all(torch.equal(p, o) for p, o in zip(opt.param_groups[0]["params"], old, strict=True))
 
 
+def test_a_training_loop_with_clipping_and_a_schedule_is_lora_with_merges_written_by_hand() -> None:
+    """AdamW with weight decay, ``clip_grad_norm_(model.parameters())``, a cosine schedule on the
+    chain and a knot every 3 steps, against the same loop written out in float64: plain LoRA
+    factors, ``W += s·B·A`` at each knot, the new A taken from the chain, B zero and a fresh AdamW
+    state for the factors (the paper's "new optimizer state")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 6))
+    weight, bias = model[0].weight.detach().double(), model[0].bias.detach().double()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.1),
+        target_modules=["0"], rank=2, alpha=4, knot_every=3,
+    )  # fmt: skip
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10)
+    link = lora_parametrization(model[0])
+    a = nn.Parameter(link.lora_A.detach().double().clone())
+    b = nn.Parameter(link.lora_B.detach().double().clone())
+    ref = torch.optim.AdamW([a, b], lr=3e-2, weight_decay=0.1)
+    ref_sched = torch.optim.lr_scheduler.CosineAnnealingLR(ref, 10)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(1, 11):
+        x, t = torch.randn(8, 12, generator=gen), torch.randn(8, 6, generator=gen)
+        nn.functional.mse_loss(model(x), t).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        out = x.double() @ (weight + 2.0 * b @ a).T + bias  # s = alpha / rank = 2
+        nn.functional.mse_loss(out, t.double()).backward()
+        torch.nn.utils.clip_grad_norm_([a, b], 0.05)
+        ref.step()
+        ref_sched.step()
+        ref.zero_grad()
+        if step % 3 == 0:
+            with torch.no_grad():
+                weight += 2.0 * b @ a
+                a.copy_(link.lora_A)
+                b.zero_()
+            ref.state.clear()
+        chained = model[0].parametrizations.weight.original.double() + 2.0 * (
+            link.lora_B.double() @ link.lora_A.double()
+        )
+        torch.testing.assert_close(chained, weight + 2.0 * b @ a, rtol=0, atol=1e-6)
+    assert opt.knots_tied == 3 and float(opt.param_groups[0]["lr"]) == ref.param_groups[0]["lr"]
+
+
 def test_training_reduces_the_loss_across_knots_on_hf_models() -> None:
     for model in (tiny_llama(), tiny_opt()):
         opt = ChainLoRAOptimizer(
