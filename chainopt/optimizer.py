@@ -291,27 +291,33 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         return not (isinstance(found_inf, Tensor) and bool(found_inf.detach().ne(0).any()))
 
     def _require_held_factors(self) -> None:
-        """Refuse a step while the model's factors are not the Parameters the wrapped optimizer
-        steps: it would train the old ones, which the model no longer uses, and nothing would
-        train. ``model.to(...)`` replaces Parameters where it cannot move them in place (to or
-        from the meta device, or under ``torch.__future__.set_overwrite_module_params_on_
-        conversion(True)``), as FSDP2's ``fully_shard`` does before :meth:`rebind_parameters`.
-        An engine that steps copies of the factors (DeepSpeed) counts its steps otherwise."""
-        if any(getattr(c, "steps_factors", False) for c in self.chain.contexts.values()):
-            return
+        """Refuse a step while the wrapped optimizer holds Parameters the model had and has
+        replaced since, instead of the model's factors: it would train the old ones, which the
+        model no longer uses, and nothing would train. ``model.to(...)`` replaces Parameters where
+        it cannot move them in place (to or from the meta device, or under ``torch.__future__.
+        set_overwrite_module_params_on_conversion(True)``), as FSDP2's ``fully_shard`` does before
+        :meth:`rebind_parameters`. An engine's own copies in the groups (DeepSpeed) are not the
+        model's Parameters: those are left to the knot, which refuses what it would undo."""
         if self._holds_factors():
             return
-        held = {id(p) for g in self._base.param_groups for p in g["params"]}
-        stale = [r.name for r in self.chain.records if any(id(p) not in held for p in r.factors())]
-        raise RuntimeError(
-            f"the factors of {stale[0]!r} ({len(stale)} module(s) in all) are not the Parameters "
-            "the wrapped optimizer steps: the model's Parameters were replaced after the chain "
-            "was built (model.to(...) to or from the meta device, or with torch.__future__."
-            "set_overwrite_module_params_on_conversion(True); fully_shard without "
-            "opt.rebind_parameters()), so the optimizer would train copies the model no longer "
-            "uses. Nothing was changed. Move the model before building the ChainLoRAOptimizer, "
-            "or call opt.rebind_parameters() after sharding"
-        )
+        model_now = dict(self.model.named_parameters())
+        names = self._param_names
+        stale = [
+            names[id(p)]
+            for g in self._base.param_groups
+            for p in g["params"]
+            if id(p) in names and model_now.get(names[id(p)]) is not p
+        ]
+        if stale:
+            raise RuntimeError(
+                f"the wrapped optimizer steps {stale[0]!r} ({len(stale)} parameter(s) in all) as "
+                "the model had it, but the model's Parameter was replaced after the chain was "
+                "built (model.to(...) to or from the meta device, or with torch.__future__."
+                "set_overwrite_module_params_on_conversion(True); fully_shard without "
+                "opt.rebind_parameters()), so the optimizer would train copies the model no "
+                "longer uses. Nothing was changed. Move the model before building the "
+                "ChainLoRAOptimizer, or call opt.rebind_parameters() after sharding"
+            )
 
     def _require_frozen_weights(self) -> None:
         """Refuse a step while a weight under a link requires grad and the optimizer does not
