@@ -213,11 +213,17 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         """Clear gradients through the wrapped optimizer.
 
         A knot that raised half-way is finished first, before new gradients are computed (see
-        :mod:`chainopt.knot`).
+        :mod:`chainopt.knot`). A gradient left on a frozen weight or bias under a link (computed
+        while something had made it require grad, which :meth:`step` refuses) goes too: no
+        optimizer steps it, and ``clip_grad_norm_(model.parameters(), ...)`` would count it.
         """
         if self.chain.pending is not None:
             self.tie_knot()
         self._base.zero_grad(set_to_none)
+        for r in self.chain.records:
+            for frozen in (r.weight, r.bias):
+                if isinstance(frozen, Tensor) and not frozen.requires_grad:
+                    frozen.grad = None
 
     # --- the chain ---
     @property

@@ -331,7 +331,8 @@ def test_a_frozen_weight_made_trainable_again_is_refused_before_the_step() -> No
     for group in opt.param_groups:
         for p in group["params"]:
             p.requires_grad_(True)
-    opt.zero_grad()
+    opt.zero_grad()  # stale gradients under the links go too: clipping no longer sees them
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == ["4.weight", "4.bias"]
     _train(model, opt, 1)
     assert (opt.optimizer_steps, opt.knots_tied) == (2, 1)
     weight = model[2].parametrizations.weight.original
