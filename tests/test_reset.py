@@ -170,6 +170,65 @@ def test_adagrad_s_sums_restart_at_the_initial_accumulator_value() -> None:
     assert float(opt.state[a]["step"]) == 2
 
 
+_BASES = {
+    "sgd-nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+    "adam-amsgrad": lambda p: torch.optim.Adam(p, lr=0.01, amsgrad=True),
+    "adam-fused": lambda p: torch.optim.Adam(p, lr=0.01, fused=True),
+    "adamw-for-loop-maximize": lambda p: torch.optim.AdamW(
+        p, lr=0.01, foreach=False, maximize=True
+    ),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1, initial_accumulator_value=0.5),
+    "rmsprop-centered": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9, centered=True),
+    "adafactor": lambda p: torch.optim.Adafactor(p, lr=0.01),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=0.01),
+    "radam": lambda p: torch.optim.RAdam(p, lr=0.01),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=0.01),
+    "adadelta": lambda p: torch.optim.Adadelta(p, lr=1.0),
+    "asgd": lambda p: torch.optim.ASGD(p, lr=0.01),
+    "rprop": lambda p: torch.optim.Rprop(p, lr=0.01),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BASES))
+def test_after_a_full_reset_the_factors_step_as_under_a_fresh_optimizer(name: str) -> None:
+    """The step after a knot moves the factors, and leaves their state, exactly as the same
+    optimizer built afresh over them would; the head's state is what the knot found."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ChainLoRAOptimizer(
+        model, _BASES[name](model.parameters()), target_modules=["0"], trainable_modules=["2"],
+        rank=2, knot_every=2,
+    )  # fmt: skip
+    head = model[2].weight
+    before_knot: list[dict[str, torch.Tensor]] = []
+    opt.optimizer.register_step_post_hook(  # after the wrapped step, before the knot
+        lambda o, _a, _k: before_knot.append({k: v.clone() for k, v in o.state[head].items()})
+    )
+    _train(model, opt, 2)  # the knot
+    assert opt.knots_tied == 1
+    assert all(torch.equal(v, before_knot[-1][k]) for k, v in opt.state[head].items())
+    link = lora_parametrization(model[0])
+    factors = [link.lora_A, link.lora_B]
+    model(torch.randn(8, 12)).square().mean().backward()
+    fresh = [torch.nn.Parameter(f.detach().clone()) for f in factors]
+    for f, g in zip(fresh, factors, strict=True):
+        f.grad = g.grad.clone()
+    reference = _BASES[name](fresh)
+    reference.step()
+    opt.step()
+    for f, g in zip(fresh, factors, strict=True):
+        assert torch.equal(g, f), name
+        ours, theirs = opt.state[g], reference.state[f]
+        assert sorted(ours) == sorted(theirs), name
+        for key, value in theirs.items():
+            mine = ours[key]
+            if isinstance(value, torch.Tensor):
+                assert mine.dtype == value.dtype and mine.device == value.device, (name, key)
+                assert torch.equal(mine, value), (name, key)
+            else:
+                assert mine == value, (name, key)
+
+
 def test_state_built_at_construction_is_restored_by_a_full_reset() -> None:
     model = mlp()
     opt = ChainLoRAOptimizer(
