@@ -303,11 +303,19 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         it cannot move them in place (to or from the meta device, or under ``torch.__future__.
         set_overwrite_module_params_on_conversion(True)``), as FSDP2's ``fully_shard`` does before
         :meth:`rebind_parameters`. An engine's own copies in the groups (DeepSpeed) are not the
-        model's Parameters: those are left to the knot, which refuses what it would undo."""
+        model's Parameters: those are left to the knot, which refuses what it would undo.
+
+        Such a move replaces every Parameter, so the first and last factors stand for all of them:
+        the check costs nothing until one of them is not a Parameter the chain was built (or
+        rebound) with."""
+        records, names = self.chain.records, self._param_names
+        if not records or (
+            id(records[0].link.lora_A) in names and id(records[-1].link.lora_B) in names
+        ):
+            return
         if self._holds_factors():
             return
         model_now = dict(self.model.named_parameters())
-        names = self._param_names
         stale = [
             names[id(p)]
             for g in self._base.param_groups
