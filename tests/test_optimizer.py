@@ -419,6 +419,32 @@ def test_a_training_loop_with_clipping_and_a_schedule_is_lora_with_merges_writte
     assert opt.knots_tied == 3 and float(opt.param_groups[0]["lr"]) == ref.param_groups[0]["lr"]
 
 
+def test_step_hooks_fire_once_per_step_around_the_knot() -> None:
+    """The chain's own step hooks wrap the whole step: the pre-hook before the wrapped
+    optimizer's, the post-hook after the knot (it sees the new link); the wrapped optimizer's
+    hooks fire inside, before the knot."""
+    opt = _wrap(knot_every=2)
+    seen: list[tuple[str, int, int]] = []
+
+    def log(name: str) -> Callable[..., None]:
+        return lambda o, *_: seen.append((name, opt.optimizer_steps, opt.knots_tied))
+
+    handles = [opt.register_step_pre_hook(log("pre")), opt.register_step_post_hook(log("post"))]
+    opt.optimizer.register_step_pre_hook(log("base pre"))
+    opt.optimizer.register_step_post_hook(log("base post"))
+    opt.register_knot_hook(log("knot"))
+    _train(opt.model, opt, 2)
+    assert seen == [
+        ("pre", 0, 0), ("base pre", 0, 0), ("base post", 0, 0), ("post", 1, 0),
+        ("pre", 1, 0), ("base pre", 1, 0), ("base post", 1, 0), ("knot", 2, 1), ("post", 2, 1),
+    ]  # fmt: skip
+    for handle in handles:
+        handle.remove()
+    seen.clear()
+    _train(opt.model, opt, 1)
+    assert [name for name, *_ in seen] == ["base pre", "base post"]
+
+
 def test_training_reduces_the_loss_across_knots_on_hf_models() -> None:
     for model in (tiny_llama(), tiny_opt()):
         opt = ChainLoRAOptimizer(
