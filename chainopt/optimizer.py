@@ -141,9 +141,10 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             :class:`~chainopt.NonFiniteUpdateError` and changes nothing; ``"skip"`` merges the
             others, drops those links unmerged (with their optimizer state) and warns.
         reset: the factors' optimizer state at a knot: ``"full"`` (drop it, the default),
-            ``"none"`` (keep it), ``"prune"`` (zero the smallest ``prune_ratio`` of every
-            moment, ReLoRA-style) or ``"moments"`` (zero the moments, keep step counters). See
-            :mod:`chainopt.reset`.
+            ``"none"`` (keep it), ``"prune"`` (restart the smallest ``prune_ratio`` of every
+            moment, ReLoRA-style) or ``"moments"`` (restart the moments, keep step counters);
+            to restart is to set where the optimizer starts that state: zero for Adam's
+            moments, ``lr`` for Rprop's step sizes. See :mod:`chainopt.reset`.
         prune_ratio: fraction zeroed by ``reset="prune"``, in ``[0, 1)``.
         init: A of a new link: ``"kaiming"`` (default) or ``"gradient"`` (top singular vectors
             of the weight's gradient on the step before the knot; see :mod:`chainopt.init`).
