@@ -17,7 +17,9 @@ To restart is to set where the optimizer itself starts that state (:class:`Initi
 zero for the moments of Adam, SGD, RMSprop, Adafactor, but Rprop's step sizes go back to ``lr``
 (zero would freeze the factor for good) and Adagrad's sums to ``initial_accumulator_value``.
 State that is not the parameter's own (LBFGS keeps one flat history for all its parameters)
-is dropped by ``"prune"`` and ``"moments"``.
+is dropped by ``"prune"`` and ``"moments"``; a quantized state (bitsandbytes' 8-bit codes and
+block maxima) is restarted by ``"moments"`` (counters kept) and dropped by ``"prune"``, whose
+magnitudes it does not hold.
 
 A factor whose shape changed (rank step-down: the knot says which), and a link dropped because
 it was not finite, always lose their state; the state of any other factor keeps its entries and
@@ -128,6 +130,22 @@ def _per_parameter(entry: dict[str, Any], shape: torch.Size) -> bool:
     return True
 
 
+def _covered(entry: dict[str, Any], start: Mapping[str, Any] | None) -> bool:
+    """Whether ``start`` (where the optimizer starts a parameter's state) has every non-scalar
+    tensor of ``entry`` under the same key and shape, and ``entry`` holds nothing but tensors
+    and numbers."""
+    if start is None:
+        return False
+    for key, value in entry.items():
+        if isinstance(value, (list, tuple, dict)):
+            return False
+        if isinstance(value, Tensor) and value.dim() > 0:
+            begin = start.get(key)
+            if not isinstance(begin, Tensor) or begin.shape != value.shape:
+                return False
+    return True
+
+
 def _moments(entry: dict[str, Any]) -> list[tuple[str, Tensor]]:
     """The state tensors that are not scalars (the moments), with their keys."""
     return [(k, v) for k, v in entry.items() if isinstance(v, Tensor) and v.dim() > 0]
@@ -197,15 +215,25 @@ class _Reset:
             entry = state.get(p)
             if entry is None or (self.edit is _keep and id(p) not in new_shapes):
                 continue
-            if self.edit is None or id(p) in new_shapes or not _per_parameter(entry, p.shape):
-                del state[p]
-                if self.fresh is not None:
-                    self.fresh.restore(state, p)
+            if self.edit is None or id(p) in new_shapes:
+                self._drop(state, p)
                 continue
             moments = _moments(entry)
-            if moments:
-                begin = self.start(p, seen) if self.start is not None else None
+            begin = self.start(p, seen) if moments and self.start is not None else None
+            # a quantized state (bitsandbytes' 8-bit codes and block maxima) is not shaped like
+            # the parameter, but "moments" can restart it where the optimizer starts it
+            own = _per_parameter(entry, p.shape) or (
+                self.edit is _restart_ and _covered(entry, begin)
+            )
+            if not own:
+                self._drop(state, p)
+            elif moments:
                 self.edit(moments, self.prune_ratio, p.shape, begin)
+
+    def _drop(self, state: MutableMapping[Any, dict[str, Any]], p: Tensor) -> None:
+        del state[p]
+        if self.fresh is not None:
+            self.fresh.restore(state, p)
 
 
 def _keep(

@@ -11,6 +11,7 @@ from test_optimizer import _train
 
 from chainopt import ChainLoRAOptimizer
 from chainopt._attach import lora_parametrization
+from chainopt._scratch import initial_state
 from chainopt.reset import resolve_reset
 
 
@@ -227,6 +228,39 @@ def test_after_a_full_reset_the_factors_step_as_under_a_fresh_optimizer(name: st
                 assert torch.equal(mine, value), (name, key)
             else:
                 assert mine == value, (name, key)
+
+
+@pytest.mark.parametrize("reset", ["none", "moments"])
+def test_a_bitsandbytes_8bit_state_is_kept_or_restarted_with_its_counter(reset: str) -> None:
+    """8-bit Adam keeps codes shaped like the factor and block maxima that are not: before, that
+    was taken for a rank change and both policies dropped the state with its step counter."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+    opt = ChainLoRAOptimizer(
+        model, bnb.optim.AdamW8bit(model.parameters(), lr=1e-3, min_8bit_size=16),
+        target_modules=["0"], rank=8, knot_every=2, reset=reset,
+    )  # fmt: skip
+    x, y = torch.randn(16, 64), torch.randn(16, 4)
+    for _ in range(2):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    a = lora_parametrization(model[0]).lora_A
+    state = opt.state[a]
+    assert state["step"] == 2 and state["state1"].dtype == torch.uint8
+    start = initial_state(opt.optimizer, 0, a)
+    assert start is not None
+    restarted = {
+        key: torch.equal(value, start[key])
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor) and value.dim() > 0
+    }
+    assert set(restarted) >= {"state1", "state2", "absmax1", "absmax2"}
+    if reset == "moments":
+        assert all(restarted.values()), restarted
+    else:  # kept: the moments are the trained ones
+        assert not restarted["absmax1"] and not restarted["absmax2"]
 
 
 def test_state_built_at_construction_is_restored_by_a_full_reset() -> None:
