@@ -17,13 +17,14 @@ Example:
 from ._hf_save import (
     ParametrizedCheckpointWarning,
     guard_save_pretrained,
+    save_merged,
     saving_for_resume,
     saving_merged,
 )
 from .advice import ChainLoRAWarning
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ChainConfig, NonFinitePolicy
-from .export import adapted_modules, merge_and_unload, merged_state_dict, save_merged
+from .export import adapted_modules, merge_and_unload, merged_state_dict
 from .guard import NonFiniteUpdateError
 from .history import ChainHistory, KnotRecord, LinkFactors
 from .init import InitPolicy, a_from_gradient

@@ -49,6 +49,7 @@ from ._experts import ParameterBuilder
 from ._hf_save import prepare_hf_model
 from ._layers import builder_for
 from ._load_guard import guard_loads
+from ._marks import merged_rank
 from ._record import LinkSpec, ModuleRecord, RecordBuilder
 from ._schedule_free import resolve_iterates
 from ._validate import type_name
@@ -114,6 +115,7 @@ def build_chain(
         drop_state=resolve_reset("full", fresh=fresh),
         on_bad=resolve_non_finite(config.non_finite),
         link_init=resolve_init(config.init, [(r.name, r.module) for r in records]),
+        merged_before={r.name: merged_rank(model, r.name) for r in records},
     )
     own = resolve_iterates(base)
     if own is not None:

@@ -7,7 +7,7 @@ factors, which ``from_pretrained`` ignores (it re-initialises the adapted weight
 ``from_pretrained`` loads as the fine-tuned model, with no missing or unexpected keys. So a
 script's own last line (``model.save_pretrained(out)``, ``trainer.save_model()``) deploys.
 
-Resuming is not lost: a save marks the model (:func:`chainopt.export.mark_merged_save`), and the
+Resuming is not lost: a save marks the model (:func:`chainopt._marks.mark_merged_save`), and the
 optimizer's next ``state_dict()`` carries the chain's own tensors. A ``Trainer`` checkpoint is
 ``save_pretrained`` then ``optimizer.state_dict()``, so it holds both and resumes bitwise: the
 chained model loads the merged weights (as a zero link on top), then the optimizer's state puts
@@ -33,23 +33,27 @@ Example:
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from types import MethodType
-from typing import Any
+from typing import Any, Protocol
 
 from torch import Tensor, nn
 
 from ._layers import find_adapted
-from ._marks import CLEARED_IS_QUANTIZED, nested
+from ._marks import CLEARED_IS_QUANTIZED, mark_merged_save, nested
 from ._marks import MERGED_SAVES as _MERGED_SAVES
 from ._marks import OWN_STATE as _OWN_STATE
 from ._marks import RESUME_SAVES as _RESUME_SAVES
 from ._marks import STATE_DICT_HOOK as _HOOK
+from ._peft_layers import has_peft_layers
+from ._validate import type_name
 from .advice import ChainLoRAWarning
-from .export import adapted_modules, mark_merged_save, merged_state_dict, own_state_dict
+from .export import adapted_modules, merged_state_dict, own_state_dict
 from .guard import NonFiniteUpdateError
 
 __all__ = [
@@ -58,9 +62,15 @@ __all__ = [
     "guard_save_pretrained",
     "guard_state_dict_saves",
     "prepare_hf_model",
+    "save_merged",
     "saving_for_resume",
     "saving_merged",
 ]
+
+
+class _HasModel(Protocol):
+    model: nn.Module
+
 
 _READY = "_chainopt_merged_ready"  # instance attribute: a merged dict computed for this save
 # Deploy saves of other libraries that read model.state_dict() themselves: (module, qualname).
@@ -380,3 +390,84 @@ def prepare_hf_model(model: nn.Module) -> None:
     guard_state_dict_saves(model)
     guard_save_pretrained(model)
     accept_as_adapted(model)
+
+
+def save_merged(
+    chain: _HasModel | nn.Module, path: str | os.PathLike[str], **save_kwargs: Any
+) -> Path:
+    """Save a standard checkpoint: plain keys, every link merged, via ``save_pretrained``.
+
+    Stock ``AutoModel*.from_pretrained(path)`` loads it with no missing or unexpected keys. The
+    model in memory is not changed and can keep training.
+
+    A ``PeftModel`` saves through its own ``save_pretrained``: on a chained one that writes the
+    whole chain as one adapter for the original base (and refuses once the chain was merged
+    and unloaded, see ``docs/integrations.md``); the plain fine-tuned model is
+    ``peft_model.merge_and_unload()`` after ``opt.merge_and_unload()``. A model with PEFT layers
+    injected (``unet.add_adapter(...)``) is refused: its keys are PEFT's, which
+    ``from_pretrained`` does not load.
+
+    Args:
+        chain: the :class:`~chainopt.ChainLoRAOptimizer` (its ``model`` is saved) or the model.
+        path: the directory to write.
+        **save_kwargs: passed on to ``model.save_pretrained`` (``max_shard_size``, ``variant``,
+            ``is_main_process``, …); not ``state_dict``. A ``save_pretrained`` that takes no
+            ``state_dict`` (diffusers') runs inside
+            :func:`~chainopt.saving_merged` instead.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        TypeError: the model has no ``save_pretrained`` (not a Hugging Face ``PreTrainedModel``;
+            save ``merged_state_dict(model)`` yourself), or ``state_dict`` was given.
+        ValueError: a model with PEFT layers injected, or a ``PeftModel`` whose own save
+            refuses; nothing is written.
+        NonFiniteUpdateError: a merged weight would not be finite; nothing is written.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from chainopt import ChainLoRAOptimizer, save_merged
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=1, num_attention_heads=2)
+        >>> model = LlamaForCausalLM(cfg)
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters()),
+        ...                          target_modules=["q_proj"], rank=2, knot_every=10)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     plain = LlamaForCausalLM.from_pretrained(save_merged(opt, d))
+        >>> type(plain.model.layers[0].self_attn.q_proj).__name__
+        'Linear'
+    """
+    model = chain if isinstance(chain, nn.Module) else getattr(chain, "model", None)
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"chain must be a ChainLoRAOptimizer or an nn.Module, got {type_name(chain)}"
+        )
+    if "state_dict" in save_kwargs:
+        raise TypeError("save_merged writes merged_state_dict(model); do not pass state_dict")
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(model, peft.PeftModel):  # the adapter, as PEFT writes it
+        model.save_pretrained(path, **save_kwargs)  # the instance's: chainopt's whole chain
+        return Path(path)
+    if has_peft_layers(model):
+        raise ValueError(
+            f"save_merged cannot write this {type_name(model)} as a plain checkpoint: it holds "
+            "PEFT layers injected into it, whose base_layer/lora keys from_pretrained does not "
+            "load; nothing was written. Save the chain as an adapter with "
+            "save_lora_adapter(dir) before opt.merge_and_unload(), or merge it into the model: "
+            "opt.merge_and_unload(), then diffusers' fuse_lora()/unload_lora() and save_pretrained"
+        )
+    save = getattr(type(model), "save_pretrained", None)
+    if not callable(save):
+        raise TypeError(
+            f"{type_name(model)} has no save_pretrained (not a Hugging Face model): save "
+            "chainopt.merged_state_dict(model) with torch.save or safetensors instead"
+        )
+    if "state_dict" in inspect.signature(save).parameters:
+        save(model, path, state_dict=merged_state_dict(model), **save_kwargs)
+        return Path(path)
+    # diffusers' save_pretrained takes no state_dict: it reads model.state_dict(), merged here
+    with merged_save(model):  # checks every merge first: nothing is written if one fails
+        save(model, path, **save_kwargs)
+    return Path(path)

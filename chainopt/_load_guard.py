@@ -29,7 +29,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -37,8 +37,10 @@ import torch
 from torch import Tensor, nn
 
 from ._attach import plist_of
+from ._fingerprint import Fingerprint, fingerprint, same_weights
 from ._layers import find_adapted
 from ._marks import (
+    EXPECTED_WEIGHTS,
     INNER_LOAD_GUARDS,
     LOAD_GUARD,
     LOAD_SETTLE,
@@ -328,21 +330,46 @@ def _finish_load(module: nn.Module, incompatible_keys: Any) -> None:
         quant.follow_loaded_weight(dense, restarted)
     if plain is not None:  # the chain's tensors replaced: by its own state, or not
         if module.__dict__.pop(STATE_RESTORED, False) and not plain:
-            module.__dict__.pop(PLAIN_LOAD, None)
+            expected = module.__dict__.pop(EXPECTED_WEIGHTS, None)
+            if expected is None:
+                module.__dict__.pop(PLAIN_LOAD, None)
+            else:  # the weights the state was saved with, or another run's
+                _settle_weights(module, expected, fingerprint(find_adapted(module)))
         else:
             module.__dict__[PLAIN_LOAD] = True
 
 
-def state_restored(model: nn.Module, restored: bool = True) -> None:
+def state_restored(
+    model: nn.Module,
+    restored: bool = True,
+    weights: Fingerprint | None = None,
+    records: Sequence[ModuleRecord] = (),
+) -> None:
     """Record that the chain's optimizer state (history, counters, masters) was just loaded:
-    its model describes the chain again, and the next load of the chain's own tensors before
-    a step (``load_checkpoint`` loads the optimizer first) completes that state. ``False``
-    (an optimizer step) forgets the second part."""
-    if restored:
-        model.__dict__.pop(PLAIN_LOAD, None)
-        model.__dict__[STATE_RESTORED] = True
-    else:
+    its model describes the chain again if the frozen weights are those the state was saved
+    with (``weights``, their fingerprint; ``None``: a state saved before fingerprints, taken on
+    trust), and the next load of the chain's own tensors before a step (``load_checkpoint``
+    loads the optimizer first) completes that state, checked against the same fingerprint.
+    ``False`` (an optimizer step) forgets the second part."""
+    if not restored:
         model.__dict__.pop(STATE_RESTORED, None)
+        model.__dict__.pop(EXPECTED_WEIGHTS, None)
+        return
+    model.__dict__[STATE_RESTORED] = True
+    if weights is None:
+        model.__dict__.pop(EXPECTED_WEIGHTS, None)
+        model.__dict__.pop(PLAIN_LOAD, None)
+        return
+    model.__dict__[EXPECTED_WEIGHTS] = weights
+    _settle_weights(model, weights, fingerprint(records))
+
+
+def _settle_weights(model: nn.Module, expected: Fingerprint, now: Fingerprint) -> None:
+    """Mark the history stale (:func:`loaded_plain_weights`) unless the weights match."""
+    if same_weights(expected, now):
+        model.__dict__.pop(PLAIN_LOAD, None)
+    else:  # another run's weights, or none loaded yet: the history does not describe them
+        model.__dict__[PLAIN_LOAD] = True
 
 
 def guard_loads(model: nn.Module) -> None:

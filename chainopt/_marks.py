@@ -41,15 +41,15 @@ module down to each link, their handles
 in ``__dict__[INNER_LOAD_GUARDS]``
 ``__dict__[PLAIN_LOAD]``                  the post-hook (a load replaced the chain's
                                           tensors without its optimizer state)
-``__dict__[STATE_RESTORED]``              ``_load_guard.state_restored`` (an optimizer
-                                          state loaded; gone at the next step)
+``__dict__[STATE_RESTORED]``,             ``_load_guard.state_restored`` (an optimizer
+``__dict__[EXPECTED_WEIGHTS]``            state loaded; gone at the next step)
 ``__dict__[LOADING]``                     the pre-hook (only during a load)
 an instance ``save_pretrained``           ``_hf_save.guard_save_pretrained``
                                           (construction, a model with ``save_pretrained``)
 ``__dict__["is_quantized"] = False``,     ``_hf_save.accept_as_adapted``
 ``__dict__[CLEARED_IS_QUANTIZED]``        (construction, a quantized HF model); unloading
                                           puts ``is_quantized = True`` back
-``__dict__[MERGED_SAVE]``                 ``export.mark_merged_save`` (a merged save)
+``__dict__[MERGED_SAVE]``                 ``mark_merged_save`` (a merged save)
 ``__dict__[RESUME_SAVES]``                ``_hf_save.saving_for_resume`` (only
                                           inside the block; also removed on leaving it)
 a ``state_dict`` post-hook, its handle    ``_hf_save.guard_state_dict_saves``
@@ -67,6 +67,13 @@ refusing ``save_pretrained``
 The Lightning callback's ``load_state_dict`` pre-hook is the callback's, removed by the
 callback itself (``chainopt.integrations.lightning``).
 
+Left by ``merge_and_unload`` itself, and kept by :func:`unmark` (they say what the weights hold
+now, whatever chain comes next): ``__dict__[BASE_MERGED]`` on the model (and on a ``PeftModel``'s
+base model); on a model whose own adapter save wrote the chain (``PEFT_SAVE`` above) an instance
+``save_pretrained`` (``PeftModel``) or ``save_lora_adapter`` (diffusers) that refuses, from
+``_peft_save.refuse_adapter_saves``: PEFT's own would write the zero link, not the fine-tuned
+model.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -78,12 +85,14 @@ Example:
     True
     >>> _ = merge_and_unload(model)
     >>> [k for k in vars(model) if "chainopt" in k], type(model[0]) is nn.Linear
-    ([], True)
+    (['_chainopt_base_merged'], True)
+    >>> merged_rank(model, "0") is None  # merged behind the optimizer's back: rank not known
+    True
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from types import MethodType
 
@@ -92,7 +101,9 @@ from torch import nn
 from ._surgery import remove_forward_hooks
 
 __all__ = [
+    "BASE_MERGED",
     "CLEARED_IS_QUANTIZED",
+    "EXPECTED_WEIGHTS",
     "INNER_LOAD_GUARDS",
     "LINK_NAME",
     "LOADING",
@@ -110,7 +121,12 @@ __all__ = [
     "RESUME_SAVES",
     "STATE_DICT_HOOK",
     "STATE_RESTORED",
+    "base_merged",
     "is_chainopt",
+    "mark_base_merged",
+    "mark_merged_save",
+    "merged_rank",
+    "merged_save_pending",
     "nested",
     "unmark",
 ]
@@ -131,6 +147,10 @@ its submodules that hold links (a load into one of them alone is refused)."""
 PLAIN_LOAD = "_chainopt_plain_load"
 """Instance flag: a plain (merged) checkpoint was loaded into the chain (its history is stale)."""
 STATE_RESTORED = "_chainopt_state_restored"
+EXPECTED_WEIGHTS = "_chainopt_expected_weights"
+"""Instance attribute, from an optimizer-state load to the next step: the fingerprint of the
+frozen weights that state was saved with (:mod:`chainopt._fingerprint`), which a model load
+that follows must match."""
 """Instance flag: the chain's optimizer state was just loaded (a model load may complete it)."""
 LOADING = "_chainopt_loading"
 """Instance attribute, only during a ``load_state_dict``: what the post-hook settles."""
@@ -152,6 +172,13 @@ PEFT_SAVE = "_chainopt_peft_save"
 PEFT_AWAITING = "_chainopt_awaiting_chain_state"
 """Instance attribute of a chained ``PeftModel``: ``load_adapter`` skipped a chain's own save
 (the chain's state dict must be loaded before the next step)."""
+BASE_MERGED = "_chainopt_base_merged"
+"""Instance attribute (module name -> rank merged, see :func:`mark_base_merged`) of a model whose
+weights hold links that :func:`chainopt.merge_and_unload` merged
+(on the model it was given, and on a ``PeftModel``'s base model too). It outlives unloading
+(:func:`unmark` keeps it): the weights are no longer those of the base the model's name stands
+for, so an adapter over them (PEFT's own save after the chain is gone, a later chain's save or
+``export_peft_adapter``) would compute another model on that base (:func:`base_merged`)."""
 CLEARED_IS_QUANTIZED = "_chainopt_cleared_is_quantized"
 """Instance flag: chainopt set the HF model's ``is_quantized`` to ``False`` (Trainer's consent)."""
 
@@ -184,6 +211,7 @@ def unmark(model: nn.Module) -> None:
     model.__dict__.pop(MERGED_SAVE, None)
     model.__dict__.pop(PLAIN_LOAD, None)
     model.__dict__.pop(STATE_RESTORED, None)
+    model.__dict__.pop(EXPECTED_WEIGHTS, None)
     model.__dict__.pop(LOADING, None)
     model.__dict__.pop(RESUME_SAVES, None)
     model.__dict__.pop(MERGED_SAVES, None)
@@ -207,3 +235,50 @@ def nested(model: nn.Module, key: str) -> Iterator[None]:
             model.__dict__[key] = depth
         else:
             model.__dict__.pop(key, None)
+
+
+def mark_merged_save(model: nn.Module) -> None:
+    """Record that a save of ``model`` wrote merged weights without the chain's own tensors.
+
+    The next :meth:`~chainopt.ChainLoRAOptimizer.state_dict` before another optimizer step
+    carries :func:`chainopt.export.chain_tensors`, so that a checkpoint made of the two (the HF
+    ``Trainer``'s) resumes the link bitwise.
+    """
+    model.__dict__[MERGED_SAVE] = True
+
+
+def merged_save_pending(model: nn.Module, clear: bool = False) -> bool:
+    """Whether a merged save happened since the last optimizer step (``clear`` forgets it)."""
+    pending = bool(model.__dict__.get(MERGED_SAVE))
+    if clear:
+        model.__dict__.pop(MERGED_SAVE, None)
+    return pending
+
+
+def mark_base_merged(model: nn.Module, ranks: Mapping[str, int | None]) -> None:
+    """Record that ``model``'s weights now hold a merged chain: per adapted module (its name in
+    ``model``) the rank merged into it, added to what earlier chains merged (``None``: not
+    known, as after :func:`chainopt.merge_and_unload` behind the optimizer's back)."""
+    merged: dict[str, int | None] = model.__dict__.setdefault(BASE_MERGED, {})
+    for name, rank in ranks.items():
+        before = merged.get(name, 0)
+        merged[name] = None if before is None or rank is None else before + rank
+
+
+def base_merged(model: nn.Module) -> bool:
+    """Whether ``model`` or any module in it carries :data:`BASE_MERGED`: its weights hold a chain
+    that was merged and unloaded, so they are not its named base's."""
+    return any(BASE_MERGED in m.__dict__ for m in model.modules())
+
+
+def merged_rank(model: nn.Module, name: str) -> int | None:
+    """The rank earlier chains merged into ``model``'s module ``name`` (0: none); ``None`` when it
+    is not known (a chain merged behind the optimizer's back, or into a module inside ``model``
+    under other names)."""
+    marks = [m for m in model.modules() if BASE_MERGED in m.__dict__]
+    if not marks:
+        return 0
+    if marks != [model]:
+        return None
+    rank: int | None = model.__dict__[BASE_MERGED].get(name, 0)
+    return rank

@@ -42,7 +42,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._marks import PEFT_AWAITING, PEFT_SAVE, PLAIN_LOAD, is_chainopt
+from ._marks import (
+    PEFT_AWAITING,
+    PEFT_SAVE,
+    PLAIN_LOAD,
+    base_merged,
+    is_chainopt,
+    mark_merged_save,
+)
 from ._peft_layers import PeftLink, link_of
 from .guard import NonFiniteUpdateError
 from .history import ChainHistory, LinkFactors
@@ -51,9 +58,11 @@ __all__ = [
     "AWAITING",
     "SIDECAR",
     "ChainSave",
+    "RefusedAdapterSave",
     "chain_config",
     "chained_links",
     "install_whole_chain_save",
+    "refuse_adapter_saves",
     "whole_chain_tensors",
 ]
 
@@ -210,6 +219,8 @@ def _whole_chain(model: Any) -> tuple[ChainSave, dict[str, Tensor], int]:
             "Load the optimizer state saved with those weights (opt.load_state_dict, or "
             "chainopt.load_checkpoint), or deploy the merged model with chainopt.save_merged"
         )
+    if base_merged(model):
+        raise ValueError(_MERGED_BASE.format(what="the chained adapter"))
     tensors, rank = whole_chain_tensors(chained_links(model), save.history)
     return save, tensors, rank
 
@@ -229,8 +240,6 @@ def _save_pretrained(
         type(self).save_pretrained(self, save_directory, *args, state_dict=state, **kwargs)
     finally:
         self.peft_config[save.adapter] = saved
-    from .export import mark_merged_save  # (a cycle at import time)
-
     mark_merged_save(self)  # the next opt.state_dict() carries the merged base weights
     selected = kwargs.get("selected_adapters") or list(self.peft_config)
     out = Path(save_directory)
@@ -295,6 +304,49 @@ def foreign_factors_problem(model: nn.Module, state_dict: Any, prefix: str = "")
                 "name; a chain's own save_pretrained directory loads back through load_adapter"
             )
     return None
+
+
+_MERGED_BASE = (
+    "refusing to save {what}: this model's base weights hold a chain that merge_and_unload() "
+    "merged, so an adapter saved over them would compute another model on the original base "
+    "(the one the adapter's config names); nothing was written. Save the fine-tuned model "
+    "itself: peft_model.merge_and_unload().save_pretrained(dir) (diffusers: fuse_lora() and "
+    "save_pretrained), or chainopt.merged_state_dict(model); an adapter of the whole chain is "
+    "the chain's own save_pretrained before opt.merge_and_unload()"
+)
+
+
+def refuse_adapter_saves(model: nn.Module) -> None:
+    """After :func:`chainopt.merge_and_unload` of a model whose own adapter save wrote the chain:
+    that save (a ``PeftModel``'s ``save_pretrained``, a diffusers model's ``save_lora_adapter``)
+    refuses from now on, where PEFT's own would write the zero link as the adapter for the
+    original base (the fine-tuned function lives in the base weights). PEFT's
+    ``merge_and_unload()`` gives the plain model, whose save is the fine-tuned one."""
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(model, peft.PeftModel):
+        method = "save_pretrained"
+    elif callable(getattr(model, "save_lora_adapter", None)) and hasattr(model, "peft_config"):
+        method = "save_lora_adapter"
+    else:
+        return
+    model.__dict__[method] = RefusedAdapterSave(type(model).__name__)
+
+
+@dataclass(frozen=True)
+class RefusedAdapterSave:
+    """The adapter save of a model whose chain was merged and unloaded (see
+    :func:`refuse_adapter_saves`): a plain object, not a bound method, so the model still
+    pickles (``torch.save(model)``) and deep-copies.
+
+    Attributes:
+        owner: the model's class name, for the message.
+    """
+
+    owner: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        """Refuse; nothing is written."""
+        raise ValueError(_MERGED_BASE.format(what=f"an adapter of this {self.owner}"))
 
 
 def _refuse_save(self: Any, *args: Any, **kwargs: Any) -> None:

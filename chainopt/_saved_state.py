@@ -28,7 +28,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._experts import ParameterLink
+from ._fingerprint import Fingerprint, check_fingerprint, fingerprint
 from ._load_guard import check_incoming_state, state_restored
+from ._marks import BASE_MERGED, mark_base_merged
 from ._scratch import scratch_copy
 from ._validate import is_int, type_name
 from .history import KnotRecord, parse_history
@@ -53,6 +55,8 @@ class CheckedState:
     history: tuple[bool, list[KnotRecord]]
     model: dict[str, Tensor]
     masters: dict[str, Tensor]
+    weights: Fingerprint | None = None
+    merged_before: dict[str, int | None] | None = None
 
 
 def chain_entry(chain: Chain, optimizer_steps: int, version: int) -> dict[str, Any]:
@@ -70,6 +74,8 @@ def chain_entry(chain: Chain, optimizer_steps: int, version: int) -> dict[str, A
     }
     if masters:  # 4-bit targets: the float32 masters are the chain's state
         entry["masters"] = masters
+    entry["weights"] = fingerprint(chain.records)  # what the history describes (a load checks)
+    entry["merged_before"] = dict(chain.merged_before)  # earlier chains under the history
     return entry
 
 
@@ -86,7 +92,14 @@ def restore(chain: Chain, model: nn.Module, checked: CheckedState) -> None:
     chain.generator.set_state(checked.generator)
     chain.history.keep_factors, chain.history.knots = checked.history
     chain.pending = None
-    state_restored(model)  # the history describes the model again (and a model load may follow)
+    # the history describes the model again if its weights are those saved with the state (a
+    # model load may follow: it is checked against the same fingerprint)
+    state_restored(model, weights=checked.weights, records=chain.records)
+    if checked.merged_before is not None:  # the weights hold earlier chains: the model says so
+        chain.merged_before = dict(checked.merged_before)
+        earlier = {k: v for k, v in checked.merged_before.items() if v != 0}
+        if earlier and BASE_MERGED not in model.__dict__:
+            mark_base_merged(model, earlier)
 
 
 def check_saved_state(
@@ -165,7 +178,27 @@ def check_saved_state(
     base = {k: v for k, v in state_dict.items() if k != "chainopt"}
     _check_base(base, chain, param_groups, int(knots))  # type: ignore[arg-type]
     masters = _check_masters(entry.get("masters", {}), chain)
-    return CheckedState(base, int(steps), int(knots), generator.cpu(), history, tensors, masters)  # type: ignore[arg-type]
+    weights = check_fingerprint(entry.get("weights"), chain.records)
+    merged_before = _check_merged_before(entry.get("merged_before"), chain)
+    return CheckedState(base, int(steps), int(knots), generator.cpu(), history, tensors, masters,  # type: ignore[arg-type]
+                        weights, merged_before)  # fmt: skip
+
+
+def _check_merged_before(saved: object, chain: Chain) -> dict[str, int | None] | None:
+    """The rank earlier chains had merged into each module (``None``: a state saved before it
+    was kept); each an int >= 0 or ``None`` (not known), named after one of the chain's modules."""
+    if saved is None:
+        return None
+    names = {r.name for r in chain.records}
+    if not isinstance(saved, dict) or not all(
+        isinstance(k, str) and k in names and (v is None or (is_int(v) and v >= 0))
+        for k, v in saved.items()
+    ):
+        raise ValueError(
+            "state_dict['chainopt']['merged_before'] must map the chain's module names to the "
+            f"rank earlier chains merged (an int >= 0, or None), got {saved!r:.200}"
+        )
+    return dict(saved)
 
 
 def _check_masters(saved: object, chain: Chain) -> dict[str, Tensor]:

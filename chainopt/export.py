@@ -3,9 +3,10 @@
 A parametrized model's ``state_dict()`` holds ``….parametrizations.weight.original`` and the
 factors; a loader that expects ``….weight`` (``from_pretrained``, a serving stack) silently ignores
 those keys. :func:`merged_state_dict` gives the plain keys with every link merged, without touching
-the model; :func:`merge_and_unload` turns the model itself back into plain modules;
-:func:`save_merged` writes a Hugging Face checkpoint of the merged model. Each checks first that
-every merged tensor is finite in its dtype, and raises before writing or changing anything.
+the model; :func:`merge_and_unload` turns the model itself back into plain modules
+(:func:`chainopt.save_merged` writes a Hugging Face checkpoint of the merged model). Each checks
+first that every merged tensor is finite in its dtype, and raises before writing or changing
+anything.
 
 Example:
     >>> import torch
@@ -20,19 +21,17 @@ Example:
 
 from __future__ import annotations
 
-import inspect
-import os
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ._attach import parametrization_count
+from ._dtensor import is_sharded
 from ._layers import find_adapted
-from ._marks import MERGED_SAVE as _MERGED_SAVE
-from ._marks import OWN_STATE, nested, unmark
+from ._marks import OWN_STATE, PEFT_SAVE, mark_base_merged, nested, unmark
 from ._peft_layers import PeftLink
+from ._peft_save import refuse_adapter_saves
 from ._quant_backends import backend_for
 from ._record import ModuleRecord
 from ._validate import FLOAT_DTYPES, type_name
@@ -44,12 +43,7 @@ __all__ = [
     "merge_and_unload",
     "merged_state_dict",
     "own_state_dict",
-    "save_merged",
 ]  # the public names (chainopt re-exports them); the rest is internal
-
-
-class _HasModel(Protocol):
-    model: nn.Module
 
 
 def adapted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -90,13 +84,40 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         NonFiniteUpdateError: a link holds NaN/Inf or would overflow its weight; nothing changed.
         RuntimeError: a module's forward does not add its link now (PEFT merged, disabled or
             switched its adapter); nothing changed.
+        ValueError: an adapted module is sharded by FSDP2; nothing changed.
     """
-    for r in _checked(model, "merge (no weight was changed)"):
+    return unload_merged(model, None)
+
+
+def unload_merged(model: nn.Module, ranks: Mapping[str, int] | None) -> nn.Module:
+    """:func:`merge_and_unload`, recording what was merged (``ranks``: the rank each module's
+    chain merged, as the optimizer knows it; ``None``: not known) so that later adapters over
+    these weights can tell (:func:`chainopt._marks.mark_base_merged`)."""
+    records = _checked(model, "merge (no weight was changed)")
+    sharded = [r.name for r in records if is_sharded(r.weight)]
+    if sharded:
+        raise ValueError(
+            f"refusing to merge and unload FSDP2-sharded modules ({sharded[:3]}): FSDP2 keeps "
+            "the Parameters under the chain's names, and a plain module would break its "
+            "forward; no weight was changed. Save with chainopt.save_checkpoint (it gathers), "
+            "load the file into an unsharded copy of the model and unload there"
+        )
+    adapter_save = PEFT_SAVE in model.__dict__  # a PeftModel's save_pretrained wrote the chain
+    for r in records:
         merge_(r)
         with torch.no_grad():
             r.link.lora_B.zero_()  # a link that stays in the module (PEFT's) must add nothing
         r.unload()
     unmark(model)  # the load guard, save_pretrained, ...: see chainopt._marks
+    if records:  # the weights now hold the chain: adapters over them are not over the base
+        mark_base_merged(
+            model, {r.name: None if ranks is None else ranks.get(r.name) for r in records}
+        )
+        inner = getattr(model, "get_base_model", None)  # PEFT's merge_and_unload() returns it
+        if callable(inner) and isinstance(base := inner(), nn.Module) and base is not model:
+            mark_base_merged(base, {})
+        if adapter_save:
+            refuse_adapter_saves(model)
     return model
 
 
@@ -201,68 +222,6 @@ def merged_state_dict(
     return out
 
 
-def save_merged(
-    chain: _HasModel | nn.Module, path: str | os.PathLike[str], **save_kwargs: Any
-) -> Path:
-    """Save a standard checkpoint: plain keys, every link merged, via ``save_pretrained``.
-
-    Stock ``AutoModel*.from_pretrained(path)`` loads it with no missing or unexpected keys. The
-    model in memory is not changed and can keep training.
-
-    Args:
-        chain: the :class:`~chainopt.ChainLoRAOptimizer` (its ``model`` is saved) or the model.
-        path: the directory to write.
-        **save_kwargs: passed on to ``model.save_pretrained`` (``max_shard_size``, ``variant``,
-            ``is_main_process``, …); not ``state_dict``. A ``save_pretrained`` that takes no
-            ``state_dict`` (diffusers') runs inside
-            :func:`~chainopt.saving_merged` instead.
-
-    Returns:
-        ``path`` as a ``Path``.
-
-    Raises:
-        TypeError: the model has no ``save_pretrained`` (not a Hugging Face ``PreTrainedModel``;
-            save ``merged_state_dict(model)`` yourself), or ``state_dict`` was given.
-        NonFiniteUpdateError: a merged weight would not be finite; nothing is written.
-
-    Example:
-        >>> import tempfile, torch
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> from chainopt import ChainLoRAOptimizer, save_merged
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=1, num_attention_heads=2)
-        >>> model = LlamaForCausalLM(cfg)
-        >>> opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters()),
-        ...                          target_modules=["q_proj"], rank=2, knot_every=10)
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     plain = LlamaForCausalLM.from_pretrained(save_merged(opt, d))
-        >>> type(plain.model.layers[0].self_attn.q_proj).__name__
-        'Linear'
-    """
-    model = chain if isinstance(chain, nn.Module) else getattr(chain, "model", None)
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"chain must be a ChainLoRAOptimizer or an nn.Module, got {type_name(chain)}"
-        )
-    if "state_dict" in save_kwargs:
-        raise TypeError("save_merged writes merged_state_dict(model); do not pass state_dict")
-    save = getattr(type(model), "save_pretrained", None)
-    if not callable(save):
-        raise TypeError(
-            f"{type_name(model)} has no save_pretrained (not a Hugging Face model): save "
-            "chainopt.merged_state_dict(model) with torch.save or safetensors instead"
-        )
-    if "state_dict" in inspect.signature(save).parameters:
-        save(model, path, state_dict=merged_state_dict(model), **save_kwargs)
-        return Path(path)
-    # diffusers' save_pretrained takes no state_dict: it reads model.state_dict(), merged here
-    from ._hf_save import merged_save  # it imports this module
-
-    with merged_save(model):  # checks every merge first: nothing is written if one fails
-        save(model, path, **save_kwargs)
-    return Path(path)
-
-
 def chain_tensors(model: nn.Module) -> dict[str, Tensor]:
     """The chain's own entries of ``model.state_dict()``: frozen originals, factors, residuals;
     for a 4-bit layer its link and its 4-bit weight with the quantization state (a merged
@@ -297,21 +256,3 @@ def own_state_dict(model: nn.Module) -> dict[str, Tensor]:
     (whose state-dict hook would give merged keys: :mod:`chainopt._hf_save`)."""
     with nested(model, OWN_STATE):
         return dict(model.state_dict())
-
-
-def mark_merged_save(model: nn.Module) -> None:
-    """Record that a save of ``model`` wrote merged weights without the chain's own tensors.
-
-    The next :meth:`~chainopt.ChainLoRAOptimizer.state_dict` before another optimizer step
-    carries :func:`chain_tensors`, so that a checkpoint made of the two (the HF ``Trainer``'s)
-    resumes the link bitwise.
-    """
-    model.__dict__[_MERGED_SAVE] = True
-
-
-def merged_save_pending(model: nn.Module, clear: bool = False) -> bool:
-    """Whether a merged save happened since the last optimizer step (``clear`` forgets it)."""
-    pending = bool(model.__dict__.get(_MERGED_SAVE))
-    if clear:
-        model.__dict__.pop(_MERGED_SAVE, None)
-    return pending

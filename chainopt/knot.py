@@ -128,6 +128,9 @@ class Chain:
             order added (:meth:`add_context`): the wrapped optimizer's own (schedule-free) first.
         knots_tied: knots tied so far.
         pending: a knot that raised half-way, finished by the next :func:`tie_knot`.
+        merged_before: per adapted module, the rank earlier chains had merged into its weights
+            when this one was built (``None``: not known; see
+            :func:`chainopt._marks.merged_rank`), for an export from the original base.
     """
 
     records: list[ModuleRecord]
@@ -142,6 +145,7 @@ class Chain:
     contexts: OrderedDict[int, KnotContext] = field(default_factory=OrderedDict)
     knots_tied: int = 0
     pending: _Attempt | None = None
+    merged_before: dict[str, int | None] = field(default_factory=dict)
 
     def add_context(self, context: KnotContext) -> RemovableHandle:
         """Enter ``context(chain)`` around every knot, after those added before it."""

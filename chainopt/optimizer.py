@@ -42,6 +42,7 @@ from torch.utils.hooks import RemovableHandle
 from ._build import build_chain, drop_params, rebind
 from ._liveness import TrainingWatch
 from ._load_guard import state_restored
+from ._marks import merged_save_pending
 from ._peft_layers import PeftLink
 from ._peft_save import AWAITING, ChainSave, install_whole_chain_save
 from ._saved_state import chain_entry, check_saved_state, restore
@@ -50,7 +51,7 @@ from ._validate import type_name
 from ._wrapper import WrappedOptimizer, own_instance_patches
 from .advice import DtypeWatch
 from .config import CONFIG_ARGUMENTS, ChainConfig, NonFinitePolicy
-from .export import chain_tensors, merge_and_unload, merged_save_pending
+from .export import chain_tensors, unload_merged
 from .history import ChainHistory, KnotRecord
 from .init import InitPolicy
 from .knot import tie_knot
@@ -540,7 +541,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             NonFiniteUpdateError: a link must not be merged; nothing was changed.
         """
         factors = self.factors()
-        merge_and_unload(self.model)
+        rank = sum(self.link_rank(i) for i in range(self.knots_tied + 1))  # the pending link too
+        unload_merged(self.model, {r.name: rank for r in self.chain.records})
         drop_params(self.chain.optimizer, factors)
         self.chain.records = []
         self.chain.link_init.remove()

@@ -56,7 +56,8 @@ from ._experts import split_experts
 from ._layers import find_adapted
 from ._load_guard import loaded_plain_weights
 from ._lowrank import compress, factorise
-from ._peft_layers import PeftLink
+from ._marks import base_merged
+from ._peft_layers import PeftLink, is_peft_lora_layer
 from ._peft_save import whole_chain_tensors
 from ._quant_backends import backend_for
 from ._record import ModuleRecord
@@ -172,10 +173,11 @@ def export_peft_adapter(
         rank: ``None`` writes the chain exactly (rank: the longest stacked chain); an int ``k``
             writes each module's best rank-``k`` approximation (see the report's errors).
         base: the original base model, or its state dict under plain keys
-            (``"….q_proj.weight"``), as it was when the optimizer was built; needed once knots
-            were tied without history, after ``merge_and_unload()``, or after a plain (merged)
-            checkpoint was loaded into the chained model (``load_best_model_at_end`` without
-            the chain's optimizer state). Ignored while ``opt.history`` holds every merged link.
+            (``"….q_proj.weight"``), before any chain was merged into it; needed once knots
+            were tied without history, after ``merge_and_unload()`` (of this chain, or of an
+            earlier one on the same model), or after a plain (merged) checkpoint was loaded
+            into the chained model (``load_best_model_at_end`` without the chain's optimizer
+            state). Ignored while ``opt.history`` holds every merged link.
         task_type: PEFT's ``task_type``; ``"auto"`` infers it from the model class name
             (``…ForCausalLM`` → ``"CAUSAL_LM"``, …), ``None`` writes none.
         base_model_name_or_path: recorded in the config; default: the model's ``name_or_path``.
@@ -219,18 +221,37 @@ def export_peft_adapter(
     history = chain.history
     chained = chain.chain.records  # none once unloaded by the optimizer; stale behind its back
     unloaded = not chained or not all(r.attached() for r in chained)
+    if unloaded and _was_peft_chain(chain):
+        raise ValueError(
+            "this chain's links were PEFT's own LoRA layers, and merge_and_unload() merged them "
+            "into the base layers (their B is zero now), so there is no adapter left to export; "
+            "nothing was written. Export before opt.merge_and_unload() (the PeftModel's own "
+            "save_pretrained writes the whole chain), or save the plain fine-tuned model: "
+            "peft_model.merge_and_unload().save_pretrained(dir)"
+        )
     # The history holds every merged link unless it was off while knots were tied.
     # A plain (merged) checkpoint loaded into the chain since: the history is not W - W0.
     stale = not unloaded and loaded_plain_weights(chain.model)
-    from_history = not unloaded and not stale and (history.keep_factors or not len(history))
+    # An earlier chain merged and unloaded into these weights: the history starts from them.
+    earlier = not unloaded and (
+        base_merged(chain.model) or any(v != 0 for v in chain.chain.merged_before.values())
+    )
+    from_history = (
+        not unloaded and not stale and not earlier and (history.keep_factors or not len(history))
+    )
     if not from_history and base is None:
         why = (
             "merge_and_unload() was called: its link is not in opt.history"
             if unloaded
-            else "a load replaced the chained model's weights without the chain's optimizer "
-            "state (a plain (merged) checkpoint: a Trainer's load_best_model_at_end or resume "
-            "without optimizer.pt; or a model-only load): opt.history no longer describes its "
-            "update W - W0"
+            else "the model's weights hold an earlier chain that merge_and_unload() merged "
+            "before this optimizer was built: opt.history holds this chain's links only, and "
+            "an adapter of them would compute another model on the original base"
+            if earlier
+            else "the model's frozen weights are not those opt.history was saved with: a load "
+            "replaced them without the chain's optimizer state (a plain (merged) checkpoint: a "
+            "Trainer's load_best_model_at_end or resume without optimizer.pt; or a model-only "
+            "load), or the optimizer state loaded is another run's (or was loaded without its "
+            "model's weights), so opt.history no longer describes the update W - W0"
             if stale
             else f"this chain was built with keep_history=False and has tied {len(history)} "
             "knot(s): the merged links' factors were not kept"
@@ -272,7 +293,10 @@ def export_peft_adapter(
             delta = _current_weight(module, records.get(name)) - _out_in(
                 module, originals[f"{name}.weight"]
             )
-            stacks[name], sketched[name] = factorise(delta, _chain_rank(chain, records.get(name)))
+            bound = _chain_rank(chain, name, records.get(name))
+            stacks[name], sketched[name] = factorise(
+                delta, min(delta.shape) if bound is None else bound
+            )
     experts: dict[str, list[tuple[Tensor, Tensor]]] = {}  # per expert (B, A) of each parameter
     for name in param_names:
         if originals is None:
@@ -281,7 +305,8 @@ def export_peft_adapter(
         deltas = _current_parameter(model, name, records.get(name)) - _experts_out_in(
             model, name, originals[name]
         )
-        found = [factorise(d, _chain_rank(chain, records.get(name))) for d in deltas]
+        bound = _chain_rank(chain, name, records.get(name))
+        found = [factorise(d, min(d.shape) if bound is None else bound) for d in deltas]
         experts[name] = [pair for pair, _left in found]
         sketched[name] = sum(left for _pair, left in found)
     widths = [b.shape[1] for b, _a in stacks.values()]
@@ -656,14 +681,24 @@ def _current_bias(model: nn.Module, name: str, record: ModuleRecord | None) -> T
     return bias.cpu()
 
 
-def _chain_rank(chain: ChainLoRAOptimizer, record: ModuleRecord | None) -> int:
-    """``Σ rᵢ`` over the merged links, and the pending one unless it is still zero.
+def _was_peft_chain(chain: ChainLoRAOptimizer) -> bool:
+    """Whether the chain's modules are PEFT LoRA layers (a chained ``PeftModel``, unloaded)."""
+    names = dict(chain.model.named_modules())
+    return any(is_peft_lora_layer(names[n]) for n in chain.config.modules if n in names)
+
+
+def _chain_rank(chain: ChainLoRAOptimizer, name: str, record: ModuleRecord | None) -> int | None:
+    """``Σ rᵢ`` over the merged links, and the pending one unless it is still zero, plus what
+    earlier chains had merged into the module when this one was built (``None``: not known;
+    the export then keeps every rank).
 
     The most rank the module's ``W − W₀`` can have (what its history would stack); ``record``
     is ``None`` after ``merge_and_unload``, which merged the last link.
     """
     pending = record is None or bool(record.link.lora_B.detach().any())
-    return sum(chain.link_rank(i) for i in range(chain.knots_tied + int(pending)))
+    own = sum(chain.link_rank(i) for i in range(chain.knots_tied + int(pending)))
+    earlier = chain.chain.merged_before.get(name, 0)
+    return None if earlier is None else own + earlier
 
 
 def _pad(t: Tensor, r: int, dim: int) -> Tensor:

@@ -165,7 +165,7 @@ def test_unloading_after_a_plain_load_leaves_no_load_hook_or_flag() -> None:
     _train(model, opt, 2)
     model.load_state_dict(chainopt.merged_state_dict(model))
     chainopt.merge_and_unload(model)
-    assert not [k for k in vars(model) if "chainopt" in k]
+    assert [k for k in vars(model) if "chainopt" in k] == ["_chainopt_base_merged"]  # what it holds
     assert not model._load_state_dict_pre_hooks and not model._load_state_dict_post_hooks
 
 
@@ -203,6 +203,64 @@ def test_loading_the_chain_own_keys_keeps_the_history_only_with_its_optimizer_st
     torch.testing.assert_close(_logits(model), expected, rtol=0, atol=0)
     export_peft_adapter(opt, tmp_path / "a")
     torch.testing.assert_close(_served(tmp_path / "a"), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("order", ["optimizer first", "model first", "optimizer only"])
+def test_the_optimizer_state_of_one_run_with_the_model_of_another_makes_the_export_need_base(
+    tmp_path: Path, order: str
+) -> None:
+    """Run A's optimizer state beside run B's model (both chains of the same config, from the
+    same base): loading both cleared the stale mark, and the adapter written from A's history
+    was 0.21 away from the model. The state now carries a fingerprint of the frozen weights it
+    was saved with; a model whose weights differ (B's, or the fresh base when only the optimizer
+    state is loaded) makes the export ask for ``base``, and with it the export is exact. The
+    pair of one run (the test above) still exports from the history."""
+    pytest.importorskip("peft")
+    runs = []
+    for lr in (1e-2, 3e-2):  # run A, run B
+        model = tiny_llama()
+        opt = _chain(model)
+        opt.param_groups[0]["lr"] = lr
+        _train(model, opt, 4)  # a knot after step 3
+        runs.append((copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())))
+    (_, opt_a), (model_b, _) = runs
+    model = tiny_llama()
+    opt = _chain(model)
+    if order == "optimizer first":
+        opt.load_state_dict(opt_a)
+        model.load_state_dict(model_b)
+    elif order == "model first":
+        model.load_state_dict(model_b)
+        opt.load_state_dict(opt_a)
+    else:
+        opt.load_state_dict(opt_a)
+    expected = _logits(model)
+    with pytest.raises(ValueError, match=r"another run's .* Pass base="):
+        export_peft_adapter(opt, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    export_peft_adapter(opt, tmp_path / "a", base=tiny_llama())
+    torch.testing.assert_close(_served(tmp_path / "a"), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_chained_peft_model_with_another_runs_optimizer_state_refuses_its_save(
+    tmp_path: Path,
+) -> None:
+    """The same on a chained PeftModel, whose save_pretrained writes the chain from its history."""
+    states = []
+    for lr in (1e-2, 3e-2):
+        model, opt = _peft_chain()
+        opt.param_groups[0]["lr"] = lr
+        _train(model, opt, 4)
+        states.append((copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())))
+    model, opt = _peft_chain()
+    opt.load_state_dict(states[0][1])
+    model.load_state_dict(states[1][0])
+    with pytest.raises(ValueError, match="no longer describes"):
+        model.save_pretrained(tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    opt.load_state_dict(states[1][1])  # B's own optimizer state: the pair of one run
+    model.save_pretrained(tmp_path / "a")
+    assert (tmp_path / "a" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.parametrize("part", ["one module, factors and weight", "one weight only"])

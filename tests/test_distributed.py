@@ -245,6 +245,17 @@ def _fsdp_worker(rank: int, out: str, device: str, dtype: torch.dtype) -> None:
     _train(model2, opt2, range(SAVE_AT, STEPS), rank, dtype)
     torch.save(_whole(model2), f"{out}/resumed{rank}.pt")
 
+    # unloading sharded modules broke their forward: refused, nothing changed, training goes on
+    before = _whole(model2)
+    try:
+        opt2.merge_and_unload()
+    except ValueError as err:
+        assert "FSDP2-sharded" in str(err) and "save_checkpoint" in str(err)
+    else:
+        raise AssertionError("merge_and_unload of FSDP2-sharded modules was not refused")
+    _assert_same(_whole(model2), before, "after the refused unload")
+    _train(model2, opt2, range(STEPS, STEPS + 1), rank, dtype)
+
     # wrapping a model that is already sharded is refused with advice
     late = _mlp().to(device)
     _shard(late, device)

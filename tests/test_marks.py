@@ -11,7 +11,13 @@ from torch import nn
 
 import chainopt
 from chainopt import ChainLoRAOptimizer
-from chainopt._marks import CLEARED_IS_QUANTIZED, LOAD_GUARD
+from chainopt._marks import (
+    BASE_MERGED,
+    CLEARED_IS_QUANTIZED,
+    LOAD_GUARD,
+    mark_base_merged,
+    merged_rank,
+)
 
 
 def _marks(model: nn.Module) -> dict[str, object]:
@@ -56,7 +62,14 @@ def test_an_unloaded_model_is_the_plain_model(how: str) -> None:
         opt.merge_and_unload()
     else:
         chainopt.merge_and_unload(model)
-    assert _marks(model) == plain
+    left = _marks(model)
+    # what the weights now hold, nothing else
+    assert left.pop("attributes") == left.pop("module_attributes") == [BASE_MERGED]
+    assert plain.pop("attributes") == plain.pop("module_attributes") == []
+    assert left == plain
+    ranks = 2 * 2 if how == "method" else None  # a knot and the pending link, each of rank 2
+    names = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    assert vars(model)[BASE_MERGED] == dict.fromkeys(names, ranks)
     with torch.no_grad():
         expected = model(ids).logits
     buffer = io.BytesIO()
@@ -76,3 +89,16 @@ def test_unloading_gives_a_quantized_model_its_is_quantized_back() -> None:
     assert model.is_quantized is False and vars(model)[CLEARED_IS_QUANTIZED]  # Trainer may train
     opt.merge_and_unload()
     assert model.is_quantized is True and CLEARED_IS_QUANTIZED not in vars(model)
+
+
+def test_the_base_merged_mark_adds_what_each_chain_merged_and_forgets_nothing() -> None:
+    """Ranks add up across chains; a rank not known (``None``) stays unknown; a mark on a module
+    inside the model (a ``PeftModel``'s base) makes every name unknown there."""
+    outer = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)))
+    assert merged_rank(outer, "0") == 0
+    mark_base_merged(outer, {"0": 4, "1.0": 2})
+    mark_base_merged(outer, {"0": 8, "1.0": None})
+    assert merged_rank(outer, "0") == 12 and merged_rank(outer, "1.0") is None
+    assert merged_rank(outer, "never") == 0
+    mark_base_merged(outer[1], {})
+    assert merged_rank(outer, "0") is None and merged_rank(outer[1], "0") == 0

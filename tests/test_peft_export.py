@@ -253,6 +253,63 @@ def test_after_merge_and_unload_it_needs_the_base_and_then_is_exact(
     torch.testing.assert_close(_logits(loaded), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("unload", ["optimizer", "function"])
+def test_a_chain_on_weights_an_earlier_chain_merged_needs_the_base_and_then_is_exact(
+    tmp_path: Path, unload: str
+) -> None:
+    """A second chain on a model whose first chain was merged and unloaded keeps only its own
+    links in its history: an adapter of them on the original base would miss the first chain
+    (the export wrote exactly that before). It needs ``base=`` now, and is then exact: rank 16
+    (both chains' Σr) where the optimizer unloaded the first one, every rank where
+    ``chainopt.merge_and_unload`` did it behind the optimizer's back (its rank is not known)."""
+    model = tiny_llama()
+    first = _train_lm(model, 3)
+    first.merge_and_unload() if unload == "optimizer" else merge_and_unload(model)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(model.state_dict()[key], tiny_llama().state_dict()[key])
+    opt = _train_lm(model, 3)
+    expected = _logits(model.eval())
+    with pytest.raises(ValueError, match=r"earlier chain .* Pass base="):
+        export_peft_adapter(opt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    report = export_peft_adapter(opt, tmp_path / "out", base=tiny_llama().state_dict())
+
+    weight = tiny_llama().get_submodule("model.layers.0.self_attn.q_proj").weight
+    assert report.rank == (16 if unload == "optimizer" else min(weight.shape))
+    assert report.relative_error < 1e-6
+    loaded = _peft(tiny_llama(), tmp_path / "out")
+    torch.testing.assert_close(_logits(loaded), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_resumed_second_chain_still_knows_the_first_one_under_its_weights(
+    tmp_path: Path,
+) -> None:
+    """The second chain's state, resumed in a fresh process (a fresh model from the original
+    base, then the model's and the optimizer's state), carries what the first chain merged: the
+    export asks for ``base=`` and writes both chains exactly, as before the resume."""
+    import copy
+
+    model = tiny_llama()
+    _train_lm(model, 3).merge_and_unload()
+    second = _train_lm(model, 3)
+    model_state = copy.deepcopy(model.state_dict())
+    opt_state = copy.deepcopy(second.state_dict())
+    expected = _logits(model.eval())
+
+    fresh = tiny_llama()
+    resumed = _train_lm(fresh, 0)
+    fresh.load_state_dict(model_state)
+    resumed.load_state_dict(opt_state)
+    torch.testing.assert_close(_logits(fresh.eval()), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"earlier chain .* Pass base="):
+        export_peft_adapter(resumed, tmp_path / "out")
+    report = export_peft_adapter(resumed, tmp_path / "out", base=tiny_llama().state_dict())
+    assert report.rank == 16 and report.relative_error < 1e-6
+    torch.testing.assert_close(_logits(_peft(tiny_llama(), tmp_path / "out")), expected,
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
 def test_compressed_from_base_equals_compressed_from_history(tmp_path: Path) -> None:
     model = tiny_llama()
     opt = _train_lm(model, 7)  # three knots and a pending link: chain rank 16

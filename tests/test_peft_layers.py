@@ -500,9 +500,11 @@ def test_merge_and_unload_leaves_peft_layers_computing_the_chain_and_no_marks(
     out = opt.merge_and_unload()
     assert out is model
     torch.testing.assert_close(_logits(model), trained, rtol=1e-5, atol=1e-5)
-    assert [
-        k for k in vars(model) if "chainopt" in k or k in ("save_pretrained", "load_adapter")
-    ] == []
+    left = [k for k in vars(model) if "chainopt" in k or k in ("save_pretrained", "load_adapter")]
+    assert left == ["_chainopt_base_merged", "save_pretrained"]  # the refusal below, nothing else
+    with pytest.raises(ValueError, match=r"merge_and_unload\(\) merged.* nothing was written"):
+        model.save_pretrained(tmp_path / "adapter")  # PEFT's own would write the zero link
+    assert not (tmp_path / "adapter").exists()
     for layer in _lora_layers(model).values():
         assert [k for k in vars(layer) if "chainopt" in k] == [] and "chainopt" not in str(
             list(layer.state_dict())
@@ -515,6 +517,56 @@ def test_merge_and_unload_leaves_peft_layers_computing_the_chain_and_no_marks(
     plain.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(_logits(loaded), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_after_merge_and_unload_no_adapter_save_claims_the_original_base(tmp_path: Path) -> None:
+    """Between ``opt.merge_and_unload()`` and PEFT's ``merge_and_unload()`` the fine-tuned function
+    lives in the base weights and the adapter is zero: PEFT's own save wrote that zero adapter
+    (0.07 away from the trained model on the original base). It refuses now, and so does the save
+    of any later chain on those weights (its history lacks the merged one), on the same
+    PeftModel or on a new one around PEFT's plain model; the plain model itself saves exactly."""
+    model = _peft_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 3)
+    trained = _logits(model)
+    opt.merge_and_unload()
+    refused = r"merge_and_unload\(\) merged.* nothing was written"
+    with pytest.raises(ValueError, match=refused):
+        model.save_pretrained(tmp_path / "between")
+    assert not (tmp_path / "between").exists()
+
+    again = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, again, 3)  # a second chain on the merged base trains and ties knots
+    assert again.knots_tied == 1
+    with pytest.raises(ValueError, match=refused):
+        model.save_pretrained(tmp_path / "second")  # it would hold the second chain only
+    again.merge_and_unload()
+    twin = __import__("copy").deepcopy(model)
+    buffer = __import__("io").BytesIO()
+    torch.save(model, buffer)  # the refusal is no bound method: the model still pickles
+    buffer.seek(0)
+    pickled = torch.load(buffer, weights_only=False)
+    for m in (model, twin, pickled):
+        with pytest.raises(ValueError, match=refused):
+            m.save_pretrained(tmp_path / "after")
+    assert not (tmp_path / "second").exists() and not (tmp_path / "after").exists()
+
+    final = _logits(model)
+    plain = model.merge_and_unload()  # PEFT's own: the plain fine-tuned model
+    rewrapped = get_peft_model(plain, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    third = ChainLoRAOptimizer(
+        rewrapped, torch.optim.SGD(rewrapped.parameters(), lr=0.0), knot_every=2
+    )
+    with pytest.raises(ValueError, match=refused):
+        rewrapped.save_pretrained(tmp_path / "third")  # a chain over the merged weights again
+    third.merge_and_unload()
+    plain = rewrapped.merge_and_unload()
+    plain.save_pretrained(tmp_path / "plain")
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    torch.testing.assert_close(_logits(loaded), final, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(final, trained)  # the second chain trained on top of the first
 
 
 def test_a_bfloat16_peft_model_keeps_the_exact_sum_through_a_merge_residual(tmp_path: Path) -> None:
@@ -661,6 +713,67 @@ def test_a_diffusers_unet_with_injected_lora_chains_and_saves_the_whole_chain(
     fresh.load_lora_adapter(str(tmp_path), prefix=None, use_safetensors=True)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, t, h).sample, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_a_unet_whose_chain_was_merged_and_unloaded_refuses_its_adapter_save(
+    tmp_path: Path,
+) -> None:
+    """diffusers' save_lora_adapter after opt.merge_and_unload() would write the zero link as the
+    adapter of the original UNet: refused; fuse_lora's path (the plain model) stays open."""
+    pytest.importorskip("diffusers")
+    unet = _tiny_unet()
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v"]))
+    opt = ChainLoRAOptimizer(unet, torch.optim.AdamW(unet.parameters(), lr=1e-2), knot_every=2)
+    x, t, h = torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.randn(2, 3, 8)
+    for _ in range(3):
+        unet(x, t, h).sample.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    opt.merge_and_unload()
+    with pytest.raises(ValueError, match=r"merge_and_unload\(\) merged.* nothing was written"):
+        unet.save_lora_adapter(tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_save_merged_of_a_chained_peft_model_is_its_whole_chain_save(tmp_path: Path) -> None:
+    """chainopt.save_merged(peft_model) went through PeftModel's class save with a state dict,
+    which kept the link under way only: an adapter 0.25 away from the trained model. It is the
+    model's own save now (the whole chain), and refuses once the chain was merged and unloaded."""
+    import chainopt
+
+    model = _peft_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 3)
+    trained = _logits(model)
+    assert chainopt.save_merged(opt, tmp_path / "chain") == tmp_path / "chain"
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "chain").eval()
+    torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
+    opt.merge_and_unload()
+    with pytest.raises(ValueError, match="nothing was written"):
+        chainopt.save_merged(model, tmp_path / "after")
+    assert not (tmp_path / "after").exists()
+    for base in (None, tiny_llama()):  # base= raised an AttributeError; without, it asked for it
+        with pytest.raises(ValueError, match=r"PEFT's own LoRA layers.*nothing was written"):
+            chainopt.export_peft_adapter(opt, tmp_path / "export", base=base)
+    assert not (tmp_path / "export").exists()
+
+
+def test_save_merged_refuses_a_model_with_injected_peft_layers(tmp_path: Path) -> None:
+    """A UNet with injected (chained) PEFT layers: save_merged wrote PEFT's base_layer/lora keys,
+    and from_pretrained gave a UNet with fresh attention weights (NaN out). Refused, chained or
+    unloaded, with nothing written."""
+    pytest.importorskip("diffusers")
+    import chainopt
+
+    unet = _tiny_unet()
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v"]))
+    opt = ChainLoRAOptimizer(unet, torch.optim.AdamW(unet.parameters(), lr=1e-2), knot_every=2)
+    for unloaded in (False, True):
+        if unloaded:
+            opt.merge_and_unload()
+        with pytest.raises(ValueError, match=r"PEFT layers injected.*nothing was written"):
+            chainopt.save_merged(unet, tmp_path / "merged")
+        assert not (tmp_path / "merged").exists()
 
 
 def test_load_adapter_of_a_chain_checkpoint_brings_the_chain_back_to_it(tmp_path: Path) -> None:

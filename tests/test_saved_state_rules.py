@@ -134,6 +134,47 @@ def test_an_invalid_generator_state_of_the_right_size_is_refused_before_anything
     _assert_refused_and_unchanged(opt, model, saved, "not a valid CPU generator state")
 
 
+@pytest.mark.parametrize(
+    "weights",
+    [[1.0], {"nope": [1.0, 2.0]}, {"0": [float("nan"), 1.0]}, {"0": [1, 2]}, {"0": "x"}],
+    ids=["list", "unknown module", "nan", "ints", "string"],
+)
+def test_a_malformed_weights_fingerprint_is_refused_before_anything_loads(weights: Any) -> None:
+    _, source = _trained(OPTIMIZERS["AdamW"])
+    saved = copy.deepcopy(source.state_dict())
+    assert set(saved["chainopt"]["weights"]) == {"0", "2"}  # what a state carries now
+    saved["chainopt"]["weights"] = weights
+    model, opt = _trained(OPTIMIZERS["AdamW"], steps=2)
+    _assert_refused_and_unchanged(opt, model, saved, "fingerprint")
+
+
+def test_a_state_saved_without_a_fingerprint_still_loads_and_exports_from_history() -> None:
+    """States written before the fingerprint existed load as before (taken on trust)."""
+    model, source = _trained(OPTIMIZERS["AdamW"])
+    saved = copy.deepcopy(source.state_dict())
+    del saved["chainopt"]["weights"]
+    state = copy.deepcopy(model.state_dict())
+    fresh, opt = _trained(OPTIMIZERS["AdamW"], steps=0)
+    opt.load_state_dict(saved)
+    fresh.load_state_dict(state)
+    from chainopt._load_guard import loaded_plain_weights
+
+    assert not loaded_plain_weights(fresh)
+
+
+@pytest.mark.parametrize(
+    "merged", [[1], {"nope": 2}, {"0": -1}, {"0": 2.5}, {"0": True}],
+    ids=["list", "unknown module", "negative", "float", "bool"],
+)  # fmt: skip
+def test_a_malformed_merged_before_is_refused_before_anything_loads(merged: Any) -> None:
+    _, source = _trained(OPTIMIZERS["AdamW"])
+    saved = copy.deepcopy(source.state_dict())
+    assert saved["chainopt"]["merged_before"] == {"0": 0, "2": 0}  # what a state carries now
+    saved["chainopt"]["merged_before"] = merged
+    model, opt = _trained(OPTIMIZERS["AdamW"], steps=2)
+    _assert_refused_and_unchanged(opt, model, saved, "merged_before")
+
+
 @pytest.mark.parametrize("case", ["meta A", "meta B", "meta bias", "inner size", "outer size"])
 def test_history_factors_that_do_not_fit_their_module_are_refused(case: str) -> None:
     _, source = _trained(OPTIMIZERS["AdamW"], lora_bias=True)

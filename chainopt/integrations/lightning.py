@@ -20,7 +20,7 @@ can keep the parametrized keys) and resumes any checkpoint bitwise:
   ``LightningModule.load_from_checkpoint`` and ``validate``/``test``/``predict`` with
   ``ckpt_path`` give the fine-tuned model with no chain in the module; the chain's own tensors
   (frozen originals, factors, merge residuals) travel in the chain's optimizer state (see
-  :func:`chainopt.export.mark_merged_save`). Resuming such a checkpoint needs no callback: the
+  :func:`chainopt._marks.mark_merged_save`). Resuming such a checkpoint needs no callback: the
   plain keys load into the unchained module, ``configure_optimizers()`` builds the chain on top,
   and Lightning's load of the optimizer state puts the originals and factors back.
 - **Resuming** a checkpoint that holds the chain's parametrized keys (``merged=False``, a
@@ -85,9 +85,9 @@ except ImportError as err:
     ) from err
 
 from .._layers import find_adapted
-from .._marks import LINK_NAME
+from .._marks import LINK_NAME, mark_merged_save
 from .._quant_backends import backend_for
-from ..export import mark_merged_save, merged_state_dict
+from ..export import merged_state_dict
 from ..guard import NonFiniteUpdateError
 from ..optimizer import ChainLoRAOptimizer
 
