@@ -62,7 +62,7 @@ from .history import ChainHistory
 from .init import resolve_init
 from .knot import Chain, resolve_non_finite
 from .quantized import resolve_master_weights
-from .reset import FreshState, resolve_reset
+from .reset import FreshState, InitialState, resolve_reset
 
 __all__ = [
     "Undo",
@@ -149,7 +149,7 @@ def _build(
         history=ChainHistory(keep_factors=config.keep_history),
         generator=generator,
         optimizer=base,
-        reset_state=resolve_reset(config.reset, config.prune_ratio, fresh),
+        reset_state=resolve_reset(config.reset, config.prune_ratio, fresh, InitialState(base)),
         drop_state=resolve_reset("full", fresh=fresh),
         on_bad=resolve_non_finite(config.non_finite),
         link_init=resolve_init(config.init, [(r.name, r.module) for r in records]),

@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +31,7 @@ from ._experts import ParameterLink
 from ._fingerprint import Fingerprint, check_fingerprint, fingerprint
 from ._load_guard import check_incoming_state, state_restored
 from ._marks import BASE_MERGED, mark_base_merged
+from ._scratch import scratch_copy
 from ._validate import is_int, type_name
 from .history import KnotRecord, parse_history
 from .knot import Chain
@@ -350,7 +350,7 @@ def _dry_run(
     def scratch() -> tuple[Optimizer, Tensor]:
         param = torch.zeros(shape, dtype=like.dtype, device=device, requires_grad=True)
         param.grad = torch.zeros_like(param)
-        return _scratch_copy(optimizer, group, param), param
+        return scratch_copy(optimizer, group, param), param
 
     def step(opt: Optimizer) -> None:
         train = getattr(opt, "train", None)  # schedule-free optimizers step in train mode only
@@ -437,7 +437,7 @@ def _state_rules(
     scratch_param.grad = torch.zeros_like(scratch_param)
     devices = [device] if device.type == "cuda" else []
     try:  # an optimizer that draws random numbers draws them from a fork: the RNGs stay as they are
-        scratch = _scratch_copy(optimizer, group, scratch_param)
+        scratch = scratch_copy(optimizer, group, scratch_param)
         with torch.random.fork_rng(devices=devices):
             try:
                 scratch.step()
@@ -460,30 +460,3 @@ def _flat(entry: dict[Any, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
-
-
-def _scratch_copy(optimizer: Optimizer, group: int, param: Tensor) -> Optimizer:
-    """A copy of ``optimizer`` over ``param`` alone, in a copy of param group ``group`` (its
-    hyperparameters), with no state and no hooks; nothing of the original is shared or copied
-    beyond its settings."""
-    source = optimizer.param_groups[group]
-    new_group = {**{k: copy.deepcopy(v) for k, v in source.items() if k != "params"}}
-    new_group["params"] = [param]
-    memo: dict[int, Any] = {id(optimizer.param_groups): [new_group], id(source): new_group}
-    memo[id(source["params"])] = new_group["params"]
-    for g in optimizer.param_groups:
-        for p in g["params"]:
-            memo[id(p)] = param
-    memo[id(optimizer.state)] = defaultdict(dict)
-    for name, value in vars(optimizer).items():
-        if name.startswith("_optimizer_") and name.endswith("_hooks"):
-            memo[id(value)] = type(value)()
-        elif isinstance(value, nn.Module):  # an optimizer that holds the model: shared, not copied
-            memo[id(value)] = value
-    # Every attribute, not what Optimizer.__getstate__ keeps (bitsandbytes keeps its settings in
-    # attributes of its own).
-    clone = object.__new__(type(optimizer))
-    clone.__dict__.update(copy.deepcopy(dict(vars(optimizer)), memo))
-    clone.param_groups = [new_group]
-    clone.state = defaultdict(dict)
-    return clone

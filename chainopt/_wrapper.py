@@ -3,8 +3,9 @@
 :class:`~chainopt.ChainLoRAOptimizer` builds on this: LR schedulers, ``GradScaler``,
 Accelerate and the HF ``Trainer`` read and write ``param_groups``/``state``/``defaults`` and
 register state-dict hooks as on any optimizer, and every other attribute (schedule-free's
-``train()``/``eval()``, bitsandbytes' paging) reaches the wrapped optimizer. Nothing here knows
-about chains.
+``train()``/``eval()``, bitsandbytes' paging) reaches the wrapped optimizer, as do the
+``grad_scale`` and ``found_inf`` a ``GradScaler`` sets for a fused step (fused Adam or SGD unscale
+and skip inside their own step). Nothing here knows about chains.
 """
 
 from __future__ import annotations
@@ -113,6 +114,44 @@ class WrappedOptimizer(Optimizer):
     @defaults.setter
     def defaults(self, value: dict[str, Any]) -> None:
         self._base.defaults = value
+
+    # A GradScaler over an optimizer whose step unscales and skips by itself (fused Adam/SGD:
+    # ``_step_supports_amp_scaling``, read from the wrapped one) sets these two on the optimizer
+    # it steps, the wrapper, for the step to read: they go where that step reads them.
+    @property
+    def grad_scale(self) -> Any:
+        """The wrapped optimizer's ``grad_scale`` (set by a ``GradScaler`` around a fused step)."""
+        return self._forwarded("grad_scale")
+
+    @grad_scale.setter
+    def grad_scale(self, value: Any) -> None:
+        self._base.grad_scale = value  # type: ignore[attr-defined]
+
+    @grad_scale.deleter
+    def grad_scale(self) -> None:
+        del self._base.grad_scale  # type: ignore[attr-defined]
+
+    @property
+    def found_inf(self) -> Any:
+        """The wrapped optimizer's ``found_inf`` (set by a ``GradScaler`` around a fused step)."""
+        return self._forwarded("found_inf")
+
+    @found_inf.setter
+    def found_inf(self, value: Any) -> None:
+        self._base.found_inf = value  # type: ignore[attr-defined]
+
+    @found_inf.deleter
+    def found_inf(self) -> None:
+        del self._base.found_inf  # type: ignore[attr-defined]
+
+    def _forwarded(self, name: str) -> Any:
+        try:
+            return getattr(self._base, name)
+        except AttributeError:
+            raise AttributeError(
+                f"{type(self).__name__!r} object (nor the {type(self._base).__name__!r} it wraps) "
+                f"has no attribute {name!r}"
+            ) from None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer.

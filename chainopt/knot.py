@@ -104,6 +104,7 @@ class _Attempt:
     rank: int
     new_a: list[Tensor | None]
     generator_state: Tensor
+    shapes: dict[int, tuple[int, ...]]  # every factor's shape before the knot, by id
     merged: set[str] = field(default_factory=set)
 
 
@@ -183,12 +184,32 @@ def tie_knot(chain: Chain, step: int) -> KnotRecord:
                     r.delta.reset_parameters()
                 attempt.merged.add(r.name)
         _restart(chain, attempt)
-        chain.reset_state(chain.optimizer.state, chain.factors(attempt.good))
-        chain.drop_state(chain.optimizer.state, chain.factors(attempt.bad))
+        resized = [p for p in chain.factors() if tuple(p.shape) != attempt.shapes.get(id(p))]
+        chain.reset_state(chain.optimizer.state, chain.factors(attempt.good), resized)
+        chain.drop_state(chain.optimizer.state, chain.factors(attempt.bad), resized)
+        shared = _shared_state_key(chain)  # LBFGS: one state, the factors' among the rest
+        if shared:  # it follows the policy; it goes if any factor's shape changed or link dropped
+            reset = chain.drop_state if resized or attempt.bad else chain.reset_state
+            reset(chain.optimizer.state, shared, ())
     chain.history.add(attempt.record)
     chain.knots_tied += 1
     chain.pending = None
     return attempt.record
+
+
+def _shared_state_key(chain: Chain) -> list[Tensor]:
+    """The parameter an optimizer keys one state of all its parameters by, when it is no factor.
+
+    LBFGS keeps its whole history (flat over every parameter) under its first parameter; a
+    ``trainable_modules`` parameter comes first in its group, so the factors' reset never saw it
+    and the next link started from the last link's curvature pairs.
+    """
+    optimizer = chain.optimizer
+    if not isinstance(optimizer, torch.optim.LBFGS) or not optimizer.param_groups:
+        return []
+    params = optimizer.param_groups[0]["params"]
+    factors = {id(p) for p in chain.factors()}
+    return [params[0]] if params and id(params[0]) not in factors else []
 
 
 def _require_factors_stepped(chain: Chain) -> None:
@@ -222,7 +243,8 @@ def _inspect_and_record(chain: Chain, step: int) -> _Attempt:
     )
     rank = chain.config.link_rank(chain.knots_tied + 1)
     new_a = chain.link_init.initial_a([r.name for r in chain.records], rank)
-    return _Attempt(step, good, bad, record, rank, new_a, chain.generator.get_state())
+    shapes = {id(p): tuple(p.shape) for p in chain.factors()}
+    return _Attempt(step, good, bad, record, rank, new_a, chain.generator.get_state(), shapes)
 
 
 def _restart(chain: Chain, attempt: _Attempt) -> None:

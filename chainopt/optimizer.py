@@ -150,9 +150,10 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             :class:`~chainopt.NonFiniteUpdateError` and changes nothing; ``"skip"`` merges the
             others, drops those links unmerged (with their optimizer state) and warns.
         reset: the factors' optimizer state at a knot: ``"full"`` (drop it, the default),
-            ``"none"`` (keep it), ``"prune"`` (zero the smallest ``prune_ratio`` of every
-            moment, ReLoRA-style) or ``"moments"`` (zero the moments, keep step counters). See
-            :mod:`chainopt.reset`.
+            ``"none"`` (keep it), ``"prune"`` (restart the smallest ``prune_ratio`` of every
+            moment, ReLoRA-style) or ``"moments"`` (restart the moments, keep step counters);
+            to restart is to set where the optimizer starts that state: zero for Adam's
+            moments, ``lr`` for Rprop's step sizes. See :mod:`chainopt.reset`.
         prune_ratio: fraction zeroed by ``reset="prune"``, in ``[0, 1)``.
         init: A of a new link: ``"kaiming"`` (default) or ``"gradient"`` (top singular vectors
             of the weight's gradient on the step before the knot; see :mod:`chainopt.init`).
@@ -245,11 +246,17 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         """Clear gradients through the wrapped optimizer.
 
         A knot that raised half-way is finished first, before new gradients are computed (see
-        :mod:`chainopt.knot`).
+        :mod:`chainopt.knot`). A gradient left on a frozen weight or bias under a link (computed
+        while something had made it require grad, which :meth:`step` refuses) goes too: no
+        optimizer steps it, and ``clip_grad_norm_(model.parameters(), ...)`` would count it.
         """
         if self.chain.pending is not None:
             self.tie_knot()
         self._base.zero_grad(set_to_none)
+        for r in self.chain.records:
+            for frozen in (r.weight, r.bias):
+                if isinstance(frozen, Tensor) and not frozen.requires_grad:
+                    frozen.grad = None
 
     # --- the chain ---
     @property
@@ -279,6 +286,12 @@ class ChainLoRAOptimizer(WrappedOptimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One step of the wrapped optimizer; then a knot if the schedule says one is due.
 
+        The knot schedule counts the calls of this method, as an LR scheduler counts its steps,
+        a call in which no parameter had a gradient included (torch's optimizers change nothing
+        then; if no factor got a gradient in a whole link, the knot raises rather than merge
+        nothing). A step a ``GradScaler`` skips for inf/NaN gradients is not counted: it does not
+        call an unfused step, and a fused one (``fused=True``) it calls skips itself.
+
         A knot that failed half-way (an exception inside it) and was not finished since (by
         :meth:`tie_knot` or :meth:`zero_grad`) is finished first; this step's gradients were then
         computed before it, so prefer ``zero_grad()`` or ``tie_knot()`` after catching the error.
@@ -286,9 +299,16 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         Raises:
             NonFiniteUpdateError: a knot is due and a link must not be merged (no weight changed).
             RuntimeError: a knot is due and the model was cast after wrapping (see
-                :meth:`accept_dtypes`), or its links were removed; nothing was changed.
+                :meth:`accept_dtypes`), or its links were removed; or a frozen weight under a
+                link requires grad again and the optimizer does not step it
+                (``model.requires_grad_(True)`` after wrapping); or the model's factors are no
+                longer the Parameters the wrapped optimizer steps (``model.to("meta")`` replaced
+                them, or FSDP2 sharded them before :meth:`rebind_parameters`). Nothing was
+                changed.
         """
         self._require_chain(full=self.schedule.is_due(self.optimizer_steps + 1))
+        self._require_frozen_weights()
+        self._require_held_factors()
         if self.chain.pending is not None:
             self.tie_knot()
         if closure is None:
@@ -296,8 +316,84 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         else:
             with torch.enable_grad():
                 loss = self._base.step(closure)
+        if not self._stepped():
+            return loss
         self.count_step()
         return loss
+
+    def _stepped(self) -> bool:
+        """Whether the wrapped optimizer's step just now was taken: not when a ``GradScaler``
+        found inf/NaN gradients and a fused step (fused Adam, SGD) skipped itself. The scaler
+        sets ``found_inf`` for such a step; an unfused step it skips is never called. A skipped
+        step is not counted by the knot schedule either way."""
+        found_inf = self._base.__dict__.get("found_inf")
+        return not (isinstance(found_inf, Tensor) and bool(found_inf.detach().ne(0).any()))
+
+    def _require_held_factors(self) -> None:
+        """Refuse a step while the wrapped optimizer holds Parameters the model had and has
+        replaced since, instead of the model's factors: it would train the old ones, which the
+        model no longer uses, and nothing would train. ``model.to(...)`` replaces Parameters where
+        it cannot move them in place (to or from the meta device, or under ``torch.__future__.
+        set_overwrite_module_params_on_conversion(True)``), as FSDP2's ``fully_shard`` does before
+        :meth:`rebind_parameters`. An engine's own copies in the groups (DeepSpeed) are not the
+        model's Parameters: those are left to the knot, which refuses what it would undo.
+
+        Such a move replaces every Parameter, so the first and last factors stand for all of them:
+        the check costs nothing until one of them is not a Parameter the chain was built (or
+        rebound) with."""
+        records, names = self.chain.records, self._param_names
+        if not records or (
+            id(records[0].link.lora_A) in names and id(records[-1].link.lora_B) in names
+        ):
+            return
+        if self._holds_factors():
+            return
+        model_now = dict(self.model.named_parameters())
+        stale = [
+            names[id(p)]
+            for g in self._base.param_groups
+            for p in g["params"]
+            if id(p) in names and model_now.get(names[id(p)]) is not p
+        ]
+        if stale:
+            raise RuntimeError(
+                f"the wrapped optimizer steps {stale[0]!r} ({len(stale)} parameter(s) in all) as "
+                "the model had it, but the model's Parameter was replaced after the chain was "
+                "built (model.to(...) to or from the meta device, or with torch.__future__."
+                "set_overwrite_module_params_on_conversion(True); fully_shard without "
+                "opt.rebind_parameters()), so the optimizer would train copies the model no "
+                "longer uses. Nothing was changed. Move the model before building the "
+                "ChainLoRAOptimizer, or call opt.rebind_parameters() after sharding"
+            )
+
+    def _require_frozen_weights(self) -> None:
+        """Refuse a step while a weight under a link requires grad and the optimizer does not
+        step it (``model.requires_grad_(True)`` after wrapping): it would never train, yet its
+        gradient would be computed every step, never cleared by ``zero_grad()`` and counted by
+        ``clip_grad_norm_(model.parameters(), ...)``, silently shrinking the factors' updates.
+        A weight added to the optimizer (``add_param_group``) trains as in any optimizer.
+        """
+        hot = [
+            (r.name, t)
+            for r in self.chain.records
+            for t in (r.weight, r.bias)
+            if isinstance(t, Tensor) and t.requires_grad
+        ]
+        if not hot:
+            return
+        held = {id(p) for g in self._base.param_groups for p in g["params"]}
+        loose = [name for name, t in hot if id(t) not in held]
+        if loose:
+            raise RuntimeError(
+                f"the frozen weight (or bias) under the link of {loose[0]!r} requires grad again "
+                f"({len(loose)} such tensors in all; model.requires_grad_(True) after the chain "
+                "was built?), but the optimizer does not step it: it would never train, while its "
+                "gradient would be computed every step, never cleared by zero_grad() and counted "
+                "by clip_grad_norm_(model.parameters(), ...). Nothing was changed. Freeze it again "
+                "(model.requires_grad_(False), then requires_grad_(True) on every parameter in "
+                "opt.param_groups), or add it to the optimizer with opt.add_param_group(...) to "
+                "train it directly"
+            )
 
     def count_step(self) -> None:
         """Count an optimizer step the wrapped optimizer took outside :meth:`step` (an engine

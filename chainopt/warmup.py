@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Protocol
 
 from torch.optim import Optimizer
@@ -34,41 +33,27 @@ __all__ = ["KnotWarmup"]
 
 
 class _Scheduler(Protocol):
-    def step(self) -> None: ...
+    def step(self, *args: Any, **kwargs: Any) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
-
-
-def _required_step_arguments(scheduler: object) -> list[str]:
-    """The arguments ``scheduler.step`` cannot be called without (none if not introspectable)."""
-    try:
-        signature = inspect.signature(scheduler.step)  # type: ignore[attr-defined]
-    except (TypeError, ValueError):
-        return []
-    return [
-        name
-        for name, p in signature.parameters.items()
-        if p.default is p.empty
-        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
 
 
 class KnotWarmup:
     """Re-warm the learning rate linearly over ``warmup_steps`` after every knot.
 
     Call :meth:`step` where you called the wrapped scheduler's ``step`` (once per optimizer step,
-    after ``opt.step()``).
+    after ``opt.step()``), with the same arguments (``ReduceLROnPlateau``'s metric).
 
     Args:
         scheduler: any torch LR scheduler over ``optimizer`` (or an object with ``step``,
-            ``state_dict`` and ``load_state_dict``).
+            ``state_dict`` and ``load_state_dict``), ``ReduceLROnPlateau`` included: it reduces
+            the unscaled rates.
         optimizer: the :class:`ChainLoRAOptimizer` whose knots restart the warm-up.
         warmup_steps: steps to reach the full rate after a knot (``1`` is no warm-up).
 
     Raises:
         TypeError: ``optimizer`` is not a ChainLoRAOptimizer, or ``scheduler`` has no ``step``,
-            ``state_dict`` or ``load_state_dict``, or its ``step`` needs arguments
-            (``ReduceLROnPlateau``'s ``step(metrics)``: :meth:`step` calls it with none).
+            ``state_dict`` or ``load_state_dict``.
         ValueError: ``warmup_steps`` is not a positive int.
 
     Example:
@@ -102,14 +87,6 @@ class KnotWarmup:
                 "scheduler must be an LR scheduler (step, state_dict, load_state_dict), got "
                 f"{type(scheduler).__name__} ({what})"
             )
-        needs = _required_step_arguments(scheduler)
-        if needs:
-            raise TypeError(
-                f"scheduler must step without arguments (KnotWarmup.step() calls "
-                f"scheduler.step()), but {type(scheduler).__name__}.step needs {needs}; a "
-                "metric-driven scheduler such as ReduceLROnPlateau cannot be wrapped: step it "
-                "yourself and multiply the rates by KnotWarmup's factor()"
-            )
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"warmup_steps must be a positive int, got {warmup_steps!r}")
         self.scheduler = scheduler
@@ -124,12 +101,24 @@ class KnotWarmup:
         since = self.optimizer.optimizer_steps - self.optimizer.history.knots[-1].step
         return min(1.0, (since + 1) / self.warmup_steps)
 
-    def step(self) -> None:
-        """Step the wrapped scheduler on unscaled rates, then apply the warm-up factor."""
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        """Step the wrapped scheduler on unscaled rates, then apply the warm-up factor.
+
+        ``args`` and ``kwargs`` go to the wrapped scheduler's ``step`` (``ReduceLROnPlateau``'s
+        ``metrics``). If it raises (a metric missing), the rates are left as they were.
+        """
         groups = self.optimizer.param_groups
+        scaled = [g["lr"] for g in groups]
+        # a group added since (add_param_group) starts at its own rate, unscaled
+        self._unscaled += scaled[len(self._unscaled) :]
         for group, lr in zip(groups, self._unscaled, strict=True):
             group["lr"] = lr
-        self.scheduler.step()
+        try:
+            self.scheduler.step(*args, **kwargs)
+        except BaseException:
+            for group, lr in zip(groups, scaled, strict=True):
+                group["lr"] = lr
+            raise
         self._unscaled = [g["lr"] for g in groups]
         f = self.factor()
         for group in groups:

@@ -214,3 +214,38 @@ def test_a_deep_copy_of_a_scheduled_chain_trains_itself_after_the_original_is_go
     a, b = snapshot(twin_model), snapshot(clone.model)
     assert clone.knots_tied == twin.knots_tied == 2
     assert all(torch.equal(a[k], b[k]) for k in a)  # trained exactly like an uncopied run
+
+
+@pytest.mark.parametrize("trainable", [None, ["2"]], ids=["factors-only", "with-head"])
+@pytest.mark.parametrize("reset", ["full", "none", "moments"])
+def test_lbfgs_s_one_shared_state_follows_the_reset_policy(
+    reset: str, trainable: list[str] | None
+) -> None:
+    """LBFGS keeps one history, flat over all its parameters, under its first. Before: with a
+    ``trainable_modules`` head (first in its group) a full reset kept the last link's curvature
+    pairs for the new link; without one, ``reset="none"`` dropped it (a state of another shape
+    was taken for a rank change)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    x, y = torch.randn(16, 8), torch.randn(16, 4)
+    base = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4, history_size=5)
+    opt = ChainLoRAOptimizer(
+        model, base, target_modules=["0"], trainable_modules=trainable, rank=2, knot_every=2,
+        reset=reset,
+    )  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    histories: list[list[int]] = []
+    opt.register_knot_hook(
+        lambda o, _r: histories.append([len(s["old_dirs"]) for s in o.state.values()])
+    )
+    for _ in range(4):
+        opt.step(closure)
+    kept = reset == "none"  # "moments": a flat history is no moment of one factor: it goes
+    assert histories == ([[5], [5]] if kept else [[], []])
+    assert opt.knots_tied == 2 and torch.isfinite(closure())

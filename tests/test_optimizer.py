@@ -254,6 +254,199 @@ def test_closure_is_passed_through() -> None:
     assert opt.optimizer_steps == 1
 
 
+def _scaled_run(base: Callable[[Any], torch.optim.Optimizer], inf_at: int) -> ChainLoRAOptimizer:
+    """Seven iterations under a GradScaler; the loss of iteration ``inf_at`` is inf."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ChainLoRAOptimizer(
+        model, base(model.parameters()), target_modules=["0", "2"], rank=2, knot_every=3
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(7):
+        loss = model(torch.randn(8, 12, generator=gen)).square().mean()
+        scaler.scale(loss * (float("inf") if i == inf_at else 1.0)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    return opt
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda fused: lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, fused=fused),
+        lambda fused: lambda p: torch.optim.Adam(p, lr=1e-2, fused=fused),
+    ],
+    ids=["sgd", "adam"],
+)
+def test_a_grad_scaler_over_a_fused_optimizer_unscales_and_its_skipped_step_ties_no_knot(
+    make: Callable[[bool], Callable[[Any], torch.optim.Optimizer]],
+) -> None:
+    """A fused step unscales and skips by itself, reading ``grad_scale``/``found_inf`` that the
+    scaler sets on the optimizer it is given: they must reach the wrapped one. Before, a fused
+    SGD stepped on gradients 256 times too large and on the inf ones (the model went inf), and
+    the skipped step was counted, so the knot came a step early."""
+    plain, fused = _scaled_run(make(False), inf_at=2), _scaled_run(make(True), inf_at=2)
+    for opt in (plain, fused):  # the inf step (the 3rd, a knot step) is skipped: 6 counted
+        assert (opt.optimizer_steps, [k.step for k in opt.history.knots]) == (6, [3, 6])
+    assert len(plain.history.knots) == len(fused.history.knots)
+    for (key, a), b in zip(
+        plain.model.state_dict().items(), fused.model.state_dict().values(), strict=True
+    ):
+        assert torch.isfinite(b).all(), key
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=key)
+    assert not hasattr(fused.optimizer, "found_inf")  # the scaler removed what it set
+
+
+def test_a_step_without_gradients_is_counted_like_an_lr_scheduler_step() -> None:
+    """What ``step()``'s docstring promises: counted, nothing changed (the knot's guard raises
+    if a whole link gets no gradient: ``test_peft_layers.py``)."""
+    opt = _wrap(knot_every=3)
+    _train(opt.model, opt, 1)
+    before = snapshot(opt.model)
+    opt.step()
+    assert opt.optimizer_steps == 2 and opt.knots_tied == 0
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(opt.model).items())
+    _train(opt.model, opt, 1)
+    assert [k.step for k in opt.history.knots] == [3]
+
+
+def test_a_frozen_weight_made_trainable_again_is_refused_before_the_step() -> None:
+    """``model.requires_grad_(True)`` after wrapping: the adapted weights are not in the
+    optimizer, so they would not train, yet their gradients piled up (``zero_grad()`` does not
+    clear them) and ``clip_grad_norm_(model.parameters())`` counted them: the factors' updates
+    shrank a little more each step, silently. Refused; re-frozen, it trains on; a weight the user
+    adds to the optimizer trains as in any optimizer."""
+    opt = _wrap(name="sgd_momentum", knot_every=2)
+    model = opt.model
+    _train(model, opt, 1)
+    model.requires_grad_(True)
+    model(torch.randn(8, 12)).square().mean().backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    before, state = snapshot(model), {k: dict(v) for k, v in opt.state.items()}
+    with pytest.raises(RuntimeError, match=r"'0'.*requires grad again.*4 such tensors"):
+        opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+    assert opt.optimizer_steps == 1 and len(opt.state) == len(state)
+    model.requires_grad_(False)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.requires_grad_(True)
+    opt.zero_grad()  # stale gradients under the links go too: clipping no longer sees them
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == ["4.weight", "4.bias"]
+    _train(model, opt, 1)
+    assert (opt.optimizer_steps, opt.knots_tied) == (2, 1)
+    weight = model[2].parametrizations.weight.original
+    weight.requires_grad_(True)
+    opt.add_param_group({"params": [weight], "lr": 0.1})
+    opt.zero_grad()
+    w = weight.detach().clone()
+    _train(model, opt, 1)
+    assert not torch.equal(weight, w)
+
+
+@pytest.mark.parametrize("move", ["meta", "overwrite"])
+def test_a_model_whose_parameters_a_move_replaced_is_refused_before_the_step(move: str) -> None:
+    """``model.to("meta")`` (and any ``.to`` under torch's overwrite-on-conversion flag) gives the
+    model new Parameter objects: the optimizer trained the old ones, which the model no longer
+    uses, silently until a knot, whose error blamed DeepSpeed."""
+    opt = _wrap(knot_every=3)
+    _train(opt.model, opt, 1)
+    old = [p.detach().clone() for p in opt.param_groups[0]["params"]]
+    if move == "meta":
+        opt.model.to("meta")
+    else:
+        flag = torch.__future__.get_overwrite_module_params_on_conversion()
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            opt.model.float()  # already float32: nothing but new Parameter objects
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(flag)
+    for p in opt.factors():
+        p.grad = torch.ones_like(p)
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(
+        RuntimeError,
+        match=r"steps '0\.parametrizations\.weight\.0\.lora_A' \(4 parameter\(s\) in all\) as the",
+    ):
+        opt.step()
+    assert opt.optimizer_steps == 1
+    assert all(torch.equal(p, o) for p, o in zip(opt.param_groups[0]["params"], old, strict=True))
+
+
+def test_a_training_loop_with_clipping_and_a_schedule_is_lora_with_merges_written_by_hand() -> None:
+    """AdamW with weight decay, ``clip_grad_norm_(model.parameters())``, a cosine schedule on the
+    chain and a knot every 3 steps, against the same loop written out in float64: plain LoRA
+    factors, ``W += s·B·A`` at each knot, the new A taken from the chain, B zero and a fresh AdamW
+    state for the factors (the paper's "new optimizer state")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 6))
+    weight, bias = model[0].weight.detach().double(), model[0].bias.detach().double()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.1),
+        target_modules=["0"], rank=2, alpha=4, knot_every=3,
+    )  # fmt: skip
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10)
+    link = lora_parametrization(model[0])
+    a = nn.Parameter(link.lora_A.detach().double().clone())
+    b = nn.Parameter(link.lora_B.detach().double().clone())
+    ref = torch.optim.AdamW([a, b], lr=3e-2, weight_decay=0.1)
+    ref_sched = torch.optim.lr_scheduler.CosineAnnealingLR(ref, 10)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(1, 11):
+        x, t = torch.randn(8, 12, generator=gen), torch.randn(8, 6, generator=gen)
+        nn.functional.mse_loss(model(x), t).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        out = x.double() @ (weight + 2.0 * b @ a).T + bias  # s = alpha / rank = 2
+        nn.functional.mse_loss(out, t.double()).backward()
+        torch.nn.utils.clip_grad_norm_([a, b], 0.05)
+        ref.step()
+        ref_sched.step()
+        ref.zero_grad()
+        if step % 3 == 0:
+            with torch.no_grad():
+                weight += 2.0 * b @ a
+                a.copy_(link.lora_A)
+                b.zero_()
+            ref.state.clear()
+        chained = model[0].parametrizations.weight.original.double() + 2.0 * (
+            link.lora_B.double() @ link.lora_A.double()
+        )
+        torch.testing.assert_close(chained, weight + 2.0 * b @ a, rtol=0, atol=1e-6)
+    assert opt.knots_tied == 3 and float(opt.param_groups[0]["lr"]) == ref.param_groups[0]["lr"]
+
+
+def test_step_hooks_fire_once_per_step_around_the_knot() -> None:
+    """The chain's own step hooks wrap the whole step: the pre-hook before the wrapped
+    optimizer's, the post-hook after the knot (it sees the new link); the wrapped optimizer's
+    hooks fire inside, before the knot."""
+    opt = _wrap(knot_every=2)
+    seen: list[tuple[str, int, int]] = []
+
+    def log(name: str) -> Callable[..., None]:
+        return lambda o, *_: seen.append((name, opt.optimizer_steps, opt.knots_tied))
+
+    handles = [opt.register_step_pre_hook(log("pre")), opt.register_step_post_hook(log("post"))]
+    opt.optimizer.register_step_pre_hook(log("base pre"))
+    opt.optimizer.register_step_post_hook(log("base post"))
+    opt.register_knot_hook(log("knot"))
+    _train(opt.model, opt, 2)
+    assert seen == [
+        ("pre", 0, 0), ("base pre", 0, 0), ("base post", 0, 0), ("post", 1, 0),
+        ("pre", 1, 0), ("base pre", 1, 0), ("base post", 1, 0), ("knot", 2, 1), ("post", 2, 1),
+    ]  # fmt: skip
+    for handle in handles:
+        handle.remove()
+    seen.clear()
+    _train(opt.model, opt, 1)
+    assert [name for name, *_ in seen] == ["base pre", "base post"]
+
+
 def test_training_reduces_the_loss_across_knots_on_hf_models() -> None:
     for model in (tiny_llama(), tiny_opt()):
         opt = ChainLoRAOptimizer(

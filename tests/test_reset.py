@@ -11,6 +11,7 @@ from test_optimizer import _train
 
 from chainopt import ChainLoRAOptimizer
 from chainopt._attach import lora_parametrization
+from chainopt._scratch import initial_state
 from chainopt.reset import resolve_reset
 
 
@@ -89,6 +90,177 @@ def test_a_rank_change_always_drops_the_state() -> None:
     assert link.lora_A.shape == (2, 12) and link.lora_A not in opt.state
     _train(opt.model, opt, 1)
     assert opt.state[link.lora_A]["exp_avg"].shape == (2, 12)
+
+
+def _adafactor_states(reset: str, knot_every: int, rank: object = 3) -> dict[str, dict]:
+    """Every factor's Adafactor state after two steps, by parameter name."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.Adafactor(model.parameters(), lr=1e-2), target_modules=["0", "2"],
+        rank=rank, knot_every=knot_every, reset=reset, lora_bias=True,
+    )  # fmt: skip
+    _train(model, opt, 2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: dict(opt.state[p]) for p in opt.factors() if p in opt.state}
+
+
+@pytest.mark.parametrize("reset", ["none", "moments", "prune"])
+def test_adafactor_s_factored_state_is_kept_or_zeroed_as_the_policy_says(reset: str) -> None:
+    """Adafactor keeps a matrix's second moment as a row and a column factor, never shaped like
+    the parameter. Before, that was taken for a rank change: every policy dropped the whole state
+    and its step counter, so ``"none"`` kept nothing and ``"moments"`` restarted the counters."""
+    unknotted, knotted = _adafactor_states(reset, 100), _adafactor_states(reset, 2)
+    assert sorted(knotted) == sorted(unknotted) and len(knotted) == 6  # A, B, bias delta x 2
+    matrices = 0
+    for name, state in knotted.items():
+        assert sorted(state) == sorted(unknotted[name]), name
+        assert torch.equal(state["step"], unknotted[name]["step"]) and float(state["step"]) == 2
+        for key, value in state.items():
+            if key == "step":
+                continue
+            if reset == "moments":
+                assert value.shape == unknotted[name][key].shape and not value.any(), (name, key)
+            elif reset == "none" or value.dim() == 2:  # prune: no mask fits a factored moment
+                assert torch.equal(value, unknotted[name][key]), (name, key)
+            else:  # a bias delta's full second moment, pruned
+                assert (value == 0).float().mean() >= 0.9 - 1 / value.numel(), (name, key)
+        matrices += "row_var" in state
+    assert matrices == 4
+
+
+def test_a_rank_change_drops_adafactor_s_state_under_any_policy() -> None:
+    states = _adafactor_states("none", 2, rank=[3, 2])
+    assert not any(n.endswith(("lora_A", "lora_B")) for n in states)  # resized, dropped
+    assert len(states) == 2  # the bias deltas keep theirs
+
+
+@pytest.mark.parametrize("reset", ["moments", "prune"])
+def test_rprop_s_step_sizes_restart_at_lr_not_zero(reset: str) -> None:
+    """Rprop's ``step_size`` is shaped like the parameter but is no moment: zeroed at a knot
+    (before), each new B (zero) could never move again, so every later knot merged nothing."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.Rprop(model.parameters(), lr=0.01), target_modules=["0"], rank=2,
+        knot_every=2, reset=reset, prune_ratio=0.5,
+    )  # fmt: skip
+    _train(model, opt, 2)
+    b = lora_parametrization(model[0]).lora_B
+    state = opt.state[b]
+    assert float(state["step"]) == 2  # the counter is kept
+    if reset == "moments":
+        assert torch.equal(state["step_size"], torch.full_like(b, 0.01))
+        assert not state["prev"].any()
+    else:  # where the mask restarts an entry, its step size is lr again, never 0
+        assert (state["step_size"] > 0).all() and (state["step_size"] == 0.01).any()
+    _train(model, opt, 2)  # the next link trains and its knot merges something
+    assert opt.knots_tied == 2 and opt.history.knots[-1].norms["0"] > 0
+
+
+def test_adagrad_s_sums_restart_at_the_initial_accumulator_value() -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.Adagrad(model.parameters(), lr=0.1, initial_accumulator_value=0.5),
+        target_modules=["0"], rank=2, knot_every=2, reset="moments",
+    )  # fmt: skip
+    _train(model, opt, 2)
+    a = lora_parametrization(model[0]).lora_A
+    assert torch.equal(opt.state[a]["sum"], torch.full_like(a, 0.5))
+    assert float(opt.state[a]["step"]) == 2
+
+
+_BASES = {
+    "sgd-nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+    "adam-amsgrad": lambda p: torch.optim.Adam(p, lr=0.01, amsgrad=True),
+    "adam-fused": lambda p: torch.optim.Adam(p, lr=0.01, fused=True),
+    "adamw-for-loop-maximize": lambda p: torch.optim.AdamW(
+        p, lr=0.01, foreach=False, maximize=True
+    ),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1, initial_accumulator_value=0.5),
+    "rmsprop-centered": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9, centered=True),
+    "adafactor": lambda p: torch.optim.Adafactor(p, lr=0.01),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=0.01),
+    "radam": lambda p: torch.optim.RAdam(p, lr=0.01),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=0.01),
+    "adadelta": lambda p: torch.optim.Adadelta(p, lr=1.0),
+    "asgd": lambda p: torch.optim.ASGD(p, lr=0.01),
+    "rprop": lambda p: torch.optim.Rprop(p, lr=0.01),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BASES))
+def test_after_a_full_reset_the_factors_step_as_under_a_fresh_optimizer(name: str) -> None:
+    """The step after a knot moves the factors, and leaves their state, exactly as the same
+    optimizer built afresh over them would; the head's state is what the knot found."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ChainLoRAOptimizer(
+        model, _BASES[name](model.parameters()), target_modules=["0"], trainable_modules=["2"],
+        rank=2, knot_every=2,
+    )  # fmt: skip
+    head = model[2].weight
+    before_knot: list[dict[str, torch.Tensor]] = []
+    opt.optimizer.register_step_post_hook(  # after the wrapped step, before the knot
+        lambda o, _a, _k: before_knot.append({k: v.clone() for k, v in o.state[head].items()})
+    )
+    _train(model, opt, 2)  # the knot
+    assert opt.knots_tied == 1
+    assert all(torch.equal(v, before_knot[-1][k]) for k, v in opt.state[head].items())
+    link = lora_parametrization(model[0])
+    factors = [link.lora_A, link.lora_B]
+    model(torch.randn(8, 12)).square().mean().backward()
+    fresh = [torch.nn.Parameter(f.detach().clone()) for f in factors]
+    for f, g in zip(fresh, factors, strict=True):
+        f.grad = g.grad.clone()
+    reference = _BASES[name](fresh)
+    reference.step()
+    opt.step()
+    for f, g in zip(fresh, factors, strict=True):
+        assert torch.equal(g, f), name
+        ours, theirs = opt.state[g], reference.state[f]
+        assert sorted(ours) == sorted(theirs), name
+        for key, value in theirs.items():
+            mine = ours[key]
+            if isinstance(value, torch.Tensor):
+                assert mine.dtype == value.dtype and mine.device == value.device, (name, key)
+                assert torch.equal(mine, value), (name, key)
+            else:
+                assert mine == value, (name, key)
+
+
+@pytest.mark.parametrize("reset", ["none", "moments"])
+def test_a_bitsandbytes_8bit_state_is_kept_or_restarted_with_its_counter(reset: str) -> None:
+    """8-bit Adam keeps codes shaped like the factor and block maxima that are not: before, that
+    was taken for a rank change and both policies dropped the state with its step counter."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+    opt = ChainLoRAOptimizer(
+        model, bnb.optim.AdamW8bit(model.parameters(), lr=1e-3, min_8bit_size=16),
+        target_modules=["0"], rank=8, knot_every=2, reset=reset,
+    )  # fmt: skip
+    x, y = torch.randn(16, 64), torch.randn(16, 4)
+    for _ in range(2):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    a = lora_parametrization(model[0]).lora_A
+    state = opt.state[a]
+    assert state["step"] == 2 and state["state1"].dtype == torch.uint8
+    start = initial_state(opt.optimizer, 0, a)
+    assert start is not None
+    restarted = {
+        key: torch.equal(value, start[key])
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor) and value.dim() > 0
+    }
+    assert set(restarted) >= {"state1", "state2", "absmax1", "absmax2"}
+    if reset == "moments":
+        assert all(restarted.values()), restarted
+    else:  # kept: the moments are the trained ones
+        assert not restarted["absmax1"] and not restarted["absmax2"]
 
 
 def test_state_built_at_construction_is_restored_by_a_full_reset() -> None:

@@ -63,17 +63,42 @@ def test_bad_arguments() -> None:
         KnotWarmup(None, opt, 2)  # type: ignore[arg-type]
 
 
-def test_a_scheduler_whose_step_needs_a_metric_is_refused_at_construction() -> None:
-    """``ReduceLROnPlateau.step(metrics)``: accepted before, a TypeError at the first step."""
+def test_reduce_lr_on_plateau_gets_its_metric_and_reduces_the_unscaled_rate() -> None:
+    """``ReduceLROnPlateau.step(metrics)``: ``KnotWarmup.step(metric)`` passes it on, and the
+    plateau halves the rate the schedule holds, never the warmed-up one (before, it was refused,
+    and the message said to multiply the rates by ``factor()`` by hand each step, which compounds:
+    after a knot the rate fell by 1/3 * 2/3 * ... instead of warming up). Without the metric,
+    the scheduler's TypeError leaves every rate as it was."""
     opt = _opt()
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
-    lrs = [g["lr"] for g in opt.param_groups]
-    with pytest.raises(
-        TypeError, match=r"scheduler must step without .*ReduceLROnPlateau.*\['metrics'\]"
-    ):
-        KnotWarmup(plateau, opt, 2)
-    assert [g["lr"] for g in opt.param_groups] == lrs
-    chainable = torch.optim.lr_scheduler.SequentialLR(  # steps without arguments: accepted
-        opt, [torch.optim.lr_scheduler.ConstantLR(opt, 0.5, total_iters=1)], milestones=[]
+    sched = KnotWarmup(
+        torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0), opt, 3
     )
-    KnotWarmup(chainable, opt, 2).step()
+    metrics = [1.0, 0.5, 0.6, 0.4, 0.3, 0.7, 0.2, 0.2]  # plateaus after steps 3, 6 and 8
+    unscaled = 1.0
+    for step, metric in enumerate(metrics, start=1):
+        _train(opt.model, opt, 1)
+        sched.step(metric)
+        unscaled *= 0.5 if step in (3, 6, 8) else 1.0
+        since = step - 5  # one knot, after step 5
+        factor = 1.0 if step < 5 else min(1.0, (since + 1) / 3)
+        assert opt.param_groups[0]["lr"] == pytest.approx(unscaled * factor), step
+        assert sched.scheduler.get_last_lr() == [pytest.approx(unscaled)]
+    lrs = [g["lr"] for g in opt.param_groups]
+    with pytest.raises(TypeError, match="metrics"):
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == lrs
+
+
+def test_a_param_group_added_later_is_warmed_up_from_its_own_rate() -> None:
+    """Before: ``zip(strict=True)`` raised after the old groups' rates were already unscaled."""
+    opt = _opt()
+    sched = KnotWarmup(torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5), opt, 2)
+    _train(opt.model, opt, 1)
+    sched.step()
+    head = torch.nn.Parameter(torch.zeros(3))
+    opt.add_param_group({"params": [head], "lr": 0.1})
+    for _ in range(4):  # the knot after step 5: the factor is then 1/2
+        _train(opt.model, opt, 1)
+        sched.step()
+    assert opt.knots_tied == 1
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5**5 * 0.5, 0.1 * 0.5**4 * 0.5])

@@ -124,3 +124,28 @@ def test_a_copy_leaves_out_a_patch_it_cannot_see_into_and_warns() -> None:
     with pytest.warns(ChainLoRAWarning, match="does not keep 'zero_grad'"):
         shallow = copy.copy(opt)
     assert "zero_grad" not in shallow.__dict__ and "zero_grad" in opt.__dict__
+
+
+def test_a_grad_scaler_s_grad_scale_and_found_inf_reach_a_fused_base() -> None:
+    """``GradScaler.step`` sets them on the optimizer it is given and a fused step reads them on
+    itself: through the wrapper, the fused SGD unscales and skips an inf step as it does alone."""
+
+    def run(wrap: bool) -> nn.Linear:
+        torch.manual_seed(0)
+        lin = nn.Linear(3, 2)
+        base = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9, fused=True)
+        opt: torch.optim.Optimizer = Passthrough(base) if wrap else base
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for i in range(3):
+            loss = lin(torch.randn(4, 3)).square().mean() * (float("inf") if i == 1 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        assert not hasattr(base, "grad_scale") and not hasattr(opt, "found_inf")
+        return lin
+
+    alone, wrapped = run(False), run(True)
+    assert torch.isfinite(wrapped.weight).all()
+    torch.testing.assert_close(wrapped.weight, alone.weight, rtol=0, atol=0)
+    torch.testing.assert_close(wrapped.bias, alone.bias, rtol=0, atol=0)
