@@ -39,7 +39,10 @@ Refused, with the reason: several active adapters, a merged or disabled adapter,
 other than DoRA, ``lora_bias=True``, initialisations that rewrite the base weight (PiSSA,
 OLoRA, CorDA, LoftQ, ...: a save could not be loaded onto the original base), convolutions
 whose LoRA branch is not the merged convolution (groups, dilation, padding mode), and layer
-kinds not listed above (multi-head attention, 8-bit layers).
+kinds not listed above (multi-head attention, 8-bit layers); and, from the adapter's
+``LoraConfig``: ``inference_mode=True`` (an adapter loaded without ``is_trainable=True``: PEFT
+froze it, and the chain would train it anyway) and ``bias="all"``/``"lora_only"`` (the chain
+would freeze the biases PEFT trains).
 
 ``chainopt`` never imports ``peft`` itself: a model holds PEFT layers only if ``peft`` was
 imported, so :func:`peft_lora_layers` looks in ``sys.modules``.
@@ -492,11 +495,36 @@ def choose_peft_layers(model: nn.Module, config: Any = None) -> list[tuple[str, 
             "the model holds PEFT LoRA layers but none of the active adapter; call "
             "model.set_adapter(name) first"
         )
+    why = _config_problem(config, active_adapter(layers[0][1]))
+    if why is not None:
+        raise ValueError(f"cannot chain the PEFT adapter: {why}; nothing was changed")
     for name, layer in layers:
         why = peft_layer_problem(name, layer, config)
         if why is not None:
             raise ValueError(f"cannot chain the PEFT LoRA layer {why}; nothing was changed")
     return layers
+
+
+def _config_problem(config: Any, adapter: str | None) -> str | None:
+    """Why the adapter's ``LoraConfig`` asks for something a chain would silently not do."""
+    if config is None:
+        return None
+    if getattr(config, "inference_mode", False):
+        return (
+            f"adapter {adapter!r} was loaded for inference (its LoraConfig has "
+            "inference_mode=True: PeftModel.from_pretrained(base, path) without is_trainable, "
+            "which froze its factors and modules_to_save); load it with "
+            "PeftModel.from_pretrained(base, path, is_trainable=True) to continue training it"
+        )
+    bias = getattr(config, "bias", "none")
+    if bias != "none":
+        return (
+            f"LoraConfig(bias={bias!r}) makes PEFT train biases, which a chain of PEFT's layers "
+            "would freeze (it trains the factors, DoRA magnitudes and modules_to_save); use "
+            "bias='none', or name the modules whose parameters should train as they are in "
+            "LoraConfig(modules_to_save=[...])"
+        )
+    return None
 
 
 def peft_config_of(model: nn.Module, layer: nn.Module) -> Any:

@@ -1245,3 +1245,39 @@ def test_the_merged_state_dict_of_a_chained_peft_model_loads_into_the_same_peft_
     fresh.load_state_dict(chainopt.merged_state_dict(model), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), trained, rtol=0, atol=1e-6)
+
+
+# --- what the adapter's LoraConfig asks for that a chain would silently not do ---
+
+
+def test_an_adapter_loaded_for_inference_is_refused_naming_is_trainable(tmp_path: Path) -> None:
+    trained = _peft_llama()
+    _randomize_links(trained)
+    trained.save_pretrained(tmp_path)
+    frozen = PeftModel.from_pretrained(tiny_llama(), tmp_path)  # is_trainable=False: frozen
+    before = snapshot(frozen)
+    flags = {n: p.requires_grad for n, p in frozen.named_parameters()}
+    with pytest.raises(ValueError, match=r"is_trainable=True.*nothing was changed"):
+        ChainLoRAOptimizer(frozen, torch.optim.AdamW(frozen.parameters(), lr=1e-2), knot_every=2)
+    assert {n: p.requires_grad for n, p in frozen.named_parameters()} == flags
+    for k, v in snapshot(frozen).items():
+        assert torch.equal(v, before[k]), k
+    # loaded trainable, the saved adapter (B non-zero from the start) is the chain's first link
+    model = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 5)
+    model.save_pretrained(tmp_path / "chain")
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "chain").eval()
+    torch.testing.assert_close(_logits(reloaded), _logits(model), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_peft_bias_training_is_refused_not_silently_frozen(bias: str) -> None:
+    from models import tiny_opt
+
+    model = get_peft_model(tiny_opt(), LoraConfig(r=4, target_modules=["q_proj"], bias=bias))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert any(v for n, v in flags.items() if n.endswith("bias"))  # PEFT trains biases
+    with pytest.raises(ValueError, match=rf"bias='{bias}'.*nothing was changed"):
+        ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
