@@ -1281,3 +1281,32 @@ def test_peft_bias_training_is_refused_not_silently_frozen(bias: str) -> None:
     with pytest.raises(ValueError, match=rf"bias='{bias}'.*nothing was changed"):
         ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_add_weighted_adapter_of_the_chained_adapter_after_a_knot_is_refused(
+    tmp_path: Path,
+) -> None:
+    """After a knot the chained adapter's factors are the link under way only: a combination
+    of them, saved and loaded onto the original base, missed the merged links (0.37 off)."""
+    model = _peft_llama()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 1)  # before any knot the factors are the whole adapter: PEFT's own
+    model.add_weighted_adapter(["default"], [1.0], "early", combination_type="cat")
+    _train(model, opt, 2)
+    assert opt.knots_tied == 1
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"add_weighted_adapter.*save_pretrained"):
+        model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "comb", "cat")
+    assert "comb" not in model.peft_config and snapshot(model).keys() == before.keys()
+    model.add_weighted_adapter(["other"], [0.5], "scaled", combination_type="linear")  # not chained
+    assert "scaled" in model.peft_config
+    # the documented way: the whole chain, loaded onto the original base, combined there
+    trained = _logits(model)
+    model.save_pretrained(tmp_path, selected_adapters=["default"])
+    base = PeftModel.from_pretrained(tiny_llama(), tmp_path, adapter_name="chain")
+    base.add_weighted_adapter(["chain"], [1.0], "comb", combination_type="cat")
+    base.set_adapter("comb")
+    torch.testing.assert_close(_logits(base.eval()), trained, rtol=1e-5, atol=1e-5)
+    opt.merge_and_unload()
+    assert "add_weighted_adapter" not in model.__dict__  # the class's again
