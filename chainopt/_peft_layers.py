@@ -40,8 +40,8 @@ other than DoRA, ``lora_bias=True``, initialisations that rewrite the base weigh
 OLoRA, CorDA, LoftQ, ...: a save could not be loaded onto the original base), convolutions
 whose LoRA branch is not the merged convolution (groups, dilation, padding mode), and layer
 kinds not listed above (multi-head attention, 8-bit layers); and, from the adapter's
-``LoraConfig``: ``inference_mode=True`` (an adapter loaded without ``is_trainable=True``: PEFT
-froze it, and the chain would train it anyway) and ``bias="all"``/``"lora_only"`` (the chain
+``LoraConfig``: ``inference_mode=True`` with every factor frozen (an adapter loaded without
+``is_trainable=True``: PEFT froze it, and the chain would train it anyway) and ``bias="all"``/``"lora_only"`` (the chain
 would freeze the biases PEFT trains).
 
 ``chainopt`` never imports ``peft`` itself: a model holds PEFT layers only if ``peft`` was
@@ -495,7 +495,7 @@ def choose_peft_layers(model: nn.Module, config: Any = None) -> list[tuple[str, 
             "the model holds PEFT LoRA layers but none of the active adapter; call "
             "model.set_adapter(name) first"
         )
-    why = _config_problem(config, active_adapter(layers[0][1]))
+    why = _config_problem(config, layers)
     if why is not None:
         raise ValueError(f"cannot chain the PEFT adapter: {why}; nothing was changed")
     for name, layer in layers:
@@ -505,11 +505,19 @@ def choose_peft_layers(model: nn.Module, config: Any = None) -> list[tuple[str, 
     return layers
 
 
-def _config_problem(config: Any, adapter: str | None) -> str | None:
-    """Why the adapter's ``LoraConfig`` asks for something a chain would silently not do."""
+def _config_problem(config: Any, layers: list[tuple[str, nn.Module]]) -> str | None:
+    """Why the adapter's ``LoraConfig`` asks for something a chain would silently not do: an
+    adapter PEFT froze for inference (none of its factors made trainable by hand since), PEFT's
+    bias training."""
     if config is None:
         return None
-    if getattr(config, "inference_mode", False):
+    adapter = active_adapter(layers[0][1])
+    factors = [d[adapter] for _, layer in layers for d in _factor_dicts(layer)]  # Parameter or
+    trained = any(  # module (an Embedding's factors are Parameters, others Linear/Conv modules)
+        f.requires_grad if isinstance(f, Tensor) else any(p.requires_grad for p in f.parameters())
+        for f in factors
+    )
+    if getattr(config, "inference_mode", False) and not trained:
         return (
             f"adapter {adapter!r} was loaded for inference (its LoraConfig has "
             "inference_mode=True: PeftModel.from_pretrained(base, path) without is_trainable, "

@@ -1262,6 +1262,10 @@ def test_an_adapter_loaded_for_inference_is_refused_naming_is_trainable(tmp_path
     assert {n: p.requires_grad for n, p in frozen.named_parameters()} == flags
     for k, v in snapshot(frozen).items():
         assert torch.equal(v, before[k]), k
+    # factors made trainable by hand are the user's choice: chained
+    for name, p in frozen.named_parameters():
+        p.requires_grad_("lora_" in name)
+    ChainLoRAOptimizer(frozen, torch.optim.AdamW(frozen.parameters(), lr=1e-2), knot_every=2)
     # loaded trainable, the saved adapter (B non-zero from the start) is the chain's first link
     model = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
     opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
