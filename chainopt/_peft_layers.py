@@ -41,8 +41,8 @@ OLoRA, CorDA, LoftQ, ...: a save could not be loaded onto the original base), co
 whose LoRA branch is not the merged convolution (groups, dilation, padding mode), and layer
 kinds not listed above (multi-head attention, 8-bit layers); and, from the adapter's
 ``LoraConfig``: ``inference_mode=True`` with every factor frozen (an adapter loaded without
-``is_trainable=True``: PEFT froze it, and the chain would train it anyway) and ``bias="all"``/``"lora_only"`` (the chain
-would freeze the biases PEFT trains).
+``is_trainable=True``: PEFT froze it, and the chain would train it anyway) and
+``bias="all"``/``"lora_only"`` (the chain would freeze the biases PEFT trains).
 
 ``chainopt`` never imports ``peft`` itself: a model holds PEFT layers only if ``peft`` was
 imported, so :func:`peft_lora_layers` looks in ``sys.modules``.
@@ -477,9 +477,14 @@ def peft_trainable(model: nn.Module) -> list[str]:
             if adapter is not None and adapter in cast(Any, module).lora_magnitude_vector:
                 out.append(f"{name}.lora_magnitude_vector.{adapter}")
         elif type(module).__name__ in ("ModulesToSaveWrapper", "TrainableTokensWrapper"):
-            for child, sub in module.named_children():
-                if child != "original_module" and any(p.requires_grad for p in sub.parameters()):
-                    out.append(f"{name}.{child}")
+            # the modules that hold PEFT's trainable tensors themselves: a trainable-tokens
+            # layer's delta, not the layer, whose base_layer is the frozen embedding (naming the
+            # layer trained the whole embedding, which the adapter does not save)
+            for sub_name, sub in module.named_modules():
+                if sub_name == "original_module" or sub_name.startswith("original_module."):
+                    continue
+                if sub_name and any(p.requires_grad for p in sub.parameters(recurse=False)):
+                    out.append(f"{name}.{sub_name}")
     return out
 
 

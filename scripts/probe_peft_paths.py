@@ -96,6 +96,8 @@ def continued() -> None:
 def options() -> None:
     cases: list[tuple[str, Callable[[], nn.Module], dict[str, Any]]] = [
         ("modules_to_save", tiny_llama, {**BASE, "modules_to_save": ["lm_head"]}),
+        ("trainable_token_indices", tiny_llama,
+         {**BASE, "trainable_token_indices": {"embed_tokens": [1, 5, 9]}}),
         ("gaussian init", tiny_llama, {**BASE, "init_lora_weights": "gaussian"}),
         ("init False", tiny_llama, {**BASE, "init_lora_weights": False}),
         ("all-linear", tiny_llama, {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}),
@@ -116,13 +118,15 @@ def options() -> None:
             model = get_peft_model(build(), LoraConfig(**config))
             peft_trains = {n for n, p in model.named_parameters() if p.requires_grad}
             opt = chain(model)
-            frozen = peft_trains - {n for n, p in model.named_parameters() if p.requires_grad}
+            chain_trains = {n for n, p in model.named_parameters() if p.requires_grad}
+            frozen, unfrozen = peft_trains - chain_trains, chain_trains - peft_trains
             train(model, opt)
             merged = copy.deepcopy(model).merge_and_unload()
             gap = float((logits(merged) - logits(model)).abs().max())
             return (
                 f"knots {opt.knots_tied}, save {saved_gap(model, build):.1e}, merged {gap:.1e}, "
-                f"tensors PEFT trains that the chain froze: {len(frozen)}"
+                f"tensors PEFT trains that the chain froze: {len(frozen)}, that PEFT froze and "
+                f"the chain trains: {len(unfrozen)}"
             )
 
         path(name, run)

@@ -1315,3 +1315,23 @@ def test_add_weighted_adapter_of_the_chained_adapter_after_a_knot_is_refused(
     torch.testing.assert_close(_logits(base.eval()), trained, rtol=1e-5, atol=1e-5)
     opt.merge_and_unload()
     assert "add_weighted_adapter" not in model.__dict__  # the class's again
+
+
+def test_peft_trainable_tokens_train_alone_and_the_chain_saves_the_trained_function(
+    tmp_path: Path,
+) -> None:
+    """trainable_token_indices: the chain kept PEFT's whole token layer trainable, so its
+    base_layer (the full embedding, which the adapter does not save) trained too; the save was
+    0.71 off the trained logits."""
+    model = _peft_llama(trainable_token_indices={"embed_tokens": [1, 5, 9]})
+    peft_trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == peft_trains
+    embedding = model.base_model.model.model.embed_tokens.token_adapter.base_layer.weight
+    before = embedding.detach().clone()
+    _train(model, opt, 5)
+    assert torch.equal(embedding, before)
+    trained = _logits(model)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
