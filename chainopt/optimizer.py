@@ -303,12 +303,15 @@ class ChainLoRAOptimizer(WrappedOptimizer):
                 link requires grad again and the optimizer does not step it
                 (``model.requires_grad_(True)`` after wrapping); or the model's factors are no
                 longer the Parameters the wrapped optimizer steps (``model.to("meta")`` replaced
-                them, or FSDP2 sharded them before :meth:`rebind_parameters`). Nothing was
-                changed.
+                them, or FSDP2 sharded them before :meth:`rebind_parameters`); or, on a
+                ``PeftModel``, PEFT has taken the chained adapter out of the forward
+                (``set_adapter`` to another, ``disable_adapter()``, ``merge_adapter()``). Nothing
+                was changed.
         """
         self._require_chain(full=self.schedule.is_due(self.optimizer_steps + 1))
         self._require_frozen_weights()
         self._require_held_factors()
+        self._require_active_adapter()
         if self.chain.pending is not None:
             self.tie_knot()
         if closure is None:
@@ -364,6 +367,24 @@ class ChainLoRAOptimizer(WrappedOptimizer):
                 "opt.rebind_parameters()), so the optimizer would train copies the model no "
                 "longer uses. Nothing was changed. Move the model before building the "
                 "ChainLoRAOptimizer, or call opt.rebind_parameters() after sharding"
+            )
+
+    def _require_active_adapter(self) -> None:
+        """Refuse a step while PEFT has taken the chained adapter out of the forward
+        (``set_adapter`` to another adapter, ``disable_adapter()``, ``merge_adapter()``,
+        ``delete_adapter``): the chain's factors got no gradient, so the step would train
+        nothing, yet count towards the next knot (PEFT switches every layer at once, so the
+        first link tells)."""
+        first = self.chain.records[0].link if self.chain.records else None
+        if not isinstance(first, PeftLink) or first.unloaded:
+            return
+        why = first.merge_problem()
+        if why is not None:
+            raise RuntimeError(
+                f"cannot step the chain: {why}. PEFT's forward does not use the chained "
+                f"adapter {first.adapter!r} now, so its factors got no gradient and the step "
+                "would train nothing of the chain (another adapter's factors are not in this "
+                "optimizer); nothing was changed. Train another adapter with its own optimizer"
             )
 
     def _require_frozen_weights(self) -> None:

@@ -8,6 +8,7 @@ chain; the paths where PEFT would leave a chain untrained raise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -1335,3 +1336,36 @@ def test_peft_trainable_tokens_train_alone_and_the_chain_saves_the_trained_funct
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
     torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("switch", ["set_adapter", "disable_adapter", "merge_adapter"])
+def test_a_step_while_peft_has_taken_the_chained_adapter_out_refuses(switch: str) -> None:
+    """A step under another active adapter (whose factors PEFT made trainable) trained nothing
+    of the chain (its factors got no gradient) yet counted towards the knot, silently; disabled
+    or merged, the same wherever something else in the forward trains (modules_to_save)."""
+    model = _peft_llama()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj", "k_proj"]))
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=3)
+    _train(model, opt, 1)
+    if switch == "set_adapter":
+        model.set_adapter("other")
+    elif switch == "merge_adapter":
+        model.merge_adapter()
+    context = model.disable_adapter() if switch == "disable_adapter" else contextlib.nullcontext()
+    with context:
+        if switch == "set_adapter":  # otherwise nothing in the forward requires grad
+            model.train()
+            model(input_ids=IDS, labels=IDS).loss.backward()
+        state, steps = snapshot(model), opt.optimizer_steps
+        with pytest.raises(RuntimeError, match=r"cannot step the chain.*nothing was changed"):
+            opt.step()
+        after = snapshot(model)
+        assert opt.optimizer_steps == steps
+        assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    opt.zero_grad()
+    if switch == "set_adapter":
+        model.set_adapter("default")
+    elif switch == "merge_adapter":
+        model.unmerge_adapter()
+    _train(model, opt, 2)  # put back, the chain trains and knots on
+    assert opt.knots_tied == 1
