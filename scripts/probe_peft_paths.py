@@ -3,7 +3,8 @@
 Each path trains a chained ``PeftModel`` (5 steps, a knot every 2) and prints how far the
 chain's own save, loaded onto the original base with ``PeftModel.from_pretrained``, is from the
 trained logits (and PEFT's ``merge_and_unload()`` for the ``LoraConfig`` options), or the
-refusal. Run from the repository root: ``HF_HUB_OFFLINE=1 python scripts/probe_peft_paths.py``.
+refusal, on lines starting with ``| ``. Run from the repository root:
+``HF_HUB_OFFLINE=1 python scripts/probe_peft_paths.py``.
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ def saved_gap(model: Any, build: Callable[[], nn.Module] = tiny_llama, **kwargs:
 
 def path(name: str, run: Callable[[], str]) -> None:
     try:
-        print(f"{name}: {run()}")
+        print(f"| {name}: {run()}")
     except (ValueError, RuntimeError) as err:
-        print(f"{name}: refused: {str(err)[:160]}")
+        print(f"| {name}: refused: {str(err)[:160]}")
 
 
 def continued() -> None:
@@ -173,7 +174,19 @@ def adapters() -> None:
         reloaded = PeftModel.from_pretrained(tiny_llama(), f"{out}/comb")
         return f"combination saved: {float((logits(reloaded) - trained).abs().max()):.2f} away"
 
+    def step_under_other() -> str:
+        model = two()
+        adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        opt = ChainLoRAOptimizer(model, adamw, knot_every=4, seed=1)
+        train(model, opt, 2)  # mid-link: step 3 is no knot, nor the link's first step
+        model.set_adapter("other")
+        factors = [f.detach().clone() for f in opt.factors()]
+        train(model, opt, 1)
+        moved = any(not torch.equal(f, g) for f, g in zip(opt.factors(), factors, strict=True))
+        return f"steps counted {opt.optimizer_steps}, chain factors moved by the step under other: {moved}"
+
     path("two adapters, save kwargs", saves)
+    path("a step with another adapter active", step_under_other)
     path("disable/merge/set_adapter around evaluation", around_eval)
     path("add_weighted_adapter after a knot", weighted)
 
@@ -205,9 +218,45 @@ def runtime() -> None:
     path("parameter counts", counts)
 
 
+def trainers() -> None:
+    from test_integrations import _args, _Tokens
+    from transformers import Trainer
+
+    from chainopt.integrations.transformers import ChainLoRACallback
+
+    def best_at_end() -> str:
+        out = Path(tempfile.mkdtemp())
+        model = get_peft_model(tiny_llama(), LoraConfig(**BASE))
+        adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        opt = ChainLoRAOptimizer(model, adamw, knot_every=3)
+        trainer: Any = None
+
+        def metric(_: Any) -> dict[str, float]:  # checkpoint-4 is the best (knots at 3 and 6)
+            return {"first": float(trainer.state.global_step == 4)}
+
+        args = _args(
+            out, gradient_accumulation_steps=1, save_steps=2, eval_strategy="steps", eval_steps=2,
+            load_best_model_at_end=True, metric_for_best_model="first", greater_is_better=True,
+            max_steps=8,
+        )  # fmt: skip
+        trainer = Trainer(
+            model=model, args=args, train_dataset=_Tokens(), eval_dataset=_Tokens(2),
+            compute_metrics=metric, optimizers=(opt, None), callbacks=[ChainLoRACallback()],
+        )  # fmt: skip
+        trainer.train()
+        trainer.save_model(str(out / "final"))
+        reloaded = PeftModel.from_pretrained(tiny_llama(), out / "final")
+        gap = float((logits(reloaded) - logits(model)).abs().max())
+        best = Path(trainer.state.best_model_checkpoint).name
+        return f"best {best}, steps {opt.optimizer_steps}, knots {opt.knots_tied}, save {gap:.1e}"
+
+    path("Trainer load_best_model_at_end", best_at_end)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     continued()
     options()
     adapters()
     runtime()
+    trainers()
