@@ -183,7 +183,7 @@ def adapters() -> None:
         factors = [f.detach().clone() for f in opt.factors()]
         train(model, opt, 1)
         moved = any(not torch.equal(f, g) for f, g in zip(opt.factors(), factors, strict=True))
-        return f"steps counted {opt.optimizer_steps}, chain factors moved by the step under other: {moved}"
+        return f"steps counted {opt.optimizer_steps}, the chain moved under other: {moved}"
 
     path("two adapters, save kwargs", saves)
     path("a step with another adapter active", step_under_other)
