@@ -476,10 +476,14 @@ def peft_trainable(model: nn.Module) -> list[str]:
             adapter = active_adapter(module)
             if adapter is not None and adapter in cast(Any, module).lora_magnitude_vector:
                 out.append(f"{name}.lora_magnitude_vector.{adapter}")
-        elif type(module).__name__ in ("ModulesToSaveWrapper", "TrainableTokensWrapper"):
-            # the modules that hold PEFT's trainable tensors themselves: a trainable-tokens
-            # layer's delta, not the layer, whose base_layer is the frozen embedding (naming the
-            # layer trained the whole embedding, which the adapter does not save)
+        elif type(module).__name__ == "ModulesToSaveWrapper":
+            for child, sub in module.named_children():
+                if child != "original_module" and any(p.requires_grad for p in sub.parameters()):
+                    out.append(f"{name}.{child}")
+        elif type(module).__name__ == "TrainableTokensWrapper":
+            # the modules that hold the token deltas themselves, not the token layer, whose
+            # base_layer is the frozen embedding (naming the layer trained the whole embedding,
+            # which the adapter does not save)
             for sub_name, sub in module.named_modules():
                 if sub_name == "original_module" or sub_name.startswith("original_module."):
                     continue
