@@ -94,6 +94,43 @@ def continued() -> None:
          lambda: str(chain(PeftModel.from_pretrained(tiny_llama(), first))))  # fmt: skip
 
 
+def gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                        resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)  # fmt: skip
+    return GPT2LMHeadModel(config).eval()
+
+
+def continued_conv1d() -> None:
+    """GPT-2's Conv1D layers (fan_in_fan_out): a saved adapter continued, twice."""
+    extras: list[dict[str, Any]] = [{}, {"use_dora": True}, {"modules_to_save": ["lm_head"]}]
+    for extra in extras:
+
+        def run(extra: dict[str, Any] = extra) -> str:
+            config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                                fan_in_fan_out=True, **extra)  # fmt: skip
+            start = get_peft_model(gpt2(), config)
+            with torch.no_grad():
+                for n, p in start.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.3)
+            where = tempfile.mkdtemp()
+            start.save_pretrained(where)
+            gaps = []
+            for _ in range(2):  # the adapter, then the chain's own save of it
+                model = PeftModel.from_pretrained(gpt2(), where, is_trainable=True)
+                train(model, chain(model))
+                where = tempfile.mkdtemp()
+                model.save_pretrained(where)
+                reloaded = PeftModel.from_pretrained(gpt2(), where)
+                gaps.append(float((logits(reloaded) - logits(model)).abs().max()))
+            return f"saves {gaps[0]:.1e}, then {gaps[1]:.1e}"
+
+        path(f"GPT-2 Conv1D continued {extra or ''}", run)
+
+
 def options() -> None:
     cases: list[tuple[str, Callable[[], nn.Module], dict[str, Any]]] = [
         ("modules_to_save", tiny_llama, {**BASE, "modules_to_save": ["lm_head"]}),
@@ -256,6 +293,7 @@ def trainers() -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     continued()
+    continued_conv1d()
     options()
     adapters()
     runtime()
