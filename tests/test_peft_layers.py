@@ -793,8 +793,14 @@ def test_load_adapter_of_a_chain_checkpoint_brings_the_chain_back_to_it(tmp_path
     assert torch.equal(_logits(model), at_3) and opt.optimizer_steps == 3
     _train(model, opt, 1)  # and it trains on
     model.load_adapter(str(tmp_path / "bare"), "default")  # nothing to restore the chain from
-    with pytest.raises(RuntimeError, match="optimizer's state_dict"):
-        _train(model, opt, 1)
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    state, steps = snapshot(model), opt.optimizer_steps
+    with pytest.raises(RuntimeError, match=r"optimizer's state_dict.*nothing was changed"):
+        opt.step()
+    after = snapshot(model)  # refused before the wrapped optimizer stepped the factors
+    assert opt.optimizer_steps == steps
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
 
 
 @pytest.mark.parametrize(
