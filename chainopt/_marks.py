@@ -57,7 +57,8 @@ in ``__dict__[STATE_DICT_HOOK]``          (construction)
 ``__dict__[MERGED_SAVES]``                ``_hf_save.saving_merged`` (only
                                           inside the block; also removed on leaving it)
 an instance ``save_pretrained`` (the      ``_peft_save.install_whole_chain_save`` (a
-whole chain) and ``load_adapter``,        ``PeftModel``, instead of the merged save)
+whole chain), ``load_adapter`` and        ``PeftModel``, instead of the merged save)
+``add_weighted_adapter``,
 ``__dict__[PEFT_AWAITING]``; or an
 instance ``save_lora_adapter`` and a     (a diffusers model with injected PEFT layers);
 refusing ``save_pretrained``
@@ -202,7 +203,7 @@ def unmark(model: nn.Module) -> None:
             handle.remove()
     for handle in model.__dict__.pop(INNER_LOAD_GUARDS, ()):
         handle.remove()
-    for method in ("save_pretrained", "load_adapter", "save_lora_adapter"):
+    for method in ("save_pretrained", "load_adapter", "add_weighted_adapter", "save_lora_adapter"):
         installed = model.__dict__.get(method)
         if installed is not None and is_chainopt(installed):
             del model.__dict__[method]  # the class's method again

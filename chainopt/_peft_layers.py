@@ -39,7 +39,10 @@ Refused, with the reason: several active adapters, a merged or disabled adapter,
 other than DoRA, ``lora_bias=True``, initialisations that rewrite the base weight (PiSSA,
 OLoRA, CorDA, LoftQ, ...: a save could not be loaded onto the original base), convolutions
 whose LoRA branch is not the merged convolution (groups, dilation, padding mode), and layer
-kinds not listed above (multi-head attention, 8-bit layers).
+kinds not listed above (multi-head attention, 8-bit layers); and, from the adapter's
+``LoraConfig``: ``inference_mode=True`` with every factor frozen (an adapter loaded without
+``is_trainable=True``: PEFT froze it, and the chain would train it anyway) and
+``bias="all"``/``"lora_only"`` (the chain would freeze the biases PEFT trains).
 
 ``chainopt`` never imports ``peft`` itself: a model holds PEFT layers only if ``peft`` was
 imported, so :func:`peft_lora_layers` looks in ``sys.modules``.
@@ -473,10 +476,19 @@ def peft_trainable(model: nn.Module) -> list[str]:
             adapter = active_adapter(module)
             if adapter is not None and adapter in cast(Any, module).lora_magnitude_vector:
                 out.append(f"{name}.lora_magnitude_vector.{adapter}")
-        elif type(module).__name__ in ("ModulesToSaveWrapper", "TrainableTokensWrapper"):
+        elif type(module).__name__ == "ModulesToSaveWrapper":
             for child, sub in module.named_children():
                 if child != "original_module" and any(p.requires_grad for p in sub.parameters()):
                     out.append(f"{name}.{child}")
+        elif type(module).__name__ == "TrainableTokensWrapper":
+            # the modules that hold the token deltas themselves, not the token layer, whose
+            # base_layer is the frozen embedding (naming the layer trained the whole embedding,
+            # which the adapter does not save)
+            for sub_name, sub in module.named_modules():
+                if sub_name == "original_module" or sub_name.startswith("original_module."):
+                    continue
+                if sub_name and any(p.requires_grad for p in sub.parameters(recurse=False)):
+                    out.append(f"{name}.{sub_name}")
     return out
 
 
@@ -492,11 +504,44 @@ def choose_peft_layers(model: nn.Module, config: Any = None) -> list[tuple[str, 
             "the model holds PEFT LoRA layers but none of the active adapter; call "
             "model.set_adapter(name) first"
         )
+    why = _config_problem(config, layers)
+    if why is not None:
+        raise ValueError(f"cannot chain the PEFT adapter: {why}; nothing was changed")
     for name, layer in layers:
         why = peft_layer_problem(name, layer, config)
         if why is not None:
             raise ValueError(f"cannot chain the PEFT LoRA layer {why}; nothing was changed")
     return layers
+
+
+def _config_problem(config: Any, layers: list[tuple[str, nn.Module]]) -> str | None:
+    """Why the adapter's ``LoraConfig`` asks for something a chain would silently not do: an
+    adapter PEFT froze for inference (none of its factors made trainable by hand since), PEFT's
+    bias training."""
+    if config is None:
+        return None
+    adapter = active_adapter(layers[0][1])
+    factors = [d[adapter] for _, layer in layers for d in _factor_dicts(layer)]  # Parameter or
+    trained = any(  # module (an Embedding's factors are Parameters, others Linear/Conv modules)
+        f.requires_grad if isinstance(f, Tensor) else any(p.requires_grad for p in f.parameters())
+        for f in factors
+    )
+    if getattr(config, "inference_mode", False) and not trained:
+        return (
+            f"adapter {adapter!r} was loaded for inference (its LoraConfig has "
+            "inference_mode=True: PeftModel.from_pretrained(base, path) without is_trainable, "
+            "which froze its factors and modules_to_save); load it with "
+            "PeftModel.from_pretrained(base, path, is_trainable=True) to continue training it"
+        )
+    bias = getattr(config, "bias", "none")
+    if bias != "none":
+        return (
+            f"LoraConfig(bias={bias!r}) makes PEFT train biases, which a chain of PEFT's layers "
+            "would freeze (it trains the factors, DoRA magnitudes and modules_to_save); use "
+            "bias='none', or name the modules whose parameters should train as they are in "
+            "LoraConfig(modules_to_save=[...])"
+        )
+    return None
 
 
 def peft_config_of(model: nn.Module, layer: nn.Module) -> Any:

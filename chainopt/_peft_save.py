@@ -170,7 +170,8 @@ def chained_links(model: nn.Module) -> list[tuple[str, PeftLink]]:
 def install_whole_chain_save(model: nn.Module, save: ChainSave) -> bool:
     """Make the model's own adapter save write the whole chain as one adapter of rank Σr.
 
-    On a ``PeftModel``: ``save_pretrained`` (and ``load_adapter``, see below). On a diffusers
+    On a ``PeftModel``: ``save_pretrained`` (and ``load_adapter``, see below; and
+    ``add_weighted_adapter``, refused for the chained adapter after a knot). On a diffusers
     model with injected layers (``unet.add_adapter(...)``): ``save_lora_adapter``, which
     diffusers' ``load_lora_adapter`` reads back. Loaded onto the original base, the adapter
     computes the trained function (to float32 rounding); its config is :func:`chain_config`'s.
@@ -188,8 +189,10 @@ def install_whole_chain_save(model: nn.Module, save: ChainSave) -> bool:
         methods: dict[str, Callable[..., Any]] = {
             "save_pretrained": _save_pretrained,
             "load_adapter": _load_adapter,
+            "add_weighted_adapter": _add_weighted_adapter,
         }
-        drop = ("save_pretrained", "load_adapter")  # chainopt's merged save is not a PEFT save
+        # chainopt's merged save is not a PEFT save
+        drop: tuple[str, ...] = ("save_pretrained", "load_adapter", "add_weighted_adapter")
     elif callable(getattr(model, "save_lora_adapter", None)) and hasattr(model, "peft_config"):
         methods = {"save_lora_adapter": _save_lora_adapter, "save_pretrained": _refuse_save}
         drop = ("save_pretrained", "save_lora_adapter")
@@ -276,6 +279,24 @@ def _load_adapter(self: Any, model_id: Any, adapter_name: str, *args: Any, **kwa
     else:
         self.__dict__[AWAITING] = str(model_id)
     return None
+
+
+def _add_weighted_adapter(self: Any, adapters: Any, *args: Any, **kwargs: Any) -> None:
+    """PEFT's ``add_weighted_adapter`` (``LoraModel``'s, which ``PeftModel`` forwards to),
+    refused for the chained adapter after a knot: its factors are then only the link under way
+    (the merged links live in the base weights), so the combination would be another model,
+    silently (saved, it loads onto the original base without the merged links)."""
+    save: ChainSave = self.__dict__[PEFT_SAVE]
+    if len(save.history) > 0 and save.adapter in list(adapters):
+        raise ValueError(
+            f"add_weighted_adapter({list(adapters)!r}, ...): after {len(save.history)} knot(s) "
+            f"the chained adapter {save.adapter!r} holds only the link under way (the merged "
+            "links are in this model's base weights), so a combination of it would be another "
+            "model; nothing was added. Save the whole chain (save_pretrained(dir)), load it onto "
+            "the original base (PeftModel.from_pretrained(base, dir, adapter_name=...)) with the "
+            "other adapters, and combine them there"
+        )
+    self.base_model.add_weighted_adapter(adapters, *args, **kwargs)
 
 
 def foreign_factors_problem(model: nn.Module, state_dict: Any, prefix: str = "") -> str | None:

@@ -303,12 +303,16 @@ class ChainLoRAOptimizer(WrappedOptimizer):
                 link requires grad again and the optimizer does not step it
                 (``model.requires_grad_(True)`` after wrapping); or the model's factors are no
                 longer the Parameters the wrapped optimizer steps (``model.to("meta")`` replaced
-                them, or FSDP2 sharded them before :meth:`rebind_parameters`). Nothing was
-                changed.
+                them, or FSDP2 sharded them before :meth:`rebind_parameters`); or, on a
+                ``PeftModel``, PEFT has taken the chained adapter out of the forward
+                (``set_adapter`` to another, ``disable_adapter()``, ``merge_adapter()``). Nothing
+                was changed.
         """
         self._require_chain(full=self.schedule.is_due(self.optimizer_steps + 1))
         self._require_frozen_weights()
         self._require_held_factors()
+        self._require_no_awaited_load()
+        self._require_active_adapter()
         if self.chain.pending is not None:
             self.tie_knot()
         if closure is None:
@@ -366,6 +370,38 @@ class ChainLoRAOptimizer(WrappedOptimizer):
                 "ChainLoRAOptimizer, or call opt.rebind_parameters() after sharding"
             )
 
+    def _require_no_awaited_load(self) -> None:
+        """Refuse while ``load_adapter`` of a chain's own save waits for the chain's state
+        (:func:`chainopt._peft_save._load_adapter`)."""
+        awaiting = self.model.__dict__.get(AWAITING)
+        if awaiting is not None:
+            raise RuntimeError(
+                f"load_adapter({awaiting!r}) loaded a chain's own save, which the chained adapter "
+                "takes from the chain's state: load the optimizer's state_dict saved with it "
+                "(a Trainer checkpoint's optimizer.pt; Trainer's resume_from_checkpoint does) "
+                "before stepping; nothing was changed. To use the saved adapter elsewhere, load "
+                "it onto the original base model: PeftModel.from_pretrained(base, path), with "
+                "is_trainable=True to chain and train it further"
+            )
+
+    def _require_active_adapter(self) -> None:
+        """Refuse a step while PEFT has taken the chained adapter out of the forward
+        (``set_adapter`` to another adapter, ``disable_adapter()``, ``merge_adapter()``,
+        ``delete_adapter``): the chain's factors got no gradient, so the step would train
+        nothing, yet count towards the next knot (PEFT switches every layer at once, so the
+        first link tells)."""
+        first = self.chain.records[0].link if self.chain.records else None
+        if not isinstance(first, PeftLink) or first.unloaded:
+            return
+        why = first.merge_problem()
+        if why is not None:
+            raise RuntimeError(
+                f"cannot step the chain: {why}. PEFT's forward does not use the chained "
+                f"adapter {first.adapter!r} now, so its factors got no gradient and the step "
+                "would train nothing of the chain (another adapter's factors are not in this "
+                "optimizer); nothing was changed. Train another adapter with its own optimizer"
+            )
+
     def _require_frozen_weights(self) -> None:
         """Refuse a step while a weight under a link requires grad and the optimizer does not
         step it (``model.requires_grad_(True)`` after wrapping): it would never train, yet its
@@ -399,15 +435,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         """Count an optimizer step the wrapped optimizer took outside :meth:`step` (an engine
         that steps it itself, such as DeepSpeed's), and tie a knot if one is due."""
         self._require_chain(full=self.schedule.is_due(self.optimizer_steps + 1))
-        awaiting = self.model.__dict__.get(AWAITING)
-        if awaiting is not None:
-            raise RuntimeError(
-                f"load_adapter({awaiting!r}) loaded a chain's own save, which the chained adapter "
-                "takes from the chain's state: load the optimizer's state_dict saved with it "
-                "(a Trainer checkpoint's optimizer.pt; Trainer's resume_from_checkpoint does) "
-                "before stepping. To use the saved adapter elsewhere, load it onto the original "
-                "base model: PeftModel.from_pretrained(base, path)"
-            )
+        self._require_no_awaited_load()
         self.optimizer_steps += 1
         merged_save_pending(self.model, clear=True)  # a later state_dict is of a later state
         for r in self.chain.records:  # masters restored with a state: only the next model load

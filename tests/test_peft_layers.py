@@ -8,6 +8,7 @@ chain; the paths where PEFT would leave a chain untrained raise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -792,8 +793,14 @@ def test_load_adapter_of_a_chain_checkpoint_brings_the_chain_back_to_it(tmp_path
     assert torch.equal(_logits(model), at_3) and opt.optimizer_steps == 3
     _train(model, opt, 1)  # and it trains on
     model.load_adapter(str(tmp_path / "bare"), "default")  # nothing to restore the chain from
-    with pytest.raises(RuntimeError, match="optimizer's state_dict"):
-        _train(model, opt, 1)
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    state, steps = snapshot(model), opt.optimizer_steps
+    with pytest.raises(RuntimeError, match=r"optimizer's state_dict.*nothing was changed"):
+        opt.step()
+    after = snapshot(model)  # refused before the wrapped optimizer stepped the factors
+    assert opt.optimizer_steps == steps
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
 
 
 @pytest.mark.parametrize(
@@ -1245,3 +1252,126 @@ def test_the_merged_state_dict_of_a_chained_peft_model_loads_into_the_same_peft_
     fresh.load_state_dict(chainopt.merged_state_dict(model), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), trained, rtol=0, atol=1e-6)
+
+
+# --- what the adapter's LoraConfig asks for that a chain would silently not do ---
+
+
+def test_an_adapter_loaded_for_inference_is_refused_naming_is_trainable(tmp_path: Path) -> None:
+    trained = _peft_llama()
+    _randomize_links(trained)
+    trained.save_pretrained(tmp_path)
+    frozen = PeftModel.from_pretrained(tiny_llama(), tmp_path)  # is_trainable=False: frozen
+    before = snapshot(frozen)
+    flags = {n: p.requires_grad for n, p in frozen.named_parameters()}
+    with pytest.raises(ValueError, match=r"is_trainable=True.*nothing was changed"):
+        ChainLoRAOptimizer(frozen, torch.optim.AdamW(frozen.parameters(), lr=1e-2), knot_every=2)
+    assert {n: p.requires_grad for n, p in frozen.named_parameters()} == flags
+    for k, v in snapshot(frozen).items():
+        assert torch.equal(v, before[k]), k
+    # factors made trainable by hand are the user's choice: chained
+    for name, p in frozen.named_parameters():
+        p.requires_grad_("lora_" in name)
+    ChainLoRAOptimizer(frozen, torch.optim.AdamW(frozen.parameters(), lr=1e-2), knot_every=2)
+    # loaded trainable, the saved adapter (B non-zero from the start) is the chain's first link
+    model = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 5)
+    model.save_pretrained(tmp_path / "chain")
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "chain").eval()
+    torch.testing.assert_close(_logits(reloaded), _logits(model), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_peft_bias_training_is_refused_not_silently_frozen(bias: str) -> None:
+    from models import tiny_opt
+
+    model = get_peft_model(tiny_opt(), LoraConfig(r=4, target_modules=["q_proj"], bias=bias))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert any(v for n, v in flags.items() if n.endswith("bias"))  # PEFT trains biases
+    with pytest.raises(ValueError, match=rf"bias='{bias}'.*nothing was changed"):
+        ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_add_weighted_adapter_of_the_chained_adapter_after_a_knot_is_refused(
+    tmp_path: Path,
+) -> None:
+    """After a knot the chained adapter's factors are the link under way only: a combination
+    of them, saved and loaded onto the original base, missed the merged links (0.42 off in
+    scripts/probe_peft_paths.py)."""
+    model = _peft_llama()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 1)  # before any knot the factors are the whole adapter: PEFT's own
+    model.add_weighted_adapter(["default"], [1.0], "early", combination_type="cat")
+    _train(model, opt, 2)
+    assert opt.knots_tied == 1
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"add_weighted_adapter.*save_pretrained"):
+        model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "comb", "cat")
+    assert "comb" not in model.peft_config and snapshot(model).keys() == before.keys()
+    model.add_weighted_adapter(["other"], [0.5], "scaled", combination_type="linear")  # not chained
+    assert "scaled" in model.peft_config
+    # the documented way: the whole chain, loaded onto the original base, combined there
+    trained = _logits(model)
+    model.save_pretrained(tmp_path, selected_adapters=["default"])
+    base = PeftModel.from_pretrained(tiny_llama(), tmp_path, adapter_name="chain")
+    base.add_weighted_adapter(["chain"], [1.0], "comb", combination_type="cat")
+    base.set_adapter("comb")
+    torch.testing.assert_close(_logits(base.eval()), trained, rtol=1e-5, atol=1e-5)
+    opt.merge_and_unload()
+    assert "add_weighted_adapter" not in model.__dict__  # the class's again
+
+
+def test_peft_trainable_tokens_train_alone_and_the_chain_saves_the_trained_function(
+    tmp_path: Path,
+) -> None:
+    """trainable_token_indices: the chain kept PEFT's whole token layer trainable, so its
+    base_layer (the full embedding, which the adapter does not save) trained too; the save was
+    0.71 off the trained logits."""
+    model = _peft_llama(trainable_token_indices={"embed_tokens": [1, 5, 9]})
+    peft_trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == peft_trains
+    embedding = model.base_model.model.model.embed_tokens.token_adapter.base_layer.weight
+    before = embedding.detach().clone()
+    _train(model, opt, 5)
+    assert torch.equal(embedding, before)
+    trained = _logits(model)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("switch", ["set_adapter", "disable_adapter", "merge_adapter"])
+def test_a_step_while_peft_has_taken_the_chained_adapter_out_refuses(switch: str) -> None:
+    """A step under another active adapter (whose factors PEFT made trainable) trained nothing
+    of the chain (its factors got no gradient) yet counted towards the knot, silently; disabled
+    or merged, the same wherever something else in the forward trains (modules_to_save)."""
+    model = _peft_llama()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj", "k_proj"]))
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=3)
+    _train(model, opt, 1)
+    if switch == "set_adapter":
+        model.set_adapter("other")
+    elif switch == "merge_adapter":
+        model.merge_adapter()
+    context = model.disable_adapter() if switch == "disable_adapter" else contextlib.nullcontext()
+    with context:
+        if switch == "set_adapter":  # otherwise nothing in the forward requires grad
+            model.train()
+            model(input_ids=IDS, labels=IDS).loss.backward()
+        state, steps = snapshot(model), opt.optimizer_steps
+        with pytest.raises(RuntimeError, match=r"cannot step the chain.*nothing was changed"):
+            opt.step()
+        after = snapshot(model)
+        assert opt.optimizer_steps == steps
+        assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    opt.zero_grad()
+    if switch == "set_adapter":
+        model.set_adapter("default")
+    elif switch == "merge_adapter":
+        model.unmerge_adapter()
+    _train(model, opt, 2)  # put back, the chain trains and knots on
+    assert opt.knots_tied == 1

@@ -172,3 +172,30 @@ def test_sft_trainer_with_peft_config_over_a_chain_refuses_to_train_nothing(
     with pytest.raises(RuntimeError, match="peft_config"):
         trainer.train()
     assert opt.knots_tied == 0
+
+
+def test_a_chain_built_on_the_peft_model_sft_trainer_made_from_peft_config(
+    tmp_path: Path,
+) -> None:
+    """SFTTrainer(peft_config=...) builds the PeftModel itself: chain trainer.model and hand the
+    chain to the trainer (trainer.optimizer) before train(); its save is the whole chain."""
+    from peft import LoraConfig, PeftModel
+
+    base = tiny_llama()
+    base.config.pad_token_id = 0
+    trainer = trl.SFTTrainer(
+        model=base, args=_sft_config(tmp_path), train_dataset=_texts(),
+        processing_class=_tokenizer(),
+        peft_config=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                               task_type="CAUSAL_LM"),
+    )  # fmt: skip
+    model = trainer.model
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    trainer.optimizer = opt
+    trainer.train()
+    assert (opt.optimizer_steps, opt.knots_tied) == (6, 3)
+    ids = torch.randint(4, 64, (2, 10), generator=torch.Generator().manual_seed(5))
+    expected = _logits(model.eval(), ids)
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "final").eval()
+    torch.testing.assert_close(_logits(reloaded, ids), expected, rtol=1e-5, atol=1e-5)
