@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from operator import attrgetter
 from typing import Any, TypeAlias
 
 import torch
@@ -70,6 +71,7 @@ KnotHook: TypeAlias = Callable[["ChainLoRAOptimizer", KnotRecord], None]
 """Called after each knot with the optimizer and the knot's :class:`~chainopt.KnotRecord`."""
 
 _STATE_VERSION = 2
+_requires_grad = attrgetter("requires_grad")
 
 
 class ChainLoRAOptimizer(WrappedOptimizer):
@@ -253,10 +255,21 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         if self.chain.pending is not None:
             self.tie_knot()
         self._base.zero_grad(set_to_none)
-        for r in self.chain.records:
-            for frozen in (r.weight, r.bias):
-                if isinstance(frozen, Tensor) and not frozen.requires_grad:
-                    frozen.grad = None
+        for frozen in self._frozen():
+            if frozen.grad is not None and not frozen.requires_grad:
+                frozen.grad = None
+
+    def _frozen(self) -> tuple[Tensor, ...]:
+        """The frozen weights and biases under the links, gathered once per records list (a
+        rebind or an unload replaces the list), for the checks :meth:`step` and
+        :meth:`zero_grad` make at every call."""
+        records = self.chain.records
+        if self.__dict__.get("_frozen_of") is not records:
+            self._frozen_of = records
+            self._frozen_tensors = tuple(
+                t for r in records for t in (r.weight, r.bias) if isinstance(t, Tensor)
+            )
+        return self._frozen_tensors
 
     # --- the chain ---
     @property
@@ -409,14 +422,14 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         ``clip_grad_norm_(model.parameters(), ...)``, silently shrinking the factors' updates.
         A weight added to the optimizer (``add_param_group``) trains as in any optimizer.
         """
+        if not any(map(_requires_grad, self._frozen())):
+            return
         hot = [
             (r.name, t)
             for r in self.chain.records
             for t in (r.weight, r.bias)
             if isinstance(t, Tensor) and t.requires_grad
         ]
-        if not hot:
-            return
         held = {id(p) for g in self._base.param_groups for p in g["params"]}
         loose = [name for name, t in hot if id(t) not in held]
         if loose:
