@@ -40,7 +40,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import MethodType
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from torch import Tensor, nn
 
@@ -51,6 +51,7 @@ from ._marks import OWN_STATE as _OWN_STATE
 from ._marks import RESUME_SAVES as _RESUME_SAVES
 from ._marks import STATE_DICT_HOOK as _HOOK
 from ._peft_layers import has_peft_layers
+from ._peft_save import adapter_save_method
 from ._validate import type_name
 from .advice import ChainLoRAWarning
 from .export import adapted_modules, merged_state_dict, own_state_dict
@@ -455,9 +456,8 @@ def save_merged(
         )
     if "state_dict" in save_kwargs:
         raise TypeError("save_merged writes merged_state_dict(model); do not pass state_dict")
-    peft = sys.modules.get("peft")
-    if peft is not None and isinstance(model, peft.PeftModel):  # the adapter, as PEFT writes it
-        model.save_pretrained(path, **save_kwargs)  # the instance's: chainopt's whole chain
+    if adapter_save_method(model) == "save_pretrained":  # a PeftModel: its own adapter save
+        cast(Any, model).save_pretrained(path, **save_kwargs)  # the instance's: the whole chain
         return Path(path)
     if has_peft_layers(model):
         raise ValueError(

@@ -59,6 +59,7 @@ __all__ = [
     "SIDECAR",
     "ChainSave",
     "RefusedAdapterSave",
+    "adapter_save_method",
     "chain_config",
     "chained_links",
     "install_whole_chain_save",
@@ -184,8 +185,8 @@ def install_whole_chain_save(model: nn.Module, save: ChainSave) -> bool:
     Returns:
         Whether a save was installed (``False``: a model with neither method).
     """
-    peft = sys.modules.get("peft")
-    if peft is not None and isinstance(model, peft.PeftModel):
+    kind = adapter_save_method(model)
+    if kind == "save_pretrained":
         methods: dict[str, Callable[..., Any]] = {
             "save_pretrained": _save_pretrained,
             "load_adapter": _load_adapter,
@@ -193,7 +194,7 @@ def install_whole_chain_save(model: nn.Module, save: ChainSave) -> bool:
         }
         # chainopt's merged save is not a PEFT save
         drop: tuple[str, ...] = ("save_pretrained", "load_adapter", "add_weighted_adapter")
-    elif callable(getattr(model, "save_lora_adapter", None)) and hasattr(model, "peft_config"):
+    elif kind == "save_lora_adapter":
         methods = {"save_lora_adapter": _save_lora_adapter, "save_pretrained": _refuse_save}
         drop = ("save_pretrained", "save_lora_adapter")
     else:
@@ -343,14 +344,20 @@ def refuse_adapter_saves(model: nn.Module) -> None:
     refuses from now on, where PEFT's own would write the zero link as the adapter for the
     original base (the fine-tuned function lives in the base weights). PEFT's
     ``merge_and_unload()`` gives the plain model, whose save is the fine-tuned one."""
+    method = adapter_save_method(model)
+    if method is not None:
+        model.__dict__[method] = RefusedAdapterSave(type(model).__name__)
+
+
+def adapter_save_method(model: nn.Module) -> str | None:
+    """The method that saves ``model``'s PEFT adapter: ``"save_pretrained"`` for a ``PeftModel``,
+    ``"save_lora_adapter"`` for a diffusers model with injected layers, else ``None``."""
     peft = sys.modules.get("peft")
     if peft is not None and isinstance(model, peft.PeftModel):
-        method = "save_pretrained"
-    elif callable(getattr(model, "save_lora_adapter", None)) and hasattr(model, "peft_config"):
-        method = "save_lora_adapter"
-    else:
-        return
-    model.__dict__[method] = RefusedAdapterSave(type(model).__name__)
+        return "save_pretrained"
+    if callable(getattr(model, "save_lora_adapter", None)) and hasattr(model, "peft_config"):
+        return "save_lora_adapter"
+    return None
 
 
 @dataclass(frozen=True)
