@@ -36,7 +36,7 @@ import inspect
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import MethodType
@@ -44,6 +44,7 @@ from typing import Any, Protocol, cast
 
 from torch import Tensor, nn
 
+from ._dtensor import holds_shards
 from ._layers import find_adapted
 from ._marks import CLEARED_IS_QUANTIZED, mark_merged_save, nested
 from ._marks import MERGED_SAVES as _MERGED_SAVES
@@ -52,6 +53,7 @@ from ._marks import RESUME_SAVES as _RESUME_SAVES
 from ._marks import STATE_DICT_HOOK as _HOOK
 from ._peft_layers import has_peft_layers
 from ._peft_save import adapter_save_method
+from ._rank_zero import on_rank_zero
 from ._validate import type_name
 from .advice import ChainLoRAWarning
 from .export import adapted_modules, merged_state_dict, own_state_dict
@@ -425,6 +427,10 @@ def save_merged(
             ``state_dict`` (diffusers') runs inside
             :func:`~chainopt.saving_merged` instead.
 
+    Under FSDP2 (a model sharded by ``fully_shard``) call it on every rank: every rank gathers
+    the merged weights whole, rank 0 alone writes, and no rank returns before the files are in
+    place (if rank 0 cannot write, every rank raises; see :func:`~chainopt.merged_state_dict`).
+
     Returns:
         ``path`` as a ``Path``.
 
@@ -473,10 +479,19 @@ def save_merged(
             f"{type_name(model)} has no save_pretrained (not a Hugging Face model): save "
             "chainopt.merged_state_dict(model) with torch.save or safetensors instead"
         )
+    # FSDP2: every rank gathers (merged_state_dict is a collective), rank 0 alone writes
+    once = on_rank_zero if holds_shards(model) else _here
+    what = f"the merged model to {os.fspath(path)!r}"
     if "state_dict" in inspect.signature(save).parameters:
-        save(model, path, state_dict=merged_state_dict(model), **save_kwargs)
+        merged = merged_state_dict(model)  # checks every merge first: nothing written if one fails
+        once(lambda: save(model, path, state_dict=merged, **save_kwargs), what)
         return Path(path)
     # diffusers' save_pretrained takes no state_dict: it reads model.state_dict(), merged here
     with merged_save(model):  # checks every merge first: nothing is written if one fails
-        save(model, path, **save_kwargs)
+        once(lambda: save(model, path, **save_kwargs), what)
     return Path(path)
+
+
+def _here(write: Callable[[], object], _what: str) -> object:
+    """Run ``write()`` in this process (no sharded model: each rank saves as it is called)."""
+    return write()

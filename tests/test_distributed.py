@@ -379,6 +379,113 @@ def test_fsdp2_shards_an_experts_module_with_a_parameter_link(tmp_path: Path) ->
         torch.testing.assert_close(final[0][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
+# --- FSDP2: exports while sharded, gathered whole, written once ---
+
+
+def _llama_chain() -> tuple[nn.Module, Any]:
+    from models import tiny_llama
+
+    model = tiny_llama()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), target_modules=["q_proj", "v_proj"],
+        trainable_modules=["lm_head"], rank=2, knot_every=2, seed=7, keep_history=True,
+    )  # fmt: skip
+    return model, opt
+
+
+def _tokens(step: int) -> torch.Tensor:
+    return torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(300 + step))
+
+
+def _train_llama(model: nn.Module, opt: Any, steps: range, rank: int | None = None) -> None:
+    for step in steps:
+        ids = _tokens(step) if rank is None else _tokens(step).chunk(WORLD)[rank]
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@_in_group
+def _fsdp_export_worker(rank: int, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from chainopt import merged_state_dict, save_merged
+    from chainopt.peft_export import export_peft_adapter
+
+    model, opt = _llama_chain()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt.rebind_parameters()
+    _train_llama(model, opt, range(5), rank)  # knots after steps 1 and 3; a link pending
+    before = _whole(model)
+    merged = merged_state_dict(model)  # a collective: every rank gets the whole tensors
+    save_merged(opt, f"{out}/merged")  # every rank calls; rank 0 writes
+    model.save_pretrained(f"{out}/pretrained")  # the guarded save (what a Trainer calls)
+    export_peft_adapter(opt, f"{out}/adapter")
+    Path(f"{out}/file").touch()
+    failed = []
+    for export in (save_merged, export_peft_adapter):  # rank 0 cannot write: every rank hears
+        try:
+            export(opt, f"{out}/file/under")
+            failed.append("")
+        except OSError as err:
+            failed.append(f"{type(err).__name__}: {err}")
+    _assert_same(_whole(model), before, "after the exports")  # the model is left as it was
+    torch.save(
+        {"merged": merged, "kinds": {k: type(v).__name__ for k, v in merged.items()},
+         "failed": failed},
+        f"{out}/export{rank}.pt",
+    )  # fmt: skip
+
+
+@_fsdp_support
+def test_fsdp2_exports_the_whole_merged_model_written_once(tmp_path: Path) -> None:
+    """merged_state_dict gave the trainable head as DTensor shards; save_merged, the guarded
+    save_pretrained and export_peft_adapter then raised from safetensors on rank 0 only (after
+    rank 0 wrote config.json), while rank 1 returned as if the model were saved."""
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import torch.distributed.fsdp  # imported once here, not in each forked worker
+    from transformers import LlamaForCausalLM
+
+    from chainopt import merged_state_dict
+
+    model, opt = _llama_chain()
+    _train_llama(model, opt, range(5))
+    single = merged_state_dict(model)
+    probe = _tokens(99)
+    with torch.no_grad():
+        want = model(input_ids=probe).logits
+
+    _spawn(_fsdp_export_worker, str(tmp_path), timeout=180)
+    seen = [torch.load(tmp_path / f"export{r}.pt", weights_only=True) for r in range(WORLD)]
+    for r, s in enumerate(seen):  # whole plain tensors on every rank, equal to one process
+        assert set(s["kinds"].values()) == {"Tensor"}, (r, s["kinds"])
+        assert s["merged"].keys() == single.keys()
+        for k, v in single.items():
+            torch.testing.assert_close(s["merged"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    _assert_same(seen[0]["merged"], seen[1]["merged"], "rank 0 vs rank 1")
+    for failed in seen[0]["failed"]:  # rank 0's own error; the others were told
+        assert failed.startswith(("FileExistsError", "NotADirectoryError")), failed
+    assert [f.split(" to ")[0] for f in seen[1]["failed"]] == [
+        "OSError: rank 0 could not write the merged model",
+        "OSError: rank 0 could not write the adapter",
+    ]
+
+    for folder in ("merged", "pretrained"):  # stock from_pretrained: the fine-tuned function
+        plain = LlamaForCausalLM.from_pretrained(tmp_path / folder)
+        with torch.no_grad():
+            torch.testing.assert_close(plain(input_ids=probe).logits, want, rtol=1e-4, atol=1e-5)
+    from models import tiny_llama
+
+    adapted = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=probe).logits, want, rtol=1e-4, atol=1e-5)
+
+
 # --- one rank goes bad: the verdict is agreed ---
 
 
