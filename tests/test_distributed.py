@@ -7,6 +7,7 @@ tolerance) and against a resumed run (bitwise).
 
 from __future__ import annotations
 
+import copy
 import functools
 import gc
 from collections.abc import Callable
@@ -42,7 +43,9 @@ def _mlp(dtype: torch.dtype = torch.float32) -> nn.Sequential:
     return nn.Sequential(*layers).to(dtype)
 
 
-def _build(seed: int = 7, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+def _build(
+    seed: int = 7, dtype: torch.dtype = torch.float32, **policies: Any
+) -> tuple[nn.Module, Any]:
     model = _mlp(dtype)
     opt = ChainLoRAOptimizer(
         model,
@@ -54,6 +57,7 @@ def _build(seed: int = 7, dtype: torch.dtype = torch.float32) -> tuple[nn.Module
         knot_every=2,
         lora_bias=True,
         seed=seed,
+        **policies,
     )
     return model, opt
 
@@ -309,6 +313,60 @@ def test_fsdp2_knots_on_sharded_weights(tmp_path: Path, device: str, dtype: torc
         for k, v in single.items():
             if k.endswith("original"):
                 torch.testing.assert_close(final[0][k], v, rtol=2e-2, atol=2e-2, msg=k)
+
+
+_POLICIES = {"init": "gradient", "reset": "prune"}
+
+
+@_in_group
+def _fsdp_policies_worker(rank: int, out: str) -> None:
+    def sharded() -> tuple[nn.Module, Any]:
+        model, opt = _build(**_POLICIES)
+        _shard(model, "cpu")
+        opt.rebind_parameters()
+        return model, opt
+
+    model, opt = sharded()
+    _train(model, opt, range(SAVE_AT), rank)
+    # this rank's own state dicts (DTensor shards), mid-link; the next step is a knot's armed one
+    saved = {k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(opt.state_dict())
+    _train(model, opt, range(SAVE_AT, STEPS), rank)
+    assert opt.knots_tied == STEPS // 2
+    torch.save(_whole(model), f"{out}/policies{rank}.pt")
+
+    model2, opt2 = sharded()
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    _train(model2, opt2, range(SAVE_AT, STEPS), rank)
+    torch.save(_whole(model2), f"{out}/resumed{rank}.pt")
+
+
+@_fsdp_support
+def test_fsdp2_gradient_init_and_prune_reset_match_one_process_and_resume(tmp_path: Path) -> None:
+    """init="gradient" (A from the gradient averaged over ranks) and reset="prune" (a mask from
+    the k-th smallest first moment over the whole, sharded, state) on sharded factors."""
+    import torch.distributed.fsdp  # imported once here, not in each forked worker
+
+    model, opt = _build(**_POLICIES)
+    _train(model, opt, range(STEPS))
+    single = _whole(model)
+    for policy, default in (("init", "kaiming"), ("reset", "full")):  # each changes the result
+        model, opt = _build(**{**_POLICIES, policy: default})
+        _train(model, opt, range(STEPS))
+        other = _whole(model)
+        assert max((other[k] - v).abs().max().item() for k, v in single.items()) > 1e-3, policy
+
+    _spawn(_fsdp_policies_worker, str(tmp_path), timeout=180)
+    final = [torch.load(tmp_path / f"policies{r}.pt", weights_only=True) for r in range(WORLD)]
+    _assert_same(final[0], final[1], "rank 0 vs rank 1")
+    assert final[0].keys() == single.keys()
+    for k, v in single.items():  # a singular vector takes the gradient's summation order (2
+        # ranks, then all-reduced) amplified by 1/gap: A's tolerance is wider than the weights'
+        tol = {"rtol": 1e-4, "atol": 1e-5} if k.endswith("lora_A") else {"rtol": 1e-5, "atol": 1e-6}
+        torch.testing.assert_close(final[0][k], v, **tol, msg=k)
+    for r in range(WORLD):  # opt.state_dict() and model.state_dict() of each rank resume bitwise
+        resumed = torch.load(tmp_path / f"resumed{r}.pt", weights_only=True)
+        _assert_same(resumed, final[r], f"resumed rank {r}")
 
 
 class _FusedExperts(nn.Module):
