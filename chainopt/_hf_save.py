@@ -44,7 +44,7 @@ from typing import Any, Protocol, cast
 
 from torch import Tensor, nn
 
-from ._dtensor import holds_shards
+from ._dtensor import gathered, holds_shards
 from ._layers import find_adapted
 from ._marks import CLEARED_IS_QUANTIZED, mark_merged_save, nested
 from ._marks import MERGED_SAVES as _MERGED_SAVES
@@ -314,10 +314,11 @@ def _merged_save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     quantizer = getattr(self, "hf_quantizer", None)
     if quantizer is not None:  # a quantized model saves what its quantizer says, not state_dict=
         return _save_quantized(self, save, bound, quantizer)
+    once, what = _writer(self, bound.arguments.get("save_directory"))
     if "state_dict" not in inspect.signature(save).parameters:
         # diffusers: save_pretrained reads self.state_dict(), which the hook merges in here
         with merged_save(self):
-            result = save(*bound.args, **bound.kwargs)
+            result = once(lambda: save(*bound.args, **bound.kwargs), what)
         mark_merged_save(self)
         return result
     given = bound.arguments.get("state_dict")
@@ -334,9 +335,17 @@ def _merged_save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         bound.arguments["state_dict"] = _merged_in(self, given)
     elif given is None:
         bound.arguments["state_dict"] = merged_state_dict(self)
-    result = save(*bound.args, **bound.kwargs)
+    result = once(lambda: save(*bound.args, **bound.kwargs), what)
     mark_merged_save(self)
     return result
+
+
+def _writer(model: nn.Module, path: object) -> tuple[Callable[[Callable[[], Any], str], Any], str]:
+    """How a save of ``model`` to ``path`` writes, and what it writes (for the other ranks'
+    error): under FSDP2 every rank gathered the merged tensors (a collective) and rank 0 alone
+    writes (:func:`chainopt._rank_zero.on_rank_zero`); otherwise each caller saves as called."""
+    where = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
+    return (on_rank_zero if holds_shards(model) else _here), f"the merged model to {where!r}"
 
 
 def _merged_in(model: nn.Module, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -353,7 +362,8 @@ def _merged_in(model: nn.Module, given: Mapping[str, Any]) -> dict[str, Any]:
         plain = f"{head[1:]}.{tail.split('.')[0]}" if head[1:] else tail.split(".")[0]
         if plain not in out and plain in merged:
             out[plain] = merged[plain]
-    return out
+    whole: dict[str, Any] = gathered(out)  # FSDP2: the caller's sharded entries, whole
+    return whole
 
 
 def _save_quantized(
@@ -479,9 +489,7 @@ def save_merged(
             f"{type_name(model)} has no save_pretrained (not a Hugging Face model): save "
             "chainopt.merged_state_dict(model) with torch.save or safetensors instead"
         )
-    # FSDP2: every rank gathers (merged_state_dict is a collective), rank 0 alone writes
-    once = on_rank_zero if holds_shards(model) else _here
-    what = f"the merged model to {os.fspath(path)!r}"
+    once, what = _writer(model, path)  # FSDP2: every rank gathers, rank 0 alone writes
     if "state_dict" in inspect.signature(save).parameters:
         merged = merged_state_dict(model)  # checks every merge first: nothing written if one fails
         once(lambda: save(model, path, state_dict=merged, **save_kwargs), what)

@@ -482,10 +482,12 @@ def _fsdp_export_worker(rank: int, out: str) -> None:
     merged = merged_state_dict(model)  # a collective: every rank gets the whole tensors
     save_merged(opt, f"{out}/merged")  # every rank calls; rank 0 writes
     model.save_pretrained(f"{out}/pretrained")  # the guarded save (what a Trainer calls)
+    model.save_pretrained(f"{out}/given", state_dict=model.state_dict())  # shards given
     export_peft_adapter(opt, f"{out}/adapter")
     Path(f"{out}/file").touch()
     failed = []
-    for export in (save_merged, export_peft_adapter):  # rank 0 cannot write: every rank hears
+    exports = (save_merged, lambda _opt, path: model.save_pretrained(path), export_peft_adapter)
+    for export in exports:  # rank 0 cannot write: every rank hears of it, none hangs
         try:
             export(opt, f"{out}/file/under")
             failed.append("")
@@ -530,10 +532,11 @@ def test_fsdp2_exports_the_whole_merged_model_written_once(tmp_path: Path) -> No
         assert failed.startswith(("FileExistsError", "NotADirectoryError")), failed
     assert [f.split(" to ")[0] for f in seen[1]["failed"]] == [
         "OSError: rank 0 could not write the merged model",
+        "OSError: rank 0 could not write the merged model",
         "OSError: rank 0 could not write the adapter",
     ]
 
-    for folder in ("merged", "pretrained"):  # stock from_pretrained: the fine-tuned function
+    for folder in ("merged", "pretrained", "given"):  # stock from_pretrained: the fine-tuned function
         plain = LlamaForCausalLM.from_pretrained(tmp_path / folder)
         with torch.no_grad():
             torch.testing.assert_close(plain(input_ids=probe).logits, want, rtol=1e-4, atol=1e-5)
