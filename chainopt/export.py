@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ._attach import parametrization_count
-from ._dtensor import gathered, is_sharded
+from ._dtensor import full_tensor, gathered, is_sharded
 from ._layers import find_adapted
 from ._marks import OWN_STATE, PEFT_SAVE, mark_base_merged, nested, unmark
 from ._peft_layers import PeftLink
@@ -256,8 +256,9 @@ def merged_state_dict(
         if not bool(torch.isfinite(weight).all()):
             raise NonFiniteUpdateError(f"refusing to export {r.name!r}: its weight is not finite")
         bias = merged_bias(r) if r.delta is not None else None
-        if is_sharded(r.weight):  # gathered whole: onto the CPU, like the rest (below)
-            weight, bias = weight.cpu(), None if bias is None else bias.cpu()
+        if is_sharded(r.weight):  # whole onto the CPU, like the other sharded entries (below)
+            weight = full_tensor(weight).cpu()  # a stacked parametrization's is a DTensor
+            bias = None if bias is None else full_tensor(bias).cpu()
         for module_name in dict.fromkeys(names.get(id(r.module), [r.module_name])):
             prefix = f"{module_name}." if module_name else ""
             if r.quant is not None:
