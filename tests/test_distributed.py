@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from spawn import spawn
 from torch import nn
 
-from chainopt import ChainLoRAOptimizer
+from chainopt import ChainLoRAOptimizer, merged_state_dict
 from chainopt._dtensor import full_tensor, is_sharded
 from chainopt.checkpoint import load_checkpoint, save_checkpoint
 
@@ -240,6 +240,7 @@ def _fsdp_worker(rank: int, out: str, device: str, dtype: torch.dtype) -> None:
         assert not is_sharded(link.A) and not is_sharded(link.B)
         final[f"history.{name}.A"], final[f"history.{name}.B"] = link.A, link.B
     torch.save(final, f"{out}/final{rank}.pt")
+    torch.save(merged_state_dict(model), f"{out}/merged{rank}.pt")  # gathered, on every rank
 
     model2, opt2 = _build(dtype=dtype)
     model2.to(device)
@@ -306,6 +307,12 @@ def test_fsdp2_knots_on_sharded_weights(tmp_path: Path, device: str, dtype: torc
         _assert_same(resumed, {k: v for k, v in final[r].items() if k in resumed}, "resumed")
 
     assert {k for k in final[0] if not k.startswith("history.")} == single.keys()
+    twin, _ = _build(dtype=dtype)  # the export of the same state, unsharded: bitwise the same
+    twin.load_state_dict({k: v for k, v in final[0].items() if k in single})
+    unsharded = merged_state_dict(twin)
+    for r in range(WORLD):
+        merged = torch.load(tmp_path / f"merged{r}.pt", weights_only=True, map_location="cpu")
+        _assert_same(merged, unsharded, f"merged_state_dict on rank {r}")
     if dtype == torch.float32:
         for k, v in single.items():
             torch.testing.assert_close(final[0][k], v, rtol=1e-5, atol=1e-6, msg=k)
@@ -468,7 +475,7 @@ def _fsdp_export_worker(rank: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from chainopt import merged_state_dict, save_merged
+    from chainopt import save_merged
     from chainopt.peft_export import export_peft_adapter
 
     model, opt = _llama_chain()
@@ -503,15 +510,13 @@ def _fsdp_export_worker(rank: int, out: str) -> None:
 
 @_fsdp_support
 def test_fsdp2_exports_the_whole_merged_model_written_once(tmp_path: Path) -> None:
-    """merged_state_dict gave the trainable head as DTensor shards; save_merged, the guarded
-    save_pretrained and export_peft_adapter then raised from safetensors on rank 0 only (after
-    rank 0 wrote config.json), while rank 1 returned as if the model were saved."""
+    """merged_state_dict gave the trainable head as DTensor shards; save_merged and the guarded
+    save_pretrained then raised from safetensors on rank 0 only (after it wrote config.json),
+    while rank 1 returned as if the model were saved; export_peft_adapter raised on both."""
     pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     import torch.distributed.fsdp  # imported once here, not in each forked worker
     from transformers import LlamaForCausalLM
-
-    from chainopt import merged_state_dict
 
     model, opt = _llama_chain()
     _train_llama(model, opt, range(5))
@@ -536,7 +541,7 @@ def test_fsdp2_exports_the_whole_merged_model_written_once(tmp_path: Path) -> No
         "OSError: rank 0 could not write the adapter",
     ]
 
-    for folder in ("merged", "pretrained", "given"):  # stock from_pretrained: the fine-tuned function
+    for folder in ("merged", "pretrained", "given"):  # from_pretrained: the fine-tuned function
         plain = LlamaForCausalLM.from_pretrained(tmp_path / folder)
         with torch.no_grad():
             torch.testing.assert_close(plain(input_ids=probe).logits, want, rtol=1e-4, atol=1e-5)
