@@ -1,8 +1,9 @@
 """DTensor helpers: whole tensors from FSDP2 shards, and shards from whole tensors.
 
 FSDP2's ``fully_shard`` turns parameters into ``DTensor``s. A knot needs whole tensors (it merges
-a whole weight), then writes each rank's part back. ``torch.distributed.tensor`` is imported only
-when something has already imported it: no DTensor can exist otherwise.
+a whole weight), then writes each rank's part back; a checkpoint or an export needs every tensor
+whole (:func:`gathered`). ``torch.distributed.tensor`` is imported only when something has
+already imported it: no DTensor can exist otherwise.
 
 Example:
     >>> import torch
@@ -14,10 +15,11 @@ Example:
 from __future__ import annotations
 
 import sys
+from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["copy_full_", "full_tensor", "is_sharded", "shard_like"]
+__all__ = ["copy_full_", "full_tensor", "gathered", "holds_shards", "is_sharded", "shard_like"]
 
 
 def is_sharded(tensor: Tensor) -> bool:
@@ -29,6 +31,13 @@ def is_sharded(tensor: Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def holds_shards(model: nn.Module) -> bool:
+    """Whether any parameter or buffer of ``model`` is a ``DTensor`` (FSDP2 sharded it)."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
+    return any(is_sharded(t) for t in (*model.parameters(), *model.buffers()))
+
+
 def full_tensor(tensor: Tensor) -> Tensor:
     """The whole of ``tensor``: a ``DTensor`` is all-gathered, anything else returned as it is.
 
@@ -38,6 +47,31 @@ def full_tensor(tensor: Tensor) -> Tensor:
         whole: Tensor = tensor.full_tensor()  # type: ignore[attr-defined]
         return whole
     return tensor
+
+
+def gathered(obj: Any) -> Any:
+    """``obj`` with every ``DTensor`` in it (in dicts, lists, tuples) gathered whole onto the CPU.
+
+    A collective under FSDP2: every rank calls it on the same structure. Whole onto the CPU
+    because a sharded model need not fit one device whole; other tensors and values are
+    returned as they are (by reference), dicts in their order.
+
+    Example:
+        >>> import torch
+        >>> t = torch.ones(2)
+        >>> out = gathered({"a": t, "b": [1, (t,)]})
+        >>> out["a"] is t, out["b"][1][0] is t
+        (True, True)
+    """
+    if isinstance(obj, Tensor):
+        return full_tensor(obj).cpu() if is_sharded(obj) else obj
+    if isinstance(obj, dict):
+        return {k: gathered(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [gathered(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(gathered(v) for v in obj)
+    return obj
 
 
 def copy_full_(dst: Tensor, src: Tensor) -> Tensor:

@@ -49,14 +49,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._atomic import write_atomically
-from ._dtensor import full_tensor, is_sharded, shard_like
+from ._dtensor import full_tensor, gathered, is_sharded, shard_like
 from ._load_guard import check_incoming_state
-from ._validate import is_distributed, type_name, unwrap_parallel
+from ._rank_zero import on_rank_zero
+from ._validate import type_name, unwrap_parallel
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
 
@@ -115,23 +115,12 @@ def save_checkpoint(
         "format": _FORMAT,
         "version": _VERSION,
         "model": model_state,
-        "optimizer": None if optimizer is None else _gathered(optimizer.state_dict()),
-        "extra": _gathered(dict(extra)),
+        "optimizer": None if optimizer is None else gathered(optimizer.state_dict()),
+        "extra": gathered(dict(extra)),
     }
-    if not is_distributed():
-        write_atomically(path, lambda f: _save(payload, f))
-        return path
-    failure: list[str | None] = [None]
-    if dist.get_rank() == 0:
-        try:
-            write_atomically(path, lambda f: _save(payload, f))
-        except Exception as exc:
-            failure[0] = f"{type(exc).__name__}: {exc}"
-            dist.broadcast_object_list(failure, src=0)
-            raise
-    dist.broadcast_object_list(failure, src=0)  # also the barrier: the file is in place
-    if failure[0] is not None:
-        raise OSError(f"rank 0 could not write the checkpoint {str(path)!r}: {failure[0]}")
+    on_rank_zero(
+        lambda: write_atomically(path, lambda f: _save(payload, f)), f"the checkpoint {str(path)!r}"
+    )
     return path
 
 
@@ -248,19 +237,6 @@ def _save(payload: dict[str, Any], f: Any) -> None:
             f"entries {sorted(payload['extra'])}: save state dicts, tensors, numbers, strings "
             "and containers of them"
         ) from err
-
-
-def _gathered(obj: Any) -> Any:
-    """``obj`` with every ``DTensor`` in it gathered whole onto the CPU (a collective)."""
-    if isinstance(obj, Tensor):
-        return full_tensor(obj).cpu() if is_sharded(obj) else obj
-    if isinstance(obj, dict):
-        return {k: _gathered(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_gathered(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_gathered(v) for v in obj)
-    return obj
 
 
 def _sharded_optimizer_state(saved: dict[str, Any], optimizer: Optimizer) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ._attach import parametrization_count
-from ._dtensor import is_sharded
+from ._dtensor import full_tensor, gathered, is_sharded
 from ._layers import find_adapted
 from ._marks import OWN_STATE, PEFT_SAVE, mark_base_merged, nested, unmark
 from ._peft_layers import PeftLink
@@ -186,13 +186,17 @@ def merged_state_dict(
     trained function (what PEFT's own state dict is). The plain fine-tuned model is PEFT's
     ``merge_and_unload()`` after :func:`merge_and_unload`.
 
+    Under FSDP2 (a model sharded by ``fully_shard``) every rank must call it: it gathers the
+    shards, and each rank gets every tensor whole, the sharded ones on the CPU (a sharded model
+    need not fit one device whole), as :func:`chainopt.checkpoint.save_checkpoint` does.
+
     Args:
         model: the chained model (a plain one gives its own state dict).
         quantized_dtype: dtype of the dense weights 4-bit layers become.
         keep_quantized: keep 4-bit layers in their library's own format.
 
     Returns:
-        The state dict, on the model's devices.
+        The state dict, on the model's devices (sharded tensors: whole, on the CPU).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``quantized_dtype`` not float32, float64,
@@ -252,6 +256,9 @@ def merged_state_dict(
         if not bool(torch.isfinite(weight).all()):
             raise NonFiniteUpdateError(f"refusing to export {r.name!r}: its weight is not finite")
         bias = merged_bias(r) if r.delta is not None else None
+        if is_sharded(r.weight):  # whole onto the CPU, like the other sharded entries (below)
+            weight = full_tensor(weight).cpu()  # a stacked parametrization's is a DTensor
+            bias = None if bias is None else full_tensor(bias).cpu()
         for module_name in dict.fromkeys(names.get(id(r.module), [r.module_name])):
             prefix = f"{module_name}." if module_name else ""
             if r.quant is not None:
@@ -293,7 +300,8 @@ def merged_state_dict(
             out[key] = value
         elif key == group:  # where the first of its keys stood
             out.update(groups[group])
-    return out
+    whole: dict[str, Tensor] = gathered(out)  # FSDP2: the other sharded entries, whole too
+    return whole
 
 
 def chain_tensors(model: nn.Module) -> dict[str, Tensor]:

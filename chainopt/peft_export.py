@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from ._atomic import write_atomically
 from ._attach import is_conv1d, original, plist_of
-from ._dtensor import full_tensor
+from ._dtensor import full_tensor, holds_shards
 from ._experts import split_experts
 from ._layers import find_adapted
 from ._load_guard import loaded_plain_weights
@@ -60,6 +60,7 @@ from ._marks import base_merged
 from ._peft_layers import PeftLink, is_peft_lora_layer
 from ._peft_save import whole_chain_tensors
 from ._quant_backends import backend_for
+from ._rank_zero import on_rank_zero
 from ._record import ModuleRecord
 from ._validate import type_name
 from .guard import NonFiniteUpdateError, check_links
@@ -204,6 +205,10 @@ def export_peft_adapter(
     A chain of PEFT's own layers (a chained ``PeftModel``) is written by the model's
     ``save_pretrained``, which writes the whole chain exactly with the model's ``LoraConfig``
     (see :mod:`chainopt._peft_layers`); ``rank`` and ``base`` are refused there.
+
+    Under FSDP2 (a model sharded by ``fully_shard``) call it on every rank: every rank gathers
+    what it needs and gets the report, rank 0 alone writes, and no rank returns before the
+    files are in place (if rank 0 cannot write, every rank raises).
 
     Args:
         chain: the optimizer.
@@ -416,7 +421,8 @@ def export_peft_adapter(
     to_save = _modules_to_save(chain)
     for owner in to_save:
         for key, value in model.get_submodule(owner).state_dict().items():
-            tensors[f"{_PREFIX}{owner}.{key}"] = value.detach().cpu().clone().contiguous()
+            whole = full_tensor(value.detach())  # gathered under FSDP2 (a collective)
+            tensors[f"{_PREFIX}{owner}.{key}"] = whole.cpu().clone().contiguous()
 
     config: dict[str, Any] = {
         "peft_type": "LORA",
@@ -452,12 +458,18 @@ def export_peft_adapter(
             tensors[f"{_PREFIX}{key}.lora_A.weight"] = a_full
             tensors[f"{_PREFIX}{key}.lora_B.weight"] = b_full
     out_dir = Path(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Like every file chainopt writes: atomically, 0600 until complete, an old file's mode kept.
     weights = safetensors_bytes(tensors, metadata={"format": "pt"})
-    write_atomically(out_dir / WEIGHTS_NAME, lambda f: f.write(weights))
     text = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-    write_atomically(out_dir / CONFIG_NAME, lambda f: f.write(text))
+
+    def write() -> None:  # like every file chainopt writes: atomically, 0600 until complete
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomically(out_dir / WEIGHTS_NAME, lambda f: f.write(weights))
+        write_atomically(out_dir / CONFIG_NAME, lambda f: f.write(text))
+
+    if holds_shards(model):  # FSDP2: every rank gathered the same tensors; rank 0 writes once
+        on_rank_zero(write, f"the adapter to {str(out_dir)!r}")
+    else:
+        write()
     overall = math.sqrt(left_total / norm_total) if norm_total > 0 else 0.0
     chain_ranks = {name: b.shape[1] for name, (b, _a) in stacks.items()}
     chain_ranks |= {name: max(b.shape[1] for b, _a in pairs) for name, pairs in experts.items()}

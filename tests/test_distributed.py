@@ -7,6 +7,7 @@ tolerance) and against a resumed run (bitwise).
 
 from __future__ import annotations
 
+import copy
 import functools
 import gc
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import torch.multiprocessing as mp
 from spawn import spawn
 from torch import nn
 
-from chainopt import ChainLoRAOptimizer
+from chainopt import ChainLoRAOptimizer, merged_state_dict
 from chainopt._dtensor import full_tensor, is_sharded
 from chainopt.checkpoint import load_checkpoint, save_checkpoint
 
@@ -42,7 +43,9 @@ def _mlp(dtype: torch.dtype = torch.float32) -> nn.Sequential:
     return nn.Sequential(*layers).to(dtype)
 
 
-def _build(seed: int = 7, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+def _build(
+    seed: int = 7, dtype: torch.dtype = torch.float32, **policies: Any
+) -> tuple[nn.Module, Any]:
     model = _mlp(dtype)
     opt = ChainLoRAOptimizer(
         model,
@@ -54,6 +57,7 @@ def _build(seed: int = 7, dtype: torch.dtype = torch.float32) -> tuple[nn.Module
         knot_every=2,
         lora_bias=True,
         seed=seed,
+        **policies,
     )
     return model, opt
 
@@ -236,6 +240,7 @@ def _fsdp_worker(rank: int, out: str, device: str, dtype: torch.dtype) -> None:
         assert not is_sharded(link.A) and not is_sharded(link.B)
         final[f"history.{name}.A"], final[f"history.{name}.B"] = link.A, link.B
     torch.save(final, f"{out}/final{rank}.pt")
+    torch.save(merged_state_dict(model), f"{out}/merged{rank}.pt")  # gathered, on every rank
 
     model2, opt2 = _build(dtype=dtype)
     model2.to(device)
@@ -302,6 +307,12 @@ def test_fsdp2_knots_on_sharded_weights(tmp_path: Path, device: str, dtype: torc
         _assert_same(resumed, {k: v for k, v in final[r].items() if k in resumed}, "resumed")
 
     assert {k for k in final[0] if not k.startswith("history.")} == single.keys()
+    twin, _ = _build(dtype=dtype)  # the export of the same state, unsharded: bitwise the same
+    twin.load_state_dict({k: v for k, v in final[0].items() if k in single})
+    unsharded = merged_state_dict(twin)
+    for r in range(WORLD):
+        merged = torch.load(tmp_path / f"merged{r}.pt", weights_only=True, map_location="cpu")
+        _assert_same(merged, unsharded, f"merged_state_dict on rank {r}")
     if dtype == torch.float32:
         for k, v in single.items():
             torch.testing.assert_close(final[0][k], v, rtol=1e-5, atol=1e-6, msg=k)
@@ -309,6 +320,60 @@ def test_fsdp2_knots_on_sharded_weights(tmp_path: Path, device: str, dtype: torc
         for k, v in single.items():
             if k.endswith("original"):
                 torch.testing.assert_close(final[0][k], v, rtol=2e-2, atol=2e-2, msg=k)
+
+
+_POLICIES = {"init": "gradient", "reset": "prune"}
+
+
+@_in_group
+def _fsdp_policies_worker(rank: int, out: str) -> None:
+    def sharded() -> tuple[nn.Module, Any]:
+        model, opt = _build(**_POLICIES)
+        _shard(model, "cpu")
+        opt.rebind_parameters()
+        return model, opt
+
+    model, opt = sharded()
+    _train(model, opt, range(SAVE_AT), rank)
+    # this rank's own state dicts (DTensor shards), mid-link; the next step is a knot's armed one
+    saved = {k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(opt.state_dict())
+    _train(model, opt, range(SAVE_AT, STEPS), rank)
+    assert opt.knots_tied == STEPS // 2
+    torch.save(_whole(model), f"{out}/policies{rank}.pt")
+
+    model2, opt2 = sharded()
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    _train(model2, opt2, range(SAVE_AT, STEPS), rank)
+    torch.save(_whole(model2), f"{out}/resumed{rank}.pt")
+
+
+@_fsdp_support
+def test_fsdp2_gradient_init_and_prune_reset_match_one_process_and_resume(tmp_path: Path) -> None:
+    """init="gradient" (A from the gradient averaged over ranks) and reset="prune" (a mask from
+    the k-th smallest first moment over the whole, sharded, state) on sharded factors."""
+    import torch.distributed.fsdp  # imported once here, not in each forked worker
+
+    model, opt = _build(**_POLICIES)
+    _train(model, opt, range(STEPS))
+    single = _whole(model)
+    for policy, default in (("init", "kaiming"), ("reset", "full")):  # each changes the result
+        model, opt = _build(**{**_POLICIES, policy: default})
+        _train(model, opt, range(STEPS))
+        other = _whole(model)
+        assert max((other[k] - v).abs().max().item() for k, v in single.items()) > 1e-3, policy
+
+    _spawn(_fsdp_policies_worker, str(tmp_path), timeout=180)
+    final = [torch.load(tmp_path / f"policies{r}.pt", weights_only=True) for r in range(WORLD)]
+    _assert_same(final[0], final[1], "rank 0 vs rank 1")
+    assert final[0].keys() == single.keys()
+    for k, v in single.items():  # a singular vector takes the gradient's summation order (2
+        # ranks, then all-reduced) amplified by 1/gap: A's tolerance is wider than the weights'
+        tol = {"rtol": 1e-4, "atol": 1e-5} if k.endswith("lora_A") else {"rtol": 1e-5, "atol": 1e-6}
+        torch.testing.assert_close(final[0][k], v, **tol, msg=k)
+    for r in range(WORLD):  # opt.state_dict() and model.state_dict() of each rank resume bitwise
+        resumed = torch.load(tmp_path / f"resumed{r}.pt", weights_only=True)
+        _assert_same(resumed, final[r], f"resumed rank {r}")
 
 
 class _FusedExperts(nn.Module):
@@ -377,6 +442,114 @@ def test_fsdp2_shards_an_experts_module_with_a_parameter_link(tmp_path: Path) ->
     assert final[0].keys() == single.keys()
     for k, v in single.items():
         torch.testing.assert_close(final[0][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+# --- FSDP2: exports while sharded, gathered whole, written once ---
+
+
+def _llama_chain() -> tuple[nn.Module, Any]:
+    from models import tiny_llama
+
+    model = tiny_llama()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), target_modules=["q_proj", "v_proj"],
+        trainable_modules=["lm_head"], rank=2, knot_every=2, seed=7, keep_history=True,
+    )  # fmt: skip
+    return model, opt
+
+
+def _tokens(step: int) -> torch.Tensor:
+    return torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(300 + step))
+
+
+def _train_llama(model: nn.Module, opt: Any, steps: range, rank: int | None = None) -> None:
+    for step in steps:
+        ids = _tokens(step) if rank is None else _tokens(step).chunk(WORLD)[rank]
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@_in_group
+def _fsdp_export_worker(rank: int, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from chainopt import save_merged
+    from chainopt.peft_export import export_peft_adapter
+
+    model, opt = _llama_chain()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt.rebind_parameters()
+    _train_llama(model, opt, range(5), rank)  # knots after steps 1 and 3; a link pending
+    before = _whole(model)
+    merged = merged_state_dict(model)  # a collective: every rank gets the whole tensors
+    save_merged(opt, f"{out}/merged")  # every rank calls; rank 0 writes
+    model.save_pretrained(f"{out}/pretrained")  # the guarded save (what a Trainer calls)
+    model.save_pretrained(f"{out}/given", state_dict=model.state_dict())  # shards given
+    export_peft_adapter(opt, f"{out}/adapter")
+    Path(f"{out}/file").touch()
+    failed = []
+    exports = (save_merged, lambda _opt, path: model.save_pretrained(path), export_peft_adapter)
+    for export in exports:  # rank 0 cannot write: every rank hears of it, none hangs
+        try:
+            export(opt, f"{out}/file/under")
+            failed.append("")
+        except OSError as err:
+            failed.append(f"{type(err).__name__}: {err}")
+    _assert_same(_whole(model), before, "after the exports")  # the model is left as it was
+    torch.save(
+        {"merged": merged, "kinds": {k: type(v).__name__ for k, v in merged.items()},
+         "failed": failed},
+        f"{out}/export{rank}.pt",
+    )  # fmt: skip
+
+
+@_fsdp_support
+def test_fsdp2_exports_the_whole_merged_model_written_once(tmp_path: Path) -> None:
+    """merged_state_dict gave the trainable head as DTensor shards; save_merged and the guarded
+    save_pretrained then raised from safetensors on rank 0 only (after it wrote config.json),
+    while rank 1 returned as if the model were saved; export_peft_adapter raised on both."""
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import torch.distributed.fsdp  # imported once here, not in each forked worker
+    from transformers import LlamaForCausalLM
+
+    model, opt = _llama_chain()
+    _train_llama(model, opt, range(5))
+    single = merged_state_dict(model)
+    probe = _tokens(99)
+    with torch.no_grad():
+        want = model(input_ids=probe).logits
+
+    _spawn(_fsdp_export_worker, str(tmp_path), timeout=180)
+    seen = [torch.load(tmp_path / f"export{r}.pt", weights_only=True) for r in range(WORLD)]
+    for r, s in enumerate(seen):  # whole plain tensors on every rank, equal to one process
+        assert set(s["kinds"].values()) == {"Tensor"}, (r, s["kinds"])
+        assert s["merged"].keys() == single.keys()
+        for k, v in single.items():
+            torch.testing.assert_close(s["merged"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    _assert_same(seen[0]["merged"], seen[1]["merged"], "rank 0 vs rank 1")
+    for failed in seen[0]["failed"]:  # rank 0's own error; the others were told
+        assert failed.startswith(("FileExistsError", "NotADirectoryError")), failed
+    assert [f.split(" to ")[0] for f in seen[1]["failed"]] == [
+        "OSError: rank 0 could not write the merged model",
+        "OSError: rank 0 could not write the merged model",
+        "OSError: rank 0 could not write the adapter",
+    ]
+
+    for folder in ("merged", "pretrained", "given"):  # from_pretrained: the fine-tuned function
+        plain = LlamaForCausalLM.from_pretrained(tmp_path / folder)
+        with torch.no_grad():
+            torch.testing.assert_close(plain(input_ids=probe).logits, want, rtol=1e-4, atol=1e-5)
+    from models import tiny_llama
+
+    adapted = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=probe).logits, want, rtol=1e-4, atol=1e-5)
 
 
 # --- one rank goes bad: the verdict is agreed ---
