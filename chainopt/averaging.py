@@ -1,0 +1,277 @@
+"""Weight averaging (EMA, SWA) across a chain's knots: the averaged copy ties the same knot.
+
+``torch.optim.swa_utils.AveragedModel`` keeps a deep copy of the model and averages each of its
+Parameters separately: on a chained model the frozen weight ``W`` and the factors ``A`` and
+``B``. Within one link that is the product-of-averages approximation plain LoRA has
+(``avg(B·A) ≈ avg(B)·avg(A)``). At a knot the live model sets ``W += s·B·A``, ``B = 0`` and draws
+a new ``A``; averaged factor by factor, the copy's ``avg(B)·avg(A)`` then mixes the old ``B``
+with the new ``A``: for ``k`` updates after the knot (EMA of decay ``d``) the last link's
+contribution is off by ``dᵏ(1 − dᵏ)·s·B̄·(A_new − Ā)``, up to a quarter of the link's update
+at ``dᵏ = ½``. ``experiments/ema_knots.py`` measures it; see ``docs/integrations.md``.
+
+:func:`track_average` makes the copy tie the same knot, so its function is unchanged by it:
+in the copy, each link's averaged ``s·B̄·Ā`` is merged into its averaged ``W̄`` (exactly as the
+live knot merges: :func:`chainopt.merge.merge_`), ``B̄`` becomes zero and ``Ā`` the live
+link's new ``A`` (resized with a rank step-down). The averaging then goes on linearly: ``W̄``
+follows the live ``W`` (which holds the earlier links), ``B̄`` grows from zero with the new
+link. For any averaging that is an affine combination of the updates (torch's EMA and SWA
+functions) the copy's merged weight stays the average of the live merged weights up to the
+same product-of-averages error as within a link.
+
+Checks run before the live knot changes anything (the tracking is a knot context,
+:meth:`~chainopt.ChainLoRAOptimizer.register_knot_context`): the copy must still hold the
+chain's links, in the same shapes; a copy link that is not finite (the average took a NaN in)
+raises :class:`~chainopt.NonFiniteUpdateError` under ``non_finite="raise"`` (no knot, live or
+averaged, is tied) or is dropped unmerged with a warning under ``"skip"``. A link the live knot
+drops (``"skip"``) is merged in the copy all the same: the average holds its past updates.
+
+Refused when tracking starts (nothing is changed then): 4-bit layers (the copy would average the
+packed 4-bit weight) and half-precision weights with a merge residual (the residual is a buffer:
+``AveragedModel`` copies it from the live model, or averages it, unlike the weight it belongs
+to). Chains of PEFT's own LoRA layers (a ``PeftModel``, DoRA included) and fused experts are
+handled like any other link.
+
+The tracking has no state of its own: it is not in any state dict, stays registered through
+``opt.load_state_dict`` and :func:`~chainopt.load_checkpoint`, and goes with ``handle.remove()``.
+Save ``averaged.state_dict()`` with the chain's checkpoint and load it into the rebuilt
+``AveragedModel`` (a link of another rank is resized on load), then track again.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    >>> from chainopt import ChainLoRAOptimizer, merged_state_dict, track_average
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    >>> opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+    ...                          target_modules=["0", "2"], rank=2, knot_every=5)
+    >>> ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    >>> handle = track_average(opt, ema)
+    >>> x, y = torch.randn(16, 8), torch.randn(16, 2)
+    >>> for _ in range(12):
+    ...     nn.functional.mse_loss(model(x), y).backward()
+    ...     opt.step()
+    ...     opt.zero_grad()
+    ...     ema.update_parameters(model)
+    >>> opt.knots_tied
+    2
+    >>> plain = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    >>> _ = plain.load_state_dict(merged_state_dict(ema.module))  # the averaged model, plain
+    >>> with torch.no_grad():
+    ...     torch.allclose(plain(x), ema(x), atol=1e-6)
+    True
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.hooks import RemovableHandle
+
+from ._layers import find_adapted
+from ._record import ModuleRecord
+from ._validate import type_name
+from .guard import NonFiniteUpdateError, check_links
+from .merge import merge_
+from .optimizer import ChainLoRAOptimizer
+
+__all__ = ["track_average"]
+
+
+def track_average(optimizer: ChainLoRAOptimizer, averaged: nn.Module) -> RemovableHandle:
+    """Make ``averaged`` (an EMA or SWA copy of the chained model) tie every knot the chain ties.
+
+    At each knot of ``optimizer``, in the copy: ``W̄ += s·B̄·Ā`` (exactly as the live merge),
+    ``B̄ = 0``, ``Ā = A`` (the live link's new factor, in its new shape), so the averaged
+    function is unchanged by the knot and ``update_parameters`` goes on averaging the merged
+    weights. See :mod:`chainopt.averaging`.
+
+    Args:
+        optimizer: the chain.
+        averaged: a ``torch.optim.swa_utils.AveragedModel`` of the chained model (its
+            ``module`` is the copy), or a copy of the chained model itself (``copy.deepcopy``,
+            a hand-written EMA): it must hold the chain's links under the same names and shapes
+            and the same parameters in the same order (what ``AveragedModel`` pairs).
+
+    Returns:
+        A handle; ``handle.remove()`` stops the tracking.
+
+    Raises:
+        TypeError: ``optimizer`` is not a :class:`~chainopt.ChainLoRAOptimizer`, or
+            ``averaged`` not an ``nn.Module``.
+        ValueError: ``averaged`` is the live model or shares its links, does not hold the
+            chain's links (names, shapes, parameters), is tracked already, or the chain has a
+            4-bit layer or a half-precision weight with a merge residual; or the chain was
+            unloaded. Nothing is changed.
+
+    Example:
+        >>> import copy
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer, track_average
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0"], rank=2, knot_every=1)
+        >>> ema = copy.deepcopy(model)
+        >>> with torch.no_grad():
+        ...     _ = ema[0].parametrizations.weight[0].lora_B.fill_(0.1)  # an averaged B
+        ...     before = ema(torch.ones(1, 4))
+        >>> handle = track_average(opt, ema)
+        >>> _ = opt.tie_knot()
+        >>> with torch.no_grad():
+        ...     torch.allclose(ema(torch.ones(1, 4)), before, atol=1e-6)
+        True
+        >>> track_average(opt, model)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: averaged must be a copy of the chained model ...
+    """
+    if not isinstance(optimizer, ChainLoRAOptimizer):
+        raise TypeError(f"optimizer must be a ChainLoRAOptimizer, got {type_name(optimizer)}")
+    if not isinstance(averaged, nn.Module):
+        raise TypeError(
+            "averaged must be a torch.optim.swa_utils.AveragedModel or a copy of the chained "
+            f"model (an nn.Module), got {type_name(averaged)}"
+        )
+    copy = averaged.module if isinstance(averaged, AveragedModel) else averaged
+    if not isinstance(copy, nn.Module):  # pragma: no cover - AveragedModel holds a module
+        raise TypeError(f"averaged.module must be an nn.Module, got {type_name(copy)}")
+    knot = _AveragedKnot(optimizer, copy)
+    tracked = [c for c in optimizer.chain.contexts.values() if isinstance(c, _AveragedKnot)]
+    if any(c.copy is copy for c in tracked):
+        raise ValueError(
+            f"averaged ({type_name(averaged)}) is tracked by this optimizer already: its knots "
+            "are tied once; remove the first handle to track it anew"
+        )
+    return optimizer.register_knot_context(knot)
+
+
+class _AveragedKnot:
+    """The knot context that ties the live knot in an averaged copy (see the module docstring).
+
+    Args:
+        optimizer: the chain.
+        copy: the averaged copy of the chained model.
+
+    Raises:
+        ValueError: as :func:`track_average`.
+    """
+
+    def __init__(self, optimizer: ChainLoRAOptimizer, copy: nn.Module) -> None:
+        self.optimizer = optimizer
+        self.copy = copy
+        self.raise_on_bad = optimizer.config.non_finite == "raise"  # resolved once
+        live = optimizer.chain.records
+        if not live:
+            raise ValueError(
+                "optimizer has no chain left (merge_and_unload() was called): there are no knots "
+                "to track"
+            )
+        if copy is optimizer.model:
+            raise ValueError(
+                "averaged must be a copy of the chained model (AveragedModel(model) deep-copies "
+                "it), not the live model itself"
+            )
+        quantized = [r.name for r in live if r.quant is not None]
+        if quantized:
+            raise ValueError(
+                f"cannot track an average of a chain over 4-bit layers ({quantized[:3]}): "
+                "AveragedModel would average the packed 4-bit weights, and no knot in the copy "
+                "can make that the average of the fine-tuned weights. Average a float copy "
+                "instead (chainopt.merged_state_dict(model) at the points you average)"
+            )
+        residual = [r.name for r in live if any(p.merge_residual is not None for p, _ in r.parts())]
+        if residual:
+            raise ValueError(
+                f"cannot track an average of a chain with merge residuals ({residual[:3]}: "
+                "half-precision weights, exact_merge on): AveragedModel copies a buffer from the "
+                "live model (use_buffers=False) or averages it apart from the weight it belongs "
+                "to, so the copy's knot could not be exact. Keep the weights in float32, or build "
+                "the optimizer with exact_merge=False (every knot then rounds, live and averaged)"
+            )
+        self._check(self._records(), live)
+
+    def _records(self) -> list[ModuleRecord]:
+        return find_adapted(self.copy)
+
+    def _check(self, mine: list[ModuleRecord], live: list[ModuleRecord]) -> None:
+        """Raise unless the copy holds the live chain's links: same names, factor shapes, and
+        parameters (names, shapes, order), none of them shared."""
+        names = [r.name for r in live]
+        have = {r.name: r for r in mine}
+        missing = [n for n in names if n not in have]
+        if missing or len(mine) != len(live):
+            raise ValueError(
+                f"averaged must be a copy of the chained model holding its {len(live)} links "
+                f"under the same names; it holds {len(mine)} ({[r.name for r in mine][:3]}), "
+                f"missing {missing[:3]}. Pass AveragedModel(model) of the model the optimizer "
+                "chains (or its .module), built after the optimizer"
+            )
+        ids = {id(p) for r in live for p in r.factors()} | {id(r.weight) for r in live}
+        for r in live:
+            m = have[r.name]
+            if any(id(p) in ids for p in (*m.factors(), m.weight)):
+                raise ValueError(
+                    f"averaged must be a copy of the chained model (AveragedModel(model) "
+                    f"deep-copies it), but its {r.name!r} holds the live model's tensors"
+                )
+            shapes = [tuple(p.shape) for p in r.factors()]
+            theirs = [tuple(p.shape) for p in m.factors()]
+            if shapes != theirs:
+                raise ValueError(
+                    f"averaged's link {r.name!r} has factors of shapes {theirs}, the chain's "
+                    f"{shapes}: the copy is of another link (load its state saved at the same "
+                    "step as the chain's, or build it anew from the model)"
+                )
+        own = [(n, tuple(p.shape)) for n, p in self.optimizer.model.named_parameters()]
+        copied = [(n, tuple(p.shape)) for n, p in self.copy.named_parameters()]
+        if own != copied:
+            first = next((a, b) for a, b in zip([*own, None], [*copied, None]) if a != b)
+            raise ValueError(
+                "averaged must hold the chained model's parameters in the same order and shapes "
+                f"(AveragedModel pairs them by position); first difference: the model's "
+                f"{first[0]} and the copy's {first[1]}"
+            )
+
+    @contextmanager
+    def __call__(self, chain: Any) -> Iterator[None]:
+        """Checked before the live knot, tied in the copy after it (not if the knot raised)."""
+        mine = self._records()
+        self._check(mine, chain.records)
+        check = check_links(mine)
+        if check.bad and self.raise_on_bad:
+            raise NonFiniteUpdateError(
+                f"the averaged copy's links are not finite ({check.describe()}): the average "
+                "took a NaN/Inf in; refusing to tie the knot (no weight was changed, live or "
+                "averaged). Build the average anew from the model, or use non_finite='skip'"
+            )
+        yield
+        self._tie(mine, chain.records, set(check.bad))
+
+    @torch.no_grad()
+    def _tie(self, mine: list[ModuleRecord], live: list[ModuleRecord], bad: set[str]) -> None:
+        if bad:
+            warnings.warn(
+                f"the averaged copy's links {sorted(bad)} are not finite: dropped them unmerged "
+                "at this knot",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        have = {r.name: r for r in mine}
+        for r in live:
+            m = have[r.name]
+            if r.name not in bad:
+                merge_(m)  # W̄ += s·B̄·Ā, exactly as the live knot merges
+            m.link.lora_B.zero_()
+            if m.delta is not None:
+                m.delta.reset_parameters()
+            if m.link.lora_A.shape != r.link.lora_A.shape:  # a rank step-down
+                m.link.resize_(r.link.lora_A.shape[0] // r.link.experts)
+                m.link.lora_B.zero_()
+            m.link.lora_A.copy_(r.link.lora_A.detach().to(m.link.lora_A.device))
