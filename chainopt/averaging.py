@@ -28,8 +28,11 @@ drops (``"skip"``) is merged in the copy all the same: the average holds its pas
 Refused when tracking starts (nothing is changed then): 4-bit layers (the copy would average the
 packed 4-bit weight) and half-precision weights with a merge residual (the residual is a buffer:
 ``AveragedModel`` copies it from the live model, or averages it, unlike the weight it belongs
-to). Chains of PEFT's own LoRA layers (a ``PeftModel``, DoRA included) and fused experts are
-handled like any other link.
+to). Chains of PEFT's own LoRA layers (a ``PeftModel``, DoRA included: merging keeps ``V`` and
+the magnitude) and fused experts are handled like any other link; a ``PeftModel`` copy's own
+adapter save (``save_pretrained``, deep-copied with the whole-chain save) refuses from then on,
+since its weights hold averaged links no adapter holds (a mark on the copy, listed in
+:mod:`chainopt._marks`).
 
 The tracking has no state of its own: it is not in any state dict, stays registered through
 ``opt.load_state_dict`` and :func:`~chainopt.load_checkpoint`, and goes with ``handle.remove()``.
@@ -67,6 +70,8 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import zip_longest
 from typing import Any
 
 import torch
@@ -75,6 +80,8 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.hooks import RemovableHandle
 
 from ._layers import find_adapted
+from ._marks import PEFT_SAVE
+from ._peft_save import adapter_save_method
 from ._record import ModuleRecord
 from ._validate import type_name
 from .guard import NonFiniteUpdateError, check_links
@@ -149,7 +156,36 @@ def track_average(optimizer: ChainLoRAOptimizer, averaged: nn.Module) -> Removab
             f"averaged ({type_name(averaged)}) is tracked by this optimizer already: its knots "
             "are tied once; remove the first handle to track it anew"
         )
+    method = adapter_save_method(copy)
+    if method is not None and PEFT_SAVE in copy.__dict__:  # the copied whole-chain save
+        copy.__dict__[method] = _AveragedAdapterSave(type(copy).__name__)
     return optimizer.register_knot_context(knot)
+
+
+@dataclass(frozen=True)
+class _AveragedAdapterSave:
+    """The adapter save of an averaged copy of a chained ``PeftModel``: it refuses.
+
+    The copy's own whole-chain save (deep-copied with the model) would write the history as it
+    was when the copy was made plus the copy's averaged factors, over base weights that now hold
+    averaged links no adapter holds: another model. A plain object, so the copy still pickles and
+    deep-copies; :func:`chainopt.merge_and_unload` of the copy replaces it by its own refusal.
+
+    Attributes:
+        owner: the model's class name, for the message.
+    """
+
+    owner: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        """Refuse; nothing is written."""
+        raise ValueError(
+            f"refusing to save an adapter of this averaged {self.owner}: its base weights hold "
+            "averaged links that no adapter holds, so an adapter saved from it would compute "
+            "another model; nothing was written. Save the averaged model itself: "
+            "chainopt.merge_and_unload(ema.module), then PEFT's merge_and_unload() and "
+            "save_pretrained, or chainopt.merged_state_dict(ema.module)"
+        )
 
 
 class _AveragedKnot:
@@ -206,6 +242,13 @@ class _AveragedKnot:
         names = [r.name for r in live]
         have = {r.name: r for r in mine}
         missing = [n for n in names if n not in have]
+        if not mine:
+            raise ValueError(
+                "averaged holds none of the chain's links (chainopt.merge_and_unload of the copy, "
+                "or a copy of another model): it cannot tie the chain's knots, and this knot is "
+                "refused before anything changed. Stop tracking it (handle.remove()), or export "
+                "with chainopt.merged_state_dict(ema.module), which leaves the copy as it is"
+            )
         if missing or len(mine) != len(live):
             raise ValueError(
                 f"averaged must be a copy of the chained model holding its {len(live)} links "
@@ -232,7 +275,7 @@ class _AveragedKnot:
         own = [(n, tuple(p.shape)) for n, p in self.optimizer.model.named_parameters()]
         copied = [(n, tuple(p.shape)) for n, p in self.copy.named_parameters()]
         if own != copied:
-            first = next((a, b) for a, b in zip([*own, None], [*copied, None]) if a != b)
+            first = next((a, b) for a, b in zip_longest(own, copied) if a != b)
             raise ValueError(
                 "averaged must hold the chained model's parameters in the same order and shapes "
                 f"(AveragedModel pairs them by position); first difference: the model's "

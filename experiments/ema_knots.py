@@ -80,8 +80,13 @@ def run(average: str, steps: int, knot_every: int, warmup: int, seed: int = 0) -
         init_out = init(probe).double()
     init_w = {k: v.double() for k, v in init.state_dict().items()}
     worst: dict[str, dict[str, float]] = {
-        name: {"weight_first_link": 0.0, "weight_after": 0.0, "weight_after_mean": 0.0,
-               "out_first_link": 0.0, "out_after": 0.0}
+        name: {
+            "weight_first_link": 0.0,
+            "weight_after": 0.0,
+            "weight_after_mean": 0.0,
+            "out_first_link": 0.0,
+            "out_after": 0.0,
+        }
         for name in ("untracked", "tracked")
     }
     ref_model = mlp().double()
@@ -102,9 +107,7 @@ def run(average: str, steps: int, knot_every: int, warmup: int, seed: int = 0) -
         ref_model.load_state_dict(reference)
         with torch.no_grad():
             ref_out = ref_model(probe.double())
-        update = math.sqrt(
-            sum(float((reference[k] - init_w[k]).square().sum()) for k in reference)
-        )
+        update = math.sqrt(sum(float((reference[k] - init_w[k]).square().sum()) for k in reference))
         first_link = opt.knots_tied == 0
         if step < warmup:
             continue
