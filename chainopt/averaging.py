@@ -84,8 +84,8 @@ from ._marks import PEFT_SAVE
 from ._peft_save import adapter_save_method
 from ._record import ModuleRecord
 from ._validate import type_name
-from .guard import NonFiniteUpdateError, check_links
-from .merge import merge_
+from .guard import NonFiniteUpdateError
+from .merge import exact_sum, merge_
 from .optimizer import ChainLoRAOptimizer
 
 __all__ = ["track_average"]
@@ -188,6 +188,20 @@ class _AveragedAdapterSave:
         )
 
 
+def _bad_links(records: list[ModuleRecord]) -> list[str]:
+    """The copy's links whose merge would not be finite in the weight's dtype (NaN/Inf factors,
+    bias delta or weight, or an overflow). Checked on this process alone: an average kept on
+    one rank only must not wait for a collective the others never join."""
+    return [
+        r.name
+        for r in records
+        if not all(
+            bool(torch.isfinite(exact_sum(target, part).to(target.dtype)).all())
+            for part, target in r.parts()
+        )
+    ]
+
+
 class _AveragedKnot:
     """The knot context that ties the live knot in an averaged copy (see the module docstring).
 
@@ -286,23 +300,32 @@ class _AveragedKnot:
     def __call__(self, chain: Any) -> Iterator[None]:
         """Checked before the live knot, tied in the copy after it (not if the knot raised)."""
         mine = self._records()
-        self._check(mine, chain.records)
-        check = check_links(mine)
-        if check.bad and self.raise_on_bad:
+        try:
+            self._check(mine, chain.records)
+        except ValueError as err:
+            raise RuntimeError(
+                f"{err}. The knot was refused before anything changed, live or averaged: "
+                "stop tracking (handle.remove()) or give the copy back its links, then "
+                "opt.tie_knot() ties the knot that was due"
+            ) from None
+        bad = _bad_links(mine)
+        if bad and self.raise_on_bad:
             raise NonFiniteUpdateError(
-                f"the averaged copy's links are not finite ({check.describe()}): the average "
-                "took a NaN/Inf in; refusing to tie the knot (no weight was changed, live or "
-                "averaged). Build the average anew from the model, or use non_finite='skip'"
+                f"the averaged copy's links {bad} would merge non-finite values (the average "
+                "took a NaN/Inf in, or the merge overflows the weight's dtype); refusing to tie "
+                "the knot: no weight was changed, live or averaged. Build the average anew from "
+                "the model (then opt.tie_knot() ties the knot that was due), or use "
+                "non_finite='skip'"
             )
         yield
-        self._tie(mine, chain.records, set(check.bad))
+        self._tie(mine, chain.records, set(bad))
 
     @torch.no_grad()
     def _tie(self, mine: list[ModuleRecord], live: list[ModuleRecord], bad: set[str]) -> None:
         if bad:
             warnings.warn(
-                f"the averaged copy's links {sorted(bad)} are not finite: dropped them unmerged "
-                "at this knot",
+                f"the averaged copy's links {sorted(bad)} would merge non-finite values: "
+                "dropped them unmerged at this knot",
                 RuntimeWarning,
                 stacklevel=5,
             )
