@@ -20,10 +20,14 @@ same product-of-averages error as within a link.
 
 Checks run before the live knot changes anything (the tracking is a knot context,
 :meth:`~chainopt.ChainLoRAOptimizer.register_knot_context`): the copy must still hold the
-chain's links, in the same shapes; a copy link that is not finite (the average took a NaN in)
-raises :class:`~chainopt.NonFiniteUpdateError` under ``non_finite="raise"`` (no knot, live or
-averaged, is tied) or is dropped unmerged with a warning under ``"skip"``. A link the live knot
-drops (``"skip"``) is merged in the copy all the same: the average holds its past updates.
+chain's links, in the same shapes (else ``RuntimeError``: a copy unloaded for export, or loaded
+from another link's state); a copy link whose merge would not be finite (the average took a NaN
+in) raises :class:`~chainopt.NonFiniteUpdateError` under ``non_finite="raise"`` or is dropped
+unmerged with a warning under ``"skip"``. A refused knot is tied by neither model, and the
+step that was due to tie it has been counted: ``opt.tie_knot()`` ties it once the copy is
+fixed or the tracking removed. A link the live knot drops (``"skip"``) is merged in the copy
+all the same: the average holds its past updates. The checks read the copy alone (no
+collective), so an average kept on one rank of a distributed run is tracked there only.
 
 Refused when tracking starts (nothing is changed then): 4-bit layers (the copy would average the
 packed 4-bit weight) and half-precision weights with a merge residual (the residual is a buffer:
@@ -116,6 +120,11 @@ def track_average(optimizer: ChainLoRAOptimizer, averaged: nn.Module) -> Removab
             chain's links (names, shapes, parameters), is tracked already, or the chain has a
             4-bit layer or a half-precision weight with a merge residual; or the chain was
             unloaded. Nothing is changed.
+
+    At each knot, before it changes anything, the tied knot's own call (``opt.step()``,
+    ``opt.tie_knot()``) raises ``RuntimeError`` if the copy no longer holds the chain's links
+    as above, or :class:`~chainopt.NonFiniteUpdateError` if a copy link would merge NaN/Inf and
+    the chain has ``non_finite="raise"`` (see :mod:`chainopt.averaging`).
 
     Example:
         >>> import copy
