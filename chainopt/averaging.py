@@ -267,10 +267,11 @@ class _AveragedKnot:
         missing = [n for n in names if n not in have]
         if not mine:
             raise ValueError(
-                "averaged holds none of the chain's links (chainopt.merge_and_unload of the copy, "
-                "or a copy of another model): it cannot tie the chain's knots, and this knot is "
-                "refused before anything changed. Stop tracking it (handle.remove()), or export "
-                "with chainopt.merged_state_dict(ema.module), which leaves the copy as it is"
+                "averaged holds none of the chain's links (an AveragedModel built before the "
+                "ChainLoRAOptimizer, a copy of another model, or one unloaded by "
+                "chainopt.merge_and_unload): it cannot tie the chain's knots. Build the "
+                "AveragedModel after the optimizer; to export a tracked copy while training, use "
+                "chainopt.merged_state_dict(ema.module), which leaves the copy as it is"
             )
         if missing or len(mine) != len(live):
             raise ValueError(
