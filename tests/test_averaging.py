@@ -456,3 +456,34 @@ def test_a_4bit_chain_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with warnings.catch_warnings(), pytest.raises(ValueError, match=r"4-bit layers \(\['0'\]"):
         track_average(opt, _averaged(opt.model, 0.9))
     assert _contexts(opt) == []
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_experts_take_one_averaging_step_across_a_knot_with_a_rank_step_down(
+    transposed: bool,
+) -> None:
+    from tests.test_experts import Toy
+
+    torch.manual_seed(0)
+    model = Toy(transposed=transposed, dtype=torch.float64)
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=5e-2),
+        target_parameters=["experts.w", "router.weight"], rank=[2, 1], alpha=4, knot_every=3,
+    )  # fmt: skip
+    ema = _averaged(model, 0.7)
+    track_average(opt, ema)
+    x = torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for _ in range(2):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update_parameters(model)
+    before = _links(ema.module)
+    assert set(before) == {"experts.w", "router.weight"}
+    model(x).square().mean().backward()
+    opt.step()  # the knot: rank 2 -> 1
+    opt.zero_grad()
+    ema.update_parameters(model)
+    _assert_one_averaging_step(ema, before, model, 0.3)
+    copied = {r.name: r.link.lora_A.shape for r in find_adapted(ema.module)}
+    assert copied == {r.name: r.link.lora_A.shape for r in opt.chain.records}
