@@ -30,13 +30,13 @@ all the same: the average holds its past updates. The checks read the copy alone
 collective), so an average kept on one rank of a distributed run is tracked there only.
 
 Refused when tracking starts (nothing is changed then): 4-bit layers (the copy would average the
-packed 4-bit weight) and half-precision weights with a merge residual (the residual is a buffer:
-``AveragedModel`` copies it from the live model, or averages it, unlike the weight it belongs
-to). Chains of PEFT's own LoRA layers (a ``PeftModel``, DoRA included: merging keeps ``V`` and
-the magnitude) and fused experts are handled like any other link; a ``PeftModel`` copy's own
-adapter save (``save_pretrained``, deep-copied with the whole-chain save) refuses from then on,
-since its weights hold averaged links no adapter holds (a mark on the copy, listed in
-:mod:`chainopt._marks`).
+packed 4-bit weight) and half-precision weights (``AveragedModel`` averages in the weights' own
+dtype: a bfloat16 ``W̄`` stalls wherever ``(1 − decay)·(W − W̄)`` is under half an ulp, which no
+knot can repair; ``experiments/ema_knots.py --dtype bfloat16``). Chains of PEFT's own LoRA layers
+(a ``PeftModel``, DoRA included: merging keeps ``V`` and the magnitude) and fused experts are
+handled like any other link; a ``PeftModel`` copy's own adapter save (``save_pretrained``,
+deep-copied with the whole-chain save) refuses from then on, since its weights hold averaged links
+no adapter holds (a mark on the copy, listed in :mod:`chainopt._marks`).
 
 The tracking has no state of its own: it is not in any state dict, stays registered through
 ``opt.load_state_dict`` and :func:`~chainopt.load_checkpoint`, and goes with ``handle.remove()``.
@@ -118,8 +118,8 @@ def track_average(optimizer: ChainLoRAOptimizer, averaged: nn.Module) -> Removab
             ``averaged`` not an ``nn.Module``.
         ValueError: ``averaged`` is the live model or shares its links, does not hold the
             chain's links (names, shapes, parameters), is tracked already, or the chain has a
-            4-bit layer or a half-precision weight with a merge residual; or the chain was
-            unloaded. Nothing is changed.
+            4-bit layer or a half-precision weight; or the chain was unloaded. Nothing is
+            changed.
 
     At each knot, before it changes anything, the tied knot's own call (``opt.step()``,
     ``opt.tie_knot()``) raises ``RuntimeError`` if the copy no longer holds the chain's links
@@ -245,14 +245,17 @@ class _AveragedKnot:
                 "can make that the average of the fine-tuned weights. Average a float copy "
                 "instead (chainopt.merged_state_dict(model) at the points you average)"
             )
-        residual = [r.name for r in live if any(p.merge_residual is not None for p, _ in r.parts())]
-        if residual:
+        half = [r.name for r in live if r.weight.dtype in (torch.bfloat16, torch.float16)]
+        if half:
             raise ValueError(
-                f"cannot track an average of a chain with merge residuals ({residual[:3]}: "
-                "half-precision weights, exact_merge on): AveragedModel copies a buffer from the "
-                "live model (use_buffers=False) or averages it apart from the weight it belongs "
-                "to, so the copy's knot could not be exact. Keep the weights in float32, or build "
-                "the optimizer with exact_merge=False (every knot then rounds, live and averaged)"
+                f"cannot track an average of a chain over half-precision weights ({half[:3]}): "
+                "AveragedModel averages in the weights' own dtype, where a step of "
+                "(1 - decay)·(W - W̄) under half an ulp rounds away, so the averaged weights "
+                "stall (a bfloat16 EMA of decay 0.999 of a weight moved by 1% does not move in "
+                "1,000 steps; untracked, a bfloat16 chain's EMA 0.99 was up to 78% of its update "
+                "away from the average of the merged weights: experiments/ema_knots.py). Keep the "
+                "weights in float32 to average them, or average float32 copies of "
+                "chainopt.merged_state_dict(model) yourself"
             )
         self._check(self._records(), live)
 

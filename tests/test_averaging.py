@@ -410,7 +410,7 @@ def test_bad_input_is_refused_and_nothing_changes(
     assert all(torch.equal(v, opt.model.state_dict()[k]) for k, v in before.items())
 
 
-def test_tracking_twice_an_unloaded_chain_and_merge_residuals_are_refused() -> None:
+def test_tracking_twice_an_unloaded_chain_and_half_precision_weights_are_refused() -> None:
     opt = _chain()
     ema = _averaged(opt.model, 0.9)
     track_average(opt, ema)
@@ -419,12 +419,14 @@ def test_tracking_twice_an_unloaded_chain_and_merge_residuals_are_refused() -> N
         track_average(opt, ema.module)
     assert _contexts(opt) == contexts
 
-    half = _chain(dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=r"merge residuals \(\['0', '2', '4'\].*exact_merge=False"):
-        track_average(half, _averaged(half.model, 0.9))
-    assert _contexts(half) == []
-    rounded = _chain(dtype=torch.bfloat16, exact_merge=False)  # every knot rounds: accepted
-    track_average(rounded, _averaged(rounded.model, 0.9))
+    for options in ({}, {"exact_merge": False}):  # with a merge residual or without
+        half = _chain(dtype=torch.bfloat16, **options)
+        averaged = _averaged(half.model, 0.9)
+        before = snapshot(averaged)
+        with pytest.raises(ValueError, match=r"half-precision weights \(\['0', '2', '4'\].*stall"):
+            track_average(half, averaged)
+        assert _contexts(half) == []
+        assert all(torch.equal(v, averaged.state_dict()[k]) for k, v in before.items())
 
     other = _chain()
     copied = _averaged(other.model, 0.9)
