@@ -30,13 +30,14 @@ all the same: the average holds its past updates. The checks read the copy alone
 collective), so an average kept on one rank of a distributed run is tracked there only.
 
 Refused when tracking starts (nothing is changed then): 4-bit layers (the copy would average the
-packed 4-bit weight) and half-precision weights (``AveragedModel`` averages in the weights' own
-dtype: a bfloat16 ``W̄`` stalls wherever ``(1 − decay)·(W − W̄)`` is under half an ulp, which no
-knot can repair; ``experiments/ema_knots.py --dtype bfloat16``). Chains of PEFT's own LoRA layers
-(a ``PeftModel``, DoRA included: merging keeps ``V`` and the magnitude) and fused experts are
-handled like any other link; a ``PeftModel`` copy's own adapter save (``save_pretrained``,
-deep-copied with the whole-chain save) refuses from then on, since its weights hold averaged links
-no adapter holds (a mark on the copy, listed in :mod:`chainopt._marks`).
+packed 4-bit weight) and half-precision weights or factors (``AveragedModel`` averages in the
+weights' own dtype: a bfloat16 ``W̄`` stalls wherever ``(1 − decay)·(W − W̄)`` is under half an
+ulp, which no knot can repair; ``experiments/ema_knots.py --dtype bfloat16``). Chains of PEFT's own
+LoRA layers (a ``PeftModel``, DoRA included: merging keeps ``V`` and the magnitude) and fused
+experts are handled like any other link; a ``PeftModel`` copy's own adapter save
+(``save_pretrained``, deep-copied with the whole-chain save) refuses from then on, since its
+weights hold averaged links no adapter holds (a mark on the copy, listed in
+:mod:`chainopt._marks`).
 
 The tracking has no state of its own: it is not in any state dict, stays registered through
 ``opt.load_state_dict`` and :func:`~chainopt.load_checkpoint`, and goes with ``handle.remove()``.
@@ -118,7 +119,7 @@ def track_average(optimizer: ChainLoRAOptimizer, averaged: nn.Module) -> Removab
             ``averaged`` not an ``nn.Module``.
         ValueError: ``averaged`` is the live model or shares its links, does not hold the
             chain's links (names, shapes, parameters), is tracked already, or the chain has a
-            4-bit layer or a half-precision weight; or the chain was unloaded. Nothing is
+            4-bit layer or a half-precision weight or factor; or the chain was unloaded. Nothing is
             changed.
 
     At each knot, before it changes anything, the tied knot's own call (``opt.step()``,
@@ -245,10 +246,12 @@ class _AveragedKnot:
                 "can make that the average of the fine-tuned weights. Average a float copy "
                 "instead (chainopt.merged_state_dict(model) at the points you average)"
             )
-        half = [r.name for r in live if r.weight.dtype in (torch.bfloat16, torch.float16)]
+        low = (torch.bfloat16, torch.float16)
+        half = [r.name for r in live if any(t.dtype in low for t in (r.weight, *r.factors()))]
         if half:
             raise ValueError(
-                f"cannot track an average of a chain over half-precision weights ({half[:3]}): "
+                f"cannot track an average of a chain over half-precision weights or factors "
+                f"({half[:3]}): "
                 "AveragedModel averages in the weights' own dtype, where a step of "
                 "(1 - decay)·(W - W̄) under half an ulp rounds away, so the averaged weights "
                 "stall (a bfloat16 EMA of decay 0.999 of a weight moved by 1% does not move in "

@@ -419,11 +419,16 @@ def test_tracking_twice_an_unloaded_chain_and_half_precision_weights_are_refused
         track_average(opt, ema.module)
     assert _contexts(opt) == contexts
 
-    for options in ({}, {"exact_merge": False}):  # with a merge residual or without
-        half = _chain(dtype=torch.bfloat16, **options)
+    for dtype, options in (
+        (torch.bfloat16, {}),  # with a merge residual
+        (torch.bfloat16, {"exact_merge": False}),
+        (torch.float32, {"factor_dtype": torch.float16}),
+    ):
+        half = _chain(dtype=dtype, **options)
         averaged = _averaged(half.model, 0.9)
         before = snapshot(averaged)
-        with pytest.raises(ValueError, match=r"half-precision weights \(\['0', '2', '4'\].*stall"):
+        match = r"half-precision weights or factors \(\['0', '2', '4'\].*stall"
+        with pytest.raises(ValueError, match=match):
             track_average(half, averaged)
         assert _contexts(half) == []
         assert all(torch.equal(v, averaged.state_dict()[k]) for k, v in before.items())
