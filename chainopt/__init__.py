@@ -22,6 +22,7 @@ from ._hf_save import (
     saving_merged,
 )
 from .advice import ChainLoRAWarning
+from .averaging import track_average
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ChainConfig, NonFinitePolicy
 from .export import adapted_modules, merge_and_unload, merged_state_dict
@@ -70,6 +71,7 @@ __all__ = [
     "save_merged",
     "saving_for_resume",
     "saving_merged",
+    "track_average",
 ]
 
 __version__ = "0.1.0"

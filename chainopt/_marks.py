@@ -63,6 +63,9 @@ whole chain), ``load_adapter`` and        ``PeftModel``, instead of the merged s
 instance ``save_lora_adapter`` and a     (a diffusers model with injected PEFT layers);
 refusing ``save_pretrained``
 (both with ``__dict__[PEFT_SAVE]``)
+an instance ``save_pretrained`` that      ``averaging.track_average`` (the averaged copy
+refuses (a ``_AveragedAdapterSave``)      of a chained ``PeftModel``; merge_and_unload
+                                          puts its own refusal in its place)
 ========================================  ===============================================
 
 The Lightning callback's ``load_state_dict`` pre-hook is the callback's, removed by the
