@@ -191,8 +191,8 @@ class KnotWarmup(LRScheduler):
         if isinstance(self.scheduler, ReduceLROnPlateau) and not args and "metrics" not in kwargs:
             raise TypeError(
                 "KnotWarmup over ReduceLROnPlateau needs the metrics each step: "
-                "sched.step(metric). In Lightning's lr_scheduler dict give \"monitor\" and "
-                "\"reduce_on_plateau\": True (with \"interval\": \"step\"); the HF Trainer steps "
+                'sched.step(metric). In Lightning\'s lr_scheduler dict give "monitor" and '
+                '"reduce_on_plateau": True (with "interval": "step"); the HF Trainer steps '
                 "its scheduler without metrics and cannot drive one. Nothing was changed"
             )
         steps = self.optimizer.optimizer_steps
@@ -200,7 +200,7 @@ class KnotWarmup(LRScheduler):
             raise RuntimeError(
                 f"KnotWarmup.step() must follow every optimizer step (it applies the warm-up "
                 f"after knots), but {steps - self._seen} optimizer steps passed since its last "
-                "step; step it once per opt.step() (Lightning: \"interval\": \"step\" in the "
+                'step; step it once per opt.step() (Lightning: "interval": "step" in the '
                 "lr_scheduler dict). Nothing was changed"
             )
         groups = self.optimizer.param_groups
