@@ -62,7 +62,7 @@ from .optimizer import ChainLoRAOptimizer
 
 __all__ = ["KnotWarmup"]
 
-_STATE_KEYS = ("scheduler", "unscaled", "applied", "factor", "last_epoch", "step_count", "seen")
+_STATE_KEYS = ("scheduler", "unscaled", "applied", "factor", "last_epoch", "step_count")
 
 
 class _Scheduler(Protocol):
@@ -148,6 +148,7 @@ class KnotWarmup(LRScheduler):
         # LRScheduler.__init__ is deliberately not called (see the module docstring).
         self.scheduler = scheduler
         self.optimizer = optimizer
+        self._chain = optimizer  # typed as the chain (LRScheduler types .optimizer as Optimizer)
         self.warmup_steps = warmup_steps
         rates = [g["lr"] for g in optimizer.param_groups]
         self._unscaled = _copy(rates)
@@ -171,9 +172,9 @@ class KnotWarmup(LRScheduler):
 
     def factor(self) -> float:
         """The current multiplier: ``min(1, (steps since the last knot + 1) / warmup_steps)``."""
-        if self.optimizer.knots_tied == 0:
+        if self._chain.knots_tied == 0:
             return 1.0
-        since = self.optimizer.optimizer_steps - self.optimizer.history.knots[-1].step
+        since = self._chain.optimizer_steps - self._chain.history.knots[-1].step
         return min(1.0, (since + 1) / self.warmup_steps)
 
     def step(self, *args: Any, **kwargs: Any) -> None:
@@ -195,7 +196,7 @@ class KnotWarmup(LRScheduler):
                 '"reduce_on_plateau": True (with "interval": "step"); the HF Trainer steps '
                 "its scheduler without metrics and cannot drive one. Nothing was changed"
             )
-        steps = self.optimizer.optimizer_steps
+        steps = self._chain.optimizer_steps
         if self._seen is not None and steps - self._seen > 1:
             raise RuntimeError(
                 f"KnotWarmup.step() must follow every optimizer step (it applies the warm-up "
@@ -244,7 +245,6 @@ class KnotWarmup(LRScheduler):
             "factor": self._factor,
             "last_epoch": self.last_epoch,
             "step_count": self._step_count,
-            "seen": self._seen,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -269,7 +269,9 @@ class KnotWarmup(LRScheduler):
         applied = state.get("applied")
         self._applied = None if applied is None else _copy(applied)
         self._factor = float(state.get("factor", 1.0))
-        self._seen = state.get("seen")
+        # the check that it follows every optimizer step starts again: a trainer may save it
+        # before its last step (Lightning's plateau schedulers step after checkpoints)
+        self._seen = None
         self.last_epoch = state.get("last_epoch", self.last_epoch)
         self._step_count = state.get("step_count", self._step_count)
         self._last_lr = _copy(self._applied if self._applied is not None else self._unscaled)
@@ -304,10 +306,8 @@ class KnotWarmup(LRScheduler):
         factor = state.get("factor", 1.0)
         if not _is_rate(factor) or not 0.0 < float(factor) <= 1.0:
             raise ValueError(f"state_dict['factor'] must be in (0, 1], got {factor!r}")
-        for key in ("last_epoch", "step_count", "seen"):
+        for key in ("last_epoch", "step_count"):
             value = state.get(key, 0)
-            if key == "seen" and value is None:
-                continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"state_dict[{key!r}] must be an int, got {value!r}")
         return state

@@ -233,7 +233,7 @@ def test_a_malformed_state_loads_nothing() -> None:
         ({**good, "unscaled": [0.5, 0.5]}, ValueError, "2 rates, but the optimizer has 1"),
         ({**good, "unscaled": ["0.5"]}, TypeError, "must be a list of rates"),
         ({**good, "factor": 0.0}, ValueError, r"factor'\] must be in \(0, 1\]"),
-        ({**good, "seen": "2"}, TypeError, r"seen'\] must be an int"),
+        ({**good, "last_epoch": "2"}, TypeError, r"last_epoch'\] must be an int"),
         ({**good, "scheduler": [1]}, TypeError, "the wrapped scheduler's state dict"),
         ([good], TypeError, "state_dict must be a dict, got list"),
     ]
