@@ -633,3 +633,24 @@ def test_trainer_with_knot_warmup_logs_the_warmed_rate_and_resumes_it_bitwise(
     assert [e for e in trainer2.state.log_history if "loss" in e] == [
         e for e in trainer.state.log_history if "loss" in e
     ]
+
+
+def test_trainer_refuses_knot_warmup_over_reduce_lr_on_plateau_at_the_first_step(
+    tmp_path: Path,
+) -> None:
+    """The Trainer steps a scheduler that is not a ``ReduceLROnPlateau`` with no metric: the
+    warm-up says so before anything changes (the model trained one step, the rate did not)."""
+    from transformers import Trainer
+
+    from chainopt import KnotWarmup
+
+    model = tiny_llama()
+    opt = _chain(model, seed=5)
+    sched = KnotWarmup(torch.optim.lr_scheduler.ReduceLROnPlateau(opt), opt, warmup_steps=2)
+    trainer = Trainer(
+        model=model, args=_args(tmp_path), train_dataset=_Tokens(), optimizers=(opt, sched)
+    )
+    with pytest.raises(TypeError, match="the HF Trainer steps its scheduler without metrics"):
+        trainer.train()
+    assert opt.optimizer_steps == 1 and sched.last_epoch == 0
+    assert [g["lr"] for g in opt.param_groups] == [1e-2] * len(opt.param_groups)
