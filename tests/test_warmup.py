@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from models import mlp
+from strategies import schedules
 from test_optimizer import _train
 
 from chainopt import ChainLoRAOptimizer, KnotWarmup
@@ -345,3 +349,62 @@ def test_accelerate_steps_it_on_optimizer_steps_and_save_state_resumes_it(
     resumed_opt, resumed, _, resumed_lrs = _accelerated(6, tmp_path, split_batches=split_batches)
     assert resumed_opt.optimizer_steps == 7 and resumed.last_epoch == 7
     assert resumed_lrs == lrs[8:]
+
+
+# --- property: the hand-computed product, and save / load / continue ---
+
+
+def _run(schedule: dict[str, Any], warmup: int, chained: bool) -> tuple[Any, Any, Any]:
+    model = mlp()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=1.0), target_modules=["0"], rank=2,
+        **schedule,
+    )  # fmt: skip
+    lr = torch.optim.lr_scheduler
+    warm = KnotWarmup(lr.ExponentialLR(opt, gamma=0.9), opt, warmup)
+    if not chained:
+        return opt, warm, warm
+    return opt, warm, lr.ChainedScheduler([warm, lr.StepLR(opt, step_size=3, gamma=0.5)], opt)
+
+
+@given(
+    schedule=schedules,
+    warmup=st.integers(1, 4),
+    chained=st.booleans(),
+    steps=st.integers(1, 12),
+    data=st.data(),
+)
+def test_rates_are_the_hand_product_and_a_resume_at_any_step_continues_bitwise(
+    schedule: dict[str, Any], warmup: int, chained: bool, steps: int, data: st.DataObject
+) -> None:
+    opt, warm, outer = _run(schedule, warmup, chained)
+    lrs = []
+    for step in range(1, steps + 1):
+        _train(opt.model, opt, 1)
+        outer.step()
+        lrs.append(opt.param_groups[0]["lr"])
+        last = max((k.step for k in opt.history.knots), default=None)
+        f = 1.0 if last is None else min(1.0, (step - last + 1) / warmup)
+        expected = 0.9**step * (0.5 ** (step // 3) if chained else 1.0) * f
+        assert lrs[-1] == pytest.approx(expected, rel=1e-12), step
+        assert warm.last_epoch == step
+    cut = data.draw(st.integers(0, steps), label="resume after step")
+    first_opt, _, first = _run(schedule, warmup, chained)
+    for _ in range(cut):
+        _train(first_opt.model, first_opt, 1)
+        first.step()
+    buf = io.BytesIO()
+    torch.save({"opt": first_opt.state_dict(), "sched": first.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    opt2, _, outer2 = _run(schedule, warmup, chained)
+    if data.draw(st.booleans(), label="scheduler first"):
+        outer2.load_state_dict(saved["sched"])
+        opt2.load_state_dict(saved["opt"])
+    else:
+        opt2.load_state_dict(saved["opt"])
+        outer2.load_state_dict(saved["sched"])
+    for step in range(cut + 1, steps + 1):
+        _train(opt2.model, opt2, 1)
+        outer2.step()
+        assert opt2.param_groups[0]["lr"] == lrs[step - 1], step
