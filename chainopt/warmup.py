@@ -155,7 +155,7 @@ class KnotWarmup(LRScheduler):
         self._applied: list[Any] | None = _copy(rates)  # the rates as this scheduler left them
         self._factor = 1.0  # the factor in them
         self._seen: int | None = None  # optimizer steps at the last step()
-        self.base_lrs = _copy(rates)
+        self.base_lrs = _copy(list(getattr(scheduler, "base_lrs", rates)))  # the schedule's
         self.last_epoch = 0
         self._step_count = 1  # as a torch scheduler after its initial step; Accelerate adds to it
         self._last_lr = _copy(rates)

@@ -136,7 +136,7 @@ def test_is_an_lr_scheduler_and_building_it_changes_no_rate_and_steps_nothing() 
     assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == [
         {k: v for k, v in g.items() if k != "params"} for g in groups
     ]
-    assert (sched.last_epoch, sched.get_last_lr(), sched.base_lrs) == (0, [0.5], [0.5])
+    assert (sched.last_epoch, sched.get_last_lr(), sched.base_lrs) == (0, [0.5], [1.0])
     for step in range(1, 8):
         _train(opt.model, opt, 1)
         sched.step()
