@@ -18,7 +18,9 @@ Three rules follow from what it is:
 
 - It must be stepped after every optimizer step (that is when it applies the factor): a
   :meth:`~KnotWarmup.step` that finds more than one optimizer step since its last one raises
-  (Lightning's default ``"interval": "epoch"`` would skip the warm-up silently).
+  (Lightning's default ``"interval": "epoch"`` would skip the warm-up silently). The check
+  starts again after :meth:`~KnotWarmup.load_state_dict`: a trainer may save it before its last
+  step (Lightning steps plateau schedulers after a step's checkpoint).
 - It goes outermost: ``KnotWarmup(SequentialLR([...]), opt, n)``. ``SequentialLR`` restarts the
   schedulers it holds at their milestones, which a warm-up tied to knots cannot follow, so a
   ``SequentialLR`` holding one (directly or inside a ``ChainedScheduler``) is refused when it is
