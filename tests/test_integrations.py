@@ -593,3 +593,64 @@ def test_resuming_a_save_only_model_checkpoint_warns_that_the_chain_starts_over(
     with pytest.warns(ChainLoRAWarning, match="resumed at step 4 from a checkpoint without"):
         second.train(resume_from_checkpoint=str(checkpoint))
     assert opt.optimizer_steps == 2  # steps 5 and 6, counted from 0 again
+
+
+# --- KnotWarmup as the Trainer's scheduler ---
+
+
+def test_trainer_with_knot_warmup_logs_the_warmed_rate_and_resumes_it_bitwise(
+    tmp_path: Path,
+) -> None:
+    """``Trainer(optimizers=(opt, KnotWarmup(...)))``: the logged rate is the warmed one and
+    ``scheduler.pt`` (read back with ``weights_only=True``) resumes it."""
+    from transformers import Trainer, get_linear_schedule_with_warmup
+
+    from chainopt import KnotWarmup
+
+    def run(out: Path) -> tuple[nn.Module, ChainLoRAOptimizer, Any]:
+        model = tiny_llama()
+        opt = _chain(model, seed=5)  # knots after optimizer steps 3 and 6
+        inner = get_linear_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=6)
+        sched = KnotWarmup(inner, opt, warmup_steps=2)
+        trainer = Trainer(
+            model=model, args=_args(out), train_dataset=_Tokens(), optimizers=(opt, sched)
+        )
+        return model, opt, trainer
+
+    model, opt, trainer = run(tmp_path / "straight")
+    trainer.train()
+    logged = [e["learning_rate"] for e in trainer.state.log_history if "loss" in e]
+    # the rate in effect during each step: linear decay, halved the step after each knot
+    linear = [1e-2 * (1 - s / 6) for s in range(6)]
+    assert logged == [
+        pytest.approx(a * b) for a, b in zip(linear, [1, 1, 1, 0.5, 1, 1], strict=True)
+    ]
+    resumed_model, resumed, trainer2 = run(tmp_path / "resumed")
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-4"))
+    _assert_same_state(model, resumed_model)
+    _assert_same_optimizer(opt, resumed)
+    assert trainer2.lr_scheduler.state_dict() == trainer.lr_scheduler.state_dict()
+    assert [e for e in trainer2.state.log_history if "loss" in e] == [
+        e for e in trainer.state.log_history if "loss" in e
+    ]
+
+
+def test_trainer_refuses_knot_warmup_over_reduce_lr_on_plateau_at_the_first_step(
+    tmp_path: Path,
+) -> None:
+    """The Trainer steps a scheduler that is not a ``ReduceLROnPlateau`` with no metric: the
+    warm-up says so before anything changes (the model trained one step, the rate did not)."""
+    from transformers import Trainer
+
+    from chainopt import KnotWarmup
+
+    model = tiny_llama()
+    opt = _chain(model, seed=5)
+    sched = KnotWarmup(torch.optim.lr_scheduler.ReduceLROnPlateau(opt), opt, warmup_steps=2)
+    trainer = Trainer(
+        model=model, args=_args(tmp_path), train_dataset=_Tokens(), optimizers=(opt, sched)
+    )
+    with pytest.raises(TypeError, match="the HF Trainer steps its scheduler without metrics"):
+        trainer.train()
+    assert opt.optimizer_steps == 1 and sched.last_epoch == 0
+    assert [g["lr"] for g in opt.param_groups] == [1e-2] * len(opt.param_groups)

@@ -354,3 +354,77 @@ def test_without_lightning_the_import_error_says_what_to_install(
     monkeypatch.delitem(sys.modules, "chainopt.integrations.lightning")
     with pytest.raises(ImportError, match="pip install lightning"):
         importlib.import_module("chainopt.integrations.lightning")
+
+
+# --- KnotWarmup as the module's LR scheduler ---
+
+
+class Warmed(Tiny):
+    """``configure_optimizers`` returns a KnotWarmup (over LinearLR, or ReduceLROnPlateau)."""
+
+    def __init__(self, plateau: bool = False, **config: Any) -> None:
+        super().__init__()
+        self.plateau, self.config = plateau, config
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        from chainopt import KnotWarmup
+
+        opt = self.build_chain()
+        inner: Any = (
+            torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+            if self.plateau
+            else torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.1, total_iters=STEPS)
+        )
+        sched = KnotWarmup(inner, opt, warmup_steps=2)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, **self.config}}
+
+
+class Rates(Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, *args: Any) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("callback", [True, False])
+def test_knot_warmup_from_configure_optimizers_trains_and_resumes_bitwise(
+    tmp_path: Path, callback: bool
+) -> None:
+    """Before: Lightning refused it ("doesn't follow PyTorch's LRScheduler API")."""
+    extra = [ChainLoRACheckpoint()] if callback else []
+    rates = Rates()
+    reference = fit(tmp_path, Warmed(interval="step"), rates, *extra)
+    # LinearLR 1 -> 0.1 over STEPS, re-warmed over 2 steps after the knots after 3 and 6
+    linear = [1e-2 * (1.0 - 0.9 * s / STEPS) for s in range(1, STEPS + 1)]
+    warm = [1.0, 1.0, 0.5, 1.0, 1.0, 0.5, 1.0, 1.0]
+    assert rates.lrs == [pytest.approx(a * b) for a, b in zip(linear, warm, strict=True)]
+    resumed = fit(tmp_path / "again", Warmed(interval="step"), *extra, ckpt_path=mid(tmp_path))
+    assert_resumed(reference, resumed)
+    assert resumed.lr_scheduler_configs[0].scheduler.last_epoch == STEPS
+
+
+def test_knot_warmup_over_reduce_lr_on_plateau_gets_the_monitored_metric(tmp_path: Path) -> None:
+    config = {"interval": "step", "monitor": "train_loss", "reduce_on_plateau": True}
+    reference = fit(tmp_path, Warmed(plateau=True, **config))
+    sched = reference.lr_scheduler_configs[0].scheduler
+    assert sched.last_epoch == STEPS and sched.scheduler.last_epoch == STEPS  # one metric a step
+    # Lightning saves a step's checkpoint before it steps plateau schedulers: a resume from it
+    # misses that step's metric (as for any ReduceLROnPlateau) and goes on from the next one
+    resumed = fit(tmp_path / "again", Warmed(plateau=True, **config), ckpt_path=mid(tmp_path))
+    assert resumed.lr_scheduler_configs[0].scheduler.last_epoch == STEPS - 1
+    assert chain_of(resumed).optimizer_steps == STEPS
+    # without "reduce_on_plateau": Lightning steps it with no metric; it says what to add
+    with pytest.raises(TypeError, match='"reduce_on_plateau": True'):
+        fit(tmp_path / "bare", Warmed(plateau=True, interval="step", monitor="train_loss"))
+
+
+def test_knot_warmup_stepped_once_an_epoch_is_refused(tmp_path: Path) -> None:
+    """Lightning's default interval is "epoch": the warm-up would be skipped silently."""
+    with pytest.raises(RuntimeError, match=r"optimizer steps passed.*\"interval\": \"step\""):
+        fit(tmp_path, Warmed(), checkpoints=False)
