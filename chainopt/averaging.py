@@ -152,9 +152,15 @@ def track_average(optimizer: ChainLoRAOptimizer, averaged: nn.Module) -> Removab
     if not isinstance(optimizer, ChainLoRAOptimizer):
         raise TypeError(f"optimizer must be a ChainLoRAOptimizer, got {type_name(optimizer)}")
     if not isinstance(averaged, nn.Module):
+        flat = (
+            " (an EMA over a flat list of parameters, such as diffusers' EMAModel, copies the "
+            "frozen weights instead of averaging them and cannot follow a knot)"
+            if hasattr(averaged, "shadow_params")
+            else ""
+        )
         raise TypeError(
             "averaged must be a torch.optim.swa_utils.AveragedModel or a copy of the chained "
-            f"model (an nn.Module), got {type_name(averaged)}"
+            f"model (an nn.Module), got {type_name(averaged)}{flat}"
         )
     copy = averaged.module if isinstance(averaged, AveragedModel) else averaged
     if not isinstance(copy, nn.Module):  # pragma: no cover - AveragedModel holds a module

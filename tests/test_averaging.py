@@ -421,6 +421,17 @@ def test_bad_input_is_refused_and_nothing_changes(
     assert all(torch.equal(v, opt.model.state_dict()[k]) for k, v in before.items())
 
 
+def test_a_flat_parameter_ema_is_refused_saying_why() -> None:
+    """diffusers' EMAModel copies frozen weights and averages the factors: no knot can fix it."""
+    ema_model = pytest.importorskip("diffusers.training_utils").EMAModel
+    opt = _chain()
+    ema = ema_model(opt.model.parameters())
+    contexts = _contexts(opt)
+    with pytest.raises(TypeError, match=r"got .*EMAModel.*copies the frozen weights"):
+        track_average(opt, ema)
+    assert _contexts(opt) == contexts
+
+
 def test_tracking_twice_an_unloaded_chain_and_half_precision_weights_are_refused() -> None:
     opt = _chain()
     ema = _averaged(opt.model, 0.9)
