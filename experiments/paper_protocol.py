@@ -860,6 +860,11 @@ def _lr_table(runs: dict[str, dict[str, Any]], d: Design, tasks: Sequence[str]) 
     return lines
 
 
+def _interval(low: float, high: float) -> str:
+    """``[low, high]``, or ``—`` where one seed gives no interval (NaN)."""
+    return "—" if math.isnan(low) or math.isnan(high) else f"[{low:+.2f}, {high:+.2f}]"
+
+
 def build_report(out: Path, d: Design, plots: bool = True) -> str:
     """Markdown tables (and PNG plots) of whatever has finished in ``out``."""
     runs = finished(out)
@@ -916,14 +921,14 @@ def build_report(out: Path, d: Design, plots: bool = True) -> str:
             for task, v in res["per_task"].items():
                 lines.append(
                     f"| {a} − {b} | {metric} | {task} | {v['n']} | {v['mean']:+.2f} | "
-                    f"[{v['mean'] - v['ci95']:+.2f}, {v['mean'] + v['ci95']:+.2f}] | "
+                    f"{_interval(v['mean'] - v['ci95'], v['mean'] + v['ci95'])} | "
                     f"{v['ahead']}/{v['n']} |"
                 )
             if res["pooled"]:
                 p = res["pooled"]
                 n = sum(v["n"] for v in res["per_task"].values())
                 lines.append(f"| {a} − {b} | {metric} | pooled | {n} | {p['mean']:+.2f} | "
-                             f"[{p['low']:+.2f}, {p['high']:+.2f}] | |")  # fmt: skip
+                             f"{_interval(p['low'], p['high'])} | |")  # fmt: skip
                 if b == "lora":  # the plot shows the comparisons with LoRA
                     pooled_rows.append((f"{a} − {b} ({metric})", res))
     lines += ["", f"**Pre-registered decision: {dec['verdict']}**"
