@@ -84,6 +84,15 @@ def _copy(lrs: list[Any]) -> list[Any]:
     return [lr.clone() if isinstance(lr, Tensor) else lr for lr in lrs]
 
 
+def _set_lr(group: dict[str, Any], lr: Any) -> None:
+    """Set a group's rate as torch's schedulers do: a tensor rate is filled in place (a compiled
+    or CUDA-graph-captured step reads that tensor), any other is assigned."""
+    if isinstance(group["lr"], Tensor):
+        group["lr"].fill_(lr.item() if isinstance(lr, Tensor) else lr)
+    else:
+        group["lr"] = lr
+
+
 def _is_rate(x: Any) -> bool:
     if isinstance(x, Tensor):
         return x.dim() == 0 and x.is_floating_point()
@@ -207,7 +216,7 @@ class KnotWarmup(LRScheduler):
                 "lr_scheduler dict). Nothing was changed"
             )
         groups = self.optimizer.param_groups
-        scaled = [g["lr"] for g in groups]
+        scaled = _copy([g["lr"] for g in groups])  # copies: a tensor rate is set in place
         unscaled = []
         for i, lr in enumerate(scaled):
             if i >= len(self._unscaled):  # a group added since (add_param_group): its own rate
@@ -217,17 +226,17 @@ class KnotWarmup(LRScheduler):
             else:  # changed since by another scheduler (ChainedScheduler) or by hand
                 unscaled.append(lr / self._factor)
         for group, lr in zip(groups, unscaled, strict=True):
-            group["lr"] = lr
+            _set_lr(group, lr)
         try:
             self.scheduler.step(*args, **kwargs)
         except BaseException:
             for group, lr in zip(groups, scaled, strict=True):
-                group["lr"] = lr
+                _set_lr(group, lr)
             raise
-        self._unscaled = [g["lr"] for g in groups]
+        self._unscaled = _copy([g["lr"] for g in groups])
         f = self.factor()
         for group in groups:
-            group["lr"] = group["lr"] * f
+            _set_lr(group, group["lr"] * f)
         rates = [g["lr"] for g in groups]
         self._applied, self._factor, self._seen = _copy(rates), f, steps
         self._last_lr = _copy(rates)

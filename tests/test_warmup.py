@@ -165,6 +165,32 @@ def test_inside_a_chained_scheduler_the_other_schedulers_factor_is_kept(
         assert chained.get_last_lr() == [opt.param_groups[0]["lr"]]
 
 
+@pytest.mark.parametrize("chained", [False, True])
+def test_a_tensor_rate_is_set_in_place_as_torch_schedulers_set_it(chained: bool) -> None:
+    """A tensor ``lr`` is updated in place by torch's schedulers (``fill_``), so that a compiled
+    or CUDA-graph-captured ``step`` reading it sees every new rate. Before: each ``step()``
+    replaced the group's tensor with a new one (the captured step kept the first rate)."""
+    model = mlp()
+    lr = torch.tensor(1.0)
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=lr), target_modules=["0"], rank=2,
+        knot_every=5,
+    )  # fmt: skip
+    held = opt.param_groups[0]["lr"]
+    warm = KnotWarmup(torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9), opt, 3)
+    other = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
+    sched: Any = torch.optim.lr_scheduler.ChainedScheduler([warm, other], opt) if chained else warm
+    for step in range(1, 12):
+        _train(opt.model, opt, 1)
+        sched.step()
+        expected = 0.9**step * (0.1 ** (step // 2) if chained else 1.0) * _hand(step)
+        assert opt.param_groups[0]["lr"] is held, step
+        assert float(held) == pytest.approx(expected, rel=1e-5), step
+        assert float(warm.get_last_lr()[0]) == pytest.approx(
+            expected / (0.1 if chained and step % 2 == 0 else 1.0), rel=1e-5
+        )
+
+
 def test_around_sequential_and_chained_schedulers_and_refused_inside_sequential() -> None:
     """Outermost it wraps them as any scheduler; a SequentialLR holding one (which would
     restart it at a milestone) is refused as it is built (before: an AttributeError from
