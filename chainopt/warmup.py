@@ -24,9 +24,16 @@ Three rules follow from what it is:
 - It goes outermost: ``KnotWarmup(SequentialLR([...]), opt, n)``. ``SequentialLR`` restarts the
   schedulers it holds at their milestones, which a warm-up tied to knots cannot follow, so a
   ``SequentialLR`` holding one (directly or inside a ``ChainedScheduler``) is refused when it is
-  built. Inside a ``ChainedScheduler`` it composes: a rate that another scheduler (or the user)
-  changed since its last step is taken as the new warmed-up rate, and the warm-up factor is
-  divided out of it before the wrapped scheduler steps.
+  built. Inside a ``ChainedScheduler`` it composes with chainable schedulers (those that
+  multiply the current rate: ``StepLR``, ``ExponentialLR``, ``LinearLR``, ...): a rate that
+  another scheduler (or the user) changed since its last step is taken as the new warmed-up
+  rate, and the warm-up factor is divided out of it before the wrapped scheduler steps. A
+  scheduler that sets the rate outright (``LambdaLR``, which transformers'
+  ``get_*_schedule_with_warmup`` return, ``OneCycleLR``, ``CyclicLR``,
+  ``CosineAnnealingWarmRestarts``) goes inside it instead, ``KnotWarmup(LambdaLR(...), opt, n)``:
+  beside it in a ``ChainedScheduler`` the warm-up either never shows (after it) or divides the
+  new rate by the last step's factor (before it: right after a knot, 2x the schedule's rate
+  where half was due, with ``warmup_steps=4``), which it cannot tell from a chainable change.
 - Pickling it pickles the chain, which torch cannot: save its :meth:`~KnotWarmup.state_dict`
   (``torch.load(..., weights_only=True)`` reads it back), as the trainers do.
 

@@ -191,6 +191,30 @@ def test_a_tensor_rate_is_set_in_place_as_torch_schedulers_set_it(chained: bool)
         )
 
 
+def test_a_scheduler_setting_the_rate_outright_goes_inside_it_not_beside_it() -> None:
+    """What the docs say of ``LambdaLR`` (transformers' schedules): wrapped, the rate is the
+    schedule's times the warm-up; before it in a ``ChainedScheduler``, the step after a knot
+    runs at 2x the schedule's rate where half was due (``warmup_steps=4``)."""
+    rates = {}
+    for where in ("inside", "beside"):
+        opt = _opt()
+        linear = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / 100)
+        if where == "inside":
+            sched: Any = KnotWarmup(linear, opt, 4)
+        else:
+            warm = KnotWarmup(torch.optim.lr_scheduler.ConstantLR(opt, 1.0, total_iters=0), opt, 4)
+            sched = torch.optim.lr_scheduler.ChainedScheduler([linear, warm], opt)
+        rates[where] = []
+        for _ in range(6):
+            _train(opt.model, opt, 1)
+            sched.step()
+            rates[where].append(opt.param_groups[0]["lr"])
+    hand = [(1 - t / 100) * _hand(t, warmup=4) for t in range(1, 7)]
+    assert rates["inside"] == pytest.approx(hand, rel=1e-12)
+    assert rates["beside"][:5] == pytest.approx(hand[:5], rel=1e-12)
+    assert rates["beside"][5] == pytest.approx(2 * (1 - 6 / 100), rel=1e-12)  # hand: 0.5x
+
+
 def test_around_sequential_and_chained_schedulers_and_refused_inside_sequential() -> None:
     """Outermost it wraps them as any scheduler; a SequentialLR holding one (which would
     restart it at a milestone) is refused as it is built (before: an AttributeError from
