@@ -126,7 +126,8 @@ class KnotWarmup(LRScheduler):
     Raises:
         TypeError: ``optimizer`` is not a ChainLoRAOptimizer, or ``scheduler`` has no ``step``,
             ``state_dict`` or ``load_state_dict``.
-        ValueError: ``warmup_steps`` is not a positive int.
+        ValueError: ``warmup_steps`` is not a positive int, or ``scheduler`` schedules another
+            optimizer's param groups.
 
     Example:
         >>> import torch
@@ -163,6 +164,16 @@ class KnotWarmup(LRScheduler):
             )
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"warmup_steps must be a positive int, got {warmup_steps!r}")
+        over = getattr(scheduler, "optimizer", None)
+        theirs = getattr(over, "param_groups", None)
+        if isinstance(theirs, list) and {id(g) for g in theirs} != {
+            id(g) for g in optimizer.param_groups
+        }:  # its own optimizer's rates would be scheduled, the chain's never (silently)
+            raise ValueError(
+                f"scheduler must schedule optimizer's rates, but {type(scheduler).__name__} is "
+                f"over another optimizer ({type(over).__name__} with other param groups): "
+                "build it over the chain (or the optimizer the chain wraps)"
+            )
         # LRScheduler.__init__ is deliberately not called (see the module docstring).
         self.scheduler = scheduler
         self.optimizer = optimizer

@@ -72,6 +72,22 @@ def test_bad_arguments() -> None:
         KnotWarmup(None, opt, 2)  # type: ignore[arg-type]
 
 
+def test_a_scheduler_over_another_optimizer_is_refused() -> None:
+    """Before: accepted; the other optimizer's rates followed the schedule without the warm-up,
+    the chain's never moved from 1.0 but for the warm-up (silently). The wrapped optimizer's own
+    scheduler is the chain's (they share their param groups)."""
+    opt, other = _opt(), _opt()
+    inner = torch.optim.lr_scheduler.StepLR(other, step_size=1, gamma=0.5)
+    state = inner.state_dict()
+    with pytest.raises(ValueError, match=r"scheduler must schedule optimizer's rates.*StepLR"):
+        KnotWarmup(inner, opt, 2)
+    assert inner.state_dict() == state and opt.param_groups[0]["lr"] == 1.0
+    sched = KnotWarmup(torch.optim.lr_scheduler.StepLR(opt.optimizer, 1, 0.5), opt, 2)
+    _train(opt.model, opt, 1)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
 def test_reduce_lr_on_plateau_gets_its_metric_and_reduces_the_unscaled_rate() -> None:
     """``ReduceLROnPlateau.step(metrics)``: ``KnotWarmup.step(metric)`` passes it on, and the
     plateau halves the rate the schedule holds, never the warmed-up one (before, it was refused,
