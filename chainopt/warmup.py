@@ -94,10 +94,12 @@ def _copy(lrs: list[Any]) -> list[Any]:
 def _set_lr(group: dict[str, Any], lr: Any) -> None:
     """Set a group's rate as torch's schedulers do: a tensor rate is filled in place (a compiled
     or CUDA-graph-captured step reads that tensor), any other is assigned."""
-    if isinstance(group["lr"], Tensor):
-        group["lr"].fill_(lr.item() if isinstance(lr, Tensor) else lr)
-    else:
+    if not isinstance(group["lr"], Tensor):
         group["lr"] = lr
+    elif isinstance(lr, Tensor):
+        group["lr"].copy_(lr)  # not fill_(lr.item()): no host sync for a device rate
+    else:
+        group["lr"].fill_(lr)
 
 
 def _is_rate(x: Any) -> bool:
