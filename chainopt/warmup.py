@@ -24,9 +24,16 @@ Three rules follow from what it is:
 - It goes outermost: ``KnotWarmup(SequentialLR([...]), opt, n)``. ``SequentialLR`` restarts the
   schedulers it holds at their milestones, which a warm-up tied to knots cannot follow, so a
   ``SequentialLR`` holding one (directly or inside a ``ChainedScheduler``) is refused when it is
-  built. Inside a ``ChainedScheduler`` it composes: a rate that another scheduler (or the user)
-  changed since its last step is taken as the new warmed-up rate, and the warm-up factor is
-  divided out of it before the wrapped scheduler steps.
+  built. Inside a ``ChainedScheduler`` it composes with chainable schedulers (those that
+  multiply the current rate: ``StepLR``, ``ExponentialLR``, ``LinearLR``, ...): a rate that
+  another scheduler (or the user) changed since its last step is taken as the new warmed-up
+  rate, and the warm-up factor is divided out of it before the wrapped scheduler steps. A
+  scheduler that sets the rate outright (``LambdaLR``, which transformers'
+  ``get_*_schedule_with_warmup`` return, ``OneCycleLR``, ``CyclicLR``,
+  ``CosineAnnealingWarmRestarts``) goes inside it instead, ``KnotWarmup(LambdaLR(...), opt, n)``:
+  beside it in a ``ChainedScheduler`` the warm-up either never shows (after it) or divides the
+  new rate by the last step's factor (before it: right after a knot, 2x the schedule's rate
+  where half was due, with ``warmup_steps=4``), which it cannot tell from a chainable change.
 - Pickling it pickles the chain, which torch cannot: save its :meth:`~KnotWarmup.state_dict`
   (``torch.load(..., weights_only=True)`` reads it back), as the trainers do.
 
@@ -84,6 +91,17 @@ def _copy(lrs: list[Any]) -> list[Any]:
     return [lr.clone() if isinstance(lr, Tensor) else lr for lr in lrs]
 
 
+def _set_lr(group: dict[str, Any], lr: Any) -> None:
+    """Set a group's rate as torch's schedulers do: a tensor rate is filled in place (a compiled
+    or CUDA-graph-captured step reads that tensor), any other is assigned."""
+    if not isinstance(group["lr"], Tensor):
+        group["lr"] = lr
+    elif isinstance(lr, Tensor):
+        group["lr"].copy_(lr)  # not fill_(lr.item()): no host sync for a device rate
+    else:
+        group["lr"].fill_(lr)
+
+
 def _is_rate(x: Any) -> bool:
     if isinstance(x, Tensor):
         return x.dim() == 0 and x.is_floating_point()
@@ -110,7 +128,8 @@ class KnotWarmup(LRScheduler):
     Raises:
         TypeError: ``optimizer`` is not a ChainLoRAOptimizer, or ``scheduler`` has no ``step``,
             ``state_dict`` or ``load_state_dict``.
-        ValueError: ``warmup_steps`` is not a positive int.
+        ValueError: ``warmup_steps`` is not a positive int, or ``scheduler`` schedules another
+            optimizer's param groups.
 
     Example:
         >>> import torch
@@ -147,6 +166,16 @@ class KnotWarmup(LRScheduler):
             )
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"warmup_steps must be a positive int, got {warmup_steps!r}")
+        over = getattr(scheduler, "optimizer", None)
+        theirs = getattr(over, "param_groups", None)
+        if isinstance(theirs, list) and {id(g) for g in theirs} != {
+            id(g) for g in optimizer.param_groups
+        }:  # its own optimizer's rates would be scheduled, the chain's never (silently)
+            raise ValueError(
+                f"scheduler must schedule optimizer's rates, but {type(scheduler).__name__} is "
+                f"over another optimizer ({type(over).__name__} with other param groups): "
+                "build it over the chain (or the optimizer the chain wraps)"
+            )
         # LRScheduler.__init__ is deliberately not called (see the module docstring).
         self.scheduler = scheduler
         self.optimizer = optimizer
@@ -207,7 +236,7 @@ class KnotWarmup(LRScheduler):
                 "lr_scheduler dict). Nothing was changed"
             )
         groups = self.optimizer.param_groups
-        scaled = [g["lr"] for g in groups]
+        scaled = _copy([g["lr"] for g in groups])  # copies: a tensor rate is set in place
         unscaled = []
         for i, lr in enumerate(scaled):
             if i >= len(self._unscaled):  # a group added since (add_param_group): its own rate
@@ -217,17 +246,17 @@ class KnotWarmup(LRScheduler):
             else:  # changed since by another scheduler (ChainedScheduler) or by hand
                 unscaled.append(lr / self._factor)
         for group, lr in zip(groups, unscaled, strict=True):
-            group["lr"] = lr
+            _set_lr(group, lr)
         try:
             self.scheduler.step(*args, **kwargs)
         except BaseException:
             for group, lr in zip(groups, scaled, strict=True):
-                group["lr"] = lr
+                _set_lr(group, lr)
             raise
-        self._unscaled = [g["lr"] for g in groups]
+        self._unscaled = _copy([g["lr"] for g in groups])
         f = self.factor()
         for group in groups:
-            group["lr"] = group["lr"] * f
+            _set_lr(group, group["lr"] * f)
         rates = [g["lr"] for g in groups]
         self._applied, self._factor, self._seen = _copy(rates), f, steps
         self._last_lr = _copy(rates)

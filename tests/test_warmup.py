@@ -72,6 +72,22 @@ def test_bad_arguments() -> None:
         KnotWarmup(None, opt, 2)  # type: ignore[arg-type]
 
 
+def test_a_scheduler_over_another_optimizer_is_refused() -> None:
+    """Before: accepted; the other optimizer's rates followed the schedule without the warm-up,
+    the chain's never moved from 1.0 but for the warm-up (silently). The wrapped optimizer's own
+    scheduler is the chain's (they share their param groups)."""
+    opt, other = _opt(), _opt()
+    inner = torch.optim.lr_scheduler.StepLR(other, step_size=1, gamma=0.5)
+    state = inner.state_dict()
+    with pytest.raises(ValueError, match=r"scheduler must schedule optimizer's rates.*StepLR"):
+        KnotWarmup(inner, opt, 2)
+    assert inner.state_dict() == state and opt.param_groups[0]["lr"] == 1.0
+    sched = KnotWarmup(torch.optim.lr_scheduler.StepLR(opt.optimizer, 1, 0.5), opt, 2)
+    _train(opt.model, opt, 1)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
 def test_reduce_lr_on_plateau_gets_its_metric_and_reduces_the_unscaled_rate() -> None:
     """``ReduceLROnPlateau.step(metrics)``: ``KnotWarmup.step(metric)`` passes it on, and the
     plateau halves the rate the schedule holds, never the warmed-up one (before, it was refused,
@@ -163,6 +179,56 @@ def test_inside_a_chained_scheduler_the_other_schedulers_factor_is_kept(
         expected = 0.9**step * 0.1 ** (step // 2) * _hand(step)
         assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12), step
         assert chained.get_last_lr() == [opt.param_groups[0]["lr"]]
+
+
+@pytest.mark.parametrize("chained", [False, True])
+def test_a_tensor_rate_is_set_in_place_as_torch_schedulers_set_it(chained: bool) -> None:
+    """A tensor ``lr`` is updated in place by torch's schedulers (``fill_``), so that a compiled
+    or CUDA-graph-captured ``step`` reading it sees every new rate. Before: each ``step()``
+    replaced the group's tensor with a new one (the captured step kept the first rate)."""
+    model = mlp()
+    lr = torch.tensor(1.0)
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=lr), target_modules=["0"], rank=2,
+        knot_every=5,
+    )  # fmt: skip
+    held = opt.param_groups[0]["lr"]
+    warm = KnotWarmup(torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9), opt, 3)
+    other = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
+    sched: Any = torch.optim.lr_scheduler.ChainedScheduler([warm, other], opt) if chained else warm
+    for step in range(1, 12):
+        _train(opt.model, opt, 1)
+        sched.step()
+        expected = 0.9**step * (0.1 ** (step // 2) if chained else 1.0) * _hand(step)
+        assert opt.param_groups[0]["lr"] is held, step
+        assert float(held) == pytest.approx(expected, rel=1e-5), step
+        assert float(warm.get_last_lr()[0]) == pytest.approx(
+            expected / (0.1 if chained and step % 2 == 0 else 1.0), rel=1e-5
+        )
+
+
+def test_a_scheduler_setting_the_rate_outright_goes_inside_it_not_beside_it() -> None:
+    """What the docs say of ``LambdaLR`` (transformers' schedules): wrapped, the rate is the
+    schedule's times the warm-up; before it in a ``ChainedScheduler``, the step after a knot
+    runs at 2x the schedule's rate where half was due (``warmup_steps=4``)."""
+    rates = {}
+    for where in ("inside", "beside"):
+        opt = _opt()
+        linear = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / 100)
+        if where == "inside":
+            sched: Any = KnotWarmup(linear, opt, 4)
+        else:
+            warm = KnotWarmup(torch.optim.lr_scheduler.ConstantLR(opt, 1.0, total_iters=0), opt, 4)
+            sched = torch.optim.lr_scheduler.ChainedScheduler([linear, warm], opt)
+        rates[where] = []
+        for _ in range(6):
+            _train(opt.model, opt, 1)
+            sched.step()
+            rates[where].append(opt.param_groups[0]["lr"])
+    hand = [(1 - t / 100) * _hand(t, warmup=4) for t in range(1, 7)]
+    assert rates["inside"] == pytest.approx(hand, rel=1e-12)
+    assert rates["beside"][:5] == pytest.approx(hand[:5], rel=1e-12)
+    assert rates["beside"][5] == pytest.approx(2 * (1 - 6 / 100), rel=1e-12)  # hand: 0.5x
 
 
 def test_around_sequential_and_chained_schedulers_and_refused_inside_sequential() -> None:
