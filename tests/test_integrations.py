@@ -8,7 +8,6 @@ import importlib
 import math
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -314,18 +313,6 @@ def test_the_trainer_integration_says_what_to_install(monkeypatch: pytest.Monkey
 
 
 # --- Accelerate ---
-
-
-@pytest.fixture
-def accelerate_state() -> Iterator[None]:
-    """Accelerate keeps process-wide singletons: start and leave each test with fresh ones."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def _accelerated(

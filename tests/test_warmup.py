@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -360,17 +359,6 @@ def test_reduce_lr_on_plateau_without_a_metric_says_how_to_give_one() -> None:
 
 
 # --- Accelerate ---
-
-
-@pytest.fixture
-def accelerate_state() -> Iterator[None]:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def _accelerated(micro_batches: int, state: Path | None = None, **kw: Any) -> Any:
