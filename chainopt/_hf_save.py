@@ -36,7 +36,7 @@ import inspect
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import MethodType
@@ -44,7 +44,7 @@ from typing import Any, Protocol, cast
 
 from torch import Tensor, nn
 
-from ._dtensor import gathered, holds_shards
+from ._dtensor import gathered
 from ._layers import find_adapted
 from ._marks import CLEARED_IS_QUANTIZED, mark_merged_save, nested
 from ._marks import MERGED_SAVES as _MERGED_SAVES
@@ -53,7 +53,7 @@ from ._marks import RESUME_SAVES as _RESUME_SAVES
 from ._marks import STATE_DICT_HOOK as _HOOK
 from ._peft_layers import has_peft_layers
 from ._peft_save import adapter_save_method
-from ._rank_zero import on_rank_zero
+from ._rank_zero import write_once
 from ._validate import type_name
 from .advice import ChainLoRAWarning
 from .export import adapted_modules, merged_state_dict, own_state_dict
@@ -314,11 +314,11 @@ def _merged_save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     quantizer = getattr(self, "hf_quantizer", None)
     if quantizer is not None:  # a quantized model saves what its quantizer says, not state_dict=
         return _save_quantized(self, save, bound, quantizer)
-    once, what = _writer(self, bound.arguments.get("save_directory"))
+    what = _what(bound.arguments.get("save_directory"))
     if "state_dict" not in inspect.signature(save).parameters:
         # diffusers: save_pretrained reads self.state_dict(), which the hook merges in here
         with merged_save(self):
-            result = once(lambda: save(*bound.args, **bound.kwargs), what)
+            result = write_once(self, lambda: save(*bound.args, **bound.kwargs), what)
         mark_merged_save(self)
         return result
     given = bound.arguments.get("state_dict")
@@ -335,17 +335,15 @@ def _merged_save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         bound.arguments["state_dict"] = _merged_in(self, given)
     elif given is None:
         bound.arguments["state_dict"] = merged_state_dict(self)
-    result = once(lambda: save(*bound.args, **bound.kwargs), what)
+    result = write_once(self, lambda: save(*bound.args, **bound.kwargs), what)
     mark_merged_save(self)
     return result
 
 
-def _writer(model: nn.Module, path: object) -> tuple[Callable[[Callable[[], Any], str], Any], str]:
-    """How a save of ``model`` to ``path`` writes, and what it writes (for the other ranks'
-    error): under FSDP2 every rank gathered the merged tensors (a collective) and rank 0 alone
-    writes (:func:`chainopt._rank_zero.on_rank_zero`); otherwise each caller saves as called."""
+def _what(path: object) -> str:
+    """What a save to ``path`` writes, for the other ranks' error under FSDP2."""
     where = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
-    return (on_rank_zero if holds_shards(model) else _here), f"the merged model to {where!r}"
+    return f"the merged model to {where!r}"
 
 
 def _merged_in(model: nn.Module, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -489,17 +487,12 @@ def save_merged(
             f"{type_name(model)} has no save_pretrained (not a Hugging Face model): save "
             "chainopt.merged_state_dict(model) with torch.save or safetensors instead"
         )
-    once, what = _writer(model, path)  # FSDP2: every rank gathers, rank 0 alone writes
+    what = _what(path)  # FSDP2: every rank gathers, rank 0 alone writes
     if "state_dict" in inspect.signature(save).parameters:
         merged = merged_state_dict(model)  # checks every merge first: nothing written if one fails
-        once(lambda: save(model, path, state_dict=merged, **save_kwargs), what)
+        write_once(model, lambda: save(model, path, state_dict=merged, **save_kwargs), what)
         return Path(path)
     # diffusers' save_pretrained takes no state_dict: it reads model.state_dict(), merged here
     with merged_save(model):  # checks every merge first: nothing is written if one fails
-        once(lambda: save(model, path, **save_kwargs), what)
+        write_once(model, lambda: save(model, path, **save_kwargs), what)
     return Path(path)
-
-
-def _here(write: Callable[[], object], _what: str) -> object:
-    """Run ``write()`` in this process (no sharded model: each rank saves as it is called)."""
-    return write()

@@ -16,10 +16,12 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch.distributed as dist
+from torch import nn
 
+from ._dtensor import holds_shards
 from ._validate import is_distributed
 
-__all__ = ["on_rank_zero"]
+__all__ = ["on_rank_zero", "write_once"]
 
 T = TypeVar("T")
 
@@ -53,3 +55,15 @@ def on_rank_zero(write: Callable[[], T], what: str) -> T | None:
     if failure[0] is not None:
         raise OSError(f"rank 0 could not write {what}: {failure[0]}")
     return result
+
+
+def write_once(model: nn.Module, write: Callable[[], T], what: str) -> T | None:
+    """Write an export of ``model``: on rank 0 alone (:func:`on_rank_zero`) when FSDP2 shards it,
+    since every rank then gathered the same whole tensors (a collective); otherwise here, as
+    each caller saves as it is called (DDP, one process).
+
+    Example:
+        >>> write_once(nn.Linear(2, 2), lambda: "written", "the file")
+        'written'
+    """
+    return on_rank_zero(write, what) if holds_shards(model) else write()

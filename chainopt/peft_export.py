@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from ._atomic import write_atomically
 from ._attach import is_conv1d, original, plist_of
-from ._dtensor import full_tensor, holds_shards
+from ._dtensor import full_tensor
 from ._experts import split_experts
 from ._layers import find_adapted
 from ._load_guard import loaded_plain_weights
@@ -60,7 +60,7 @@ from ._marks import base_merged
 from ._peft_layers import PeftLink, is_peft_lora_layer
 from ._peft_save import whole_chain_tensors
 from ._quant_backends import backend_for
-from ._rank_zero import on_rank_zero
+from ._rank_zero import write_once
 from ._record import ModuleRecord
 from ._validate import type_name
 from .guard import NonFiniteUpdateError, check_links
@@ -466,10 +466,7 @@ def export_peft_adapter(
         write_atomically(out_dir / WEIGHTS_NAME, lambda f: f.write(weights))
         write_atomically(out_dir / CONFIG_NAME, lambda f: f.write(text))
 
-    if holds_shards(model):  # FSDP2: every rank gathered the same tensors; rank 0 writes once
-        on_rank_zero(write, f"the adapter to {str(out_dir)!r}")
-    else:
-        write()
+    write_once(model, write, f"the adapter to {str(out_dir)!r}")  # FSDP2: rank 0 alone
     overall = math.sqrt(left_total / norm_total) if norm_total > 0 else 0.0
     chain_ranks = {name: b.shape[1] for name, (b, _a) in stacks.items()}
     chain_ranks |= {name: max(b.shape[1] for b, _a in pairs) for name, pairs in experts.items()}
