@@ -189,7 +189,6 @@ class KnotWarmup(LRScheduler):
         self.base_lrs = _copy(list(getattr(scheduler, "base_lrs", rates)))  # the schedule's
         self.last_epoch = 0
         self._step_count = 1  # as a torch scheduler after its initial step; Accelerate adds to it
-        self._last_lr = _copy(rates)
 
     @property
     def _schedulers(self) -> NoReturn:
@@ -259,13 +258,13 @@ class KnotWarmup(LRScheduler):
             _set_lr(group, group["lr"] * f)
         rates = [g["lr"] for g in groups]
         self._applied, self._factor, self._seen = _copy(rates), f, steps
-        self._last_lr = _copy(rates)
         self.last_epoch += 1
         self._step_count += 1
 
     def get_last_lr(self) -> list[float | Tensor]:
         """The rates in effect after the last :meth:`step` (warm-up applied)."""
-        return _copy(self._last_lr)
+        # as this scheduler left them (an old state without them: the unscaled rates)
+        return _copy(self._applied if self._applied is not None else self._unscaled)
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped scheduler's state, the unscaled rates and the warm-up's own counters."""
@@ -305,7 +304,6 @@ class KnotWarmup(LRScheduler):
         self._seen = None
         self.last_epoch = state.get("last_epoch", self.last_epoch)
         self._step_count = state.get("step_count", self._step_count)
-        self._last_lr = _copy(self._applied if self._applied is not None else self._unscaled)
 
     def _checked(self, state: Any) -> Mapping[str, Any]:
         if not isinstance(state, Mapping):
