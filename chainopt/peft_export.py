@@ -514,10 +514,14 @@ def _check_peft_loads(model: nn.Module, config: Mapping[str, Any]) -> nn.Module 
         return None
     try:
         inject_adapter_in_model(lora, skeleton)
-    except (ValueError, TypeError, KeyError, NotImplementedError) as err:
+    except Exception as err:  # whatever PEFT's own injection raises, its loader raises too
+        # (e.g. AttributeError: a target parameter of a submodule of a module whose own
+        # parameter PEFT already wrapped, as Ergo's experts.post_expert_norm.weight)
         raise ValueError(
-            f"PEFT would not load this adapter into a {type_name(model)}: {err} (nothing was "
-            "written; leave those modules out of target_modules, or deploy the merged model "
+            f"PEFT would not load this adapter into a {type_name(model)}: "
+            f"{type(err).__name__}: {err} (nothing was "
+            "written; leave those modules out of target_modules (or target_parameters), or "
+            "deploy the merged model "
             "with chainopt.save_merged(opt, path))"
         ) from err
     return skeleton

@@ -318,6 +318,28 @@ def warn_left_out(
     )
 
 
+def _wide_enough(found: list[tuple[str, nn.Module]], rank: int) -> list[tuple[str, nn.Module]]:
+    """``"all-linear"``'s layers that can take a link of ``rank``; the narrower ones (a
+    shared-expert gate ``Linear(hidden, 1)`` of Qwen2-MoE, Qwen3-Next) are left out and named
+    in a warning: refusing them would refuse ``"all-linear"`` on the whole model."""
+    narrow = [(n, m) for n, m in found if is_linear_like(m) and min(_features(m)) < rank]
+    if not narrow:
+        return found
+    from .advice import ChainLoRAWarning  # (advice imports the records, which import this)
+
+    names = [n for n, _ in narrow]
+    warnings.warn(
+        f"target_modules='{ALL_LINEAR}' leaves {len(names)} Linear layers narrower than "
+        f"rank={rank} frozen: {names[:4]}{' …' if len(names) > 4 else ''} (a link of rank "
+        "r needs min(in_features, out_features) >= r). To train them, name their modules in "
+        "trainable_modules (trained whole), or lower the rank",
+        ChainLoRAWarning,
+        stacklevel=4,
+    )
+    skip = {id(m) for _, m in narrow}
+    return [(n, m) for n, m in found if id(m) not in skip]
+
+
 def linear_names(model: nn.Module, most: int = 5) -> list[str]:
     """A few names of modules a link can adapt, for error messages."""
     return [n for n, m in _named(model.named_modules()) if is_linear_like(m)][:most]
@@ -358,11 +380,13 @@ def choose_targets(
     another tensor, a rank above the module's smaller dimension, ``lora_bias`` with no bias, a
     trainable target; in a list of names, an entry that matches no module.
     ``"all-linear"`` warns about the matrix weights it leaves out, but those in ``covered``
-    (the parameters ``target_parameters`` adapts).
+    (the parameters ``target_parameters`` adapts), and leaves out (naming them in a warning)
+    the layers narrower than ``rank``.
     """
     found = select_modules(model, spec, "target_modules", exclude=[m for _, m in trainable])
     if isinstance(spec, str) and spec == ALL_LINEAR:
         warn_left_out(model, [m for _, m in trainable], covered)
+        found = _wide_enough(found, rank)
     names = [alias for _first, alias, _m in _aliases(model)]
     if not found:
         hint = _hint(spec, names)

@@ -836,3 +836,89 @@ def test_the_trainer_saves_the_merged_model_and_resumes_mid_link_bitwise(tmp_pat
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+# --- other families: what the sweep (scripts/probe_moe_archs.py) found ---------------------------
+
+
+def _tiny_qwen2_moe() -> nn.Module:
+    """A shared expert gated by ``shared_expert_gate``, an ``nn.Linear(hidden, 1)``."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2MoeConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
+        shared_expert_intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
+    )  # fmt: skip
+    return Qwen2MoeForCausalLM(cfg)
+
+
+def test_all_linear_leaves_out_and_names_layers_narrower_than_the_rank() -> None:
+    """Qwen2-MoE (and Qwen3-Next, Qwen3.5-MoE) gate the shared expert with a Linear of one
+    output: "all-linear" at rank 2 adapts the rest and names it frozen, rather than refusing
+    the whole model (or leaving it out unsaid)."""
+    model = _tiny_qwen2_moe()
+    gate = "model.layers.0.mlp.shared_expert_gate"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = ChainLoRAOptimizer(
+            model, torch.optim.AdamW(model.parameters(), lr=1e-2), target_modules="all-linear",
+            target_parameters=[GATE_UP, DOWN, "mlp.gate.weight"], rank=2, knot_every=2,
+        )  # fmt: skip
+    messages = [str(w.message) for w in caught if issubclass(w.category, ChainLoRAWarning)]
+    [narrow] = [m for m in messages if "narrower than rank=2" in m]
+    assert repr(gate) in narrow and "trainable_modules" in narrow
+    assert gate not in opt.config.modules
+    assert "model.layers.0.mlp.shared_expert.gate_proj" in opt.config.modules
+    assert not model.get_submodule(gate).weight.requires_grad
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.knots_tied == 1
+    # trainable_modules trains it whole beside "all-linear", and nothing is left unsaid
+    whole = _tiny_qwen2_moe()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chained = ChainLoRAOptimizer(
+            whole, torch.optim.SGD(whole.parameters(), lr=0.1), target_modules="all-linear",
+            trainable_modules=["shared_expert_gate"], rank=2, knot_every=2,
+        )  # fmt: skip
+    assert not any("narrower than rank" in str(w.message) for w in caught)
+    assert whole.get_submodule(gate).weight.requires_grad
+    assert gate in chained.config.trainable
+
+
+def test_export_refuses_what_peft_cannot_inject_before_writing(tmp_path: Any) -> None:
+    """Ergo keeps a per-expert norm ``(E, H)`` in a submodule of its experts: PEFT wraps
+    ``experts`` for ``up_proj`` and then cannot find ``experts.post_expert_norm`` (an
+    AttributeError in its loader). The export refuses with a ValueError and writes nothing."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "ErgoForCausalLM"):
+        pytest.skip("this transformers has no Ergo")
+    from chainopt import export_peft_adapter
+
+    cfg = transformers.ErgoConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=8, shared_intermediate_size=8, first_dense_intermediate_size=8,
+        num_dense_blocks=0, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.ErgoForCausalLM(cfg)
+    norm = "experts.post_expert_norm.weight"
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+        target_parameters=["experts.up_proj", "experts.down_proj", norm], rank=2, knot_every=2,
+        keep_history=True,
+    )  # fmt: skip
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with pytest.raises(ValueError, match=r"PEFT would not load .*AttributeError.*post_expert_norm"):
+        export_peft_adapter(opt, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
