@@ -142,6 +142,10 @@ class ParameterLink(LinkModule):
         merge_residual: what rounding a half-precision parameter left out of the merged
             updates (shaped like the parameter), or ``None``.
         unloaded: the link was removed from its module.
+        read_in_owner: the parametrized tensor was read while its module's own forward ran
+            (where PEFT's ``ParamWrapper`` applies its LoRA).
+        read_elsewhere: it was read outside that forward (DBRX's experts module reads its
+            child's ``mlp.w1`` itself; or a user looked at it).
 
     Args:
         shape: the parameter's shape.
@@ -181,6 +185,9 @@ class ParameterLink(LinkModule):
         else:
             e, (out_features, in_features), transposed = 1, shape, False
         self.shape = shape
+        self.in_owner = False  # set by cached_forward while the module's forward runs
+        self.read_in_owner = False
+        self.read_elsewhere = False
         self._setup(
             out_features, in_features, rank, alpha, experts=e, fan_in_fan_out=transposed,
             ranks=ranks, dtype=dtype, device=device, residual=(shape, residual_dtype),
@@ -197,6 +204,11 @@ class ParameterLink(LinkModule):
 
     def forward(self, weight: Tensor) -> Tensor:
         """``W + Δ`` in the parameter's dtype (differentiable in the factors)."""
+        if self.in_owner:  # where it is read decides whether PEFT can serve it (the export)
+            if not self.read_in_owner:
+                self.read_in_owner = True
+        elif not self.read_elsewhere:
+            self.read_elsewhere = True
         a, b = self.lora_A.to(weight.dtype), self.lora_B.to(weight.dtype)
         if len(self.shape) == 2:
             return torch.addmm(weight, b, a, alpha=self.scale)  # (out, r) @ (r, in)
@@ -212,7 +224,8 @@ class ParameterLink(LinkModule):
 
 def cached_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """Forward of a module with parameter links: its own, inside ``parametrize.cached()``, so
-    each ``W + Δ`` is computed once per forward however often the forward reads it."""
+    each ``W + Δ`` is computed once per forward however often the forward reads it; its links
+    note that they are read here (``in_owner``) rather than by another module."""
     # The module's own class comes after the class parametrize made (the one holding this
     # forward), wherever that is: FSDP2's fully_shard puts a class of its own first. No
     # typing.cast: under torch.compile a class returned by a call has no source, and
@@ -220,8 +233,17 @@ def cached_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     mro = type(self).__mro__
     i = max(i for i, cls in enumerate(mro) if getattr(cls, "forward", None) is cached_forward)
     base: Any = mro[i + 1]
-    with parametrize.cached():
-        return base.forward(self, *args, **kwargs)
+    plists = cast(nn.ModuleDict, cast(Any, self).parametrizations)
+    firsts = [cast(Any, plist)[0] for plist in plists.values()]
+    links = [link for link in firsts if isinstance(link, ParameterLink)]
+    for link in links:
+        link.in_owner = True
+    try:
+        with parametrize.cached():
+            return base.forward(self, *args, **kwargs)
+    finally:
+        for link in links:
+            link.in_owner = False
 
 
 def _links(module: nn.Module) -> list[str]:
@@ -281,6 +303,7 @@ class ParameterBuilder:
         restart_links([link], generator)
         module.__dict__.setdefault(PARAMETER_ORDER, parameter_order(module))
         parametrize.register_parametrization(module, self.param, link)
+        link.read_elsewhere = False  # (parametrize read it once to check it)
         install_forward(module, cached_forward)
         return cast(ModuleRecord, self.find(name, module))
 

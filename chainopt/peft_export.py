@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from ._atomic import write_atomically
 from ._attach import is_conv1d, original, plist_of
 from ._dtensor import full_tensor
-from ._experts import split_experts
+from ._experts import ParameterLink, split_experts
 from ._layers import find_adapted
 from ._load_guard import loaded_plain_weights
 from ._lowrank import compress, factorise
@@ -333,6 +333,7 @@ def export_peft_adapter(
     names = [n for n in chain.config.modules if n not in params]
     param_names = [n for n in chain.config.modules if n in params]
     records = {r.name: r for r in chained if r.attached()}  # none once unloaded
+    _refuse_read_elsewhere([records[n] for n in param_names if n in records])
     if not unloaded:
         check = check_links(chain.chain.records)
         if check.bad:
@@ -648,6 +649,29 @@ def _expert_stacks(record: ModuleRecord, history: ChainHistory) -> list[tuple[Te
         )
         for i in range(e)
     ]
+
+
+def _refuse_read_elsewhere(records: Sequence[ModuleRecord]) -> None:
+    """Refuse parameters that the model reads only outside their module's own forward.
+
+    PEFT's ``ParamWrapper`` replaces the module in the tree and adds its LoRA only while the
+    module's forward runs: a parameter another module reads (DBRX's experts read
+    ``experts.mlp.w1`` of their child and pass it to its forward) would fail to load (PEFT's
+    wrapper has no such attribute) or be served without its update. The links record where
+    they were read (:class:`~chainopt._experts.ParameterLink`)."""
+    bad = [
+        r.name
+        for r in records
+        if isinstance(r.link, ParameterLink) and r.link.read_elsewhere and not r.link.read_in_owner
+    ]
+    if bad:
+        raise ValueError(
+            f"target_parameters {bad[:3]} are read by another module than their own (not in "
+            "their module's forward: DBRX's experts read experts.mlp.w1 of their child), and "
+            "PEFT's ParamWrapper adds the LoRA of a target parameter only inside its module's "
+            "forward: PEFT would not load this adapter to the chain's function. Deploy the "
+            "merged model with chainopt.save_merged(opt, path); nothing was written"
+        )
 
 
 def _parameter(model: nn.Module, name: str) -> Tensor:

@@ -922,3 +922,44 @@ def test_export_refuses_what_peft_cannot_inject_before_writing(tmp_path: Any) ->
     with pytest.raises(ValueError, match=r"PEFT would not load .*AttributeError.*post_expert_norm"):
         export_peft_adapter(opt, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_export_refuses_parameters_another_module_reads(tmp_path: Any) -> None:
+    """DBRX's experts module reads its child's ``mlp.w1`` / ``v1`` / ``w2`` itself and passes
+    them to the child's forward: PEFT's wrapper of ``mlp`` would serve no such attribute (its
+    loader fails after the files are written). chainopt's links see where they are read, and the
+    export refuses before writing; Mixtral's are read in their own module's forward."""
+    from transformers import DbrxConfig, DbrxForCausalLM
+
+    from chainopt import export_peft_adapter
+
+    cfg = DbrxConfig(
+        vocab_size=64, d_model=16, n_heads=2, n_layers=1, max_seq_len=32,
+        attn_config={"kv_n_heads": 1, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        ffn_config={"ffn_hidden_size": 8, "moe_num_experts": 4, "moe_top_k": 2},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = DbrxForCausalLM(cfg)
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+        target_parameters=["mlp.w1", "mlp.v1", "mlp.w2"], rank=2, knot_every=2, keep_history=True,
+    )  # fmt: skip
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    link = opt.chain.records[0].link
+    assert isinstance(link, ParameterLink)
+    assert link.read_elsewhere and not link.read_in_owner
+    with pytest.raises(ValueError, match=r"read by another module.*mlp\.w1.*nothing was written"):
+        export_peft_adapter(opt, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+    mixtral, mixtral_opt, _ids = _trained_mixtral(True)
+    with torch.no_grad():
+        _ = mixtral.get_submodule(EXPERTS).gate_up_proj  # a look from outside refuses nothing
+    [gate_up] = [r.link for r in mixtral_opt.chain.records if r.name.endswith("gate_up_proj")]
+    assert isinstance(gate_up, ParameterLink) and gate_up.read_in_owner
+    export_peft_adapter(mixtral_opt, tmp_path / "mixtral")
+    assert (tmp_path / "mixtral" / "adapter_config.json").exists()
