@@ -285,6 +285,11 @@ def left_out_weights(
     return out
 
 
+def _fits(param: torch.Tensor, rank: int) -> bool:
+    """A link of ``rank`` fits each expert (or the matrix) of a 2-D or 3-D parameter."""
+    return param.dim() in (2, 3) and min(int(param.shape[-1]), int(param.shape[-2])) >= rank
+
+
 def _suffixes(names: list[str]) -> list[str]:
     """Short ``target_parameters`` suffixes for qualified names (``module.param``, the last two
     parts: ``"experts.gate_up_proj"``), each once, in order."""
@@ -292,10 +297,12 @@ def _suffixes(names: list[str]) -> list[str]:
 
 
 def warn_left_out(
-    model: nn.Module, exclude: Iterable[nn.Module] = (), covered: Iterable[str] = ()
+    model: nn.Module, exclude: Iterable[nn.Module] = (), covered: Iterable[str] = (), rank: int = 1
 ) -> None:
     """Warn when ``"all-linear"`` leaves matrix weights frozen (see :func:`left_out_weights`);
-    the parameters ``target_parameters`` adapts (``covered``) are not left out."""
+    the parameters ``target_parameters`` adapts (``covered``) are not left out. The
+    ``target_parameters`` it suggests are those a link of ``rank`` fits (Ernie 4.5's
+    ``e_score_correction_bias`` ``(1, E)`` is named, not suggested, at rank 2)."""
     left = left_out_weights(model, exclude, covered)
     if not left:
         return
@@ -304,15 +311,25 @@ def warn_left_out(
     total = sum(p.numel() for p in model.parameters())
     share = sum(n for _, n in left) / max(total, 1)
     names = [n for n, _ in left]
+    fits = _suffixes([n for n in names if _fits(model.get_parameter(n), rank)])
+    narrow = [n for n in _suffixes(names) if n not in fits]
+    advice = (
+        f"To chain them, add target_parameters={fits!r} (chainopt links them expert by "
+        "expert, as PEFT's target_parameters); or build"
+        if fits
+        else "To chain them, build"
+    )
+    if narrow:  # a link of this rank does not fit them: refused if named
+        advice = f"{narrow!r} are narrower than rank={rank}: train their modules whole with " + (
+            f"trainable_modules. {advice}"
+        )
     warnings.warn(
         f"target_modules='{ALL_LINEAR}' adapts nn.Linear and Conv1D layers only; it leaves "
         f"{len(left)} matrix weights, {share:.0%} of the model's parameters, frozen: "
         f"{names[:4]}{' …' if len(names) > 4 else ''} (fused mixture-of-experts weights and "
-        "routers kept as bare parameters). To chain them, add "
-        f"target_parameters={_suffixes(names)!r} (chainopt links them expert by expert, as "
-        "PEFT's target_parameters); or build a PeftModel with LoraConfig(target_parameters="
-        "[...]) (PEFT's own 'all-linear' adds them) and pass it without target_modules; or "
-        "name the Linear layers you want in target_modules to silence this",
+        f"routers kept as bare parameters). {advice} a PeftModel with LoraConfig("
+        "target_parameters=[...]) (PEFT's own 'all-linear' adds them) and pass it without "
+        "target_modules; or name the Linear layers you want in target_modules to silence this",
         ChainLoRAWarning,
         stacklevel=4,
     )
@@ -385,7 +402,7 @@ def choose_targets(
     """
     found = select_modules(model, spec, "target_modules", exclude=[m for _, m in trainable])
     if isinstance(spec, str) and spec == ALL_LINEAR:
-        warn_left_out(model, [m for _, m in trainable], covered)
+        warn_left_out(model, [m for _, m in trainable], covered, rank)
         found = _wide_enough(found, rank)
     names = [alias for _first, alias, _m in _aliases(model)]
     if not found:

@@ -963,3 +963,39 @@ def test_export_refuses_parameters_another_module_reads(tmp_path: Any) -> None:
     assert isinstance(gate_up, ParameterLink) and gate_up.read_in_owner
     export_peft_adapter(mixtral_opt, tmp_path / "mixtral")
     assert (tmp_path / "mixtral" / "adapter_config.json").exists()
+
+
+def test_all_linear_suggests_only_the_parameters_a_link_of_the_rank_fits() -> None:
+    """Ernie 4.5 keeps a ``(1, E)`` ``e_score_correction_bias`` beside its experts: named as
+    left out, but not suggested for ``target_parameters`` at rank 2 (it would be refused);
+    the suggestion, taken as it is with the bias's module trained whole, leaves nothing out."""
+    import ast
+
+    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+
+    cfg = Ernie4_5_MoeConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, moe_num_experts=4,
+        moe_k=2, moe_num_shared_experts=1, max_position_embeddings=32,
+    )  # fmt: skip
+
+    def chain(**kwargs: Any) -> list[str]:
+        torch.manual_seed(0)
+        model = Ernie4_5_MoeForCausalLM(cfg)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ChainLoRAOptimizer(
+                model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules="all-linear",
+                rank=2, knot_every=2, **kwargs,
+            )  # fmt: skip
+        return [str(w.message) for w in caught if issubclass(w.category, ChainLoRAWarning)]
+
+    [message] = chain()
+    assert "model.layers.1.mlp.gate.moe_statics.e_score_correction_bias" in message
+    assert "['moe_statics.e_score_correction_bias'] are narrower than rank=2" in message
+    found = re.search(r"target_parameters=(\[[^\]]*\])", message)
+    assert found is not None
+    suggested = ast.literal_eval(found.group(1))
+    assert "experts.gate_up_proj" in suggested
+    assert not any("e_score_correction_bias" in s for s in suggested)
+    assert chain(target_parameters=suggested, trainable_modules=["moe_statics"]) == []
