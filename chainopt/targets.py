@@ -302,7 +302,8 @@ def warn_left_out(
     """Warn when ``"all-linear"`` leaves matrix weights frozen (see :func:`left_out_weights`);
     the parameters ``target_parameters`` adapts (``covered``) are not left out. The
     ``target_parameters`` it suggests are those a link of ``rank`` fits (Ernie 4.5's
-    ``e_score_correction_bias`` ``(1, E)`` is named, not suggested, at rank 2)."""
+    ``e_score_correction_bias`` ``(1, E)`` is named, not suggested, at rank 2; so is a 4-D
+    one such as Kimi-Linear's ``A_log``)."""
     left = left_out_weights(model, exclude, covered)
     if not left:
         return
@@ -320,7 +321,9 @@ def warn_left_out(
         else "To chain them, build"
     )
     if narrow:  # a link of this rank does not fit them: refused if named
-        advice = f"{narrow!r} are narrower than rank={rank}: train their modules whole with " + (
+        advice = (
+            f"{narrow!r} cannot take a link of rank={rank} (an expert or matrix narrower than "
+            "the rank, or a tensor neither 2-D nor 3-D): train their modules whole with "
             f"trainable_modules. {advice}"
         )
     warnings.warn(

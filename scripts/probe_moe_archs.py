@@ -21,6 +21,7 @@ root: ``HF_HUB_OFFLINE=1 python scripts/probe_moe_archs.py [family ...]``.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import io
@@ -80,11 +81,14 @@ EXTRA: dict[str, dict[str, Any]] = {  # what a family needs beyond SMALL
     "dots1": {"n_shared_experts": 1},
     "gemma4": {"vocab_size_per_layer_input": 64, "hidden_size_per_layer_input": 8,
                "enable_moe_block": True, "top_k_experts": 2},
-    "mimo_v2_flash": {"v_head_dim": 8},
+    "mimo_v2_flash": {"head_dim": 24, "v_head_dim": 8, "num_key_value_heads": 2},
+    "qwen3_next": {"layer_types": ["linear_attention", "full_attention"]},
+    "qwen3_5_moe": {"layer_types": ["linear_attention", "full_attention"]},
+    "qwen4_exp": {"layer_types": ["linear_attention", "full_attention"]},
     "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
     "kimi_linear": {"layer_types": ["linear_attention", "full_attention"]},
     "ergo": {"first_dense_intermediate_size": 48, "shared_intermediate_size": 24},
-    "kolibri1_1": {"head_dim": 16},
+    "kolibri1_1": {"head_dim": 16, "index_num_heads": 1},
     "dbrx": {"d_model": 32, "n_heads": 4, "n_layers": 2, "max_seq_len": 64,
              "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": 24, "moe_num_experts": 4, "moe_top_k": 2}},
@@ -158,21 +162,30 @@ def is_frozen_matrix(model: nn.Module, name: str, p: torch.Tensor) -> bool:
     return p.dim() >= 2 and p.is_floating_point() and not p.requires_grad
 
 
-def check_all_linear(build: Callable[[], nn.Module]) -> tuple[str, list[str]]:
-    model = build()
+def all_linear(model: nn.Module, **kwargs: Any) -> tuple[ChainLoRAOptimizer, list[str]]:
+    """Chain ``model`` with ``"all-linear"``; the messages of chainopt's warnings."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt = ChainLoRAOptimizer(
             model, torch.optim.AdamW(model.parameters()), target_modules="all-linear", rank=2,
-            knot_every=2,
+            knot_every=2, **kwargs,
         )  # fmt: skip
-    warned = any(issubclass(w.category, ChainLoRAWarning) for w in caught)
+    return opt, [str(w.message) for w in caught if issubclass(w.category, ChainLoRAWarning)]
+
+
+def check_all_linear(build: Callable[[], nn.Module]) -> tuple[str, str, list[str]]:
+    """``(all-linear result, following its advice, expert/router weights left out)``.
+
+    A frozen matrix weight (embeddings, convolutions and the output layer apart) is named when
+    its module's qualified name, or its ``module.param`` suffix, is in a warning."""
+    model = build()
+    opt, messages = all_linear(model)
+    text = " ".join(messages)
     named = [n for n, _ in left_out_weights(model)]
     adapted = set(opt.config.modules)
     plain = (nn.Embedding, nn.modules.conv._ConvNd)  # left out by design, not MoE weights
-    embeds = {id(m) for m in model.modules() if isinstance(m, plain)}
+    skip = {id(p) for m in model.modules() if isinstance(m, plain) for p in m.parameters()}
     out_layer = model.get_output_embeddings()
-    skip = {id(p) for m in model.modules() if id(m) in embeds for p in m.parameters()}
     if out_layer is not None:
         skip |= {id(p) for p in out_layer.parameters()}
     silent = []
@@ -181,21 +194,31 @@ def check_all_linear(build: Callable[[], nn.Module]) -> tuple[str, list[str]]:
             continue
         for pname, p in module.named_parameters(recurse=False):
             full = f"{mname}.{pname}"
-            if id(p) in skip or not is_frozen_matrix(model, full, p):
+            if id(p) in skip or p.dim() < 2 or not p.is_floating_point() or p.requires_grad:
                 continue
-            if full not in set(named) and not parametrize.is_parametrized(module, pname):
+            suffix = ".".join(full.split(".")[-2:])
+            if parametrize.is_parametrized(module, pname):
+                continue
+            if f"'{mname}'" not in text and f"'{full}'" not in text and f"'{suffix}'" not in text:
                 silent.append(full)
     shapes = dict(model.named_parameters())
     moe_left = [
         n for n in named
-        if MOE.search(n) and not re.search(r"bias|A_log|\.fn$", n)
+        if MOE.search(n) and not re.search(r"bias|A_log|norm|\.fn$", n)
         and min(shapes[n].shape[-2:]) >= 2
     ]  # fmt: skip
-    if silent:
-        return "SILENT " + ",".join(_short(silent)), moe_left
-    if named and not warned:
-        return "NO-WARNING", moe_left
-    return "ok", moe_left
+    result = "SILENT " + ",".join(_short(silent)) if silent else "ok"
+    # follow the advice: its target_parameters are taken, and nothing it could link is left
+    advice = "-"
+    found = re.search(r"add target_parameters=(\[[^\]]*\])", text)
+    if found is not None:
+        try:
+            _opt, again = all_linear(build(), target_parameters=ast.literal_eval(found.group(1)))
+            left = [m for m in again if "add target_parameters=" in m]
+            advice = "ok" if not left else "LEFT " + left[0][:120]
+        except (ValueError, TypeError) as err:
+            advice = f"REFUSED {str(err)[:160]}"
+    return result, advice, moe_left
 
 
 def _short(names: list[str]) -> list[str]:
@@ -302,14 +325,14 @@ def probe(family: str) -> list[str]:
             break
         n_params = sum(p.numel() for p in model.parameters())
         try:
-            all_linear, moe_left = check_all_linear(build)
+            all_lin, advice, moe_left = check_all_linear(build)
             if moe_left:
                 tp = check_target_parameters(build, moe_left)
             else:
                 tp = ["(experts are nn.Linear)"]
             exp = _short(moe_left)
             rows.append(
-                f"| {family} | {label} | {n_params} | {all_linear} | {exp} | "
+                f"| {family} | {label} | {n_params} | {all_lin} | {advice} | {exp} | "
                 + " | ".join(tp)
                 + " |"
             )
@@ -322,8 +345,8 @@ def probe(family: str) -> list[str]:
 
 def main() -> None:
     chosen = sys.argv[1:] or families()
-    print("| family | experts | params | all-linear | target_parameters | train | knot | merge "
-          "| resume | peft |")  # fmt: skip
+    print("| family | experts | params | all-linear | its advice | target_parameters | train "
+          "| knot | merge | resume | peft |")  # fmt: skip
     for family in chosen:
         for row in probe(family):
             print(row, flush=True)

@@ -992,7 +992,7 @@ def test_all_linear_suggests_only_the_parameters_a_link_of_the_rank_fits() -> No
 
     [message] = chain()
     assert "model.layers.1.mlp.gate.moe_statics.e_score_correction_bias" in message
-    assert "['moe_statics.e_score_correction_bias'] are narrower than rank=2" in message
+    assert "['moe_statics.e_score_correction_bias'] cannot take a link of rank=2" in message
     found = re.search(r"target_parameters=(\[[^\]]*\])", message)
     assert found is not None
     suggested = ast.literal_eval(found.group(1))
