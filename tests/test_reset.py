@@ -263,6 +263,62 @@ def test_a_bitsandbytes_8bit_state_is_kept_or_restarted_with_its_counter(reset: 
         assert not restarted["absmax1"] and not restarted["absmax2"]
 
 
+@pytest.mark.parametrize("name", ["AdamW8bit", "AdamW4bit", "AdamWFp8"])
+@pytest.mark.parametrize("reset", ["none", "moments", "prune"])
+def test_a_torchao_low_bit_state_is_kept_restarted_or_pruned(name: str, reset: str) -> None:
+    """torchao's low-bit AdamW keeps its moments as quantized tensor subclasses shaped like the
+    factor, which have no ``abs``/``masked_fill_``/``zero_``: before, ``"prune"`` raised from
+    inside the knot (after the merge) at every retry. They are read through ``dequantize()`` and
+    written back through ``copy_``; the step counter is kept."""
+    tao = pytest.importorskip("torchao.optim")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Tanh(), torch.nn.Linear(256, 4))
+    opt = ChainLoRAOptimizer(
+        model, getattr(tao, name)(model.parameters(), lr=1e-3, block_size=32),
+        target_modules=["0"], rank=16, knot_every=2, reset=reset, prune_ratio=0.5,
+    )  # fmt: skip
+    x, y = torch.randn(16, 256), torch.randn(16, 4)
+    a = lora_parametrization(model[0]).lora_A  # (16, 256): 4,096 elements, quantized
+    before = {}
+
+    def hook(optimizer: object, args: object, kwargs: object) -> None:
+        if opt.optimizer_steps == 1:  # the state the knot after this step sees
+            moments = {k: v for k, v in opt.state[a].items() if k != "step"}
+            before.update({k: v.dequantize().clone() for k, v in moments.items()})
+
+    handle = opt.optimizer.register_step_post_hook(hook)
+    for _ in range(2):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    handle.remove()
+    state = opt.state[a]
+    assert opt.knots_tied == 1 and float(state["step"]) == 2
+    assert type(state["exp_avg"]).__name__.startswith("OptimState")  # still quantized
+    after = {k: state[k].dequantize() for k in before}
+    assert set(after) == {"exp_avg", "exp_avg_sq"} and before["exp_avg"].abs().sum() > 0
+    if reset == "none":
+        assert all(torch.equal(after[k], before[k]) for k in after)
+        return
+    start = initial_state(opt.optimizer, 0, a)  # where it starts: zero, or its smallest code
+    assert start is not None
+    begin = {k: start[k].dequantize() for k in after}
+    assert all(float(v.abs().max()) < 1e-12 for v in begin.values())
+    if reset == "moments":
+        assert all(torch.equal(after[k], begin[k]) for k in after)
+    else:  # half the entries restarted in both moments (one mask: the first moment's smallest)
+        drop = before["exp_avg"].abs() <= before["exp_avg"].abs().flatten().kthvalue(2048).values
+        assert drop.sum() >= 2048
+        for key in after:
+            # restarted where the optimizer starts, or at the smallest value its block can hold
+            # (the 4-bit unsigned map has no zero: 1/16 of the block's largest)
+            low = float(after[key][drop].abs().max())
+            bound = 0.0625 * float(before[key].abs().max()) if name == "AdamW4bit" else 0.0
+            assert low <= max(bound, 1e-12), (key, low)
+            kept, was = after[key][~drop], before[key][~drop]  # re-quantized: within its step
+            assert torch.allclose(kept, was, rtol=0.15, atol=0.02 * float(was.abs().max())), key
+
+
 def test_state_built_at_construction_is_restored_by_a_full_reset() -> None:
     model = mlp()
     opt = ChainLoRAOptimizer(
