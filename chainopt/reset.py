@@ -8,7 +8,8 @@
   shaped like the parameter) is restarted in *every* state tensor shaped like the parameter, with
   one mask; counters such as Adam's ``step`` are kept. One shared mask matters: pruning Adam's
   second moment where the first survives divides by ``√0 + ε`` and diverges. State of another
-  shape (Adafactor's factored row and column variances) has no entry-wise mask and is kept.
+  shape (Adafactor's factored row and column variances, torch's or transformers') has no
+  entry-wise mask and is kept.
 - ``"moments"``: every state tensor that is not a scalar (the moments, Adafactor's factored
   variances among them) is restarted, scalar counters (``step``) are kept: optimizers whose early
   steps are special (RAdam's rectification warm-up, a bias correction) do not start over.
@@ -122,8 +123,12 @@ class InitialState:
 
 def _per_parameter(entry: dict[str, Any], shape: torch.Size) -> bool:
     """Whether ``entry`` holds only counters and moments of this parameter: tensors of its shape,
-    or factored ones (Adafactor's ``(rows, 1)`` and ``(1, cols)``), or scalars. LBFGS' flat
-    history over all its parameters is not."""
+    or factored ones (torch's Adafactor's ``(rows, 1)`` and ``(1, cols)``, transformers'
+    ``(rows,)`` and ``(cols,)``), or scalars. LBFGS' flat history over all its parameters is
+    not."""
+    # transformers' Adafactor keeps a matrix's factors without the dimension they reduce:
+    # rows shape[:-1], columns shape[:-2] + shape[-1:]
+    reduced = {tuple(shape[:-1]), tuple(shape[:-2] + shape[-1:])} if len(shape) >= 2 else set()
     for value in entry.values():
         if isinstance(value, (list, tuple, dict)):
             return False
@@ -131,7 +136,7 @@ def _per_parameter(entry: dict[str, Any], shape: torch.Size) -> bool:
             fits = value.dim() == len(shape) and all(
                 v in (s, 1) for v, s in zip(value.shape, shape, strict=True)
             )
-            if not fits:
+            if not fits and tuple(value.shape) not in reduced:
                 return False
     return True
 

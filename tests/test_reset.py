@@ -129,6 +129,38 @@ def test_adafactor_s_factored_state_is_kept_or_zeroed_as_the_policy_says(reset: 
     assert matrices == 4
 
 
+@pytest.mark.parametrize("reset", ["none", "moments", "prune"])
+def test_transformers_adafactor_s_factored_state_is_kept_or_restarted(reset: str) -> None:
+    """transformers' ``Adafactor`` (the HF ``Trainer``'s ``optim="adafactor"``) keeps a
+    matrix's factors as ``(rows,)`` and ``(cols,)``. Before, ``"prune"`` took them for state of
+    another parameter and dropped the whole state with its step counter and RMS."""
+    from transformers.optimization import Adafactor
+
+    def states(knot_every: int) -> dict[str, dict[str, object]]:
+        torch.manual_seed(0)
+        model = mlp()
+        opt = ChainLoRAOptimizer(
+            model, lambda ps: Adafactor(ps, lr=1e-2, relative_step=False, scale_parameter=False),
+            target_modules=["0", "2"], rank=2, knot_every=knot_every, reset=reset,
+        )  # fmt: skip
+        _train(model, opt, 2)
+        names = {id(p): n for n, p in model.named_parameters()}
+        return {names[id(p)]: dict(opt.state[p]) for p in opt.factors() if p in opt.state}
+
+    unknotted, knotted = states(100), states(2)
+    assert sorted(knotted) == sorted(unknotted) and len(knotted) == 4
+    for name, state in knotted.items():
+        assert sorted(state) == sorted(unknotted[name]) and state["step"] == 2, name
+        for key in ("exp_avg_sq_row", "exp_avg_sq_col"):
+            value, was = state[key], unknotted[name][key]
+            assert isinstance(value, torch.Tensor) and isinstance(was, torch.Tensor)
+            assert value.dim() == 1 and value.shape == was.shape
+            if reset == "moments":  # where a fresh Adafactor's first step leaves them
+                assert float(value.abs().max()) < 1e-20, (name, key)
+            else:  # kept: prune has no mask for a factor
+                assert torch.equal(value, was), (name, key)
+
+
 def test_a_rank_change_drops_adafactor_s_state_under_any_policy() -> None:
     states = _adafactor_states("none", 2, rank=[3, 2])
     assert not any(n.endswith(("lora_A", "lora_B")) for n in states)  # resized, dropped
