@@ -714,6 +714,15 @@ def test_a_diffusers_unet_with_injected_lora_chains_and_saves_the_whole_chain(
     fresh.load_lora_adapter(str(tmp_path), prefix=None, use_safetensors=True)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, t, h).sample, trained, rtol=1e-5, atol=1e-5)
+    # in memory, in place of get_peft_model_state_dict(unet): the same keys and tensors
+    from safetensors.torch import load_file
+
+    from chainopt import peft_adapter_state_dict
+
+    state, saved_config = peft_adapter_state_dict(opt)
+    written = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert sorted(state) == sorted(written) and saved_config["r"] == 8
+    assert all(torch.equal(state[k].float(), written[k]) for k in state)
 
 
 def test_a_unet_whose_chain_was_merged_and_unloaded_refuses_its_adapter_save(
