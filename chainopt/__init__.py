@@ -31,7 +31,7 @@ from .history import ChainHistory, KnotRecord, LinkFactors
 from .init import InitPolicy, a_from_gradient
 from .lora import BiasDelta, LoRAParametrization
 from .optimizer import ChainLoRAOptimizer, KnotHook, OptimizerSpec
-from .peft_export import AdapterReport, export_peft_adapter
+from .peft_export import AdapterReport, export_peft_adapter, peft_adapter_state_dict
 from .reset import ResetPolicy
 from .schedule import KnotSchedule
 from .summary import ChainSummary, ModuleSummary
@@ -67,6 +67,7 @@ __all__ = [
     "load_checkpoint",
     "merge_and_unload",
     "merged_state_dict",
+    "peft_adapter_state_dict",
     "save_checkpoint",
     "save_merged",
     "saving_for_resume",

@@ -64,6 +64,7 @@ __all__ = [
     "chained_links",
     "install_whole_chain_save",
     "refuse_adapter_saves",
+    "whole_chain_adapter",
     "whole_chain_tensors",
 ]
 
@@ -227,6 +228,24 @@ def _whole_chain(model: Any) -> tuple[ChainSave, dict[str, Tensor], int]:
         raise ValueError(_MERGED_BASE.format(what="the chained adapter"))
     tensors, rank = whole_chain_tensors(chained_links(model), save.history)
     return save, tensors, rank
+
+
+def whole_chain_adapter(model: Any) -> tuple[dict[str, Tensor], Any]:
+    """What PEFT's ``get_peft_model_state_dict(model)`` returns for the chained adapter, with the
+    whole chain in it (one adapter of rank Σr), and the ``LoraConfig`` it loads with."""
+    from peft.utils import get_peft_model_state_dict
+
+    save, tensors, rank = _whole_chain(model)
+    state = dict(model.state_dict())
+    state.update(tensors)
+    saved = model.peft_config[save.adapter]
+    config = chain_config(saved, rank)
+    model.peft_config[save.adapter] = config
+    try:
+        layers = get_peft_model_state_dict(model, state_dict=state, adapter_name=save.adapter)
+    finally:
+        model.peft_config[save.adapter] = saved
+    return dict(layers), config
 
 
 def _save_pretrained(
@@ -410,18 +429,8 @@ def _save_lora_adapter(
         LORA_WEIGHT_NAME,
         LORA_WEIGHT_NAME_SAFE,
     )
-    from peft.utils import get_peft_model_state_dict
 
-    _, tensors, rank = _whole_chain(self)
-    state = dict(self.state_dict())
-    state.update(tensors)
-    saved = self.peft_config[save.adapter]
-    config = chain_config(saved, rank)
-    self.peft_config[save.adapter] = config
-    try:
-        layers = get_peft_model_state_dict(self, state_dict=state, adapter_name=save.adapter)
-    finally:
-        self.peft_config[save.adapter] = saved
+    layers, config = whole_chain_adapter(self)
     if os.path.isfile(save_directory):
         raise ValueError(f"save_directory must be a directory, got the file {save_directory}")
     os.makedirs(save_directory, exist_ok=True)

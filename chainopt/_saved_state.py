@@ -124,7 +124,11 @@ def check_saved_state(
     if not isinstance(entry, dict):
         raise ValueError(
             "state_dict has no 'chainopt' entry: it was not saved by "
-            "ChainLoRAOptimizer.state_dict()"
+            "ChainLoRAOptimizer.state_dict(). torch.distributed.checkpoint's get_state_dict/"
+            "get_optimizer_state_dict (which Accelerate's save_state calls under FSDP2) keep only "
+            "'state' and 'param_groups', so the chain's counters, generator and history are not "
+            "in what they save: save with chainopt.save_checkpoint(path, model, opt) on every "
+            "rank, or torch.save(opt.state_dict()) on each rank. Nothing was loaded"
         )
     saved_version = entry.get("version")
     if saved_version not in range(1, version + 1):

@@ -48,6 +48,7 @@ from ._peft_layers import PeftLink
 from ._peft_save import AWAITING, ChainSave, install_whole_chain_save
 from ._saved_state import chain_entry, check_saved_state, restore
 from ._schedule_free import KnotContext
+from ._state_probe import is_state_probe
 from ._validate import type_name
 from ._wrapper import WrappedOptimizer, own_instance_patches
 from .advice import DtypeWatch
@@ -226,6 +227,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         self.schedule = config.schedule()
         self.optimizer_steps = 0
         self._knot_hooks: dict[int, KnotHook] = OrderedDict()
+        self._probed = False  # the state is torch.distributed.checkpoint's probe's (_state_probe)
         undo = Undo(model, optimizer)  # whatever raises from here on leaves both as they were
         try:
             self.chain = build_chain(model, optimizer, config, master_weights, undo)
@@ -305,6 +307,11 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         nothing). A step a ``GradScaler`` skips for inf/NaN gradients is not counted: it does not
         call an unfused step, and a fused one (``fused=True``) it calls skips itself.
 
+        ``torch.distributed.checkpoint``'s state probe (``get_state_dict`` and
+        ``set_state_dict`` step an optimizer without state once, at learning rate 0 with zero
+        gradients) is not counted, and the state it builds is dropped at the next step (see
+        :mod:`chainopt._state_probe`).
+
         A knot that failed half-way (an exception inside it) and was not finished since (by
         :meth:`tie_knot` or :meth:`zero_grad`) is finished first; this step's gradients were then
         computed before it, so prefer ``zero_grad()`` or ``tie_knot()`` after catching the error.
@@ -321,11 +328,17 @@ class ChainLoRAOptimizer(WrappedOptimizer):
                 (``set_adapter`` to another, ``disable_adapter()``, ``merge_adapter()``). Nothing
                 was changed.
         """
+        if closure is None and is_state_probe(self._base):  # not a training step: uncounted
+            self._probed = True
+            return self._base.step()
         self._require_chain(full=self.schedule.is_due(self.optimizer_steps + 1))
         self._require_frozen_weights()
         self._require_held_factors()
         self._require_no_awaited_load()
         self._require_active_adapter()
+        if self._probed:  # the probe's state goes: the optimizer starts it afresh, as unprobed
+            self._base.state.clear()
+            self._probed = False
         if self.chain.pending is not None:
             self.tie_knot()
         if closure is None:
@@ -634,6 +647,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
 
     def _state_dict(self) -> dict[str, Any]:
         sd = self._base.state_dict()
+        if self._probed:  # what the state probe built is no state of this chain's training
+            sd["state"] = {}
         sd["chainopt"] = chain_entry(self.chain, self.optimizer_steps, _STATE_VERSION)
         if merged_save_pending(self.model):  # save_pretrained wrote merged weights: resume needs
             sd["chainopt"]["model"] = chain_tensors(self.model)  # the originals and factors
@@ -663,6 +678,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         )
         restore(self.chain, self.model, checked)
         self.model.__dict__.pop(AWAITING, None)
+        self._probed = False
         self.optimizer_steps = checked.optimizer_steps
         self._arm()
 

@@ -56,9 +56,9 @@ from ._experts import ParameterLink, split_experts
 from ._layers import find_adapted
 from ._load_guard import loaded_plain_weights
 from ._lowrank import compress, factorise
-from ._marks import base_merged
+from ._marks import PEFT_SAVE, base_merged
 from ._peft_layers import PeftLink, is_peft_lora_layer
-from ._peft_save import whole_chain_tensors
+from ._peft_save import whole_chain_adapter, whole_chain_tensors
 from ._quant_backends import backend_for
 from ._rank_zero import write_once
 from ._record import ModuleRecord
@@ -70,7 +70,7 @@ from .optimizer import ChainLoRAOptimizer
 from .quantized import quantized_weight
 from .targets import is_linear_like, select_modules
 
-__all__ = ["AdapterReport", "export_peft_adapter"]
+__all__ = ["AdapterReport", "export_peft_adapter", "peft_adapter_state_dict"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -173,98 +173,13 @@ def _refuse_aliased(chain: ChainLoRAOptimizer) -> None:
         )
 
 
-def export_peft_adapter(
-    chain: ChainLoRAOptimizer,
-    path: str | os.PathLike[str],
-    rank: int | None = None,
-    *,
-    base: nn.Module | Mapping[str, Tensor] | None = None,
-    task_type: str | None = "auto",
-    base_model_name_or_path: str | None = None,
-) -> AdapterReport:
-    """Write the whole chain as a PEFT LoRA adapter (``adapter_config.json`` + safetensors).
-
-    ``PeftModel.from_pretrained(base, path)`` over the *original* base model (the weights the
-    optimizer was built on) then computes what the fine-tuned model computes, to float32
-    precision. Modules kept trainable (``trainable_modules``) are saved whole as PEFT's
-    ``modules_to_save``. Export before ``merge_and_unload()``.
-
-    The merged links come from ``opt.history`` when the chain keeps it (``keep_history=True``);
-    otherwise from ``base``, the original weights: each module's whole update
-    ``ΔW = W − W₀`` then has rank at most the chain's ``Σ rᵢ`` and is factorised through a
-    randomized range finder and an SVD of its ``(Σ rᵢ + 8)``-column sketch (``O(out·in·Σ rᵢ)``),
-    exact to float32 rounding (the report gives what is left).
-
-    Parameters adapted with ``target_parameters`` (fused mixture-of-experts weights, routers)
-    are written as PEFT's ``target_parameters``: each expert's links stacked (rank ``Σ rᵢ`` per
-    expert) in PEFT's ``ParamWrapper`` layout, ``lora_A`` ``(r·E, in)`` and ``lora_B``
-    ``(out, r·E)`` interleaved, under the keys PEFT's own injection gives them (it nests the
-    wrappers of a module's parameters); ``rank=k`` compresses each expert on its own. This
-    needs peft and a Hugging Face model (rebuilt on the meta device to ask PEFT).
-
-    A chain of PEFT's own layers (a chained ``PeftModel``) is written by the model's
-    ``save_pretrained``, which writes the whole chain exactly with the model's ``LoraConfig``
-    (see :mod:`chainopt._peft_layers`); ``rank`` and ``base`` are refused there.
-
-    Under FSDP2 (a model sharded by ``fully_shard``) call it on every rank: every rank gathers
-    what it needs and gets the report, rank 0 alone writes, and no rank returns before the
-    files are in place (if rank 0 cannot write, every rank raises).
-
-    Args:
-        chain: the optimizer.
-        path: the directory to write (created if missing).
-        rank: ``None`` writes the chain exactly (rank: the longest stacked chain); an int ``k``
-            writes each module's best rank-``k`` approximation (see the report's errors).
-        base: the original base model, or its state dict under plain keys
-            (``"….q_proj.weight"``), before any chain was merged into it; needed once knots
-            were tied without history, after ``merge_and_unload()`` (of this chain, or of an
-            earlier one on the same model), or after a plain (merged) checkpoint was loaded
-            into the chained model (``load_best_model_at_end`` without the chain's optimizer
-            state). Ignored while ``opt.history`` holds every merged link.
-        task_type: PEFT's ``task_type``; ``"auto"`` infers it from the model class name
-            (``…ForCausalLM`` → ``"CAUSAL_LM"``, …), ``None`` writes none.
-        base_model_name_or_path: recorded in the config; default: the model's ``name_or_path``.
-
-    Returns:
-        An :class:`AdapterReport` with the rank and the relative errors left.
-
-    Raises:
-        TypeError: ``chain`` is not a :class:`~chainopt.ChainLoRAOptimizer`.
-        ValueError: a bad ``rank``; knots were tied with ``keep_history=False``,
-            ``merge_and_unload()`` was called or a plain checkpoint loaded, and no ``base`` was
-            given (or it lacks a weight, or holds one of another shape); PEFT would refuse to
-            load the adapter into the model's architecture (Mamba's ``out_proj``, say: see
-            :func:`_check_peft_loads`); a chain with ``target_parameters`` on a model that is
-            not a Hugging Face one (or without peft), or with ``lora_bias=True``; an adapted
-            module the model holds at several places (PEFT would adapt one). Nothing is
-            written then.
-        ImportError: ``safetensors`` is not installed.
-
-    Example:
-        >>> import os, tempfile
-        >>> import torch
-        >>> from torch import nn
-        >>> from chainopt import ChainLoRAOptimizer
-        >>> model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
-        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
-        ...                          target_modules=["0"], rank=2, knot_every=1,
-        ...                          keep_history=True)
-        >>> def train():  # a trained B, say (a new link's B is 0 and adds no rank)
-        ...     with torch.no_grad():
-        ...         _ = model[0].parametrizations.weight[0].lora_B.normal_()
-        >>> train()
-        >>> _ = opt.tie_knot()
-        >>> train()  # one merged link and one pending: rank 2 + 2
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     report = export_peft_adapter(opt, d)
-        ...     files = sorted(os.listdir(d))
-        >>> files, report.rank
-        (['adapter_config.json', 'adapter_model.safetensors'], 4)
-    """
+def _check_arguments(
+    chain: object, rank: object, base: object, base_model_name_or_path: object
+) -> ChainLoRAOptimizer:
+    """Refuse bad arguments to :func:`export_peft_adapter` or :func:`peft_adapter_state_dict`
+    and chains no adapter can hold; nothing is read from the model yet."""
     if not isinstance(chain, ChainLoRAOptimizer):
         raise TypeError(f"chain must be a ChainLoRAOptimizer, got {type_name(chain)}")
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type_name(path)}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ValueError(f"rank must be None (exact) or a positive int, got {rank!r}")
     if base is not None and not isinstance(base, (nn.Module, Mapping)):
@@ -281,9 +196,33 @@ def export_peft_adapter(
             "path) instead; nothing was written"
         )
     _refuse_aliased(chain)
-    peft = [(r.name, r.link) for r in chain.chain.records if isinstance(r.link, PeftLink)]
-    if peft:  # a chained PeftModel: its own save_pretrained writes the whole chain
-        return _export_peft_chain(chain, Path(path), peft, rank, base)
+    return chain
+
+
+def _peft_links(chain: ChainLoRAOptimizer) -> list[tuple[str, PeftLink]]:
+    return [(r.name, r.link) for r in chain.chain.records if isinstance(r.link, PeftLink)]
+
+
+@dataclass(frozen=True)
+class _Adapter:
+    """An adapter built in memory: PEFT's saved keys and config, and what the report says."""
+
+    tensors: dict[str, Tensor]
+    config: dict[str, Any]
+    rank: int
+    chain_ranks: dict[str, int]
+    errors: dict[str, float]
+    overall: float
+
+
+def _build(
+    chain: ChainLoRAOptimizer,
+    rank: int | None,
+    base: nn.Module | Mapping[str, Tensor] | None,
+    task_type: str | None,
+    base_model_name_or_path: str | None,
+) -> _Adapter:
+    """The adapter of a chain of chainopt's own links (see :func:`export_peft_adapter`)."""
     history = chain.history
     chained = chain.chain.records  # none once unloaded by the optimizer; stale behind its back
     unloaded = not chained or not all(r.attached() for r in chained)
@@ -343,13 +282,6 @@ def export_peft_adapter(
         if from_history or base is None
         else _base_tensors(base, model, names, lora_bias, param_names)
     )
-    try:
-        from safetensors.torch import save as safetensors_bytes
-    except ImportError as err:
-        raise ImportError(
-            "export_peft_adapter writes safetensors: pip install safetensors"
-        ) from err
-
     sketched: dict[str, float] = {}
     if originals is None:
         stacks = {name: _stack(records[name], history) for name in names}
@@ -458,20 +390,202 @@ def export_peft_adapter(
             a_full, b_full = experts_tensors[name]
             tensors[f"{_PREFIX}{key}.lora_A.weight"] = a_full
             tensors[f"{_PREFIX}{key}.lora_B.weight"] = b_full
+    overall = math.sqrt(left_total / norm_total) if norm_total > 0 else 0.0
+    chain_ranks = {name: b.shape[1] for name, (b, _a) in stacks.items()}
+    chain_ranks |= {name: max(b.shape[1] for b, _a in pairs) for name, pairs in experts.items()}
+    return _Adapter(tensors, config, r, chain_ranks, errors, overall)
+
+
+def export_peft_adapter(
+    chain: ChainLoRAOptimizer,
+    path: str | os.PathLike[str],
+    rank: int | None = None,
+    *,
+    base: nn.Module | Mapping[str, Tensor] | None = None,
+    task_type: str | None = "auto",
+    base_model_name_or_path: str | None = None,
+) -> AdapterReport:
+    """Write the whole chain as a PEFT LoRA adapter (``adapter_config.json`` + safetensors).
+
+    ``PeftModel.from_pretrained(base, path)`` over the *original* base model (the weights the
+    optimizer was built on) then computes what the fine-tuned model computes, to float32
+    precision. Modules kept trainable (``trainable_modules``) are saved whole as PEFT's
+    ``modules_to_save``. Export before ``merge_and_unload()``.
+
+    The merged links come from ``opt.history`` when the chain keeps it (``keep_history=True``);
+    otherwise from ``base``, the original weights: each module's whole update
+    ``ΔW = W − W₀`` then has rank at most the chain's ``Σ rᵢ`` and is factorised through a
+    randomized range finder and an SVD of its ``(Σ rᵢ + 8)``-column sketch (``O(out·in·Σ rᵢ)``),
+    exact to float32 rounding (the report gives what is left).
+
+    Parameters adapted with ``target_parameters`` (fused mixture-of-experts weights, routers)
+    are written as PEFT's ``target_parameters``: each expert's links stacked (rank ``Σ rᵢ`` per
+    expert) in PEFT's ``ParamWrapper`` layout, ``lora_A`` ``(r·E, in)`` and ``lora_B``
+    ``(out, r·E)`` interleaved, under the keys PEFT's own injection gives them (it nests the
+    wrappers of a module's parameters); ``rank=k`` compresses each expert on its own. This
+    needs peft and a Hugging Face model (rebuilt on the meta device to ask PEFT).
+
+    A chain of PEFT's own layers (a chained ``PeftModel``) is written by the model's
+    ``save_pretrained``, which writes the whole chain exactly with the model's ``LoraConfig``
+    (see :mod:`chainopt._peft_layers`); ``rank`` and ``base`` are refused there.
+
+    Under FSDP2 (a model sharded by ``fully_shard``) call it on every rank: every rank gathers
+    what it needs and gets the report, rank 0 alone writes, and no rank returns before the
+    files are in place (if rank 0 cannot write, every rank raises).
+
+    Args:
+        chain: the optimizer.
+        path: the directory to write (created if missing).
+        rank: ``None`` writes the chain exactly (rank: the longest stacked chain); an int ``k``
+            writes each module's best rank-``k`` approximation (see the report's errors).
+        base: the original base model, or its state dict under plain keys
+            (``"….q_proj.weight"``), before any chain was merged into it; needed once knots
+            were tied without history, after ``merge_and_unload()`` (of this chain, or of an
+            earlier one on the same model), or after a plain (merged) checkpoint was loaded
+            into the chained model (``load_best_model_at_end`` without the chain's optimizer
+            state). Ignored while ``opt.history`` holds every merged link.
+        task_type: PEFT's ``task_type``; ``"auto"`` infers it from the model class name
+            (``…ForCausalLM`` → ``"CAUSAL_LM"``, …), ``None`` writes none.
+        base_model_name_or_path: recorded in the config; default: the model's ``name_or_path``.
+
+    Returns:
+        An :class:`AdapterReport` with the rank and the relative errors left.
+
+    Raises:
+        TypeError: ``chain`` is not a :class:`~chainopt.ChainLoRAOptimizer`.
+        ValueError: a bad ``rank``; knots were tied with ``keep_history=False``,
+            ``merge_and_unload()`` was called or a plain checkpoint loaded, and no ``base`` was
+            given (or it lacks a weight, or holds one of another shape); PEFT would refuse to
+            load the adapter into the model's architecture (Mamba's ``out_proj``, say: see
+            :func:`_check_peft_loads`); a chain with ``target_parameters`` on a model that is
+            not a Hugging Face one (or without peft), or with ``lora_bias=True``; an adapted
+            module the model holds at several places (PEFT would adapt one). Nothing is
+            written then.
+        ImportError: ``safetensors`` is not installed.
+
+    Example:
+        >>> import os, tempfile
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0"], rank=2, knot_every=1,
+        ...                          keep_history=True)
+        >>> def train():  # a trained B, say (a new link's B is 0 and adds no rank)
+        ...     with torch.no_grad():
+        ...         _ = model[0].parametrizations.weight[0].lora_B.normal_()
+        >>> train()
+        >>> _ = opt.tie_knot()
+        >>> train()  # one merged link and one pending: rank 2 + 2
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     report = export_peft_adapter(opt, d)
+        ...     files = sorted(os.listdir(d))
+        >>> files, report.rank
+        (['adapter_config.json', 'adapter_model.safetensors'], 4)
+    """
+    chain = _check_arguments(chain, rank, base, base_model_name_or_path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type_name(path)}")
+    peft = _peft_links(chain)
+    if peft:  # a chained PeftModel: its own save_pretrained writes the whole chain
+        return _export_peft_chain(chain, Path(path), peft, rank, base)
+    try:
+        from safetensors.torch import save as safetensors_bytes
+    except ImportError as err:
+        raise ImportError(
+            "export_peft_adapter writes safetensors: pip install safetensors"
+        ) from err
+    adapter = _build(chain, rank, base, task_type, base_model_name_or_path)
     out_dir = Path(path)
-    weights = safetensors_bytes(tensors, metadata={"format": "pt"})
-    text = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    weights = safetensors_bytes(adapter.tensors, metadata={"format": "pt"})
+    text = (json.dumps(adapter.config, indent=2, sort_keys=True) + "\n").encode()
 
     def write() -> None:  # like every file chainopt writes: atomically, 0600 until complete
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomically(out_dir / WEIGHTS_NAME, lambda f: f.write(weights))
         write_atomically(out_dir / CONFIG_NAME, lambda f: f.write(text))
 
-    write_once(model, write, f"the adapter to {str(out_dir)!r}")  # FSDP2: rank 0 alone
-    overall = math.sqrt(left_total / norm_total) if norm_total > 0 else 0.0
-    chain_ranks = {name: b.shape[1] for name, (b, _a) in stacks.items()}
-    chain_ranks |= {name: max(b.shape[1] for b, _a in pairs) for name, pairs in experts.items()}
-    return AdapterReport(out_dir, r, chain_ranks, errors, overall)
+    write_once(chain.model, write, f"the adapter to {str(out_dir)!r}")  # FSDP2: rank 0 alone
+    return AdapterReport(
+        out_dir, adapter.rank, adapter.chain_ranks, adapter.errors, adapter.overall
+    )
+
+
+def peft_adapter_state_dict(
+    chain: ChainLoRAOptimizer,
+    rank: int | None = None,
+    *,
+    base: nn.Module | Mapping[str, Tensor] | None = None,
+    task_type: str | None = "auto",
+    base_model_name_or_path: str | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The whole chain as one PEFT LoRA adapter, in memory: its state dict and its config.
+
+    What :func:`export_peft_adapter` would write, without writing it: the state dict under
+    PEFT's saved keys (what ``peft.get_peft_model_state_dict`` returns and
+    ``set_peft_model_state_dict`` takes; for a model with injected PEFT layers, such as a
+    diffusers UNet, the keys that function gives it, which diffusers' ``save_lora_weights``
+    takes), and the config as a dict (``LoraConfig(**config)``). Use it where a training script
+    takes ``get_peft_model_state_dict(model)`` by hand: on a chained model that holds only the
+    link under way (the merged links are in the base weights), so loaded onto the original base
+    it computes another model. The arguments, the exactness and the refusals are
+    :func:`export_peft_adapter`'s; under FSDP2 call it on every rank, each gets the whole
+    tensors.
+
+    Returns:
+        ``(state_dict, config)``; the tensors are on the CPU for chainopt's own links, where the
+        model keeps them for PEFT's layers.
+
+    Raises:
+        TypeError: ``chain`` is not a :class:`~chainopt.ChainLoRAOptimizer`.
+        ValueError: as :func:`export_peft_adapter`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+        >>> from chainopt import ChainLoRAOptimizer
+        >>> torch.manual_seed(0)
+        <torch._C.Generator object at ...>
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> original = {k: v.clone() for k, v in model.state_dict().items()}
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0"], rank=2, knot_every=2,
+        ...                          keep_history=True)
+        >>> x = torch.randn(4, 8)
+        >>> for _ in range(5):  # two knots and a link under way
+        ...     model(x).square().mean().backward()
+        ...     opt.step()
+        ...     opt.zero_grad()
+        >>> state, config = peft_adapter_state_dict(opt)
+        >>> config["r"], sorted(state)
+        (6, ['base_model.model.0.lora_A.weight', 'base_model.model.0.lora_B.weight'])
+        >>> plain = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> _ = plain.load_state_dict(original)
+        >>> keys = ("r", "lora_alpha", "target_modules")
+        >>> served = get_peft_model(plain, LoraConfig(**{k: config[k] for k in keys}))
+        >>> _ = set_peft_model_state_dict(served, state)
+        >>> torch.allclose(served(x), model(x), atol=1e-6)
+        True
+    """
+    chain = _check_arguments(chain, rank, base, base_model_name_or_path)
+    if _peft_links(chain):  # PEFT's own layers: PEFT's own state dict of the whole chain
+        if rank is not None or base is not None:
+            raise ValueError(
+                "rank= and base= are not taken for a chain of PEFT's own layers: its links are "
+                "all kept, exactly"
+            )
+        if PEFT_SAVE not in vars(chain.model):
+            raise ValueError(
+                "this chain's PEFT layers are not in a PeftModel or a diffusers model: wrap the "
+                "model with peft.get_peft_model before chaining, or deploy the merged model "
+                "with chainopt.merged_state_dict"
+            )
+        state, config = whole_chain_adapter(chain.model)
+        return state, config.to_dict()
+    adapter = _build(chain, rank, base, task_type, base_model_name_or_path)
+    return adapter.tensors, adapter.config
 
 
 # PEFT's own rule where peft is not installed to run it (peft.tuners.tuners_utils,

@@ -8,7 +8,8 @@
   shaped like the parameter) is restarted in *every* state tensor shaped like the parameter, with
   one mask; counters such as Adam's ``step`` are kept. One shared mask matters: pruning Adam's
   second moment where the first survives divides by ``√0 + ε`` and diverges. State of another
-  shape (Adafactor's factored row and column variances) has no entry-wise mask and is kept.
+  shape (Adafactor's factored row and column variances, torch's or transformers') has no
+  entry-wise mask and is kept.
 - ``"moments"``: every state tensor that is not a scalar (the moments, Adafactor's factored
   variances among them) is restarted, scalar counters (``step``) are kept: optimizers whose early
   steps are special (RAdam's rectification warm-up, a bias correction) do not start over.
@@ -19,7 +20,13 @@ zero for the moments of Adam, SGD, RMSprop, Adafactor, but Rprop's step sizes go
 State that is not the parameter's own (LBFGS keeps one flat history for all its parameters)
 is dropped by ``"prune"`` and ``"moments"``; a quantized state (bitsandbytes' 8-bit codes and
 block maxima) is restarted by ``"moments"`` (counters kept) and dropped by ``"prune"``, whose
-magnitudes it does not hold.
+magnitudes it does not hold. A quantized tensor subclass shaped like the parameter (torchao's
+``AdamW8bit``/``AdamW4bit``/``AdamWFp8`` states) is read through its own ``dequantize()`` and
+written back through ``copy_`` (which quantizes it again): ``"moments"`` restarts it exactly where
+the optimizer starts it; ``"prune"`` masks its dequantized values, so the entries it keeps move by
+at most that optimizer's own quantization step and those it restarts hold the smallest value their
+block can (zero, but 1/16 of the block's largest for ``AdamW4bit``'s second moment, whose map has
+no zero).
 
 A factor whose shape changed (rank step-down: the knot says which), and a link dropped because
 it was not finite, always lose their state; the state of any other factor keeps its entries and
@@ -116,8 +123,12 @@ class InitialState:
 
 def _per_parameter(entry: dict[str, Any], shape: torch.Size) -> bool:
     """Whether ``entry`` holds only counters and moments of this parameter: tensors of its shape,
-    or factored ones (Adafactor's ``(rows, 1)`` and ``(1, cols)``), or scalars. LBFGS' flat
-    history over all its parameters is not."""
+    or factored ones (torch's Adafactor's ``(rows, 1)`` and ``(1, cols)``, transformers'
+    ``(rows,)`` and ``(cols,)``), or scalars. LBFGS' flat history over all its parameters is
+    not."""
+    # transformers' Adafactor keeps a matrix's factors without the dimension they reduce:
+    # rows shape[:-1], columns shape[:-2] + shape[-1:]
+    reduced = {tuple(shape[:-1]), tuple(shape[:-2] + shape[-1:])} if len(shape) >= 2 else set()
     for value in entry.values():
         if isinstance(value, (list, tuple, dict)):
             return False
@@ -125,7 +136,7 @@ def _per_parameter(entry: dict[str, Any], shape: torch.Size) -> bool:
             fits = value.dim() == len(shape) and all(
                 v in (s, 1) for v, s in zip(value.shape, shape, strict=True)
             )
-            if not fits:
+            if not fits and tuple(value.shape) not in reduced:
                 return False
     return True
 
@@ -149,6 +160,17 @@ def _covered(entry: dict[str, Any], start: Mapping[str, Any] | None) -> bool:
 def _moments(entry: dict[str, Any]) -> list[tuple[str, Tensor]]:
     """The state tensors that are not scalars (the moments), with their keys."""
     return [(k, v) for k, v in entry.items() if isinstance(v, Tensor) and v.dim() > 0]
+
+
+def _quantized(t: Tensor) -> bool:
+    """Whether ``t`` is a quantized tensor subclass with its own ``dequantize()`` (torchao's
+    low-bit optimizer states), which supports ``copy_`` but not the in-place fills and masks."""
+    return type(t).dequantize is not Tensor.dequantize
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t``'s values as a plain tensor (dequantized where ``t`` is quantized)."""
+    return t.dequantize() if _quantized(t) else t
 
 
 def _start_of(key: str, t: Tensor, start: Mapping[str, Any] | None) -> Tensor | None:
@@ -175,12 +197,15 @@ def _prune_(
     k = int(ratio * moments[0][1].numel())
     if k <= 0:
         return
-    magnitude = moments[0][1].detach().abs().float()
+    magnitude = _dense(moments[0][1].detach()).abs().float()
     threshold = magnitude.flatten().kthvalue(k).values
     drop = magnitude <= threshold
     for key, t in moments:
         begin = _start_of(key, t, start)
-        if begin is None:
+        if _quantized(t):  # masked on its values, then quantized again by copy_
+            value = _dense(t)
+            t.copy_(torch.where(drop, 0 if begin is None else _dense(begin), value))
+        elif begin is None:
             t.masked_fill_(drop, 0)
         else:
             t.copy_(torch.where(drop, begin, t))
@@ -256,10 +281,12 @@ def _restart_(
     counters stay."""
     for key, t in moments:
         begin = _start_of(key, t, start)
-        if begin is None:
-            t.zero_()
-        else:
+        if begin is not None:
             t.copy_(begin)
+        elif _quantized(t):  # no zero_ on a quantized subclass; copy_ quantizes the zeros
+            t.copy_(torch.zeros(t.shape, dtype=t.dtype, device=t.device))
+        else:
+            t.zero_()
 
 
 _EDITS: dict[

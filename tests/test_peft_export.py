@@ -588,3 +588,48 @@ def test_a_chain_on_a_module_held_at_two_places_is_not_exported(tmp_path: Path) 
         with pytest.raises(ValueError, match=r"holds at several places \(\['0', '2'\]\)"):
             export_peft_adapter(opt, tmp_path / "adapter", base=original if unload else None)
         assert not (tmp_path / "adapter").exists()
+
+
+def test_the_adapter_in_memory_is_what_export_writes_and_peft_loads_it(tmp_path: Path) -> None:
+    """``peft_adapter_state_dict``: the tensors and config ``export_peft_adapter`` writes,
+    bitwise, which ``set_peft_model_state_dict`` loads onto the original base to the trained
+    logits (where PEFT's own ``get_peft_model_state_dict`` cannot see a plain chain at all)."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    from chainopt import peft_adapter_state_dict
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    original = copy.deepcopy(model)
+    opt = _train_lm(model, 5, trainable_modules=["lm_head"])
+    state, config = peft_adapter_state_dict(opt)
+    export_peft_adapter(opt, tmp_path)
+    written = load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(state) == sorted(written)
+    assert all(torch.equal(state[k], written[k]) for k in state)
+    assert config == json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["r"] == 12 and config["modules_to_save"] == ["lm_head"]
+    fields = ("r", "lora_alpha", "target_modules", "modules_to_save")
+    served = get_peft_model(original, LoraConfig(**{k: config[k] for k in fields})).eval()
+    set_peft_model_state_dict(served, state)
+    model.eval()
+    torch.testing.assert_close(_logits(served), _logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_the_adapter_in_memory_refuses_what_export_refuses() -> None:
+    from chainopt import peft_adapter_state_dict
+
+    model = mlp()
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules=["0"], rank=2,
+        knot_every=1,
+    )  # fmt: skip
+    with torch.no_grad():
+        lora_parametrization(model[0]).lora_B.normal_()
+    opt.tie_knot()  # without history: the merged link is gone
+    with pytest.raises(ValueError, match="keep_history=False"):
+        peft_adapter_state_dict(opt)
+    with pytest.raises(TypeError, match="chain must be a ChainLoRAOptimizer"):
+        peft_adapter_state_dict(model)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rank must be"):
+        peft_adapter_state_dict(opt, rank=0)

@@ -714,6 +714,15 @@ def test_a_diffusers_unet_with_injected_lora_chains_and_saves_the_whole_chain(
     fresh.load_lora_adapter(str(tmp_path), prefix=None, use_safetensors=True)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, t, h).sample, trained, rtol=1e-5, atol=1e-5)
+    # in memory, in place of get_peft_model_state_dict(unet): the same keys and tensors
+    from safetensors.torch import load_file
+
+    from chainopt import peft_adapter_state_dict
+
+    state, saved_config = peft_adapter_state_dict(opt)
+    written = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert sorted(state) == sorted(written) and saved_config["r"] == 8
+    assert all(torch.equal(state[k].float(), written[k]) for k in state)
 
 
 def test_a_unet_whose_chain_was_merged_and_unloaded_refuses_its_adapter_save(
@@ -1375,3 +1384,38 @@ def test_a_step_while_peft_has_taken_the_chained_adapter_out_refuses(switch: str
         model.unmerge_adapter()
     _train(model, opt, 2)  # put back, the chain trains and knots on
     assert opt.knots_tied == 1
+
+
+def test_the_whole_chain_in_memory_replaces_get_peft_model_state_dict(tmp_path: Path) -> None:
+    """PEFT's ``get_peft_model_state_dict`` of a chained ``PeftModel`` holds the link under way
+    only (0.4 off the trained logits on the original base after 2 knots), which chainopt cannot
+    see; ``peft_adapter_state_dict(opt)`` is the whole chain, what ``save_pretrained`` writes."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from chainopt import peft_adapter_state_dict
+
+    model = _peft_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 5)
+    trained = _logits(model)
+    state, config = peft_adapter_state_dict(opt)
+    assert config["r"] == config["lora_alpha"] == 12
+    model.save_pretrained(tmp_path)
+    written = load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(state) == sorted(written)
+    assert all(torch.equal(state[k].cpu(), written[k]) for k in state)
+
+    def served(adapter: dict[str, torch.Tensor], r: int, alpha: int) -> nn.Module:
+        fresh = get_peft_model(
+            tiny_llama(), LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"])
+        )
+        set_peft_model_state_dict(fresh, adapter)
+        return fresh.eval()
+
+    torch.testing.assert_close(_logits(served(state, 12, 12)), trained, rtol=1e-5, atol=1e-5)
+    peft_own = get_peft_model_state_dict(model)  # the link under way: another model
+    assert (_logits(served(peft_own, 4, 8)) - trained).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="rank= and base= are not taken"):
+        peft_adapter_state_dict(opt, rank=4)

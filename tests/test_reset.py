@@ -129,6 +129,38 @@ def test_adafactor_s_factored_state_is_kept_or_zeroed_as_the_policy_says(reset: 
     assert matrices == 4
 
 
+@pytest.mark.parametrize("reset", ["none", "moments", "prune"])
+def test_transformers_adafactor_s_factored_state_is_kept_or_restarted(reset: str) -> None:
+    """transformers' ``Adafactor`` (the HF ``Trainer``'s ``optim="adafactor"``) keeps a
+    matrix's factors as ``(rows,)`` and ``(cols,)``. Before, ``"prune"`` took them for state of
+    another parameter and dropped the whole state with its step counter and RMS."""
+    from transformers.optimization import Adafactor
+
+    def states(knot_every: int) -> dict[str, dict[str, object]]:
+        torch.manual_seed(0)
+        model = mlp()
+        opt = ChainLoRAOptimizer(
+            model, lambda ps: Adafactor(ps, lr=1e-2, relative_step=False, scale_parameter=False),
+            target_modules=["0", "2"], rank=2, knot_every=knot_every, reset=reset,
+        )  # fmt: skip
+        _train(model, opt, 2)
+        names = {id(p): n for n, p in model.named_parameters()}
+        return {names[id(p)]: dict(opt.state[p]) for p in opt.factors() if p in opt.state}
+
+    unknotted, knotted = states(100), states(2)
+    assert sorted(knotted) == sorted(unknotted) and len(knotted) == 4
+    for name, state in knotted.items():
+        assert sorted(state) == sorted(unknotted[name]) and state["step"] == 2, name
+        for key in ("exp_avg_sq_row", "exp_avg_sq_col"):
+            value, was = state[key], unknotted[name][key]
+            assert isinstance(value, torch.Tensor) and isinstance(was, torch.Tensor)
+            assert value.dim() == 1 and value.shape == was.shape
+            if reset == "moments":  # where a fresh Adafactor's first step leaves them
+                assert float(value.abs().max()) < 1e-20, (name, key)
+            else:  # kept: prune has no mask for a factor
+                assert torch.equal(value, was), (name, key)
+
+
 def test_a_rank_change_drops_adafactor_s_state_under_any_policy() -> None:
     states = _adafactor_states("none", 2, rank=[3, 2])
     assert not any(n.endswith(("lora_A", "lora_B")) for n in states)  # resized, dropped
@@ -261,6 +293,62 @@ def test_a_bitsandbytes_8bit_state_is_kept_or_restarted_with_its_counter(reset: 
         assert all(restarted.values()), restarted
     else:  # kept: the moments are the trained ones
         assert not restarted["absmax1"] and not restarted["absmax2"]
+
+
+@pytest.mark.parametrize("name", ["AdamW8bit", "AdamW4bit", "AdamWFp8"])
+@pytest.mark.parametrize("reset", ["none", "moments", "prune"])
+def test_a_torchao_low_bit_state_is_kept_restarted_or_pruned(name: str, reset: str) -> None:
+    """torchao's low-bit AdamW keeps its moments as quantized tensor subclasses shaped like the
+    factor, which have no ``abs``/``masked_fill_``/``zero_``: before, ``"prune"`` raised from
+    inside the knot (after the merge) at every retry. They are read through ``dequantize()`` and
+    written back through ``copy_``; the step counter is kept."""
+    tao = pytest.importorskip("torchao.optim")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Tanh(), torch.nn.Linear(256, 4))
+    opt = ChainLoRAOptimizer(
+        model, getattr(tao, name)(model.parameters(), lr=1e-3, block_size=32),
+        target_modules=["0"], rank=16, knot_every=2, reset=reset, prune_ratio=0.5,
+    )  # fmt: skip
+    x, y = torch.randn(16, 256), torch.randn(16, 4)
+    a = lora_parametrization(model[0]).lora_A  # (16, 256): 4,096 elements, quantized
+    before = {}
+
+    def hook(optimizer: object, args: object, kwargs: object) -> None:
+        if opt.optimizer_steps == 1:  # the state the knot after this step sees
+            moments = {k: v for k, v in opt.state[a].items() if k != "step"}
+            before.update({k: v.dequantize().clone() for k, v in moments.items()})
+
+    handle = opt.optimizer.register_step_post_hook(hook)
+    for _ in range(2):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    handle.remove()
+    state = opt.state[a]
+    assert opt.knots_tied == 1 and float(state["step"]) == 2
+    assert type(state["exp_avg"]).__name__.startswith("OptimState")  # still quantized
+    after = {k: state[k].dequantize() for k in before}
+    assert set(after) == {"exp_avg", "exp_avg_sq"} and before["exp_avg"].abs().sum() > 0
+    if reset == "none":
+        assert all(torch.equal(after[k], before[k]) for k in after)
+        return
+    start = initial_state(opt.optimizer, 0, a)  # where it starts: zero, or its smallest code
+    assert start is not None
+    begin = {k: start[k].dequantize() for k in after}
+    assert all(float(v.abs().max()) < 1e-12 for v in begin.values())
+    if reset == "moments":
+        assert all(torch.equal(after[k], begin[k]) for k in after)
+    else:  # half the entries restarted in both moments (one mask: the first moment's smallest)
+        drop = before["exp_avg"].abs() <= before["exp_avg"].abs().flatten().kthvalue(2048).values
+        assert drop.sum() >= 2048
+        for key in after:
+            # restarted where the optimizer starts, or at the smallest value its block can hold
+            # (the 4-bit unsigned map has no zero: 1/16 of the block's largest)
+            low = float(after[key][drop].abs().max())
+            bound = 0.0625 * float(before[key].abs().max()) if name == "AdamW4bit" else 0.0
+            assert low <= max(bound, 1e-12), (key, low)
+            kept, was = after[key][~drop], before[key][~drop]  # re-quantized: within its step
+            assert torch.allclose(kept, was, rtol=0.15, atol=0.02 * float(was.abs().max())), key
 
 
 def test_state_built_at_construction_is_restored_by_a_full_reset() -> None:

@@ -1,0 +1,52 @@
+"""torch.distributed.checkpoint's state probe: one step of zero gradients at learning rate 0.
+
+``torch.distributed.checkpoint.state_dict``'s ``get_state_dict``, ``get_optimizer_state_dict``,
+``set_state_dict`` and ``set_optimizer_state_dict`` (Accelerate's ``save_state``/``load_state``
+call them under FSDP2) step an optimizer that holds no state once, with the gradient of every
+parameter that requires grad set to zeros and every group's ``lr`` to 0, so that it builds its
+state (``_init_optim_state``). A chain holds no state before its first step, and after a knot
+with ``reset="full"`` when nothing but factors trains.
+
+Counted as a step, that probe would move the knot schedule by one; and the state it builds
+(AdamW's ``step`` 1 and zero moments) would make the next link's first real step AdamW's second,
+about 0.74 of a first step's size. So the chain takes the probe's step (DCP reads the state it
+builds; no parameter moves at learning rate 0), does not count it, leaves that state out of its
+own ``state_dict()``, and drops it at the next real step: training goes on as if nothing had been
+probed.
+
+Example:
+    >>> import torch
+    >>> p = torch.nn.Parameter(torch.ones(2))
+    >>> sgd = torch.optim.SGD([p], lr=0.0, momentum=0.9)
+    >>> p.grad = torch.zeros(2)
+    >>> is_state_probe(sgd)
+    True
+    >>> p.grad = torch.ones(2)  # a real gradient: a real step, whatever the rate
+    >>> is_state_probe(sgd)
+    False
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["is_state_probe"]
+
+
+def is_state_probe(optimizer: Optimizer) -> bool:
+    """Whether stepping ``optimizer`` now would be DCP's state probe: no state yet, every group's
+    rate 0, and every parameter that requires grad has a gradient, all zeros."""
+    if optimizer.state:
+        return False
+    grads: list[Tensor] = []
+    for group in optimizer.param_groups:
+        lr = group.get("lr")
+        if lr is None or float(lr) != 0.0:
+            return False
+        for p in group["params"]:
+            if p.requires_grad:
+                if p.grad is None:
+                    return False
+                grads.append(p.grad)
+    return bool(grads) and not any(bool(g.any()) for g in grads)
