@@ -585,7 +585,7 @@ def peft_adapter_state_dict(
         state, config = whole_chain_adapter(chain.model)
         return state, config.to_dict()
     adapter = _build(chain, rank, base, task_type, base_model_name_or_path)
-    return adapter.tensors, adapter.config
+    return {k: v.cpu() for k, v in adapter.tensors.items()}, adapter.config
 
 
 # PEFT's own rule where peft is not installed to run it (peft.tuners.tuners_utils,
