@@ -204,10 +204,12 @@ class ParameterLink(LinkModule):
 
     def forward(self, weight: Tensor) -> Tensor:
         """``W + Δ`` in the parameter's dtype (differentiable in the factors)."""
-        if self.in_owner:  # where it is read decides whether PEFT can serve it (the export)
-            if not self.read_in_owner:
-                self.read_in_owner = True
-        elif not self.read_elsewhere:
+        # where it is read decides whether PEFT can serve it (the export); written without
+        # reading the flag first: torch.compile would guard on the value read and recompile the
+        # whole model once it changed
+        if self.in_owner:
+            self.read_in_owner = True
+        else:
             self.read_elsewhere = True
         a, b = self.lora_A.to(weight.dtype), self.lora_B.to(weight.dtype)
         if len(self.shape) == 2:
