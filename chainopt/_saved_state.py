@@ -57,6 +57,7 @@ class CheckedState:
     masters: dict[str, Tensor]
     weights: Fingerprint | None = None
     merged_before: dict[str, int | None] | None = None
+    read: dict[str, tuple[bool, bool]] | None = None
 
 
 def chain_entry(chain: Chain, optimizer_steps: int, version: int) -> dict[str, Any]:
@@ -76,6 +77,13 @@ def chain_entry(chain: Chain, optimizer_steps: int, version: int) -> dict[str, A
         entry["masters"] = masters
     entry["weights"] = fingerprint(chain.records)  # what the history describes (a load checks)
     entry["merged_before"] = dict(chain.merged_before)  # earlier chains under the history
+    # where each parameter link was read, (in its module's forward, elsewhere): an export in
+    # another process refuses what PEFT cannot serve without a forward run there first
+    entry["read"] = {
+        r.name: [r.link.read_in_owner, r.link.read_elsewhere]
+        for r in chain.records
+        if isinstance(r.link, ParameterLink)
+    }
     return entry
 
 
@@ -100,6 +108,11 @@ def restore(chain: Chain, model: nn.Module, checked: CheckedState) -> None:
         earlier = {k: v for k, v in checked.merged_before.items() if v != 0}
         if earlier and BASE_MERGED not in model.__dict__:
             mark_base_merged(model, earlier)
+    for r in chain.records:  # what was seen before the save, besides what was seen since
+        if checked.read and isinstance(r.link, ParameterLink) and r.name in checked.read:
+            in_owner, elsewhere = checked.read[r.name]
+            r.link.read_in_owner = r.link.read_in_owner or in_owner
+            r.link.read_elsewhere = r.link.read_elsewhere or elsewhere
 
 
 def check_saved_state(
@@ -184,8 +197,30 @@ def check_saved_state(
     masters = _check_masters(entry.get("masters", {}), chain)
     weights = check_fingerprint(entry.get("weights"), chain.records)
     merged_before = _check_merged_before(entry.get("merged_before"), chain)
+    read = _check_read(entry.get("read"), chain)
     return CheckedState(base, int(steps), int(knots), generator.cpu(), history, tensors, masters,  # type: ignore[arg-type]
-                        weights, merged_before)  # fmt: skip
+                        weights, merged_before, read)  # fmt: skip
+
+
+def _check_read(saved: object, chain: Chain) -> dict[str, tuple[bool, bool]] | None:
+    """Where each parameter link was read before the save: ``[in its module's forward,
+    elsewhere]`` under its module's name (``None``: a state saved before it was kept)."""
+    if saved is None:
+        return None
+    names = {r.name for r in chain.records if isinstance(r.link, ParameterLink)}
+    if not isinstance(saved, dict) or not all(
+        isinstance(k, str)
+        and k in names
+        and isinstance(v, (list, tuple))
+        and len(v) == 2
+        and all(isinstance(b, bool) for b in v)
+        for k, v in saved.items()
+    ):
+        raise ValueError(
+            "state_dict['chainopt']['read'] must map the chain's parameter links to two bools "
+            f"(read in their module's forward, read elsewhere), got {saved!r:.200}"
+        )
+    return {k: (bool(v[0]), bool(v[1])) for k, v in saved.items()}
 
 
 def _check_merged_before(saved: object, chain: Chain) -> dict[str, int | None] | None:

@@ -955,6 +955,25 @@ def test_export_refuses_parameters_another_module_reads(tmp_path: Any) -> None:
         export_peft_adapter(opt, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
 
+    # an export script: a new chain resumed from the state, no forward run in it
+    saved, weights = copy.deepcopy(opt.state_dict()), _states(model)
+    torch.manual_seed(0)
+    resumed = DbrxForCausalLM(cfg)
+    resumed_opt = ChainLoRAOptimizer(
+        resumed, torch.optim.AdamW(resumed.parameters(), lr=1e-2),
+        target_parameters=["mlp.w1", "mlp.v1", "mlp.w2"], rank=2, knot_every=2, keep_history=True,
+    )  # fmt: skip
+    bad = copy.deepcopy(saved)
+    bad["chainopt"]["read"] = {"transformer.blocks.0.ffn.experts.mlp.w1": [True]}
+    with pytest.raises(ValueError, match=r"\['read'\] must map"):
+        resumed_opt.load_state_dict(bad)
+    assert resumed_opt.optimizer_steps == 0
+    resumed_opt.load_state_dict(saved)
+    resumed.load_state_dict(weights)
+    with pytest.raises(ValueError, match=r"read by another module.*mlp\.w1.*nothing was written"):
+        export_peft_adapter(resumed_opt, tmp_path / "resumed")
+    assert not (tmp_path / "resumed").exists()
+
     mixtral, mixtral_opt, _ids = _trained_mixtral(True)
     with torch.no_grad():
         _ = mixtral.get_submodule(EXPERTS).gate_up_proj  # a look from outside refuses nothing
