@@ -31,12 +31,15 @@ from __future__ import annotations
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._dtensor import full_tensor
+
 __all__ = ["is_state_probe"]
 
 
 def is_state_probe(optimizer: Optimizer) -> bool:
     """Whether stepping ``optimizer`` now would be DCP's state probe: no state yet, every group's
-    rate 0, and every parameter that requires grad has a gradient, all zeros."""
+    rate 0, and every parameter that requires grad has a gradient, all zeros (on every rank:
+    under FSDP2 a collective, which every rank reaches as every rank steps)."""
     if optimizer.state:
         return False
     grads: list[Tensor] = []
@@ -49,4 +52,10 @@ def is_state_probe(optimizer: Optimizer) -> bool:
                 if p.grad is None:
                     return False
                 grads.append(p.grad)
-    return bool(grads) and not any(bool(g.any()) for g in grads)
+    if not grads:
+        return False
+    # a sharded gradient (FSDP2) counts its nonzeros on every rank, for every parameter (no
+    # rank may stop early: each sum is a collective); a local look would let the ranks disagree
+    # on which step counts, and their knots go apart
+    nonzero = [full_tensor(g.ne(0).sum()) for g in grads]
+    return not any(bool(n) for n in nonzero)

@@ -444,6 +444,42 @@ def test_fsdp2_shards_an_experts_module_with_a_parameter_link(tmp_path: Path) ->
         torch.testing.assert_close(final[0][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
+@_in_group
+def _fsdp_probe_worker(rank: int, out: str) -> None:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model, opt = _build()
+    _shard(model, "cpu")
+    opt.rebind_parameters()
+    assert get_optimizer_state_dict(model, opt)["state"] == {}  # DCP's probe: no step
+    assert opt.optimizer_steps == 0
+    _train(model, opt, range(2), rank)  # a knot after step 2; step 3 is none
+    # a real step that finds no state and every rate 0, whose gradients are zero on rank 1's
+    # shards only: a step on every rank
+    opt.state.clear()
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+            if rank == 0:
+                p.grad.to_local().fill_(1.0)  # type: ignore[attr-defined]
+    opt.step()
+    torch.save(opt.optimizer_steps, f"{out}/steps{rank}.pt")
+
+
+@_fsdp_support
+def test_fsdp2_ranks_agree_on_what_is_dcps_probe(tmp_path: Path) -> None:
+    """DCP's probe (no state, rate 0, zero gradients) is told apart on the whole gradient, not
+    this rank's shards: a rank whose shards were all zero took a real step for the probe and
+    did not count it, and its knots went apart from the others'."""
+    import torch.distributed.fsdp  # imported once here, not in each forked worker
+
+    _spawn(_fsdp_probe_worker, str(tmp_path), timeout=120)
+    steps = [torch.load(tmp_path / f"steps{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert steps == [3, 3]
+
+
 # --- FSDP2: exports while sharded, gathered whole, written once ---
 
 
