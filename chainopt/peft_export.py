@@ -458,9 +458,11 @@ def export_peft_adapter(
             given (or it lacks a weight, or holds one of another shape); PEFT would refuse to
             load the adapter into the model's architecture (Mamba's ``out_proj``, say: see
             :func:`_check_peft_loads`); a chain with ``target_parameters`` on a model that is
-            not a Hugging Face one (or without peft), or with ``lora_bias=True``; an adapted
-            module the model holds at several places (PEFT would adapt one). Nothing is
-            written then.
+            not a Hugging Face one (or without peft), or with ``lora_bias=True``; a target
+            parameter that the forwards seen (in this process, or before a loaded optimizer
+            state was saved) read only outside its own module's forward (DBRX's experts: PEFT
+            would not serve it); an adapted module the model holds at several places (PEFT
+            would adapt one). Nothing is written then.
         ImportError: ``safetensors`` is not installed.
 
     Example:
