@@ -512,7 +512,7 @@ def _fsdp_export_worker(rank: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from chainopt import save_merged
-    from chainopt.peft_export import export_peft_adapter
+    from chainopt.peft_export import export_peft_adapter, peft_adapter_state_dict
 
     model, opt = _llama_chain()
     mesh = init_device_mesh("cpu", (WORLD,))
@@ -527,6 +527,7 @@ def _fsdp_export_worker(rank: int, out: str) -> None:
     model.save_pretrained(f"{out}/pretrained")  # the guarded save (what a Trainer calls)
     model.save_pretrained(f"{out}/given", state_dict=model.state_dict())  # shards given
     export_peft_adapter(opt, f"{out}/adapter")
+    adapter, _config = peft_adapter_state_dict(opt)  # every rank: the whole tensors
     Path(f"{out}/file").touch()
     failed = []
     exports = (save_merged, lambda _opt, path: model.save_pretrained(path), export_peft_adapter)
@@ -539,7 +540,8 @@ def _fsdp_export_worker(rank: int, out: str) -> None:
     _assert_same(_whole(model), before, "after the exports")  # the model is left as it was
     torch.save(
         {"merged": merged, "kinds": {k: type(v).__name__ for k, v in merged.items()},
-         "failed": failed},
+         "failed": failed, "adapter": adapter,
+         "adapter_kinds": {type(v).__name__ for v in adapter.values()}},
         f"{out}/export{rank}.pt",
     )  # fmt: skip
 
@@ -582,7 +584,12 @@ def test_fsdp2_exports_the_whole_merged_model_written_once(tmp_path: Path) -> No
         with torch.no_grad():
             torch.testing.assert_close(plain(input_ids=probe).logits, want, rtol=1e-4, atol=1e-5)
     from models import tiny_llama
+    from safetensors.torch import load_file
 
+    written = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    for r, s in enumerate(seen):  # the adapter in memory: what was written, whole on every rank
+        assert s["adapter_kinds"] == {"Tensor"} and s["adapter"].keys() == written.keys(), r
+        assert all(torch.equal(s["adapter"][k], v) for k, v in written.items()), r
     adapted = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(adapted(input_ids=probe).logits, want, rtol=1e-4, atol=1e-5)
