@@ -227,7 +227,6 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         self.schedule = config.schedule()
         self.optimizer_steps = 0
         self._knot_hooks: dict[int, KnotHook] = OrderedDict()
-        self._probed = False  # the state is torch.distributed.checkpoint's probe's (_state_probe)
         undo = Undo(model, optimizer)  # whatever raises from here on leaves both as they were
         try:
             self.chain = build_chain(model, optimizer, config, master_weights, undo)
@@ -309,7 +308,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
 
         ``torch.distributed.checkpoint``'s state probe (``get_state_dict`` and
         ``set_state_dict`` step an optimizer without state once, at learning rate 0 with zero
-        gradients) is not counted, and the state it builds is dropped at the next step (see
+        gradients) is not counted and does not step the wrapped optimizer (see
         :mod:`chainopt._state_probe`).
 
         A knot that failed half-way (an exception inside it) and was not finished since (by
@@ -328,17 +327,13 @@ class ChainLoRAOptimizer(WrappedOptimizer):
                 (``set_adapter`` to another, ``disable_adapter()``, ``merge_adapter()``). Nothing
                 was changed.
         """
-        if closure is None and is_state_probe(self._base):  # not a training step: uncounted
-            self._probed = True
-            return self._base.step()
+        if closure is None and is_state_probe(self._base):  # not a training step: not taken
+            return None
         self._require_chain(full=self.schedule.is_due(self.optimizer_steps + 1))
         self._require_frozen_weights()
         self._require_held_factors()
         self._require_no_awaited_load()
         self._require_active_adapter()
-        if self._probed:  # the probe's state goes: the optimizer starts it afresh, as unprobed
-            self._base.state.clear()
-            self._probed = False
         if self.chain.pending is not None:
             self.tie_knot()
         if closure is None:
@@ -647,8 +642,6 @@ class ChainLoRAOptimizer(WrappedOptimizer):
 
     def _state_dict(self) -> dict[str, Any]:
         sd = self._base.state_dict()
-        if self._probed:  # what the state probe built is no state of this chain's training
-            sd["state"] = {}
         sd["chainopt"] = chain_entry(self.chain, self.optimizer_steps, _STATE_VERSION)
         if merged_save_pending(self.model):  # save_pretrained wrote merged weights: resume needs
             sd["chainopt"]["model"] = chain_tensors(self.model)  # the originals and factors
@@ -678,7 +671,6 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         )
         restore(self.chain, self.model, checked)
         self.model.__dict__.pop(AWAITING, None)
-        self._probed = False
         self.optimizer_steps = checked.optimizer_steps
         self._arm()
 

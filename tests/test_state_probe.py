@@ -97,3 +97,20 @@ def test_only_zero_gradients_at_rate_zero_without_state_are_the_probe() -> None:
     assert is_state_probe(adam)
     adam.step()
     assert not is_state_probe(adam)  # the state exists
+
+
+def test_the_probe_moves_nothing_where_a_rate_of_zero_would() -> None:
+    """transformers' ``Adafactor`` with ``relative_step=True`` takes its own rate, not the
+    group's 0: stepped for the probe, it decayed A and the trained head (``weight_decay``)."""
+    from transformers.optimization import Adafactor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    opt = ChainLoRAOptimizer(
+        model, lambda ps: Adafactor(ps, lr=None, relative_step=True, weight_decay=0.1),
+        target_modules=["0"], trainable_modules=["2"], rank=2, knot_every=3,
+    )  # fmt: skip
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    osd = get_optimizer_state_dict(model, opt)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert osd["state"] == {} and not opt.state and opt.optimizer_steps == 0
