@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
@@ -86,6 +86,21 @@ def copy_full_(dst: Tensor, src: Tensor) -> Tensor:
         [1.0, 1.0]
     """
     return dst.copy_(shard_like(src, dst) if is_sharded(dst) else src)
+
+
+def local_map(tensor: Tensor, fn: Any) -> Tensor:
+    """``fn`` applied to this rank's part of ``tensor``: a ``DTensor`` laid out as ``tensor`` is
+    for a ``DTensor`` (no communication; ``fn`` keeps the shape), ``fn(tensor)`` otherwise."""
+    if not is_sharded(tensor):
+        out: Tensor = fn(tensor)
+        return out
+    from torch.distributed.tensor import DTensor
+
+    sharded = cast(DTensor, tensor)
+    return DTensor.from_local(
+        fn(sharded.to_local()), sharded.device_mesh, sharded.placements,
+        shape=sharded.shape, stride=sharded.stride(),
+    )  # fmt: skip
 
 
 def shard_like(whole: Tensor, like: Tensor) -> Tensor:

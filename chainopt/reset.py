@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._dtensor import is_sharded, local_map
 from ._scratch import initial_state
 
 __all__ = ["ResetPolicy"]  # the public names (chainopt re-exports them); the rest is internal
@@ -164,13 +165,16 @@ def _moments(entry: dict[str, Any]) -> list[tuple[str, Tensor]]:
 
 def _quantized(t: Tensor) -> bool:
     """Whether ``t`` is a quantized tensor subclass with its own ``dequantize()`` (torchao's
-    low-bit optimizer states), which supports ``copy_`` but not the in-place fills and masks."""
-    return type(t).dequantize is not Tensor.dequantize
+    low-bit optimizer states), which supports ``copy_`` but not the in-place fills and masks;
+    or, under FSDP2, a ``DTensor`` whose shards are."""
+    local = t.to_local() if is_sharded(t) else t  # type: ignore[attr-defined]
+    return type(local).dequantize is not Tensor.dequantize
 
 
 def _dense(t: Tensor) -> Tensor:
-    """``t``'s values as a plain tensor (dequantized where ``t`` is quantized)."""
-    return t.dequantize() if _quantized(t) else t
+    """``t``'s values as a plain tensor (dequantized where ``t`` is quantized), laid out as ``t``
+    (a ``DTensor`` of the dequantized shards for a sharded one)."""
+    return local_map(t, lambda part: part.dequantize()) if _quantized(t) else t
 
 
 def _start_of(key: str, t: Tensor, start: Mapping[str, Any] | None) -> Tensor | None:
@@ -284,7 +288,7 @@ def _restart_(
         if begin is not None:
             t.copy_(begin)
         elif _quantized(t):  # no zero_ on a quantized subclass; copy_ quantizes the zeros
-            t.copy_(torch.zeros(t.shape, dtype=t.dtype, device=t.device))
+            t.copy_(torch.zeros_like(_dense(t)))
         else:
             t.zero_()
 

@@ -480,6 +480,63 @@ def test_fsdp2_ranks_agree_on_what_is_dcps_probe(tmp_path: Path) -> None:
     assert steps == [3, 3]
 
 
+def _torchao_chain(reset: str) -> tuple[nn.Module, Any]:
+    import torchao.optim as tao
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 4))
+    opt = ChainLoRAOptimizer(
+        model, lambda ps: tao.AdamW8bit(ps, lr=1e-3, block_size=32), target_modules=["0"],
+        rank=32, knot_every=2, reset=reset, prune_ratio=0.5,
+    )  # fmt: skip
+    return model, opt
+
+
+def _train_torchao(model: nn.Module, opt: Any) -> None:
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(16, 256, generator=gen), torch.randn(16, 4, generator=gen)
+    for _ in range(3):  # a knot after step 2; every rank takes the whole batch
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@_in_group
+def _fsdp_torchao_worker(rank: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for reset in ("moments", "prune"):
+        model, opt = _torchao_chain(reset)
+        fully_shard(model[0])
+        fully_shard(model)
+        opt.rebind_parameters()
+        _train_torchao(model, opt)
+        a = model[0].parametrizations.weight[0].lora_A
+        kinds = {type(v.to_local()).__name__ for k, v in opt.state[a].items() if k != "step"}
+        assert opt.knots_tied == 1 and kinds == {"OptimState8bit"}, kinds  # quantized shards
+        torch.save(_whole(model), f"{out}/torchao_{reset}{rank}.pt")
+
+
+@_fsdp_support
+def test_fsdp2_torchao_low_bit_state_is_restarted_or_pruned(tmp_path: Path) -> None:
+    """torchao's AdamW8bit under FSDP2 keeps DTensors of quantized shards: the knot's
+    "moments"/"prune" called zero_/abs on them and raised after its merge, at every retry."""
+    pytest.importorskip("torchao.optim")
+    import torch.distributed.fsdp  # imported once here, not in each forked worker
+
+    _spawn(_fsdp_torchao_worker, str(tmp_path), timeout=120)
+    for reset in ("moments", "prune"):
+        model, opt = _torchao_chain(reset)
+        _train_torchao(model, opt)
+        single = _whole(model)
+        final = [
+            torch.load(tmp_path / f"torchao_{reset}{r}.pt", weights_only=True) for r in range(WORLD)
+        ]
+        _assert_same(final[0], final[1], f"{reset}: rank 0 vs rank 1")
+        for k, v in single.items():  # the same blocks, and one mask over the whole state
+            torch.testing.assert_close(final[0][k], v, rtol=1e-5, atol=1e-6, msg=f"{reset} {k}")
+
+
 # --- FSDP2: exports while sharded, gathered whole, written once ---
 
 
