@@ -21,7 +21,8 @@ State that is not the parameter's own (LBFGS keeps one flat history for all its 
 is dropped by ``"prune"`` and ``"moments"``; a quantized state (bitsandbytes' 8-bit codes and
 block maxima) is restarted by ``"moments"`` (counters kept) and dropped by ``"prune"``, whose
 magnitudes it does not hold. A quantized tensor subclass shaped like the parameter (torchao's
-``AdamW8bit``/``AdamW4bit``/``AdamWFp8`` states) is read through its own ``dequantize()`` and
+``AdamW8bit``/``AdamW4bit``/``AdamWFp8`` states; under FSDP2 a ``DTensor`` of such shards, read
+shard by shard) is read through its own ``dequantize()`` and
 written back through ``copy_`` (which quantizes it again): ``"moments"`` restarts it exactly where
 the optimizer starts it; ``"prune"`` masks its dequantized values, so the entries it keeps move by
 at most that optimizer's own quantization step and those it restarts hold the smallest value their
