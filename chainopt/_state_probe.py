@@ -33,7 +33,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._dtensor import full_tensor
+from ._dtensor import full_tensor, is_sharded
 
 __all__ = ["is_state_probe"]
 
@@ -56,6 +56,8 @@ def is_state_probe(optimizer: Optimizer) -> bool:
                 grads.append(p.grad)
     if not grads:
         return False
+    if not any(is_sharded(g) for g in grads):
+        return not any(bool(g.any()) for g in grads)
     # a sharded gradient (FSDP2) counts its nonzeros on every rank, for every parameter (no
     # rank may stop early: each sum is a collective); a local look would let the ranks disagree
     # on which step counts, and their knots go apart
