@@ -334,7 +334,7 @@ def warn_left_out(
         "target_parameters=[...]) (PEFT's own 'all-linear' adds them) and pass it without "
         "target_modules; or name the Linear layers you want in target_modules to silence this",
         ChainLoRAWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
 
 
@@ -354,7 +354,7 @@ def _wide_enough(found: list[tuple[str, nn.Module]], rank: int) -> list[tuple[st
         "r needs min(in_features, out_features) >= r). To train them, name their modules in "
         "trainable_modules (trained whole), or lower the rank",
         ChainLoRAWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
     skip = {id(m) for _, m in narrow}
     return [(n, m) for n, m in found if id(m) not in skip]

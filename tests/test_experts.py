@@ -865,7 +865,9 @@ def test_all_linear_leaves_out_and_names_layers_narrower_than_the_rank() -> None
             model, torch.optim.AdamW(model.parameters(), lr=1e-2), target_modules="all-linear",
             target_parameters=[GATE_UP, DOWN, "mlp.gate.weight"], rank=2, knot_every=2,
         )  # fmt: skip
-    messages = [str(w.message) for w in caught if issubclass(w.category, ChainLoRAWarning)]
+    ours = [w for w in caught if issubclass(w.category, ChainLoRAWarning)]
+    assert all(w.filename == __file__ for w in ours)  # the caller's line, not chainopt's
+    messages = [str(w.message) for w in ours]
     [narrow] = [m for m in messages if "narrower than rank=2" in m]
     assert repr(gate) in narrow and "trainable_modules" in narrow
     assert gate not in opt.config.modules
