@@ -88,7 +88,7 @@ def copy_full_(dst: Tensor, src: Tensor) -> Tensor:
     return dst.copy_(shard_like(src, dst) if is_sharded(dst) else src)
 
 
-def local_map(tensor: Tensor, fn: Any) -> Tensor:
+def on_shards(tensor: Tensor, fn: Any) -> Tensor:
     """``fn`` applied to this rank's part of ``tensor``: a ``DTensor`` laid out as ``tensor`` is
     for a ``DTensor`` (no communication; ``fn`` keeps the shape), ``fn(tensor)`` otherwise."""
     if not is_sharded(tensor):

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._dtensor import is_sharded, local_map
+from ._dtensor import is_sharded, on_shards
 from ._scratch import initial_state
 
 __all__ = ["ResetPolicy"]  # the public names (chainopt re-exports them); the rest is internal
@@ -175,7 +175,7 @@ def _quantized(t: Tensor) -> bool:
 def _dense(t: Tensor) -> Tensor:
     """``t``'s values as a plain tensor (dequantized where ``t`` is quantized), laid out as ``t``
     (a ``DTensor`` of the dequantized shards for a sharded one)."""
-    return local_map(t, lambda part: part.dequantize()) if _quantized(t) else t
+    return on_shards(t, lambda part: part.dequantize()) if _quantized(t) else t
 
 
 def _start_of(key: str, t: Tensor, start: Mapping[str, Any] | None) -> Tensor | None:
