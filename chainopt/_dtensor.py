@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any, cast
 
 from torch import Tensor, nn
@@ -88,12 +89,17 @@ def copy_full_(dst: Tensor, src: Tensor) -> Tensor:
     return dst.copy_(shard_like(src, dst) if is_sharded(dst) else src)
 
 
-def on_shards(tensor: Tensor, fn: Any) -> Tensor:
+def on_shards(tensor: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
     """``fn`` applied to this rank's part of ``tensor``: a ``DTensor`` laid out as ``tensor`` is
-    for a ``DTensor`` (no communication; ``fn`` keeps the shape), ``fn(tensor)`` otherwise."""
+    for a ``DTensor`` (no communication; ``fn`` keeps the shape), ``fn(tensor)`` otherwise.
+
+    Example:
+        >>> import torch
+        >>> on_shards(torch.ones(2), lambda t: 2 * t).tolist()
+        [2.0, 2.0]
+    """
     if not is_sharded(tensor):
-        out: Tensor = fn(tensor)
-        return out
+        return fn(tensor)
     from torch.distributed.tensor import DTensor
 
     sharded = cast(DTensor, tensor)
