@@ -536,8 +536,9 @@ def test_save_merged_and_save_pretrained_reload_with_from_pretrained(tmp_path: A
 # --- "all-linear" ------------------------------------------------------------------------------
 
 
-def _all_linear_warnings(**kwargs: Any) -> list[str]:
-    model = _tiny_mixtral()
+def _all_linear_warnings(model: nn.Module | None = None, **kwargs: Any) -> list[str]:
+    """The ChainLoRAWarnings of an ``"all-linear"`` chain at rank 2 (default: a tiny Mixtral)."""
+    model = _tiny_mixtral() if model is None else model
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ChainLoRAOptimizer(
@@ -1001,14 +1002,7 @@ def test_all_linear_suggests_only_the_parameters_a_link_of_the_rank_fits() -> No
 
     def chain(**kwargs: Any) -> list[str]:
         torch.manual_seed(0)
-        model = Ernie4_5_MoeForCausalLM(cfg)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ChainLoRAOptimizer(
-                model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules="all-linear",
-                rank=2, knot_every=2, **kwargs,
-            )  # fmt: skip
-        return [str(w.message) for w in caught if issubclass(w.category, ChainLoRAWarning)]
+        return _all_linear_warnings(Ernie4_5_MoeForCausalLM(cfg), **kwargs)
 
     [message] = chain()
     assert "model.layers.1.mlp.gate.moe_statics.e_score_correction_bias" in message
