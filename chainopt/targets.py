@@ -285,9 +285,17 @@ def left_out_weights(
     return out
 
 
-def _fits(param: torch.Tensor, rank: int) -> bool:
-    """A link of ``rank`` fits each expert (or the matrix) of a 2-D or 3-D parameter."""
-    return param.dim() in (2, 3) and min(int(param.shape[-1]), int(param.shape[-2])) >= rank
+def _fits(model: nn.Module, name: str, rank: int) -> bool:
+    """Whether ``target_parameters`` takes a link of ``rank`` on the parameter ``name`` (2-D or
+    3-D, each expert at least ``rank`` wide, read as :func:`choose_parameters` reads
+    it)."""
+    tensor = model.get_parameter(name)
+    if tensor.dim() not in (2, 3):
+        return False
+    _experts, n_in, n_out, _t = parameter_features(
+        model.get_submodule(name.rpartition(".")[0]), tensor
+    )
+    return rank <= min(n_in, n_out)
 
 
 def _suffixes(names: list[str]) -> list[str]:
@@ -312,7 +320,7 @@ def warn_left_out(
     total = sum(p.numel() for p in model.parameters())
     share = sum(n for _, n in left) / max(total, 1)
     names = [n for n, _ in left]
-    fits = _suffixes([n for n in names if _fits(model.get_parameter(n), rank)])
+    fits = _suffixes([n for n in names if _fits(model, n, rank)])
     narrow = [n for n in _suffixes(names) if n not in fits]
     advice = (
         f"To chain them, add target_parameters={fits!r} (chainopt links them expert by "
