@@ -126,6 +126,17 @@ class AdapterReport:
         return max(self.relative_errors.values(), default=0.0)
 
 
+def _refuse_options_of_own_links(rank: object, base: object) -> None:
+    """``rank=`` and ``base=`` are for chainopt's own links: a chain of PEFT's own layers keeps
+    every link, and the model's own save (PEFT's state dict of them) writes them exactly."""
+    if rank is not None or base is not None:
+        raise ValueError(
+            "rank= and base= are not taken for a chain of PEFT's own layers: its links are all "
+            "kept, and the model's own adapter save (peft_model.save_pretrained) writes them "
+            "exactly"
+        )
+
+
 def _export_peft_chain(
     chain: ChainLoRAOptimizer,
     path: Path,
@@ -135,11 +146,7 @@ def _export_peft_chain(
 ) -> AdapterReport:
     """A chain of PEFT's own layers: the ``PeftModel``'s ``save_pretrained`` (the whole chain,
     exact), with the model's own ``LoraConfig`` and keys."""
-    if rank is not None or base is not None:
-        raise ValueError(
-            "rank= and base= are not taken for a chain of PEFT's own layers: its links are all "
-            "kept, and peft_model.save_pretrained(path) (what this calls) writes them exactly"
-        )
+    _refuse_options_of_own_links(rank, base)
     if "save_pretrained" not in vars(chain.model):
         raise ValueError(
             "this chain's PEFT layers are not in a PeftModel (no save_pretrained writing the "
@@ -573,11 +580,7 @@ def peft_adapter_state_dict(
     """
     chain = _check_arguments(chain, rank, base, base_model_name_or_path)
     if _peft_links(chain):  # PEFT's own layers: PEFT's own state dict of the whole chain
-        if rank is not None or base is not None:
-            raise ValueError(
-                "rank= and base= are not taken for a chain of PEFT's own layers: its links are "
-                "all kept, exactly"
-            )
+        _refuse_options_of_own_links(rank, base)
         if PEFT_SAVE not in vars(chain.model):
             raise ValueError(
                 "this chain's PEFT layers are not in a PeftModel or a diffusers model: wrap the "

@@ -22,12 +22,12 @@ is dropped by ``"prune"`` and ``"moments"``; a quantized state (bitsandbytes' 8-
 block maxima) is restarted by ``"moments"`` (counters kept) and dropped by ``"prune"``, whose
 magnitudes it does not hold. A quantized tensor subclass shaped like the parameter (torchao's
 ``AdamW8bit``/``AdamW4bit``/``AdamWFp8`` states; under FSDP2 a ``DTensor`` of such shards, read
-shard by shard) is read through its own ``dequantize()`` and
-written back through ``copy_`` (which quantizes it again): ``"moments"`` restarts it exactly where
-the optimizer starts it; ``"prune"`` masks its dequantized values, so the entries it keeps move by
-at most that optimizer's own quantization step and those it restarts hold the smallest value their
-block can (zero, but 1/16 of the block's largest for ``AdamW4bit``'s second moment, whose map has
-no zero).
+shard by shard) is read through its own ``dequantize()`` and written back through ``copy_``
+(which quantizes it again): ``"moments"`` restarts it exactly where the optimizer starts it;
+``"prune"`` masks its dequantized values, so the entries it keeps move by at most that
+optimizer's own quantization step and those it restarts hold the smallest value their block can
+(zero, but 1/16 of the block's largest for ``AdamW4bit``'s second moment, whose map has no
+zero).
 
 A factor whose shape changed (rank step-down: the knot says which), and a link dropped because
 it was not finite, always lose their state; the state of any other factor keeps its entries and
