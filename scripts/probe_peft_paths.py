@@ -222,7 +222,32 @@ def adapters() -> None:
         moved = any(not torch.equal(f, g) for f, g in zip(opt.factors(), factors, strict=True))
         return f"steps counted {opt.optimizer_steps}, the chain moved under other: {moved}"
 
+    def by_hand() -> str:
+        """PEFT's get_peft_model_state_dict taken by hand, and chainopt's whole-chain one, each
+        loaded with set_peft_model_state_dict onto the original base."""
+        from peft import set_peft_model_state_dict
+        from peft.utils import get_peft_model_state_dict
+
+        from chainopt import peft_adapter_state_dict
+
+        model = get_peft_model(tiny_llama(), LoraConfig(**BASE))
+        opt = chain(model)
+        train(model, opt)
+        trained = logits(model)
+        whole, config = peft_adapter_state_dict(opt)
+        gaps = []
+        for state, r, alpha in ((get_peft_model_state_dict(model), 4, 8),
+                                (whole, config["r"], config["lora_alpha"])):  # fmt: skip
+            served = get_peft_model(
+                tiny_llama(), LoraConfig(**{**BASE, "r": r, "lora_alpha": alpha})
+            )
+            set_peft_model_state_dict(served, state)
+            gaps.append(float((logits(served) - trained).abs().max()))
+        return (f"knots {opt.knots_tied}: get_peft_model_state_dict {gaps[0]:.2f} away, "
+                f"peft_adapter_state_dict {gaps[1]:.1e}")  # fmt: skip
+
     path("two adapters, save kwargs", saves)
+    path("a state dict taken by hand", by_hand)
     path("a step with another adapter active", step_under_other)
     path("disable/merge/set_adapter around evaluation", around_eval)
     path("add_weighted_adapter after a knot", weighted)
