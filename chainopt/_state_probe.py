@@ -9,12 +9,12 @@ with ``reset="full"`` when nothing but factors trains.
 
 Counted as a step, that probe would move the knot schedule by one; and the state it builds
 (AdamW's ``step`` 1 and zero moments) would make the next link's first real step AdamW's second,
-about 0.74 of a first step's size. A rate of 0 does not keep every optimizer still either:
-transformers' ``Adafactor`` with ``relative_step=True`` takes its own rate and applies its
-weight decay (a trained head moved). So the chain neither counts the probe nor steps the wrapped
-optimizer for it: no state is built (what DCP then saves holds none, as the chain's own
-``state_dict()`` would not carry it), nothing moves, and training goes on as if nothing had been
-probed.
+``√(1+β₂)/(1+β₁)`` ≈ 0.74 of a first step's size at AdamW's default betas. A rate of 0 does not
+keep every optimizer still either: transformers' ``Adafactor`` with ``relative_step=True``
+takes its own rate and applies its weight decay (a trained head moved). So the chain neither
+counts the probe nor steps the wrapped optimizer for it: no state is built (what DCP then saves
+holds none, as the chain's own ``state_dict()`` would not carry it), nothing moves, and
+training goes on as if nothing had been probed.
 
 Example:
     >>> import torch
