@@ -32,8 +32,9 @@ Three rules follow from what it is:
   ``get_*_schedule_with_warmup`` return, ``OneCycleLR``, ``CyclicLR``,
   ``CosineAnnealingWarmRestarts``) goes inside it instead, ``KnotWarmup(LambdaLR(...), opt, n)``:
   beside it in a ``ChainedScheduler`` the warm-up either never shows (after it) or divides the
-  new rate by the last step's factor (before it: right after a knot, 2x the schedule's rate
-  where half was due, with ``warmup_steps=4``), which it cannot tell from a chainable change.
+  new rate by the last step's factor (before it: the second step after a knot runs at 2x the
+  schedule's rate where half was due, with ``warmup_steps=4``), which it cannot tell from a
+  chainable change.
 - Pickling it pickles the chain, which torch cannot: save its :meth:`~KnotWarmup.state_dict`
   (``torch.load(..., weights_only=True)`` reads it back), as the trainers do.
 

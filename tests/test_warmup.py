@@ -208,8 +208,9 @@ def test_a_tensor_rate_is_set_in_place_as_torch_schedulers_set_it(chained: bool)
 
 def test_a_scheduler_setting_the_rate_outright_goes_inside_it_not_beside_it() -> None:
     """What the docs say of ``LambdaLR`` (transformers' schedules): wrapped, the rate is the
-    schedule's times the warm-up; before it in a ``ChainedScheduler``, the step after a knot
-    runs at 2x the schedule's rate where half was due (``warmup_steps=4``)."""
+    schedule's times the warm-up; before it in a ``ChainedScheduler``, the second step after a
+    knot (the first runs at the right 1/4) runs at 2x the schedule's rate where half was due
+    (``warmup_steps=4``): the rate set after step 6, with a knot after step 5."""
     rates = {}
     for where in ("inside", "beside"):
         opt = _opt()
