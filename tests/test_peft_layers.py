@@ -1419,3 +1419,40 @@ def test_the_whole_chain_in_memory_replaces_get_peft_model_state_dict(tmp_path: 
     assert (_logits(served(peft_own, 4, 8)) - trained).abs().max() > 1e-2
     with pytest.raises(ValueError, match="rank= and base= are not taken"):
         peft_adapter_state_dict(opt, rank=4)
+
+
+class _ConvNet(nn.Module):
+    def __init__(self, **conv: Any) -> None:
+        super().__init__()
+        self.conv, self.emb = nn.Conv2d(4, 4, 3, **conv), nn.Embedding(10, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@pytest.mark.parametrize(
+    ("conv", "config", "match"),
+    [
+        ({"groups": 2}, {"target_modules": ["conv"]}, r"groups=2"),
+        ({"dilation": 2}, {"target_modules": ["conv"]}, r"dilation=\(2, 2\)"),
+        ({"padding": 1, "padding_mode": "reflect"}, {"target_modules": ["conv"]}, "'reflect'"),
+        ({}, {"target_modules": ["conv"], "use_dora": True}, "DoraConv2dVariant"),
+        ({}, {"target_modules": ["emb"], "use_dora": True}, "DoraEmbeddingVariant"),
+    ],
+    ids=["groups", "dilation", "reflect-padding", "dora-conv", "dora-embedding"],
+)
+def test_peft_layers_whose_knot_could_not_keep_the_function_are_refused(
+    conv: dict[str, Any], config: dict[str, Any], match: str
+) -> None:
+    """What integrations.md lists as refused: a convolution PEFT's LoRA branch is not the merged
+    kernel of (groups, dilation, a padding mode other than zeros), and DoRA on anything but a
+    Linear layer; nothing changes."""
+    torch.manual_seed(0)
+    model = get_peft_model(_ConvNet(**conv), LoraConfig(r=2, **config))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=2)
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any("chainopt" in k for m in model.modules() for k in vars(m))
