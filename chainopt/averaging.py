@@ -6,8 +6,9 @@ Parameters separately: on a chained model the frozen weight ``W`` and the factor
 (``avg(B·A) ≈ avg(B)·avg(A)``). At a knot the live model sets ``W += s·B·A``, ``B = 0`` and draws
 a new ``A``; averaged factor by factor, the copy's ``avg(B)·avg(A)`` then mixes the old ``B``
 with the new ``A``: for ``k`` updates after the knot (EMA of decay ``d``) the last link's
-contribution is off by ``dᵏ(1 − dᵏ)·s·B̄·(A_new − Ā)``, up to a quarter of the link's update
-at ``dᵏ = ½``. ``experiments/ema_knots.py`` measures it; see ``docs/integrations.md``.
+contribution is off by ``dᵏ(1 − dᵏ)·s·B̄·(A_new − Ā)``, a quarter of ``s·B̄·(A_new − Ā)`` at
+``dᵏ = ½``: more than a quarter of the link's update, as the new ``A`` is drawn independently of
+the old (``A_new − Ā`` is larger than ``Ā``). ``experiments/ema_knots.py`` measures it; see ``docs/integrations.md``.
 
 :func:`track_average` makes the copy tie the same knot, so its function is unchanged by it:
 in the copy, each link's averaged ``s·B̄·Ā`` is merged into its averaged ``W̄`` (exactly as the
