@@ -369,8 +369,14 @@ def _wide_enough(found: list[tuple[str, nn.Module]], rank: int) -> list[tuple[st
 
 
 def linear_names(model: nn.Module, most: int = 5) -> list[str]:
-    """A few names of modules a link can adapt, for error messages."""
-    return [n for n, m in _named(model.named_modules()) if is_linear_like(m)][:most]
+    """A few names of modules a link can adapt, for error messages: Linear-like, and not holding
+    a weight tied to another module's (those are refused)."""
+    shared = shared_parameters(model)
+    return [
+        n
+        for n, m in _named(model.named_modules())
+        if is_linear_like(m) and id(getattr(m, "weight", None)) not in shared
+    ][:most]
 
 
 def _named(items: Iterable[tuple[str, nn.Module]]) -> Iterable[tuple[str, nn.Module]]:
@@ -418,14 +424,24 @@ def choose_targets(
     names = [alias for _first, alias, _m in _aliases(model)]
     if not found:
         hint = _hint(spec, names)
+        if isinstance(spec, str) and spec == ALL_LINEAR:
+            hint += (
+                " (it leaves out the output layer, a task model's heads, trainable_modules, "
+                "layers narrower than the rank and layers whose weight is tied to another's)"
+            )
         if is_linear_like(model):
             hint += (
                 f"; the model itself is a {type_name(model)}, and the root is never adapted: "
                 "wrap it (nn.Sequential(model)) and name it '0'"
             )
+        adaptable = linear_names(model)
         raise ValueError(
             f"target_modules={describe_spec(spec)!r} matches no module of the model{hint}; "
-            f"modules a link can adapt include {linear_names(model)}"
+            + (
+                f"modules a link can adapt include {adaptable}"
+                if adaptable
+                else "it has no Linear or Conv1D layer a link can adapt"
+            )
         )
     _refuse_unmatched("target_modules", spec, names, "module", len(found))
     shared = shared_parameters(model)

@@ -368,7 +368,8 @@ def test_numpy_and_tensor_numbers_are_refused_saying_what_to_pass(
         ({"target_modules": "all-linear", "model": nn.Linear(4, 4)}, ValueError,
          r"the model itself is a Linear, and the root is never adapted: wrap it"),
         ({"target_modules": "all-linear", "model": nn.Sequential(nn.Embedding(3, 3))}, ValueError,
-         r"^target_modules='all-linear' matches no module of the model; modules a link"),
+         r"^target_modules='all-linear' matches no module of the model \(it leaves out .*\); "
+         r"it has no Linear or Conv1D layer a link can adapt$"),
     ],
 )  # fmt: skip
 def test_edge_values_raise_a_value_error_that_says_what_to_do(

@@ -315,3 +315,27 @@ def test_a_model_on_the_meta_device_is_refused_before_anything_changes() -> None
         ):
             ChainLoRAOptimizer(model, base, rank=2, knot_every=2, **kwargs)
         assert_same(before, fingerprint(model, base))
+
+
+class _TiedPair(nn.Module):
+    """Two Linear layers holding one weight, and one layer of its own."""
+
+    def __init__(self, free: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+        if free:
+            self.c = nn.Linear(8, 8)
+
+
+def test_a_spec_matching_nothing_suggests_only_modules_a_link_can_adapt() -> None:
+    """ "Modules a link can adapt include ..." must not name tied layers, which are refused;
+    ``"all-linear"`` matching nothing says what it leaves out."""
+    with pytest.raises(ValueError, match=r"adapt include \['c'\]$"):
+        ChainLoRAOptimizer(_TiedPair(free=True), lambda p: torch.optim.SGD(p, lr=0.1),
+                           target_modules=["nope"], rank=2, knot_every=1)  # fmt: skip
+    all_linear = r"'all-linear' matches no module.*leaves out.*tied"
+    with pytest.raises(ValueError, match=all_linear) as err:
+        ChainLoRAOptimizer(_TiedPair(free=False), lambda p: torch.optim.SGD(p, lr=0.1),
+                           target_modules="all-linear", rank=2, knot_every=1)  # fmt: skip
+    assert "'a'" not in str(err.value) and "'b'" not in str(err.value)
