@@ -411,8 +411,8 @@ def choose_targets(
 
     Refused: no match, a module that is not a Linear/Conv1D (or a supported 4-bit one), an
     already parametrized one, one on the meta device, a weight tied to or sharing memory with
-    another tensor, a rank above the module's smaller dimension, ``lora_bias`` with no bias, a
-    trainable target; in a list of names, an entry that matches no module.
+    another tensor, a rank above the module's smaller dimension, ``lora_bias`` when no target
+    has a bias, a trainable target; in a list of names, an entry that matches no module.
     ``"all-linear"`` warns about the matrix weights it leaves out, but those in ``covered``
     (the parameters ``target_parameters`` adapts), and leaves out (naming them in a warning)
     the layers narrower than ``rank``.
