@@ -302,9 +302,10 @@ class ChainLoRAOptimizer(WrappedOptimizer):
 
         The knot schedule counts the calls of this method, as an LR scheduler counts its steps,
         a call in which no parameter had a gradient included (torch's optimizers change nothing
-        then; if no factor got a gradient in a whole link, the knot raises rather than merge
-        nothing). A step a ``GradScaler`` skips for inf/NaN gradients is not counted: it does not
-        call an unfused step, and a fused one (``fused=True``) it calls skips itself.
+        then; if no factor got a gradient in a whole link, the step due to tie the knot raises
+        rather than merge nothing, neither taken nor counted). A step a ``GradScaler`` skips for
+        inf/NaN gradients is not counted: it does not call an unfused step, and a fused one
+        (``fused=True``) it calls skips itself.
 
         ``torch.distributed.checkpoint``'s state probe (``get_state_dict`` and
         ``set_state_dict`` step an optimizer without state once, at learning rate 0 with zero
@@ -337,6 +338,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         if self.chain.pending is not None:
             self.tie_knot()
         if closure is None:
+            self._require_training()
             loss = self._base.step()
         else:
             with torch.enable_grad():
@@ -345,6 +347,18 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             return loss
         self.count_step()
         return loss
+
+    def _require_training(self) -> None:
+        """Before a step that would tie a knot, refuse (nothing changed) if the knot would merge
+        nothing: the gradients this step uses are already there (without a closure), so the
+        check :meth:`count_step` makes after the step is made before it, and a refused step is
+        neither taken (a trained head does not move) nor counted (the knot stays due)."""
+        if not self.schedule.is_due(self.optimizer_steps + 1) or not self._holds_factors():
+            return
+        if any(getattr(c, "steps_factors", False) for c in self.chain.contexts.values()):
+            return  # an engine keeps the factors' gradients in copies of its own
+        self._watch.on_step()
+        self._watch.before_knot(self.knots_tied + 1)
 
     def _stepped(self) -> bool:
         """Whether the wrapped optimizer's step just now was taken: not when a ``GradScaler``

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import re
 from collections.abc import Callable
@@ -930,3 +931,38 @@ def test_a_factory_of_any_callable_form_steps_exactly_the_factors(factory: Any) 
     b = opt.factors()[1].detach().clone()
     _train(model, opt, 1)
     assert not torch.equal(opt.factors()[1], b)
+
+
+def test_a_knot_that_would_merge_nothing_raises_before_the_step_changes_anything() -> None:
+    """The error says "Nothing was changed": the step that raised is neither taken nor counted
+    (a trained head does not move), so once the loss goes through the chain again the knot
+    due is tied at its step, not skipped to the next one."""
+    torch.manual_seed(0)
+    model = mlp(width=8, depth=1, out=4)  # "0" chained, "2" a trained head
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), target_modules=["0"], rank=2,
+        trainable_modules=["2"], knot_every=2,
+    )  # fmt: skip
+    x = torch.randn(4, 8)
+
+    def head_only_step() -> None:  # a loss that never reaches the chained layer
+        model[2](x).square().mean().backward()
+        opt.step()
+
+    head_only_step()
+    opt.zero_grad()
+    model[2](x).square().mean().backward()
+    before, state = snapshot(model), copy.deepcopy(opt.state_dict()["state"])
+    with pytest.raises(RuntimeError, match="no factor of the chain received a gradient"):
+        opt.step()
+    assert opt.optimizer_steps == 1 and opt.knots_tied == 0
+    assert_same(snapshot(model), before)
+    assert all(
+        torch.equal(t, state[i][k]) for i, s in opt.state_dict()["state"].items()
+        for k, t in s.items()
+    )  # fmt: skip
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()
+    assert (opt.optimizer_steps, opt.knots_tied) == (2, 1)
+    assert opt.history.knots[0].step == 2
