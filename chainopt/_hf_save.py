@@ -239,11 +239,18 @@ def _deploy_save() -> tuple[str, Any] | None:
 
 def _lightning_defers(frame: Any) -> bool:
     """Lightning's checkpoint is left to ``ChainLoRACheckpoint`` when the trainer has one, and
-    as it is under a strategy whose state dict is not the module's own (FSDP, DeepSpeed)."""
+    as it is under a strategy whose state dict is not the module's own (FSDP, DeepSpeed).
+
+    A weights-only checkpoint (``save_weights_only``) calls no callback's
+    ``on_save_checkpoint``: there the callback's choice is made here, the merged model unless
+    it says ``merged=False``."""
     trainer = getattr(frame.f_locals.get("self"), "trainer", None)
     callbacks = getattr(trainer, "callbacks", None) or []
-    if any(type(c).__name__ == "ChainLoRACheckpoint" for c in callbacks):
-        return True
+    mine = [c for c in callbacks if type(c).__name__ == "ChainLoRACheckpoint"]
+    if mine and not frame.f_locals.get("weights_only"):
+        return True  # its on_save_checkpoint decides
+    if mine and not getattr(mine[0], "merged", True):
+        return True  # the parametrized keys, as it keeps them in full checkpoints
     return bool(getattr(getattr(trainer, "strategy", None), "restore_checkpoint_after_setup", True))
 
 

@@ -428,3 +428,22 @@ def test_knot_warmup_stepped_once_an_epoch_is_refused(tmp_path: Path) -> None:
     """Lightning's default interval is "epoch": the warm-up would be skipped silently."""
     with pytest.raises(RuntimeError, match=r"optimizer steps passed.*\"interval\": \"step\""):
         fit(tmp_path, Warmed(), checkpoints=False)
+
+
+@pytest.mark.parametrize("merged", [True, False])
+def test_a_weights_only_checkpoint_follows_the_callbacks_choice(
+    tmp_path: Path, merged: bool
+) -> None:
+    """Lightning calls no callback's ``on_save_checkpoint`` for a weights-only checkpoint
+    (``save_weights_only``, ``save_checkpoint(weights_only=True)``): with
+    ``ChainLoRACheckpoint()`` it kept the parametrized keys, which ``load_from_checkpoint``
+    refuses, where the docs (and the run without the callback) give the merged model."""
+    t = fit(tmp_path, Tiny("configure"), ChainLoRACheckpoint(merged=merged), checkpoints=False)
+    t.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
+    saved = torch.load(tmp_path / "weights.ckpt", weights_only=False)["state_dict"]
+    assert any(".parametrizations." in k for k in saved) is not merged
+    if merged:
+        loaded = Tiny.load_from_checkpoint(tmp_path / "weights.ckpt")
+        x = DATA.tensors[0]
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), t.lightning_module(x))

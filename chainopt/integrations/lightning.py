@@ -30,8 +30,8 @@ can keep the parametrized keys) and resumes any checkpoint bitwise:
   into the now chained module.
 
 A module that builds its chain in ``__init__`` resumes bitwise with or without the callback.
-A ``save_weights_only`` checkpoint holds the merged model too (and cannot resume training: it
-holds no optimizer state). Outside ``fit``, nothing builds the chain, so with the callback
+A ``save_weights_only`` checkpoint holds the merged model too, the callback's ``merged=False``
+the parametrized keys (and it cannot resume training: it holds no optimizer state). Outside ``fit``, nothing builds the chain, so with the callback
 ``validate``/``test``/``predict`` refuse a parametrized checkpoint for an unchained module with a
 ``ValueError`` that says so.
 
