@@ -31,9 +31,9 @@ can keep the parametrized keys) and resumes any checkpoint bitwise:
 
 A module that builds its chain in ``__init__`` resumes bitwise with or without the callback.
 A ``save_weights_only`` checkpoint holds the merged model too, the callback's ``merged=False``
-the parametrized keys (and it cannot resume training: it holds no optimizer state). Outside ``fit``, nothing builds the chain, so with the callback
-``validate``/``test``/``predict`` refuse a parametrized checkpoint for an unchained module with a
-``ValueError`` that says so.
+the parametrized keys (and it cannot resume training: it holds no optimizer state). Outside
+``fit``, nothing builds the chain, so with the callback ``validate``/``test``/``predict`` refuse
+a parametrized checkpoint for an unchained module with a ``ValueError`` that says so.
 
 Tested on one device; under DDP every rank runs the same hooks on the same state. Strategies
 that restore the checkpoint after ``configure_optimizers()`` (FSDP, DeepSpeed, model parallel)
