@@ -142,3 +142,33 @@ def test_a_from_gradient_refuses_bad_input_naming_it(
     """Public: rank 0 gave a (0, in) A, a 1-D gradient an unpacking error, NaN a LinAlgError."""
     with pytest.raises(err, match=match):
         a_from_gradient(gradient, rank)  # type: ignore[arg-type]
+
+
+def test_gradient_init_on_a_conv1d_takes_the_gradient_in_the_links_orientation() -> None:
+    """transformers' ``Conv1D`` stores its weight ``(in, out)``; A ``(r, in)`` must span the
+    top right singular vectors of the ``(out, in)`` gradient, as for an ``nn.Linear``."""
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    model = nn.Sequential(conv1d(12, 16), nn.Tanh(), nn.Linear(12, 4))  # (nf=out, nx=in)
+    reference = nn.Sequential(conv1d(12, 16), nn.Tanh(), nn.Linear(12, 4))
+    reference.load_state_dict(model.state_dict())
+    opt = ChainLoRAOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules=["0"], rank=2,
+        knot_every=2, init="gradient",
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(5, 16, generator=gen) for _ in range(2)]
+    model(xs[0]).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad():
+        reference[0].weight.copy_(model[0].weight)  # (in, out), the weight in effect now
+    reference(xs[1]).square().mean().backward()
+    g = reference[0].weight.grad.T  # (out, in)
+    model(xs[1]).square().mean().backward()
+    opt.step()
+    assert opt.knots_tied == 1
+    a = lora_parametrization(model[0]).lora_A
+    assert a.shape == (2, 16)
+    torch.testing.assert_close(a.abs(), a_from_gradient(g, 2).abs(), rtol=1e-3, atol=1e-4)
+    assert torch.count_nonzero(lora_parametrization(model[0]).lora_B) == 0
