@@ -8,7 +8,8 @@ a new ``A``; averaged factor by factor, the copy's ``avg(B)·avg(A)`` then mixes
 with the new ``A``: for ``k`` updates after the knot (EMA of decay ``d``) the last link's
 contribution is off by ``dᵏ(1 − dᵏ)·s·B̄·(A_new − Ā)``, a quarter of ``s·B̄·(A_new − Ā)`` at
 ``dᵏ = ½``: more than a quarter of the link's update, as the new ``A`` is drawn independently of
-the old (``A_new − Ā`` is larger than ``Ā``). ``experiments/ema_knots.py`` measures it; see ``docs/integrations.md``.
+the old (``A_new − Ā`` is larger than ``Ā``). ``experiments/ema_knots.py`` measures it; see
+``docs/integrations.md``.
 
 :func:`track_average` makes the copy tie the same knot, so its function is unchanged by it:
 in the copy, each link's averaged ``s·B̄·Ā`` is merged into its averaged ``W̄`` (exactly as the
