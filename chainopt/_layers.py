@@ -162,7 +162,7 @@ class QuantizedBuilder:
     def find(self, name: str, module: nn.Module) -> ModuleRecord | None:
         """The record if ``module`` carries a ``chainopt_link`` child and a master."""
         quant = quantized_weight(module)
-        link = module._modules.get(LINK_NAME)
+        link = getattr(module, LINK_NAME, None)
         if quant is None or not isinstance(link, LoRAParametrization):
             return None
         delta, bias = _bias_of(module)

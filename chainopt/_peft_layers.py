@@ -449,7 +449,7 @@ class PeftBuilder:
         if link is None:
             return None
         link.refresh()  # the Parameters as they are now (FSDP2)
-        link.merge_residual = module._buffers.get(RESIDUAL)
+        link.merge_residual = dict(module.named_buffers(recurse=False)).get(RESIDUAL)
         base = cast(Any, module).get_base_layer()
         bias = getattr(base, "bias", None) if link.kind != "ParamWrapper" else None
         return ModuleRecord(name, module, link, None, link.weight, bias, link.quant, "", self)
@@ -461,7 +461,8 @@ class PeftBuilder:
         if link is not None:
             link.unloaded = True
         unmark(module)
-        module._buffers.pop(RESIDUAL, None)
+        if RESIDUAL in dict(module.named_buffers(recurse=False)):
+            delattr(module, RESIDUAL)
 
 
 # --- choosing what to chain in a model that holds PEFT layers (ChainConfig.from_kwargs) ---

@@ -416,7 +416,7 @@ def lora_quantized_forward(self: nn.Module, x: Tensor) -> Tensor:
 
     Nothing is dequantized here beyond what the quantized layer's forward does itself.
     """
-    link = cast(Any, self)._modules["chainopt_link"]
+    link = cast(Any, self).chainopt_link
     out = cast(Tensor, type(self).forward(self, x))  # the quantized layer's own forward
     a, b = link.lora_A, link.lora_B
     h = x if x.dtype == a.dtype or torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)

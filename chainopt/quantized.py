@@ -173,7 +173,8 @@ def attach_quantized(
 
 def detach_quantized(module: nn.Module) -> None:
     """Remove the link, the master and the forward :func:`attach_quantized` added."""
-    module._modules.pop(LINK_NAME, None)
+    if LINK_NAME in dict(module.named_children()):
+        delattr(module, LINK_NAME)
     module.__dict__.pop(_STATE, None)
     remove_instance_forward(module)
 

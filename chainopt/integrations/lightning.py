@@ -242,7 +242,7 @@ def _deferred_quantized(
     the chained module's own load then writes weight, state and link together."""
     out: dict[str, Tensor] = {}
     for name, module in model.named_modules():
-        if backend_for(module) is None or LINK_NAME in module._modules:
+        if backend_for(module) is None or LINK_NAME in dict(module.named_children()):
             continue
         base = f"{prefix}{name}." if name else prefix
         weight = f"{base}weight"
