@@ -189,7 +189,8 @@ def arm(
         seed=s.seed,  # both arms draw the same first A: identical up to the knot
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, s))
-    # the chain's LR restarts from 0 over `warmup` steps after each knot (ReLoRA's jagged cosine)
+    # after each knot the chain's LR re-warms over `warmup` steps from 1/warmup of the rate
+    # (ReLoRA's jagged cosine)
     return opt, (KnotWarmup(sched, opt, warmup_steps=s.warmup) if knots else sched)
 
 
