@@ -22,7 +22,11 @@ nats/byte (95% interval 0.0010 to 0.0060) at step 3,000: small against what rank
 Run (from the repository root)::
 
     python examples/pretrain_chain.py --quick  # smoke test: a tiny Llama, seconds; compares nothing
-    python examples/pretrain_chain.py          # the comparison: about 40 minutes on one CPU core
+    python examples/pretrain_chain.py          # the comparison: about an hour on one CPU core
+
+The full run printed ``chain − LoRA r8 = -0.0044`` at step 3,000 (1.1771 against 1.1815), every
+held-out figure bitwise experiment 6's, in 68 minutes on one core of a 2-core machine with a
+training job on the other (``docs/img/pretrain_chain.png`` and ``.json``).
 """
 
 from __future__ import annotations
