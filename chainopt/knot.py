@@ -157,6 +157,11 @@ class Chain:
         """The trainable factors of ``records`` (default: all), in module order."""
         return [p for r in (self.records if records is None else records) for p in r.factors()]
 
+    def engine_steps_factors(self) -> bool:
+        """Whether a knot context says an engine (DeepSpeed's) steps the factors through copies
+        of its own, which also hold their gradients (its ``steps_factors`` attribute is true)."""
+        return any(getattr(c, "steps_factors", False) for c in self.contexts.values())
+
 
 @torch.no_grad()
 def tie_knot(chain: Chain, step: int) -> KnotRecord:
@@ -216,7 +221,7 @@ def _require_factors_stepped(chain: Chain) -> None:
     """Refuse a knot the wrapped optimizer would undo: it must step the factors themselves,
     unless a knot context says an engine steps (and resets) them through copies of its own
     (its ``steps_factors`` attribute is true)."""
-    if any(getattr(c, "steps_factors", False) for c in chain.contexts.values()):
+    if chain.engine_steps_factors():
         return
     held = {id(p) for g in chain.optimizer.param_groups for p in g["params"]}
     if not all(id(p) in held for p in chain.factors()):

@@ -355,7 +355,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         neither taken (a trained head does not move) nor counted (the knot stays due)."""
         if not self.schedule.is_due(self.optimizer_steps + 1) or not self._holds_factors():
             return
-        if any(getattr(c, "steps_factors", False) for c in self.chain.contexts.values()):
+        if self.chain.engine_steps_factors():
             return  # an engine keeps the factors' gradients in copies of its own
         self._watch.on_step()
         self._watch.before_knot(self.knots_tied + 1)
@@ -477,7 +477,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             if r.quant is not None:  # of that state's weights may keep them
                 r.quant.restored = False
         state_restored(self.model, False)
-        engine = any(getattr(c, "steps_factors", False) for c in self.chain.contexts.values())
+        engine = self.chain.engine_steps_factors()
         if not engine:  # an engine (DeepSpeed) keeps the factors' gradients in copies of its own
             self._watch.on_step()
         if self.schedule.is_due(self.optimizer_steps):
