@@ -237,14 +237,7 @@ def select_modules(
     if isinstance(spec, str) and spec == ALL_LINEAR:
         heads = {id(m) for _, head in task_heads(model) for m in head.modules()}
         skip = output_layers(model) | heads | {id(m) for m in exclude}
-        shared = shared_parameters(model)
-        return [
-            (name, mod)
-            for name, mod in _named(model.named_modules())
-            if is_linear_like(mod)
-            and id(mod) not in skip
-            and id(getattr(mod, "weight", None)) not in shared
-        ]
+        return [(name, mod) for name, mod in _untied_linears(model) if id(mod) not in skip]
     match = matcher(spec, argument)
     found: dict[int, tuple[str, nn.Module]] = {}
     for first, alias, mod in _aliases(model):
@@ -371,12 +364,17 @@ def _wide_enough(found: list[tuple[str, nn.Module]], rank: int) -> list[tuple[st
 def linear_names(model: nn.Module, most: int = 5) -> list[str]:
     """A few names of modules a link can adapt, for error messages: Linear-like, and not holding
     a weight tied to another module's (those are refused)."""
+    return [name for name, _ in _untied_linears(model)][:most]
+
+
+def _untied_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The Linear-like modules whose weight no other module holds (tied ones are refused)."""
     shared = shared_parameters(model)
     return [
-        n
-        for n, m in _named(model.named_modules())
-        if is_linear_like(m) and id(getattr(m, "weight", None)) not in shared
-    ][:most]
+        (name, mod)
+        for name, mod in _named(model.named_modules())
+        if is_linear_like(mod) and id(getattr(mod, "weight", None)) not in shared
+    ]
 
 
 def _named(items: Iterable[tuple[str, nn.Module]]) -> Iterable[tuple[str, nn.Module]]:
