@@ -34,24 +34,28 @@ def _load(path: Path) -> ModuleType:
     return module
 
 
-def test_quickstart_runs_offline_and_ties_its_knots(tmp_path: Path) -> None:
+def _run_example(
+    script: str, *args: str, cwd: Path, timeout: int = 300
+) -> subprocess.CompletedProcess[str]:
+    """``examples/<script> args`` offline in ``cwd``; fails the test when it exits non-zero."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(ROOT / "examples" / "quickstart.py")]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, str(ROOT / "examples" / script), *args]
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_quickstart_runs_offline_and_ties_its_knots(tmp_path: Path) -> None:
+    proc = _run_example("quickstart.py", cwd=tmp_path)
     assert "step 40:" in proc.stdout and "4 knots tied" in proc.stdout
 
 
 @pytest.mark.parametrize("model", [["--model", "tiny-opt"], []], ids=["opt", "smollm2"])
 def test_example_quick_run(model: list[str], tmp_path: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    script = ROOT / "examples" / "llama_classify.py"
-    cmd = [sys.executable, str(script), *model, "--quick", "--threads", "1"]
-    proc = subprocess.run(
-        [*cmd, "--out", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = [*model, "--quick", "--threads", "1", "--out", str(tmp_path)]
+    proc = _run_example("llama_classify.py", *args, cwd=tmp_path, timeout=900)
     result = json.loads((tmp_path / "results_bbc_news.json").read_text())
     lora, cola = result["runs"]
     assert lora["knot_steps"] == [] and len(cola["knot_steps"]) == 2  # 3 links
@@ -67,13 +71,7 @@ def test_example_quick_run(model: list[str], tmp_path: Path) -> None:
 
 
 def test_pretrain_example_quick_run(tmp_path: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(ROOT / "examples" / "pretrain_chain.py"), "--quick"]
-    proc = subprocess.run(
-        [*cmd, "--out", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _run_example("pretrain_chain.py", "--quick", "--out", str(tmp_path), cwd=tmp_path)
     result = json.loads((tmp_path / "pretrain_chain.json").read_text())
     knot = result["setup"]["knot"]
     before = [r for r in result["evals"] if r["step"] <= knot]
