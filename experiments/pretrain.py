@@ -783,7 +783,8 @@ def plan(runs: dict[str, dict[str, Any]], d: Design) -> list[tuple[str, Arm, int
     3. references on the first seed: full rank, and LoRA of the grid chain's total rank;
     4. diagnostic: the best chain with ``init="gradient"``, then with ``reset="none"``;
     5. only if a chain is ahead at the gate: the link-length curve (every link length, the best
-       chain's reset), the LoRA of each chain's total rank and full rank, on every seed.
+       chain's reset), full rank, then the LoRA of each chain's total rank (the best chain's
+       first), on every seed.
     """
     s0, rest = d.seeds[0], d.seeds[1:]
     lo = lora_arm(d.rank)
@@ -803,9 +804,13 @@ def plan(runs: dict[str, dict[str, Any]], d: Design) -> list[tuple[str, Arm, int
         if g["ahead"]:
             curve = [chain_arm(d, n, best.reset) for n in d.link_steps]
             refs = [lora_arm(c.total_rank(d.steps) or d.rank) for c in curve]
+            best_ref = lora_arm(best.total_rank(d.steps) or d.rank)
+            # what the gap-closed figures need first: the curve, full rank, then the best
+            # chain's own LoRA r*L on every seed; the other chains' LoRA r*L last
             items += [("seeds", c, s) for s in rest for c in curve]
-            items += [("seeds", r, s) for s in d.seeds for r in refs]
             items += [("seeds", full_arm(), s) for s in rest]
+            items += [("seeds", best_ref, s) for s in d.seeds]
+            items += [("seeds", r, s) for s in d.seeds for r in refs]
     seen: set[tuple[str, int]] = set()
     unique = []
     for stage, arm, seed in items:
