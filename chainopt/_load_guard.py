@@ -8,8 +8,9 @@ listed with the others in :mod:`chainopt._record`). Before torch loads anything 
 1. takes a plain checkpoint's keys (``….weight``, as ``from_pretrained`` writes) as the frozen
    originals, the link restarting at zero (:func:`accept_plain_keys`), and
 2. checks the whole state dict against the model (:func:`check_incoming_state`): factors of a
-   rank the link may take, every other tensor of its exact shape, nothing on the meta device;
-   a problem raises ``ValueError`` before any tensor is written.
+   rank the link may take, every other tensor of its exact shape, nothing on the meta device,
+   no factors of a link the model does not have (torch would skip them); a problem raises
+   ``ValueError`` before any tensor is written.
 
 A post-hook then settles what the load wrote: each 4-bit weight's host master follows the loaded
 weight (:meth:`~chainopt.quantized.QuantizedWeight.follow_loaded_weight`), and a plain checkpoint
@@ -29,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -69,7 +71,10 @@ def check_incoming_state(
 
     Every tensor for a key the model has must fit it: a link's factors of a rank the link may
     take and the right other dimensions (:meth:`~chainopt.lora.LoRAParametrization.check_factors`),
-    anything else its exact shape; none on the meta device. Returns the problems (empty: fits).
+    anything else its exact shape; none on the meta device. A link's factors for a module the
+    model does not adapt (the state of a chain with other targets) fit nowhere: torch would
+    report them as unexpected only after loading the rest, or skip them (``strict=False``),
+    leaving that module's weights as they were. Returns the problems (empty: fits).
     """
     current = model.state_dict()
     problems: list[str] = []
@@ -109,7 +114,20 @@ def check_incoming_state(
                 f"{key!r} has shape {tuple(theirs.shape)} there and {tuple(mine.shape)} in the "
                 "model"
             )
+    foreign = sorted(
+        k
+        for k in state_dict
+        if k.startswith(prefix) and k[len(prefix) :] not in current and _LINK_KEY.search(k)
+    )
+    if foreign:
+        problems.append(
+            f"{foreign[:2]} ({len(foreign)} in all) are factors of links on modules the chain "
+            "does not adapt (a chain's state with other targets), which they cannot load into"
+        )
     return problems
+
+
+_LINK_KEY = re.compile(r"(?:^|\.)parametrizations\.[^.]+\.\d+\.lora_[AB]$")  # chainopt's factor
 
 
 def _check_quantized_weight(layer: nn.Module, tensor: Tensor) -> str | None:

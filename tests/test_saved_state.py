@@ -108,6 +108,28 @@ def test_a_model_load_of_factors_of_another_rank_is_refused_whole() -> None:
     assert lora_parametrization(model4[0]).rank == 4  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_model_load_of_a_chain_with_other_targets_is_refused_whole(strict: bool) -> None:
+    """A chain on ``["0", "2"]`` loading into one on ``["0"]``: module 2's link keys fit no key
+    of the model. Torch loaded every other tensor, then raised (``strict=True``) or skipped
+    them silently, module 2 keeping its own weight (``strict=False``). Refused now, whole."""
+    source, _ = _trained(rank=2)
+    torch.manual_seed(1)
+    model = mlp()
+    ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters()), target_modules=["0"],
+                       rank=2, knot_every=3)  # fmt: skip
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"nothing was loaded.*'2\.parametrizations.*other targ"):
+        model.load_state_dict(source.state_dict(), strict=strict)
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+    wider = mlp()  # more targets: the source's "4.weight" is a plain weight, taken exactly
+    ChainLoRAOptimizer(wider, torch.optim.AdamW(wider.parameters()), target_modules=["0", "2", "4"],
+                       rank=2, knot_every=3)  # fmt: skip
+    wider.load_state_dict(source.state_dict())
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(wider(x), source(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "bad", [torch.zeros(2, 9), torch.zeros(2), torch.zeros(2, 12, device="meta")]
 )
