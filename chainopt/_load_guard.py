@@ -9,8 +9,8 @@ listed with the others in :mod:`chainopt._record`). Before torch loads anything 
    originals, the link restarting at zero (:func:`accept_plain_keys`), and
 2. checks the whole state dict against the model (:func:`check_incoming_state`): factors of a
    rank the link may take, every other tensor of its exact shape, nothing on the meta device,
-   no factors of a link the model does not have (torch would skip them); a problem raises
-   ``ValueError`` before any tensor is written.
+   no NaN/Inf under a link, no factors of a link the model does not have (torch would skip
+   them); a problem raises ``ValueError`` before any tensor is written.
 
 A post-hook then settles what the load wrote: each 4-bit weight's host master follows the loaded
 weight (:meth:`~chainopt.quantized.QuantizedWeight.follow_loaded_weight`), and a plain checkpoint
@@ -71,7 +71,8 @@ def check_incoming_state(
 
     Every tensor for a key the model has must fit it: a link's factors of a rank the link may
     take and the right other dimensions (:meth:`~chainopt.lora.LoRAParametrization.check_factors`),
-    anything else its exact shape; none on the meta device. A link's factors for a module the
+    anything else its exact shape; none on the meta device; a frozen tensor under a link (a
+    weight, a bias under a delta, a merge residual) finite. A link's factors for a module the
     model does not adapt (the state of a chain with other targets) fit nowhere: torch would
     report them as unexpected only after loading the rest, or skip them (``strict=False``),
     leaving that module's weights as they were. Returns the problems (empty: fits).
@@ -113,6 +114,20 @@ def check_incoming_state(
             problems.append(
                 f"{key!r} has shape {tuple(theirs.shape)} there and {tuple(mine.shape)} in the "
                 "model"
+            )
+    _, frozen = _chain_keys(model, prefix)
+    for key in frozen:  # what a knot merges into (4-bit: checked dense, _quantize_dense_weights)
+        theirs = state_dict.get(key)
+        if (
+            key not in layers
+            and isinstance(theirs, Tensor)
+            and theirs.is_floating_point()
+            and not theirs.is_meta
+            and not bool(torch.isfinite(theirs).all())
+        ):
+            problems.append(
+                f"{key[len(prefix) :]!r}, a frozen tensor under a link, holds NaN/Inf (no "
+                "knot could merge into it)"
             )
     foreign = sorted(
         k

@@ -11,7 +11,7 @@ import torch
 from models import mlp, snapshot
 from torch import nn
 
-from chainopt import ChainLoRAOptimizer
+from chainopt import ChainLoRAOptimizer, merged_state_dict
 from chainopt._attach import lora_parametrization
 
 
@@ -128,6 +128,29 @@ def test_a_model_load_of_a_chain_with_other_targets_is_refused_whole(strict: boo
     wider.load_state_dict(source.state_dict())
     x = torch.randn(5, 12)
     torch.testing.assert_close(wider(x), source(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("key", ["2.weight", "2.parametrizations.weight.original"])
+def test_a_model_load_of_non_finite_weights_under_a_link_is_refused_whole(key: str) -> None:
+    """NaN/Inf for a weight under a link (a merged checkpoint's plain ``….weight``, or the
+    chain's own ``….original``) loaded: no knot could merge into it, and under
+    ``non_finite="skip"`` every knot then dropped every link of it, blaming the factors.
+    Refused now, nothing loaded. NaN factors still load: the next knot refuses or drops them
+    (what ``"skip"`` resumes through)."""
+    source, _ = _trained()
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    if key == "2.weight":
+        state = merged_state_dict(source)
+    state[key][0, 0] = float("inf")
+    model, _ = _chain()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"nothing was loaded.*original', a frozen.*NaN/Inf"):
+        model.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+    factors = {k: v.clone() for k, v in source.state_dict().items()}
+    factors["2.parametrizations.weight.0.lora_B"][0, 0] = float("nan")
+    model.load_state_dict(factors)
+    assert bool(model[2].parametrizations.weight[0].lora_B.isnan().any())
 
 
 @pytest.mark.parametrize(
