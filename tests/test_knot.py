@@ -7,6 +7,7 @@ import copy
 import gc
 import pickle
 import warnings
+import weakref
 from typing import Any
 
 import pytest
@@ -175,6 +176,22 @@ def test_copies_of_the_optimizer_work_and_pickling_says_how_to_save() -> None:
     assert shallow.optimizer is opt.optimizer and shallow.knots_tied == opt.knots_tied
     with pytest.raises(TypeError, match="state_dict"):
         pickle.dumps(opt)
+
+
+def test_a_deep_copy_watches_its_own_links_and_lets_the_original_go() -> None:
+    """The liveness watch read the links through a lambda over the optimizer it was built in,
+    which a deep copy shares: the copy stepped to a knot while the original sat at a fresh link
+    (B zero, no gradient) was refused ("no factor of the chain received a gradient"), and it
+    kept the original optimizer and model alive."""
+    model, opt = _chain()
+    _steps(model, opt, 3)  # a knot: the original's new links are zero, without gradients
+    clone = copy.deepcopy(opt)
+    original = weakref.ref(opt)
+    del model, opt
+    gc.collect()
+    assert original() is None
+    _steps(clone.model, clone, 3)
+    assert clone.knots_tied == 2
 
 
 def test_a_knot_hook_must_be_callable() -> None:
