@@ -130,6 +130,24 @@ def test_a_float16_overflow_is_skipped_and_no_inf_reaches_a_weight() -> None:
     assert not torch.equal(model[0].parametrizations.weight.original, w0)  # "0" merged
 
 
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_a_nan_step_of_a_trained_head_is_refused_whatever_the_policy(policy: str) -> None:
+    """A NaN loss at a knot's step under ``"skip"``: the links were dropped with a warning, but
+    the head (``trainable_modules``) had taken the NaN step: the model computed NaN from then
+    on and every later knot dropped every link. Refused now, no weight changed."""
+    model, opt = _chain(target_modules=["0", "2"], trainable_modules=["4"], non_finite=policy)
+    _steps(model, opt, 2)
+    weights = [model[i].parametrizations.weight.original.clone() for i in (0, 2)]
+    (model(torch.randn(8, 12)).square().mean() * float("nan")).backward()
+    with pytest.raises(
+        NonFiniteUpdateError, match=r"outside the links.*2 of them, shapes \[\(6, 12\), \(6,\)\]"
+    ):
+        opt.step()
+    assert bool(model[4].weight.isnan().all()) and opt.knots_tied == 0
+    after = [model[i].parametrizations.weight.original for i in (0, 2)]
+    assert all(torch.equal(a, w) for a, w in zip(after, weights, strict=True))
+
+
 @pytest.mark.parametrize("reset", ["none", "prune", "moments"])
 def test_a_skipped_link_loses_its_state_so_later_links_merge(reset: str) -> None:
     model, opt = _chain(reset=reset, non_finite="skip", knot_every=2)
