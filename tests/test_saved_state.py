@@ -119,7 +119,9 @@ def test_a_model_load_of_a_chain_with_other_targets_is_refused_whole(strict: boo
     ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters()), target_modules=["0"],
                        rank=2, knot_every=3)  # fmt: skip
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"nothing was loaded.*'2\.parametrizations.*other targ"):
+    with pytest.raises(
+        ValueError, match=r"nothing was loaded.*'2\.parametrizations.*other targets"
+    ):
         model.load_state_dict(source.state_dict(), strict=strict)
     assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
     wider = mlp()  # more targets: the source's "4.weight" is a plain weight, taken exactly
@@ -128,6 +130,60 @@ def test_a_model_load_of_a_chain_with_other_targets_is_refused_whole(strict: boo
     wider.load_state_dict(source.state_dict())
     x = torch.randn(5, 12)
     torch.testing.assert_close(wider(x), source(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_model_load_of_a_bias_delta_the_chain_lacks_is_refused_whole(strict: bool) -> None:
+    """A ``lora_bias=True`` chain's state into a chain without: torch loaded the rest, then
+    raised, or skipped ``….bias.0.delta`` and ``….bias.original`` silently, the bias keeping
+    its own value. Refused now, whole; the other way, the plain ``….bias`` is taken exactly."""
+    source, _ = _trained(lora_bias=True)
+    model, _ = _chain()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"nothing was loaded.*'0\.parametrizations\.bias\.0\.d"):
+        model.load_state_dict(source.state_dict(), strict=strict)
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+    plain_bias, _ = _trained()
+    biased, _ = _chain(lora_bias=True)
+    biased.load_state_dict(plain_bias.state_dict())
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(biased(x), plain_bias(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_weight_loaded_without_its_merge_residual_restarts_the_residual(strict: bool) -> None:
+    """A float32 chain's state (no merge residual) into a trained bfloat16 chain: the residual
+    kept what rounding had dropped from the old weight and the next knot added it to the loaded
+    one (a bfloat16 ulp off); ``strict=True`` raised the missing key after loading the rest.
+    The residual restarts at zero now: the knot is the one a fresh chain ties after that load."""
+
+    def bf16_chain() -> tuple[nn.Module, ChainLoRAOptimizer]:
+        torch.manual_seed(0)
+        model = mlp(dtype=torch.bfloat16)
+        base = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, ChainLoRAOptimizer(
+            model, base, target_modules=["0", "2"], rank=2, knot_every=3
+        )
+
+    model, opt = bf16_chain()
+    for i in range(9):  # three knots: the residuals hold what rounding dropped
+        x = torch.randn(8, 12, generator=torch.Generator().manual_seed(i), dtype=torch.bfloat16)
+        model(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    residual = model[0].parametrizations.weight[0].merge_residual
+    assert bool(residual.any())
+    source, _ = _trained()  # float32: no residual keys
+    state = {k: v + 0.01 if k.endswith("lora_B") else v for k, v in source.state_dict().items()}
+    model.load_state_dict(state, strict=strict)
+    assert not bool(residual.any())
+    fresh, fresh_opt = bf16_chain()
+    fresh.load_state_dict(state)
+    opt.tie_knot()
+    fresh_opt.tie_knot()
+    for i in (0, 2):
+        after = model[i].parametrizations.weight.original
+        assert torch.equal(after, fresh[i].parametrizations.weight.original)
 
 
 @pytest.mark.parametrize("key", ["2.weight", "2.parametrizations.weight.original"])
