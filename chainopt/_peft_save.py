@@ -226,7 +226,20 @@ def _whole_chain(model: Any) -> tuple[ChainSave, dict[str, Tensor], int]:
         )
     if base_merged(model):
         raise ValueError(_MERGED_BASE.format(what="the chained adapter"))
-    tensors, rank = whole_chain_tensors(chained_links(model), save.history)
+    links = chained_links(model)
+    tensors, rank = whole_chain_tensors(links, save.history)
+    factors = {id(t) for _name, link in links for t in (link.lora_A, link.lora_B)}
+    trained = [  # modules_to_save, trainable tokens: written as they are, NaN/Inf checked here
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and id(p) not in factors and not bool(torch.isfinite(p).all())
+    ]
+    if trained:
+        raise NonFiniteUpdateError(
+            f"refusing to save the chained adapter: {trained[:3]} ({len(trained)} in all) train "
+            "outside the links and hold NaN/Inf (a NaN/Inf gradient reached them); nothing was "
+            "written. Resume from the last checkpoint"
+        )
     return save, tensors, rank
 
 
