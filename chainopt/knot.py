@@ -265,6 +265,8 @@ def _require_finite_trained(chain: Chain, check: LinkCheck, where: str) -> None:
     steps outside the links (``trainable_modules``: a head) took the same NaN/Inf step. A link
     can be dropped (``"skip"``), that step cannot: the model would compute NaN from then on,
     and every later link would be dropped too. Nothing is changed."""
+    if chain.engine_steps_factors():  # its groups hold its own flat copies, factors in them;
+        return  # and DeepSpeed skips a step whose gradient norm is not finite itself
     factors = {id(p) for p in chain.factors()}
     trained = [p for g in chain.optimizer.param_groups for p in g["params"] if id(p) not in factors]
     why = non_finite_params(trained)
