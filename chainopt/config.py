@@ -477,10 +477,12 @@ def check_model(model: object) -> None:
         raise ValueError(
             f"model is already wrapped by a ChainLoRAOptimizer (chainopt links on "
             f"{[r.name for r in wrapped][:4]}; a copy.deepcopy of a wrapped model carries "
-            "them too); build one ChainLoRAOptimizer per model. To train a copy, copy the "
-            "optimizer: copy.deepcopy(opt) copies its model along (opt_copy.model); or unload "
-            "the links first (chainopt.merge_and_unload(model) merges them) and chain the plain "
-            "model"
+            "them too); build one ChainLoRAOptimizer per model. If the code that built it runs "
+            "again (Lightning calls configure_optimizers() at every fit, Tuner.lr_find's and "
+            "scale_batch_size's included), build the chain once and return that optimizer again. "
+            "To train a copy, copy the optimizer: copy.deepcopy(opt) copies its model along "
+            "(opt_copy.model); or unload the links first (chainopt.merge_and_unload(model) merges "
+            "them) and chain the plain model"
         )
 
 

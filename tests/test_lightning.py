@@ -447,3 +447,47 @@ def test_a_weights_only_checkpoint_follows_the_callbacks_choice(
         x = DATA.tensors[0]
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), t.lightning_module(x))
+
+
+class BuiltOnce(Tiny):
+    """Builds the chain at the first ``configure_optimizers()``, returns it at every later one."""
+
+    def configure_optimizers(self) -> Any:
+        if self.chain is None:
+            self.chain = self.build_chain()
+        return super().configure_optimizers()
+
+
+def test_a_chain_built_again_at_a_second_fit_is_refused_saying_to_build_it_once(
+    tmp_path: Path,
+) -> None:
+    """Lightning calls ``configure_optimizers()`` at every ``fit`` (and in ``Tuner.lr_find``):
+    a chain built there anew finds the module chained by the first. The refusal said to copy the
+    optimizer or unload the links, nothing about the code that ran twice."""
+    module = Tiny()
+    fit(tmp_path, module, checkpoints=False)
+    with pytest.raises(ValueError, match=r"configure_optimizers\(\) at every fit.*build the chain"):
+        fit(tmp_path, module, checkpoints=False)
+
+
+@pytest.mark.parametrize("callback", [False, True])
+def test_tuner_lr_find_then_fit_of_a_chain_built_once_is_a_plain_fit(
+    tmp_path: Path, callback: bool
+) -> None:
+    """``Tuner.lr_find`` trains through knots, then restores its checkpoint: the chain goes back
+    to step 0 and the fit that follows (the second ``configure_optimizers()``) is bitwise a fit
+    without the search."""
+    from lightning.pytorch.tuner import Tuner
+
+    extra = [ChainLoRACheckpoint()] if callback else []
+    module = BuiltOnce()
+    tuned = trainer(tmp_path / "tuned", *extra, checkpoints=False)
+    Tuner(tuned).lr_find(
+        module, loader(), num_training=STEPS, update_attr=False, early_stop_threshold=None
+    )
+    assert chain_of(tuned).optimizer_steps == 0 and chain_of(tuned).knots_tied == 0
+    tuned.fit(module, loader())
+    reference = fit(tmp_path / "plain", Tiny(), *extra, checkpoints=False)
+    assert chain_of(tuned) is module.chain and chain_of(tuned).knots_tied == STEPS // KNOT_EVERY
+    assert_same(reference.lightning_module.state_dict(), module.state_dict())
+    assert_same(state_of(chain_of(reference)), state_of(chain_of(tuned)), "optimizer")

@@ -30,6 +30,9 @@ can keep the parametrized keys) and resumes any checkpoint bitwise:
   into the now chained module.
 
 A module that builds its chain in ``__init__`` resumes bitwise with or without the callback.
+Lightning calls ``configure_optimizers()`` at every ``fit`` (``Tuner.lr_find`` and
+``scale_batch_size`` run one first): build the chain there once and return it again, as a
+second chain on the chained module is refused.
 A ``save_weights_only`` checkpoint holds the merged model too, the callback's ``merged=False``
 the parametrized keys (and it cannot resume training: it holds no optimizer state). Outside
 ``fit``, nothing builds the chain, so with the callback ``validate``/``test``/``predict`` refuse
