@@ -9,6 +9,14 @@ later). :class:`TrainingWatch` looks once per link, on the optimizer steps until
 gradient (nothing after that, until the next knot), and raises before a knot would merge
 nothing.
 
+A chain can also train while no knot is ever tied: when another optimizer steps its factors (a
+``Trainer`` handed the chained model but not the chain builds an AdamW of its own over
+``model.parameters()``; so does a Lightning ``configure_optimizers()`` that returns a plain
+optimizer beside a chain built in ``__init__``). The model then trains as one LoRA link and
+``save_pretrained`` writes it, silently. :func:`own_factor_steps` registers a chain so that a
+step of any other optimizer over its factors raises before it changes anything (torch's global
+optimizer step pre-hook).
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -22,11 +30,16 @@ Example:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
 
-__all__ = ["TrainingWatch"]
+__all__ = ["TrainingWatch", "own_factor_steps"]
 
 FactorSource = Callable[[], Sequence[tuple[str, Tensor, Tensor]]]
 """``(module name, A, B)`` of every link, live."""
@@ -93,3 +106,72 @@ class TrainingWatch:
     def after_knot(self) -> None:
         """A new link starts: look again."""
         self._seen = False
+
+
+class FactorOwner(Protocol):
+    """What :func:`own_factor_steps` reads of a chain optimizer."""
+
+    _stepping: bool  # inside its own step (the optimizer it wraps may step others inside it)
+
+    @property
+    def optimizer(self) -> Optimizer: ...  # the optimizer it wraps
+
+    def _named_factors(self) -> Sequence[tuple[str, Tensor]]: ...  # (module name, factor)
+
+
+_OWNERS: weakref.WeakSet[Any] = weakref.WeakSet()
+_HOOK: list[RemovableHandle] = []  # torch's global step pre-hook, installed with the first owner
+_WRAPPER_DEPTH = 4  # Accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer, ...
+
+
+def own_factor_steps(owner: FactorOwner) -> None:
+    """From now on, refuse a step of any optimizer but ``owner`` (and the optimizer it wraps, and
+    whatever wraps either, or is stepped inside ``owner``'s own step) over ``owner``'s factors.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from chainopt import ChainLoRAOptimizer
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          target_modules=["0"], rank=2, knot_every=2)
+        >>> other = torch.optim.SGD(model.parameters(), lr=0.1)  # the factors, not the chain
+        >>> other.step()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        RuntimeError: this SGD is not the chain's optimizer, and it was about to step 2 of ...
+    """
+    _OWNERS.add(owner)
+    if not _HOOK:
+        _HOOK.append(register_optimizer_step_pre_hook(_refuse_foreign_step))
+
+
+def _reaches(optimizer: object, owner: FactorOwner) -> bool:
+    """Whether ``optimizer`` is ``owner``, the optimizer it wraps, or a wrapper around either."""
+    allowed = (owner, owner.optimizer)
+    for _ in range(_WRAPPER_DEPTH):
+        if any(optimizer is a for a in allowed):
+            return True
+        optimizer = getattr(optimizer, "optimizer", None)
+        if optimizer is None:
+            return False
+    return False
+
+
+def _refuse_foreign_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    owners = [o for o in list(_OWNERS) if not (o._stepping or _reaches(optimizer, o))]
+    groups = getattr(optimizer, "param_groups", None)
+    if not owners or not isinstance(groups, list):
+        return
+    stepped = {id(p) for g in groups if isinstance(g, dict) for p in g.get("params", ())}
+    for owner in owners:
+        held = [name for name, p in owner._named_factors() if id(p) in stepped]
+        if held:
+            raise RuntimeError(
+                f"this {type(optimizer).__name__} is not the chain's optimizer, and it was about "
+                f"to step {len(held)} of the chain's factors (of {held[0]!r}, …): it ties no "
+                "knot, so the chain would train as one LoRA link, silently. "
+                "Nothing was changed. Step the ChainLoRAOptimizer itself: hand it to the "
+                "trainer (Trainer and TRL: optimizers=(opt, None); Lightning: return it from "
+                "configure_optimizers(); Accelerate: accelerator.prepare(model, opt))"
+            )

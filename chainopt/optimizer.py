@@ -41,7 +41,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from ._build import Undo, build_chain, drop_params, rebind
-from ._liveness import TrainingWatch
+from ._liveness import TrainingWatch, own_factor_steps
 from ._load_guard import state_restored
 from ._marks import merged_save_pending
 from ._peft_layers import PeftLink
@@ -238,10 +238,12 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             self._arm()
             self._dtypes = DtypeWatch(self.chain.records)
             self._param_names = {id(p): n for n, p in model.named_parameters()}
+            self._stepping = False  # inside step(): the wrapped optimizer may step others
             super().__init__(self.chain.optimizer)
         except BaseException:
             undo()
             raise
+        own_factor_steps(self)  # another optimizer stepping the factors would tie no knot
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients through the wrapped optimizer.
@@ -284,6 +286,10 @@ class ChainLoRAOptimizer(WrappedOptimizer):
     def factors(self) -> list[nn.Parameter]:
         """Every trainable chain parameter (A, B and bias deltas), in module order."""
         return [p for r in self.chain.records for p in r.factors()]
+
+    def _named_factors(self) -> list[tuple[str, nn.Parameter]]:
+        """``(module name, factor)`` of every factor, in module order."""
+        return [(r.name, p) for r in self.chain.records for p in r.factors()]
 
     def adapted_modules(self) -> list[tuple[str, nn.Module]]:
         """``(name, module)`` of the chain's links, in model order: a layer's qualified name,
@@ -337,10 +343,15 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             self.tie_knot()
         if closure is None:
             self._require_training()
-            loss = self._base.step()
-        else:
-            with torch.enable_grad():
-                loss = self._base.step(closure)
+        self._stepping = True
+        try:
+            if closure is None:
+                loss = self._base.step()
+            else:
+                with torch.enable_grad():
+                    loss = self._base.step(closure)
+        finally:
+            self._stepping = False
         if not self._stepped():
             return loss
         self.count_step()
@@ -699,6 +710,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         clone._param_names = {id(p): n for n, p in clone.model.named_parameters()}
         own_instance_patches(clone, self)  # a scheduler's step wrapper: the copy's own
         own_instance_patches(clone._base, self._base)
+        own_factor_steps(clone)
         return clone
 
     def __getstate__(self) -> dict[str, Any]:

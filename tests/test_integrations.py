@@ -174,6 +174,27 @@ def test_trainer_knots_count_optimizer_steps_and_resume_mid_link_is_bitwise(
     assert log(trainer2) == log(trainer)  # steps 1-4 restored, 5-6 the same losses and lrs
 
 
+def test_a_trainer_given_the_chained_model_but_not_the_chain_refuses_its_own_optimizer(
+    tmp_path: Path,
+) -> None:
+    """``Trainer(model, args)`` without ``optimizers=`` builds an AdamW over the model's
+    trainable parameters, the chain's factors: it trained the first link for the whole run, tied
+    no knot, and ``save_model`` wrote that LoRA as if it were the chain, silently."""
+    from transformers import Trainer
+
+    model = tiny_llama()
+    opt = _chain(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, save_strategy="no"), train_dataset=_Tokens()
+    )
+    with pytest.raises(RuntimeError, match=r"AdamW is not the chain's optimizer.*optimizers="):
+        trainer.train()
+    assert opt.optimizer_steps == 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5: activation_checkpointing
 def test_create_chain_optimizer_follows_training_arguments(tmp_path: Path) -> None:
     from transformers import Trainer

@@ -377,6 +377,54 @@ def test_a_model_whose_parameters_a_move_replaced_is_refused_before_the_step(mov
     assert all(torch.equal(p, o) for p, o in zip(opt.param_groups[0]["params"], old, strict=True))
 
 
+class _Delegating(torch.optim.Optimizer):
+    """An optimizer whose step is another optimizer's over the same parameters (as
+    ``ZeroRedundancyOptimizer`` or a lookahead wrapper step an inner one)."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, {})
+        self.inner = torch.optim.SGD(self.param_groups[0]["params"], lr=0.1)
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        self.inner.step()
+
+
+def test_another_optimizer_stepping_the_factors_is_refused_before_it_steps() -> None:
+    """A trainer handed the chained model but not the chain (``Trainer(model, args)`` with no
+    ``optimizers=``) builds an AdamW of its own over ``model.parameters()``, the factors: it
+    trained the first link and never tied a knot, silently."""
+    opt = _wrap(knot_every=2)
+    other = torch.optim.AdamW(opt.model.parameters(), lr=1e-2)
+    _train(opt.model, opt, 1)  # the chain's own steps, before and after, are fine
+    before = snapshot(opt.model)
+    for p in opt.factors():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match=r"this AdamW is not the chain's optimizer.*'0'"):
+        other.step()
+    assert_same(snapshot(opt.model), before)
+    assert not other.state
+    opt.zero_grad()
+    _train(opt.model, opt, 3)
+    assert opt.optimizer_steps == 4 and opt.knots_tied == 2
+
+    # An optimizer the wrapped one steps inside the chain's step, the wrapped optimizer itself
+    # (DeepSpeed steps it), a copy's own optimizer step; other parameters are free (wrappers
+    # around the chain: test_integrations.py, test_lightning.py).
+    model = mlp()
+    chain = ChainLoRAOptimizer(model, _Delegating, target_modules=["0", "2"], knot_every=2)
+    _train(model, chain, 2)
+    assert chain.knots_tied == 1
+    copied = copy.deepcopy(opt)
+    _train(copied.model, copied, 2)
+    assert copied.knots_tied == 3 and opt.knots_tied == 2
+    with pytest.raises(RuntimeError, match="not the chain's optimizer"):
+        torch.optim.SGD(copied.model.parameters(), lr=0.1).step()
+    opt.optimizer.step()
+    torch.optim.SGD(mlp().parameters(), lr=0.1).step()
+    opt.merge_and_unload()  # no chain left: the plain model trains with any optimizer
+    torch.optim.SGD(opt.model.parameters(), lr=0.1).step()
+
+
 def test_a_training_loop_with_clipping_and_a_schedule_is_lora_with_merges_written_by_hand() -> None:
     """AdamW with weight decay, ``clip_grad_norm_(model.parameters())``, a cosine schedule on the
     chain and a knot every 3 steps, against the same loop written out in float64: plain LoRA
