@@ -112,6 +112,7 @@ class FactorOwner(Protocol):
     """What :func:`own_factor_steps` reads of a chain optimizer."""
 
     _stepping: bool  # inside its own step (the optimizer it wraps may step others inside it)
+    _uncounted: bool  # the optimizer it wraps stepped outside its step, not counted since
 
     @property
     def optimizer(self) -> Optimizer: ...  # the optimizer it wraps
@@ -125,8 +126,14 @@ _WRAPPER_DEPTH = 4  # Accelerate's AcceleratedOptimizer, Lightning's LightningOp
 
 
 def own_factor_steps(owner: FactorOwner) -> None:
-    """From now on, refuse a step of any optimizer but ``owner`` (and the optimizer it wraps, and
-    whatever wraps either, or is stepped inside ``owner``'s own step) over ``owner``'s factors.
+    """From now on, refuse a step of any optimizer but ``owner`` over ``owner``'s factors.
+
+    Allowed: ``owner``'s own step and whatever steps inside it (the optimizer it wraps, and
+    what that one delegates to), and wrappers around ``owner`` (Accelerate's
+    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``). The optimizer ``owner`` wraps
+    may also be stepped on its own by an engine that then calls ``owner.count_step()``; a second
+    such step with no ``count_step()`` in between raises (nothing counts those steps: the
+    wrapped optimizer was handed to the trainer in place of the chain).
 
     Example:
         >>> import torch
@@ -146,11 +153,10 @@ def own_factor_steps(owner: FactorOwner) -> None:
         _HOOK.append(register_optimizer_step_pre_hook(_refuse_foreign_step))
 
 
-def _reaches(optimizer: object, owner: FactorOwner) -> bool:
-    """Whether ``optimizer`` is ``owner``, the optimizer it wraps, or a wrapper around either."""
-    allowed = (owner, owner.optimizer)
+def _wraps(optimizer: object, target: object) -> bool:
+    """Whether ``optimizer`` is ``target`` or a wrapper (``.optimizer``) around it."""
     for _ in range(_WRAPPER_DEPTH):
-        if any(optimizer is a for a in allowed):
+        if optimizer is target:
             return True
         optimizer = getattr(optimizer, "optimizer", None)
         if optimizer is None:
@@ -158,20 +164,37 @@ def _reaches(optimizer: object, owner: FactorOwner) -> bool:
     return False
 
 
+_FIX_FOREIGN = (
+    "Nothing was changed. Step the ChainLoRAOptimizer itself: hand it to the trainer (Trainer "
+    "and TRL: optimizers=(opt, None); Lightning: return it from configure_optimizers(); "
+    "Accelerate: accelerator.prepare(model, opt))"
+)
+
+
 def _refuse_foreign_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-    owners = [o for o in list(_OWNERS) if not (o._stepping or _reaches(optimizer, o))]
+    owners = [o for o in list(_OWNERS) if not (o._stepping or _wraps(optimizer, o))]
     groups = getattr(optimizer, "param_groups", None)
     if not owners or not isinstance(groups, list):
         return
     stepped = {id(p) for g in groups if isinstance(g, dict) for p in g.get("params", ())}
     for owner in owners:
         held = [name for name, p in owner._named_factors() if id(p) in stepped]
-        if held:
+        if not held:
+            continue
+        kind = type(optimizer).__name__
+        if not _wraps(optimizer, owner.optimizer):
             raise RuntimeError(
-                f"this {type(optimizer).__name__} is not the chain's optimizer, and it was about "
-                f"to step {len(held)} of the chain's factors (of {held[0]!r}, …): it ties no "
-                "knot, so the chain would train as one LoRA link, silently. "
-                "Nothing was changed. Step the ChainLoRAOptimizer itself: hand it to the "
-                "trainer (Trainer and TRL: optimizers=(opt, None); Lightning: return it from "
-                "configure_optimizers(); Accelerate: accelerator.prepare(model, opt))"
+                f"this {kind} is not the chain's optimizer, and it was about to step "
+                f"{len(held)} of the chain's factors (of {held[0]!r}, …): it ties no knot, so "
+                f"the chain would train as one LoRA link, silently. {_FIX_FOREIGN}"
             )
+        if owner._uncounted:
+            raise RuntimeError(
+                f"the {kind} the chain wraps was stepped again outside the chain's step() with "
+                "no opt.count_step() since its last such step: nothing counts these steps, so "
+                "no knot would ever be tied and the chain would train as one LoRA link, "
+                f"silently (the wrapped optimizer was handed over in place of the chain?). "
+                f"{_FIX_FOREIGN}; an engine that steps the wrapped optimizer itself calls "
+                "opt.count_step() after each of its steps"
+            )
+        owner._uncounted = True

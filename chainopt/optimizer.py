@@ -239,6 +239,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             self._dtypes = DtypeWatch(self.chain.records)
             self._param_names = {id(p): n for n, p in model.named_parameters()}
             self._stepping = False  # inside step(): the wrapped optimizer may step others
+            self._uncounted = False  # the wrapped optimizer stepped outside step(), uncounted
             super().__init__(self.chain.optimizer)
         except BaseException:
             undo()
@@ -481,9 +482,15 @@ class ChainLoRAOptimizer(WrappedOptimizer):
 
     def count_step(self) -> None:
         """Count an optimizer step the wrapped optimizer took outside :meth:`step` (an engine
-        that steps it itself, such as DeepSpeed's), and tie a knot if one is due."""
+        that steps it itself, such as DeepSpeed's), and tie a knot if one is due.
+
+        Call it after each such step: a second step of the wrapped optimizer over the factors
+        outside :meth:`step` with no ``count_step()`` since the first raises ``RuntimeError``
+        before it changes anything (nothing would count those steps; so does any step of
+        another optimizer over the factors, see :mod:`chainopt._liveness`)."""
         self._require_chain(full=self.schedule.is_due(self.optimizer_steps + 1))
         self._require_no_awaited_load()
+        self._uncounted = False
         self.optimizer_steps += 1
         merged_save_pending(self.model, clear=True)  # a later state_dict is of a later state
         for r in self.chain.records:  # masters restored with a state: only the next model load

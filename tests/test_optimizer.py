@@ -419,8 +419,24 @@ def test_another_optimizer_stepping_the_factors_is_refused_before_it_steps() -> 
     assert copied.knots_tied == 3 and opt.knots_tied == 2
     with pytest.raises(RuntimeError, match="not the chain's optimizer"):
         torch.optim.SGD(copied.model.parameters(), lr=0.1).step()
-    opt.optimizer.step()
     torch.optim.SGD(mlp().parameters(), lr=0.1).step()
+
+    # The wrapped optimizer stepped on its own: an engine's step, which it counts with
+    # count_step(); a second one with no count_step() in between was handed over in place of
+    # the chain (Trainer(optimizers=(base, ...))): nothing would count its steps.
+    for p in opt.factors():
+        p.grad = torch.full_like(p, 0.1)
+    opt.optimizer.step()
+    opt.count_step()
+    assert opt.optimizer_steps == 5
+    opt.optimizer.step()
+    before = snapshot(opt.model)
+    with pytest.raises(RuntimeError, match=r"AdamW the chain wraps was stepped again"):
+        opt.optimizer.step()
+    assert_same(snapshot(opt.model), before)
+    opt.count_step()  # step 6: a knot
+    assert opt.knots_tied == 3
+    opt.optimizer.step()
     opt.merge_and_unload()  # no chain left: the plain model trains with any optimizer
     torch.optim.SGD(opt.model.parameters(), lr=0.1).step()
 
