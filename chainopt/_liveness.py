@@ -154,14 +154,17 @@ def own_factor_steps(owner: FactorOwner) -> None:
 
 
 def _wraps(optimizer: object, target: object) -> bool:
-    """Whether ``optimizer`` is ``target`` or a wrapper (``.optimizer``) around it."""
+    """Whether ``optimizer`` is ``target`` or a wrapper around it (Accelerate's keeps the
+    optimizer it wraps as ``.optimizer``, Lightning's as ``._optimizer``)."""
+    found = [optimizer]
     for _ in range(_WRAPPER_DEPTH):
-        if optimizer is target:
+        if any(o is target for o in found):
             return True
-        optimizer = getattr(optimizer, "optimizer", None)
-        if optimizer is None:
-            return False
+        found = [i for o in found for a in _INNER if (i := getattr(o, a, None)) is not None]
     return False
+
+
+_INNER = ("optimizer", "_optimizer")
 
 
 _FIX_FOREIGN = (

@@ -491,3 +491,22 @@ def test_tuner_lr_find_then_fit_of_a_chain_built_once_is_a_plain_fit(
     assert chain_of(tuned) is module.chain and chain_of(tuned).knots_tied == STEPS // KNOT_EVERY
     assert_same(reference.lightning_module.state_dict(), module.state_dict())
     assert_same(state_of(chain_of(reference)), state_of(chain_of(tuned)), "optimizer")
+
+
+class PlainBesideTheChain(Tiny):
+    """Builds the chain in ``__init__`` but returns a plain optimizer over the module."""
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def test_a_plain_optimizer_beside_a_chain_built_in_init_is_refused_at_its_first_step(
+    tmp_path: Path,
+) -> None:
+    """It stepped the chain's factors and tied no knot: one LoRA link, silently."""
+    module = PlainBesideTheChain("init")
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"AdamW is not the chain's optimizer"):
+        fit(tmp_path, module, checkpoints=False)
+    assert module.chain is not None and module.chain.optimizer_steps == 0
+    assert_same(module.state_dict(), before)

@@ -389,6 +389,19 @@ class _Delegating(torch.optim.Optimizer):
         self.inner.step()
 
 
+class _Wrapper(torch.optim.Optimizer):
+    """A torch optimizer around another, holding it as ``_optimizer`` (as Lightning's
+    ``LightningOptimizer`` does) and sharing its groups; its step is hooked as any optimizer's."""
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        super().__init__([torch.zeros(1, requires_grad=True)], {})
+        self._optimizer = inner
+        self.param_groups = inner.param_groups
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        self._optimizer.step(closure)
+
+
 def test_another_optimizer_stepping_the_factors_is_refused_before_it_steps() -> None:
     """A trainer handed the chained model but not the chain (``Trainer(model, args)`` with no
     ``optimizers=``) builds an AdamW of its own over ``model.parameters()``, the factors: it
@@ -408,12 +421,13 @@ def test_another_optimizer_stepping_the_factors_is_refused_before_it_steps() -> 
     assert opt.optimizer_steps == 4 and opt.knots_tied == 2
 
     # An optimizer the wrapped one steps inside the chain's step, the wrapped optimizer itself
-    # (DeepSpeed steps it), a copy's own optimizer step; other parameters are free (wrappers
-    # around the chain: test_integrations.py, test_lightning.py).
+    # (DeepSpeed steps it), a wrapper around the chain, a copy's own optimizer step; other
+    # parameters are free.
     model = mlp()
     chain = ChainLoRAOptimizer(model, _Delegating, target_modules=["0", "2"], knot_every=2)
     _train(model, chain, 2)
-    assert chain.knots_tied == 1
+    _train(model, _Wrapper(chain), 2)
+    assert chain.knots_tied == 2
     copied = copy.deepcopy(opt)
     _train(copied.model, copied, 2)
     assert copied.knots_tied == 3 and opt.knots_tied == 2
