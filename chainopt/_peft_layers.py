@@ -38,9 +38,11 @@ magnitude ``m`` trains on (it is never reset).
 Refused, with the reason: several active adapters, a merged or disabled adapter, LoRA variants
 other than DoRA, ``lora_bias=True``, initialisations that rewrite the base weight (PiSSA,
 OLoRA, CorDA, LoftQ, ...: a save could not be loaded onto the original base), convolutions
-whose LoRA branch is not the merged convolution (groups, dilation, padding mode), and layer
-kinds not listed above (multi-head attention, 8-bit layers); and, from the adapter's
-``LoraConfig``: ``inference_mode=True`` with every factor frozen (an adapter loaded without
+whose LoRA branch is not the merged convolution (groups, dilation, padding mode), layer kinds
+not listed above (multi-head attention, 8-bit layers), and a base weight tied to another
+layer's (a tied ``embed_tokens``/``lm_head``; checked with the model, in
+:meth:`chainopt.ChainConfig.from_kwargs`); and, from the adapter's ``LoraConfig``:
+``inference_mode=True`` with every factor frozen (an adapter loaded without
 ``is_trainable=True``: PEFT froze it, and the chain would train it anyway) and
 ``bias="all"``/``"lora_only"`` (the chain would freeze the biases PEFT trains).
 

@@ -33,6 +33,7 @@ from torch import nn
 from ._dtensor import is_sharded
 from ._layers import find_adapted
 from ._peft_layers import (
+    PeftLink,
     active_adapter,
     choose_peft_layers,
     peft_config_of,
@@ -57,8 +58,11 @@ from .targets import (
     choose_targets,
     choose_trainable,
     describe_spec,
+    model_storages,
     readable_twice,
     select_parameters,
+    shared_parameters,
+    sharing_problem,
 )
 
 __all__ = [
@@ -538,6 +542,17 @@ def _peft_choice(
             "links with init='kaiming'; set them in the LoraConfig or omit them"
         )
     layers = choose_peft_layers(model, _lora_config(model, layers))
+    shared, storages = shared_parameters(model), model_storages(model)
+    for name, layer in layers:
+        weight = PeftLink.of(layer).weight
+        full = next((n for n, p in layer.named_parameters(name) if p is weight), name)
+        why = sharing_problem(weight, full, shared, storages)
+        if why is not None:
+            raise ValueError(
+                f"cannot chain the PEFT LoRA layer {name!r}: the weight a knot merges into "
+                f"({full!r}) {why}; leave it out of the LoraConfig's target_modules (tied "
+                "embeddings: target the other layers); nothing was changed"
+            )
     first = cast(Any, layers[0][1])
     adapter = active_adapter(first)
     return _PeftChoice(

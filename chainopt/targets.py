@@ -443,7 +443,7 @@ def choose_targets(
         )
     _refuse_unmatched("target_modules", spec, names, "module", len(found))
     shared = shared_parameters(model)
-    storages = _storages(model)
+    storages = model_storages(model)
     for name, module in found:
         unsupported = unsupported_quantization(module)
         if unsupported is not None:
@@ -467,23 +467,15 @@ def choose_targets(
         assert isinstance(weight, torch.Tensor)
         if any(t.is_meta for t in module.parameters(recurse=False)):
             raise ValueError(f"target_modules matches {name!r}, {_META}")
-        if id(weight) in shared:
-            others = [n for n in shared[id(weight)] if n != f"{name}.weight"]
-            raise ValueError(
-                f"target_modules matches {name!r}, whose weight is shared with {others} (tied "
-                "weights): a knot would merge the link into both and change the model; leave it "
-                f"out of target_modules ('{ALL_LINEAR}' leaves tied and output layers out)"
-            )
         tensors = [("weight", weight)]
         if lora_bias and isinstance(module.bias, torch.Tensor):
             tensors.append(("bias", module.bias))
         for kind, tensor in tensors:
-            overlap = _overlapping(tensor, storages)
-            if overlap:
+            why = sharing_problem(tensor, f"{name}.{kind}", shared, storages)
+            if why is not None:
                 raise ValueError(
-                    f"target_modules matches {name!r}, whose {kind} shares memory with "
-                    f"{overlap[:3]}: a knot writes into the {kind} in place and would change "
-                    "them too; give it its own tensor or leave it out of target_modules"
+                    f"target_modules matches {name!r}, whose {kind} {why}; leave it out of "
+                    f"target_modules ('{ALL_LINEAR}' leaves tied and output layers out)"
                 )
         limit = min(_features(module))
         if rank > limit:
@@ -522,7 +514,43 @@ def _features(module: nn.Module) -> tuple[int, int]:
     return int(weight.shape[0]), int(weight.shape[1])  # Conv1D stores (in, out)
 
 
-def _storages(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+def sharing_problem(
+    tensor: torch.Tensor,
+    full: str,
+    shared: dict[int, list[str]],
+    storages: list[tuple[str, torch.Tensor]],
+) -> str | None:
+    """Why a knot writing into ``tensor`` (named ``full``) would change more of the model than
+    its own link, or ``None``: it is tied to another module's parameter (``shared``, from
+    :func:`shared_parameters`), or its memory overlaps another tensor's (``storages``, from
+    :func:`model_storages`). Every kind of link (``target_modules``, ``target_parameters``,
+    PEFT's own layers) is checked with it.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Embedding(6, 4), nn.Linear(4, 6))
+        >>> model[1].weight = model[0].weight
+        >>> sharing_problem(model[1].weight, "1.weight", shared_parameters(model),
+        ...                 model_storages(model))  # doctest: +ELLIPSIS
+        "is shared with ['0.weight'] (tied): a knot would merge the link into both ..."
+    """
+    if id(tensor) in shared:
+        others = [n for n in shared[id(tensor)] if n != full]
+        return (
+            f"is shared with {others} (tied): a knot would merge the link into both and change "
+            "the model"
+        )
+    overlap = _overlapping(tensor, storages)
+    if overlap:
+        return (
+            f"shares memory with {overlap[:3]}: a knot writes into it in place and would change "
+            "them too"
+        )
+    return None
+
+
+def model_storages(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The model's parameters and buffers with memory of their own, for :func:`sharing_problem`."""
     named: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
     named += list(model.named_buffers())
     return [(n, t) for n, t in named if _plain_storage(t)]
@@ -621,7 +649,7 @@ def choose_parameters(
     adapted = {id(m) for _, m in targets}
     trained = {id(m) for _, t in trainable for m in t.modules()}
     shared = shared_parameters(model)
-    storages = _storages(model)
+    storages = model_storages(model)
     out = []
     for full, pname, module, tensor in found:
         where = f"{what} matches {full!r}"
@@ -651,18 +679,9 @@ def choose_parameters(
                 f"{where}, a parameter of a module trainable_modules trains whole: leave one of "
                 "them out"
             )
-        if id(tensor) in shared:
-            others = [n for n in shared[id(tensor)] if n != full]
-            raise ValueError(
-                f"{where}, which is shared with {others} (tied): a knot would merge the link "
-                "into both and change the model; leave it out of target_parameters"
-            )
-        overlap = _overlapping(tensor, storages)
-        if overlap:
-            raise ValueError(
-                f"{where}, which shares memory with {overlap[:3]}: a knot writes into it in "
-                "place and would change them too; leave it out of target_parameters"
-            )
+        why = sharing_problem(tensor, full, shared, storages)
+        if why is not None:
+            raise ValueError(f"{where}, which {why}; leave it out of target_parameters")
         _experts, n_in, n_out, _t = parameter_features(module, tensor)
         if rank > min(n_in, n_out):
             raise ValueError(

@@ -848,6 +848,37 @@ def test_peft_setups_a_chain_cannot_keep_exact_are_refused_before_anything_chang
     assert not any("chainopt" in k for m in model.modules() for k in vars(m))
 
 
+def _tied_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, tie_word_embeddings=True)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+@pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
+def test_a_peft_layer_over_a_tied_weight_is_refused_before_anything_changes(target: str) -> None:
+    """A knot merging into a tied embedding's (or output layer's) base weight changed the other
+    layer too: the function moved by 2.4 at the first knot, silently. Refused, as
+    ``target_modules`` refuses a tied layer."""
+    model = get_peft_model(_tied_llama(), LoraConfig(r=4, target_modules=["q_proj", target]))
+    before = snapshot(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    other = "lm_head" if target == "embed_tokens" else "embed_tokens"
+    with pytest.raises(ValueError, match=rf"'base_model.model.*{target}'.*shared with .*{other}"):
+        ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=2)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    after = snapshot(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any("chainopt" in k for m in model.modules() for k in vars(m))
+    model = get_peft_model(_tied_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=2)
+    assert len(opt.adapted_modules()) == 1  # a model with tied weights elsewhere is chained
+
+
 def test_peft_loraplus_optimizer_keeps_its_groups_under_the_chain() -> None:
     """LoRA+ (PEFT's create_loraplus_optimizer: B at a higher LR) wrapped as it is."""
     from peft.optimizers import create_loraplus_optimizer
