@@ -309,6 +309,12 @@ class PeftLink:
             raise ValueError(f"{type(layer).__name__} has no active adapter with factors")
         return cls(layer, adapter)
 
+    def weight_name(self, prefix: str) -> str:
+        """The qualified name of :attr:`weight` in the model, ``prefix`` being the layer's
+        (``"<layer>.base_layer.weight"`` for a ``Linear``)."""
+        found = (n for n, p in self.layer.named_parameters(prefix) if p is self.weight)
+        return next(found, f"{prefix}.base_layer.weight")
+
     def expert_factors(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """Fused experts: ``(Bₑ)`` ``(E, out, r)`` and ``(Aₑ)`` ``(E, r, in)``, as PEFT's
         ``get_delta_weight`` reads them (copies in ``dtype``)."""

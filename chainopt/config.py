@@ -544,9 +544,9 @@ def _peft_choice(
     layers = choose_peft_layers(model, _lora_config(model, layers))
     shared, storages = shared_parameters(model), model_storages(model)
     for name, layer in layers:
-        weight = PeftLink.of(layer).weight
-        full = next((n for n, p in layer.named_parameters(name) if p is weight), name)
-        why = sharing_problem(weight, full, shared, storages)
+        link = PeftLink.of(layer)
+        full = link.weight_name(name)
+        why = sharing_problem(link.weight, full, shared, storages)
         if why is not None:
             raise ValueError(
                 f"cannot chain the PEFT LoRA layer {name!r}: the weight a knot merges into "
