@@ -339,6 +339,45 @@ def warn_left_out(
     )
 
 
+def parameter_namesakes(
+    model: nn.Module,
+    spec: ModuleSpec,
+    exclude: Iterable[nn.Module] = (),
+    covered: Iterable[str] = (),
+) -> list[str]:
+    """The bare matrix parameters (:func:`left_out_weights`: fused mixture-of-experts weights,
+    routers) whose qualified names a name or regex ``spec`` of ``target_modules`` matches, as it
+    matches module names: ``"down_proj"`` names Qwen2-MoE's fused ``experts.down_proj`` as well
+    as its shared expert's ``Linear`` (transformers 4 held each expert as a ``down_proj``
+    Linear). ``target_modules`` adapts modules only, so these would stay frozen; none for
+    ``"all-linear"`` (:func:`warn_left_out` names its) or a callable.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential()
+        >>> model.add_module("shared", nn.Module())
+        >>> model.shared.add_module("down_proj", nn.Linear(4, 4))
+        >>> model.add_module("experts", nn.Module())
+        >>> model.experts.down_proj = nn.Parameter(torch.zeros(2, 4, 4))
+        >>> parameter_namesakes(model, ["down_proj"])
+        ['experts.down_proj']
+    """
+    if (isinstance(spec, str) and spec == ALL_LINEAR) or (
+        callable(spec) and not isinstance(spec, re.Pattern)
+    ):
+        return []
+    match = matcher(spec, "target_modules")
+    return [n for n, _ in left_out_weights(model, exclude, covered) if match(n, model)]
+
+
+def _namesakes_advice(namesakes: list[str]) -> str:
+    return (
+        f"{len(namesakes)} bare parameters {namesakes[:3]}{' …' if len(namesakes) > 3 else ''} "
+        "(fused mixture-of-experts weights or routers, held by no Linear), which target_modules "
+        f"cannot adapt: chain them with target_parameters={_suffixes(namesakes)!r}"
+    )
+
+
 def _wide_enough(found: list[tuple[str, nn.Module]], rank: int) -> list[tuple[str, nn.Module]]:
     """``"all-linear"``'s layers that can take a link of ``rank``; the narrower ones (a
     shared-expert gate ``Linear(hidden, 1)`` of Qwen2-MoE, Qwen3-Next) are left out and named
@@ -420,8 +459,9 @@ def choose_targets(
         warn_left_out(model, [m for _, m in trainable], covered, rank)
         found = _wide_enough(found, rank)
     names = [alias for _first, alias, _m in _aliases(model)]
+    namesakes = parameter_namesakes(model, spec, [m for _, m in trainable], covered)
     if not found:
-        hint = _hint(spec, names)
+        hint = f"; it names {_namesakes_advice(namesakes)}" if namesakes else _hint(spec, names)
         if isinstance(spec, str) and spec == ALL_LINEAR:
             hint += (
                 " (it leaves out the output layer, a task model's heads, trainable_modules, "
@@ -441,7 +481,27 @@ def choose_targets(
                 else "it has no Linear or Conv1D layer a link can adapt"
             )
         )
+    missing = unmatched(spec, names)
+    named = (
+        parameter_namesakes(model, missing, [m for _, m in trainable], covered) if missing else []
+    )
+    if named:
+        raise ValueError(
+            f"target_modules entry {missing[0]!r} matches no module of the model, but names "
+            f"{_namesakes_advice(named)}"
+        )
     _refuse_unmatched("target_modules", spec, names, "module", len(found))
+    if namesakes:
+        from .advice import ChainLoRAWarning  # (advice imports the records, which import this)
+
+        warnings.warn(
+            f"target_modules={describe_spec(spec)!r} adapts {len(found)} modules and also names "
+            f"{_namesakes_advice(namesakes)}; they stay frozen otherwise. To leave them frozen "
+            "without this warning, name the modules more precisely (such as "
+            "'shared_expert.down_proj')",
+            ChainLoRAWarning,
+            stacklevel=5,
+        )
     shared = shared_parameters(model)
     storages = model_storages(model)
     for name, module in found:
