@@ -305,7 +305,9 @@ class ChainConfig:
         target_modules, target_parameters, trainable_modules = (
             readable_twice(spec) for spec in (target_modules, target_parameters, trainable_modules)
         )
-        peft = _peft_choice(model, target_modules, rank, alpha, lora_bias, factor_dtype, init)
+        peft = _peft_choice(
+            model, target_modules, trainable_modules, rank, alpha, lora_bias, factor_dtype, init
+        )
         if peft is not None:
             if target_parameters is not None:
                 raise ValueError(
@@ -505,6 +507,7 @@ class _PeftChoice:
 def _peft_choice(
     model: nn.Module,
     target_modules: object,
+    trainable_modules: object,
     rank: object,
     alpha: object,
     lora_bias: object,
@@ -515,7 +518,8 @@ def _peft_choice(
 
     A model holding PEFT's LoRA layers is chained through them (:mod:`chainopt._peft_layers`):
     ``target_modules`` would nest links inside PEFT's ``lora_A``/``lora_B``/``base_layer``,
-    and the rank, alpha and factor dtype are the ``LoraConfig``'s.
+    and the rank, alpha, factor dtype and the modules trained whole (``modules_to_save``) are
+    the ``LoraConfig``'s.
     """
     layers = peft_lora_layers(model)
     if not layers:
@@ -529,6 +533,14 @@ def _peft_choice(
             "rsLoRA scaling from the LoraConfig); target_modules would put chainopt links inside "
             "PEFT's lora_A, lora_B and base_layer. To chain other modules, build the chain on "
             "the model without PEFT"
+        )
+    if trainable_modules is not None:
+        raise ValueError(
+            f"trainable_modules={describe_spec(cast(ModuleSpec, trainable_modules))!r} on a "
+            "model that holds PEFT LoRA layers: PEFT's save_pretrained writes the adapter and what "
+            "its LoraConfig trains, not these modules, so the saved adapter would silently lack "
+            "their training; name them in LoraConfig(modules_to_save=[...]) instead (PEFT trains "
+            "and saves a copy of each; the chain trains it as it is)"
         )
     given = {"rank": rank, "alpha": alpha, "factor_dtype": factor_dtype}
     given = {k: v for k, v in given.items() if v is not None}

@@ -132,7 +132,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         steps_per_epoch: with ``num_links``: put knots on epoch ends.
         lora_bias: also train a delta on each adapted module's bias (modules with a bias only).
         trainable_modules: modules whose parameters stay trainable as they are (a classification
-            head, say), in the same forms as ``target_modules``.
+            head, say), in the same forms as ``target_modules``. Not with PEFT layers (the
+            ``LoraConfig``'s ``modules_to_save``, which PEFT's save writes).
         seed: seed of the generator the factors are drawn from; the same seed gives the same
             factors in every process (DDP ranks stay identical).
         factor_dtype: dtype of the factors; ``None`` is float32 for half-precision weights and

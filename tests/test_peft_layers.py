@@ -236,6 +236,25 @@ def test_rank_and_alpha_come_from_peft() -> None:
         ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), rank=2, knot_every=2)
 
 
+def test_trainable_modules_on_a_peft_model_is_refused_naming_modules_to_save() -> None:
+    """The chain trained ``trainable_modules=["lm_head"]`` of a PeftModel, but PEFT's
+    ``save_pretrained`` writes the adapter and the ``LoraConfig``'s ``modules_to_save`` only: the
+    reloaded adapter silently lacked the trained head (logits 1.4 away). Refused, pointing to
+    ``modules_to_save`` (which trains and saves: the test above)."""
+    model = _peft_llama()
+    before = snapshot(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"trainable_modules=\['lm_head'\].*modules_to_save"):
+        ChainLoRAOptimizer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=2,
+            trainable_modules=["lm_head"],
+        )  # fmt: skip
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    after = snapshot(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any("chainopt" in k for m in model.modules() for k in vars(m))
+
+
 def test_a_chain_that_peft_froze_raises_at_the_knot_naming_peft_config() -> None:
     # What SFTTrainer(model, peft_config=..., optimizers=(chain, None)) does: get_peft_model over
     # a chained model freezes every chain factor.
