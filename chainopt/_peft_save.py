@@ -68,6 +68,7 @@ __all__ = [
     "chained_links",
     "install_whole_chain_save",
     "refuse_adapter_saves",
+    "warn_no_adapter_save",
     "whole_chain_adapter",
     "whole_chain_tensors",
 ]
@@ -234,6 +235,27 @@ def bases_written(
         model, state_dict=state, adapter_name=adapter, save_embedding_layers=save_embedding_layers
     )
     return {name for name, link in chained_links(model) if link.weight_name(name) in keys}
+
+
+def warn_no_adapter_save(model: nn.Module) -> None:
+    """Warn that the chained model's PEFT layers have no adapter save of their own that writes
+    the whole chain (:func:`install_whole_chain_save` found none): a model with PEFT layers
+    injected by hand, or the model inside a ``PeftModel`` (``peft_model.get_base_model()``),
+    whose ``save_pretrained`` chainopt cannot reach and would write the link under way only."""
+    from .advice import ChainLoRAWarning  # (advice imports the records)
+
+    warnings.warn(
+        f"this {type(model).__name__} holds PEFT LoRA layers but has no adapter save of its own "
+        "(it is no PeftModel, nor a diffusers model with save_lora_adapter), so no save of it "
+        "writes the whole chain: if it is the model inside a PeftModel "
+        "(peft_model.get_base_model()), that PeftModel's save_pretrained, like PEFT's "
+        "get_peft_model_state_dict, writes only the link under way, and loaded onto the "
+        "original base it is another model. Chain the PeftModel itself, "
+        "ChainLoRAOptimizer(peft_model, ...), whose save_pretrained writes the whole chain; "
+        "or deploy the merged model (chainopt.save_merged, merged_state_dict)",
+        ChainLoRAWarning,
+        stacklevel=3,
+    )
 
 
 def _whole_chain(

@@ -45,7 +45,7 @@ from ._liveness import TrainingWatch
 from ._load_guard import state_restored
 from ._marks import merged_save_pending
 from ._peft_layers import PeftLink
-from ._peft_save import AWAITING, ChainSave, install_whole_chain_save
+from ._peft_save import AWAITING, ChainSave, install_whole_chain_save, warn_no_adapter_save
 from ._saved_state import chain_entry, check_saved_state, restore
 from ._schedule_free import KnotContext
 from ._state_probe import is_state_probe
@@ -237,7 +237,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             peft = self._peft_links()
             if peft:  # the model's own adapter save writes the whole chain
                 save = ChainSave(peft[0][1].adapter, self.chain.history, self.load_state_dict)
-                install_whole_chain_save(model, save)
+                if not install_whole_chain_save(model, save):
+                    warn_no_adapter_save(model)
             self._arm()
             self._dtypes = DtypeWatch(self.chain.records)
             self._param_names = {id(p): n for n, p in model.named_parameters()}

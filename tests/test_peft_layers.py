@@ -255,6 +255,35 @@ def test_trainable_modules_on_a_peft_model_is_refused_naming_modules_to_save() -
     assert not any("chainopt" in k for m in model.modules() for k in vars(m))
 
 
+@pytest.mark.parametrize("inner", ["base_model", "get_base_model"])
+def test_a_chain_of_the_model_inside_a_peft_model_warns_that_no_save_writes_it(
+    tmp_path: Path, inner: str
+) -> None:
+    """Chaining ``peft_model.base_model`` or ``peft_model.get_base_model()`` trains the same
+    layers, but the whole-chain save goes on the model chained, and the ``PeftModel``'s own
+    ``save_pretrained``, which chainopt cannot reach, wrote the link under way only: reloaded
+    on the original base, 0.25 off the trained logits, silently. It warns at construction now;
+    the ``PeftModel`` itself chains without the warning."""
+    import warnings
+
+    from chainopt import ChainLoRAWarning
+
+    model = _peft_llama()
+    chained = model.base_model if inner == "base_model" else model.get_base_model()
+    with pytest.warns(ChainLoRAWarning, match=r"no adapter save.*Chain the PeftModel itself"):
+        opt = ChainLoRAOptimizer(
+            chained, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2
+        )
+    _train(model, opt, 3)
+    model.save_pretrained(tmp_path)  # PEFT's own save: the link under way, as the warning says
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert not torch.allclose(_logits(reloaded), _logits(model), atol=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ChainLoRAWarning)
+        outer = _peft_llama()
+        ChainLoRAOptimizer(outer, torch.optim.AdamW(outer.parameters(), lr=1e-2), knot_every=2)
+
+
 def test_a_chain_that_peft_froze_raises_at_the_knot_naming_peft_config() -> None:
     # What SFTTrainer(model, peft_config=..., optimizers=(chain, None)) does: get_peft_model over
     # a chained model freezes every chain factor.
