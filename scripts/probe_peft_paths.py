@@ -13,6 +13,7 @@ import copy
 import sys
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -294,8 +295,8 @@ def layers() -> None:
         return f"knots {opt.knots_tied}, the PeftModel's save {saved_gap(model):.2f}"
 
     for target in ("embed_tokens", "lm_head"):
-        path(f"tied {target} targeted", lambda target=target: knot_gap(target))  # type: ignore[misc]
-        path(f"{target} targeted, saved", lambda target=target: embedding_save(target))  # type: ignore[misc]
+        path(f"tied {target} targeted", partial(knot_gap, target))
+        path(f"{target} targeted, saved", partial(embedding_save, target))
     path("trainable_modules=['lm_head']", kept_trainable)
     import warnings
 
