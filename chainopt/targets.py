@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -85,6 +86,7 @@ def matcher(spec: ModuleSpec, argument: str) -> Callable[[str, nn.Module], bool]
         dotted = tuple("." + s for s in suffixes)
         return lambda name, _m: name in suffixes or name.endswith(dotted)
     if callable(spec):
+        _require_two_arguments(spec, argument)
         return spec
     raise TypeError(
         f"{argument} must be a str, an iterable of str, a compiled regex or a callable "
@@ -93,6 +95,38 @@ def matcher(spec: ModuleSpec, argument: str) -> Callable[[str, nn.Module], bool]
 
 
 _BYTES = (bytes, bytearray, memoryview)
+
+
+def _require_two_arguments(spec: Callable[..., object], argument: str) -> None:
+    """Refuse a predicate that cannot be called with ``(name, module)`` (``(name, parameter)``
+    for ``target_parameters``), a class (``nn.Linear``) and a module, naming the argument,
+    before anything calls them (the call's own ``TypeError`` named neither). A callable whose
+    signature cannot be read is taken as it is."""
+    what = "parameter" if argument == "target_parameters" else "module"
+    if isinstance(spec, type):
+        raise TypeError(
+            f"{argument} must be a str, an iterable of str, a compiled regex or a callable "
+            f"(name, {what}) -> bool, got the class {spec.__name__}: to choose by type, pass "
+            f"lambda name, {what}: isinstance({what}, {spec.__name__})"
+            + (f" (or '{ALL_LINEAR}')" if argument == "target_modules" else "")
+        )
+    if isinstance(spec, nn.Module):
+        raise TypeError(
+            f"{argument} must be a str, an iterable of str, a compiled regex or a callable "
+            f"(name, {what}) -> bool, got a {type_name(spec)} module: give its qualified name "
+            "(as model.named_modules() lists it)"
+        )
+    try:
+        signature = inspect.signature(spec)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind("name", None)
+    except TypeError:
+        raise TypeError(
+            f"{argument} must be a callable (name, {what}) -> bool taking two positional "
+            f"arguments, got {spec!r} with signature {signature}"
+        ) from None
 
 
 def readable_twice(spec: ModuleSpec | None) -> ModuleSpec | None:

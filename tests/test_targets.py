@@ -40,6 +40,45 @@ def test_callable_sees_name_and_module() -> None:
     assert len(names) == 6 and all(".mlp." in n for n in names)
 
 
+@pytest.mark.parametrize(
+    ("argument", "spec", "match"),
+    [
+        (
+            "target_modules",
+            lambda name: True,
+            r"target_modules must be a callable \(name, module\).*\(name\)",
+        ),
+        ("trainable_modules", lambda name: name == "2", r"trainable_modules must be a callable"),
+        (
+            "target_parameters",
+            lambda name: True,
+            r"target_parameters must be a callable \(name, parameter\)",
+        ),
+        (
+            "target_modules",
+            nn.Linear,
+            r"target_modules .* the class Linear: .*isinstance\(module, Linear\)",
+        ),
+        (
+            "target_modules",
+            nn.Linear(2, 2),
+            r"target_modules .* a Linear module: give its qualified name",
+        ),
+    ],
+    ids=["one-argument", "trainable", "parameters", "a-class", "a-module"],
+)
+def test_a_callable_that_cannot_take_name_and_module_is_refused_naming_the_argument(
+    argument: str, spec: object, match: str
+) -> None:
+    """A one-argument predicate raised the call's own ``TypeError`` (``<lambda>() takes 1
+    positional argument but 2 were given``), naming neither the argument nor the value; a class
+    (``nn.Linear``) or a module failed inside its constructor or forward."""
+    kwargs: dict[str, Any] = {argument: spec}
+    if argument == "trainable_modules":
+        kwargs["target_modules"] = ["0"]
+    _refused(mlp(), TypeError, match, knot_every=2, rank=2, **kwargs)
+
+
 def test_root_is_never_matched() -> None:
     assert select_modules(nn.Linear(2, 2), lambda n, m: True) == []
 
