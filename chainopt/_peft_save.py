@@ -69,6 +69,7 @@ __all__ = [
     "install_whole_chain_save",
     "refuse_adapter_saves",
     "warn_no_adapter_save",
+    "whole_chain",
     "whole_chain_adapter",
     "whole_chain_tensors",
 ]
@@ -237,6 +238,22 @@ def bases_written(
     return {name for name, link in chained_links(model) if link.weight_name(name) in keys}
 
 
+def _embedding_layers(model: Any) -> set[int]:
+    """``id`` of the model's input and output embedding layers (transformers'
+    ``get_input_embeddings``/``get_output_embeddings``), those whose base weight PEFT's save may
+    write."""
+    found = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        try:
+            layer = get() if callable(get) else None
+        except (NotImplementedError, AttributeError):
+            layer = None
+        if isinstance(layer, nn.Module):
+            found.add(id(layer))
+    return found
+
+
 def warn_no_adapter_save(model: nn.Module) -> None:
     """Warn that the chained model's PEFT layers have no adapter save of their own that writes
     the whole chain (:func:`install_whole_chain_save` found none): a model with PEFT layers
@@ -258,14 +275,14 @@ def warn_no_adapter_save(model: nn.Module) -> None:
     )
 
 
-def _whole_chain(
+def whole_chain(
     model: Any, state: dict[str, Tensor] | None = None, save_embedding_layers: Any = "auto"
-) -> tuple[ChainSave, dict[str, Tensor], int]:
-    """The whole chain's tensors (a layer whose base weight the save writes, the link under way:
-    :func:`bases_written`, over ``state``, the model's by default); refused after a load replaced
-    the base weights under the links without the chain's optimizer state
-    (``chainopt._load_guard.loaded_plain_weights``): the history then no longer describes
-    ``W - W₀``, and the adapter would be another model."""
+) -> tuple[ChainSave, dict[str, Tensor], int, set[str]]:
+    """The chain's save state, the whole chain's tensors, their rank, and the layers whose base
+    weight the save writes (:func:`bases_written`, over ``state``, the model's by default: their
+    tensors are the link under way). Refused after a load replaced the base weights under the
+    links without the chain's optimizer state (``chainopt._load_guard.loaded_plain_weights``):
+    the history then no longer describes ``W - W₀``, and the adapter would be another model."""
     save: ChainSave = model.__dict__[PEFT_SAVE]
     if model.__dict__.get(PLAIN_LOAD):
         raise ValueError(
@@ -280,11 +297,15 @@ def _whole_chain(
         raise ValueError(_MERGED_BASE.format(what="the chained adapter"))
     links = chained_links(model)
     merged: set[str] = set()
-    if len(save.history) > 0:  # before the first knot every base weight is the original one
+    # before the first knot every base weight is the original one; PEFT writes the base weights
+    # of the input and output embeddings only (asking it costs a Hub lookup where it checks for a
+    # resized vocabulary)
+    embeddings = _embedding_layers(model)
+    if len(save.history) > 0 and any(id(link.layer) in embeddings for _n, link in links):
         state = dict(model.state_dict()) if state is None else state
         merged = bases_written(model, save.adapter, state, save_embedding_layers)
     tensors, rank = whole_chain_tensors(links, save.history, merged)
-    return save, tensors, rank
+    return save, tensors, rank, merged
 
 
 def whole_chain_adapter(model: Any) -> tuple[dict[str, Tensor], Any]:
@@ -293,7 +314,7 @@ def whole_chain_adapter(model: Any) -> tuple[dict[str, Tensor], Any]:
     from peft.utils import get_peft_model_state_dict
 
     state = dict(model.state_dict())
-    save, tensors, rank = _whole_chain(model, state)
+    save, tensors, rank, _merged = whole_chain(model, state)
     state.update(tensors)
     saved = model.peft_config[save.adapter]
     config = chain_config(saved, rank)
@@ -316,7 +337,7 @@ def _save_pretrained(
         self, save_directory, *args, **kwargs
     )
     embedding = bound.arguments.get("save_embedding_layers", "auto")
-    save, tensors, rank = _whole_chain(self, state, embedding)
+    save, tensors, rank, _merged = whole_chain(self, state, embedding)
     state.update(tensors)
     saved = self.peft_config[save.adapter]
     self.peft_config[save.adapter] = chain_config(saved, rank)

@@ -185,6 +185,11 @@ def test_a_save_that_writes_a_chained_embedding_base_does_not_add_its_merged_lin
     assert (base_key is not None) == (embedding_layers == "auto")
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
     torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
+    if embedding_layers == "auto":  # export_peft_adapter is that save: its report says so
+        from chainopt import export_peft_adapter
+
+        ranks = export_peft_adapter(opt, tmp_path / "export").chain_ranks
+        assert {n.rpartition(".")[2]: r for n, r in ranks.items()} == {target: 4, "q_proj": 12}
 
 
 def test_a_chained_peft_model_resumes_bitwise(tmp_path: Path) -> None:
