@@ -181,7 +181,8 @@ def saving_merged(model: nn.Module) -> Iterator[None]:
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` (on entering the block).
-        NonFiniteUpdateError: a merged weight would not be finite (at ``state_dict()``).
+        NonFiniteUpdateError: a merged weight would not be finite, or a parameter trained
+            outside the links holds NaN/Inf (at ``state_dict()``).
 
     Example:
         >>> import torch
@@ -454,7 +455,8 @@ def save_merged(
             save ``merged_state_dict(model)`` yourself), or ``state_dict`` was given.
         ValueError: a model with PEFT layers injected, or a ``PeftModel`` whose own save
             refuses; nothing is written.
-        NonFiniteUpdateError: a merged weight would not be finite; nothing is written.
+        NonFiniteUpdateError: a merged weight would not be finite, or a parameter trained
+            outside the links holds NaN/Inf; nothing is written.
 
     Example:
         >>> import tempfile, torch

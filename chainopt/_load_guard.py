@@ -6,10 +6,12 @@ listed with the others in :mod:`chainopt._record`). Before torch loads anything 
 0. refuses ``load_state_dict(..., assign=True)``, which would replace the Parameters the
    optimizer holds (``ValueError``, nothing loaded),
 1. takes a plain checkpoint's keys (``….weight``, as ``from_pretrained`` writes) as the frozen
-   originals, the link restarting at zero (:func:`accept_plain_keys`), and
+   originals, the link restarting at zero (:func:`accept_plain_keys`), and restarts a merge
+   residual at zero where its weight is loaded without it (:func:`restart_residuals`), and
 2. checks the whole state dict against the model (:func:`check_incoming_state`): factors of a
-   rank the link may take, every other tensor of its exact shape, nothing on the meta device;
-   a problem raises ``ValueError`` before any tensor is written.
+   rank the link may take, every other tensor of its exact shape, nothing on the meta device,
+   no NaN/Inf under a link, no factors of a link the model does not have (torch would skip
+   them); a problem raises ``ValueError`` before any tensor is written.
 
 A post-hook then settles what the load wrote: each 4-bit weight's host master follows the loaded
 weight (:meth:`~chainopt.quantized.QuantizedWeight.follow_loaded_weight`), and a plain checkpoint
@@ -29,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -58,6 +61,7 @@ __all__ = [
     "check_incoming_state",
     "guard_loads",
     "loaded_plain_weights",
+    "restart_residuals",
     "state_restored",
 ]
 
@@ -69,7 +73,11 @@ def check_incoming_state(
 
     Every tensor for a key the model has must fit it: a link's factors of a rank the link may
     take and the right other dimensions (:meth:`~chainopt.lora.LoRAParametrization.check_factors`),
-    anything else its exact shape; none on the meta device. Returns the problems (empty: fits).
+    anything else its exact shape; none on the meta device; a frozen tensor under a link (a
+    weight, a bias under a delta, a merge residual) finite. A link's factors (or bias delta)
+    the model does not have (the state of a chain with other targets) fit nowhere: torch would
+    report them as unexpected only after loading the rest, or skip them (``strict=False``),
+    leaving that module's weights as they were. Returns the problems (empty: fits).
     """
     current = model.state_dict()
     problems: list[str] = []
@@ -109,7 +117,35 @@ def check_incoming_state(
                 f"{key!r} has shape {tuple(theirs.shape)} there and {tuple(mine.shape)} in the "
                 "model"
             )
+    _, frozen = _chain_keys(model, prefix)
+    for key in frozen:  # what a knot merges into (4-bit: checked dense, _quantize_dense_weights)
+        theirs = state_dict.get(key)
+        if (
+            key not in layers
+            and isinstance(theirs, Tensor)
+            and theirs.is_floating_point()
+            and not theirs.is_meta
+            and not bool(torch.isfinite(theirs).all())
+        ):
+            problems.append(
+                f"{key[len(prefix) :]!r}, a frozen tensor under a link, holds NaN/Inf (no "
+                "knot could merge into it)"
+            )
+    foreign = sorted(
+        k
+        for k in state_dict
+        if k.startswith(prefix) and k[len(prefix) :] not in current and _LINK_KEY.search(k)
+    )
+    if foreign:
+        problems.append(
+            f"{foreign[:2]} ({len(foreign)} in all) are factors of links this chain does not "
+            "have (a chain's state with other targets, or with lora_bias): the plain weights "
+            "there cannot take them"
+        )
     return problems
+
+
+_LINK_KEY = re.compile(r"(?:^|\.)parametrizations\.[^.]+\.\d+\.(?:lora_[AB]|delta)$")  # a factor
 
 
 def _check_quantized_weight(layer: nn.Module, tensor: Tensor) -> str | None:
@@ -187,6 +223,35 @@ def accept_plain_keys(
     return True if replaced else (False if complete else None)
 
 
+def restart_residuals(model: nn.Module, state_dict: dict[str, Any], prefix: str = "") -> None:
+    """A frozen tensor under a link loaded without its merge residual (a float32 chain's state
+    into a bfloat16 one, a partial load of ``….original``): the residual restarts at zero in
+    ``state_dict``. It holds what rounding dropped from the weight it was kept with, and the
+    next knot would add it to the loaded one (a bfloat16 ulp off, silently). Found by
+    identity, as :func:`_chain_keys` does."""
+    pairs: list[tuple[Tensor | None, Tensor | None]] = []
+    for r in find_adapted(model):
+        pairs.append((r.weight, r.link.merge_residual))
+        if r.delta is not None:
+            pairs.append((r.bias, r.delta.merge_residual))
+    keys: dict[int, list[str]] = {}
+    named = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
+    for k, t in named:
+        keys.setdefault(id(t), []).append(prefix + k)
+    for frozen, residual in pairs:
+        if frozen is None or residual is None:
+            continue
+        theirs = keys.get(id(residual), [])
+        if any(k in state_dict for k in keys.get(id(frozen), [])) and not any(
+            k in state_dict for k in theirs
+        ):
+            for k in theirs:
+                state_dict[k] = torch.zeros_like(residual)
+
+
 def _chain_keys(model: nn.Module, prefix: str) -> tuple[list[str], list[str]]:
     """The keys (under ``prefix``) of each link's ``lora_B`` and of the frozen tensors under the
     links (weights, biases under deltas, merge residuals), found by identity: any layer kind's
@@ -251,6 +316,7 @@ def _prepare_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *a
         and f"{prefix}{r.name}.{r.link_prefix}lora_B" not in state_dict
     }
     plain = accept_plain_keys(module, state_dict, prefix)
+    restart_residuals(module, state_dict, prefix)
     dense, problems = _quantize_dense_weights(module, state_dict, prefix)
     problems += check_incoming_state(module, state_dict, prefix)
     foreign = foreign_factors_problem(module, state_dict, prefix)

@@ -305,6 +305,18 @@ def whole_chain(
         state = dict(model.state_dict()) if state is None else state
         merged = bases_written(model, save.adapter, state, save_embedding_layers)
     tensors, rank = whole_chain_tensors(links, save.history, merged)
+    factors = {id(t) for _name, link in links for t in (link.lora_A, link.lora_B)}
+    trained = [  # modules_to_save, trainable tokens: written as they are, NaN/Inf checked here
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and id(p) not in factors and not bool(torch.isfinite(p).all())
+    ]
+    if trained:
+        raise NonFiniteUpdateError(
+            f"refusing to save the chained adapter: {trained[:3]} ({len(trained)} in all) train "
+            "outside the links and hold NaN/Inf (a NaN/Inf gradient reached them); nothing was "
+            "written. Resume from the last checkpoint"
+        )
     return save, tensors, rank, merged
 
 

@@ -202,7 +202,8 @@ def merged_state_dict(
         TypeError: ``model`` is not an ``nn.Module``, ``quantized_dtype`` not float32, float64,
             bfloat16 or float16 (float8 would silently lose a few percent of each weight), or
             ``keep_quantized`` not a bool.
-        NonFiniteUpdateError: a merged weight or bias would not be finite.
+        NonFiniteUpdateError: a merged weight or bias would not be finite, or a parameter that
+            trains outside the links (``trainable_modules``) holds NaN/Inf.
 
     Example:
         >>> import torch
@@ -301,7 +302,42 @@ def merged_state_dict(
         elif key == group:  # where the first of its keys stood
             out.update(groups[group])
     whole: dict[str, Tensor] = gathered(out)  # FSDP2: the other sharded entries, whole too
+    bad = non_finite_trained(model, records, whole)
+    if bad:
+        raise NonFiniteUpdateError(f"refusing to export the merged weights: {bad}")
     return whole
+
+
+def non_finite_trained(
+    model: nn.Module, records: list[ModuleRecord], state: Mapping[str, Tensor]
+) -> str | None:
+    """What makes an export of a chained ``model`` carry NaN/Inf beyond its links: the entries
+    of ``state`` (keys as in ``model.state_dict()``) of parameters that train outside the links
+    (``trainable_modules``, a head) and are not finite; ``None`` if none is (or nothing is
+    chained). A knot never merges such values, but they train as they are: a NaN gradient (a
+    link dropped by ``non_finite="skip"``) leaves them NaN."""
+    if not records:
+        return None
+    factors = {id(p) for r in records for p in r.factors()}
+    trained = [
+        n
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if p.requires_grad and id(p) not in factors
+    ]
+    bad = [
+        n
+        for n in trained
+        if isinstance(t := state.get(n), Tensor)
+        and t.is_floating_point()
+        and not bool(torch.isfinite(t).all())
+    ]
+    if not bad:
+        return None
+    return (
+        f"{bad[:3]} ({len(bad)} in all) train outside the chain's links (trainable_modules) and "
+        "hold NaN/Inf (a NaN/Inf gradient reached them: non_finite='skip' drops a bad link, "
+        "not what else the step trained); resume from the last checkpoint"
+    )
 
 
 def chain_tensors(model: nn.Module) -> dict[str, Tensor]:

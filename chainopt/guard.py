@@ -207,6 +207,19 @@ def check_links(
     return LinkCheck(norms, _agreed(names, bad))
 
 
+def non_finite_params(params: Sequence[Tensor]) -> str | None:
+    """Which of ``params`` hold NaN/Inf (their count and shapes), or ``None``; sharded ones are
+    read whole, and the verdict is agreed across ranks (a collective under
+    ``torch.distributed``: every rank calls it)."""
+    bad = [
+        tuple(p.shape)
+        for p in params
+        if p.is_floating_point() and not bool(torch.isfinite(full_tensor(p.detach())).all())
+    ]
+    why = f"{len(bad)} of them, shapes {bad[:3]}" if bad else None
+    return _agreed(["params"], {} if why is None else {"params": why}).get("params")
+
+
 def _agreed(names: list[str], bad: dict[str, str]) -> dict[str, str]:
     """``bad`` made the same on every rank: a link bad on any rank is bad on all."""
     if not is_distributed():

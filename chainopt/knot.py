@@ -53,7 +53,13 @@ from ._record import ModuleRecord
 from ._schedule_free import KnotContext
 from ._surgery import forget_parameter_sizes
 from .config import ChainConfig, NonFinitePolicy
-from .guard import LinkCheck, NonFiniteUpdateError, check_links, pending_links
+from .guard import (
+    LinkCheck,
+    NonFiniteUpdateError,
+    check_links,
+    non_finite_params,
+    pending_links,
+)
 from .history import ChainHistory, KnotRecord
 from .init import LinkInit
 from .lora import restart_links
@@ -240,7 +246,9 @@ def _inspect_and_record(chain: Chain, step: int) -> _Attempt:
     links = pending_links(chain.records)
     check = check_links(chain.records, links)
     if check.bad:
-        chain.on_bad(check, f"knot {chain.knots_tied + 1} (optimizer step {step})")
+        where = f"knot {chain.knots_tied + 1} (optimizer step {step})"
+        _require_finite_trained(chain, check, where)
+        chain.on_bad(check, where)
     good = [r for r in chain.records if r.name not in check.bad]
     bad = [r for r in chain.records if r.name in check.bad]
     record = chain.history.make_record(
@@ -253,6 +261,25 @@ def _inspect_and_record(chain: Chain, step: int) -> _Attempt:
     new_a = chain.link_init.initial_a([r.name for r in chain.records], rank)
     shapes = {id(p): tuple(p.shape) for p in chain.factors()}
     return _Attempt(step, good, bad, record, rank, new_a, chain.generator.get_state(), shapes)
+
+
+def _require_finite_trained(chain: Chain, check: LinkCheck, where: str) -> None:
+    """With links that must not merge: refuse, whatever the policy, if a parameter the optimizer
+    steps outside the links (``trainable_modules``: a head) took the same NaN/Inf step. A link
+    can be dropped (``"skip"``), that step cannot: the model would compute NaN from then on,
+    and every later link would be dropped too. Nothing is changed."""
+    if chain.engine_steps_factors():  # its groups hold its own flat copies, factors in them;
+        return  # and DeepSpeed skips a step whose gradient norm is not finite itself
+    factors = {id(p) for p in chain.factors()}
+    trained = [p for g in chain.optimizer.param_groups for p in g["params"] if id(p) not in factors]
+    why = non_finite_params(trained)
+    if why is not None:
+        raise NonFiniteUpdateError(
+            f"non-finite LoRA factors in {list(check.bad)} at {where}, and parameters the "
+            f"optimizer steps outside the links (trainable_modules) hold NaN/Inf too ({why}): "
+            "dropping the links cannot undo their step, so no weight was changed; resume from "
+            "the last checkpoint"
+        )
 
 
 def _restart(chain: Chain, attempt: _Attempt) -> None:

@@ -231,9 +231,7 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         undo = Undo(model, optimizer)  # whatever raises from here on leaves both as they were
         try:
             self.chain = build_chain(model, optimizer, config, master_weights, undo)
-            self._watch = TrainingWatch(
-                lambda: [(r.name, r.link.lora_A, r.link.lora_B) for r in self.chain.records]
-            )
+            self._watch = TrainingWatch(self._link_factors)  # bound: a deep copy watches its own
             peft = self._peft_links()
             if peft:  # the model's own adapter save writes the whole chain
                 save = ChainSave(peft[0][1].adapter, self.chain.history, self.load_state_dict)
@@ -349,6 +347,10 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             return loss
         self.count_step()
         return loss
+
+    def _link_factors(self) -> list[tuple[str, Tensor, Tensor]]:
+        """``(name, A, B)`` of every link, what the liveness watch reads."""
+        return [(r.name, r.link.lora_A, r.link.lora_B) for r in self.chain.records]
 
     def _require_training(self) -> None:
         """Before a step that would tie a knot, refuse (nothing changed) if the knot would merge

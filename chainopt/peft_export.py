@@ -357,15 +357,17 @@ def _build(
         a_full = torch.stack(a_parts).reshape(-1, a_parts[0].shape[1])
         b_full = torch.stack(b_parts, dim=-1).reshape(b_parts[0].shape[0], -1)
         experts_tensors[name] = a_full.contiguous(), b_full.contiguous()
-    bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
-    bad += [n for n, ab in experts_tensors.items() if not all(bool(t.isfinite().all()) for t in ab)]
-    if bad:
-        raise NonFiniteUpdateError(f"refusing to export the adapter: non-finite {bad[:3]}")
     to_save = _modules_to_save(chain)
-    for owner in to_save:
+    for owner in to_save:  # trained outside the links: NaN/Inf here is checked as the links'
         for key, value in model.get_submodule(owner).state_dict().items():
             whole = full_tensor(value.detach())  # gathered under FSDP2 (a collective)
             tensors[f"{_PREFIX}{owner}.{key}"] = whole.cpu().clone().contiguous()
+    bad = [
+        k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    bad += [n for n, ab in experts_tensors.items() if not all(bool(t.isfinite().all()) for t in ab)]
+    if bad:
+        raise NonFiniteUpdateError(f"refusing to export the adapter: non-finite {bad[:3]}")
 
     config: dict[str, Any] = {
         "peft_type": "LORA",
@@ -473,6 +475,8 @@ def export_peft_adapter(
             state was saved) read only outside its own module's forward (DBRX's experts: PEFT
             would not serve it); an adapted module the model holds at several places (PEFT
             would adapt one). Nothing is written then.
+        NonFiniteUpdateError: a link, or a module trained as it is (``trainable_modules``),
+            holds NaN/Inf (or a link would overflow its weight); nothing is written.
         ImportError: ``safetensors`` is not installed.
 
     Example:
@@ -552,6 +556,7 @@ def peft_adapter_state_dict(
     Raises:
         TypeError: ``chain`` is not a :class:`~chainopt.ChainLoRAOptimizer`.
         ValueError: as :func:`export_peft_adapter`.
+        NonFiniteUpdateError: as :func:`export_peft_adapter`.
 
     Example:
         >>> import torch

@@ -255,7 +255,7 @@ def adapters() -> None:
 
 
 def layers() -> None:
-    """docs/reliability.md's twelfth pass: tied and embedding layers, the modules a chain keeps
+    """docs/reliability.md's thirteenth pass: tied and embedding layers, the modules a chain keeps
     trainable, and the model inside a PeftModel."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,38 @@ def test_save_merged_refuses_nan_and_writes_nothing(tmp_path: Any) -> None:
     with pytest.raises(chainopt.NonFiniteUpdateError):
         chainopt.save_merged(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _head_gone_nan() -> tuple[nn.Module, ChainLoRAOptimizer]:
+    """A NaN loss at the knot's step under ``non_finite="skip"``: the links are dropped, but the
+    head trained as it is (``trainable_modules``) took the NaN step."""
+    model = tiny_llama()
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+                             target_modules=["q_proj"], trainable_modules=["lm_head"], rank=2,
+                             knot_every=3, non_finite="skip", keep_history=True)  # fmt: skip
+    for step in range(3):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        (loss * float("nan") if step == 2 else loss).backward()
+        with pytest.warns(RuntimeWarning) if step == 2 else nullcontext():
+            opt.step()
+        opt.zero_grad()
+    assert opt.knots_tied == 1 and bool(model.lm_head.weight.isnan().all())
+    return model, opt
+
+
+def test_a_trained_module_gone_non_finite_is_not_exported(tmp_path: Path) -> None:
+    """The links' check never saw a ``trainable_modules`` parameter: ``merged_state_dict`` and
+    ``save_pretrained`` wrote the NaN head. Refused now, nothing written."""
+    model, _ = _head_gone_nan()
+    with pytest.raises(chainopt.NonFiniteUpdateError, match=r"\['lm_head.weight'\].*NaN"):
+        chainopt.merged_state_dict(model)
+    for save in (model.save_pretrained, lambda p: chainopt.save_merged(model, p)):
+        with pytest.raises(chainopt.NonFiniteUpdateError, match=r"lm_head\.weight"):
+            save(tmp_path / "out")
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # finite again: exported
+    assert torch.equal(chainopt.merged_state_dict(model)["lm_head.weight"], model.lm_head.weight)
 
 
 def test_merge_and_unload_keeps_the_parameter_order() -> None:

@@ -7,6 +7,7 @@ import copy
 import gc
 import pickle
 import warnings
+import weakref
 from typing import Any
 
 import pytest
@@ -129,6 +130,24 @@ def test_a_float16_overflow_is_skipped_and_no_inf_reaches_a_weight() -> None:
     assert not torch.equal(model[0].parametrizations.weight.original, w0)  # "0" merged
 
 
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_a_nan_step_of_a_trained_head_is_refused_whatever_the_policy(policy: str) -> None:
+    """A NaN loss at a knot's step under ``"skip"``: the links were dropped with a warning, but
+    the head (``trainable_modules``) had taken the NaN step: the model computed NaN from then
+    on and every later knot dropped every link. Refused now, no weight changed."""
+    model, opt = _chain(target_modules=["0", "2"], trainable_modules=["4"], non_finite=policy)
+    _steps(model, opt, 2)
+    weights = [model[i].parametrizations.weight.original.clone() for i in (0, 2)]
+    (model(torch.randn(8, 12)).square().mean() * float("nan")).backward()
+    with pytest.raises(
+        NonFiniteUpdateError, match=r"outside the links.*2 of them, shapes \[\(6, 12\), \(6,\)\]"
+    ):
+        opt.step()
+    assert bool(model[4].weight.isnan().all()) and opt.knots_tied == 0
+    after = [model[i].parametrizations.weight.original for i in (0, 2)]
+    assert all(torch.equal(a, w) for a, w in zip(after, weights, strict=True))
+
+
 @pytest.mark.parametrize("reset", ["none", "prune", "moments"])
 def test_a_skipped_link_loses_its_state_so_later_links_merge(reset: str) -> None:
     model, opt = _chain(reset=reset, non_finite="skip", knot_every=2)
@@ -175,6 +194,22 @@ def test_copies_of_the_optimizer_work_and_pickling_says_how_to_save() -> None:
     assert shallow.optimizer is opt.optimizer and shallow.knots_tied == opt.knots_tied
     with pytest.raises(TypeError, match="state_dict"):
         pickle.dumps(opt)
+
+
+def test_a_deep_copy_watches_its_own_links_and_lets_the_original_go() -> None:
+    """The liveness watch read the links through a lambda over the optimizer it was built in,
+    which a deep copy shares: the copy stepped to a knot while the original sat at a fresh link
+    (B zero, no gradient) was refused ("no factor of the chain received a gradient"), and it
+    kept the original optimizer and model alive."""
+    model, opt = _chain()
+    _steps(model, opt, 3)  # a knot: the original's new links are zero, without gradients
+    clone = copy.deepcopy(opt)
+    original = weakref.ref(opt)
+    del model, opt
+    gc.collect()
+    assert original() is None
+    _steps(clone.model, clone, 3)
+    assert clone.knots_tied == 2
 
 
 def test_a_knot_hook_must_be_callable() -> None:

@@ -16,7 +16,13 @@ from models import mlp, tiny_llama, tiny_opt
 from safetensors.torch import load_file
 from torch import nn
 
-from chainopt import ChainLoRAOptimizer, NonFiniteUpdateError, export_peft_adapter, merge_and_unload
+from chainopt import (
+    ChainLoRAOptimizer,
+    NonFiniteUpdateError,
+    export_peft_adapter,
+    merge_and_unload,
+    peft_adapter_state_dict,
+)
 from chainopt._attach import lora_parametrization
 
 IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(9))
@@ -407,6 +413,27 @@ def test_an_adapter_with_nan_is_refused_and_nothing_is_written(tmp_path: Path) -
     with pytest.raises(NonFiniteUpdateError, match="refusing to export the adapter"):
         export_peft_adapter(opt, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_an_adapter_with_a_nan_trained_module_is_refused_and_nothing_is_written(
+    tmp_path: Path,
+) -> None:
+    """A module trained as it is (``modules_to_save``) that took a NaN step (a link dropped by
+    ``non_finite="skip"`` at that knot) was written into the adapter. Refused now."""
+    model = mlp()
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             target_modules=["0"], trainable_modules=["4"], rank=2, knot_every=9,
+                             keep_history=True)  # fmt: skip
+    with torch.no_grad():
+        model[4].bias[0] = float("inf")
+    with pytest.raises(NonFiniteUpdateError, match=r"non-finite \['base_model.model.4.bias'\]"):
+        export_peft_adapter(opt, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+    with pytest.raises(NonFiniteUpdateError, match=r"4\.bias"):
+        peft_adapter_state_dict(opt)
+    with torch.no_grad():
+        model[4].bias[0] = 0.0
+    assert export_peft_adapter(opt, tmp_path / "adapter").rank == 1
 
 
 @pytest.mark.parametrize(

@@ -1042,6 +1042,32 @@ def test_a_non_finite_peft_link_is_refused_before_any_weight_changes() -> None:
                for n, m in layers.items())  # fmt: skip
 
 
+def test_a_nan_modules_to_save_is_not_written_by_the_chained_adapter_save(tmp_path: Path) -> None:
+    """The whole chain's save checked the links only: PEFT's ``modules_to_save`` copy of a head
+    that took a NaN step was written by ``save_pretrained``, ``export_peft_adapter`` and
+    ``peft_adapter_state_dict``. Refused now, nothing written."""
+    from chainopt import NonFiniteUpdateError, export_peft_adapter, peft_adapter_state_dict
+
+    model = _peft_llama(modules_to_save=["lm_head"])
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 3)  # a knot and a pending link
+    head = model.base_model.model.lm_head.modules_to_save["default"].weight
+    with torch.no_grad():
+        head[0, 0] = float("inf")
+    for save in (
+        model.save_pretrained,
+        lambda path: export_peft_adapter(opt, path),
+        lambda _path: peft_adapter_state_dict(opt),
+    ):
+        with pytest.raises(NonFiniteUpdateError, match=r"lm_head\.modules_to_save.*NaN/Inf"):
+            save(tmp_path / "adapter")
+        assert not (tmp_path / "adapter").exists()
+    with torch.no_grad():
+        head[0, 0] = 0.0
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
 def test_chain_summary_of_a_peft_chain_reports_each_layers_stacked_rank() -> None:
     model = _peft_llama(rank_pattern={"v_proj": 2})
     opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)

@@ -11,7 +11,7 @@ import torch
 from models import mlp, snapshot
 from torch import nn
 
-from chainopt import ChainLoRAOptimizer
+from chainopt import ChainLoRAOptimizer, merged_state_dict
 from chainopt._attach import lora_parametrization
 
 
@@ -106,6 +106,107 @@ def test_a_model_load_of_factors_of_another_rank_is_refused_whole() -> None:
     after = snapshot(model4)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert lora_parametrization(model4[0]).rank == 4  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_model_load_of_a_chain_with_other_targets_is_refused_whole(strict: bool) -> None:
+    """A chain on ``["0", "2"]`` loading into one on ``["0"]``: module 2's link keys fit no key
+    of the model. Torch loaded every other tensor, then raised (``strict=True``) or skipped
+    them silently, module 2 keeping its own weight (``strict=False``). Refused now, whole."""
+    source, _ = _trained(rank=2)
+    torch.manual_seed(1)
+    model = mlp()
+    ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters()), target_modules=["0"],
+                       rank=2, knot_every=3)  # fmt: skip
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError, match=r"nothing was loaded.*'2\.parametrizations.*other targets"
+    ):
+        model.load_state_dict(source.state_dict(), strict=strict)
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+    wider = mlp()  # more targets: the source's "4.weight" is a plain weight, taken exactly
+    ChainLoRAOptimizer(wider, torch.optim.AdamW(wider.parameters()), target_modules=["0", "2", "4"],
+                       rank=2, knot_every=3)  # fmt: skip
+    wider.load_state_dict(source.state_dict())
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(wider(x), source(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_model_load_of_a_bias_delta_the_chain_lacks_is_refused_whole(strict: bool) -> None:
+    """A ``lora_bias=True`` chain's state into a chain without: torch loaded the rest, then
+    raised, or skipped ``….bias.0.delta`` and ``….bias.original`` silently, the bias keeping
+    its own value. Refused now, whole; the other way, the plain ``….bias`` is taken exactly."""
+    source, _ = _trained(lora_bias=True)
+    model, _ = _chain()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"nothing was loaded.*'0\.parametrizations\.bias\.0\.d"):
+        model.load_state_dict(source.state_dict(), strict=strict)
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+    plain_bias, _ = _trained()
+    biased, _ = _chain(lora_bias=True)
+    biased.load_state_dict(plain_bias.state_dict())
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(biased(x), plain_bias(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_weight_loaded_without_its_merge_residual_restarts_the_residual(strict: bool) -> None:
+    """A float32 chain's state (no merge residual) into a trained bfloat16 chain: the residual
+    kept what rounding had dropped from the old weight and the next knot added it to the loaded
+    one (a bfloat16 ulp off); ``strict=True`` raised the missing key after loading the rest.
+    The residual restarts at zero now: the knot is the one a fresh chain ties after that load."""
+
+    def bf16_chain() -> tuple[nn.Module, ChainLoRAOptimizer]:
+        torch.manual_seed(0)
+        model = mlp(dtype=torch.bfloat16)
+        base = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, ChainLoRAOptimizer(
+            model, base, target_modules=["0", "2"], rank=2, knot_every=3
+        )
+
+    model, opt = bf16_chain()
+    for i in range(9):  # three knots: the residuals hold what rounding dropped
+        x = torch.randn(8, 12, generator=torch.Generator().manual_seed(i), dtype=torch.bfloat16)
+        model(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    residual = model[0].parametrizations.weight[0].merge_residual
+    assert bool(residual.any())
+    source, _ = _trained()  # float32: no residual keys
+    state = {k: v + 0.01 if k.endswith("lora_B") else v for k, v in source.state_dict().items()}
+    model.load_state_dict(state, strict=strict)
+    assert not bool(residual.any())
+    fresh, fresh_opt = bf16_chain()
+    fresh.load_state_dict(state)
+    opt.tie_knot()
+    fresh_opt.tie_knot()
+    for i in (0, 2):
+        after = model[i].parametrizations.weight.original
+        assert torch.equal(after, fresh[i].parametrizations.weight.original)
+
+
+@pytest.mark.parametrize("key", ["2.weight", "2.parametrizations.weight.original"])
+def test_a_model_load_of_non_finite_weights_under_a_link_is_refused_whole(key: str) -> None:
+    """NaN/Inf for a weight under a link (a merged checkpoint's plain ``….weight``, or the
+    chain's own ``….original``) loaded: no knot could merge into it, and under
+    ``non_finite="skip"`` every knot then dropped every link of it, blaming the factors.
+    Refused now, nothing loaded. NaN factors still load: the next knot refuses or drops them
+    (what ``"skip"`` resumes through)."""
+    source, _ = _trained()
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    if key == "2.weight":
+        state = merged_state_dict(source)
+    state[key][0, 0] = float("inf")
+    model, _ = _chain()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"nothing was loaded.*original', a frozen.*NaN/Inf"):
+        model.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+    factors = {k: v.clone() for k, v in source.state_dict().items()}
+    factors["2.parametrizations.weight.0.lora_B"][0, 0] = float("nan")
+    model.load_state_dict(factors)
+    assert bool(model[2].parametrizations.weight[0].lora_B.isnan().any())
 
 
 @pytest.mark.parametrize(
