@@ -333,6 +333,16 @@ class ChainConfig:
             )
         if not (isinstance(alpha, float) or alpha < 2**1023) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be finite, got {alpha!r}")  # (10**400: no float)
+        low, high = alpha / max(ranks), alpha / min(ranks)  # the links' scales s = alpha / r
+        f32 = torch.finfo(torch.float32)
+        if peft is None and not f32.tiny <= low <= high <= f32.max:
+            raise ValueError(
+                f"alpha={alpha!r} with rank={list(ranks)} gives link scales alpha / r from "
+                f"{low:.3g} to {high:.3g}, outside float32's normal range [{f32.tiny:.3g}, "
+                f"{f32.max:.3g}] that a link is computed in: a scale that rounds to 0 trains "
+                "nothing, an infinite one makes the model's output NaN; give an alpha within "
+                "that range times the rank (LoRA's usual alpha is 1 to 4 times the rank)"
+            )
         schedule = _schedule(knot_every, knots, num_links, total_steps, steps_per_epoch)
         if schedule.knots is not None and len(ranks) > len(schedule.knots) + 1:
             links = len(schedule.knots) + 1

@@ -122,7 +122,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             no more entries than a ``knots`` or ``num_links`` schedule has links. Not with PEFT
             layers (the ``LoraConfig``'s).
         alpha: LoRA alpha (default 16); the scale of a link of rank ``r`` is
-            ``s = alpha / r``. Not with PEFT layers.
+            ``s = alpha / r``, which must be a normal float32 (a scale that rounds to 0 trains
+            nothing, an infinite one makes the output NaN). Not with PEFT layers.
         knot_every: tie a knot after optimizer steps N, 2N, … Give one schedule: this,
             ``knots``, or ``num_links`` with ``total_steps``.
         knots: tie a knot after these optimizer step counts.
