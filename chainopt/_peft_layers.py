@@ -38,9 +38,11 @@ magnitude ``m`` trains on (it is never reset).
 Refused, with the reason: several active adapters, a merged or disabled adapter, LoRA variants
 other than DoRA, ``lora_bias=True``, initialisations that rewrite the base weight (PiSSA,
 OLoRA, CorDA, LoftQ, ...: a save could not be loaded onto the original base), convolutions
-whose LoRA branch is not the merged convolution (groups, dilation, padding mode), and layer
-kinds not listed above (multi-head attention, 8-bit layers); and, from the adapter's
-``LoraConfig``: ``inference_mode=True`` with every factor frozen (an adapter loaded without
+whose LoRA branch is not the merged convolution (groups, dilation, padding mode), layer kinds
+not listed above (multi-head attention, 8-bit layers), and a base weight tied to another
+layer's (a tied ``embed_tokens``/``lm_head``; checked with the model, in
+:meth:`chainopt.ChainConfig.from_kwargs`); and, from the adapter's ``LoraConfig``:
+``inference_mode=True`` with every factor frozen (an adapter loaded without
 ``is_trainable=True``: PEFT froze it, and the chain would train it anyway) and
 ``bias="all"``/``"lora_only"`` (the chain would freeze the biases PEFT trains).
 
@@ -306,6 +308,12 @@ class PeftLink:
         if adapter is None:
             raise ValueError(f"{type(layer).__name__} has no active adapter with factors")
         return cls(layer, adapter)
+
+    def weight_name(self, prefix: str) -> str:
+        """The qualified name of :attr:`weight` in the model, ``prefix`` being the layer's
+        (``"<layer>.base_layer.weight"`` for a ``Linear``)."""
+        found = (n for n, p in self.layer.named_parameters(prefix) if p is self.weight)
+        return next(found, f"{prefix}.base_layer.weight")
 
     def expert_factors(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """Fused experts: ``(Bₑ)`` ``(E, out, r)`` and ``(Aₑ)`` ``(E, r, in)``, as PEFT's

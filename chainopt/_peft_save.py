@@ -8,8 +8,10 @@ write every link instead, as one adapter of rank Σr in PEFT's own format (PEFT'
 become ``B = [s₁B₁ … sₖBₖ]`` and ``A = [A₁; …; Aₖ]``, zero-padded to the largest ``Σ rᵢ = R``,
 and the config is the user's with ``r = lora_alpha = R`` (scale 1), ``use_rslora=False`` and no
 patterns. Loaded onto the original base model the adapter computes the trained function, to
-float32 rounding. The methods are bound to the model and read their state from it
-(:class:`ChainSave`), so a deep copy saves its own chain.
+float32 rounding. A layer whose base weight PEFT's save writes too (a targeted ``embed_tokens``
+or ``lm_head``, ``save_embedding_layers``) is written as it is: the merged links in that weight,
+the link under way in its factors (:func:`bases_written`). The methods are bound to the model
+and read their state from it (:class:`ChainSave`), so a deep copy saves its own chain.
 
 Example:
     >>> import torch
@@ -29,11 +31,12 @@ Example:
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from types import MethodType
@@ -60,10 +63,13 @@ __all__ = [
     "ChainSave",
     "RefusedAdapterSave",
     "adapter_save_method",
+    "bases_written",
     "chain_config",
     "chained_links",
     "install_whole_chain_save",
     "refuse_adapter_saves",
+    "warn_no_adapter_save",
+    "whole_chain",
     "whole_chain_adapter",
     "whole_chain_tensors",
 ]
@@ -83,12 +89,15 @@ def _key(name: str, link: PeftLink, part: str) -> str:
 
 
 def whole_chain_tensors(
-    links: list[tuple[str, PeftLink]], history: ChainHistory
+    links: list[tuple[str, PeftLink]], history: ChainHistory, merged_base: Collection[str] = ()
 ) -> tuple[dict[str, Tensor], int]:
     """PEFT state-dict entries (live keys, adapter name in them) writing the whole chain.
 
     Each layer's factors become ``B = [s₁B₁ … sₖBₖ]`` and ``A = [A₁; …; Aₖ]`` over the merged
-    links and the pending one (scales folded into B), zero-padded to the largest ``Σ rᵢ``.
+    links and the pending one (scales folded into B), zero-padded to the largest ``Σ rᵢ``. A
+    layer named in ``merged_base`` has its base weight written as it is now, the merged links
+    in it (PEFT's ``save_embedding_layers``, see :func:`bases_written`): its factors are the
+    pending link alone, so that the file does not hold the merged links twice.
 
     Returns:
         The tensors (float32, host) and the rank ``R`` they are padded to (scale 1 = ``R / R``).
@@ -101,7 +110,7 @@ def whole_chain_tensors(
         pending = LinkFactors(
             link.lora_A.detach().float().cpu(), link.lora_B.detach().float().cpu(), link.scale
         )
-        chained = [*history.links(name), pending]
+        chained = [pending] if name in merged_base else [*history.links(name), pending]
         e = link.experts  # fused experts: stack each expert's factors (PEFT's layout), E = 1 else
         # B (out, r, E, …) and A (E, r, in, …) per link -> (out, Σr, E, …) and (E, Σr, in, …);
         # "…": a convolution's kernel dimensions (E = 1 there)
@@ -210,10 +219,70 @@ def install_whole_chain_save(model: nn.Module, save: ChainSave) -> bool:
     return True
 
 
-def _whole_chain(model: Any) -> tuple[ChainSave, dict[str, Tensor], int]:
-    """The whole chain's tensors; refused after a load replaced the base weights under the links
-    without the chain's optimizer state (``chainopt._load_guard.loaded_plain_weights``): the
-    history then no longer describes ``W - W₀``, and the adapter would be another model."""
+def bases_written(
+    model: Any, adapter: str, state: dict[str, Tensor], save_embedding_layers: Any = "auto"
+) -> set[str]:
+    """The chained layers whose base weight PEFT's adapter save writes too, as it is now.
+
+    PEFT writes the embedding and output layers' base weights beside the adapter
+    (``save_embedding_layers``: by default when the ``LoraConfig`` targets ``embed_tokens`` or
+    ``lm_head``), and ``from_pretrained`` loads them over the base model's. After a knot such a
+    weight holds the merged links, so the adapter must not add them again. PEFT's own
+    ``get_peft_model_state_dict`` says which keys it writes.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    keys = get_peft_model_state_dict(
+        model, state_dict=state, adapter_name=adapter, save_embedding_layers=save_embedding_layers
+    )
+    return {name for name, link in chained_links(model) if link.weight_name(name) in keys}
+
+
+def _embedding_layers(model: Any) -> set[int]:
+    """``id`` of the model's input and output embedding layers (transformers'
+    ``get_input_embeddings``/``get_output_embeddings``), those whose base weight PEFT's save may
+    write."""
+    found = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        try:
+            layer = get() if callable(get) else None
+        except (NotImplementedError, AttributeError):
+            layer = None
+        if isinstance(layer, nn.Module):
+            found.add(id(layer))
+    return found
+
+
+def warn_no_adapter_save(model: nn.Module) -> None:
+    """Warn that the chained model's PEFT layers have no adapter save of their own that writes
+    the whole chain (:func:`install_whole_chain_save` found none): a model with PEFT layers
+    injected by hand, or the model inside a ``PeftModel`` (``peft_model.get_base_model()``),
+    whose ``save_pretrained`` chainopt cannot reach and would write the link under way only."""
+    from .advice import ChainLoRAWarning  # (advice imports the records)
+
+    warnings.warn(
+        f"this {type(model).__name__} holds PEFT LoRA layers but has no adapter save of its own "
+        "(it is no PeftModel, nor a diffusers model with save_lora_adapter), so no save of it "
+        "writes the whole chain: if it is the model inside a PeftModel "
+        "(peft_model.get_base_model()), that PeftModel's save_pretrained, like PEFT's "
+        "get_peft_model_state_dict, writes only the link under way, and loaded onto the "
+        "original base it is another model. Chain the PeftModel itself, "
+        "ChainLoRAOptimizer(peft_model, ...), whose save_pretrained writes the whole chain; "
+        "or deploy the merged model (chainopt.save_merged, merged_state_dict)",
+        ChainLoRAWarning,
+        stacklevel=3,
+    )
+
+
+def whole_chain(
+    model: Any, state: dict[str, Tensor] | None = None, save_embedding_layers: Any = "auto"
+) -> tuple[ChainSave, dict[str, Tensor], int, set[str]]:
+    """The chain's save state, the whole chain's tensors, their rank, and the layers whose base
+    weight the save writes (:func:`bases_written`, over ``state``, the model's by default: their
+    tensors are the link under way). Refused after a load replaced the base weights under the
+    links without the chain's optimizer state (``chainopt._load_guard.loaded_plain_weights``):
+    the history then no longer describes ``W - W₀``, and the adapter would be another model."""
     save: ChainSave = model.__dict__[PEFT_SAVE]
     if model.__dict__.get(PLAIN_LOAD):
         raise ValueError(
@@ -227,7 +296,15 @@ def _whole_chain(model: Any) -> tuple[ChainSave, dict[str, Tensor], int]:
     if base_merged(model):
         raise ValueError(_MERGED_BASE.format(what="the chained adapter"))
     links = chained_links(model)
-    tensors, rank = whole_chain_tensors(links, save.history)
+    merged: set[str] = set()
+    # before the first knot every base weight is the original one; PEFT writes the base weights
+    # of the input and output embeddings only (asking it costs a Hub lookup where it checks for a
+    # resized vocabulary)
+    embeddings = _embedding_layers(model)
+    if len(save.history) > 0 and any(id(link.layer) in embeddings for _n, link in links):
+        state = dict(model.state_dict()) if state is None else state
+        merged = bases_written(model, save.adapter, state, save_embedding_layers)
+    tensors, rank = whole_chain_tensors(links, save.history, merged)
     factors = {id(t) for _name, link in links for t in (link.lora_A, link.lora_B)}
     trained = [  # modules_to_save, trainable tokens: written as they are, NaN/Inf checked here
         n
@@ -240,7 +317,7 @@ def _whole_chain(model: Any) -> tuple[ChainSave, dict[str, Tensor], int]:
             "outside the links and hold NaN/Inf (a NaN/Inf gradient reached them); nothing was "
             "written. Resume from the last checkpoint"
         )
-    return save, tensors, rank
+    return save, tensors, rank, merged
 
 
 def whole_chain_adapter(model: Any) -> tuple[dict[str, Tensor], Any]:
@@ -248,8 +325,8 @@ def whole_chain_adapter(model: Any) -> tuple[dict[str, Tensor], Any]:
     whole chain in it (one adapter of rank Σr), and the ``LoraConfig`` it loads with."""
     from peft.utils import get_peft_model_state_dict
 
-    save, tensors, rank = _whole_chain(model)
     state = dict(model.state_dict())
+    save, tensors, rank, _merged = whole_chain(model, state)
     state.update(tensors)
     saved = model.peft_config[save.adapter]
     config = chain_config(saved, rank)
@@ -266,9 +343,13 @@ def _save_pretrained(
 ) -> None:
     """``PeftModel.save_pretrained`` writing the whole chain (see
     :func:`install_whole_chain_save`)."""
-    save, tensors, rank = _whole_chain(self)
     given = kwargs.pop("state_dict", None)
     state = dict(given if given is not None else self.state_dict())
+    bound = inspect.signature(type(self).save_pretrained).bind(
+        self, save_directory, *args, **kwargs
+    )
+    embedding = bound.arguments.get("save_embedding_layers", "auto")
+    save, tensors, rank, _merged = whole_chain(self, state, embedding)
     state.update(tensors)
     saved = self.peft_config[save.adapter]
     self.peft_config[save.adapter] = chain_config(saved, rank)

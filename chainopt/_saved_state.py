@@ -32,6 +32,7 @@ from ._fingerprint import Fingerprint, check_fingerprint, fingerprint
 from ._load_guard import check_incoming_state, state_restored
 from ._marks import BASE_MERGED, mark_base_merged
 from ._scratch import scratch_copy
+from ._surgery import forget_parameter_sizes
 from ._validate import is_int, type_name
 from .history import KnotRecord, parse_history
 from .knot import Chain
@@ -92,6 +93,7 @@ def restore(chain: Chain, model: nn.Module, checked: CheckedState) -> None:
     chain.optimizer.load_state_dict(checked.base)
     if checked.model:
         model.load_state_dict(checked.model, strict=False)
+    forget_parameter_sizes(chain.optimizer)  # the factors may have another rank now (LBFGS)
     for r in chain.records:
         if r.quant is not None and r.quant.master is not None:
             r.quant.master.copy_(checked.masters[r.name])

@@ -20,6 +20,8 @@ upgrade changes what it relies on:
 - :func:`restore_parameter_order`: ``parametrize`` moves a parametrized tensor to the end of the
   module's parameters; removing it puts it back where it was, so ``state_dict()`` order is kept.
 - ``torch._foreach_*``: batched in-place ops with no public spelling.
+- :func:`forget_parameter_sizes`: ``LBFGS`` caches the total size of its parameters at its first
+  step (``_numel_cache``); a rank step-down changes it.
 - :func:`lr_scheduler_step_patch` / :func:`patch_step_for_lr_scheduler`: an LR scheduler
   replaces ``optimizer.step`` on the instance by a wrapper holding a weak reference to that
   optimizer (marked ``_wrapped_by_lr_sched``); a copy of the optimizer gets its own wrapper.
@@ -49,6 +51,7 @@ __all__ = [
     "SHARED_OPTIMIZER_ATTRIBUTES",
     "foreach_copy_",
     "foreach_zero_",
+    "forget_parameter_sizes",
     "in_parametrize_cache",
     "init_optimizer_bookkeeping",
     "install_forward",
@@ -131,6 +134,15 @@ def set_shape_(param: nn.Parameter, shape: tuple[int, ...]) -> None:
     param.data = fresh.new_zeros((), dtype=other)
     param.data = fresh
     param.grad = None
+
+
+def forget_parameter_sizes(optimizer: Optimizer) -> None:
+    """Drop the total parameter size an optimizer cached: ``LBFGS`` sums its parameters' numel at
+    its first step (``_numel_cache``, no public reset) and asserts every later flat gradient
+    against it, so after a rank step-down resized the factors in place its next step raised
+    ``AssertionError: Expected offset 56 to equal 112``. Others cache nothing."""
+    if getattr(optimizer, "_numel_cache", None) is not None:
+        optimizer._numel_cache = None  # type: ignore[attr-defined]
 
 
 def foreach_copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:

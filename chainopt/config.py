@@ -33,6 +33,7 @@ from torch import nn
 from ._dtensor import is_sharded
 from ._layers import find_adapted
 from ._peft_layers import (
+    PeftLink,
     active_adapter,
     choose_peft_layers,
     peft_config_of,
@@ -57,8 +58,11 @@ from .targets import (
     choose_targets,
     choose_trainable,
     describe_spec,
+    model_storages,
     readable_twice,
     select_parameters,
+    shared_parameters,
+    sharing_problem,
 )
 
 __all__ = [
@@ -301,7 +305,9 @@ class ChainConfig:
         target_modules, target_parameters, trainable_modules = (
             readable_twice(spec) for spec in (target_modules, target_parameters, trainable_modules)
         )
-        peft = _peft_choice(model, target_modules, rank, alpha, lora_bias, factor_dtype, init)
+        peft = _peft_choice(
+            model, target_modules, trainable_modules, rank, alpha, lora_bias, factor_dtype, init
+        )
         if peft is not None:
             if target_parameters is not None:
                 raise ValueError(
@@ -327,6 +333,16 @@ class ChainConfig:
             )
         if not (isinstance(alpha, float) or alpha < 2**1023) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be finite, got {alpha!r}")  # (10**400: no float)
+        low, high = alpha / max(ranks), alpha / min(ranks)  # the links' scales s = alpha / r
+        f32 = torch.finfo(torch.float32)
+        if peft is None and not f32.tiny <= low <= high <= f32.max:
+            raise ValueError(
+                f"alpha={alpha!r} with rank={list(ranks)} gives link scales alpha / r from "
+                f"{low:.3g} to {high:.3g}, outside float32's normal range [{f32.tiny:.3g}, "
+                f"{f32.max:.3g}] that a link is computed in: a scale that rounds to 0 trains "
+                "nothing, an infinite one makes the model's output NaN; give an alpha within "
+                "that range times the rank (LoRA's usual alpha is 1 to 4 times the rank)"
+            )
         schedule = _schedule(knot_every, knots, num_links, total_steps, steps_per_epoch)
         if schedule.knots is not None and len(ranks) > len(schedule.knots) + 1:
             links = len(schedule.knots) + 1
@@ -503,6 +519,7 @@ class _PeftChoice:
 def _peft_choice(
     model: nn.Module,
     target_modules: object,
+    trainable_modules: object,
     rank: object,
     alpha: object,
     lora_bias: object,
@@ -513,7 +530,8 @@ def _peft_choice(
 
     A model holding PEFT's LoRA layers is chained through them (:mod:`chainopt._peft_layers`):
     ``target_modules`` would nest links inside PEFT's ``lora_A``/``lora_B``/``base_layer``,
-    and the rank, alpha and factor dtype are the ``LoraConfig``'s.
+    and the rank, alpha, factor dtype and the modules trained whole (``modules_to_save``) are
+    the ``LoraConfig``'s.
     """
     layers = peft_lora_layers(model)
     if not layers:
@@ -528,6 +546,14 @@ def _peft_choice(
             "PEFT's lora_A, lora_B and base_layer. To chain other modules, build the chain on "
             "the model without PEFT"
         )
+    if trainable_modules is not None:
+        raise ValueError(
+            f"trainable_modules={describe_spec(cast(ModuleSpec, trainable_modules))!r} on a "
+            "model that holds PEFT LoRA layers: PEFT's save_pretrained writes the adapter and what "
+            "its LoraConfig trains, not these modules, so the saved adapter would silently lack "
+            "their training; name them in LoraConfig(modules_to_save=[...]) instead (PEFT trains "
+            "and saves a copy of each; the chain trains it as it is)"
+        )
     given = {"rank": rank, "alpha": alpha, "factor_dtype": factor_dtype}
     given = {k: v for k, v in given.items() if v is not None}
     if given or lora_bias is not False or init == "gradient":
@@ -540,6 +566,17 @@ def _peft_choice(
             "links with init='kaiming'; set them in the LoraConfig or omit them"
         )
     layers = choose_peft_layers(model, _lora_config(model, layers))
+    shared, storages = shared_parameters(model), model_storages(model)
+    for name, layer in layers:
+        link = PeftLink.of(layer)
+        full = link.weight_name(name)
+        why = sharing_problem(link.weight, full, shared, storages)
+        if why is not None:
+            raise ValueError(
+                f"cannot chain the PEFT LoRA layer {name!r}: the weight a knot merges into "
+                f"({full!r}) {why}; leave it out of the LoraConfig's target_modules (tied "
+                "embeddings: target the other layers); nothing was changed"
+            )
     first = cast(Any, layers[0][1])
     adapter = active_adapter(first)
     return _PeftChoice(

@@ -51,6 +51,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._record import ModuleRecord
 from ._schedule_free import KnotContext
+from ._surgery import forget_parameter_sizes
 from .config import ChainConfig, NonFinitePolicy
 from .guard import (
     LinkCheck,
@@ -196,6 +197,8 @@ def tie_knot(chain: Chain, step: int) -> KnotRecord:
                 attempt.merged.add(r.name)
         _restart(chain, attempt)
         resized = [p for p in chain.factors() if tuple(p.shape) != attempt.shapes.get(id(p))]
+        if resized:  # (LBFGS caches its parameters' total size)
+            forget_parameter_sizes(chain.optimizer)
         chain.reset_state(chain.optimizer.state, chain.factors(attempt.good), resized)
         chain.drop_state(chain.optimizer.state, chain.factors(attempt.bad), resized)
         shared = _shared_state_key(chain)  # LBFGS: one state, the factors' among the rest

@@ -45,7 +45,7 @@ from ._liveness import TrainingWatch, own_factor_steps
 from ._load_guard import state_restored
 from ._marks import merged_save_pending
 from ._peft_layers import PeftLink
-from ._peft_save import AWAITING, ChainSave, install_whole_chain_save
+from ._peft_save import AWAITING, ChainSave, install_whole_chain_save, warn_no_adapter_save
 from ._saved_state import chain_entry, check_saved_state, restore
 from ._schedule_free import KnotContext
 from ._state_probe import is_state_probe
@@ -122,7 +122,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             no more entries than a ``knots`` or ``num_links`` schedule has links. Not with PEFT
             layers (the ``LoraConfig``'s).
         alpha: LoRA alpha (default 16); the scale of a link of rank ``r`` is
-            ``s = alpha / r``. Not with PEFT layers.
+            ``s = alpha / r``, which must be a normal float32 (a scale that rounds to 0 trains
+            nothing, an infinite one makes the output NaN). Not with PEFT layers.
         knot_every: tie a knot after optimizer steps N, 2N, … Give one schedule: this,
             ``knots``, or ``num_links`` with ``total_steps``.
         knots: tie a knot after these optimizer step counts.
@@ -132,7 +133,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         steps_per_epoch: with ``num_links``: put knots on epoch ends.
         lora_bias: also train a delta on each adapted module's bias (modules with a bias only).
         trainable_modules: modules whose parameters stay trainable as they are (a classification
-            head, say), in the same forms as ``target_modules``.
+            head, say), in the same forms as ``target_modules``. Not with PEFT layers (the
+            ``LoraConfig``'s ``modules_to_save``, which PEFT's save writes).
         seed: seed of the generator the factors are drawn from; the same seed gives the same
             factors in every process (DDP ranks stay identical).
         factor_dtype: dtype of the factors; ``None`` is float32 for half-precision weights and
@@ -234,7 +236,8 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             peft = self._peft_links()
             if peft:  # the model's own adapter save writes the whole chain
                 save = ChainSave(peft[0][1].adapter, self.chain.history, self.load_state_dict)
-                install_whole_chain_save(model, save)
+                if not install_whole_chain_save(model, save):
+                    warn_no_adapter_save(model)
             self._arm()
             self._dtypes = DtypeWatch(self.chain.records)
             self._param_names = {id(p): n for n, p in model.named_parameters()}

@@ -58,7 +58,7 @@ from ._load_guard import loaded_plain_weights
 from ._lowrank import compress, factorise
 from ._marks import PEFT_SAVE, base_merged
 from ._peft_layers import PeftLink, is_peft_lora_layer
-from ._peft_save import whole_chain_adapter, whole_chain_tensors
+from ._peft_save import whole_chain, whole_chain_adapter
 from ._quant_backends import backend_for
 from ._rank_zero import write_once
 from ._record import ModuleRecord
@@ -153,9 +153,12 @@ def _export_peft_chain(
             "chain): wrap the model with peft.get_peft_model before chaining to save it as an "
             "adapter, or deploy the merged model with chainopt.save_merged"
         )
-    _tensors, padded = whole_chain_tensors(list(links), chain.history)
+    _save, _tensors, padded, merged = whole_chain(chain.model)
     cast(Any, chain.model).save_pretrained(path)
-    ranks = {name: (len(chain.history.links(name)) + 1) * link.rank for name, link in links}
+    ranks = {
+        name: (1 if name in merged else len(chain.history.links(name)) + 1) * link.rank
+        for name, link in links
+    }
     return AdapterReport(path, padded, ranks, dict.fromkeys(ranks, 0.0), 0.0)
 
 

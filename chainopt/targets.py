@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -85,6 +86,7 @@ def matcher(spec: ModuleSpec, argument: str) -> Callable[[str, nn.Module], bool]
         dotted = tuple("." + s for s in suffixes)
         return lambda name, _m: name in suffixes or name.endswith(dotted)
     if callable(spec):
+        _require_two_arguments(spec, argument)
         return spec
     raise TypeError(
         f"{argument} must be a str, an iterable of str, a compiled regex or a callable "
@@ -93,6 +95,38 @@ def matcher(spec: ModuleSpec, argument: str) -> Callable[[str, nn.Module], bool]
 
 
 _BYTES = (bytes, bytearray, memoryview)
+
+
+def _require_two_arguments(spec: Callable[..., object], argument: str) -> None:
+    """Refuse a predicate that cannot be called with ``(name, module)`` (``(name, parameter)``
+    for ``target_parameters``), a class (``nn.Linear``) and a module, naming the argument,
+    before anything calls them (the call's own ``TypeError`` named neither). A callable whose
+    signature cannot be read is taken as it is."""
+    what = "parameter" if argument == "target_parameters" else "module"
+    if isinstance(spec, type):
+        raise TypeError(
+            f"{argument} must be a str, an iterable of str, a compiled regex or a callable "
+            f"(name, {what}) -> bool, got the class {spec.__name__}: to choose by type, pass "
+            f"lambda name, {what}: isinstance({what}, {spec.__name__})"
+            + (f" (or '{ALL_LINEAR}')" if argument == "target_modules" else "")
+        )
+    if isinstance(spec, nn.Module):
+        raise TypeError(
+            f"{argument} must be a str, an iterable of str, a compiled regex or a callable "
+            f"(name, {what}) -> bool, got a {type_name(spec)} module: give its qualified name "
+            "(as model.named_modules() lists it)"
+        )
+    try:
+        signature = inspect.signature(spec)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind("name", None)
+    except TypeError:
+        raise TypeError(
+            f"{argument} must be a callable (name, {what}) -> bool taking two positional "
+            f"arguments, got {spec!r} with signature {signature}"
+        ) from None
 
 
 def readable_twice(spec: ModuleSpec | None) -> ModuleSpec | None:
@@ -339,6 +373,45 @@ def warn_left_out(
     )
 
 
+def parameter_namesakes(
+    model: nn.Module,
+    spec: ModuleSpec,
+    exclude: Iterable[nn.Module] = (),
+    covered: Iterable[str] = (),
+) -> list[str]:
+    """The bare matrix parameters (:func:`left_out_weights`: fused mixture-of-experts weights,
+    routers) whose qualified names a name or regex ``spec`` of ``target_modules`` matches, as it
+    matches module names: ``"down_proj"`` names Qwen2-MoE's fused ``experts.down_proj`` as well
+    as its shared expert's ``Linear`` (transformers 4 held each expert as a ``down_proj``
+    Linear). ``target_modules`` adapts modules only, so these would stay frozen; none for
+    ``"all-linear"`` (:func:`warn_left_out` names its) or a callable.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential()
+        >>> model.add_module("shared", nn.Module())
+        >>> model.shared.add_module("down_proj", nn.Linear(4, 4))
+        >>> model.add_module("experts", nn.Module())
+        >>> model.experts.down_proj = nn.Parameter(torch.zeros(2, 4, 4))
+        >>> parameter_namesakes(model, ["down_proj"])
+        ['experts.down_proj']
+    """
+    if (isinstance(spec, str) and spec == ALL_LINEAR) or (
+        callable(spec) and not isinstance(spec, re.Pattern)
+    ):
+        return []
+    match = matcher(spec, "target_modules")
+    return [n for n, _ in left_out_weights(model, exclude, covered) if match(n, model)]
+
+
+def _namesakes_advice(namesakes: list[str]) -> str:
+    return (
+        f"{len(namesakes)} bare parameters {namesakes[:3]}{' …' if len(namesakes) > 3 else ''} "
+        "(fused mixture-of-experts weights or routers, held by no Linear), which target_modules "
+        f"cannot adapt: chain them with target_parameters={_suffixes(namesakes)!r}"
+    )
+
+
 def _wide_enough(found: list[tuple[str, nn.Module]], rank: int) -> list[tuple[str, nn.Module]]:
     """``"all-linear"``'s layers that can take a link of ``rank``; the narrower ones (a
     shared-expert gate ``Linear(hidden, 1)`` of Qwen2-MoE, Qwen3-Next) are left out and named
@@ -420,8 +493,9 @@ def choose_targets(
         warn_left_out(model, [m for _, m in trainable], covered, rank)
         found = _wide_enough(found, rank)
     names = [alias for _first, alias, _m in _aliases(model)]
+    namesakes = parameter_namesakes(model, spec, [m for _, m in trainable], covered)
     if not found:
-        hint = _hint(spec, names)
+        hint = f"; it names {_namesakes_advice(namesakes)}" if namesakes else _hint(spec, names)
         if isinstance(spec, str) and spec == ALL_LINEAR:
             hint += (
                 " (it leaves out the output layer, a task model's heads, trainable_modules, "
@@ -441,9 +515,29 @@ def choose_targets(
                 else "it has no Linear or Conv1D layer a link can adapt"
             )
         )
+    missing = unmatched(spec, names)
+    named = (
+        parameter_namesakes(model, missing, [m for _, m in trainable], covered) if missing else []
+    )
+    if named:
+        raise ValueError(
+            f"target_modules entry {missing[0]!r} matches no module of the model, but names "
+            f"{_namesakes_advice(named)}"
+        )
     _refuse_unmatched("target_modules", spec, names, "module", len(found))
+    if namesakes:
+        from .advice import ChainLoRAWarning  # (advice imports the records, which import this)
+
+        warnings.warn(
+            f"target_modules={describe_spec(spec)!r} adapts {len(found)} modules and also names "
+            f"{_namesakes_advice(namesakes)}; they stay frozen otherwise. To leave them frozen "
+            "without this warning, name the modules more precisely (such as "
+            "'shared_expert.down_proj')",
+            ChainLoRAWarning,
+            stacklevel=5,
+        )
     shared = shared_parameters(model)
-    storages = _storages(model)
+    storages = model_storages(model)
     for name, module in found:
         unsupported = unsupported_quantization(module)
         if unsupported is not None:
@@ -467,23 +561,15 @@ def choose_targets(
         assert isinstance(weight, torch.Tensor)
         if any(t.is_meta for t in module.parameters(recurse=False)):
             raise ValueError(f"target_modules matches {name!r}, {_META}")
-        if id(weight) in shared:
-            others = [n for n in shared[id(weight)] if n != f"{name}.weight"]
-            raise ValueError(
-                f"target_modules matches {name!r}, whose weight is shared with {others} (tied "
-                "weights): a knot would merge the link into both and change the model; leave it "
-                f"out of target_modules ('{ALL_LINEAR}' leaves tied and output layers out)"
-            )
         tensors = [("weight", weight)]
         if lora_bias and isinstance(module.bias, torch.Tensor):
             tensors.append(("bias", module.bias))
         for kind, tensor in tensors:
-            overlap = _overlapping(tensor, storages)
-            if overlap:
+            why = sharing_problem(tensor, f"{name}.{kind}", shared, storages)
+            if why is not None:
                 raise ValueError(
-                    f"target_modules matches {name!r}, whose {kind} shares memory with "
-                    f"{overlap[:3]}: a knot writes into the {kind} in place and would change "
-                    "them too; give it its own tensor or leave it out of target_modules"
+                    f"target_modules matches {name!r}, whose {kind} {why}; leave it out of "
+                    f"target_modules ('{ALL_LINEAR}' leaves tied and output layers out)"
                 )
         limit = min(_features(module))
         if rank > limit:
@@ -522,7 +608,43 @@ def _features(module: nn.Module) -> tuple[int, int]:
     return int(weight.shape[0]), int(weight.shape[1])  # Conv1D stores (in, out)
 
 
-def _storages(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+def sharing_problem(
+    tensor: torch.Tensor,
+    full: str,
+    shared: dict[int, list[str]],
+    storages: list[tuple[str, torch.Tensor]],
+) -> str | None:
+    """Why a knot writing into ``tensor`` (named ``full``) would change more of the model than
+    its own link, or ``None``: it is tied to another module's parameter (``shared``, from
+    :func:`shared_parameters`), or its memory overlaps another tensor's (``storages``, from
+    :func:`model_storages`). Every kind of link (``target_modules``, ``target_parameters``,
+    PEFT's own layers) is checked with it.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Embedding(6, 4), nn.Linear(4, 6))
+        >>> model[1].weight = model[0].weight
+        >>> sharing_problem(model[1].weight, "1.weight", shared_parameters(model),
+        ...                 model_storages(model))  # doctest: +ELLIPSIS
+        "is shared with ['0.weight'] (tied): a knot would merge the link into both ..."
+    """
+    if id(tensor) in shared:
+        others = [n for n in shared[id(tensor)] if n != full]
+        return (
+            f"is shared with {others} (tied): a knot would merge the link into both and change "
+            "the model"
+        )
+    overlap = _overlapping(tensor, storages)
+    if overlap:
+        return (
+            f"shares memory with {overlap[:3]}: a knot writes into it in place and would change "
+            "them too"
+        )
+    return None
+
+
+def model_storages(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The model's parameters and buffers with memory of their own, for :func:`sharing_problem`."""
     named: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
     named += list(model.named_buffers())
     return [(n, t) for n, t in named if _plain_storage(t)]
@@ -621,7 +743,7 @@ def choose_parameters(
     adapted = {id(m) for _, m in targets}
     trained = {id(m) for _, t in trainable for m in t.modules()}
     shared = shared_parameters(model)
-    storages = _storages(model)
+    storages = model_storages(model)
     out = []
     for full, pname, module, tensor in found:
         where = f"{what} matches {full!r}"
@@ -651,18 +773,9 @@ def choose_parameters(
                 f"{where}, a parameter of a module trainable_modules trains whole: leave one of "
                 "them out"
             )
-        if id(tensor) in shared:
-            others = [n for n in shared[id(tensor)] if n != full]
-            raise ValueError(
-                f"{where}, which is shared with {others} (tied): a knot would merge the link "
-                "into both and change the model; leave it out of target_parameters"
-            )
-        overlap = _overlapping(tensor, storages)
-        if overlap:
-            raise ValueError(
-                f"{where}, which shares memory with {overlap[:3]}: a knot writes into it in "
-                "place and would change them too; leave it out of target_parameters"
-            )
+        why = sharing_problem(tensor, full, shared, storages)
+        if why is not None:
+            raise ValueError(f"{where}, which {why}; leave it out of target_parameters")
         _experts, n_in, n_out, _t = parameter_features(module, tensor)
         if rank > min(n_in, n_out):
             raise ValueError(

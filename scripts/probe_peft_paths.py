@@ -13,6 +13,7 @@ import copy
 import sys
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +254,59 @@ def adapters() -> None:
     path("add_weighted_adapter after a knot", weighted)
 
 
+def layers() -> None:
+    """docs/reliability.md's thirteenth pass: tied and embedding layers, the modules a chain keeps
+    trainable, and the model inside a PeftModel."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def tied() -> nn.Module:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=64, tie_word_embeddings=True)  # fmt: skip
+        return LlamaForCausalLM(config).eval()
+
+    def knot_gap(target: str) -> str:
+        model = get_peft_model(tied(), LoraConfig(**{**BASE, "target_modules": ["q_proj", target]}))
+        opt = chain(model)
+        train(model, opt, 1)
+        before = logits(model)
+        opt.tie_knot()
+        return f"the knot moved the logits by {float((logits(model) - before).abs().max()):.2f}"
+
+    def embedding_save(target: str) -> str:
+        model = get_peft_model(tiny_llama(), LoraConfig(**{**BASE, "target_modules": [target]}))
+        opt = chain(model)
+        train(model, opt)
+        return f"knots {opt.knots_tied}, save {saved_gap(model):.1e}"
+
+    def kept_trainable() -> str:
+        model = get_peft_model(tiny_llama(), LoraConfig(**BASE))
+        adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        opt = ChainLoRAOptimizer(model, adamw, knot_every=2, seed=1, trainable_modules=["lm_head"])
+        train(model, opt)
+        return f"knots {opt.knots_tied}, save {saved_gap(model):.2f}"
+
+    def inner() -> str:
+        model = get_peft_model(tiny_llama(), LoraConfig(**BASE))
+        adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        opt = ChainLoRAOptimizer(model.get_base_model(), adamw, knot_every=2, seed=1)
+        train(model, opt)
+        return f"knots {opt.knots_tied}, the PeftModel's save {saved_gap(model):.2f}"
+
+    for target in ("embed_tokens", "lm_head"):
+        path(f"tied {target} targeted", partial(knot_gap, target))
+        path(f"{target} targeted, saved", partial(embedding_save, target))
+    path("trainable_modules=['lm_head']", kept_trainable)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        path("the model inside a PeftModel chained", inner)
+    names = {type(w.message).__name__ for w in seen}
+    print(f"|   warned: {'ChainLoRAWarning' in names}")
+
+
 def runtime() -> None:
     def checkpointing() -> str:
         model = get_peft_model(tiny_llama(), LoraConfig(**BASE))
@@ -321,5 +375,6 @@ if __name__ == "__main__":
     continued_conv1d()
     options()
     adapters()
+    layers()
     runtime()
     trainers()

@@ -231,6 +231,8 @@ BAD_VALUES: dict[str, st.SearchStrategy[Any]] = {
         st.just(math.inf),
         st.text(max_size=3),
         st.builds(np.float32, st.floats(1, 4)),
+        st.floats(min_value=1e39, max_value=1e308),  # alpha / rank 2 overflows float32
+        st.floats(min_value=5e-324, max_value=2e-38),  # ... or is no normal float32
     ),
     "knot_every": st.one_of(_NOT_INTS.filter(lambda v: v is not None), st.integers(max_value=0)),
     "knots": st.one_of(
@@ -363,6 +365,9 @@ def test_numpy_and_tensor_numbers_are_refused_saying_what_to_pass(
     ("kwargs", "err", "match"),
     [
         ({"alpha": 10**400}, ValueError, r"alpha must be finite, got 1000"),
+        ({"alpha": 1e308}, ValueError, r"alpha=1e\+308 with rank=\[2\] gives link scales .*NaN"),
+        ({"alpha": 1e-300, "rank": [4, 2]}, ValueError,
+         r"alpha=1e-300 with rank=\[4, 2\] .* rounds to 0 trains nothing"),
         ({"knot_every": None}, ValueError,
          r"exactly one of knot_every and knots, or num_links with total_steps: a chain needs"),
         ({"target_modules": "all-linear", "model": nn.Linear(4, 4)}, ValueError,
@@ -376,7 +381,10 @@ def test_edge_values_raise_a_value_error_that_says_what_to_do(
     kwargs: dict[str, Any], err: type[Exception], match: str
 ) -> None:
     """``alpha=10**400`` raised ``OverflowError`` (``math.isfinite`` of an int too large for a
-    float); no schedule at all named only ``knot_every`` and ``knots``; a bare ``nn.Linear`` as
+    float); ``alpha=1e308`` was taken, and every forward then raised torch's "value cannot be
+    converted to type float without overflow" (a half-precision model computed NaN instead),
+    and ``alpha=1e-300`` gave links whose scale rounds to 0 in float32, which trained nothing,
+    silently; no schedule at all named only ``knot_every`` and ``knots``; a bare ``nn.Linear`` as
     the model was told that no module matched, and ``"all-linear"`` that matched nothing was
     asked whether it meant ``"all-linear"``."""
     model = kwargs.pop("model", None) or mlp()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -149,19 +148,20 @@ def test_save_merged_refuses_nan_and_writes_nothing(tmp_path: Any) -> None:
 
 
 def _head_gone_nan() -> tuple[nn.Module, ChainLoRAOptimizer]:
-    """A NaN loss at the knot's step under ``non_finite="skip"``: the links are dropped, but the
-    head trained as it is (``trainable_modules``) took the NaN step."""
+    """A NaN gradient for the head alone on a step between knots: the head trained as it is
+    (``trainable_modules``) takes the NaN step, the links stay finite (a knot with such a head
+    refuses, but no knot is due here)."""
     model = tiny_llama()
     opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2),
                              target_modules=["q_proj"], trainable_modules=["lm_head"], rank=2,
                              knot_every=3, non_finite="skip", keep_history=True)  # fmt: skip
-    for step in range(3):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        (loss * float("nan") if step == 2 else loss).backward()
-        with pytest.warns(RuntimeWarning) if step == 2 else nullcontext():
-            opt.step()
+    for step in range(2):
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        if step == 1:
+            model.lm_head.weight.grad.fill_(float("nan"))
+        opt.step()
         opt.zero_grad()
-    assert opt.knots_tied == 1 and bool(model.lm_head.weight.isnan().all())
+    assert opt.knots_tied == 0 and bool(model.lm_head.weight.isnan().all())
     return model, opt
 
 

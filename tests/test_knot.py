@@ -284,3 +284,45 @@ def test_lbfgs_s_one_shared_state_follows_the_reset_policy(
     kept = reset == "none"  # "moments": a flat history is no moment of one factor: it goes
     assert histories == ([[5], [5]] if kept else [[], []])
     assert opt.knots_tied == 2 and torch.isfinite(closure())
+
+
+@pytest.mark.parametrize("reset", ["full", "none"])
+def test_lbfgs_steps_on_after_a_rank_step_down(reset: str) -> None:
+    """LBFGS sums its parameters' sizes once, at its first step, and checks every flat gradient
+    against that: after a rank step-down (``rank=[4, 2]``) its next step raised
+    ``AssertionError: Expected offset 56 to equal 112``. The knot makes it count again; a
+    checkpoint taken after the step-down resumes into an LBFGS chain that stepped before."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 8), torch.randn(16, 4)
+
+    def build() -> tuple[nn.Module, ChainLoRAOptimizer]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+        base = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3, history_size=3)
+        opt = ChainLoRAOptimizer(
+            model, base, target_modules=["0", "2"], rank=[4, 2], knot_every=2, reset=reset
+        )
+        return model, opt
+
+    def run(model: nn.Module, opt: ChainLoRAOptimizer, steps: int) -> None:
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(steps):
+            opt.step(closure)
+
+    model, opt = build()
+    run(model, opt, 5)  # the step-down at step 2, then three steps at rank 2, a knot at 4
+    assert opt.knots_tied == 2 and opt.factors()[0].shape[0] == 2
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    model2, opt2 = build()
+    run(model2, opt2, 1)  # stepped at rank 4: its size is cached
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    run(model2, opt2, 2)
+    run(model, opt, 2)
+    for k, v in model.state_dict().items():
+        assert torch.equal(model2.state_dict()[k], v), k

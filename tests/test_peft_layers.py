@@ -162,6 +162,36 @@ def test_the_users_own_save_pretrained_writes_the_whole_chain(tmp_path: Path) ->
     torch.testing.assert_close(_logits(model), trained, rtol=0, atol=0)  # the save changed nothing
 
 
+@pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
+@pytest.mark.parametrize("embedding_layers", ["auto", False])
+def test_a_save_that_writes_a_chained_embedding_base_does_not_add_its_merged_links_twice(
+    tmp_path: Path, target: str, embedding_layers: Any
+) -> None:
+    """PEFT's save writes the base weight of a targeted ``embed_tokens``/``lm_head`` beside the
+    adapter (``save_embedding_layers="auto"``), and ``from_pretrained`` loads it over the
+    base's: after a knot that weight holds the merged links, which the whole-chain adapter added
+    a second time (logits 0.099 off for ``embed_tokens``, 0.27 for ``lm_head``;
+    ``scripts/probe_peft_paths.py``). Such a layer saves the link under way; without the base
+    weight (``False``) the whole chain."""
+    model = _peft_llama(target_modules=["q_proj", target])
+    opt = ChainLoRAOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2)
+    _train(model, opt, 5)  # 2 knots, a third link under way
+    trained = _logits(model)
+    model.save_pretrained(tmp_path, save_embedding_layers=embedding_layers)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    base_key = next((k for k in saved if k.endswith(f"{target}.base_layer.weight")), None)
+    assert (base_key is not None) == (embedding_layers == "auto")
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
+    if embedding_layers == "auto":  # export_peft_adapter is that save: its report says so
+        from chainopt import export_peft_adapter
+
+        ranks = export_peft_adapter(opt, tmp_path / "export").chain_ranks
+        assert {n.rpartition(".")[2]: r for n, r in ranks.items()} == {target: 4, "q_proj": 12}
+
+
 def test_a_chained_peft_model_resumes_bitwise(tmp_path: Path) -> None:
     def build() -> tuple[nn.Module, ChainLoRAOptimizer]:
         model = _peft_llama(use_rslora=True, rank_pattern={"v_proj": 2})
@@ -210,6 +240,55 @@ def test_rank_and_alpha_come_from_peft() -> None:
     model = _peft_llama()
     with pytest.raises(ValueError, match=r"rank.*LoraConfig"):
         ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), rank=2, knot_every=2)
+
+
+def test_trainable_modules_on_a_peft_model_is_refused_naming_modules_to_save() -> None:
+    """The chain trained ``trainable_modules=["lm_head"]`` of a PeftModel, but PEFT's
+    ``save_pretrained`` writes the adapter and the ``LoraConfig``'s ``modules_to_save`` only: the
+    reloaded adapter silently lacked the trained head (logits 1.30 away;
+    ``scripts/probe_peft_paths.py``). Refused, pointing to ``modules_to_save`` (which trains and
+    saves: ``test_peft_modules_to_save_train_as_they_are_and_save_with_the_chain``)."""
+    model = _peft_llama()
+    before = snapshot(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"trainable_modules=\['lm_head'\].*modules_to_save"):
+        ChainLoRAOptimizer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=2,
+            trainable_modules=["lm_head"],
+        )  # fmt: skip
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    after = snapshot(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any("chainopt" in k for m in model.modules() for k in vars(m))
+
+
+@pytest.mark.parametrize("inner", ["base_model", "get_base_model"])
+def test_a_chain_of_the_model_inside_a_peft_model_warns_that_no_save_writes_it(
+    tmp_path: Path, inner: str
+) -> None:
+    """Chaining ``peft_model.base_model`` or ``peft_model.get_base_model()`` trains the same
+    layers, but the whole-chain save goes on the model chained, and the ``PeftModel``'s own
+    ``save_pretrained``, which chainopt cannot reach, writes the link under way only: reloaded
+    on the original base, 0.42 off the trained logits (``scripts/probe_peft_paths.py``),
+    silently. It warns at construction now; the ``PeftModel`` itself chains without it."""
+    import warnings
+
+    from chainopt import ChainLoRAWarning
+
+    model = _peft_llama()
+    chained = model.base_model if inner == "base_model" else model.get_base_model()
+    with pytest.warns(ChainLoRAWarning, match=r"no adapter save.*Chain the PeftModel itself"):
+        opt = ChainLoRAOptimizer(
+            chained, torch.optim.AdamW(model.parameters(), lr=1e-2), knot_every=2
+        )
+    _train(model, opt, 3)
+    model.save_pretrained(tmp_path)  # PEFT's own save: the link under way, as the warning says
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert not torch.allclose(_logits(reloaded), _logits(model), atol=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ChainLoRAWarning)
+        outer = _peft_llama()
+        ChainLoRAOptimizer(outer, torch.optim.AdamW(outer.parameters(), lr=1e-2), knot_every=2)
 
 
 def test_a_chain_that_peft_froze_raises_at_the_knot_naming_peft_config() -> None:
@@ -846,6 +925,38 @@ def test_peft_setups_a_chain_cannot_keep_exact_are_refused_before_anything_chang
     after = snapshot(model)
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert not any("chainopt" in k for m in model.modules() for k in vars(m))
+
+
+def _tied_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, tie_word_embeddings=True)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+@pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
+def test_a_peft_layer_over_a_tied_weight_is_refused_before_anything_changes(target: str) -> None:
+    """A knot merging into a tied embedding's (or output layer's) base weight changed the other
+    layer too: the logits moved by 1.19 (0.09 for ``lm_head``) at a knot after one step,
+    silently (``scripts/probe_peft_paths.py``). Refused, as ``target_modules`` refuses a tied
+    layer."""
+    model = get_peft_model(_tied_llama(), LoraConfig(r=4, target_modules=["q_proj", target]))
+    before = snapshot(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    other = "lm_head" if target == "embed_tokens" else "embed_tokens"
+    with pytest.raises(ValueError, match=rf"'base_model.model.*{target}'.*shared with .*{other}"):
+        ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=2)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    after = snapshot(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any("chainopt" in k for m in model.modules() for k in vars(m))
+    model = get_peft_model(_tied_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=2)
+    assert len(opt.adapted_modules()) == 1  # a model with tied weights elsewhere is chained
 
 
 def test_peft_loraplus_optimizer_keeps_its_groups_under_the_chain() -> None:

@@ -14,6 +14,7 @@ from chainopt import ChainLoRAOptimizer
 from chainopt._attach import attach, detach
 from chainopt._surgery import (
     SHARED_OPTIMIZER_ATTRIBUTES,
+    forget_parameter_sizes,
     in_parametrize_cache,
     init_optimizer_bookkeeping,
     lr_scheduler_step_patch,
@@ -40,6 +41,29 @@ def test_optimizer_init_sets_only_what_the_wrapper_takes_over() -> None:
         "_warned_capturable_if_run_uncaptured",
     }, "torch's Optimizer.__init__ changed: review chainopt._surgery.init_optimizer_bookkeeping"
     assert callable(Optimizer._patch_step_function)
+
+
+def test_lbfgs_caches_its_parameters_size_and_forget_parameter_sizes_drops_it() -> None:
+    """LBFGS's ``_numel_cache``: set at its first step, read by every later one."""
+    p = nn.Parameter(torch.ones(2, 3))
+    lbfgs = torch.optim.LBFGS([p], max_iter=1)
+
+    def closure() -> torch.Tensor:
+        lbfgs.zero_grad()
+        loss = p.square().sum()
+        loss.backward()
+        return loss
+
+    lbfgs.step(closure)
+    assert lbfgs._numel_cache == 6, "torch's LBFGS changed: review forget_parameter_sizes"
+    set_shape_(p, (1, 3))
+    with torch.no_grad():
+        p.fill_(1.0)
+    forget_parameter_sizes(lbfgs)
+    lbfgs.state.clear()
+    lbfgs.step(closure)  # counts the new size
+    assert lbfgs._numel_cache == 3
+    forget_parameter_sizes(torch.optim.SGD([p]))  # caches nothing: untouched
 
 
 def test_public_optimizer_hooks_run_on_the_wrapper_around_the_knot() -> None:

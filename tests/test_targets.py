@@ -40,6 +40,45 @@ def test_callable_sees_name_and_module() -> None:
     assert len(names) == 6 and all(".mlp." in n for n in names)
 
 
+@pytest.mark.parametrize(
+    ("argument", "spec", "match"),
+    [
+        (
+            "target_modules",
+            lambda name: True,
+            r"target_modules must be a callable \(name, module\).*\(name\)",
+        ),
+        ("trainable_modules", lambda name: name == "2", r"trainable_modules must be a callable"),
+        (
+            "target_parameters",
+            lambda name: True,
+            r"target_parameters must be a callable \(name, parameter\)",
+        ),
+        (
+            "target_modules",
+            nn.Linear,
+            r"target_modules .* the class Linear: .*isinstance\(module, Linear\)",
+        ),
+        (
+            "target_modules",
+            nn.Linear(2, 2),
+            r"target_modules .* a Linear module: give its qualified name",
+        ),
+    ],
+    ids=["one-argument", "trainable", "parameters", "a-class", "a-module"],
+)
+def test_a_callable_that_cannot_take_name_and_module_is_refused_naming_the_argument(
+    argument: str, spec: object, match: str
+) -> None:
+    """A one-argument predicate raised the call's own ``TypeError`` (``<lambda>() takes 1
+    positional argument but 2 were given``), naming neither the argument nor the value; a class
+    (``nn.Linear``) or a module failed inside its constructor or forward."""
+    kwargs: dict[str, Any] = {argument: spec}
+    if argument == "trainable_modules":
+        kwargs["target_modules"] = ["0"]
+    _refused(mlp(), TypeError, match, knot_every=2, rank=2, **kwargs)
+
+
 def test_root_is_never_matched() -> None:
     assert select_modules(nn.Linear(2, 2), lambda n, m: True) == []
 
@@ -206,6 +245,67 @@ def test_all_linear_on_a_mixture_of_experts_warns_naming_the_fused_experts_it_le
             model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules="all-linear",
             knot_every=2,
         )  # fmt: skip
+
+
+def _tiny_moe(kind: str) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_experts_per_tok=2, max_position_embeddings=32,
+    )  # fmt: skip
+    if kind == "mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=24, num_local_experts=4, **common)
+        return transformers.MixtralForCausalLM(cfg)
+    cfg = transformers.Qwen2MoeConfig(
+        intermediate_size=24, moe_intermediate_size=8, shared_expert_intermediate_size=24,
+        num_experts=4, **common,
+    )  # fmt: skip
+    return transformers.Qwen2MoeForCausalLM(cfg)
+
+
+def test_a_target_name_that_also_names_fused_experts_warns_that_they_stay_frozen() -> None:
+    """transformers 4 held each expert as ``down_proj`` Linear layers; transformers 5 fuses them
+    into one ``experts.down_proj`` parameter. On Qwen2-MoE ``["gate_proj", "up_proj",
+    "down_proj"]`` matched only the shared expert's Linears and left the routed experts frozen,
+    silently; it now warns and names the ``target_parameters`` that chain them."""
+    import warnings
+
+    from chainopt import ChainLoRAWarning
+
+    spec = ["gate_proj", "up_proj", "down_proj"]
+    model = _tiny_moe("qwen2_moe")
+    advice = r"also names 1 bare parameters \['model.layers.0.mlp.experts.down_proj'\].*" + (
+        r"target_parameters=\['experts.down_proj'\].*stay frozen"
+    )
+    with pytest.warns(ChainLoRAWarning, match=advice):
+        opt = ChainLoRAOptimizer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules=spec, knot_every=2
+        )
+    assert all(".shared_expert." in n for n in opt.config.modules)
+    model = _tiny_moe("qwen2_moe")
+    with warnings.catch_warnings():  # chained with target_parameters: nothing left to name
+        warnings.simplefilter("error", ChainLoRAWarning)
+        ChainLoRAOptimizer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), target_modules=spec,
+            target_parameters=["experts.down_proj"], knot_every=2,
+        )  # fmt: skip
+        ChainLoRAOptimizer(
+            _tiny_moe("qwen2_moe"), torch.optim.SGD, knot_every=2,
+            target_modules=["shared_expert.down_proj"],
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", [["q_proj", "down_proj"], ["down_proj"]])
+def test_a_target_name_of_fused_experts_only_is_refused_pointing_to_target_parameters(
+    spec: list[str],
+) -> None:
+    """On Mixtral ``"down_proj"`` names no module but the fused experts: the refusal said "a
+    typo or a name from another model: remove it"; it names ``target_parameters`` now."""
+    model = _tiny_moe("mixtral")
+    _refused(model, ValueError, r"'down_proj'.*target_parameters=\['experts.down_proj'\]",
+             target_modules=spec)  # fmt: skip
 
 
 def test_select_parameters_matches_suffixes_of_qualified_parameter_names() -> None:
