@@ -17,7 +17,9 @@ INTEGRATIONS = [
     "chainopt.integrations.deepspeed",
 ]
 """Integration modules (each imports its framework); rendered when the framework is installed."""
-OUT = Path(__file__).resolve().parents[1] / "docs" / "api.md"
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "api.md"
+sys.path.insert(0, str(ROOT))  # this checkout's chainopt, not whichever one is installed
 
 
 def _signature(obj: object) -> str:
