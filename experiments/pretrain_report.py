@@ -279,7 +279,8 @@ def markdown(a: dict[str, Any] | None) -> str:
 
 
 def plots(a: dict[str, Any] | None, img: Path, prefix: str = "pretrain") -> list[Path]:
-    """Held-out curves with knots marked, the gap figure, and the knot diagnostic (PNG)."""
+    """Held-out curves with knots marked, the gap figure, the knot diagnostic and the
+    link-length curve over seeds (PNG)."""
     if a is None:
         return []
     import matplotlib
@@ -374,6 +375,36 @@ def plots(a: dict[str, Any] | None, img: Path, prefix: str = "pretrain") -> list
         ax.legend(fontsize=7)
         fig.tight_layout()
         paths.append(img / f"{prefix}_knot_cost.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    # 4. the link-length curve: held-out chain − LoRA r over the run, every chain on 2+ seeds
+    curve = [(n, r) for n, r in a["arms"].items() if r["arm"].link_steps and len(r["seeds"]) > 1]
+    curve.sort(key=lambda nr: -nr[1]["arm"].link_steps)  # fewest links first
+    if curve and lo:
+        fig, axes = plt.subplots(1, len(curve), figsize=(3.4 * len(curve) + 0.6, 3.6),
+                                 sharey=True, squeeze=False)  # fmt: skip
+        for ax, (n, r) in zip(axes[0], curve, strict=True):
+            by_seed = []
+            for seed, run in sorted(r["seeds"].items()):
+                if seed not in lo:
+                    continue
+                ref = dict(lo[seed]["evals"])
+                pts = [(st, v - ref[st]) for st, v in run["evals"] if st in ref and st > 0]
+                by_seed.append(dict(pts))
+                ax.plot(*zip(*pts, strict=True), color="C0", lw=0.7, alpha=0.6)
+            steps = sorted(set.intersection(*(set(b) for b in by_seed)))
+            mean = [statistics.fmean(b[st] for b in by_seed) for st in steps]
+            ax.plot(steps, mean, color="C0", lw=2, label=f"mean of {len(by_seed)} seeds")
+            for k in r["arm"].knots(d.steps):
+                ax.axvline(k, color="C3", ls=":", lw=0.8)
+            ax.axhline(0, color="k", lw=0.8)
+            ax.set_title(f"{n}: {len(r['arm'].knots(d.steps)) + 1} × {r['arm'].link_steps}")
+            ax.set_xlabel("step after the warm start")
+            ax.legend(fontsize=7, loc="upper left")
+        axes[0][0].set_ylabel(f"held-out loss − LoRA r{d.rank}'s (< 0: ahead)")
+        fig.suptitle("thin: each seed; knots dotted", fontsize=9)
+        fig.tight_layout()
+        paths.append(img / f"{prefix}_link_length.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     for p in paths:
