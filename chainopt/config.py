@@ -63,6 +63,7 @@ from .targets import (
     select_parameters,
     shared_parameters,
     sharing_problem,
+    warn_peft_namesakes,
 )
 
 __all__ = [
@@ -577,6 +578,7 @@ def _peft_choice(
                 f"({full!r}) {why}; leave it out of the LoraConfig's target_modules (tied "
                 "embeddings: target the other layers); nothing was changed"
             )
+    warn_peft_namesakes(model, _lora_config(model, layers), [m for _, m in layers])
     first = cast(Any, layers[0][1])
     adapter = active_adapter(first)
     return _PeftChoice(

@@ -404,12 +404,42 @@ def parameter_namesakes(
     return [n for n, _ in left_out_weights(model, exclude, covered) if match(n, model)]
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _namesakes_advice(namesakes: list[str]) -> str:
+    more = " …" if len(namesakes) > 3 else ""
     return (
-        f"{len(namesakes)} bare parameters {namesakes[:3]}{' …' if len(namesakes) > 3 else ''} "
+        f"{_count(len(namesakes), 'bare parameter')} {namesakes[:3]}{more} "
         "(fused mixture-of-experts weights or routers, held by no Linear), which target_modules "
         f"cannot adapt: chain them with target_parameters={_suffixes(namesakes)!r}"
     )
+
+
+def warn_peft_namesakes(model: nn.Module, config: object, layers: Sequence[nn.Module]) -> None:
+    """Warn when a PEFT ``LoraConfig``'s ``target_modules`` names bare parameters PEFT leaves
+    frozen (:func:`parameter_namesakes`: Qwen2-MoE's ``["gate_proj", "up_proj", "down_proj"]``
+    adapts the shared expert's Linears, not the fused ``experts.down_proj``), as
+    :func:`choose_targets` warns for chainopt's own ``target_modules``. Silent when the config
+    has ``target_parameters`` (the user chose which bare parameters to adapt) or names its
+    modules by a regex string (PEFT's ``fullmatch``, which chainopt's names do not follow)."""
+    names = getattr(config, "target_modules", None)
+    if not isinstance(names, list | tuple | set | frozenset) or getattr(
+        config, "target_parameters", None
+    ):
+        return
+    namesakes = parameter_namesakes(model, sorted(map(str, names)), layers)
+    if namesakes:
+        from .advice import ChainLoRAWarning  # (advice imports the records, which import this)
+
+        warnings.warn(
+            f"the PEFT adapter's LoraConfig(target_modules={sorted(map(str, names))!r}) "
+            f"adapts {_count(len(layers), 'layer')} and also names {_namesakes_advice(namesakes)} "
+            "in the LoraConfig; PEFT leaves them frozen, so the chain cannot train them",
+            ChainLoRAWarning,
+            stacklevel=5,
+        )
 
 
 def _wide_enough(found: list[tuple[str, nn.Module]], rank: int) -> list[tuple[str, nn.Module]]:

@@ -444,6 +444,29 @@ def test_knots_on_peft_fused_experts_are_exact_per_expert_and_save_the_whole_cha
     torch.testing.assert_close(_logits(reloaded), trained, rtol=1e-5, atol=1e-5)
 
 
+def test_a_lora_config_naming_fused_experts_in_target_modules_warns() -> None:
+    """transformers 5 holds Mixtral's experts as 3-D Parameters, which PEFT's target_modules
+    cannot adapt: ``"down_proj"`` names ``experts.down_proj`` and PEFT leaves it frozen, so the
+    chain would silently never train the experts. It warns, naming target_parameters."""
+    import warnings
+
+    from chainopt import ChainLoRAWarning
+
+    model = get_peft_model(
+        _tiny_mixtral(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"])
+    )
+    with pytest.warns(ChainLoRAWarning, match=r"experts\.down_proj.*target_parameters") as got:
+        opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=2)
+    assert all(".q_proj" in n for n, _ in opt.adapted_modules())
+    assert any(w.filename == __file__ for w in got)  # points at the caller's line
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"],
+                        target_parameters=["mlp.experts.down_proj"])  # fmt: skip
+    model = get_peft_model(_tiny_mixtral(), config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ChainLoRAWarning)  # the user chose the bare parameters
+        ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=2)
+
+
 def test_a_chain_of_peft_embedding_and_conv_layers_saves_the_whole_chain(tmp_path: Path) -> None:
     def base() -> nn.Module:
         torch.manual_seed(0)

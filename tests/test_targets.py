@@ -276,7 +276,7 @@ def test_a_target_name_that_also_names_fused_experts_warns_that_they_stay_frozen
 
     spec = ["gate_proj", "up_proj", "down_proj"]
     model = _tiny_moe("qwen2_moe")
-    advice = r"also names 1 bare parameters \['model.layers.0.mlp.experts.down_proj'\].*" + (
+    advice = r"also names 1 bare parameter \['model.layers.0.mlp.experts.down_proj'\].*" + (
         r"target_parameters=\['experts.down_proj'\].*stay frozen"
     )
     with pytest.warns(ChainLoRAWarning, match=advice):
