@@ -228,20 +228,9 @@ def restart_residuals(model: nn.Module, state_dict: dict[str, Any], prefix: str 
     into a bfloat16 one, a partial load of ``….original``): the residual restarts at zero in
     ``state_dict``. It holds what rounding dropped from the weight it was kept with, and the
     next knot would add it to the loaded one (a bfloat16 ulp off, silently). Found by
-    identity, as :func:`_chain_keys` does."""
-    pairs: list[tuple[Tensor | None, Tensor | None]] = []
-    for r in find_adapted(model):
-        pairs.append((r.weight, r.link.merge_residual))
-        if r.delta is not None:
-            pairs.append((r.bias, r.delta.merge_residual))
-    keys: dict[int, list[str]] = {}
-    named = [
-        *model.named_parameters(remove_duplicate=False),
-        *model.named_buffers(remove_duplicate=False),
-    ]
-    for k, t in named:
-        keys.setdefault(id(t), []).append(prefix + k)
-    for frozen, residual in pairs:
+    identity (:func:`_keys_by_id`)."""
+    keys = _keys_by_id(model, prefix)
+    for frozen, residual in _frozen_pairs(find_adapted(model)):
         if frozen is None or residual is None:
             continue
         theirs = keys.get(id(residual), [])
@@ -252,24 +241,39 @@ def restart_residuals(model: nn.Module, state_dict: dict[str, Any], prefix: str 
                 state_dict[k] = torch.zeros_like(residual)
 
 
-def _chain_keys(model: nn.Module, prefix: str) -> tuple[list[str], list[str]]:
-    """The keys (under ``prefix``) of each link's ``lora_B`` and of the frozen tensors under the
-    links (weights, biases under deltas, merge residuals), found by identity: any layer kind's
-    own key names (PEFT's ``lora_B.<adapter>.weight`` and ``base_layer.weight`` included)."""
-    records = find_adapted(model)
-    b_ids = {id(r.link.lora_B) for r in records}
-    frozen: list[Tensor | None] = []
+def _frozen_pairs(records: Sequence[ModuleRecord]) -> list[tuple[Tensor | None, Tensor | None]]:
+    """Each frozen tensor under a link (a weight, a bias under a delta) with its merge residual
+    (``None`` where there is none)."""
+    pairs: list[tuple[Tensor | None, Tensor | None]] = []
     for r in records:
-        frozen += [r.weight, r.link.merge_residual]
+        pairs.append((r.weight, r.link.merge_residual))
         if r.delta is not None:
-            frozen += [r.bias, r.delta.merge_residual]
-    frozen_ids = {id(t) for t in frozen if t is not None}
-    named = [
+            pairs.append((r.bias, r.delta.merge_residual))
+    return pairs
+
+
+def _keys_by_id(model: nn.Module, prefix: str) -> dict[int, list[str]]:
+    """``id`` of each of ``model``'s parameters and buffers -> its keys (under ``prefix``) in
+    ``model.state_dict()``, every one of a tensor held at several places: any layer kind's own
+    key names (PEFT's ``lora_B.<adapter>.weight`` and ``base_layer.weight`` included)."""
+    keys: dict[int, list[str]] = {}
+    for k, t in [
         *model.named_parameters(remove_duplicate=False),
         *model.named_buffers(remove_duplicate=False),
-    ]
-    factor_keys = sorted({prefix + k for k, t in named if id(t) in b_ids})
-    frozen_keys = sorted({prefix + k for k, t in named if id(t) in frozen_ids})
+    ]:
+        keys.setdefault(id(t), []).append(prefix + k)
+    return keys
+
+
+def _chain_keys(model: nn.Module, prefix: str) -> tuple[list[str], list[str]]:
+    """The keys (under ``prefix``) of each link's ``lora_B`` and of the frozen tensors under the
+    links (weights, biases under deltas, merge residuals), found by identity
+    (:func:`_keys_by_id`)."""
+    records = find_adapted(model)
+    keys = _keys_by_id(model, prefix)
+    factor_keys = sorted({k for r in records for k in keys.get(id(r.link.lora_B), [])})
+    frozen = [t for pair in _frozen_pairs(records) for t in pair if t is not None]
+    frozen_keys = sorted({k for t in frozen for k in keys.get(id(t), [])})
     return factor_keys, frozen_keys
 
 
