@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._dtensor import full_tensor
 from ._marks import (
     PEFT_AWAITING,
     PEFT_SAVE,
@@ -306,10 +307,12 @@ def whole_chain(
         merged = bases_written(model, save.adapter, state, save_embedding_layers)
     tensors, rank = whole_chain_tensors(links, save.history, merged)
     factors = {id(t) for _name, link in links for t in (link.lora_A, link.lora_B)}
-    trained = [  # modules_to_save, trainable tokens: written as they are, NaN/Inf checked here
-        n
+    trained = [  # modules_to_save, trainable tokens: written as they are, NaN/Inf checked here,
+        n  # whole under FSDP2 (a collective, every rank in the same order: one verdict)
         for n, p in model.named_parameters()
-        if p.requires_grad and id(p) not in factors and not bool(torch.isfinite(p).all())
+        if p.requires_grad
+        and id(p) not in factors
+        and not bool(torch.isfinite(full_tensor(p.detach())).all())
     ]
     if trained:
         raise NonFiniteUpdateError(
