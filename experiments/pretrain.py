@@ -806,11 +806,13 @@ def plan(runs: dict[str, dict[str, Any]], d: Design) -> list[tuple[str, Arm, int
             refs = [lora_arm(c.total_rank(d.steps) or d.rank) for c in curve]
             best_ref = lora_arm(best.total_rank(d.steps) or d.rank)
             # what the gap-closed figures need first: the curve, full rank, then the best
-            # chain's own LoRA r*L on every seed; the other chains' LoRA r*L last
+            # chain's own LoRA r*L on every seed; the other chains' LoRA r*L last, one rank on
+            # every seed before the next (lowest first), so each finishes a paired comparison
             items += [("seeds", c, s) for s in rest for c in curve]
             items += [("seeds", full_arm(), s) for s in rest]
             items += [("seeds", best_ref, s) for s in d.seeds]
-            items += [("seeds", r, s) for s in d.seeds for r in refs]
+            refs.sort(key=lambda a: a.rank)
+            items += [("seeds", r, s) for r in refs for s in d.seeds]
     seen: set[tuple[str, int]] = set()
     unique = []
     for stage, arm, seed in items:

@@ -144,3 +144,30 @@ def test_report_builds_from_partial_results(uninterrupted: Path, tmp_path: Path)
     # the tiny design's chains finish on both seeds: the link-length curve over seeds
     assert paths[-1].name == "pretrain_link_length.png"
     assert ptr.markdown(ptr.analyse(tmp_path / "empty")).startswith("Experiment 6: no finished")
+
+
+def test_seeds_stage_finishes_one_reference_on_every_seed_before_the_next() -> None:
+    """With a chain ahead at the gate, the plan's last stage runs the best chain's LoRA r*L on
+    every seed, then the other chains' LoRA r*L from the lowest rank up, each on every seed: a
+    session that stops early leaves whole paired comparisons, not one seed of each."""
+    d = pt.Design()
+    runs: dict[str, dict] = {}
+    order: list[tuple[str, str, int]] = []
+    keys: list[str] = []
+    while todo := pt.next_runs(runs, d):
+        stage, arm, lr, seed = todo[0]
+        # chains ahead of LoRA r (the 1500-step links the most), full rank ahead of all
+        loss = 0.5 if arm.kind == "full" else 2.0 - arm.link_steps / 1e4
+        keys.append(pt.run_key(arm, lr, seed))
+        runs[keys[-1]] = {"final_eval": loss}
+        order.append((stage, arm.name, seed))
+    best = pt.chain_arm(d, max(d.link_steps), "prune")
+    refs = [(a, s) for st, a, s in order if st == "seeds" and a.startswith("lora")]
+    ranks = sorted({pt.chain_arm(d, n, "prune").total_rank(d.steps) for n in d.link_steps})
+    first = best.total_rank(d.steps)
+    want = [(f"lora{first}", s) for s in d.seeds]
+    want += [(f"lora{r}", s) for r in ranks if r != first for s in d.seeds]
+    # a reference the earlier stages already ran on the first seed is not run again
+    ran_before = {(a, s) for st, a, s in order if st != "seeds"}
+    assert refs == [w for w in want if w not in ran_before]
+    assert len(keys) == len(set(keys))  # nothing runs twice
