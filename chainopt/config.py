@@ -63,7 +63,7 @@ from .targets import (
     select_parameters,
     shared_parameters,
     sharing_problem,
-    warn_peft_namesakes,
+    warn_peft_left_out,
 )
 
 __all__ = [
@@ -578,7 +578,8 @@ def _peft_choice(
                 f"({full!r}) {why}; leave it out of the LoraConfig's target_modules (tied "
                 "embeddings: target the other layers); nothing was changed"
             )
-    warn_peft_namesakes(model, _lora_config(model, layers), [m for _, m in layers])
+    weights = [PeftLink.of(layer).weight for _, layer in layers]
+    warn_peft_left_out(model, _lora_config(model, layers), [m for _, m in layers], weights)
     first = cast(Any, layers[0][1])
     adapter = active_adapter(first)
     return _PeftChoice(

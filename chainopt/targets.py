@@ -298,17 +298,25 @@ def left_out_weights(
     convolution or a norm (fused 3-D mixture-of-experts weights, routers kept as bare
     parameters), in model order; none of ``covered`` (qualified names ``target_parameters``
     adapts)."""
-    skip = {id(m) for m in exclude}
     done = set(covered)
+    return [(n, p.numel()) for n, p in _bare_matrices(model, exclude) if n not in done]
+
+
+def _bare_matrices(
+    model: nn.Module, exclude: Iterable[nn.Module] = ()
+) -> list[tuple[str, nn.Parameter]]:
+    """``(qualified name, parameter)`` of every floating parameter of two or more dimensions
+    held by a module that is not a Linear/Conv1D, an embedding, a convolution or a norm, nor in
+    ``exclude``, in model order."""
+    skip = {id(m) for m in exclude}
     plain = (nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd, nn.LayerNorm, nn.GroupNorm)
     out = []
     for name, module in _named(model.named_modules()):
         if is_linear_like(module) or isinstance(module, plain) or id(module) in skip:
             continue
         for pname, p in module.named_parameters(recurse=False):
-            full = f"{name}.{pname}"
-            if p.dim() >= 2 and p.is_floating_point() and full not in done:
-                out.append((full, p.numel()))
+            if p.dim() >= 2 and p.is_floating_point():
+                out.append((f"{name}.{pname}", p))
     return out
 
 
@@ -365,9 +373,10 @@ def warn_left_out(
         f"target_modules='{ALL_LINEAR}' adapts nn.Linear and Conv1D layers only; it leaves "
         f"{len(left)} matrix weights, {share:.0%} of the model's parameters, frozen: "
         f"{names[:4]}{' …' if len(names) > 4 else ''} (fused mixture-of-experts weights and "
-        f"routers kept as bare parameters). {advice} a PeftModel with LoraConfig("
-        "target_parameters=[...]) (PEFT's own 'all-linear' adds them) and pass it without "
-        "target_modules; or name the Linear layers you want in target_modules to silence this",
+        f"routers kept as bare parameters). {advice} a PeftModel whose LoraConfig "
+        "names them in target_parameters (PEFT's 'all-linear' adds them for some models, such "
+        "as Mixtral, not for others) and pass it without target_modules; or name the Linear "
+        "layers you want in target_modules to silence this",
         ChainLoRAWarning,
         stacklevel=5,
     )
@@ -417,29 +426,79 @@ def _namesakes_advice(namesakes: list[str]) -> str:
     )
 
 
-def warn_peft_namesakes(model: nn.Module, config: object, layers: Sequence[nn.Module]) -> None:
-    """Warn when a PEFT ``LoraConfig``'s ``target_modules`` names bare parameters PEFT leaves
-    frozen (:func:`parameter_namesakes`: Qwen2-MoE's ``["gate_proj", "up_proj", "down_proj"]``
-    adapts the shared expert's Linears, not the fused ``experts.down_proj``), as
-    :func:`choose_targets` warns for chainopt's own ``target_modules``. Silent when the config
-    has ``target_parameters`` (the user chose which bare parameters to adapt) or names its
-    modules by a regex string (PEFT's ``fullmatch``, which chainopt's names do not follow)."""
+def warn_peft_left_out(
+    model: nn.Module, config: object, layers: Sequence[nn.Module], weights: Sequence[torch.Tensor]
+) -> None:
+    """Warn when a PEFT adapter leaves fused mixture-of-experts weights or routers frozen that its
+    ``LoraConfig`` reads as asking for, as :func:`choose_targets` warns for chainopt's own
+    ``target_modules``:
+
+    * ``target_modules`` names bare parameters (:func:`parameter_namesakes`: Qwen2-MoE's
+      ``["gate_proj", "up_proj", "down_proj"]`` adapts the shared expert's Linears, not the
+      fused ``experts.down_proj``), unless the config has ``target_parameters`` or names its
+      modules by a regex string (PEFT's ``fullmatch``, which chainopt's names do not follow);
+    * the adapter covers every Linear layer (PEFT's ``"all-linear"``, which it expands into
+      names, or the whole list) yet frozen matrix weights held by no Linear remain that no
+      link merges into (``weights``): PEFT's ``"all-linear"`` adds ``target_parameters`` for
+      some mixture-of-experts models (Mixtral) and not for others (Qwen2-MoE).
+    """
+    from .advice import ChainLoRAWarning  # (advice imports the records, which import this)
+
     names = getattr(config, "target_modules", None)
-    if not isinstance(names, list | tuple | set | frozenset) or getattr(
+    if isinstance(names, list | tuple | set | frozenset) and not getattr(
         config, "target_parameters", None
     ):
+        namesakes = parameter_namesakes(model, sorted(map(str, names)), layers)
+        if namesakes:
+            warnings.warn(
+                f"the PEFT adapter's LoraConfig(target_modules={sorted(map(str, names))!r}) "
+                f"adapts {_count(len(layers), 'layer')} and also names "
+                f"{_namesakes_advice(namesakes)} in the LoraConfig; PEFT leaves them frozen, so "
+                "the chain cannot train them",
+                ChainLoRAWarning,
+                stacklevel=5,
+            )
+            return
+    if not _every_linear_adapted(model, layers):
         return
-    namesakes = parameter_namesakes(model, sorted(map(str, names)), layers)
-    if namesakes:
-        from .advice import ChainLoRAWarning  # (advice imports the records, which import this)
-
+    merged = {id(w) for w in weights}
+    left = [
+        (n, p.numel())
+        for n, p in _bare_matrices(model)
+        if not p.requires_grad and id(p) not in merged
+    ]
+    if left:
+        share = sum(k for _, k in left) / max(sum(p.numel() for p in model.parameters()), 1)
+        shown = [n for n, _ in left]
         warnings.warn(
-            f"the PEFT adapter's LoraConfig(target_modules={sorted(map(str, names))!r}) "
-            f"adapts {_count(len(layers), 'layer')} and also names {_namesakes_advice(namesakes)} "
-            "in the LoraConfig; PEFT leaves them frozen, so the chain cannot train them",
+            f"the PEFT adapter adapts every Linear layer ({_count(len(layers), 'layer')}) but "
+            f"leaves {len(left)} matrix weights, {share:.0%} of the model's parameters, frozen: "
+            f"{shown[:4]}{' …' if len(shown) > 4 else ''} (fused mixture-of-experts weights and "
+            "routers kept as bare parameters, which target_modules cannot adapt and PEFT's "
+            "'all-linear' does not add for this model); to chain them, add "
+            f"LoraConfig(target_parameters={_suffixes(shown)!r}) or train them whole with "
+            "modules_to_save; to leave them frozen on purpose, filter ChainLoRAWarning",
             ChainLoRAWarning,
             stacklevel=5,
         )
+
+
+def _every_linear_adapted(model: nn.Module, layers: Sequence[nn.Module]) -> bool:
+    """Whether every Linear-like module of ``model`` is one of ``layers`` or inside one, trained
+    whole, the output layer, a task head, or tied to another module's weight (what ``"all-
+    linear"`` leaves out)."""
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    skip = inside | output_layers(model)
+    skip |= {id(m) for _, head in task_heads(model) for m in head.modules()}
+    shared = shared_parameters(model)
+    for _, module in _named(model.named_modules()):
+        if id(module) in skip or not is_linear_like(module):
+            continue
+        params = list(module.parameters())
+        if any(p.requires_grad for p in params) or any(id(p) in shared for p in params):
+            continue
+        return False
+    return bool(layers)
 
 
 def _wide_enough(found: list[tuple[str, nn.Module]], rank: int) -> list[tuple[str, nn.Module]]:

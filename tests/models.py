@@ -53,6 +53,22 @@ def tiny_opt(seed: int = 0) -> nn.Module:
     return OPTForCausalLM(cfg).eval()
 
 
+def tiny_qwen2_moe(seed: int = 0) -> nn.Module:
+    """A 1-layer Qwen2-MoE, hidden size 16: 4 routed experts fused in 3-D Parameters
+    (transformers 5), a bare-parameter router, a shared expert of Linears and its
+    ``Linear(hidden, 1)`` gate (random weights, no download)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2MoeConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_experts_per_tok=2, max_position_embeddings=32,
+        intermediate_size=24, moe_intermediate_size=8, shared_expert_intermediate_size=24,
+        num_experts=4,
+    )  # fmt: skip
+    return Qwen2MoeForCausalLM(cfg)
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of every parameter and buffer, by state-dict key."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from models import snapshot, tiny_llama
+from models import snapshot, tiny_llama, tiny_qwen2_moe
 from torch import nn
 
 from chainopt import ChainLoRAOptimizer
@@ -465,6 +465,45 @@ def test_a_lora_config_naming_fused_experts_in_target_modules_warns() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", ChainLoRAWarning)  # the user chose the bare parameters
         ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=2)
+
+
+def test_peft_all_linear_that_leaves_fused_experts_frozen_warns() -> None:
+    """PEFT expands ``target_modules="all-linear"`` into the names of the Linear layers. On
+    Qwen2-MoE that leaves the routed experts (3-D Parameters) and the router frozen, 26% of the
+    model, with no target_parameters, and the chain trained the attention and shared expert
+    only, silently. It warns, naming the target_parameters that chain them; with those, or on
+    Mixtral (where PEFT adds them itself), or with only some Linears targeted, it is silent."""
+    import warnings
+
+    from chainopt import ChainLoRAWarning
+
+    def chain(model: nn.Module, config: LoraConfig) -> ChainLoRAOptimizer:
+        peft_model = get_peft_model(model, config)
+        return ChainLoRAOptimizer(
+            peft_model, torch.optim.SGD(peft_model.parameters(), lr=0.1), knot_every=2
+        )
+
+    advice = (
+        r"every Linear layer \(8 layers\) but leaves 3 matrix weights, 26% .*frozen.*"
+        r"target_parameters=\['gate.weight', 'experts.gate_up_proj', 'experts.down_proj'\]"
+    )
+    with pytest.warns(ChainLoRAWarning, match=advice) as got:
+        chain(tiny_qwen2_moe(), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    assert [w.filename for w in got if w.category is ChainLoRAWarning] == [__file__]
+    # what the warning advises chains the experts and the router, and is silent
+    suffixes = ["gate.weight", "experts.gate_up_proj", "experts.down_proj"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ChainLoRAWarning)
+        opt = chain(
+            tiny_qwen2_moe(),
+            LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", target_parameters=suffixes),
+        )
+        adapted = [n for n, _ in opt.adapted_modules()]
+        assert sum(".mlp.experts" in n for n in adapted) == 2 and any(
+            ".mlp.gate" in n for n in adapted
+        )
+        chain(_tiny_mixtral(), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+        chain(tiny_qwen2_moe(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
 
 
 def test_a_chain_of_peft_embedding_and_conv_layers_saves_the_whole_chain(tmp_path: Path) -> None:

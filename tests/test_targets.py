@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import assert_same, fingerprint, mlp, tiny_llama
+from models import assert_same, fingerprint, mlp, tiny_llama, tiny_qwen2_moe
 from test_config import _refused
 from torch import nn
 
@@ -258,11 +258,7 @@ def _tiny_moe(kind: str) -> nn.Module:
     if kind == "mixtral":
         cfg = transformers.MixtralConfig(intermediate_size=24, num_local_experts=4, **common)
         return transformers.MixtralForCausalLM(cfg)
-    cfg = transformers.Qwen2MoeConfig(
-        intermediate_size=24, moe_intermediate_size=8, shared_expert_intermediate_size=24,
-        num_experts=4, **common,
-    )  # fmt: skip
-    return transformers.Qwen2MoeForCausalLM(cfg)
+    return tiny_qwen2_moe()
 
 
 def test_a_target_name_that_also_names_fused_experts_warns_that_they_stay_frozen() -> None:
