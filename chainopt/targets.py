@@ -435,8 +435,8 @@ def warn_peft_left_out(
 
     * ``target_modules`` names bare parameters (:func:`parameter_namesakes`: Qwen2-MoE's
       ``["gate_proj", "up_proj", "down_proj"]`` adapts the shared expert's Linears, not the
-      fused ``experts.down_proj``), unless the config has ``target_parameters`` or names its
-      modules by a regex string (PEFT's ``fullmatch``, which chainopt's names do not follow);
+      fused ``experts.down_proj``; a regex string as PEFT reads it, ``re.fullmatch`` of the
+      name below the PEFT wrapper), unless the config has ``target_parameters``;
     * the adapter covers every Linear layer (PEFT's ``"all-linear"``, which it expands into
       names, or the whole list) yet frozen matrix weights held by no Linear remain that no
       link merges into (``weights``): PEFT's ``"all-linear"`` adds ``target_parameters`` for
@@ -445,20 +445,27 @@ def warn_peft_left_out(
     from .advice import ChainLoRAWarning  # (advice imports the records, which import this)
 
     names = getattr(config, "target_modules", None)
-    if isinstance(names, list | tuple | set | frozenset) and not getattr(
-        config, "target_parameters", None
-    ):
+    if getattr(config, "target_parameters", None):
+        names = None  # the user chose which bare parameters to adapt
+    if isinstance(names, str) and names != ALL_LINEAR:
+        regex = re.compile(names)  # PEFT: re.fullmatch(target_modules, name in its model)
+        namesakes = [n for n, _ in left_out_weights(model, layers) if _fullmatch_below(regex, n)]
+        shown: object = names
+    elif isinstance(names, list | tuple | set | frozenset):
         namesakes = parameter_namesakes(model, sorted(map(str, names)), layers)
-        if namesakes:
-            warnings.warn(
-                f"the PEFT adapter's LoraConfig(target_modules={sorted(map(str, names))!r}) "
-                f"adapts {_count(len(layers), 'layer')} and also names "
-                f"{_namesakes_advice(namesakes)} in the LoraConfig; PEFT leaves them frozen, so "
-                "the chain cannot train them",
-                ChainLoRAWarning,
-                stacklevel=5,
-            )
-            return
+        shown = sorted(map(str, names))
+    else:
+        namesakes = []
+    if namesakes:
+        warnings.warn(
+            f"the PEFT adapter's LoraConfig(target_modules={shown!r}) "
+            f"adapts {_count(len(layers), 'layer')} and also names "
+            f"{_namesakes_advice(namesakes)} in the LoraConfig; PEFT leaves them frozen, so "
+            "the chain cannot train them",
+            ChainLoRAWarning,
+            stacklevel=5,
+        )
+        return
     if not _every_linear_adapted(model, layers):
         return
     merged = {id(w) for w in weights}
@@ -481,6 +488,13 @@ def warn_peft_left_out(
             ChainLoRAWarning,
             stacklevel=5,
         )
+
+
+def _fullmatch_below(regex: re.Pattern[str], name: str) -> bool:
+    """Whether ``regex`` fully matches ``name`` or a dotted tail of it: PEFT matches the names
+    in the model it wraps, which a ``PeftModel`` holds under ``base_model.model.``."""
+    parts = name.split(".")
+    return any(regex.fullmatch(".".join(parts[i:])) for i in range(len(parts)))
 
 
 def _every_linear_adapted(model: nn.Module, layers: Sequence[nn.Module]) -> bool:

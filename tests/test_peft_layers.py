@@ -459,6 +459,11 @@ def test_a_lora_config_naming_fused_experts_in_target_modules_warns() -> None:
         opt = ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=2)
     assert all(".q_proj" in n for n, _ in opt.adapted_modules())
     assert any(w.filename == __file__ for w in got)  # points at the caller's line
+    # a regex string, as PEFT reads it (re.fullmatch of the name in the wrapped model)
+    regex = r".*\.(q_proj|down_proj)"
+    model = get_peft_model(_tiny_mixtral(), LoraConfig(r=2, lora_alpha=4, target_modules=regex))
+    with pytest.warns(ChainLoRAWarning, match=r"experts\.down_proj.*target_parameters"):
+        ChainLoRAOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), knot_every=2)
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"],
                         target_parameters=["mlp.experts.down_proj"])  # fmt: skip
     model = get_peft_model(_tiny_mixtral(), config)
