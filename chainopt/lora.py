@@ -352,6 +352,15 @@ class BiasDelta(nn.Module):
 # --- the factorised forwards of an adapted module ----------------------------------------------
 
 
+def _autocast(x: Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device. torch raises for a device autocast does not
+    know (``"meta"``: a shape-only forward of a model moved there); no autocast runs there."""
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:
+        return False
+
+
 def _single_link(self: nn.Module) -> Any:
     """The module's weight ParametrizationList if chainopt's link is alone on it, else None."""
     plist = cast(Any, self).parametrizations["weight"]
@@ -371,7 +380,7 @@ def lora_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
     link = plist[0]
     a, b = link.lora_A, link.lora_B
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = _autocast(x)
     if autocast or not (x.dtype == a.dtype == b.dtype):
         out = F.linear(x, plist.original, self.bias)
         h = x if x.dtype == a.dtype or autocast else x.to(a.dtype)
@@ -401,7 +410,7 @@ def lora_conv1d_forward(self: nn.Module, x: Tensor) -> Tensor:
     a, b = link.lora_A, link.lora_B
     x2 = x.reshape(-1, x.shape[-1])
     out = torch.addmm(module.bias, x2, plist.original)  # (rows, in) @ (in, out)
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = _autocast(x)
     if autocast or not (x.dtype == a.dtype == b.dtype):
         h = x2 if x2.dtype == a.dtype or autocast else x2.to(a.dtype)
         lora = F.linear(F.linear(h, a), b) * link.scale
@@ -419,7 +428,7 @@ def lora_quantized_forward(self: nn.Module, x: Tensor) -> Tensor:
     link = cast(Any, self).chainopt_link
     out = cast(Tensor, type(self).forward(self, x))  # the quantized layer's own forward
     a, b = link.lora_A, link.lora_B
-    h = x if x.dtype == a.dtype or torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
+    h = x if x.dtype == a.dtype or _autocast(x) else x.to(a.dtype)
     lora: Tensor = F.linear(F.linear(h, a), b) * link.scale  # (..., in) -> (..., r) -> (..., out)
     return out + lora.to(out.dtype)
 

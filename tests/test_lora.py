@@ -93,3 +93,22 @@ def test_a_bias_delta_with_bad_arguments_is_refused(
     with pytest.raises(err, match=r"out_features|dtype"):
         BiasDelta(size, **kwargs)
     assert BiasDelta(0).delta.shape == (0,)
+
+
+def test_a_chained_model_moved_to_meta_runs_a_shape_only_forward() -> None:
+    """``torch.is_autocast_enabled("meta")`` raises; the factorised forwards asked it for the
+    input's device, so a chained model moved to ``meta`` (a shape or FLOP count without
+    memory) failed there. Both the Linear and the Conv1D forward now run."""
+    from models import tiny_llama
+    from test_conv1d import _gpt2
+
+    from chainopt import ChainLoRAOptimizer
+
+    for model, targets in ((tiny_llama(), ["q_proj", "down_proj"]), (_gpt2(), ["c_attn"])):
+        ids = torch.zeros(2, 7, dtype=torch.long)
+        want = model(input_ids=ids).logits.shape
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ChainLoRAOptimizer(model, opt, target_modules=targets, knot_every=2)
+        model.to("meta")
+        logits = model(input_ids=ids.to("meta")).logits
+        assert logits.device.type == "meta" and logits.shape == want
