@@ -183,6 +183,29 @@ def _refuse_aliased(chain: ChainLoRAOptimizer) -> None:
         )
 
 
+def _refuse_trained_under_links(chain: ChainLoRAOptimizer) -> None:
+    """Refuse a chain whose weight (or bias) under a link requires grad: a weight trained
+    directly (``add_param_group``) is a change no LoRA adapter holds, and one that only requires
+    grad (``model.requires_grad_(True)``, which :meth:`~ChainLoRAOptimizer.step` refuses) would
+    put its module in ``modules_to_save`` beside its own LoRA layer. Either way PEFT could not
+    load what would be written."""
+    hot = [
+        f"{r.name}.{what}"
+        for r in chain.chain.records
+        for what, t in (("weight", r.weight), ("bias", r.bias))
+        if isinstance(t, Tensor) and t.requires_grad
+    ]
+    if hot:
+        raise ValueError(
+            f"the weight or bias under the link of {hot[0].rpartition('.')[0]!r} requires grad "
+            f"({hot[:3]}, {len(hot)} in all): a LoRA adapter cannot hold a change of the weight "
+            "a link adapts, and PEFT could not load the adapter. Freeze them again (model."
+            "requires_grad_(False), then requires_grad_(True) on every parameter in "
+            "opt.param_groups), or, if the optimizer trains them, deploy the merged model "
+            "(chainopt.save_merged or merged_state_dict); nothing was written"
+        )
+
+
 def _check_arguments(
     chain: object, rank: object, base: object, base_model_name_or_path: object
 ) -> ChainLoRAOptimizer:
@@ -206,6 +229,7 @@ def _check_arguments(
             "path) instead; nothing was written"
         )
     _refuse_aliased(chain)
+    _refuse_trained_under_links(chain)
     return chain
 
 

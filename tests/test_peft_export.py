@@ -374,6 +374,33 @@ def test_without_history_a_chain_with_no_knot_yet_still_exports(tmp_path: Path) 
     assert export_peft_adapter(opt, tmp_path).rank == 4
 
 
+@pytest.mark.parametrize("how", ["requires_grad_", "trained"])
+def test_a_weight_under_a_link_that_requires_grad_is_refused_before_anything_is_written(
+    tmp_path: Path, how: str
+) -> None:
+    """``model.requires_grad_(True)`` after wrapping put every module in ``modules_to_save``
+    beside its own LoRA layer, and a bias under a link trained through ``add_param_group`` was
+    written the same way: both adapters failed to load in PEFT (no module targeted; a KeyError).
+    Both are refused, naming the tensors, and nothing is written."""
+    model = tiny_llama()
+    opt = _train_lm(model, 3, keep_history=True)
+    if how == "requires_grad_":
+        model.requires_grad_(True)
+        hot = r"model\.layers\.0\.self_attn\.q_proj\.weight"
+    else:
+        weight = model.get_submodule("model.layers.1.self_attn.v_proj").parametrizations.weight
+        opt.add_param_group({"params": [weight.original]})
+        weight.original.requires_grad_(True)
+        hot = r"model\.layers\.1\.self_attn\.v_proj\.weight"
+    for export in (
+        lambda: export_peft_adapter(opt, tmp_path / "out"),
+        lambda: peft_adapter_state_dict(opt),
+    ):
+        with pytest.raises(ValueError, match=rf"requires grad \(\['{hot}'.*nothing was written"):
+            export()
+    assert not (tmp_path / "out").exists()
+
+
 def test_without_safetensors_it_says_what_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
