@@ -372,8 +372,9 @@ def warn_left_out(
     warnings.warn(
         f"target_modules='{ALL_LINEAR}' adapts nn.Linear and Conv1D layers only; it leaves "
         f"{len(left)} matrix weights, {share:.0%} of the model's parameters, frozen: "
-        f"{names[:4]}{' …' if len(names) > 4 else ''} (fused mixture-of-experts weights and "
-        f"routers kept as bare parameters). {advice} a PeftModel whose LoraConfig "
+        f"{names[:4]}{' …' if len(names) > 4 else ''} (held by no Linear: fused "
+        "mixture-of-experts weights, routers, nn.MultiheadAttention's in_proj_weight). "
+        f"{advice} a PeftModel whose LoraConfig "
         "names them in target_parameters (PEFT's 'all-linear' adds them for some models, such "
         "as Mixtral, not for others) and pass it without target_modules; or name the Linear "
         "layers you want in target_modules to silence this",
@@ -480,9 +481,10 @@ def warn_peft_left_out(
         warnings.warn(
             f"the PEFT adapter adapts every Linear layer ({_count(len(layers), 'layer')}) but "
             f"leaves {len(left)} matrix weights, {share:.0%} of the model's parameters, frozen: "
-            f"{shown[:4]}{' …' if len(shown) > 4 else ''} (fused mixture-of-experts weights and "
-            "routers kept as bare parameters, which target_modules cannot adapt and PEFT's "
-            "'all-linear' does not add for this model); to chain them, add "
+            f"{shown[:4]}{' …' if len(shown) > 4 else ''} (held by no Linear: fused "
+            "mixture-of-experts weights, routers, nn.MultiheadAttention's in_proj_weight; "
+            "target_modules cannot adapt them and PEFT's 'all-linear' did not add them here); "
+            "to chain them, add "
             f"LoraConfig(target_parameters={_suffixes(shown)!r}) or train them whole with "
             "modules_to_save; to leave them frozen on purpose, filter ChainLoRAWarning",
             ChainLoRAWarning,
