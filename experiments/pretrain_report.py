@@ -407,6 +407,43 @@ def plots(a: dict[str, Any] | None, img: Path, prefix: str = "pretrain") -> list
         paths.append(img / f"{prefix}_link_length.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
+    # 5. what a chain buys against what rank buys: loss − LoRA r's against the total rank
+    lora_refs = sorted(
+        (r["arm"].rank, n)
+        for n, r in a["arms"].items()
+        if not r["arm"].link_steps and r["arm"].kind == "lora" and r.get("paired")
+    )
+    if lora_refs and lo and curve:
+        fig, ax = plt.subplots(figsize=(7.5, 4.4))
+        xs, ys = [d.rank], [0.0]
+        for rank, n in lora_refs:
+            p = a["arms"][n]["paired"]
+            xs.append(rank)
+            ys.append(p["mean"])
+            ax.plot([rank] * len(p["diffs"]), p["diffs"], ".", color="C7", ms=5)
+        ax.plot(xs, ys, "o--", color="C7", lw=1.2, label="one LoRA of that rank (mean)")
+        chains = [r for _, r in curve if r.get("paired")]  # 2+ seeds (diagnostics: seed 0)
+        for i, r in enumerate(sorted(chains, key=lambda r: -r["arm"].link_steps)):
+            arm, p = r["arm"], r["paired"]
+            x = arm.total_rank(d.steps)
+            label = f"{arm.name}: {len(arm.knots(d.steps)) + 1} rank-{d.rank} links"
+            (dot,) = ax.plot([x], [p["mean"]], "s", color=f"C{i}", ms=7, label=label)
+            ax.plot([x] * len(p["diffs"]), p["diffs"], ".", color=dot.get_color(), ms=4)
+        full = a["arms"].get(pt.full_arm().name, {}).get("paired")
+        if full:
+            ax.axhline(full["mean"], color="k", ls=":", lw=1, label="full rank (mean)")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({*xs, *(r["arm"].total_rank(d.steps) for r in chains)}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("total rank of the update (a chain: links × rank)")
+        ax.set_ylabel(f"held-out loss − LoRA r{d.rank}'s (same seed)")
+        ax.set_title("squares: chains; circles: one LoRA; dots: seeds")
+        ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 0.08))
+        fig.tight_layout()
+        paths.append(img / f"{prefix}_rank.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     for p in paths:
         print(f"wrote {p}")
     return paths

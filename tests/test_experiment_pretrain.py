@@ -140,9 +140,10 @@ def test_report_builds_from_partial_results(uninterrupted: Path, tmp_path: Path)
     assert "**Gate (seed 0):**" in text and "What a knot costs" in text
     assert "| full | reference |" in text
     paths = ptr.plots(full, tmp_path / "img")
-    assert len(paths) == 4 and all(p.stat().st_size > 10_000 for p in paths)
-    # the tiny design's chains finish on both seeds: the link-length curve over seeds
-    assert paths[-1].name == "pretrain_link_length.png"
+    assert len(paths) == 5 and all(p.stat().st_size > 10_000 for p in paths)
+    # the tiny design's chains finish on both seeds: the link-length curve over seeds; its
+    # LoRA r*L reference on seed 0: chains and LoRA against the total rank
+    assert [p.name for p in paths[-2:]] == ["pretrain_link_length.png", "pretrain_rank.png"]
     assert ptr.markdown(ptr.analyse(tmp_path / "empty")).startswith("Experiment 6: no finished")
 
 
