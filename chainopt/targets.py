@@ -448,9 +448,12 @@ def warn_peft_left_out(
     names = getattr(config, "target_modules", None)
     if getattr(config, "target_parameters", None):
         names = None  # the user chose which bare parameters to adapt
+    merged = {id(w) for w in weights}
+    # matrices held by no Linear, frozen and under no link: what the adapter leaves out
+    left = [(n, p) for n, p in _bare_matrices(model) if not p.requires_grad and id(p) not in merged]
     if isinstance(names, str) and names != ALL_LINEAR:
         regex = re.compile(names)  # PEFT: re.fullmatch(target_modules, name in its model)
-        namesakes = [n for n, _ in left_out_weights(model, layers) if _fullmatch_below(regex, n)]
+        namesakes = [n for n, _ in left if _fullmatch_below(regex, n)]
         shown: object = names
     elif isinstance(names, list | tuple | set | frozenset):
         namesakes = parameter_namesakes(model, sorted(map(str, names)), layers)
@@ -467,16 +470,8 @@ def warn_peft_left_out(
             stacklevel=5,
         )
         return
-    if not _every_linear_adapted(model, layers):
-        return
-    merged = {id(w) for w in weights}
-    left = [
-        (n, p.numel())
-        for n, p in _bare_matrices(model)
-        if not p.requires_grad and id(p) not in merged
-    ]
-    if left:
-        share = sum(k for _, k in left) / max(sum(p.numel() for p in model.parameters()), 1)
+    if left and _every_linear_adapted(model, layers):
+        share = sum(p.numel() for _, p in left) / max(sum(p.numel() for p in model.parameters()), 1)
         shown = [n for n, _ in left]
         warnings.warn(
             f"the PEFT adapter adapts every Linear layer ({_count(len(layers), 'layer')}) but "
