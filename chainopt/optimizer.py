@@ -276,6 +276,17 @@ class ChainLoRAOptimizer(WrappedOptimizer):
             )
         return self._frozen_tensors
 
+    def _frozen_requiring_grad(self) -> list[tuple[str, Tensor]]:
+        """``("<module>.weight" or "<module>.bias", tensor)`` of each frozen tensor under a link
+        that requires grad (``model.requires_grad_(True)`` after wrapping, or trained directly
+        through ``add_param_group``), in module order."""
+        return [
+            (f"{r.name}.{what}", t)
+            for r in self.chain.records
+            for what, t in (("weight", r.weight), ("bias", r.bias))
+            if isinstance(t, Tensor) and t.requires_grad
+        ]
+
     # --- the chain ---
     @property
     def history(self) -> ChainHistory:
@@ -463,14 +474,10 @@ class ChainLoRAOptimizer(WrappedOptimizer):
         """
         if not any(map(_requires_grad, self._frozen())):
             return
-        hot = [
-            (r.name, t)
-            for r in self.chain.records
-            for t in (r.weight, r.bias)
-            if isinstance(t, Tensor) and t.requires_grad
-        ]
         held = {id(p) for g in self._base.param_groups for p in g["params"]}
-        loose = [name for name, t in hot if id(t) not in held]
+        loose = [
+            n.rpartition(".")[0] for n, t in self._frozen_requiring_grad() if id(t) not in held
+        ]
         if loose:
             raise RuntimeError(
                 f"the frozen weight (or bias) under the link of {loose[0]!r} requires grad again "

@@ -189,12 +189,7 @@ def _refuse_trained_under_links(chain: ChainLoRAOptimizer) -> None:
     grad (``model.requires_grad_(True)``, which :meth:`~ChainLoRAOptimizer.step` refuses) would
     put its module in ``modules_to_save`` beside its own LoRA layer. Either way PEFT could not
     load what would be written."""
-    hot = [
-        f"{r.name}.{what}"
-        for r in chain.chain.records
-        for what, t in (("weight", r.weight), ("bias", r.bias))
-        if isinstance(t, Tensor) and t.requires_grad
-    ]
+    hot = [name for name, _ in chain._frozen_requiring_grad()]
     if hot:
         raise ValueError(
             f"the weight or bias under the link of {hot[0].rpartition('.')[0]!r} requires grad "
