@@ -568,8 +568,10 @@ def _peft_choice(
         )
     layers = choose_peft_layers(model, _lora_config(model, layers))
     shared, storages = shared_parameters(model), model_storages(model)
+    weights = []  # what each layer's knots merge into
     for name, layer in layers:
         link = PeftLink.of(layer)
+        weights.append(link.weight)
         full = link.weight_name(name)
         why = sharing_problem(link.weight, full, shared, storages)
         if why is not None:
@@ -578,7 +580,6 @@ def _peft_choice(
                 f"({full!r}) {why}; leave it out of the LoraConfig's target_modules (tied "
                 "embeddings: target the other layers); nothing was changed"
             )
-    weights = [PeftLink.of(layer).weight for _, layer in layers]
     warn_peft_left_out(model, _lora_config(model, layers), [m for _, m in layers], weights)
     first = cast(Any, layers[0][1])
     adapter = active_adapter(first)
